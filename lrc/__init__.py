@@ -1,0 +1,19 @@
+"""lrc: low-rank compression of transformer models at the ONNX graph level."""
+
+__version__ = "0.1.0"
+
+from lrc.errors import LrcError  # noqa: E402
+
+__all__ = ["LrcError", "__version__", "analyse", "compress", "verify"]
+
+
+def __getattr__(name):  # lazy: keep `import lrc` cheap
+    if name in ("analyse", "compress"):
+        from lrc import api
+
+        return getattr(api, name)
+    if name == "verify":
+        from lrc.verify import verify
+
+        return verify
+    raise AttributeError(name)

@@ -1,0 +1,120 @@
+"""Python API mirroring the CLI: ``lrc.analyse`` and ``lrc.compress``.
+
+    model, report = lrc.compress("model.onnx", rank=64, include=["ffn"])
+    lrc.model.save(model, "small.onnx")
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from lrc.factorize import break_even_rank, energy_ranks, singular_values
+from lrc.model import as_model
+from lrc.passes.locate import ROLES, locate
+from lrc.passes.lowrank import LowRankPass, Progress
+from lrc.policy import Policy, load_policy, make_setting
+
+
+def build_policy(rank=None, energy=None, ratio=None, include=(), exclude=(), policy=None,
+                 align: int = 1, allow_larger: bool = False) -> Policy:
+    """CLI/API options -> Policy. With nothing given the default is ``ratio 0.8``."""
+    if isinstance(policy, Policy):
+        return policy
+    given = any(v is not None for v in (rank, energy, ratio))
+    default = make_setting(rank, energy, ratio) if given else make_setting(ratio=0.8)
+    base = Policy(default=default, include=list(include or []), exclude=list(exclude or []),
+                  align=align, allow_larger=allow_larger)
+    if policy is not None:
+        pol = load_policy(policy, base)
+        if given:  # explicit CLI flags beat the file's default
+            pol.default = default
+        return pol
+    return base
+
+
+def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), exclude=(),
+             policy=None, align: int = 1, allow_larger: bool = False, int8: bool = False,
+             factorizer=None, progress: Progress | None = None):
+    """Rewrite the model's projections into low-rank pairs. Returns ``(ir.Model, report)``.
+
+    ``report`` is a dict: ``rewritten`` and ``skipped`` records (every node with a reason),
+    ``notes`` and ``totals``. The input model object is modified in place when one is given."""
+    pol = build_policy(rank, energy, ratio, include, exclude, policy, align, allow_larger)
+    model = as_model(model_or_path)
+    lr = LowRankPass(pol, factorizer=factorizer, progress=progress)
+    lr(model)
+    record = lr.record
+    report = record.to_dict()
+    if int8 and record.rewritten:
+        from lrc.passes.int8 import Int8FactorsPass
+
+        q = Int8FactorsPass()
+        q(model)
+        report["int8"] = q.record
+    RemoveUnusedNodesPass()(model)
+    report["summary"] = record.summary_line()
+    report["policy"] = {"default": pol.default.describe(), "include": pol.include,
+                        "exclude": pol.exclude, "align": pol.align}
+    return model, report
+
+
+def analyse(model_or_path, *, rank=None, energy=None, ratio=None, include=(), exclude=(),
+            policy=None, align: int = 1, allow_larger: bool = False, spectrum: bool = False):
+    """Every projection with its spectrum summary and what the setting would do to it."""
+    pol = build_policy(rank, energy, ratio, include, exclude, policy, align, allow_larger)
+    model = as_model(model_or_path)
+    rows = []
+    sigmas: dict = {}
+    for t in locate(model):
+        row = {"name": t.name, "role": t.role, "role_source": t.role_source, "block": t.block,
+               "path": t.path, "op": t.op, "shape": list(t.shape), "params": t.params,
+               "dtype": t.dtype, "shared_with": t.shared_with, "tied": t.tied}
+        if not t.eligible:
+            row.update(eligible=False, reason=t.skip)
+            rows.append(row)
+            continue
+        m, n = t.shape
+        if t.weight_key not in sigmas:
+            w = t.weight.const_value.numpy()
+            sigmas[t.weight_key] = singular_values(w)
+        s = sigmas[t.weight_key]
+        er = energy_ranks(s)
+        d = pol.decide(t, s)
+        after = d.rank * (m + n) if d.rank else m * n
+        row.update(eligible=True, rank90=er[0.90], rank95=er[0.95], rank99=er[0.99],
+                   break_even=break_even_rank(m, n), rank=d.rank, reason=d.reason,
+                   params_after=after, saved=m * n - after)
+        if d.rank:
+            e = s ** 2
+            row["energy_kept"] = float(e[: d.rank].sum() / e.sum()) if e.sum() > 0 else 1.0
+        if spectrum:
+            row["spectrum"] = [float(x) for x in s]
+        rows.append(row)
+    totals: dict = {}
+    seen = set()
+    for r in rows:
+        if not r.get("eligible"):
+            continue
+        key = (r["role"],)
+        tot = totals.setdefault(r["role"], {"count": 0, "params": 0, "params_after": 0})
+        tot["count"] += 1
+        wkey = (tuple(sorted([r["name"], *r["shared_with"]])))
+        if wkey in seen:
+            continue
+        seen.add(wkey)
+        tot["params"] += r["params"]
+        tot["params_after"] += r["params_after"]
+        del key
+    model_tot = {"count": sum(v["count"] for v in totals.values()),
+                 "params": sum(v["params"] for v in totals.values()),
+                 "params_after": sum(v["params_after"] for v in totals.values())}
+    all_params = sum(v.const_value.size for v in model.graph.initializers.values()
+                     if v.const_value is not None)
+    return {"nodes": rows, "roles": {r: totals[r] for r in ROLES if r in totals},
+            "totals": model_tot, "model_params": int(all_params),
+            "setting": pol.default.describe(),
+            "ineligible": sum(1 for r in rows if not r.get("eligible"))}
+
+
+__all__ = ["analyse", "build_policy", "compress", "ir"]

@@ -1,0 +1,369 @@
+"""The ``lrc`` command line: export, analyse, compress, verify, eval, bench, generate, report.
+
+Every user error ends as one line on stderr and a non-zero exit (2 for bad input); never a
+traceback (set ``LRC_DEBUG=1`` to see one for an internal error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lrc.errors import LrcError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Low-rank compression of transformer models at the ONNX graph level.")
+console = Console()
+err = Console(stderr=True)
+
+RankOpt = typer.Option(None, "--rank", help="Rank of every factorised matrix, or 'full'.")
+EnergyOpt = typer.Option(None, "--energy", help="Keep this fraction of spectral energy (0-1].")
+RatioOpt = typer.Option(None, "--ratio", help="Fraction of each matrix's parameters kept (0-1].")
+IncludeOpt = typer.Option(None, "--include", help="Roles/groups/name globs to factorise "
+                          "(comma-separated or repeated), e.g. ffn or '*q_proj*'.")
+ExcludeOpt = typer.Option(None, "--exclude", help="Roles/groups/name globs to leave dense.")
+PolicyOpt = typer.Option(None, "--policy", help="YAML/JSON policy file (per-role/block overrides).")
+AlignOpt = typer.Option(1, "--align", help="Round ratio/energy ranks down to a multiple of this.")
+
+
+def _split(values: Optional[List[str]]) -> list[str]:
+    out: list[str] = []
+    for v in values or []:
+        out.extend(s.strip() for s in v.split(",") if s.strip())
+    return out
+
+
+def _fmt_int(n) -> str:
+    return f"{n:,}" if isinstance(n, int) else str(n)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+# ----------------------------------------------------------------------------- analyse
+@app.command()
+def analyse(model: Path = typer.Argument(..., help="ONNX file or exported folder"),
+            rank: Optional[str] = RankOpt, energy: Optional[float] = EnergyOpt,
+            ratio: Optional[float] = RatioOpt, include: Optional[List[str]] = IncludeOpt,
+            exclude: Optional[List[str]] = ExcludeOpt, policy: Optional[Path] = PolicyOpt,
+            align: int = AlignOpt,
+            as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+            spectrum: bool = typer.Option(False, "--spectrum", help="Include singular values in JSON.")):
+    """List every projection with a constant weight: role, shape, energy ranks, savings."""
+    from lrc.api import analyse as run
+
+    res = run(model, rank=rank, energy=energy, ratio=ratio, include=_split(include),
+              exclude=_split(exclude), policy=policy, align=align, spectrum=spectrum)
+    if as_json:
+        print(json.dumps(res, indent=1))
+        return
+    t = Table(title=f"{model}: {res['totals']['count']} projections ({res['setting']})",
+              show_lines=False, header_style="bold")
+    for col in ("node", "role", "blk", "shape", "params", "r90", "r95", "r99", "break-even",
+                "rank", "params after"):
+        t.add_column(col, justify="left" if col in ("node", "role", "shape") else "right")
+    for r in res["nodes"]:
+        shape = "x".join(map(str, r["shape"]))
+        if not r.get("eligible"):
+            t.add_row(r["name"], r["role"], str(r["block"] if r["block"] is not None else "-"),
+                      shape, _fmt_int(r["params"]), "", "", "", "", "skip",
+                      f"[dim]{r['reason']}[/dim]")
+            continue
+        rk = str(r["rank"]) if r["rank"] else "dense"
+        t.add_row(r["name"], r["role"] + ("*" if r["role_source"] == "structure" else ""),
+                  str(r["block"] if r["block"] is not None else "-"), shape,
+                  _fmt_int(r["params"]), str(r["rank90"]), str(r["rank95"]), str(r["rank99"]),
+                  str(r["break_even"]), rk, _fmt_int(r["params_after"]))
+    console.print(t)
+    s = Table(title="totals", header_style="bold")
+    for col in ("role", "count", "params", "params after", "kept"):
+        s.add_column(col, justify="left" if col == "role" else "right")
+    for role, v in res["roles"].items():
+        s.add_row(role, str(v["count"]), _fmt_int(v["params"]), _fmt_int(v["params_after"]),
+                  f"{v['params_after'] / max(v['params'], 1):.1%}")
+    tot = res["totals"]
+    s.add_row("[bold]all projections[/bold]", str(tot["count"]), _fmt_int(tot["params"]),
+              _fmt_int(tot["params_after"]), f"{tot['params_after'] / max(tot['params'], 1):.1%}")
+    console.print(s)
+    console.print(f"model parameters (all initializers): {res['model_params']:,}; "
+                  f"projections: {tot['params']:,} ({tot['params'] / max(res['model_params'], 1):.1%})"
+                  + (f"; {res['ineligible']} not eligible" if res["ineligible"] else "")
+                  + ("; * = role read from graph structure" if any(
+                      r.get("role_source") == "structure" for r in res["nodes"]) else ""))
+
+
+# ----------------------------------------------------------------------------- compress
+def _progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("factorising"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("{task.description}"), console=err,
+                    transient=True, disable=not err.is_terminal)
+
+
+def _compress_file(src: Path, out: Path, kw: dict, int8: bool, external_data: bool,
+                   force: bool, check: bool) -> dict:
+    from lrc import model as M
+    from lrc.api import compress as run
+
+    t0 = time.perf_counter()
+    m = M.load(src)
+    with _progress_bar() as bar:
+        task = bar.add_task("", total=None)
+
+        def progress(done, total, name):
+            bar.update(task, completed=done, total=total, description=name[-48:])
+
+        m, report = run(m, int8=int8, progress=progress, **kw)
+    t1 = time.perf_counter()
+    checks: dict = {}
+
+    def _check(path: Path):
+        if check:
+            checks.update(M.structural_check(path))
+
+    M.save(m, out, external_data=True if external_data else None, force=force, check=_check)
+    report["seconds"] = {"factorise": round(t1 - t0, 2), "total": round(time.perf_counter() - t0, 2)}
+    report["checks"] = checks or "skipped (--no-check)"
+    report["input"] = str(src)
+    report["output"] = str(out)
+    report["size_before"] = M.file_size(src)
+    report["size_after"] = M.file_size(out)
+    return report
+
+
+@app.command()
+def compress(model: Path = typer.Argument(..., help="ONNX file or exported folder"),
+             out: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .onnx (or folder)."),
+             rank: Optional[str] = RankOpt, energy: Optional[float] = EnergyOpt,
+             ratio: Optional[float] = RatioOpt, include: Optional[List[str]] = IncludeOpt,
+             exclude: Optional[List[str]] = ExcludeOpt, policy: Optional[Path] = PolicyOpt,
+             align: int = AlignOpt,
+             allow_larger: bool = typer.Option(False, "--allow-larger",
+                                               help="Rewrite even when the factors do not shrink a matrix."),
+             int8: bool = typer.Option(False, "--int8", help="Store the factors as INT8 (per-channel)."),
+             external_data: bool = typer.Option(False, "--external-data",
+                                                help="Write weights to OUT.data (automatic above 2 GB)."),
+             force: bool = typer.Option(False, "--force", help="Overwrite OUT."),
+             check: bool = typer.Option(True, "--check/--no-check",
+                                        help="Run the onnx checker and an ORT session on the output."),
+             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
+    """Rewrite projections as pairs of thin MatMuls from a truncated SVD."""
+    from lrc import model as M
+
+    kw = dict(rank=rank, energy=energy, ratio=ratio, include=_split(include),
+              exclude=_split(exclude), policy=policy, align=align, allow_larger=allow_larger)
+    from lrc.api import build_policy
+
+    build_policy(**kw)  # validate options before any work
+    if not model.exists():
+        raise LrcError(f"{model}: no such file or folder")
+    if model.is_dir():
+        out = out or model.with_name(model.name + "-lrc")
+        report = _compress_folder(model, out, kw, int8, external_data, force, check)
+        summary_path = out / "lrc.json"
+    else:
+        src = M.resolve_model_path(model)
+        out = out or src.with_name(src.stem + "-lrc.onnx")
+        if out.exists() and out.is_dir():
+            out = out / src.name
+        summary_path = out.with_name(out.name + ".lrc.json")
+        if not force:
+            for p in (out, summary_path):
+                if p.exists():
+                    raise LrcError(f"{p} exists; pass --force to overwrite")
+        M.check_output(out, force)
+        report = _compress_file(src, out, kw, int8, external_data, force, check)
+        M.write_text_atomic(summary_path, json.dumps(report, indent=1))
+    if as_json:
+        print(json.dumps(report, indent=1))
+        return
+    _print_compress(report, summary_path)
+
+
+def _compress_folder(src: Path, out: Path, kw, int8, external_data, force, check) -> dict:
+    """Folder in, folder out: every .onnx compressed, other files (tokenizer, configs) copied."""
+    from lrc import model as M
+
+    onnx_files = sorted(src.glob("*.onnx"))
+    if not onnx_files:
+        raise LrcError(f"{src}: folder holds no .onnx model")
+    if out.exists() and not force:
+        raise LrcError(f"{out} exists; pass --force to overwrite")
+    if not out.parent.exists():
+        raise LrcError(f"output folder {out.parent} does not exist")
+    for f in onnx_files:  # validate all before writing anything
+        M.load_proto(f)
+    data_files = set()
+    for f in onnx_files:
+        data_files.update(_external_files(f))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for item in src.iterdir():
+            if item.suffix == ".onnx" or item.name in data_files or item.name == "lrc.json":
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name)
+            else:
+                shutil.copy2(item, tmp / item.name)
+        reports = {}
+        for f in onnx_files:
+            reports[f.name] = _compress_file(f, tmp / f.name, kw, int8,
+                                             external_data or bool(_external_files(f)), True, check)
+        report = reports[onnx_files[0].name] if len(reports) == 1 else {
+            "models": reports, "summary": "; ".join(f"{k}: {v['summary']}" for k, v in reports.items()),
+            "size_before": sum(r["size_before"] for r in reports.values()),
+            "size_after": sum(r["size_after"] for r in reports.values())}
+        for r in reports.values():
+            r["output"] = str(out / Path(r["output"]).name)
+        M.write_text_atomic(tmp / "lrc.json", json.dumps(report, indent=1))
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _external_files(path: Path) -> set[str]:
+    import onnx
+
+    from lrc.model import _all_tensors
+
+    proto = onnx.load_model(str(path), load_external_data=False)
+    out = set()
+    for t in _all_tensors(proto.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location")
+            if loc:
+                out.add(loc)
+    return out
+
+
+def _print_compress(report: dict, summary_path: Path) -> None:
+    reports = report.get("models", {"": report})
+    for name, r in reports.items():
+        if r.get("rewritten"):
+            t = Table(title=f"rewritten{(' in ' + name) if name else ''}", header_style="bold")
+            for col in ("node", "role", "blk", "shape", "rank", "energy", "rel err", "params"):
+                t.add_column(col, justify="left" if col in ("node", "role", "shape") else "right")
+            for x in r["rewritten"]:
+                t.add_row(x["name"], x["role"], str(x["block"] if x["block"] is not None else "-"),
+                          "x".join(map(str, x["shape"])), str(x["rank"]), f"{x['energy']:.3f}",
+                          f"{x['rel_error']:.3f}",
+                          f"{x['params_before']:,} -> {x['params_after']:,}")
+            console.print(t)
+        if r.get("skipped"):
+            t = Table(title="left dense", header_style="bold")
+            for col in ("node", "role", "shape", "reason"):
+                t.add_column(col)
+            for x in r["skipped"]:
+                t.add_row(x["name"], x["role"], "x".join(map(str, x["shape"])), x["reason"])
+            console.print(t)
+        for note in r.get("notes", []):
+            console.print(f"[yellow]note:[/yellow] {note}")
+        if r.get("int8"):
+            console.print(f"int8: {r['int8'].get('summary', '')}")
+        if r.get("rewritten") or r.get("skipped"):
+            console.print(f"[bold]{r['summary']}[/bold]")
+        else:
+            console.print("nothing eligible: no MatMul/Gemm with a constant 2-D weight; "
+                          "the output is a copy of the input")
+        if isinstance(r.get("checks"), dict):
+            console.print("checks: " + ", ".join(f"{k} {v}" for k, v in r["checks"].items()))
+        if "seconds" in r:
+            console.print(f"time: {r['seconds']['total']} s; file {_mb(r['size_before'])} -> "
+                          f"{_mb(r['size_after'])}; wrote {r['output']}")
+    console.print(f"summary: {summary_path}")
+
+
+# ----------------------------------------------------------------------------- verify
+@app.command()
+def verify(orig: Path = typer.Argument(..., help="Original ONNX file or folder"),
+           new: Path = typer.Argument(..., help="Rewritten ONNX file or folder"),
+           inputs: Optional[Path] = typer.Option(None, "--inputs", help=".npz of real inputs."),
+           dim: Optional[List[str]] = typer.Option(None, "--dim", help="Symbolic dim, e.g. sequence_length=64."),
+           seed: int = typer.Option(0, "--seed"),
+           rtol: Optional[float] = typer.Option(None, "--rtol", help="Exit 1 if any output's "
+                                                "relative error exceeds this."),
+           as_json: bool = typer.Option(False, "--json")):
+    """Check NEW (onnx checker, shape inference, ORT) and compare its outputs with ORIG's."""
+    from lrc.verify import verify as run
+
+    dims = {}
+    for d in _split(dim):
+        k, _, v = d.partition("=")
+        try:
+            dims[k] = int(v)
+        except ValueError:
+            raise LrcError(f"--dim {d!r}: expected NAME=INTEGER")
+    res = run(orig, new, inputs=inputs, dims=dims or None, seed=seed)
+    if as_json:
+        print(json.dumps(res, indent=1))
+    else:
+        console.print("structure: " + ", ".join(f"{k} {v}" for k, v in res["structure"].items()))
+        console.print(f"inputs: {res['inputs']}")
+        t = Table(header_style="bold")
+        for col in ("output", "max abs", "mean abs", "rel err", "cosine"):
+            t.add_column(col, justify="left" if col == "output" else "right")
+        for name, v in res["outputs"].items():
+            if "rel" in v:
+                t.add_row(name, f"{v['max_abs']:.3g}", f"{v['mean_abs']:.3g}", f"{v['rel']:.3g}",
+                          f"{v['cosine']:.6f}")
+            else:
+                t.add_row(name, "[red]" + ("missing in NEW" if v.get("missing_in_new")
+                                           else f"shape {v.get('shape_mismatch')}") + "[/red]",
+                          "", "", "")
+        console.print(t)
+    bad = any("rel" not in v for v in res["outputs"].values())
+    if bad or (rtol is not None and (res["worst_rel"] or 0) > rtol):
+        err.print(f"lrc: outputs differ beyond --rtol {rtol}" if not bad else
+                  "lrc: some outputs are missing or have a different shape")
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr."""
+    debug = os.environ.get("LRC_DEBUG")
+    try:
+        app(standalone_mode=False)
+    except LrcError as e:
+        err.print(f"lrc: error: {e}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err.print("lrc: aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("lrc: interrupted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors and internal errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            err.print(f"lrc: error: {e.format_message()}", highlight=False, markup=False,
+                      soft_wrap=True)
+            sys.exit(e.exit_code)
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        err.print(f"lrc: internal error: {type(e).__name__}: {msg} (LRC_DEBUG=1 shows the "
+                  "traceback)", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

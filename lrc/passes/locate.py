@@ -1,0 +1,364 @@
+"""Locate the projections a low-rank rewrite can target, and say what each one is.
+
+A *target* is a ``MatMul(X, W)`` or ``Gemm(X, W, C)`` in the main graph whose weight ``W`` is a
+constant: an initializer, possibly reached through ``Transpose(perm=[1, 0])`` (tied lm_heads,
+``nn.Linear`` exported without folding). Every such node is returned; the ones that cannot be
+rewritten carry ``skip`` — a reason in words (3-D weight, constant on the left, Gemm transA,
+weight overridable as a graph input, ...). Matrix products of two activations (attention scores)
+are not targets and are not listed.
+
+Roles (``attn.q attn.k attn.v attn.qkv attn.o ffn.up ffn.gate ffn.down head other``) come from the
+module path, read in this order of preference: the torch dynamo exporter's node metadata
+``pkg.torch.onnx.name_scopes`` (its weights are ``val_N`` and nodes ``node_linear_N``), the node
+name (``/model/layers.0/self_attn/q_proj/MatMul`` from torch.onnx / optimum), the weight's name
+(``model.layers.0.mlp.down_proj.weight``). Where no name says anything (stripped graphs), the
+graph's structure is read instead: a weight shared with a ``Gather`` or a projection producing a
+graph output is the head, three projections of one input are Q/K/V, two are gate/up, and so on.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o",
+         "ffn.up", "ffn.gate", "ffn.down", "head", "other")
+ROLE_GROUPS = {
+    "attn": ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o"),
+    "ffn": ("ffn.up", "ffn.gate", "ffn.down"),
+    "mlp": ("ffn.up", "ffn.gate", "ffn.down"),
+    "head": ("head",),
+    "other": ("other",),
+}
+FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+FACTOR_META = "lrc.factor"  # metadata key lrc puts on the MatMuls it emits
+
+_HEAD = {"lm_head", "embed_out", "output_projection", "classifier", "score", "qa_outputs",
+         "head", "output_layer"}
+_QKV = {"c_attn", "qkv_proj", "query_key_value", "wqkv", "qkv", "in_proj", "w_pack"}
+_Q = {"q_proj", "query", "wq", "q_lin"}
+_K = {"k_proj", "key", "wk", "k_lin"}
+_V = {"v_proj", "value", "wv", "v_lin"}
+_O = {"o_proj", "out_proj", "out_lin", "o_lin"}
+_GATE = {"gate_proj", "wi_0", "w1", "gate"}
+_UP = {"up_proj", "c_fc", "fc1", "fc_in", "dense_h_to_4h", "wi", "wi_1", "w3", "lin1",
+       "gate_up_proj"}
+_DOWN = {"down_proj", "fc2", "fc_out", "dense_4h_to_h", "w2", "lin2"}
+_BLOCK = re.compile(r"(?:^|\.)(?:layers?|h|blocks?|block)\.(\d+)(?:\.|$)")
+_NUM = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+_UNINFORMATIVE = re.compile(r"^(?:val_\d+|node_\w+|onnx::\w+|linear(?:_\d+)?|matmul(?:_\d+)?"
+                            r"|gemm(?:_\d+)?|\d+|)$", re.IGNORECASE)
+
+
+@dataclass
+class Target:
+    """One MatMul/Gemm with a constant weight. ``shape`` is the effective ``[in, out]``."""
+
+    node: ir.Node
+    name: str
+    path: str
+    role: str
+    block: int | None
+    op: str  # "MatMul" | "Gemm"
+    weight: ir.Value | None
+    transposed: bool  # effective W is weight.T (Transpose node or Gemm transB=1)
+    shape: tuple[int, ...]
+    dtype: str
+    skip: str | None = None
+    role_source: str = "name"  # "name" | "structure" | "none"
+    shared_with: list[str] = field(default_factory=list)  # other targets using the same weight
+    tied: bool = False  # weight also used by a non-projection node (e.g. embedding Gather)
+
+    @property
+    def eligible(self) -> bool:
+        return self.skip is None
+
+    @property
+    def params(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+    @property
+    def weight_key(self) -> tuple[str, bool]:
+        """Targets with the same key can share one pair of factors."""
+        return (self.weight.name if self.weight is not None else self.name, self.transposed)
+
+
+def role_matches(role: str, token: str) -> bool:
+    """``token`` is a role (``ffn.up``) or a group (``ffn``, ``attn``)."""
+    return role == token or role in ROLE_GROUPS.get(token, ())
+
+
+def is_role_token(token: str) -> bool:
+    return token in ROLES or token in ROLE_GROUPS
+
+
+def classify(path: str) -> tuple[str, int | None]:
+    """Role and block index from a dotted module path; ``("other", None)`` when unknown."""
+    p = path.lower().strip(".")
+    comps = [c for c in p.split(".") if c]
+    block = None
+    m = _BLOCK.search(p) or _NUM.search(p)
+    if m:
+        block = int(m.group(1))
+    if not comps:
+        return "other", block
+    last = comps[-1]
+    parent = comps[-2] if len(comps) > 1 else ""
+    in_attn = any(("attn" in c or "attention" in c) for c in comps[:-1])
+    if last in _HEAD or "lm_head" in comps:
+        return "head", block
+    if last in _QKV:
+        return "attn.qkv", block
+    if last in _Q or (last == "q" and in_attn):
+        return "attn.q", block
+    if last in _K or (last == "k" and in_attn):
+        return "attn.k", block
+    if last in _V or (last == "v" and in_attn):
+        return "attn.v", block
+    if last in _O or (last == "o" and in_attn):
+        return "attn.o", block
+    if last == "dense":  # BERT family: attention.output.dense before a bare output.dense
+        if p.endswith("attention.output.dense") or parent in ("self_attention", "attention", "attn"):
+            return "attn.o", block
+        if parent == "intermediate":
+            return "ffn.up", block
+        if parent == "output":
+            return "ffn.down", block
+        return "other", block
+    if last in ("c_proj", "wo"):  # GPT-2 attn.c_proj / mlp.c_proj; T5 DenseReluDense.wo
+        return ("attn.o" if parent in ("attn", "attention", "self_attn") else "ffn.down"), block
+    if last in _GATE:
+        return "ffn.gate", block
+    if last in _UP:
+        return "ffn.up", block
+    if last in _DOWN:
+        return "ffn.down", block
+    return "other", block
+
+
+def _scope_path(node: ir.Node) -> str:
+    """Module path from the dynamo exporter's ``pkg.torch.onnx.name_scopes`` metadata."""
+    raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not raw:
+        return ""
+    try:
+        scopes = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return ""
+    cur = ""
+    for s in scopes:  # nested module scopes extend each other; the last entry is the op
+        if s and (not cur or s.startswith(cur + ".")):
+            cur = s
+    if cur.startswith("m."):  # some exports wrap the model as attribute `m`
+        cur = cur[2:]
+    return cur
+
+
+def _name_path(name: str) -> str:
+    """``/model/layers.0/self_attn/q_proj/MatMul`` -> ``model.layers.0.self_attn.q_proj``."""
+    if "/" in name:
+        parts = [p for p in name.split("/") if p]
+        if len(parts) > 1:
+            parts = parts[:-1]  # the last component is the op (MatMul, Gemm, MatMul_1)
+        return ".".join(parts)
+    return "" if _UNINFORMATIVE.match(name) else name
+
+
+def _weight_path(name: str) -> str:
+    if _UNINFORMATIVE.match(name) or name.startswith("onnx::"):
+        return ""
+    for suffix in (".weight", "_weight", ".kernel"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def node_path(node: ir.Node, weight: ir.Value | None) -> tuple[str, str, int | None]:
+    """(path, role, block) from the first name source that yields a role."""
+    candidates = [_scope_path(node), _name_path(node.name or "")]
+    if weight is not None and weight.name:
+        candidates.append(_weight_path(weight.name))
+    first = next((c for c in candidates if c), "")
+    for c in candidates:
+        if c:
+            role, block = classify(c)
+            if role != "other":
+                return c, role, block
+    role, block = classify(first) if first else ("other", None)
+    return first, role, block
+
+
+def _const_weight(v: ir.Value | None) -> tuple[ir.Value | None, bool, str | None]:
+    """(initializer value, transposed, why-not) for a MatMul/Gemm operand."""
+    if v is None:
+        return None, False, None
+    if v.const_value is not None and v.is_initializer():
+        return v, False, None
+    prod = v.producer()
+    if prod is None:
+        return None, False, None
+    if prod.op_type == "Transpose" and prod.domain in ("", "ai.onnx"):
+        src = prod.inputs[0]
+        if src is not None and src.const_value is not None and src.is_initializer():
+            perm = prod.attributes.get("perm")
+            perm = list(perm.as_ints()) if perm is not None else None
+            if len(src.const_value.shape) == 2 and perm in (None, [1, 0]):
+                return src, True, None
+            return src, True, f"weight reached through Transpose(perm={perm}) of a "\
+                              f"{len(src.const_value.shape)}-D initializer"
+    if prod.op_type == "Constant":
+        return None, False, "weight is a Constant node (lift it to an initializer first)"
+    return None, False, None
+
+
+def locate(model: ir.Model) -> list[Target]:
+    """Every MatMul/Gemm of the main graph with a constant weight, in graph order."""
+    graph = model.graph
+    targets: list[Target] = []
+    for node in graph:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            continue
+        t = _make_target(node)
+        if t is not None:
+            targets.append(t)
+    _mark_sharing(targets)
+    _structural_roles(graph, targets)
+    return targets
+
+
+def _make_target(node: ir.Node) -> Target | None:
+    name = node.name or (node.outputs[0].name if node.outputs else "")
+    x = node.inputs[0] if node.inputs else None
+    w_in = node.inputs[1] if len(node.inputs) > 1 else None
+    weight, transposed, why = _const_weight(w_in)
+    skip = why
+    if weight is None:
+        left, _, _ = _const_weight(x)
+        if left is not None and node.op_type == "MatMul":
+            skip = "constant is on the left (W·X); only X·W is rewritten"
+            weight = left
+        elif why is None:
+            return None  # activation x activation: not a projection
+    if node.metadata_props.get(FACTOR_META):
+        skip = "already a low-rank factor written by lrc"
+    shape: tuple[int, ...] = ()
+    dtype = "?"
+    if weight is not None and weight.const_value is not None:
+        shape = tuple(int(d) for d in weight.const_value.shape)
+        dtype = weight.const_value.dtype.name.lower()
+        if transposed and len(shape) == 2:
+            shape = (shape[1], shape[0])
+    if node.op_type == "Gemm" and skip is None:
+        ta = node.attributes.get("transA")
+        if ta is not None and ta.as_int():
+            skip = "Gemm with transA=1 (X transposed) is not rewritten"
+        tb = node.attributes.get("transB")
+        if tb is not None and tb.as_int() and len(shape) == 2:
+            transposed = not transposed
+            shape = (shape[1], shape[0])
+    if skip is None and weight is not None:
+        if len(shape) != 2:
+            skip = f"weight is {len(shape)}-D {list(shape)}: batched/3-D weights are not factorised"
+        elif weight.const_value.dtype not in FLOAT_TYPES:
+            skip = f"weight dtype {dtype} is not floating point"
+        elif weight.is_graph_input():
+            skip = "weight initializer is also a graph input (can be overridden at run time)"
+    path, role, block = node_path(node, weight)
+    return Target(node=node, name=name, path=path, role=role, block=block, op=node.op_type,
+                  weight=weight, transposed=transposed, shape=shape, dtype=dtype, skip=skip,
+                  role_source="name" if role != "other" else "none")
+
+
+def _mark_sharing(targets: list[Target]) -> None:
+    by_weight: dict[str, list[Target]] = defaultdict(list)
+    for t in targets:
+        if t.weight is not None:
+            by_weight[t.weight.name].append(t)
+    target_nodes = {id(t.node) for t in targets}
+    for group in by_weight.values():
+        names = [t.name for t in group]
+        w = group[0].weight
+        other_users = []
+        for user, _ in w.uses():
+            if id(user) in target_nodes:
+                continue
+            if user.op_type == "Transpose" and all(id(u) in target_nodes
+                                                   for u, _ in user.outputs[0].uses()):
+                continue
+            other_users.append(user)
+        for t in group:
+            t.shared_with = [n for n in names if n != t.name]
+            t.tied = bool(other_users)
+            if t.tied and t.role == "other" and any(u.op_type == "Gather" for u in other_users):
+                t.role, t.role_source = "head", "structure"
+
+
+_ACTIVATIONS = {"Sigmoid", "Relu", "Gelu", "Tanh", "Erf", "Softplus", "HardSigmoid", "Elu",
+                "FastGelu", "QuickGelu", "BiasGelu"}
+
+
+def _structural_roles(graph: ir.Graph, targets: list[Target]) -> None:
+    """Roles from graph structure for targets whose names say nothing (stripped exports)."""
+    unnamed = [t for t in targets if t.role == "other" and not t.path and t.eligible]
+    if not unnamed:
+        return
+    outputs = {id(v) for v in graph.outputs}
+    by_input: dict[int, list[Target]] = defaultdict(list)
+    for t in targets:
+        if t.eligible:
+            by_input[id(t.node.inputs[0])].append(t)
+    block = -1
+    for t in [t for t in targets if t.eligible]:
+        group = by_input[id(t.node.inputs[0])]
+        assign = t in unnamed
+        m, n = t.shape
+        if len(group) == 3 and group[0] is t:
+            block += 1
+        elif len(group) == 1 and n == 3 * m and t.role in ("other", "attn.qkv"):
+            block += 1
+        if t.block is None and block >= 0:
+            t.block = block
+        if not assign:
+            continue
+        role = "other"
+        if any(id(v) in outputs for v in t.node.outputs) and n > 4 * m:
+            role = "head"
+        elif len(group) == 3:
+            role = ("attn.q", "attn.k", "attn.v")[group.index(t)]
+        elif len(group) == 2 and n > m:
+            feeds_act = any(u.op_type in _ACTIVATIONS for u, _ in t.node.outputs[0].uses())
+            role = "ffn.gate" if feeds_act else "ffn.up"
+        elif len(group) == 1:
+            if n == 3 * m:
+                role = "attn.qkv"
+            elif n > m:
+                role = "ffn.up"
+            elif m > n:
+                role = "ffn.down"
+            elif _after_attention(t.node):
+                role = "attn.o"
+        if role != "other":
+            t.role, t.role_source = role, "structure"
+    # gate/up pairs where neither feeds an activation directly: leave both as ffn.up
+
+
+def _after_attention(node: ir.Node, depth: int = 4) -> bool:
+    """X comes (through reshapes/transposes) from a product of two activations: attention·V."""
+    v = node.inputs[0]
+    for _ in range(depth):
+        p = v.producer() if v is not None else None
+        if p is None:
+            return False
+        if p.op_type == "MatMul":
+            return all(i is not None and i.const_value is None for i in p.inputs)
+        if p.op_type not in ("Reshape", "Transpose", "Cast", "Identity"):
+            return False
+        v = p.inputs[0]
+    return False

@@ -1,0 +1,140 @@
+"""The low-rank pass on each graph pattern: numbers checked in ONNX Runtime before and after."""
+
+import numpy as np
+import onnx
+import pytest
+
+import lrc
+from graphs import (gemm, matmul_chain, no_targets, odd_cases, run, shared_weight, tied_head,
+                    to_proto)
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(a.astype(np.float64)))
+
+
+def _ops(model):
+    return [n.op_type for n in model.graph.node]
+
+
+def test_matmul_full_rank_is_exact_and_names_kept():
+    m = matmul_chain()
+    x = np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32)
+    ref = run(m, {"x": x})[0]
+    new, rep = lrc.compress(m, rank="full")
+    p = to_proto(new)
+    onnx.checker.check_model(p, full_check=True)
+    assert _rel(ref, run(p, {"x": x})[0]) < 1e-5
+    assert rep["totals"]["rewritten"] == 3
+    assert [r["role"] for r in rep["rewritten"]] == ["attn.o", "ffn.up", "ffn.down"]
+    # each original node keeps its output tensor, and A·B is two MatMuls, never folded
+    assert {r["output"] for r in rep["rewritten"]} == {"h0", "h1", "y"}
+    assert _ops(p).count("MatMul") == 6
+    # the dense weights are gone
+    names = {i.name for i in p.graph.initializer}
+    assert "model.layers.0.mlp.up_proj.weight" not in names
+
+
+def test_low_rank_error_matches_svd_tail():
+    m = matmul_chain(d=16, hidden=32)
+    new, rep = lrc.compress(m, rank=4, allow_larger=True)
+    w = onnx.numpy_helper.to_array(m.graph.initializer[1])
+    s = np.linalg.svd(w, compute_uv=False)
+    rec = next(r for r in rep["rewritten"] if r["role"] == "ffn.up")
+    assert rec["rank"] == 4
+    assert rec["rel_error"] == pytest.approx(np.sqrt((s[4:] ** 2).sum() / (s ** 2).sum()), rel=1e-3)
+    assert rec["params_after"] == 4 * (16 + 32)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("alpha,beta,with_c", [(1.0, 1.0, True), (0.5, 2.0, True), (1.5, 1.0, False)])
+def test_gemm_variants_full_rank(trans_b, alpha, beta, with_c):
+    m = gemm(trans_b=trans_b, alpha=alpha, beta=beta, with_c=with_c)
+    x = np.random.default_rng(1).standard_normal((7, 12)).astype(np.float32)
+    ref = run(m, {"x": x})[0]
+    new, rep = lrc.compress(m, rank="full")
+    p = to_proto(new)
+    onnx.checker.check_model(p, full_check=True)
+    assert rep["totals"]["rewritten"] == 1
+    assert _rel(ref, run(p, {"x": x})[0]) < 1e-5
+    g = next(n for n in p.graph.node if n.op_type == "Gemm")
+    assert {a.name: a for a in g.attribute}["transB"].i == 0
+
+
+def test_gemm_trans_a_is_skipped_with_reason():
+    m = gemm(trans_a=1)
+    _, rep = lrc.compress(m, rank="full")
+    assert rep["totals"]["rewritten"] == 0
+    assert "transA" in rep["skipped"][0]["reason"]
+
+
+def test_tied_embedding_head_keeps_gather_working():
+    m = tied_head()
+    ids = np.array([[1, 2, 3, 49]], dtype=np.int64)
+    ref = run(m, {"ids": ids})[0]
+    new, rep = lrc.compress(m, rank="full")
+    p = to_proto(new)
+    rec = rep["rewritten"][0]
+    assert rec["role"] == "head" and rec["shape"] == [16, 50]
+    assert "another node" in (rec["note"] or "")
+    assert _rel(ref, run(p, {"ids": ids})[0]) < 1e-5
+    ops = _ops(p)
+    assert "Gather" in ops and "Transpose" not in ops  # dead Transpose removed, Gather kept
+    assert "embed.weight" in {i.name for i in p.graph.initializer}
+
+
+def test_shared_initializer_factored_once():
+    m = shared_weight()
+    x = np.random.default_rng(2).standard_normal((3, 16)).astype(np.float32)
+    ref = run(m, {"x1": x, "x2": 2 * x})
+    new, rep = lrc.compress(m, rank=6)
+    p = to_proto(new)
+    assert rep["totals"]["rewritten"] == 2
+    assert rep["rewritten"][0]["shared_with"] == ["b/MatMul"]
+    # one pair of factors for both nodes
+    assert len(p.graph.initializer) == 2
+    assert rep["totals"]["params_before"] == 16 * 24  # counted once
+    out = run(p, {"x1": x, "x2": 2 * x})
+    np.testing.assert_allclose(2 * out[0], out[1], rtol=1e-4, atol=1e-5)
+    assert _rel(ref[0], out[0]) < 0.9
+
+
+def test_fp16_weights_stay_fp16():
+    m = matmul_chain(dtype=np.float16)
+    x = np.random.default_rng(3).standard_normal((1, 4, 16)).astype(np.float16)
+    ref = run(m, {"x": x})[0]
+    new, rep = lrc.compress(m, rank="full")
+    p = to_proto(new)
+    for i in p.graph.initializer:
+        assert i.data_type == onnx.TensorProto.FLOAT16
+    assert any("float16" in n for n in rep["notes"])
+    assert _rel(ref, run(p, {"x": x})[0]) < 1e-2  # fp16 rounding of the factors
+
+
+def test_ineligible_patterns_have_reasons():
+    _, rep = lrc.compress(odd_cases(), rank="full")
+    reasons = {s["name"]: s["reason"] for s in rep["skipped"]}
+    assert rep["totals"]["rewritten"] == 0
+    assert "3-D" in reasons["batched"]
+    assert "left" in reasons["leftconst"]
+    assert "graph input" in reasons["overridable"]
+
+
+def test_nothing_eligible():
+    new, rep = lrc.compress(no_targets(), rank=4)
+    assert rep["totals"]["targets"] == 0
+
+
+def test_unprofitable_rank_left_dense_with_note():
+    _, rep = lrc.compress(matmul_chain(d=16, hidden=32), rank=15)
+    reasons = {s["name"]: s["reason"] for s in rep["skipped"]}
+    assert "would not shrink" in reasons["/model/layers.0/self_attn/o_proj/MatMul"]
+    _, rep = lrc.compress(matmul_chain(d=16, hidden=32), rank=16)
+    assert all(">= min" in s["reason"] for s in rep["skipped"])
+
+
+def test_compress_twice_does_not_refactor_factors():
+    new, _ = lrc.compress(matmul_chain(), rank=4, allow_larger=True)
+    _, rep2 = lrc.compress(new, rank=2, allow_larger=True)
+    assert rep2["totals"]["rewritten"] == 0
+    assert all("already" in s["reason"] for s in rep2["skipped"])

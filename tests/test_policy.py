@@ -1,0 +1,72 @@
+"""Rank selection, include/exclude and policy files."""
+
+import json
+
+import pytest
+
+import lrc
+from graphs import matmul_chain
+from lrc import LrcError
+from lrc.factorize import break_even_rank, rank_for_energy, rank_for_ratio
+
+
+def test_rank_rules():
+    assert break_even_rank(384, 1536) == 307
+    assert rank_for_ratio(384, 1536, 0.5) == 153
+    assert rank_for_energy([3.0, 2.0, 1.0], 0.5) == 1  # 9/14 >= 0.5
+    assert rank_for_energy([3.0, 2.0, 1.0], 0.92) == 2  # 13/14 = 0.9286
+    assert rank_for_energy([3.0, 2.0, 1.0], 0.93) == 3
+
+def test_energy_and_ratio_settings():
+    m = matmul_chain(d=16, hidden=32)
+    _, rep = lrc.compress(m, ratio=0.5)
+    for r in rep["rewritten"]:
+        mm, nn = r["shape"]
+        assert r["rank"] == int(0.5 * mm * nn / (mm + nn))
+    _, rep = lrc.compress(m, energy=0.5, allow_larger=True)
+    assert all(r["energy"] >= 0.5 for r in rep["rewritten"])
+
+
+def test_include_exclude_roles_and_globs():
+    m = matmul_chain()
+    _, rep = lrc.compress(m, rank=2, include=["ffn"], exclude=["ffn.down"])
+    assert [r["role"] for r in rep["rewritten"]] == ["ffn.up"]
+    _, rep = lrc.compress(matmul_chain(), rank=2, include=["*o_proj*"])
+    assert [r["role"] for r in rep["rewritten"]] == ["attn.o"]
+    with pytest.raises(LrcError, match="unknown role"):
+        lrc.compress(matmul_chain(), rank=2, include=["fnn"])
+
+
+def test_policy_file_overrides(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("ratio: 0.5\nroles:\n  ffn.down: {rank: 3}\n  attn: skip\nnodes:\n  '*up_proj*': {rank: 5}\n")
+    _, rep = lrc.compress(matmul_chain(), policy=p)
+    ranks = {r["role"]: r["rank"] for r in rep["rewritten"]}
+    assert ranks == {"ffn.up": 5, "ffn.down": 3}
+    assert any("role attn" in s["reason"] for s in rep["skipped"])
+    j = tmp_path / "p.json"
+    j.write_text(json.dumps({"blocks": {"0": "skip"}}))
+    _, rep = lrc.compress(matmul_chain(), policy=j)
+    assert rep["totals"]["rewritten"] == 0
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("roles: {fnn: {rank: 2}}", "unknown role"),
+    ("rank: -1", "positive integer"),
+    ("bogus: 1", "unknown key"),
+    ("roles: {ffn: {rank: 2, ratio: 0.5}}", "only one"),
+    ("blocks: {'a-b': skip}", "block key"),
+    ("[unclosed", "bad policy file"),
+])
+def test_bad_policy_files(tmp_path, text, msg):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(LrcError, match=msg):
+        lrc.compress(matmul_chain(), policy=p)
+
+
+@pytest.mark.parametrize("kw", [{"rank": 0}, {"rank": -3}, {"ratio": 1.5}, {"energy": 0},
+                                {"rank": 4, "ratio": 0.5}, {"rank": "lots"}])
+def test_bad_settings(kw):
+    with pytest.raises(LrcError):
+        lrc.compress(matmul_chain(), **kw)
