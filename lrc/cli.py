@@ -338,7 +338,9 @@ def main() -> None:
     """Entry point: user errors become one line on stderr."""
     debug = os.environ.get("LRC_DEBUG")
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except LrcError as e:
         err.print(f"lrc: error: {e}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(e.exit_code)

@@ -163,8 +163,10 @@ def save(model: ir.Model, out: str | os.PathLike, *, external_data: bool | None 
     ``check(path)`` runs on the complete temporary file before it is moved into place."""
     out = Path(out)
     check_output(out, force)
-    if external_data is None:
-        external_data = tensor_bytes(model) > PROTOBUF_LIMIT
+    has_external = any(isinstance(v.const_value, ir.ExternalTensor)
+                       for v in model.graph.initializers.values())
+    if external_data is None:  # keep the source's layout; protobuf cannot hold > 2 GB anyway
+        external_data = has_external or tensor_bytes(model) > PROTOBUF_LIMIT
     data_name = out.name + ".data"
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -172,7 +174,8 @@ def save(model: ir.Model, out: str | os.PathLike, *, external_data: bool | None 
         if external_data:
             ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
         else:
-            # The source's external tensors must be read in before writing one file.
+            if has_external:  # read the source's external tensors in before writing one file
+                ir.external_data.load_to_model(model)
             ir.save(model, tmp_model)
         if check is not None:
             check(tmp_model)

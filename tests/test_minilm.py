@@ -1,0 +1,50 @@
+"""Truth on a real model: all-MiniLM-L6-v2 exported to ONNX, analysed, compressed, verified."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import lrc
+import lrc.model
+from lrc.verify import verify
+
+pytestmark = pytest.mark.slow
+EXPECTED = {"attn.q": 6, "attn.k": 6, "attn.v": 6, "attn.o": 6, "ffn.up": 6, "ffn.down": 6}
+
+
+def test_analyse_finds_36_projections_with_roles(minilm_dir):
+    res = lrc.analyse(minilm_dir, rank=64)
+    assert res["totals"]["count"] == 36
+    assert {r: v["count"] for r, v in res["roles"].items()} == EXPECTED
+    by_name = {r["name"]: r for r in res["nodes"]}
+    r = by_name["/encoder/layer.3/attention/output/dense/MatMul"]
+    assert (r["role"], r["block"], r["shape"]) == ("attn.o", 3, [384, 384])
+    r = by_name["/encoder/layer.3/output/dense/MatMul"]
+    assert (r["role"], r["shape"]) == ("ffn.down", [1536, 384])
+    assert all(r["rank90"] <= r["rank95"] <= r["rank99"] for r in res["nodes"])
+
+
+def test_rank64_runs_and_full_rank_is_exact(minilm_dir, tmp_path):
+    env = dict(os.environ, COLUMNS="200")
+    out = tmp_path / "r64"
+    r = subprocess.run([sys.executable, "-m", "lrc.cli", "compress", str(minilm_dir), "--rank", "64",
+                        "-o", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "lrc.json").read_text())
+    assert summary["totals"]["rewritten"] == 36
+    assert all(x["rank"] == 64 for x in summary["rewritten"])
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    res = verify(minilm_dir, out)
+    assert 0 < res["worst_rel"] < 2  # runs; rank 64 is lossy
+    assert summary["size_after"] < 0.7 * summary["size_before"]
+
+    model, rep = lrc.compress(minilm_dir, rank="full")
+    lrc.model.save(model, tmp_path / "full.onnx")
+    ids = np.random.default_rng(0).integers(0, 30000, (2, 24)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    res = verify(minilm_dir, tmp_path / "full.onnx", inputs=feeds)
+    assert res["worst_rel"] <= 1e-4
