@@ -1,0 +1,357 @@
+"""Export Hugging Face / GGUF models to ONNX folders that ONNX Runtime (and optimum) can load.
+
+Why optimum: its exporter knows, per architecture, how to export decoders *with* a KV cache
+(``past_key_values.N.key/value`` in, ``present.N.key/value`` out, dynamic batch / sequence /
+past axes), validates the ONNX outputs against PyTorch, and writes the folder layout that
+``optimum.onnxruntime.ORTModelFor*`` loads (model.onnx, config.json, generation_config.json,
+tokenizer files).  optimum-onnx 0.1.0 pins transformers<4.58, which still reads GGUF files and
+``save_pretrained``-s the result, so a GGUF source is first converted to a temporary HF folder.
+
+Fallback: ``torch.onnx.export(dynamo=True, opset 18)`` is used only when optimum cannot export
+a model (an architecture it has no ONNX config for, or an exporter error).  It exports the plain
+forward pass (``input_ids, attention_mask -> logits | last_hidden_state``) with dynamic batch
+and sequence axes but *without* a KV cache: writing the cache plumbing by hand per family is
+what optimum exists for, so a decoder exported this way is generated from by recomputing the
+whole sequence each step (``lrc.generate`` handles both layouts).
+
+Writes are atomic: everything goes into a hidden temporary folder beside ``out_dir`` that is
+renamed into place at the end, so an interrupted export never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Offline by design: set before transformers / optimum / huggingface_hub are imported anywhere.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from lrc.errors import LrcError  # noqa: E402
+from lrc.exporters.sources import KIND_GGUF, read_config, resolve_source  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+#: Tasks lrc exports.  Encoder-decoder models (T5, BART...) use the text2text ones and give
+#: ``encoder_model.onnx`` + ``decoder_model*.onnx`` instead of one ``model.onnx``.
+TASKS = (
+    "text-generation-with-past",
+    "text-generation",
+    "feature-extraction",
+    "text2text-generation-with-past",
+    "text2text-generation",
+)
+
+EXPORTERS = ("auto", "optimum", "torch-dynamo")
+
+# Files a tokenizer may consist of; copied from the source when the exporter did not write them.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+)
+
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export` produced."""
+
+    out_dir: Path
+    model_path: Path  # model.onnx, or the decoder file of an encoder-decoder export
+    task: str
+    exporter: str  # "optimum" or "torch-dynamo"
+    seconds: float
+    files: list[Path] = field(default_factory=list)  # every .onnx file written
+    fallback_reason: str | None = None  # why optimum was not used, when it was not
+
+
+def find_onnx_files(directory: str | Path) -> list[Path]:
+    """The ``.onnx`` files directly inside ``directory``; ``model.onnx`` first, then by name."""
+    d = Path(directory)
+    files = sorted(p for p in d.glob("*.onnx") if p.is_file())
+    return sorted(files, key=lambda p: (p.name != "model.onnx", p.name))
+
+
+def infer_task(config: dict) -> str:
+    """Pick the export task from a model's ``config.json`` contents."""
+    if config.get("is_encoder_decoder"):
+        return "text2text-generation-with-past"
+    archs = config.get("architectures") or []
+    if any(a.endswith(_CAUSAL_SUFFIXES) for a in archs):
+        return "text-generation-with-past"
+    if not archs and config.get("model_type") in {
+        "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt_neox", "opt",
+    }:
+        return "text-generation-with-past"
+    return "feature-extraction"
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise LrcError(f"{out} exists and is not a folder")
+        if any(out.iterdir()) and not force:
+            raise LrcError(f"{out} exists and is not empty; pass force (--force) to replace it")
+
+
+def _atomic_replace(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` folder to ``out``, replacing what was there."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            old.rename(out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _gguf_to_hf_folder(gguf: Path, dest: Path) -> None:
+    """Dequantise a GGUF model to float32 and ``save_pretrained`` it (+ tokenizer) into ``dest``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as e:  # gguf / accelerate missing
+        raise LrcError(f"reading {gguf.name} needs the export extra: pip install 'lrc[export]' ({e})") from e
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise LrcError(f"transformers cannot load {gguf.name}: {str(e).splitlines()[0]}") from e
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(dest)
+
+
+def _copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Copy the source's tokenizer files verbatim, over any the exporter re-saved.
+
+    optimum re-saves the tokenizer through AutoTokenizer, which can change it (a folder with
+    only tokenizer.json is loaded as the model type's tokenizer class, which may add tokens);
+    the files the model came with are the ground truth.  Files only the exporter wrote (e.g. a
+    tokenizer.json converted from a sentencepiece model) are kept.
+    """
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def _export_optimum(hf_dir: Path, out: Path, task: str, opset: int | None, validate: bool) -> None:
+    from optimum.exporters.onnx import main_export
+
+    main_export(
+        str(hf_dir),
+        output=out,
+        task=task,
+        opset=opset,
+        device="cpu",
+        local_files_only=True,
+        do_validation=validate,
+        library_name="transformers",
+    )
+
+
+class _PlainForward:
+    """Builds a torch module whose forward returns one tensor, for torch.onnx.export."""
+
+    @staticmethod
+    def build(hf_dir: Path, task: str):
+        import torch
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        causal = task.startswith("text-generation")
+        cls = AutoModelForCausalLM if causal else AutoModel
+        model = cls.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        model.config.use_cache = False
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids, attention_mask):
+                out = self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                return out.logits if causal else out.last_hidden_state
+
+        return Wrapper(model).eval(), model, ("logits" if causal else "last_hidden_state")
+
+
+def _export_dynamo(hf_dir: Path, out: Path, task: str, opset: int | None) -> str:
+    """Export the plain forward pass with torch.onnx's dynamo exporter; returns the task done."""
+    import torch
+
+    if task.startswith("text2text"):
+        raise LrcError("the torch-dynamo fallback does not export encoder-decoder models")
+    if task == "text-generation-with-past":
+        task = "text-generation"  # no KV cache in the fallback (see module docstring)
+    wrapper, model, out_name = _PlainForward.build(hf_dir, task)
+    ids = torch.ones((2, 8), dtype=torch.long)
+    mask = torch.ones((2, 8), dtype=torch.long)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            (ids, mask),
+            str(out / "model.onnx"),
+            dynamo=True,
+            opset_version=opset or 18,
+            input_names=["input_ids", "attention_mask"],
+            output_names=[out_name],
+            dynamic_shapes=dyn,
+            external_data=False if _param_bytes(model) < 1.8e9 else True,
+        )
+    model.config.save_pretrained(out)
+    if task.startswith("text-generation") and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    return task
+
+
+def _param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def export(
+    source: str | Path,
+    out_dir: str | Path,
+    task: str | None = None,
+    opset: int | None = None,
+    force: bool = False,
+    *,
+    exporter: str = "auto",
+    validate: bool = True,
+    quiet: bool = True,
+) -> ExportResult:
+    """Export ``source`` (HF folder, .gguf file, or alias) to an ONNX folder ``out_dir``.
+
+    ``task`` defaults to one inferred from config.json (see :func:`infer_task`).  ``exporter``
+    is ``"auto"`` (optimum, falling back to torch-dynamo if optimum fails), ``"optimum"`` or
+    ``"torch-dynamo"``.  ``validate`` runs optimum's own ONNX-vs-PyTorch output check.
+    ``quiet`` hides the tracer / deprecation warnings torch and transformers print while
+    exporting (optimum's own log messages, e.g. validation results, still show).
+    """
+    if task is not None and task not in TASKS:
+        raise LrcError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
+    if exporter not in EXPORTERS:
+        raise LrcError(f"unknown exporter '{exporter}'; choose one of: {', '.join(EXPORTERS)}")
+    path, kind = resolve_source(source)
+    out = Path(out_dir).expanduser().resolve()
+    _check_out_dir(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet(quiet):
+        return _export(path, kind, out, task, opset, exporter, validate)
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool):
+    if not enabled:
+        yield
+        return
+    tf_log = logging.getLogger("transformers")
+    level = tf_log.level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tf_log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            tf_log.setLevel(level)
+
+
+def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | None,
+            exporter: str, validate: bool) -> ExportResult:
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    scratch: tempfile.TemporaryDirectory | None = None
+    try:
+        if kind == KIND_GGUF:
+            scratch = tempfile.TemporaryDirectory(prefix="lrc-gguf-")
+            hf_dir = Path(scratch.name)
+            _gguf_to_hf_folder(path, hf_dir)
+        else:
+            hf_dir = path
+        config = read_config(hf_dir)
+        task = task or infer_task(config)
+
+        used, reason = exporter, None
+        if exporter in ("auto", "optimum"):
+            try:
+                _export_optimum(hf_dir, tmp, task, opset, validate)
+                used = "optimum"
+            except LrcError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any exporter failure may be retried
+                if exporter == "optimum":
+                    raise LrcError(f"optimum could not export {path.name}: {_one_line(e)}") from e
+                reason = _one_line(e)
+                log.warning("optimum export failed (%s); falling back to torch.onnx dynamo", reason)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                used = "torch-dynamo"
+        if used == "torch-dynamo":
+            try:
+                task = _export_dynamo(hf_dir, tmp, task, opset)
+            except LrcError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                msg = f"torch-dynamo export of {path.name} failed: {_one_line(e)}"
+                if reason:
+                    msg += f" (optimum failed first: {reason})"
+                raise LrcError(msg) from e
+
+        _copy_tokenizer_files(hf_dir, tmp)
+        files = find_onnx_files(tmp)
+        if not files:
+            raise LrcError(f"the exporter wrote no .onnx file for {path.name}")
+        _atomic_replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+
+    files = find_onnx_files(out)
+    return ExportResult(
+        out_dir=out,
+        model_path=_main_file(files),
+        task=task,
+        exporter=used,
+        seconds=time.perf_counter() - t0,
+        files=files,
+        fallback_reason=reason,
+    )
+
+
+def _main_file(files: list[Path]) -> Path:
+    names = {p.name: p for p in files}
+    for name in ("model.onnx", "decoder_model_merged.onnx", "decoder_model.onnx"):
+        if name in names:
+            return names[name]
+    return files[0]
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]

