@@ -34,12 +34,13 @@ def build_policy(rank=None, energy=None, ratio=None, include=(), exclude=(), pol
 
 
 def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), exclude=(),
-             policy=None, align: int = 1, allow_larger: bool = False, int8: bool = False,
+             policy=None, align: int = 1, allow_larger: bool = False, int8: bool | str = False,
              factorizer=None, progress: Progress | None = None):
     """Rewrite the model's projections into low-rank pairs. Returns ``(ir.Model, report)``.
 
     ``report`` is a dict: ``rewritten`` and ``skipped`` records (every node with a reason),
-    ``notes`` and ``totals``. The input model object is modified in place when one is given."""
+    ``notes`` and ``totals``. The input model object is modified in place when one is given.
+    ``int8``: False, True / "dynamic" (CPU EP), or "qdq" (GPU EPs) — see lrc.passes.int8."""
     pol = build_policy(rank, energy, ratio, include, exclude, policy, align, allow_larger)
     model = as_model(model_or_path)
     lr = LowRankPass(pol, factorizer=factorizer, progress=progress)
@@ -49,7 +50,7 @@ def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), e
     if int8 and record.rewritten:
         from lrc.passes.int8 import Int8FactorsPass
 
-        q = Int8FactorsPass()
+        q = Int8FactorsPass("dynamic" if int8 is True else int8)
         q(model)
         report["int8"] = q.record
     RemoveUnusedNodesPass()(model)

@@ -112,7 +112,7 @@ def _progress_bar():
                     transient=True, disable=not err.is_terminal)
 
 
-def _compress_file(src: Path, out: Path, kw: dict, int8: bool, external_data: bool,
+def _compress_file(src: Path, out: Path, kw: dict, int8, external_data: bool,
                    force: bool, check: bool) -> dict:
     from lrc import model as M
     from lrc.api import compress as run
@@ -153,6 +153,10 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
              allow_larger: bool = typer.Option(False, "--allow-larger",
                                                help="Rewrite even when the factors do not shrink a matrix."),
              int8: bool = typer.Option(False, "--int8", help="Store the factors as INT8 (per-channel)."),
+             int8_form: str = typer.Option("dynamic", "--int8-form",
+                                           help="dynamic: DynamicQuantizeLinear+MatMulInteger, fastest "
+                                                "on the CPU EP; qdq: weight-only DequantizeLinear, for "
+                                                "CUDA (no CPU fallback)."),
              external_data: bool = typer.Option(False, "--external-data",
                                                 help="Write weights to OUT.data (automatic above 2 GB)."),
              force: bool = typer.Option(False, "--force", help="Overwrite OUT."),
@@ -167,6 +171,9 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
     from lrc.api import build_policy
 
     build_policy(**kw)  # validate options before any work
+    if int8_form not in ("dynamic", "qdq"):
+        raise LrcError(f"--int8-form must be dynamic or qdq, got {int8_form!r}")
+    int8 = int8_form if int8 else False
     if not model.exists():
         raise LrcError(f"{model}: no such file or folder")
     if model.is_dir():
@@ -353,9 +360,12 @@ def main() -> None:
         err.print("lrc: interrupted")
         sys.exit(130)
     except Exception as e:  # click usage errors and internal errors
-        import click
+        try:  # typer >= 0.29 vendors click
+            from typer._click.exceptions import ClickException
+        except ImportError:  # pragma: no cover
+            from click.exceptions import ClickException
 
-        if isinstance(e, click.exceptions.ClickException):
+        if isinstance(e, ClickException):
             err.print(f"lrc: error: {e.format_message()}", highlight=False, markup=False,
                       soft_wrap=True)
             sys.exit(e.exit_code)

@@ -138,3 +138,34 @@ def test_compress_twice_does_not_refactor_factors():
     _, rep2 = lrc.compress(new, rank=2, allow_larger=True)
     assert rep2["totals"]["rewritten"] == 0
     assert all("already" in s["reason"] for s in rep2["skipped"])
+
+
+@pytest.mark.parametrize("form", ["dynamic", "qdq"])
+def test_int8_factors(form):
+    m = matmul_chain(d=32, hidden=64)
+    x = np.random.default_rng(5).standard_normal((2, 8, 32)).astype(np.float32)
+    fp, _ = lrc.compress(matmul_chain(d=32, hidden=64), rank=12)
+    ref = run(to_proto(fp), {"x": x})[0]
+    new, rep = lrc.compress(m, rank=12, int8=form)
+    p = to_proto(new)
+    onnx.checker.check_model(p, full_check=True)
+    ops = _ops(p)
+    if form == "dynamic":
+        assert ops.count("MatMulInteger") == 6 and "MatMul" not in ops
+        # the A-factors of one input share one DynamicQuantizeLinear
+        assert ops.count("DynamicQuantizeLinear") == 6
+    else:
+        assert ops.count("DequantizeLinear") == 6 and ops.count("MatMul") == 6
+    ints = [i for i in p.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert len(ints) >= 6
+    assert rep["int8"]["factors"] == 6 and rep["int8"]["rel_error"] < 0.02
+    assert _rel(ref, run(p, {"x": x})[0]) < 0.05
+    assert {o.name for o in p.graph.output} == {"y"}
+
+
+def test_int8_shares_quantisation_of_a_shared_input():
+    m = shared_weight()
+    new, _ = lrc.compress(m, rank=4, int8=True)
+    ops = _ops(to_proto(new))
+    # two different inputs x1, x2 -> two DQL for A; two intermediate -> two DQL for B
+    assert ops.count("DynamicQuantizeLinear") == 4
