@@ -341,6 +341,178 @@ def verify(orig: Path = typer.Argument(..., help="Original ONNX file or folder")
         raise typer.Exit(1)
 
 
+# ----------------------------------------------------------------------------- export
+@app.command()
+def export(source: str = typer.Argument(..., help="HF model folder, .gguf file, or alias "
+                                        "smollm2-135m / minilm-l6"),
+           out: Path = typer.Option(..., "-o", "--output", help="Output folder."),
+           task: Optional[str] = typer.Option(None, "--task", help="text-generation-with-past, "
+                                              "text-generation, feature-extraction, ... (from config if not given)"),
+           opset: Optional[int] = typer.Option(None, "--opset"),
+           force: bool = typer.Option(False, "--force", help="Overwrite a non-empty OUT.")):
+    """Export a PyTorch / Hugging Face / GGUF model to an ONNX folder (needs lrc[export])."""
+    try:
+        from lrc.exporters import export as run
+    except ImportError as e:
+        raise LrcError(f"exporting needs the export extra ({e.name} missing): pip install 'lrc[export]'")
+    res = run(source, out, task=task, opset=opset, force=force)
+    from lrc.model import file_size
+
+    console.print(f"exported {source} ({res.task}) with {res.exporter} in {res.seconds:.1f} s -> "
+                  f"{res.out_dir} ({_mb(sum(file_size(f) for f in res.files))})")
+    if getattr(res, "fallback_reason", None):
+        console.print(f"[yellow]note:[/yellow] {res.fallback_reason}")
+
+
+# ----------------------------------------------------------------------------- generate
+@app.command()
+def generate(model: Path = typer.Argument(..., help="Exported text-generation folder"),
+             prompt: str = typer.Argument(...),
+             max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+             sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy."),
+             temperature: float = typer.Option(1.0, "--temperature"),
+             top_k: int = typer.Option(0, "--top-k"),
+             seed: int = typer.Option(0, "--seed"),
+             chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template."),
+             compare: Optional[Path] = typer.Option(None, "--compare", help="Second folder to run side by side."),
+             threads: Optional[int] = typer.Option(None, "--threads")):
+    """Generate text with ONNX Runtime and the KV cache (no torch), optionally side by side."""
+    from lrc import generate as G
+
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
+              top_k=top_k, seed=seed, chat=chat, threads=threads)
+    if max_new_tokens <= 0:
+        raise LrcError("--max-new-tokens must be positive")
+    results = ([(str(model), G.generate(model, prompt, **kw))] if compare is None else
+               list(zip((str(model), str(compare)), G.generate_compare(model, compare, prompt, **kw))))
+    t = Table(header_style="bold", show_lines=True)
+    t.add_column("model")
+    t.add_column("continuation")
+    t.add_column("tokens/s", justify="right")
+    for name, r in results:
+        t.add_row(name, prompt + "[bold]" + r.text.replace("[", "\\[") + "[/bold]",
+                  f"{r.tokens_per_s:.1f}")
+    console.print(t)
+    if compare is not None:
+        a, b = results[0][1], results[1][1]
+        same = 0
+        for x, y in zip(a.new_token_ids, b.new_token_ids):
+            if x != y:
+                break
+            same += 1
+        console.print(f"first {same} of {len(a.new_token_ids)} generated tokens identical")
+
+
+# ----------------------------------------------------------------------------- eval
+@app.command("eval")
+def eval_(orig: Path = typer.Argument(..., help="Original model (.onnx or folder)"),
+          new: Path = typer.Argument(..., help="Compressed model"),
+          text: Optional[str] = typer.Option(None, "--text", help="A text file of your own, or a "
+                                             "bundled text name (news, wiki, docs, code, lee)."),
+          ood: str = typer.Option("docs", "--ood", help="Out-of-domain text (bundled name or file)."),
+          context: int = typer.Option(256, "--context", help="Window length (tokens)."),
+          max_tokens: int = typer.Option(4096, "--max-tokens"),
+          layers: bool = typer.Option(False, "--layers", help="Per-layer drift of every rewritten node."),
+          threads: Optional[int] = typer.Option(None, "--threads"),
+          out_json: Optional[Path] = typer.Option(None, "--save", help="Also write the result JSON here."),
+          as_json: bool = typer.Option(False, "--json")):
+    """Quality of NEW against ORIG: perplexity, KL, top-1, cosine; Pearson for encoders."""
+    from lrc import evaluate as E
+
+    def _text(t):
+        if t is None:
+            return None
+        p = Path(t)
+        if p.is_file():
+            return p.read_text(encoding="utf-8", errors="replace")
+        from lrc.data import list_texts
+
+        if t not in list_texts():
+            raise LrcError(f"--text {t!r}: no such file and not a bundled text "
+                           f"({', '.join(list_texts())})")
+        return t
+
+    res = E.evaluate(orig, new, text=_text(text), ood=_text(ood), context=context,
+                     max_tokens=max_tokens, threads=threads)
+    if layers:
+        res["layers"] = E._jsonable(E.layer_drift(orig, new, threads=threads))
+    if out_json:
+        from lrc.model import write_text_atomic
+
+        write_text_atomic(out_json, json.dumps(res, indent=1))
+    if as_json:
+        print(json.dumps(res, indent=1))
+        return
+    console.print(E.format_table({k: v for k, v in res.items() if k != "layers"}))
+    if layers:
+        console.print(E.format_table(res["layers"], title="per-layer drift (worst first)"))
+
+
+# ----------------------------------------------------------------------------- bench
+@app.command()
+def bench(models: List[Path] = typer.Argument(..., help="First = reference; .onnx files or folders"),
+          ep: str = typer.Option("cpu", "--ep", help="Comma-separated: cpu, cuda, tensorrt, ..."),
+          threads: Optional[int] = typer.Option(None, "--threads"),
+          batch: str = typer.Option("1", "--batch", help="Comma-separated batch sizes."),
+          seq: str = typer.Option("128", "--seq", help="Comma-separated sequence lengths."),
+          decode_tokens: int = typer.Option(32, "--decode-tokens"),
+          runs: int = typer.Option(30, "--runs"), warmup: int = typer.Option(3, "--warmup"),
+          baselines: bool = typer.Option(False, "--baselines", help="Add ORT INT8 dynamic, 4-bit "
+                                         "MatMulNBits and the ORT-optimized dense graph of the first model."),
+          out_json: Optional[Path] = typer.Option(None, "--save", help="Also write the result JSON here."),
+          as_json: bool = typer.Option(False, "--json")):
+    """Latency/throughput on ONNX Runtime EPs, models interleaved, with speedups and bounds."""
+    from lrc import bench as B
+
+    def ints(s, what):
+        try:
+            v = [int(x) for x in s.split(",") if x.strip()]
+        except ValueError:
+            raise LrcError(f"--{what} takes comma-separated integers, got {s!r}")
+        if not v or min(v) <= 0:
+            raise LrcError(f"--{what} values must be positive")
+        return v
+
+    res = B.bench(models, eps=_split([ep]), threads=threads, batch_sizes=ints(batch, "batch"),
+                  seq_lens=ints(seq, "seq"), decode_tokens=decode_tokens, warmup=warmup,
+                  runs=runs, baselines=baselines,
+                  progress=(lambda msg: err.print(f"[dim]{msg}[/dim]")) if not as_json else None)
+    if out_json:
+        from lrc.model import write_text_atomic
+
+        write_text_atomic(out_json, json.dumps(res, indent=1))
+    if as_json:
+        print(json.dumps(res, indent=1))
+        return
+    for t in B.format_tables(res):
+        console.print(t)
+
+
+# ----------------------------------------------------------------------------- report
+@app.command()
+def report(results: List[Path] = typer.Argument(..., help="JSON files from bench/eval/compress/analyse"),
+           out: Path = typer.Option(Path("report.html"), "-o", "--output"),
+           title: str = typer.Option("lrc report", "--title")):
+    """One self-contained HTML file with plots and tables from result JSON files."""
+    from lrc.report import write_report
+
+    res, summaries = [], []
+    for p in results:
+        if not p.is_file():
+            raise LrcError(f"{p}: no such file")
+        try:
+            data = json.loads(p.read_text())
+        except ValueError as e:
+            raise LrcError(f"{p}: not JSON ({e})")
+        if isinstance(data, dict) and ("rewritten" in data or "nodes" in data or "models" in data
+                                       and "schema" not in data):
+            summaries.append(data)
+        else:
+            res.append(data)
+    write_report(res, out, summaries=summaries, title=title)
+    console.print(f"wrote {out}")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr."""
     debug = os.environ.get("LRC_DEBUG")
