@@ -9,10 +9,11 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from lrc.factorize import break_even_rank, energy_ranks, singular_values
+from lrc.errors import LrcError
+from lrc.factorize import asvd_factor, break_even_rank, energy_ranks, singular_values, whiten_factor
 from lrc.model import as_model
 from lrc.passes.locate import ROLES, locate
-from lrc.passes.lowrank import LowRankPass, Progress
+from lrc.passes.lowrank import LowRankPass, Progress, plain_svd
 from lrc.policy import Policy, load_policy, make_setting
 
 
@@ -33,16 +34,29 @@ def build_policy(rank=None, energy=None, ratio=None, include=(), exclude=(), pol
     return base
 
 
+METHODS = ("svd", "asvd", "svd-llm")
+
+
 def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), exclude=(),
              policy=None, align: int = 1, allow_larger: bool = False, int8: bool | str = False,
-             factorizer=None, progress: Progress | None = None):
+             method: str = "svd", calib=None, calib_tokens: int = 16384, calib_seq: int = 256,
+             calib_default: bool = True, tokenizer=None, alpha: float = 0.5,
+             factorizer=None, progress: Progress | None = None, calib_progress=None):
     """Rewrite the model's projections into low-rank pairs. Returns ``(ir.Model, report)``.
 
     ``report`` is a dict: ``rewritten`` and ``skipped`` records (every node with a reason),
     ``notes`` and ``totals``. The input model object is modified in place when one is given.
     ``int8``: False, True / "dynamic" (CPU EP), or "qdq" (GPU EPs) — see lrc.passes.int8."""
     pol = build_policy(rank, energy, ratio, include, exclude, policy, align, allow_larger)
+    if method not in METHODS:
+        raise LrcError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     model = as_model(model_or_path)
+    calib_info = None
+    if method != "svd" and factorizer is None:
+        factorizer, calib_info = data_aware_factorizer(
+            model, model_or_path, pol, method, calib=calib, n_tokens=calib_tokens,
+            seq_len=calib_seq, use_default=calib_default, tokenizer=tokenizer, alpha=alpha,
+            progress=calib_progress)
     lr = LowRankPass(pol, factorizer=factorizer, progress=progress)
     lr(model)
     record = lr.record
@@ -55,9 +69,66 @@ def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), e
         report["int8"] = q.record
     RemoveUnusedNodesPass()(model)
     report["summary"] = record.summary_line()
+    report["method"] = method
+    if calib_info:
+        report["calibration"] = calib_info
     report["policy"] = {"default": pol.default.describe(), "include": pol.include,
                         "exclude": pol.exclude, "align": pol.align}
     return model, report
+
+
+def data_aware_factorizer(model, model_or_path, pol: Policy, method: str, *, calib=None,
+                          n_tokens: int = 16384, seq_len: int = 256, use_default: bool = True,
+                          tokenizer=None, alpha: float = 0.5, progress=None):
+    """A factoriser using activation statistics of each target's input, collected by running
+    the original ONNX model in ONNX Runtime on calibration text (cached on disk).
+
+    Calibration text: lrc's bundled mixed-domain set (news, wiki markup, Python code; disjoint
+    from the evaluation texts) plus the user's files in ``calib``; ``use_default=False`` keeps
+    only the user's. Mixing domains matters: statistics from one domain make the factors drop
+    directions other domains use."""
+    from pathlib import Path
+
+    from lrc.calibrate import cached_stats
+    from lrc.model import resolve_model_path
+
+    src = model.meta.get("lrc.source_path") if isinstance(model_or_path, ir.Model) else None
+    if not isinstance(model_or_path, ir.Model):
+        src = str(resolve_model_path(model_or_path))
+    if not src:
+        raise LrcError(f"--method {method} needs the model's file (it runs ONNX Runtime on "
+                       "calibration text): pass a path")
+    texts: list[str] = []
+    sources = []
+    for f in ([calib] if isinstance(calib, (str, Path)) else list(calib or [])):
+        p = Path(f)
+        if not p.is_file():
+            raise LrcError(f"calibration file {str(p)!r} not found")
+        texts.append(p.read_text(encoding="utf-8", errors="replace"))
+        sources.append(str(p))
+    if use_default or not texts:
+        from lrc.data import calibration_texts
+
+        texts.extend(calibration_texts(n_tokens=int(n_tokens * 1.2)))
+        sources.append("bundled mix: news (Lee corpus, calibration half), wiki markup, Python code")
+    names = sorted({t.node.inputs[0].name for t in locate(model)
+                    if t.eligible and pol.setting_for(t)[0] is not None})
+    if not names:
+        return None, None
+    stats = cached_stats(src, names, texts, n_tokens=n_tokens, seq_len=seq_len,
+                         tokenizer=tokenizer, progress=progress)
+    info = {"method": method, "tokens": int(n_tokens), "seq_len": seq_len, "sources": sources,
+            "inputs": len(names)}
+
+    def factor(t, w, rank):
+        st = stats.get(t.node.inputs[0].name)
+        if st is None:
+            return plain_svd(t, w, rank)
+        if method == "asvd":
+            return asvd_factor(w, st.abs_mean, rank, alpha=alpha)
+        return whiten_factor(w, st.xtx, rank)
+
+    return factor, info
 
 
 def analyse(model_or_path, *, rank=None, energy=None, ratio=None, include=(), exclude=(),

@@ -125,7 +125,15 @@ def _compress_file(src: Path, out: Path, kw: dict, int8, external_data: bool,
         def progress(done, total, name):
             bar.update(task, completed=done, total=total, description=name[-48:])
 
-        m, report = run(m, int8=int8, progress=progress, **kw)
+        calib_task = None
+
+        def calib_progress(done, total=None):
+            nonlocal calib_task
+            if calib_task is None:
+                calib_task = bar.add_task("calibrating", total=total)
+            bar.update(calib_task, completed=done, total=total)
+
+        m, report = run(m, int8=int8, progress=progress, calib_progress=calib_progress, **kw)
     t1 = time.perf_counter()
     checks: dict = {}
 
@@ -157,6 +165,13 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
                                            help="dynamic: DynamicQuantizeLinear+MatMulInteger, fastest "
                                                 "on the CPU EP; qdq: weight-only DequantizeLinear, for "
                                                 "CUDA (no CPU fallback)."),
+             method: str = typer.Option("svd", "--method", help="svd (plain), asvd (activation-"
+                                        "scaled) or svd-llm (whitened by calibration activations)."),
+             calib: Optional[List[Path]] = typer.Option(None, "--calib", help="Your own calibration "
+                                                        "text file(s), added to the bundled mix."),
+             calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Calibration tokens."),
+             calib_only: bool = typer.Option(False, "--calib-only", help="Calibrate on --calib "
+                                             "files only (no bundled mix)."),
              external_data: bool = typer.Option(False, "--external-data",
                                                 help="Write weights to OUT.data (automatic above 2 GB)."),
              force: bool = typer.Option(False, "--force", help="Overwrite OUT."),
@@ -168,9 +183,21 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
 
     kw = dict(rank=rank, energy=energy, ratio=ratio, include=_split(include),
               exclude=_split(exclude), policy=policy, align=align, allow_larger=allow_larger)
-    from lrc.api import build_policy
+    from lrc.api import METHODS, build_policy
 
     build_policy(**kw)  # validate options before any work
+    if method not in METHODS:
+        raise LrcError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if calib_tokens <= 0:
+        raise LrcError("--calib-tokens must be positive")
+    if calib_only and not calib:
+        raise LrcError("--calib-only needs at least one --calib FILE")
+    for f in calib or []:
+        if not f.is_file():
+            raise LrcError(f"calibration file {str(f)!r} not found")
+    if method != "svd":
+        kw.update(method=method, calib=list(calib or []), calib_tokens=calib_tokens,
+                  calib_default=not calib_only)
     if int8_form not in ("dynamic", "qdq"):
         raise LrcError(f"--int8-form must be dynamic or qdq, got {int8_form!r}")
     int8 = int8_form if int8 else False

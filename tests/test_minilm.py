@@ -48,3 +48,19 @@ def test_rank64_runs_and_full_rank_is_exact(minilm_dir, tmp_path):
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     res = verify(minilm_dir, tmp_path / "full.onnx", inputs=feeds)
     assert res["worst_rel"] <= 1e-4
+
+
+def test_whitened_factors_beat_plain_svd_on_real_text(minilm_dir, tmp_path):
+    from lrc.evaluate import compare_encoder
+
+    res = {}
+    for method in ("svd", "svd-llm"):
+        model, rep = lrc.compress(minilm_dir, ratio=0.6, include=["ffn"], method=method,
+                                  calib_tokens=4096)
+        out = tmp_path / f"{method}.onnx"
+        lrc.model.save(model, out)
+        import shutil
+        shutil.copy(minilm_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+        res[method] = compare_encoder(minilm_dir, out, "docs")["embedding_cosine"]
+    assert rep["calibration"]["tokens"] == 4096
+    assert res["svd-llm"] > res["svd"] + 0.1
