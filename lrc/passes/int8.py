@@ -49,7 +49,8 @@ class Int8FactorsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        nodes = [n for n in graph if n.op_type == "MatMul" and n.metadata_props.get(FACTOR_META)
+        nodes = [n for n in ir.traversal.RecursiveGraphIterator(graph)
+                 if n.op_type == "MatMul" and n.metadata_props.get(FACTOR_META)
                  and n.inputs[1] is not None and n.inputs[1].const_value is not None
                  and n.inputs[1].const_value.dtype == ir.DataType.FLOAT]
         quantized: dict[str, tuple[ir.Value, ir.Value]] = {}
@@ -91,18 +92,19 @@ class Int8FactorsPass(ir.passes.InPlacePass):
         out = ir.Value(name=_fresh(graph, f"{qv.name}_dq"))
         dq = ir.Node("", "DequantizeLinear", [qv, sv], attributes=[ir.AttrInt64("axis", 1)],
                      outputs=[out], name=f"{node.name}/dq")
-        graph.insert_before(node, dq)
+        node.graph.insert_before(node, dq)
         node.replace_input_with(1, out)
 
     def _dynamic(self, graph, node, qv, sv, dql):
         x = node.inputs[0]
-        if id(x) not in dql:
+        key = (id(x), id(node.graph))  # a quantised input is shared only within one graph
+        if key not in dql:
             outs = [ir.Value(name=_fresh(graph, f"{x.name}_{t}")) for t in ("q", "scale", "zp")]
             producer = ir.Node("", "DynamicQuantizeLinear", [x], outputs=outs,
                                name=f"{node.name}/dql")
-            graph.insert_before(node, producer)
-            dql[id(x)] = tuple(outs)
-        xq, xs, xz = dql[id(x)]
+            node.graph.insert_before(node, producer)
+            dql[key] = tuple(outs)
+        xq, xs, xz = dql[key]
         zp = _init(graph, f"{qv.name}_zp", np.zeros(qv.const_value.shape[1], np.int8))
         acc = ir.Value(name=_fresh(graph, f"{node.name}_int32"))
         mmi = ir.Node("", "MatMulInteger", [xq, qv, xz, zp], outputs=[acc], name=f"{node.name}/mmi")
@@ -111,15 +113,15 @@ class Int8FactorsPass(ir.passes.InPlacePass):
                        name=f"{node.name}/cast")
         sc = ir.Value(name=_fresh(graph, f"{node.name}_scale"))
         smul = ir.Node("", "Mul", [xs, sv], outputs=[sc], name=f"{node.name}/scale")
-        graph.insert_before(node, [mmi, cast, smul])
+        node.graph.insert_before(node, [mmi, cast, smul])
         # The original MatMul node becomes the final Mul, keeping its output value and name.
         out = node.outputs[0]
         meta = dict(node.metadata_props)
         new = ir.Node("", "Mul", [fl, sc], num_outputs=1, name=node.name, metadata_props=meta)
-        graph.insert_before(node, new)
+        node.graph.insert_before(node, new)
         new.outputs[0].type, new.outputs[0].shape = out.type, out.shape
         out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
-        graph.remove(node, safe=True)
+        node.graph.remove(node, safe=True)
         new.outputs[0].name = out.name
 
 

@@ -219,10 +219,12 @@ def _const_weight(v: ir.Value | None) -> tuple[ir.Value | None, bool, str | None
 
 
 def locate(model: ir.Model) -> list[Target]:
-    """Every MatMul/Gemm of the main graph with a constant weight, in graph order."""
+    """Every MatMul/Gemm with a constant weight, in graph order (subgraphs included)."""
     graph = model.graph
     targets: list[Target] = []
-    for node in graph:
+    # Subgraphs too: merged decoders (optimum's If on use_cache_branch) hold their projections
+    # in If branches, reading weights from the main graph's initializers.
+    for node in ir.traversal.RecursiveGraphIterator(graph):
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             continue
         t = _make_target(node)

@@ -201,7 +201,7 @@ class LowRankPass(ir.passes.InPlacePass):
         meta[FACTOR_META] = "A"
         a_node = ir.Node("", "MatMul", [x, a_val], outputs=[mid],
                          name=f"{t.name}/lrc_A", metadata_props=meta)
-        graph.insert_before(node, a_node)
+        node.graph.insert_before(node, a_node)  # the node's own (sub)graph
         node.replace_input_with(0, mid)
         node.replace_input_with(1, b_val)
         if node.op_type == "Gemm":
