@@ -142,3 +142,33 @@ def test_smollm2_says_paris(smollm2_dir):
     assert "Paris" in chat.text, chat.text
     assert chat.new_token_ids[-1] in lm.eos_ids or chat.new_tokens == 16
     assert np.isfinite(res.tokens_per_s)
+
+
+def test_smollm2_compressed_full_rank_keeps_greedy_tokens(smollm2_dir, tmp_path):
+    """Folder in, folder out; the KV-cache decoder at full rank reproduces the greedy tokens."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "full"
+    r = subprocess.run([sys.executable, "-m", "lrc.cli", "compress", str(smollm2_dir), "--rank",
+                        "full", "--include", "ffn,head", "-o", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert (out / "tokenizer.json").is_file() and (out / "lrc.json").is_file()
+    a = OnnxCausalLM(smollm2_dir, threads=2).generate("The capital of France is", max_new_tokens=12)
+    b = OnnxCausalLM(out, threads=2).generate("The capital of France is", max_new_tokens=12)
+    assert a.new_token_ids == b.new_token_ids
+    # a lossy compression still loads in optimum and generates
+    small = tmp_path / "r08"
+    r = subprocess.run([sys.executable, "-m", "lrc.cli", "compress", str(smollm2_dir), "--ratio",
+                        "0.8", "--include", "ffn", "-o", str(small)], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(small)
+    m = ORTModelForCausalLM.from_pretrained(small)
+    ids = tok("The capital of France is", return_tensors="pt")
+    gen = m.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] == ids["input_ids"].shape[1] + 5
