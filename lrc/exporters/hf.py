@@ -268,15 +268,28 @@ def _quiet(enabled: bool):
     if not enabled:
         yield
         return
-    tf_log = logging.getLogger("transformers")
-    level = tf_log.level
+    # optimum's validation logs one line per output (60+ for a KV-cache decoder) as warnings
+    # even when every difference is within tolerance; a failed validation still raises.
+    logs = [logging.getLogger(n) for n in ("transformers", "optimum", "optimum.exporters.onnx",
+                                            "optimum.exporters.onnx.convert")]
+    levels = [lg.level for lg in logs]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tf_log.setLevel(logging.ERROR)
+        for lg in logs:
+            lg.setLevel(logging.ERROR)
+        try:
+            from transformers.utils import logging as tf_logging
+
+            tf_logging.disable_progress_bar()  # "Converting and de-quantizing GGUF tensors"
+        except ImportError:
+            tf_logging = None
         try:
             yield
         finally:
-            tf_log.setLevel(level)
+            if tf_logging is not None:
+                tf_logging.enable_progress_bar()
+            for lg, level in zip(logs, levels):
+                lg.setLevel(level)
 
 
 def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | None,

