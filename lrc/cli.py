@@ -135,13 +135,19 @@ def _compress_file(src: Path, out: Path, kw: dict, int8, external_data: bool,
 
         m, report = run(m, int8=int8, progress=progress, calib_progress=calib_progress, **kw)
     t1 = time.perf_counter()
+    staged = M.stage(m, out, external_data=True if external_data else None, force=force)
+    del m  # release the graph and weights before the checker and ORT load the copy
+    import gc
+
+    gc.collect()
     checks: dict = {}
-
-    def _check(path: Path):
+    try:
         if check:
-            checks.update(M.structural_check(path))
-
-    M.save(m, out, external_data=True if external_data else None, force=force, check=_check)
+            checks.update(M.structural_check(staged.path))
+    except BaseException:
+        staged.discard()
+        raise
+    staged.commit(force)
     report["seconds"] = {"factorise": round(t1 - t0, 2), "total": round(time.perf_counter() - t0, 2)}
     report["checks"] = checks or "skipped (--no-check)"
     report["input"] = str(src)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -155,19 +156,45 @@ def check_output(out: Path, force: bool) -> None:
         raise LrcError(f"output folder {out.parent} does not exist")
 
 
-def save(model: ir.Model, out: str | os.PathLike, *, external_data: bool | None = None,
-         force: bool = False, check: Callable[[Path], None] | None = None) -> Path:
-    """Write ``model`` to ``out`` atomically (temp folder, check, rename).
+@dataclass
+class Staged:
+    """A model written completely into a temporary folder beside its destination."""
 
-    ``external_data``: True forces ``OUT.data`` beside the model, None decides by size (> 2 GB).
-    ``check(path)`` runs on the complete temporary file before it is moved into place."""
+    tmp: Path
+    path: Path
+    out: Path
+    data_name: str | None
+
+    def commit(self, force: bool = False) -> Path:
+        """Move the staged files into place (data file first, then the model)."""
+        try:
+            check_output(self.out, force)
+            if self.data_name:
+                os.replace(self.tmp / self.data_name, self.out.parent / self.data_name)
+            elif (self.out.parent / (self.out.name + ".data")).exists() and force:
+                os.remove(self.out.parent / (self.out.name + ".data"))  # stale data we overwrite
+            os.replace(self.path, self.out)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return self.out
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def stage(model: ir.Model, out: str | os.PathLike, *, external_data: bool | None = None,
+          force: bool = False) -> Staged:
+    """Write ``model`` into a temporary folder beside ``out``; ``commit()`` moves it into place.
+
+    ``external_data``: True forces ``OUT.data`` beside the model, None keeps the source's layout
+    (external if it had external data, or if the weights exceed protobuf's 2 GB)."""
     out = Path(out)
     check_output(out, force)
     has_external = any(isinstance(v.const_value, ir.ExternalTensor)
                        for v in model.graph.initializers.values())
-    if external_data is None:  # keep the source's layout; protobuf cannot hold > 2 GB anyway
+    if external_data is None:
         external_data = has_external or tensor_bytes(model) > PROTOBUF_LIMIT
-    data_name = out.name + ".data"
+    data_name = out.name + ".data" if external_data else None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tmp_model = tmp / out.name
@@ -176,19 +203,54 @@ def save(model: ir.Model, out: str | os.PathLike, *, external_data: bool | None 
         else:
             if has_external:  # read the source's external tensors in before writing one file
                 ir.external_data.load_to_model(model)
-            ir.save(model, tmp_model)
-        if check is not None:
-            check(tmp_model)
-        if external_data:
-            os.replace(tmp / data_name, out.parent / data_name)
-        elif (out.parent / data_name).exists() and force:
-            os.remove(out.parent / data_name)  # stale data of a model we overwrite
-        os.replace(tmp_model, out)
-    except Exception:
+            _write_streaming(model, tmp_model)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Staged(tmp, tmp_model, out, data_name)
+
+
+def save(model: ir.Model, out: str | os.PathLike, *, external_data: bool | None = None,
+         force: bool = False, check: Callable[[Path], None] | None = None) -> Path:
+    """Write ``model`` to ``out`` atomically: staged in a temporary folder, ``check(path)`` run
+    on the complete staged file, then renamed into place. Nothing is left behind on failure."""
+    staged = stage(model, out, external_data=external_data, force=force)
+    try:
+        if check is not None:
+            check(staged.path)
+    except BaseException:
+        staged.discard()
+        raise
+    return staged.commit(force)
+
+
+def _write_streaming(model: ir.Model, path: Path) -> None:
+    """Write a single-file model one initializer at a time.
+
+    Protobuf merges concatenated messages and appends repeated fields, so the bytes of the model
+    without its main-graph initializers followed by ``ModelProto(graph=GraphProto(initializer=[t]))``
+    for each tensor parse as the complete model — without ever holding a second serialized copy
+    of all the weights (``serialize_model`` + ``SerializeToString`` would hold two)."""
+    graph = model.graph
+    saved = list(graph.initializers.values())
+    graph.initializers.clear()
+    try:
+        skeleton = ir.serde.serialize_model(model)
+    finally:
+        for v in saved:
+            graph.register_initializer(v)
+    names = {v.name for v in saved}
+    keep = [vi for vi in skeleton.graph.value_info if vi.name not in names]
+    del skeleton.graph.value_info[:]
+    skeleton.graph.value_info.extend(keep)
+    with open(path, "wb") as f:
+        f.write(skeleton.SerializeToString())
+        del skeleton
+        for v in saved:
+            tp = ir.serde.serialize_tensor(v.const_value)
+            tp.name = v.name
+            chunk = onnx.ModelProto(graph=onnx.GraphProto(initializer=[tp]))
+            f.write(chunk.SerializeToString())
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
