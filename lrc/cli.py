@@ -171,6 +171,11 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
                                            help="dynamic: DynamicQuantizeLinear+MatMulInteger, fastest "
                                                 "on the CPU EP; qdq: weight-only DequantizeLinear, for "
                                                 "CUDA (no CPU fallback)."),
+             target_params: Optional[float] = typer.Option(
+                 None, "--target-params", help="Keep this fraction of all projection parameters, "
+                 "ranks spread uniformly over the selected ones."),
+             target_size: Optional[float] = typer.Option(None, "--target-size",
+                                                         help="Target weight size in MB."),
              method: str = typer.Option("svd", "--method", help="svd (plain), asvd (activation-"
                                         "scaled) or svd-llm (whitened by calibration activations)."),
              calib: Optional[List[Path]] = typer.Option(None, "--calib", help="Your own calibration "
@@ -201,6 +206,8 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
     for f in calib or []:
         if not f.is_file():
             raise LrcError(f"calibration file {str(f)!r} not found")
+    if target_params is not None or target_size is not None:
+        kw.update(target_params=target_params, target_size_mb=target_size)
     if method != "svd":
         kw.update(method=method, calib=list(calib or []), calib_tokens=calib_tokens,
                   calib_default=not calib_only)

@@ -70,3 +70,19 @@ def test_bad_policy_files(tmp_path, text, msg):
 def test_bad_settings(kw):
     with pytest.raises(LrcError):
         lrc.compress(matmul_chain(), **kw)
+
+
+def test_global_budget_uniform_over_selection():
+    m = matmul_chain(d=16, hidden=64)
+    total = 16 * 16 + 2 * 16 * 64
+    _, rep = lrc.compress(m, target_params=0.8, include=["ffn"])
+    b = rep["budget"]
+    assert b["allocation"] == "uniform"
+    ffn = 2 * 16 * 64
+    assert b["ratio"] == pytest.approx((0.8 * total - (total - ffn)) / ffn)
+    kept = rep["totals"]["params_after"] + (total - ffn)
+    assert kept <= 0.8 * total + 80  # integer ranks round down
+    with pytest.raises(LrcError, match="cannot be met"):
+        lrc.compress(matmul_chain(d=16, hidden=64), target_params=0.1, include=["ffn.up"])
+    with pytest.raises(LrcError, match="not both"):
+        lrc.compress(matmul_chain(), target_params=0.5, rank=3)
