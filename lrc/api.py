@@ -41,6 +41,7 @@ def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), e
              policy=None, align: int = 1, allow_larger: bool = False, int8: bool | str = False,
              method: str = "svd", calib=None, calib_tokens: int = 16384, calib_seq: int = 256,
              calib_default: bool = True, tokenizer=None, alpha: float = 0.5,
+             update: bool = False, update_damp: float = 0.1,
              target_params: float | None = None, target_size_mb: float | None = None,
              factorizer=None, progress: Progress | None = None, calib_progress=None):
     """Rewrite the model's projections into low-rank pairs. Returns ``(ir.Model, report)``.
@@ -51,6 +52,8 @@ def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), e
     pol = build_policy(rank, energy, ratio, include, exclude, policy, align, allow_larger)
     if method not in METHODS:
         raise LrcError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if update and method != "svd-llm":
+        raise LrcError("--update needs --method svd-llm")
     model = as_model(model_or_path)
     budget = None
     if target_params is not None or target_size_mb is not None:
@@ -64,7 +67,7 @@ def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), e
         factorizer, calib_info = data_aware_factorizer(
             model, model_or_path, pol, method, calib=calib, n_tokens=calib_tokens,
             seq_len=calib_seq, use_default=calib_default, tokenizer=tokenizer, alpha=alpha,
-            progress=calib_progress)
+            progress=calib_progress, update=update, damp=update_damp)
     lr = LowRankPass(pol, factorizer=factorizer, progress=progress)
     lr(model)
     record = lr.record
@@ -77,7 +80,7 @@ def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), e
         report["int8"] = q.record
     RemoveUnusedNodesPass()(model)
     report["summary"] = record.summary_line()
-    report["method"] = method
+    report["method"] = method + ("+update" if update else "")
     if budget:
         report["budget"] = budget
     if calib_info:
@@ -127,7 +130,8 @@ def solve_budget(model, pol: Policy, target_params=None, target_size_mb=None) ->
 
 def data_aware_factorizer(model, model_or_path, pol: Policy, method: str, *, calib=None,
                           n_tokens: int = 16384, seq_len: int = 256, use_default: bool = True,
-                          tokenizer=None, alpha: float = 0.5, progress=None):
+                          tokenizer=None, alpha: float = 0.5, progress=None,
+                          update: bool = False, damp: float = 0.1):
     """A factoriser using activation statistics of each target's input, collected by running
     the original ONNX model in ONNX Runtime on calibration text (cached on disk).
 
@@ -159,6 +163,15 @@ def data_aware_factorizer(model, model_or_path, pol: Policy, method: str, *, cal
 
         texts.extend(calibration_texts(n_tokens=int(n_tokens * 1.2)))
         sources.append("bundled mix: news (Lee corpus, calibration half), wiki markup, Python code")
+    if update:  # sequential joint fit (lrc/update.py): two forward passes over the text
+        from lrc.update import sequential_factorizer
+
+        factor, info = sequential_factorizer(model, src, pol, texts, n_tokens=n_tokens,
+                                             seq_len=seq_len, tokenizer=tokenizer, damp=damp,
+                                             progress=progress)
+        if info is not None:
+            info["sources"] = sources
+        return factor, info
     names = sorted({t.node.inputs[0].name for t in locate(model)
                     if t.eligible and pol.setting_for(t)[0] is not None})
     if not names:

@@ -112,6 +112,9 @@ def test_empty_file(tmp_path):
     (["--ratio", "2"], "ratio"),
     (["--include", "fnn"], "unknown role"),
     (["--rank", "4", "--energy", "0.9"], "only one"),
+    (["--rank", "4", "--update"], "--update needs --method svd-llm"),
+    (["--rank", "4", "--method", "magic"], "--method must be one of"),
+    (["--target-params", "0.5", "--rank", "3"], "not both"),
 ])
 def test_bad_options(model_file, tmp_path, args, msg):
     e = _one_line_error(lrc("compress", model_file, *args, "-o", tmp_path / "o.onnx"))

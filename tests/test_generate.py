@@ -151,7 +151,7 @@ def test_smollm2_compressed_full_rank_keeps_greedy_tokens(smollm2_dir, tmp_path)
 
     out = tmp_path / "full"
     r = subprocess.run([sys.executable, "-m", "lrc.cli", "compress", str(smollm2_dir), "--rank",
-                        "full", "--include", "ffn,head", "-o", str(out)],
+                        "full", "--include", "ffn.down,attn.o", "-o", str(out)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     assert (out / "tokenizer.json").is_file() and (out / "lrc.json").is_file()
