@@ -4,11 +4,11 @@ __version__ = "0.1.0"
 
 from lrc.errors import LrcError  # noqa: E402
 
-__all__ = ["LrcError", "__version__", "analyse", "compress", "verify"]
+__all__ = ["LrcError", "__version__", "analyse", "compress", "quantize_rest", "verify"]
 
 
 def __getattr__(name):  # lazy: keep `import lrc` cheap
-    if name in ("analyse", "compress"):
+    if name in ("analyse", "compress", "quantize_rest"):
         from lrc import api
 
         return getattr(api, name)

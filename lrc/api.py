@@ -250,4 +250,22 @@ def analyse(model_or_path, *, rank=None, energy=None, ratio=None, include=(), ex
             "ineligible": sum(1 for r in rows if not r.get("eligible"))}
 
 
-__all__ = ["analyse", "build_policy", "compress", "ir"]
+def quantize_rest(model_path, out, mode: str = "int8", exclude_factors: bool = True,
+                  per_channel: bool = True, block_size: int = 32, **kw) -> dict:
+    """ONNX Runtime's quantisers on what low rank left dense (file or folder in, same out):
+    ``mode`` 'int8' (quantize_dynamic) or 'int4' (MatMulNBits). See lrc.quantize."""
+    from lrc.quantize import quantize_rest as run
+
+    return run(model_path, out, mode, exclude_factors=exclude_factors,
+               per_channel=per_channel, block_size=block_size, **kw)
+
+
+def tune(model, **kw) -> dict:
+    """Measure INT8, 4-bit and low-rank candidates (alone and stacked) and write the fastest
+    (or smallest) within the quality budget. See lrc.tune.tune for the arguments."""
+    from lrc.tune import tune as run
+
+    return run(model, **kw)
+
+
+__all__ = ["analyse", "build_policy", "compress", "ir", "quantize_rest", "tune"]

@@ -1,4 +1,4 @@
-"""The ``lrc`` command line: export, analyse, compress, verify, eval, bench, generate, report.
+"""The ``lrc`` command line: export, analyse, compress, verify, eval, bench, generate, report, tune.
 
 Every user error ends as one line on stderr and a non-zero exit (2 for bad input); never a
 traceback (set ``LRC_DEBUG=1`` to see one for an internal error).
@@ -187,6 +187,11 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
              calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Calibration tokens."),
              calib_only: bool = typer.Option(False, "--calib-only", help="Calibrate on --calib "
                                              "files only (no bundled mix)."),
+             quantize_rest: Optional[str] = typer.Option(
+                 None, "--quantize-rest", help="Then quantise the projections left dense with "
+                 "ONNX Runtime: int8 (quantize_dynamic, per-channel; fastest on the CPU EP) or "
+                 "int4 (MatMulNBits, block 32; CPU and CUDA). lrc's factors are left as they are "
+                 "(add --int8 to store them as int8 too)."),
              external_data: bool = typer.Option(False, "--external-data",
                                                 help="Write weights to OUT.data (automatic above 2 GB)."),
              force: bool = typer.Option(False, "--force", help="Overwrite OUT."),
@@ -221,6 +226,8 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
                   calib_default=not calib_only)
     if int8_form not in ("dynamic", "qdq"):
         raise LrcError(f"--int8-form must be dynamic or qdq, got {int8_form!r}")
+    if quantize_rest not in (None, "int8", "int4"):
+        raise LrcError(f"--quantize-rest must be int8 or int4, got {quantize_rest!r}")
     int8 = int8_form if int8 else False
     if not model.exists():
         raise LrcError(f"{model}: no such file or folder")
@@ -241,10 +248,19 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
         M.check_output(out, force)
         report = _compress_file(src, out, kw, int8, external_data, force, check)
         M.write_text_atomic(summary_path, json.dumps(report, indent=1))
+    if quantize_rest:
+        from lrc.quantize import quantize_rest_inplace
+
+        qrep = quantize_rest_inplace(out, quantize_rest, check=check)
+        report["quantize_rest"] = qrep
+        report["size_after"] = qrep["size_after"]
+        M.write_text_atomic(summary_path, json.dumps(report, indent=1))
     if as_json:
         print(json.dumps(report, indent=1))
         return
     _print_compress(report, summary_path)
+    if quantize_rest:
+        console.print(f"quantize-rest: {report['quantize_rest']['summary']}")
 
 
 def _compress_folder(src: Path, out: Path, kw, int8, external_data, force, check) -> dict:
@@ -559,6 +575,93 @@ def report(results: List[Path] = typer.Argument(..., help="JSON files from bench
             res.append(data)
     write_report(res, out, summaries=summaries, title=title)
     console.print(f"wrote {out}")
+
+
+# ----------------------------------------------------------------------------- tune
+def _budget(text: str) -> float:
+    """'10%' -> 0.10, '0.1' -> 0.1."""
+    t = text.strip()
+    try:
+        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise LrcError(f"budget {text!r}: expected a number or a percentage such as 10%")
+    if v < 0:
+        raise LrcError(f"budget {text!r} must not be negative")
+    return v
+
+
+@app.command()
+def tune(model: Path = typer.Argument(..., help="Exported folder (model.onnx + tokenizer.json) "
+                                      "or .onnx file with tokenizer.json beside it"),
+         out: Optional[Path] = typer.Option(None, "-o", "--output",
+                                            help="Where the chosen model goes (default: "
+                                                 "MODEL-tuned, a folder for a folder)."),
+         max_ppl_increase: Optional[str] = typer.Option(
+             None, "--max-ppl-increase", help="Causal LMs: allowed perplexity increase on both "
+             "the news and the docs text, e.g. 10% or 0.1 (default 10%)."),
+         max_pearson_drop: Optional[float] = typer.Option(
+             None, "--max-pearson-drop", help="Encoders: allowed absolute drop of the Lee 2005 "
+             "Pearson r (default 0.01)."),
+         objective: str = typer.Option("latency", "--objective",
+                                       help="latency: fastest within budget; size: smallest."),
+         ep: str = typer.Option("cpu", "--ep", help="Execution provider to time on."),
+         threads: int = typer.Option(2, "--threads", help="Intra-op threads (eval and bench)."),
+         runs: Optional[int] = typer.Option(None, "--runs", help="Timed rounds per model in the "
+                                            "interleaved bench (default 20; 5 with --quick)."),
+         calib_tokens: Optional[int] = typer.Option(None, "--calib-tokens", help="SVD-LLM "
+                                                    "calibration tokens (default 16384)."),
+         quick: bool = typer.Option(False, "--quick", help="3 candidates, 512-token eval, 5 runs."),
+         keep_workdir: bool = typer.Option(False, "--keep-workdir",
+                                           help="Keep the work folder with every candidate."),
+         force: bool = typer.Option(False, "--force", help="Overwrite OUT."),
+         out_json: Optional[Path] = typer.Option(None, "--save",
+                                                 help="Also write the result JSON here."),
+         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
+    """Try INT8, 4-bit and low rank (alone and stacked), measure all, keep the best in budget."""
+    from lrc.model import resolve_model_path, write_text_atomic
+    from lrc.tune import OBJECTIVES, format_tables
+    from lrc.tune import tune as run
+
+    if max_ppl_increase is not None and max_pearson_drop is not None:
+        raise LrcError("give --max-ppl-increase (causal LMs) or --max-pearson-drop (encoders), "
+                       "not both")
+    if objective not in OBJECTIVES:
+        raise LrcError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if runs is not None and runs < 1:
+        raise LrcError("--runs must be positive")
+    if calib_tokens is not None and calib_tokens <= 0:
+        raise LrcError("--calib-tokens must be positive")
+    budget, kind = None, None
+    if max_ppl_increase is not None:
+        budget, kind = _budget(max_ppl_increase), "causal-lm"
+    elif max_pearson_drop is not None:
+        if max_pearson_drop < 0:
+            raise LrcError("--max-pearson-drop must not be negative")
+        budget, kind = max_pearson_drop, "encoder"
+    if out is None:
+        if not model.exists():
+            raise LrcError(f"{model}: no such file or folder")
+        src = resolve_model_path(model)
+        out = (model.with_name(model.name.rstrip("/") + "-tuned") if model.is_dir()
+               else src.with_name(src.stem + "-tuned.onnx"))
+    res = run(model, max_quality_loss=budget, budget_kind=kind, objective=objective, ep=ep,
+                 threads=threads, out=out, quick=quick, runs=runs, calib_tokens=calib_tokens,
+                 force=force, keep_workdir=keep_workdir,
+                 progress=None if as_json else (lambda msg: err.print(f"[dim]{msg}[/dim]")))
+    if out_json:
+        write_text_atomic(out_json, json.dumps(res, indent=1))
+    if as_json:
+        print(json.dumps(res, indent=1))
+    else:
+        for t in format_tables(res):
+            console.print(t)
+        console.print(f"[bold]{res['reason']}[/bold]")
+        if res["output"]:
+            console.print(f"wrote {res['output']} ({res['chosen']}); "
+                          f"summary: {res['summary_file']}")
+    if res["chosen"] is None:
+        err.print(f"lrc: nothing written: {res['reason']}", highlight=False, markup=False)
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -1,0 +1,340 @@
+"""Stack quantisation on a low-rank model: ONNX Runtime's own quantisers on what lrc leaves dense.
+
+After the low-rank pass a model holds two kinds of weight MatMul: lrc's factor pairs
+``(X·A)·B`` (node metadata ``lrc.factor`` = ``A`` / ``B``) and the projections it left dense
+(excluded roles, the attention block, anything not worth factorising). ``quantize_rest`` hands
+the second kind to ONNX Runtime's quantisers and, by default, keeps the first kind as it is
+(float, or lrc's own int8 form from ``compress(int8=...)``):
+
+* ``mode="int8"``: ``onnxruntime.quantization.quantize_dynamic`` (weights int8, symmetric,
+  per output channel by default; activations quantised at run time by ``DynamicQuantizeLinear``,
+  ``MatMulInteger``; ORT fuses it into ``DynamicQuantizeMatMul`` on the CPU EP). Only ``MatMul``
+  nodes with a constant weight are quantised (``op_types_to_quantize=["MatMul"]``,
+  ``MatMulConstBOnly``): the embedding ``Gather`` and attention's activation products stay float.
+* ``mode="int4"`` / ``"int8-weight"``: ``MatMulNBitsQuantizer`` — weight-only, block-wise
+  (``block_size`` rows of K per scale), symmetric, ``com.microsoft.MatMulNBits`` with 4 or 8
+  bits. ``accuracy_level=4`` on the CPU EP (int8 activations inside the kernel, the fast path).
+  Runs on the CPU and CUDA EPs alike (no ``DynamicQuantizeLinear``).
+
+``targets`` says which MatMuls are handed over: ``"rest"`` (all but lrc's factors; the default,
+``exclude_factors=True``), ``"factors"`` (only lrc's factors: weight-only forms for the factors
+themselves) or ``"all"`` (``exclude_factors=False``). Node names select them, so unnamed nodes
+are given names first.
+
+Folder in, folder out like ``compress``: every ``*.onnx`` in the folder is quantised, other files
+(tokenizer, configs) are copied, and the output appears only when complete (temp + rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from lrc.errors import LrcError
+from lrc.passes.locate import FACTOR_META
+
+MODES = ("int8", "int4", "int8-weight")
+TARGETS = ("rest", "factors", "all")
+_NBITS = {"int4": 4, "int8-weight": 8}
+_BIG = 1_800_000_000  # above this the output is written with external data
+
+
+def _onnx_files(src: Path) -> list[Path]:
+    if src.is_dir():
+        files = sorted(src.glob("*.onnx"))
+        if not files:
+            raise LrcError(f"{src}: folder holds no .onnx model")
+        return files
+    from lrc.model import resolve_model_path
+
+    return [resolve_model_path(src)]
+
+
+def factor_node_names(proto, float_only: bool = True) -> list[str]:
+    """Names of lrc's factor nodes (node metadata ``lrc.factor``) in an onnx ModelProto: the
+    float factor MatMuls, or with ``float_only=False`` also the final ``Mul`` of lrc's int8
+    dynamic form (the node that keeps the metadata)."""
+    return [n.name for n in proto.graph.node
+            if (n.op_type == "MatMul" or not float_only)
+            and any(p.key == FACTOR_META for p in n.metadata_props)]
+
+
+def _name_nodes(proto) -> int:
+    """Give every unnamed node a unique name (the quantisers select nodes by name)."""
+    taken = {n.name for n in proto.graph.node if n.name}
+    k = 0
+    for i, n in enumerate(proto.graph.node):
+        if not n.name:
+            name = f"{n.op_type}_lrcq_{i}"
+            while name in taken:
+                name += "_"
+            n.name = name
+            taken.add(name)
+            k += 1
+    return k
+
+
+def _const_matmuls(proto) -> list[str]:
+    inits = {t.name for t in proto.graph.initializer}
+    inits |= {n.output[0] for n in proto.graph.node if n.op_type == "Constant"}
+    return [n.name for n in proto.graph.node
+            if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits]
+
+
+class _DropPreprocessHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_ort():
+    """ONNX Runtime's quantisers are chatty on the root logger: ``quantize_dynamic`` logs
+    "Please consider pre-processing" (calling ``logging.basicConfig`` when there is no handler)
+    and importing ``matmul_nbits_quantizer`` runs ``logging.basicConfig(level=INFO)``, after
+    which every node it touches prints a line. Drop the hint, keep the quantiser's own logger at
+    WARNING, and undo any root-logger configuration made meanwhile."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    nbits = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    nbits_level = nbits.level
+    nbits.setLevel(logging.WARNING)
+    flt, null = _DropPreprocessHint(), None
+    root.addFilter(flt)
+    if not root.handlers:
+        null = logging.NullHandler()
+        root.addHandler(null)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        nbits.setLevel(nbits_level)
+
+
+def op_counts(path) -> dict[str, int]:
+    """Node count per op type of an ONNX file (weights not loaded)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return dict(Counter(n.op_type for n in m.graph.node))
+
+
+def _quantize_file(src: Path, dst: Path, mode: str, targets: str, per_channel: bool,
+                   block_size: int, accuracy_level: int | None, symmetric: bool) -> dict:
+    import onnx
+
+    from lrc.model import file_size, load_proto
+
+    load_proto(src)  # validates the file and its external-data locations
+    proto = onnx.load(str(src))
+    named = _name_nodes(proto)
+    factors = set(factor_node_names(proto))
+    int8_factors = len(factor_node_names(proto, float_only=False)) - len(factors)
+    weight_mm = _const_matmuls(proto)
+    if targets == "rest":
+        chosen = [n for n in weight_mm if n not in factors]
+    elif targets == "factors":
+        chosen = [n for n in weight_mm if n in factors]
+    else:
+        chosen = list(weight_mm)
+    excluded = [n for n in weight_mm if n not in set(chosen)]
+    ext = file_size(src) > _BIG
+    t0 = time.perf_counter()
+    if not chosen:
+        onnx.save_model(proto, str(dst), save_as_external_data=ext,
+                        location=dst.name + ".data" if ext else None)
+    elif mode == "int8":
+        with _quiet_ort():
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(proto, str(dst), op_types_to_quantize=["MatMul"],
+                             per_channel=per_channel, weight_type=QuantType.QInt8,
+                             nodes_to_quantize=chosen, nodes_to_exclude=excluded,
+                             use_external_data_format=ext,
+                             extra_options={"MatMulConstBOnly": True})
+    else:
+        with _quiet_ort():
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            q = MatMulNBitsQuantizer(proto, bits=_NBITS[mode], block_size=block_size,
+                                     is_symmetric=symmetric, accuracy_level=accuracy_level,
+                                     nodes_to_exclude=excluded, op_types_to_quantize=("MatMul",))
+            q.process()
+            q.model.save_model_to_file(str(dst), use_external_data_format=ext)
+    seconds = time.perf_counter() - t0
+    ops = op_counts(dst)
+    out = onnx.load(str(dst), load_external_data=False)
+    left_float = [n.name for n in out.graph.node if n.op_type == "MatMul" and n.name in factors]
+    return {"input": str(src), "output": str(dst), "mode": mode, "targets": targets,
+            "weight_matmuls": len(weight_mm), "factor_matmuls": len(factors),
+            "int8_factor_nodes": int8_factors,
+            "quantized": len(chosen), "kept_float": len(excluded),
+            "factors_left_float": len(left_float), "nodes_named": named,
+            "ops": {k: v for k, v in sorted(ops.items()) if k in _QOPS},
+            "size_before": file_size(src), "size_after": file_size(dst),
+            "seconds": round(seconds, 2)}
+
+
+_QOPS = {"MatMul", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "DequantizeLinear",
+         "DynamicQuantizeMatMul", "Gemm"}
+
+
+def _check_session(path: Path) -> None:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001  (ORT's own exception types)
+        raise LrcError(f"ONNX Runtime could not load the quantised model: "
+                       f"{str(e).strip().splitlines()[0]}") from e
+
+
+def quantize(model, out, mode: str = "int8", *, targets: str = "rest", per_channel: bool = True,
+             block_size: int = 32, accuracy_level: int | None = 4, symmetric: bool = True,
+             force: bool = False, check: bool = True) -> dict:
+    """Quantise the weight MatMuls selected by ``targets`` of ``model`` (file or folder) to ``out``.
+
+    Returns a report dict (per file: counts, op types in the output, sizes, seconds); a folder
+    gives ``{"models": {file: report}, ...}`` with the first file's fields at the top level."""
+    if mode not in MODES:
+        raise LrcError(f"quantize mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if targets not in TARGETS:
+        raise LrcError(f"quantize targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+    if mode != "int8" and (block_size < 16 or block_size & (block_size - 1)):
+        raise LrcError(f"block_size must be a power of two >= 16, got {block_size}")
+    src, out = Path(model), Path(out)
+    if not src.exists():
+        raise LrcError(f"{src}: no such file or folder")
+    files = _onnx_files(src)
+    if out.exists() and not force:
+        raise LrcError(f"{out} exists; pass --force to overwrite")
+    if not out.parent.exists():
+        raise LrcError(f"output folder {out.parent} does not exist")
+    if out.resolve() == src.resolve():
+        raise LrcError("output must differ from the input")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        reports = {}
+        if src.is_dir():
+            skip = set()
+            for f in files:
+                skip |= _external_files(f)
+            for item in src.iterdir():
+                if item.suffix == ".onnx" or item.name in skip or item.name.endswith(".onnx.data"):
+                    continue
+                if item.is_dir():
+                    shutil.copytree(item, tmp / item.name)
+                else:
+                    shutil.copy2(item, tmp / item.name)
+            for f in files:
+                reports[f.name] = _quantize_file(f, tmp / f.name, mode, targets, per_channel,
+                                                 block_size, accuracy_level, symmetric)
+                if check:
+                    _check_session(tmp / f.name)
+            if out.exists():
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            os.replace(tmp, out)
+            for name, r in reports.items():
+                r["output"] = str(out / name)
+        else:
+            dst = tmp / out.name
+            reports[out.name] = _quantize_file(files[0], dst, mode, targets, per_channel,
+                                               block_size, accuracy_level, symmetric)
+            if check:
+                _check_session(dst)
+            data = tmp / (out.name + ".data")
+            if data.exists():
+                os.replace(data, out.parent / data.name)
+            if out.exists() and out.is_dir():
+                shutil.rmtree(out)
+            os.replace(dst, out)
+            reports[out.name]["output"] = str(out)
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    first = next(iter(reports.values()))
+    report = dict(first)
+    if len(reports) > 1:
+        report["models"] = reports
+        report["size_before"] = sum(r["size_before"] for r in reports.values())
+        report["size_after"] = sum(r["size_after"] for r in reports.values())
+    report["summary"] = summary_line(report)
+    return report
+
+
+def quantize_rest(model, out, mode: str = "int8", exclude_factors: bool = True,
+                  per_channel: bool = True, block_size: int = 32, **kw) -> dict:
+    """Quantise what lrc left dense (``exclude_factors=True``) or every weight MatMul (False)
+    with ONNX Runtime's quantisers; see the module docstring."""
+    return quantize(model, out, mode, targets="rest" if exclude_factors else "all",
+                    per_channel=per_channel, block_size=block_size, **kw)
+
+
+def quantize_rest_inplace(path, mode: str = "int8", **kw) -> dict:
+    """``quantize_rest`` replacing ``path`` (a file or folder ``compress`` just wrote): the
+    result is built beside it and swapped in only when complete (external data keeps its name)."""
+    path = Path(path)
+    if not path.exists():
+        raise LrcError(f"{path}: no such file or folder")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.q-", dir=path.parent))
+    try:
+        staged = tmp / path.name
+        report = quantize_rest(path, staged, mode, **kw)
+        if path.is_dir():
+            old = tmp / (path.name + ".old")
+            os.replace(path, old)
+            os.replace(staged, path)
+        else:
+            os.replace(staged, path)
+            data = tmp / (path.name + ".data")
+            if data.exists():
+                os.replace(data, path.with_name(data.name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for r in [report, *report.get("models", {}).values()]:
+        r["output"] = str(path / Path(r["output"]).name) if path.is_dir() else str(path)
+    return report
+
+
+def summary_line(r: dict) -> str:
+    what = {"rest": "dense MatMuls", "factors": "lrc factor MatMuls",
+            "all": "weight MatMuls"}[r["targets"]]
+    how = {"int8": "INT8 dynamic (ORT quantize_dynamic)", "int4": "4-bit MatMulNBits",
+           "int8-weight": "8-bit MatMulNBits (weight-only)"}[r["mode"]]
+    kept = f"{r['kept_float']} float weight MatMuls left as they were"
+    if r.get("int8_factor_nodes"):
+        kept += f", {r['int8_factor_nodes']} lrc int8 factor products untouched"
+    return (f"quantised {r['quantized']} {what} to {how} ({r['weight_matmuls']} float weight "
+            f"MatMuls, {r['factor_matmuls']} of them lrc factors); {kept}; "
+            f"{r['size_before'] / 1e6:.1f} -> {r['size_after'] / 1e6:.1f} MB")
+
+
+def _external_files(path: Path) -> set[str]:
+    import onnx
+
+    from lrc.model import _all_tensors
+
+    proto = onnx.load_model(str(path), load_external_data=False)
+    out = set()
+    for t in _all_tensors(proto.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location")
+            if loc:
+                out.add(loc)
+    return out
+
+
+__all__ = ["MODES", "TARGETS", "factor_node_names", "op_counts", "quantize", "quantize_rest",
+           "quantize_rest_inplace", "summary_line"]
