@@ -77,6 +77,8 @@ def test_tied_embedding_head_keeps_gather_working():
     rec = rep["rewritten"][0]
     assert rec["role"] == "head" and rec["shape"] == [16, 50]
     assert "another node" in (rec["note"] or "")
+    assert rep["totals"]["params_kept_shared"] == 50 * 16 and rec["tied"]
+    assert any("tied" in n for n in rep["notes"])
     assert _rel(ref, run(p, {"ids": ids})[0]) < 1e-5
     ops = _ops(p)
     assert "Gather" in ops and "Transpose" not in ops  # dead Transpose removed, Gather kept

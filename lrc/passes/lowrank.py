@@ -52,6 +52,7 @@ class Rewritten:
     shared_with: list[str] = field(default_factory=list)
     output_energy: float | None = None
     note: str | None = None
+    tied: bool = False
 
 
 @dataclass
@@ -81,10 +82,14 @@ class LowRankRecord:
             seen.update(r.shared_with)
             before += r.params_before
             after += r.params_after
+        kept = sum(r.params_before for r in self.rewritten if r.tied)
         return {"targets": len(self.rewritten) + len(self.skipped),
                 "rewritten": len(self.rewritten), "skipped": len(self.skipped),
                 "params_before": before, "params_after": after,
-                "params_ratio": (after / before) if before else 1.0}
+                "params_ratio": (after / before) if before else 1.0,
+                # weights kept for another user (tied embedding): compute shrinks, storage not
+                "params_kept_shared": kept,
+                "stored_ratio": ((after + kept) / before) if before else 1.0}
 
     def to_dict(self) -> dict:
         return {"rewritten": [asdict(r) for r in self.rewritten],
@@ -100,7 +105,9 @@ class LowRankRecord:
         return (f"rewrote {t['rewritten']} of {t['targets']} projections"
                 + (f" ({extra} left dense)" if extra else "")
                 + f"; projection params {t['params_before']:,} -> {t['params_after']:,}"
-                  f" ({t['params_ratio']:.1%})")
+                  f" ({t['params_ratio']:.1%})"
+                + (f", {t['params_kept_shared']:,} kept for shared users" if
+                   t["params_kept_shared"] else ""))
 
 
 def plain_svd(target: Target, w: np.ndarray, rank: int) -> Factors:
@@ -162,6 +169,7 @@ class LowRankPass(ir.passes.InPlacePass):
                     output=t.node.outputs[0].name,
                     shared_with=[x for x in names if x != t.name],
                     output_energy=None if f.output_energy is None else round(f.output_energy, 6),
+                    tied=t.tied,
                     note="; ".join(x for x in (note, "weight also used by another node "
                                                          "(kept for it)" if t.tied else None)
                                    if x) or None))
@@ -169,6 +177,13 @@ class LowRankPass(ir.passes.InPlacePass):
             done += len(items)
             if self.progress:
                 self.progress(done, len(plan), t0.name)
+        tied = [t for t, *_ in plan if t.tied]
+        if tied:
+            n = sum(t.params for t in {t.weight_key: t for t in tied}.values())
+            self.record.notes.append(
+                f"{len(tied)} rewritten projection(s) share their weight with another node "
+                f"(tied embedding): that weight stays, so the file grows by the factors while "
+                f"compute shrinks ({n:,} parameters kept; --exclude head avoids it).")
         if any(t.dtype == "float16" for t, *_ in plan):
             self.record.notes.append(
                 "float16 weights: factors are stored as float16 like the weights they replace; "
