@@ -62,9 +62,11 @@ MODELS = {
 }
 
 
-def _v(key, label, method="svd", ratio=None, rank=None, include=None, int8=False):
+def _v(key, label, method="svd", ratio=None, rank=None, include=None, int8=False,
+       exclude=None, update=False, quantize_rest=None):
     return {"key": key, "label": label, "method": method, "ratio": ratio, "rank": rank,
-            "include": include, "int8": int8}
+            "include": include, "int8": int8, "exclude": exclude, "update": update,
+            "quantize_rest": quantize_rest}
 
 
 def variant_specs(quick: bool, have_method: bool) -> list[dict]:
@@ -90,6 +92,14 @@ def variant_specs(quick: bool, have_method: bool) -> list[dict]:
             _v("svd-llm-all-0.8", "SVD-LLM all 0.8", method="svd-llm", ratio=0.8),
             _v("svd-llm-ffn-0.8", "SVD-LLM MLP 0.8", method="svd-llm", ratio=0.8, include="ffn"),
             _v("svd-llm-ffn-0.6", "SVD-LLM MLP 0.6", method="svd-llm", ratio=0.6, include="ffn"),
+            # the sequential joint update (--update), head left dense (it is tied on SmolLM2)
+            _v("svd-llm-upd-nohead-0.8", "SVD-LLM+update all but head 0.8", method="svd-llm",
+               ratio=0.8, exclude="head", update=True),
+            _v("svd-llm-upd-ffn-0.8", "SVD-LLM+update MLP 0.8", method="svd-llm", ratio=0.8,
+               include="ffn", update=True),
+            _v("svd-llm-upd-ffn-0.8-q", "SVD-LLM+update MLP 0.8 +int8 +rest int8",
+               method="svd-llm", ratio=0.8, include="ffn", update=True, int8=True,
+               quantize_rest="int8"),
         ]
     specs += [
         _v(f"{aware}-ffn-0.8-int8", f"{aware.upper()} MLP 0.8 +int8", method=aware, ratio=0.8,
@@ -164,6 +174,12 @@ def compress_variant(dense: Path, out: Path, spec: dict, calib_tokens: int, reus
         cmd += ["--ratio", str(spec["ratio"])]
     if spec["include"]:
         cmd += ["--include", spec["include"]]
+    if spec.get("exclude"):
+        cmd += ["--exclude", spec["exclude"]]
+    if spec.get("update"):
+        cmd += ["--update"]
+    if spec.get("quantize_rest"):
+        cmd += ["--quantize-rest", spec["quantize_rest"]]
     if spec["method"] != "svd":
         cmd += ["--method", spec["method"], "--calib-tokens", str(calib_tokens)]
     if spec["int8"]:
@@ -468,7 +484,9 @@ def rows_for(m: dict) -> list[dict]:
         b = bm.get(e["bench_name"], {})
         rec = {"key": e["key"], "label": e["label"], "kind": e.get("kind", "dense"),
                "size_mb": b.get("size_bytes", 0) / 1e6, "speed": {}, "ms": {}, "bound": {},
-               "method": e.get("method"), "int8": e.get("int8"), "include": e.get("include"),
+               "method": (e.get("method") or "") + ("+update" if e.get("update") else "")
+               + ("+rest" if e.get("quantize_rest") else "") if e.get("method") else None,
+               "int8": e.get("int8"), "include": e.get("include"),
                "ratio": e.get("ratio"), "rank": e.get("rank")}
         tot = (e.get("summary") or {}).get("totals") or {}
         rec["params_kept"] = tot.get("params_ratio") if e.get("summary") else (1.0 if e.get("dense") else None)
