@@ -309,18 +309,9 @@ def _compress_folder(src: Path, out: Path, kw, int8, external_data, force, check
 
 
 def _external_files(path: Path) -> set[str]:
-    import onnx
+    from lrc.model import external_files
 
-    from lrc.model import _all_tensors
-
-    proto = onnx.load_model(str(path), load_external_data=False)
-    out = set()
-    for t in _all_tensors(proto.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            loc = {e.key: e.value for e in t.external_data}.get("location")
-            if loc:
-                out.add(loc)
-    return out
+    return external_files(path)
 
 
 def _print_compress(report: dict, summary_path: Path) -> None:

@@ -131,22 +131,28 @@ def tensor_bytes(model: ir.Model) -> int:
     return total
 
 
+def external_files(path: str | os.PathLike) -> set[str]:
+    """Locations (relative to the model's folder) of the external data files a model uses."""
+    proto = onnx.load_model(str(path), load_external_data=False)
+    out = set()
+    for t in _all_tensors(proto.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location")
+            if loc:
+                out.add(loc)
+    return out
+
+
 def file_size(path: str | os.PathLike) -> int:
     """Size of an ONNX file plus the external data files it references."""
     p = Path(path)
     total = p.stat().st_size
     try:
-        proto = onnx.load_model(str(p), load_external_data=False)
+        locs = external_files(p)
     except Exception:
         return total
-    seen = set()
-    for t in _all_tensors(proto.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            loc = {e.key: e.value for e in t.external_data}.get("location")
-            if loc and loc not in seen and (p.parent / loc).is_file():
-                seen.add(loc)
-                total += (p.parent / loc).stat().st_size
-    return total
+    return total + sum((p.parent / loc).stat().st_size for loc in locs
+                       if (p.parent / loc).is_file())
 
 
 def check_output(out: Path, force: bool) -> None:

@@ -322,18 +322,9 @@ def summary_line(r: dict) -> str:
 
 
 def _external_files(path: Path) -> set[str]:
-    import onnx
+    from lrc.model import external_files
 
-    from lrc.model import _all_tensors
-
-    proto = onnx.load_model(str(path), load_external_data=False)
-    out = set()
-    for t in _all_tensors(proto.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            loc = {e.key: e.value for e in t.external_data}.get("location")
-            if loc:
-                out.add(loc)
-    return out
+    return external_files(path)
 
 
 __all__ = ["MODES", "TARGETS", "factor_node_names", "op_counts", "quantize", "quantize_rest",
