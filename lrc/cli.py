@@ -176,8 +176,9 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
                  "ranks spread uniformly over the selected ones."),
              target_size: Optional[float] = typer.Option(None, "--target-size",
                                                          help="Target weight size in MB."),
-             method: str = typer.Option("svd", "--method", help="svd (plain), asvd (activation-"
-                                        "scaled) or svd-llm (whitened by calibration activations)."),
+             method: str = typer.Option("auto", "--method", help="auto (svd-llm when a tokenizer "
+                                        "is at hand, else svd), svd (plain), asvd (activation-scaled) "
+                                        "or svd-llm (whitened by calibration activations)."),
              update: bool = typer.Option(False, "--update", help="svd-llm only: fit each "
                                          "projection to the inputs the already-compressed model "
                                          "produces (two forward passes; ~2x the time, ~2x lower "
@@ -217,12 +218,13 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
             raise LrcError(f"calibration file {str(f)!r} not found")
     if target_params is not None or target_size is not None:
         kw.update(target_params=target_params, target_size_mb=target_size)
-    if update and method != "svd-llm":
+    if update and method not in ("svd-llm", "auto"):
         raise LrcError("--update needs --method svd-llm")
     if update:
         kw["update"] = True
+    kw.update(method=method)
     if method != "svd":
-        kw.update(method=method, calib=list(calib or []), calib_tokens=calib_tokens,
+        kw.update(calib=list(calib or []), calib_tokens=calib_tokens,
                   calib_default=not calib_only)
     if int8_form not in ("dynamic", "qdq"):
         raise LrcError(f"--int8-form must be dynamic or qdq, got {int8_form!r}")
@@ -339,6 +341,8 @@ def _print_compress(report: dict, summary_path: Path) -> None:
         if r.get("int8"):
             console.print(f"int8: {r['int8'].get('summary', '')}")
         if r.get("rewritten") or r.get("skipped"):
+            if r.get("method_note"):
+                console.print(f"method: {r['method_note']}")
             console.print(f"[bold]{r['summary']}[/bold]")
         else:
             console.print("nothing eligible: no MatMul/Gemm with a constant 2-D weight; "

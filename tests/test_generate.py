@@ -161,7 +161,7 @@ def test_smollm2_compressed_full_rank_keeps_greedy_tokens(smollm2_dir, tmp_path)
     # a lossy compression still loads in optimum and generates
     small = tmp_path / "r08"
     r = subprocess.run([sys.executable, "-m", "lrc.cli", "compress", str(smollm2_dir), "--ratio",
-                        "0.8", "--include", "ffn", "-o", str(small)], capture_output=True, text=True,
+                        "0.8", "--include", "ffn", "--method", "svd", "-o", str(small)], capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stderr
     from optimum.onnxruntime import ORTModelForCausalLM

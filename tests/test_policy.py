@@ -86,3 +86,17 @@ def test_global_budget_uniform_over_selection():
         lrc.compress(matmul_chain(d=16, hidden=64), target_params=0.1, include=["ffn.up"])
     with pytest.raises(LrcError, match="not both"):
         lrc.compress(matmul_chain(), target_params=0.5, rank=3)
+
+
+def test_auto_method_resolution(tmp_path):
+    from lrc.api import resolve_method
+
+    assert resolve_method(matmul_chain(), "auto")[0] == "svd"  # in memory: nothing to calibrate
+    import onnx
+
+    p = tmp_path / "m.onnx"
+    onnx.save(matmul_chain(), p)
+    method, why = resolve_method(p, "auto")
+    assert method == "svd" and "tokenizer" in why
+    assert resolve_method(p, "auto", rank="full")[0] == "svd"
+    assert resolve_method(p, "asvd")[0] == "asvd"
