@@ -72,6 +72,7 @@ def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), e
              calib_default: bool = True, tokenizer=None, alpha: float = 0.5,
              update: bool = False, update_damp: float = 0.1,
              target_params: float | None = None, target_size_mb: float | None = None,
+             target_speedup: float | None = None, ep: str = "cpu",
              factorizer=None, progress: Progress | None = None, calib_progress=None):
     """Rewrite the model's projections into low-rank pairs. Returns ``(ir.Model, report)``.
 
@@ -86,11 +87,19 @@ def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), e
         raise LrcError("--update needs --method svd-llm")
     model = as_model(model_or_path)
     budget = None
+    if sum(v is not None for v in (target_params, target_size_mb, target_speedup)) > 1:
+        raise LrcError("give one budget: --target-params, --target-size or --target-speedup")
+    speed = None
+    if target_speedup is not None:
+        speed = speedup_budget(model_or_path, target_speedup, ep)
+        target_params = speed["params_fraction"]
     if target_params is not None or target_size_mb is not None:
         if any(v is not None for v in (rank, energy, ratio)):
-            raise LrcError("give either a budget (--target-params/--target-size) or "
-                           "--rank/--energy/--ratio, not both")
+            raise LrcError("give either a budget (--target-params/--target-size/--target-speedup)"
+                           " or --rank/--energy/--ratio, not both")
         budget = solve_budget(model, pol, target_params, target_size_mb)
+        if speed:
+            budget.update(speed)
         pol.default = make_setting(ratio=budget["ratio"])
     calib_info = None
     if method != "svd" and factorizer is None:
@@ -119,6 +128,37 @@ def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), e
     report["policy"] = {"default": pol.default.describe(), "include": pol.include,
                         "exclude": pol.exclude, "align": pol.align}
     return model, report
+
+
+def speedup_budget(model_or_path, speedup: float, ep: str = "cpu") -> dict:
+    """Fraction of projection parameters to keep for a target speedup, from a cost model
+    measured once with ONNX Runtime: the dense model is profiled at batch 1 x 128 tokens and
+    ``f`` is the fraction of kernel time in weight MatMuls; Amdahl's law
+    ``S = 1 / ((1 - f) + f·ρ)`` gives ``ρ = (1/S - (1 - f)) / f``. Measured low-rank speedups
+    reach 0.9-1.0 of this bound (BENCHMARKS.md), so treat the target as an upper estimate."""
+    import tempfile
+
+    from lrc.bench import profile_matmul_fraction, resolve_ep
+    from lrc.model import resolve_model_path
+
+    if isinstance(model_or_path, ir.Model) or not isinstance(model_or_path, (str, os.PathLike)):
+        raise LrcError("--target-speedup needs the model's file (it profiles it in ONNX Runtime)")
+    if not speedup > 1:
+        raise LrcError(f"--target-speedup must be > 1, got {speedup}")
+    path = resolve_model_path(model_or_path)
+    provider = resolve_ep(ep)
+    with tempfile.TemporaryDirectory() as work:
+        prof = profile_matmul_fraction(path, provider, None, 1, 128, 0, 5, Path(work))
+    f = float(prof["matmul_fraction"][prof["phase"]])  # prefill (decoders) or encoder
+    limit = 1 / (1 - f) if f < 1 else float("inf")
+    rho = (1 / speedup - (1 - f)) / f if f > 0 else -1
+    if rho <= 0:
+        raise LrcError(f"--target-speedup {speedup:g} is beyond what shrinking the projections can "
+                       f"give: they take {f:.0%} of the time, so the limit is {limit:.2f}x")
+    return {"target_speedup": speedup, "matmul_time_fraction": round(f, 4),
+            "params_fraction": round(rho, 6), "ep": provider,
+            "speedup_note": "Amdahl bound from an ORT profile at batch 1 x 128; measured speedups "
+                            "reach 0.9-1.0 of it"}
 
 
 def solve_budget(model, pol: Policy, target_params=None, target_size_mb=None) -> dict:

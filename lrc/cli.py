@@ -176,6 +176,10 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
                  "ranks spread uniformly over the selected ones."),
              target_size: Optional[float] = typer.Option(None, "--target-size",
                                                          help="Target weight size in MB."),
+             target_speedup: Optional[float] = typer.Option(
+                 None, "--target-speedup", help="Keep the projection parameters an ORT-profiled "
+                 "Amdahl model says give this speedup (an upper estimate)."),
+             ep: str = typer.Option("cpu", "--ep", help="EP for --target-speedup's profile."),
              method: str = typer.Option("auto", "--method", help="auto (svd-llm when a tokenizer "
                                         "is at hand, else svd), svd (plain), asvd (activation-scaled) "
                                         "or svd-llm (whitened by calibration activations)."),
@@ -216,8 +220,9 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
     for f in calib or []:
         if not f.is_file():
             raise LrcError(f"calibration file {str(f)!r} not found")
-    if target_params is not None or target_size is not None:
-        kw.update(target_params=target_params, target_size_mb=target_size)
+    if target_params is not None or target_size is not None or target_speedup is not None:
+        kw.update(target_params=target_params, target_size_mb=target_size,
+                  target_speedup=target_speedup, ep=ep)
     if update and method not in ("svd-llm", "auto"):
         raise LrcError("--update needs --method svd-llm")
     if update:

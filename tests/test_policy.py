@@ -100,3 +100,17 @@ def test_auto_method_resolution(tmp_path):
     assert method == "svd" and "tokenizer" in why
     assert resolve_method(p, "auto", rank="full")[0] == "svd"
     assert resolve_method(p, "asvd")[0] == "asvd"
+
+
+def test_target_speedup_from_ort_profile(tmp_path):
+    import onnx
+
+    p = tmp_path / "m.onnx"
+    onnx.save(matmul_chain(d=64, hidden=256), p)
+    _, rep = lrc.compress(p, target_speedup=1.05, method="svd")
+    b = rep["budget"]
+    assert 0 < b["matmul_time_fraction"] <= 1
+    f = b["matmul_time_fraction"]
+    assert b["params_fraction"] == pytest.approx((1 / 1.05 - (1 - f)) / f, rel=1e-4)
+    with pytest.raises(LrcError, match="beyond|limit"):
+        lrc.compress(p, target_speedup=1000.0, method="svd")
