@@ -40,6 +40,18 @@ def build_policy(rank=None, energy=None, ratio=None, include=(), exclude=(), pol
 METHODS = ("auto", "svd", "asvd", "svd-llm")
 
 
+def source_path(model_or_path) -> Path | None:
+    """The .onnx file behind a path, or behind a model ``lrc.model.load`` read; None in memory."""
+    from lrc.model import resolve_model_path
+
+    if isinstance(model_or_path, ir.Model):
+        src = model_or_path.meta.get("lrc.source_path")
+        return Path(src) if src else None
+    if isinstance(model_or_path, (str, os.PathLike)):
+        return resolve_model_path(model_or_path)
+    return None
+
+
 def resolve_method(model_or_path, method: str, rank=None, tokenizer=None) -> tuple[str, str]:
     """``auto`` -> the best measured method the input allows: ``svd-llm`` (whitening by
     calibration activations; orders of magnitude better than plain SVD on every model we
@@ -49,11 +61,9 @@ def resolve_method(model_or_path, method: str, rank=None, tokenizer=None) -> tup
         return method, f"{method} (requested)"
     if rank == "full":
         return "svd", "svd: --rank full verifies the rewrite itself"
-    if isinstance(model_or_path, (ir.Model,)) or not isinstance(model_or_path, (str, os.PathLike)):
+    src = source_path(model_or_path)
+    if src is None:
         return "svd", "svd: no model file to calibrate on (in-memory model)"
-    from lrc.model import resolve_model_path
-
-    src = resolve_model_path(model_or_path)
     tok = Path(tokenizer) if tokenizer else src.parent / "tokenizer.json"
     if not tok.is_file():
         return "svd", f"svd: no tokenizer.json beside {src.name} for calibration text"
@@ -139,13 +149,12 @@ def speedup_budget(model_or_path, speedup: float, ep: str = "cpu") -> dict:
     import tempfile
 
     from lrc.bench import profile_matmul_fraction, resolve_ep
-    from lrc.model import resolve_model_path
 
-    if isinstance(model_or_path, ir.Model) or not isinstance(model_or_path, (str, os.PathLike)):
+    path = source_path(model_or_path)
+    if path is None:
         raise LrcError("--target-speedup needs the model's file (it profiles it in ONNX Runtime)")
     if not speedup > 1:
         raise LrcError(f"--target-speedup must be > 1, got {speedup}")
-    path = resolve_model_path(model_or_path)
     provider = resolve_ep(ep)
     with tempfile.TemporaryDirectory() as work:
         prof = profile_matmul_fraction(path, provider, None, 1, 128, 0, 5, Path(work))
@@ -210,15 +219,10 @@ def data_aware_factorizer(model, model_or_path, pol: Policy, method: str, *, cal
     from the evaluation texts) plus the user's files in ``calib``; ``use_default=False`` keeps
     only the user's. Mixing domains matters: statistics from one domain make the factors drop
     directions other domains use."""
-    from pathlib import Path
-
     from lrc.calibrate import cached_stats
-    from lrc.model import resolve_model_path
 
-    src = model.meta.get("lrc.source_path") if isinstance(model_or_path, ir.Model) else None
-    if not isinstance(model_or_path, ir.Model):
-        src = str(resolve_model_path(model_or_path))
-    if not src:
+    src = source_path(model_or_path)
+    if src is None:
         raise LrcError(f"--method {method} needs the model's file (it runs ONNX Runtime on "
                        "calibration text): pass a path")
     texts: list[str] = []
@@ -237,7 +241,7 @@ def data_aware_factorizer(model, model_or_path, pol: Policy, method: str, *, cal
     if update:  # sequential joint fit (lrc/update.py): two forward passes over the text
         from lrc.update import sequential_factorizer
 
-        factor, info = sequential_factorizer(model, src, pol, texts, n_tokens=n_tokens,
+        factor, info = sequential_factorizer(model, str(src), pol, texts, n_tokens=n_tokens,
                                              seq_len=seq_len, tokenizer=tokenizer, damp=damp,
                                              progress=progress)
         if info is not None:
@@ -247,7 +251,7 @@ def data_aware_factorizer(model, model_or_path, pol: Policy, method: str, *, cal
                     if t.eligible and pol.setting_for(t)[0] is not None})
     if not names:
         return None, None
-    stats = cached_stats(src, names, texts, n_tokens=n_tokens, seq_len=seq_len,
+    stats = cached_stats(str(src), names, texts, n_tokens=n_tokens, seq_len=seq_len,
                          tokenizer=tokenizer, progress=progress)
     info = {"method": method, "tokens": int(n_tokens), "seq_len": seq_len, "sources": sources,
             "inputs": len(names)}

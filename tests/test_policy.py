@@ -114,3 +114,17 @@ def test_target_speedup_from_ort_profile(tmp_path):
     assert b["params_fraction"] == pytest.approx((1 / 1.05 - (1 - f)) / f, rel=1e-4)
     with pytest.raises(LrcError, match="beyond|limit"):
         lrc.compress(p, target_speedup=1000.0, method="svd")
+
+
+def test_auto_method_sees_the_file_behind_a_loaded_model(tmp_path):
+    import onnx
+
+    from lrc.api import resolve_method
+    from lrc.model import load
+
+    p = tmp_path / "m.onnx"
+    onnx.save(matmul_chain(), p)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    m = load(p)  # what the CLI passes on: an in-memory model that knows its file
+    method, why = resolve_method(m, "auto")
+    assert method in ("svd-llm", "svd") and "in-memory" not in why
