@@ -92,7 +92,10 @@ def variant_specs(quick: bool, have_method: bool) -> list[dict]:
             _v("svd-llm-all-0.8", "SVD-LLM all 0.8", method="svd-llm", ratio=0.8),
             _v("svd-llm-ffn-0.8", "SVD-LLM MLP 0.8", method="svd-llm", ratio=0.8, include="ffn"),
             _v("svd-llm-ffn-0.6", "SVD-LLM MLP 0.6", method="svd-llm", ratio=0.6, include="ffn"),
-            # the sequential joint update (--update), head left dense (it is tied on SmolLM2)
+            # the sequential joint update (--update), head left dense (it is tied on SmolLM2),
+            # next to the same setting without it
+            _v("svd-llm-nohead-0.8", "SVD-LLM all but head 0.8", method="svd-llm", ratio=0.8,
+               exclude="head"),
             _v("svd-llm-upd-nohead-0.8", "SVD-LLM+update all but head 0.8", method="svd-llm",
                ratio=0.8, exclude="head", update=True),
             _v("svd-llm-upd-ffn-0.8", "SVD-LLM+update MLP 0.8", method="svd-llm", ratio=0.8,
