@@ -304,16 +304,14 @@ def analyse(model_or_path, *, rank=None, energy=None, ratio=None, include=(), ex
     for r in rows:
         if not r.get("eligible"):
             continue
-        key = (r["role"],)
         tot = totals.setdefault(r["role"], {"count": 0, "params": 0, "params_after": 0})
         tot["count"] += 1
-        wkey = (tuple(sorted([r["name"], *r["shared_with"]])))
+        wkey = tuple(sorted([r["name"], *r["shared_with"]]))  # a shared weight counts once
         if wkey in seen:
             continue
         seen.add(wkey)
         tot["params"] += r["params"]
         tot["params_after"] += r["params_after"]
-        del key
     model_tot = {"count": sum(v["count"] for v in totals.values()),
                  "params": sum(v["params"] for v in totals.values()),
                  "params_after": sum(v["params_after"] for v in totals.values())}

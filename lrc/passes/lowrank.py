@@ -128,7 +128,7 @@ class LowRankPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         targets = locate(model)
-        plan: list[tuple[Target, int]] = []
+        plan: list[tuple[Target, int, str, str | None]] = []  # target, rank, setting, note
         spectra: dict[tuple, np.ndarray] = {}
         for t in targets:
             if not t.eligible:
