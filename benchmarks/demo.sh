@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: lrc end to end on the two bundled models, from export to report.
-# Everything lands in demo-out/. About 6-8 minutes on 2 cores.
+# Everything lands in demo-out/. A few minutes on 2 cores once .venv exists.
 set -euo pipefail
 OUT=${DEMO_OUT:-demo-out}
 rm -rf "$OUT"; mkdir -p "$OUT"

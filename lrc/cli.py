@@ -185,8 +185,8 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
                                         "or svd-llm (whitened by calibration activations)."),
              update: bool = typer.Option(False, "--update", help="svd-llm only: fit each "
                                          "projection to the inputs the already-compressed model "
-                                         "produces (two forward passes; ~2x the time, ~2x lower "
-                                         "perplexity on SmolLM2)."),
+                                         "produces (two forward passes over the calibration "
+                                         "text; see BENCHMARKS.md for what it buys)."),
              calib: Optional[List[Path]] = typer.Option(None, "--calib", help="Your own calibration "
                                                         "text file(s), added to the bundled mix."),
              calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Calibration tokens."),
