@@ -63,13 +63,18 @@ MODELS = {
 
 
 def _v(key, label, method="svd", ratio=None, rank=None, include=None, int8=False,
-       exclude=None, update=False, quantize_rest=None):
+       exclude=None, update=False, quantize_rest=None, group=False, curve=False):
     return {"key": key, "label": label, "method": method, "ratio": ratio, "rank": rank,
             "include": include, "int8": int8, "exclude": exclude, "update": update,
-            "quantize_rest": quantize_rest}
+            "quantize_rest": quantize_rest, "group": group, "curve": curve}
 
 
-def variant_specs(quick: bool, have_method: bool) -> list[dict]:
+# the speed/quality curve of the best measured lrc setting (all projections but the head,
+# --group-inputs --update), from 0.95 to 0.5 of the projection parameters
+CURVE = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5)
+
+
+def variant_specs(quick: bool, have_method: bool, model: str = "") -> list[dict]:
     """The settings compressed for every model (data-aware ones only when lrc has --method)."""
     aware = "svd-llm" if have_method else "svd"
     if quick:
@@ -83,33 +88,38 @@ def variant_specs(quick: bool, have_method: bool) -> list[dict]:
         _v("svd-all-0.6", "SVD all 0.6", ratio=0.6),
         _v("svd-all-0.5", "SVD all 0.5", ratio=0.5),
         _v("svd-ffn-0.8", "SVD MLP 0.8", ratio=0.8, include="ffn"),
-        _v("svd-ffn-0.6", "SVD MLP 0.6", ratio=0.6, include="ffn"),
         _v("svd-attn-0.8", "SVD attn 0.8", ratio=0.8, include="attn"),
         _v("svd-rank64", "SVD rank 64 (all)", rank=64),
     ]
-    if have_method:
-        specs += [
-            _v("svd-llm-all-0.8", "SVD-LLM all 0.8", method="svd-llm", ratio=0.8),
-            _v("svd-llm-ffn-0.8", "SVD-LLM MLP 0.8", method="svd-llm", ratio=0.8, include="ffn"),
-            _v("svd-llm-ffn-0.6", "SVD-LLM MLP 0.6", method="svd-llm", ratio=0.6, include="ffn"),
-            # the sequential joint update (--update), head left dense (it is tied on SmolLM2),
-            # next to the same setting without it
-            _v("svd-llm-nohead-0.8", "SVD-LLM all but head 0.8", method="svd-llm", ratio=0.8,
-               exclude="head"),
-            _v("svd-llm-upd-nohead-0.8", "SVD-LLM+update all but head 0.8", method="svd-llm",
-               ratio=0.8, exclude="head", update=True),
-            _v("svd-llm-upd-ffn-0.8", "SVD-LLM+update MLP 0.8", method="svd-llm", ratio=0.8,
-               include="ffn", update=True),
-            _v("svd-llm-upd-ffn-0.8-q", "SVD-LLM+update MLP 0.8 +int8 +rest int8",
-               method="svd-llm", ratio=0.8, include="ffn", update=True, int8=True,
-               quantize_rest="int8"),
-        ]
+    if not have_method:
+        return specs + [_v("svd-ffn-0.8-int8", "SVD MLP 0.8 +int8", ratio=0.8, include="ffn",
+                           int8=True)]
+    # the head stays dense in the data-aware settings: it is tied to the embedding on SmolLM2
+    # (factoring it adds parameters); MiniLM has none, so there "all but head" is all
     specs += [
-        _v(f"{aware}-ffn-0.8-int8", f"{aware.upper()} MLP 0.8 +int8", method=aware, ratio=0.8,
-           include="ffn", int8=True),
-        _v(f"{aware}-ffn-0.6-int8", f"{aware.upper()} MLP 0.6 +int8", method=aware, ratio=0.6,
-           include="ffn", int8=True),
+        # whitening alone, each projection on its own, then with --group-inputs
+        _v("svd-llm-nohead-0.8", "SVD-LLM all but head 0.8", method="svd-llm", ratio=0.8,
+           exclude="head"),
+        _v("svd-llm-g-nohead-0.8", "SVD-LLM grouped, all but head 0.8", method="svd-llm",
+           ratio=0.8, exclude="head", group=True),
+        _v("svd-llm-g-ffn-0.8", "SVD-LLM grouped, MLP 0.8", method="svd-llm", ratio=0.8,
+           include="ffn", group=True),
     ]
+    specs += [_v(f"svd-llm-gupd-nohead-{r}", f"SVD-LLM grouped+update, all but head {r}",
+                 method="svd-llm", ratio=r, exclude="head", group=True, update=True, curve=True)
+              for r in CURVE]
+    specs += [
+        # stacking: int8 factors + ORT INT8 on what low rank left dense
+        _v("svd-llm-gupd-nohead-0.7-q", "SVD-LLM grouped+update 0.7 +int8 +rest int8",
+           method="svd-llm", ratio=0.7, exclude="head", group=True, update=True, int8=True,
+           quantize_rest="int8"),
+        _v("svd-llm-g-ffn-0.8-int8", "SVD-LLM grouped, MLP 0.8 +int8", method="svd-llm",
+           ratio=0.8, include="ffn", group=True, int8=True),
+    ]
+    if model == "minilm":  # cheap there (seconds): the same stack without --group-inputs
+        specs.append(_v("svd-llm-upd-nohead-0.7-q", "SVD-LLM+update 0.7 +int8 +rest int8",
+                        method="svd-llm", ratio=0.7, exclude="head", update=True, int8=True,
+                        quantize_rest="int8"))
     return specs
 
 
@@ -179,6 +189,8 @@ def compress_variant(dense: Path, out: Path, spec: dict, calib_tokens: int, reus
         cmd += ["--include", spec["include"]]
     if spec.get("exclude"):
         cmd += ["--exclude", spec["exclude"]]
+    if spec.get("group"):
+        cmd += ["--group-inputs"]
     if spec.get("update"):
         cmd += ["--update"]
     if spec.get("quantize_rest"):
@@ -356,7 +368,7 @@ def run_model(name: str, args, have_method: bool) -> dict:
     dense, timings["export_s"] = export_dense(name, mdir, args.reuse)
 
     # ---- compress
-    specs = variant_specs(args.quick, have_method)
+    specs = variant_specs(args.quick, have_method, name)
     variants = []
     t = time.perf_counter()
     log(f"{name}: compressing {len(specs)} variants"
@@ -490,7 +502,8 @@ def rows_for(m: dict) -> list[dict]:
                "size_mb": b.get("size_bytes", 0) / 1e6, "speed": {}, "ms": {}, "bound": {},
                "method": (e.get("method") or "") + ("+update" if e.get("update") else "")
                + ("+rest" if e.get("quantize_rest") else "") if e.get("method") else None,
-               "int8": e.get("int8"), "include": e.get("include"),
+               "int8": e.get("int8"), "include": e.get("include"), "exclude": e.get("exclude"),
+               "group": bool(e.get("group")), "curve": bool(e.get("curve")),
                "ratio": e.get("ratio"), "rank": e.get("rank")}
         tot = (e.get("summary") or {}).get("totals") or {}
         rec["params_kept"] = tot.get("params_ratio") if e.get("summary") else (1.0 if e.get("dense") else None)
@@ -653,11 +666,18 @@ def observations(m: dict, rows: list[dict], runs: int) -> list[str]:
                + ", ".join(f"{r['label']} ({r['speed'][main]:.2f}x, {qtxt(r)})" for r in front)
                + (". No lrc variant is on it." if not any(r["kind"] == "lrc" for r in front) else "."))
     # data-aware vs plain SVD at the same setting
-    by = {(r["method"], r["include"], r["ratio"], r["rank"], bool(r["int8"])): r for r in lrc_rows}
+    def skey(r, **over):
+        k = {"method": r["method"], "include": r["include"], "exclude": r.get("exclude"),
+             "ratio": r["ratio"], "rank": r["rank"], "int8": bool(r["int8"]),
+             "group": r.get("group", False)}
+        k.update(over)
+        return tuple(sorted(k.items()))
+
+    by = {skey(r): r for r in lrc_rows}
     pairs = []
-    for (meth, inc, ratio, rank, i8f), r in by.items():
-        if meth and meth != "svd":
-            p = by.get(("svd", inc, ratio, rank, i8f))
+    for r in lrc_rows:
+        if r["method"] and r["method"] != "svd":
+            p = by.get(skey(r, method="svd", group=False))
             if p and qf(p) is not None and qf(r) is not None:
                 pairs.append((p, r))
     if pairs:
@@ -669,6 +689,30 @@ def observations(m: dict, rows: list[dict], runs: int) -> list[str]:
         else:
             obs.append("Data-aware vs plain SVD at the same setting (Lee r): " + "; ".join(
                 f"{r['label']} {qtxt(r)} vs {p['label']} {qtxt(p)}" for p, r in pairs) + ".")
+    gpairs = [(by[skey(r, group=False)], r) for r in lrc_rows
+              if r.get("group") and skey(r, group=False) in by]
+    if gpairs:
+        def qq(r):
+            if m["kind"] == "lm":
+                return f"{_fmt_q(r['q']['news']['perplexity'])} / {_fmt_q(r['q']['docs']['perplexity'])}"
+            return qtxt(r)
+        obs.append("`--group-inputs` (one A shared by the projections that read one tensor) vs "
+                   "each projection on its own, same parameters (" + ("news / docs perplexity"
+                   if m["kind"] == "lm" else qlabel) + "): " + "; ".join(
+                       f"{r['label']} {qq(r)} vs {p['label']} {qq(p)}" for p, r in gpairs) + ".")
+    curve = sorted((r for r in lrc_rows if r.get("curve")), key=lambda r: -(r["ratio"] or 0))
+    if curve:
+        if m["kind"] == "lm":
+            dn, dd = dense["q"]["news"]["perplexity"], dense["q"]["docs"]["perplexity"]
+            obs.append("Curve (" + curve[0]["label"].rsplit(" ", 1)[0] + "), params kept: ppl news "
+                       "/ docs as multiples of dense, speedup at " + main + ": " + "; ".join(
+                           f"{r['ratio']:g}: x{r['q']['news']['perplexity'] / dn:.2f} / "
+                           f"x{r['q']['docs']['perplexity'] / dd:.2f}, {r['speed'][main]:.2f}x"
+                           for r in curve if r.get("q")) + ".")
+        else:
+            obs.append("Curve (" + curve[0]["label"].rsplit(" ", 1)[0] + "), params kept: "
+                       f"{qlabel}, speedup at {main}: " + "; ".join(
+                           f"{r['ratio']:g}: {qtxt(r)}, {r['speed'][main]:.2f}x" for r in curve) + ".")
     if m["kind"] == "lm":
         ood = [r for r in lrc_rows if r.get("q")]
         if ood:

@@ -21,14 +21,16 @@ from lrc.policy import Policy, load_policy, make_setting
 
 
 def build_policy(rank=None, energy=None, ratio=None, include=(), exclude=(), policy=None,
-                 align: int = 1, allow_larger: bool = False) -> Policy:
+                 align: int = 1, allow_larger: bool = False, group_inputs: bool = False) -> Policy:
     """CLI/API options -> Policy. With nothing given the default is ``ratio 0.8``."""
     if isinstance(policy, Policy):
+        if group_inputs:
+            policy.group_inputs = True
         return policy
     given = any(v is not None for v in (rank, energy, ratio))
     default = make_setting(rank, energy, ratio) if given else make_setting(ratio=0.8)
     base = Policy(default=default, include=list(include or []), exclude=list(exclude or []),
-                  align=align, allow_larger=allow_larger)
+                  align=align, allow_larger=allow_larger, group_inputs=group_inputs)
     if policy is not None:
         pol = load_policy(policy, base)
         if given:  # explicit CLI flags beat the file's default
@@ -77,7 +79,8 @@ def resolve_method(model_or_path, method: str, rank=None, tokenizer=None) -> tup
 
 
 def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), exclude=(),
-             policy=None, align: int = 1, allow_larger: bool = False, int8: bool | str = False,
+             policy=None, align: int = 1, allow_larger: bool = False, group_inputs: bool = False,
+             int8: bool | str = False,
              method: str = "auto", calib=None, calib_tokens: int = 16384, calib_seq: int = 256,
              calib_default: bool = True, tokenizer=None, alpha: float = 0.5,
              update: bool = False, update_damp: float = 0.1,
@@ -89,7 +92,8 @@ def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), e
     ``report`` is a dict: ``rewritten`` and ``skipped`` records (every node with a reason),
     ``notes`` and ``totals``. The input model object is modified in place when one is given.
     ``int8``: False, True / "dynamic" (CPU EP), or "qdq" (GPU EPs) — see lrc.passes.int8."""
-    pol = build_policy(rank, energy, ratio, include, exclude, policy, align, allow_larger)
+    pol = build_policy(rank, energy, ratio, include, exclude, policy, align, allow_larger,
+                       group_inputs)
     if method not in METHODS:
         raise LrcError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     method, method_note = resolve_method(model_or_path, method, rank, tokenizer)
@@ -136,7 +140,8 @@ def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), e
     if calib_info:
         report["calibration"] = calib_info
     report["policy"] = {"default": pol.default.describe(), "include": pol.include,
-                        "exclude": pol.exclude, "align": pol.align}
+                        "exclude": pol.exclude, "align": pol.align,
+                        "group_inputs": pol.group_inputs}
     return model, report
 
 

@@ -166,6 +166,10 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
              align: int = AlignOpt,
              allow_larger: bool = typer.Option(False, "--allow-larger",
                                                help="Rewrite even when the factors do not shrink a matrix."),
+             group_inputs: bool = typer.Option(
+                 False, "--group-inputs", help="Factor projections that read the same tensor "
+                 "(Q/K/V, gate/up) jointly: one shared A, one B each; higher rank at the same "
+                 "parameters."),
              int8: bool = typer.Option(False, "--int8", help="Store the factors as INT8 (per-channel)."),
              int8_form: str = typer.Option("dynamic", "--int8-form",
                                            help="dynamic: DynamicQuantizeLinear+MatMulInteger, fastest "
@@ -207,7 +211,8 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
     from lrc import model as M
 
     kw = dict(rank=rank, energy=energy, ratio=ratio, include=_split(include),
-              exclude=_split(exclude), policy=policy, align=align, allow_larger=allow_larger)
+              exclude=_split(exclude), policy=policy, align=align, allow_larger=allow_larger,
+              group_inputs=group_inputs)
     from lrc.api import METHODS, build_policy
 
     build_policy(**kw)  # validate options before any work

@@ -13,6 +13,7 @@ Policy file (YAML or JSON)::
     include: [ffn, attn]    # roles, groups, or name globs containing * ? [
     exclude: [head]
     align: 8                # round ratio/energy ranks down to a multiple of 8
+    group_inputs: true      # projections reading one input (Q/K/V, gate/up) share one A
     roles:   {attn.o: {ratio: 0.9}, ffn.down: {rank: 128}}
     blocks:  {"0-1": skip, "29": {ratio: 0.95}}
     nodes:   {"*lm_head*": skip}
@@ -145,6 +146,8 @@ class Policy:
     nodes: list[tuple[str, Setting]] = field(default_factory=list)
     align: int = 1
     allow_larger: bool = False
+    # factor projections that read the same tensor (Q/K/V, gate/up) jointly: one A, one B each
+    group_inputs: bool = False
 
     def __post_init__(self):
         self.include = [check_selector(s) for s in self.include]
@@ -238,7 +241,7 @@ def load_policy(path: str | Path, base: Policy | None = None) -> Policy:
     if not isinstance(data, dict):
         raise LrcError(f"bad policy file {str(p)!r}: top level must be a mapping")
     allowed = {"rank", "energy", "ratio", "include", "exclude", "align", "roles", "blocks",
-               "nodes", "allow_larger"}
+               "nodes", "allow_larger", "group_inputs"}
     unknown = set(data) - allowed
     if unknown:
         raise LrcError(f"bad policy file {str(p)!r}: unknown key(s) {sorted(unknown)}; "
@@ -271,4 +274,5 @@ def load_policy(path: str | Path, base: Policy | None = None) -> Policy:
     return Policy(default=default, include=base.include + _list("include"),
                   exclude=base.exclude + _list("exclude"), roles=roles, blocks=blocks,
                   nodes=nodes, align=align,
-                  allow_larger=bool(data.get("allow_larger", base.allow_larger)))
+                  allow_larger=bool(data.get("allow_larger", base.allow_larger)),
+                  group_inputs=bool(data.get("group_inputs", base.group_inputs)))

@@ -41,6 +41,7 @@ stages come from the graph, roles and blocks from :func:`lrc.passes.locate.locat
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -52,9 +53,10 @@ import onnx_ir as ir
 from onnx import helper
 
 from lrc.errors import LrcError
-from lrc.factorize import Factors, singular_values, whiten_factor
+from lrc.factorize import Factors, whiten_factor
 from lrc.passes.locate import Target, locate
-from lrc.passes.lowrank import LowRankPass, _effective_weight
+from lrc.passes.lowrank import LowRankPass, Unit, _effective_weight, plan_items
+from lrc.passes.lowrank import plan_units as _plan_units
 from lrc.policy import Policy
 
 log = logging.getLogger(__name__)
@@ -84,26 +86,15 @@ _IR_TO_ORT = {ir.DataType.FLOAT: "tensor(float)", ir.DataType.FLOAT16: "tensor(f
 # --------------------------------------------------------------------------------------------
 
 
-def plan_targets(model: ir.Model, policy: Policy) -> list[tuple[Target, int]]:
-    """(target, rank) for every projection the policy rewrites, in graph order.
+def plan_units(model: ir.Model, policy: Policy) -> list[Unit]:
+    """The factorisations LowRankPass will make (same planning code), in graph order."""
+    return _plan_units(plan_items(locate(model), policy), policy)
 
-    Mirrors the planning loop of ``LowRankPass.call`` so both agree on the ranks."""
-    plan = []
-    spectra: dict[tuple, np.ndarray] = {}
-    for t in locate(model):
-        if not t.eligible:
-            continue
-        sigma = None
-        if policy.needs_spectrum:
-            setting, _ = policy.setting_for(t)
-            if setting is not None and setting.needs_spectrum:
-                if t.weight_key not in spectra:
-                    spectra[t.weight_key] = singular_values(_effective_weight(t))
-                sigma = spectra[t.weight_key]
-        d = policy.decide(t, sigma)
-        if d.rank is not None:
-            plan.append((t, int(d.rank)))
-    return plan
+
+def plan_targets(model: ir.Model, policy: Policy) -> list[tuple[Target, int]]:
+    """(target, rank) for every projection the policy rewrites, in graph order (the rank of its
+    factorisation: a joint group's rank for members of one)."""
+    return [(it[0], u.rank) for u in plan_units(model, policy) for it in u.items]
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,7 +404,9 @@ def sequential_factors(model: ir.Model, policy: Policy, batches: Iterable, *,
     work = np.dtype(precision)
     t_start = time.perf_counter()
     st = UpdateStats()
-    plan = plan_targets(model, policy)
+    units = plan_units(model, policy)
+    plan = [(it[0], u.rank) for u in units for it in u.items]
+    unit_of = {id(it[0].node): u for u in units for it in u.items}
     if not plan:
         return {}, st
     lay = _layout(model.graph)
@@ -455,7 +448,7 @@ def sequential_factors(model: ir.Model, policy: Policy, batches: Iterable, *,
     n_done = 0
     for si, stage in enumerate(stages):
         # 1. C = X_cᵀX_c and M = X_cᵀX_o for each distinct input of the stage's new factors.
-        todo = [(t, r) for t, r in stage.targets if (*t.weight_key, r) not in factors]
+        todo = [(t, r) for t, r in stage.targets if unit_of[id(t.node)].key() not in factors]
         xnames = list(dict.fromkeys(t.node.inputs[0].name for t, _ in todo))
         t0 = time.perf_counter()
         sums: dict[str, np.ndarray] = {}
@@ -477,19 +470,27 @@ def sequential_factors(model: ir.Model, policy: Policy, batches: Iterable, *,
         # 2. Factor.
         t0 = time.perf_counter()
         for t, r in todo:
-            key = (*t.weight_key, r)
-            if key in factors:
+            u = unit_of[id(t.node)]
+            if u.key() in factors:
                 continue
-            name = t.node.inputs[0].name
+            name = t.node.inputs[0].name  # a joint unit's members all read this input
             acc = sums[name]
             d = acc.shape[0]
-            f = joint_factor(_effective_weight(t), acc[:, :d], acc[:, d:], r, damp=damp)
-            factors[key] = f
-            st.per_target[t.name] = {"input_shift": round(shift[name], 5),
-                                     "output_energy": round(float(f.output_energy or 0), 6)}
-        for t, r in stage.targets:
-            base = (t.weight.name or t.name) + ("_T" if t.transposed else "")
-            by_node[id(t.node)] = (factors[(*t.weight_key, r)], base)
+            f_raw = joint_factor(u.weight(), acc[:, :d], acc[:, d:], r, damp=damp)
+            factors[u.key()] = f_raw  # what LowRankPass's factoriser returns (it unscales)
+            f = u.unscale(f_raw)
+            for it in u.items:
+                st.per_target[it[0].name] = {"input_shift": round(shift[name], 5),
+                                             "output_energy": round(float(f.output_energy or 0), 6)}
+            for it, sl in zip(u.items, u.b_slices() if u.joint else [None] * len(u.items)):
+                mt = it[0]
+                base = (mt.weight.name or mt.name) + ("_T" if mt.transposed else "")
+                fm = f if sl is None else dataclasses.replace(f, b=np.ascontiguousarray(f.b[:, sl]))
+                by_node[id(mt.node)] = (fm, base)
+        for t, r in stage.targets:  # a weight factored in an earlier stage (shared weights)
+            if id(t.node) not in by_node:
+                base = (t.weight.name or t.name) + ("_T" if t.transposed else "")
+                by_node[id(t.node)] = (factors[unit_of[id(t.node)].key()], base)
         del sums
         st.seconds_factor += time.perf_counter() - t0
         n_done += len(stage.targets)

@@ -90,6 +90,31 @@ def shared_weight(d=16, out=24, seed=3):
                   [vin("y1", ["n", out]), vin("y2", ["n", out])], [init("w", w)])
 
 
+def shared_input(d=16, outs=(16, 8, 8), seed=5, gemm_last=False):
+    """Q/K/V-like projections of one input X, plus an unrelated projection of another input;
+    with ``gemm_last`` the last of them is a Gemm(transB=1) with a bias."""
+    r = rng(seed)
+    nodes, inits, outputs = [], [], []
+    for i, (role, n) in enumerate(zip(("q_proj", "k_proj", "v_proj"), outs)):
+        wname = f"model.layers.0.self_attn.{role}.weight"
+        name = f"/model/layers.0/self_attn/{role}/MatMul"
+        w = (r.standard_normal((d, n)) * np.linspace(2, 0.1, n)).astype(np.float32)
+        if gemm_last and i == len(outs) - 1:
+            inits += [init(wname, np.ascontiguousarray(w.T)), init("vbias", r.standard_normal(n).astype(np.float32))]
+            nodes.append(helper.make_node("Gemm", ["x2d", wname, "vbias"], [f"y{i}"], name=name,
+                                          transB=1))
+        else:
+            inits.append(init(wname, w))
+            nodes.append(helper.make_node("MatMul", ["x2d", wname], [f"y{i}"], name=name))
+        outputs.append(vin(f"y{i}", ["n", n]))
+    inits.append(init("model.layers.0.self_attn.o_proj.weight",
+                      r.standard_normal((d, d)).astype(np.float32)))
+    nodes.append(helper.make_node("MatMul", ["z", "model.layers.0.self_attn.o_proj.weight"], ["yo"],
+                                  name="/model/layers.0/self_attn/o_proj/MatMul"))
+    outputs.append(vin("yo", ["n", d]))
+    return _model(nodes, [vin("x2d", ["n", d]), vin("z", ["n", d])], outputs, inits)
+
+
 def odd_cases(seed=4):
     """3-D weight, constant on the left, and a weight that is also a graph input."""
     r = rng(seed)

@@ -171,3 +171,69 @@ def test_int8_shares_quantisation_of_a_shared_input():
     ops = _ops(to_proto(new))
     # two different inputs x1, x2 -> two DQL for A; two intermediate -> two DQL for B
     assert ops.count("DynamicQuantizeLinear") == 4
+
+
+# --------------------------------------------------------------------------- --group-inputs
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _weight(proto, name):
+    from onnx import numpy_helper
+
+    return next(numpy_helper.to_array(i) for i in proto.graph.initializer if i.name == name)
+
+
+@pytest.mark.parametrize("gemm_last", [False, True])
+def test_group_inputs_factors_qkv_jointly(gemm_last):
+    """Q/K/V reading one input get one A (one MatMul reads X) and a B each; the result is the
+    truncated SVD of the norm-balanced [Wq Wk Wv], checked against numpy; params add up."""
+    from graphs import shared_input
+
+    m = shared_input(gemm_last=gemm_last)
+    r = np.random.default_rng(0)
+    feeds = {"x2d": r.standard_normal((7, 16)).astype(np.float32),
+             "z": r.standard_normal((7, 16)).astype(np.float32)}
+    ref = run(m, feeds)
+    new, rep = lrc.compress(m, ratio=0.9, group_inputs=True, method="svd")
+    p = to_proto(new)
+    onnx.checker.check_model(p, full_check=True)
+    rows = {x["name"].split("/")[-2]: x for x in rep["rewritten"]}
+    q, k, v, o = (rows[n] for n in (*QKV, "o_proj"))
+    readers = [n for n in p.graph.node if "x2d" in n.input]
+    assert len(readers) == 1 and readers[0].op_type == "MatMul"
+    # joint rank for the 16 x 32 matrix at 0.9 of its params: floor(0.9*512/48) = 9
+    # (separately q would get 7 and k, v 4 each)
+    assert q["rank"] == k["rank"] == v["rank"] == 9
+    assert sorted(q["joint_with"]) == sorted([k["name"], v["name"]]) and not o["joint_with"]
+    assert q["params_after"] + k["params_after"] + v["params_after"] == 9 * (16 + 32)
+    assert rep["totals"]["params_after"] == 9 * 48 + o["params_after"]
+    # numbers: the rank-9 SVD of [Wq/|Wq| Wk/|Wk| Wv/|Wv|], norms put back per block
+    ws = []
+    for n in QKV:
+        w = _weight(m, f"model.layers.0.self_attn.{n}.weight").astype(np.float64)
+        ws.append(w.T if (gemm_last and n == "v_proj") else w)
+    scales = [np.linalg.norm(w) for w in ws]
+    u, s, vt = np.linalg.svd(np.concatenate([w / c for w, c in zip(ws, scales)], axis=1),
+                             full_matrices=False)
+    approx = (u[:, :9] * s[:9]) @ vt[:9]
+    out = run(p, feeds)
+    off = 0
+    for i, (w, c) in enumerate(zip(ws, scales)):
+        want = feeds["x2d"].astype(np.float64) @ (approx[:, off:off + w.shape[1]] * c)
+        if gemm_last and i == 2:
+            want = want + _weight(m, "vbias")
+        off += w.shape[1]
+        assert np.abs(out[i] - want).max() < 1e-4 * np.abs(want).max()
+        assert 0 < _rel(ref[i], out[i]) < 0.5
+    assert _rel(ref[3], out[3]) < 0.5  # o_proj factored on its own
+
+
+def test_group_inputs_leaves_rank_settings_and_shared_weights_alone():
+    from graphs import shared_input
+
+    _, rep = lrc.compress(shared_input(), rank=4, group_inputs=True, method="svd")
+    assert rep["totals"]["rewritten"] == 4
+    assert not any(x["joint_with"] for x in rep["rewritten"])  # rank N: per matrix
+    _, rep = lrc.compress(shared_weight(), ratio=0.5, group_inputs=True, method="svd")
+    assert not any(x["joint_with"] for x in rep["rewritten"])

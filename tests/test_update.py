@@ -26,8 +26,9 @@ except BaseException:  # pytest.importorskip raises Skipped, a BaseException
 D, H, BLOCKS = 24, 64, 3
 
 
-def residual_mlp(blocks=BLOCKS, d=D, hidden=H, seed=0) -> onnx.ModelProto:
-    """x -> [h = h + down(relu(up(h)))] x blocks -> y, LLaMA-style node names."""
+def residual_mlp(blocks=BLOCKS, d=D, hidden=H, seed=0, gate=False) -> onnx.ModelProto:
+    """x -> [h = h + down(relu(up(h)))] x blocks -> y, LLaMA-style node names; with ``gate``
+    the block is ``down(relu(gate(h)) * up(h))`` (gate and up read one input)."""
     r = np.random.default_rng(seed)
     nodes, inits = [], []
     h = "x"
@@ -39,9 +40,21 @@ def residual_mlp(blocks=BLOCKS, d=D, hidden=H, seed=0) -> onnx.ModelProto:
         inits += [numpy_helper.from_array(up.astype(np.float32), wu),
                   numpy_helper.from_array(down.astype(np.float32), wd)]
         p = f"/model/layers.{b}/mlp"
-        nodes += [
+        if gate:
+            wg = f"model.layers.{b}.mlp.gate_proj.weight"
+            g = (r.standard_normal((d, hidden)) * np.linspace(1.5, 0.1, hidden)) / np.sqrt(d)
+            inits.append(numpy_helper.from_array(g.astype(np.float32), wg))
+            nodes += [
+                helper.make_node("MatMul", [h, wg], [f"{p}/gate"], name=f"{p}/gate_proj/MatMul"),
+                helper.make_node("Relu", [f"{p}/gate"], [f"{p}/gact"], name=f"{p}/act/Relu"),
+                helper.make_node("MatMul", [h, wu], [f"{p}/up"], name=f"{p}/up_proj/MatMul"),
+                helper.make_node("Mul", [f"{p}/gact", f"{p}/up"], [f"{p}/act"], name=f"{p}/Mul"),
+            ]
+        nodes += [] if gate else [
             helper.make_node("MatMul", [h, wu], [f"{p}/up"], name=f"{p}/up_proj/MatMul"),
             helper.make_node("Relu", [f"{p}/up"], [f"{p}/act"], name=f"{p}/act/Relu"),
+        ]
+        nodes += [
             helper.make_node("MatMul", [f"{p}/act", wd], [f"{p}/down"], name=f"{p}/down_proj/MatMul"),
             helper.make_node("Add", [h, f"{p}/down"], [f"/model/layers.{b}/out"],
                              name=f"/model/layers.{b}/Add"),
@@ -252,3 +265,38 @@ def test_carried_inputs_match_the_final_model():
     got = st.per_target[f"/model/layers.{BLOCKS - 1}/mlp/down_proj/MatMul"]["input_shift"]
     assert shift > 0.01
     assert abs(got - shift) < 1e-4 * shift
+
+
+def test_group_inputs_update_carries_the_joint_rewrite():
+    """--group-inputs with --update: gate/up share one A; the inputs carried through the
+    segments are what the final (joint) model computes, and the fit beats joint whitening."""
+    import onnx_ir as ir
+
+    proto = residual_mlp(gate=True)
+    batches = calib_batches(n=4)
+    ref = run(proto, batches)
+    pol = Policy(default=make_setting(ratio=0.5), group_inputs=True)
+    upd, rec, st = compress_update(proto, pol, batches)
+    joint = [r for r in rec.rewritten if r.joint_with]
+    assert {r.role for r in joint} == {"ffn.gate", "ffn.up"} and len(joint) == 2 * BLOCKS
+    p = ir.serde.serialize_model(upd)
+    for b in range(BLOCKS):  # one MatMul reads each block's input (the shared A)
+        h = "x" if b == 0 else f"/model/layers.{b - 1}/out"
+        assert sum(1 for n in p.graph.node if n.op_type == "MatMul" and h in n.input) == 1
+    name = f"/model/layers.{BLOCKS - 1}/mlp/act"
+
+    def tensor(pr):
+        pr = onnx.ModelProto.FromString(pr.SerializeToString())
+        pr.graph.output.append(onnx.ValueInfoProto(name=name))
+        s = ort.InferenceSession(pr.SerializeToString(), providers=["CPUExecutionProvider"])
+        return [s.run([name], f)[0] for f in batches]
+
+    shift = rel_err(tensor(p), tensor(proto))
+    got = st.per_target[f"/model/layers.{BLOCKS - 1}/mlp/down_proj/MatMul"]["input_shift"]
+    assert shift > 0.01 and abs(got - shift) < 1e-4 * shift
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        wht = compress_whiten(proto, pol, batches, Path(d))
+    assert rel_err(run(upd, batches), ref) < rel_err(run(wht, batches), ref)

@@ -10,6 +10,11 @@ re-wired to multiply by ``B``:
 * ``MatMul(X, Transpose(E))`` -> ``MatMul(MatMul(X, A), B)``; ``E`` stays if a ``Gather`` uses it
 * ``Gemm(X, W, C, α, β, transB)`` -> ``Gemm(MatMul(X, A), B, C, α, β, transB=0)``
 
+With ``Policy.group_inputs`` (``--group-inputs``) projections that read the same tensor and share
+a ratio setting (Q/K/V after one norm, gate/up after another) are factored *jointly*: the SVD of
+``[W_1 W_2 ...]`` gives one ``A [in, r]`` computed once and one ``B_i [r, out_i]`` per projection.
+At equal parameters the joint rank is higher than each separate rank, and ``X·A`` runs once.
+
 Because the original node keeps its output value, the output tensor name, its consumers and any
 graph output are untouched. A·B is never folded back. A weight shared by several targets is
 factored once and the factors are shared. Each weight is read, factored and released one at a
@@ -19,6 +24,7 @@ returns the model and a record of every node it rewrote or left alone, with the 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -53,6 +59,7 @@ class Rewritten:
     output_energy: float | None = None
     note: str | None = None
     tied: bool = False
+    joint_with: list[str] = field(default_factory=list)  # --group-inputs: shares A with these
 
 
 @dataclass
@@ -114,6 +121,132 @@ def plain_svd(target: Target, w: np.ndarray, rank: int) -> Factors:
     return factorize(w, rank)
 
 
+PlanItem = tuple  # (Target, rank, setting description, note)
+
+
+@dataclass
+class Unit:
+    """What one factorisation serves. ``joint=False``: targets sharing one weight (factored once,
+    each node gets the same A and B). ``joint=True``: targets reading one input with different
+    weights, factored as ``[W_1 W_2 ...]`` (one A node shared, one B per target)."""
+
+    items: list
+    rank: int
+    joint: bool = False
+    scales: list = field(default_factory=list)
+
+    @property
+    def first(self) -> Target:
+        return self.items[0][0]
+
+    def weight(self) -> np.ndarray:
+        """The matrix this unit factors: the weight, or the members' weights side by side,
+        each divided by its Frobenius norm (so the joint truncation balances relative errors
+        instead of favouring the largest member; :meth:`unscale` puts the norms back in B)."""
+        if not self.joint:
+            return _effective_weight(self.first)
+        ws = [_effective_weight(it[0]) for it in self.items]
+        self.scales = [float(np.linalg.norm(w)) or 1.0 for w in ws]
+        return np.concatenate([w / s for w, s in zip(ws, self.scales)], axis=1)
+
+    def unscale(self, f: Factors) -> Factors:
+        if not self.joint:
+            return f
+        b = np.array(f.b, copy=True)
+        for sl, s in zip(self.b_slices(), self.scales):
+            b[:, sl] *= s
+        return dataclasses.replace(f, b=b.astype(f.b.dtype, copy=False))
+
+    def key(self) -> tuple:
+        return (*self.first.weight_key, self.rank)
+
+    def b_slices(self) -> list[slice]:
+        out, off = [], 0
+        for it in self.items:
+            n = it[0].shape[1]
+            out.append(slice(off, off + n))
+            off += n
+        return out
+
+
+def plan_items(targets: list[Target], policy: Policy, on_skip=None) -> list[PlanItem]:
+    """(target, rank, setting, note) for every target the policy rewrites, in graph order."""
+    plan: list[PlanItem] = []
+    spectra: dict[tuple, np.ndarray] = {}
+    for t in targets:
+        if not t.eligible:
+            if on_skip:
+                on_skip(t, t.skip, "ineligible")
+            continue
+        sigma = None
+        if policy.needs_spectrum:
+            setting, _ = policy.setting_for(t)
+            if setting is not None and setting.needs_spectrum:
+                if t.weight_key not in spectra:
+                    spectra[t.weight_key] = singular_values(_effective_weight(t))
+                sigma = spectra[t.weight_key]
+        d = policy.decide(t, sigma)
+        if d.rank is None:
+            if on_skip:
+                on_skip(t, d.reason, d.kind)
+        else:
+            plan.append((t, d.rank, d.setting.describe(), d.reason))
+    return plan
+
+
+def plan_units(plan: list[PlanItem], policy: Policy) -> list[Unit]:
+    """Group planned targets into factorisations (see :class:`Unit`), in graph order.
+
+    Joint groups (``policy.group_inputs``) take targets that read the same value, have a ratio
+    setting of the same value and dtype, and whose weight nothing else uses; the joint rank is
+    the ratio's rank for the ``in x sum(out)`` matrix. Anything else is factored on its own."""
+    from lrc.factorize import break_even_rank, rank_for_ratio
+
+    by_weight: dict[tuple, list] = {}
+    for item in plan:
+        by_weight.setdefault(item[0].weight_key, []).append(item)
+    joint: dict[tuple, list] = {}
+    if policy.group_inputs:
+        for item in plan:
+            t = item[0]
+            setting, _ = policy.setting_for(t)
+            if (t.tied or len(by_weight[t.weight_key]) > 1 or setting is None
+                    or setting.ratio is None or setting.rank is not None):
+                continue
+            key = (id(t.node.inputs[0]), float(setting.ratio), t.dtype)
+            joint.setdefault(key, []).append(item)
+    member: dict[int, tuple] = {}
+    for key, items in joint.items():
+        if len(items) < 2:
+            continue
+        m = items[0][0].shape[0]
+        n = sum(it[0].shape[1] for it in items)
+        r = rank_for_ratio(m, n, key[1])
+        if policy.align > 1:
+            r = max(policy.align, (r // policy.align) * policy.align)
+        if r >= min(m, n) or r > break_even_rank(m, n):
+            continue
+        for it in items:
+            member[id(it[0].node)] = (key, r)
+    units: list[Unit] = []
+    made: dict[tuple, Unit] = {}
+    for item in plan:
+        t = item[0]
+        if id(t.node) in member:
+            key, r = member[id(t.node)]
+            if key not in made:
+                made[key] = Unit([], r, joint=True)
+                units.append(made[key])
+            made[key].items.append(item)
+            continue
+        wkey = (*t.weight_key, item[1])
+        if wkey not in made:
+            made[wkey] = Unit([], item[1])
+            units.append(made[wkey])
+        made[wkey].items.append(item)
+    return units
+
+
 class LowRankPass(ir.passes.InPlacePass):
     """Factor every selected projection; ``self.record`` says what was done."""
 
@@ -127,54 +260,26 @@ class LowRankPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        targets = locate(model)
-        plan: list[tuple[Target, int, str, str | None]] = []  # target, rank, setting, note
-        spectra: dict[tuple, np.ndarray] = {}
-        for t in targets:
-            if not t.eligible:
-                self._skip(t, t.skip, "ineligible")
-                continue
-            sigma = None
-            if self.policy.needs_spectrum:
-                setting, _ = self.policy.setting_for(t)
-                if setting is not None and setting.needs_spectrum:
-                    if t.weight_key not in spectra:
-                        spectra[t.weight_key] = singular_values(_effective_weight(t))
-                    sigma = spectra[t.weight_key]
-            d = self.policy.decide(t, sigma)
-            if d.rank is None:
-                self._skip(t, d.reason, d.kind)
-            else:
-                plan.append((t, d.rank, d.setting.describe(), d.reason))
-        # One factorisation per (weight, layout, rank); targets sharing it reuse the factors.
-        groups: dict[tuple, list] = {}
-        for item in plan:
-            groups.setdefault((*item[0].weight_key, item[1]), []).append(item)
+        plan = plan_items(locate(model), self.policy, on_skip=self._skip)
+        units = plan_units(plan, self.policy)
         done = 0
-        for (wname, transposed, rank), items in groups.items():
-            t0 = items[0][0]
-            w = _effective_weight(t0)
-            f = self.factorizer(t0, w, rank)
+        for unit in units:
+            t0 = unit.first
+            w = unit.weight()
+            f = unit.unscale(self.factorizer(t0, w, unit.rank))
             del w
-            a_val, b_val = self._factor_values(graph, t0, f)
-            names = [it[0].name for it in items]
-            for t, r, setting, note in items:
-                self._rewire(graph, t, a_val, b_val, f)
-                m, n = t.shape
-                self.record.rewritten.append(Rewritten(
-                    name=t.name, role=t.role, block=t.block, path=t.path, shape=[m, n],
-                    rank=f.rank, setting=setting, energy=round(f.energy, 6),
-                    rel_error=round(f.rel_error, 6), params_before=m * n,
-                    params_after=f.rank * (m + n), dtype=t.dtype, method=f.method,
-                    output=t.node.outputs[0].name,
-                    shared_with=[x for x in names if x != t.name],
-                    output_energy=None if f.output_energy is None else round(f.output_energy, 6),
-                    tied=t.tied,
-                    note="; ".join(x for x in (note, "weight also used by another node "
-                                                         "(kept for it)" if t.tied else None)
-                                   if x) or None))
-            _drop_if_unused(graph, t0.weight)
-            done += len(items)
+            if unit.joint:
+                self._rewrite_joint(graph, unit, f)
+            else:
+                a_val, b_val = self._factor_values(graph, t0, f)
+                names = [it[0].name for it in unit.items]
+                for t, r, setting, note in unit.items:
+                    self._rewire(graph, t, a_val, b_val, f)
+                    m, n = t.shape
+                    self._record(t, f, setting, note, m * n, f.rank * (m + n),
+                                 shared_with=[x for x in names if x != t.name])
+                _drop_if_unused(graph, t0.weight)
+            done += len(unit.items)
             if self.progress:
                 self.progress(done, len(plan), t0.name)
         tied = [t for t, *_ in plan if t.tied]
@@ -191,6 +296,63 @@ class LowRankPass(ir.passes.InPlacePass):
                 "them natively.")
         return ir.passes.PassResult(model, modified=bool(plan))
 
+    def _record(self, t: Target, f: Factors, setting: str, note: str | None, before: int,
+                after: int, shared_with=(), joint_with=()) -> None:
+        m, n = t.shape
+        self.record.rewritten.append(Rewritten(
+            name=t.name, role=t.role, block=t.block, path=t.path, shape=[m, n],
+            rank=f.rank, setting=setting, energy=round(f.energy, 6),
+            rel_error=round(f.rel_error, 6), params_before=before, params_after=after,
+            dtype=t.dtype, method=f.method, output=t.node.outputs[0].name,
+            shared_with=list(shared_with), joint_with=list(joint_with),
+            output_energy=None if f.output_energy is None else round(f.output_energy, 6),
+            tied=t.tied,
+            note="; ".join(x for x in (note, "weight also used by another node "
+                                             "(kept for it)" if t.tied else None) if x) or None))
+
+    def _rewrite_joint(self, graph: ir.Graph, unit: Unit, f: Factors) -> None:
+        """One ``MatMul(X, A)`` before the first member; each member multiplies by its B."""
+        t0 = unit.first
+        m = t0.shape[0]
+        n_all = sum(it[0].shape[1] for it in unit.items)
+        base = t0.weight.name or t0.name
+        a_val = self._const(graph, f"{base}.lrc_Ajoint{f.rank}", f.a)
+        mid = ir.Value(name=_unique_name(graph, f"{t0.name}/lrc_Ajoint_out"))
+        meta = dict(t0.node.metadata_props)
+        meta[FACTOR_META] = "A"
+        a_node = ir.Node("", "MatMul", [t0.node.inputs[0], a_val], outputs=[mid],
+                         name=f"{t0.name}/lrc_Ajoint", metadata_props=meta)
+        t0.node.graph.insert_before(t0.node, a_node)
+        names = [it[0].name for it in unit.items]
+        a_left = f.rank * m
+        for i, ((t, r, setting, note), sl) in enumerate(zip(unit.items, unit.b_slices())):
+            wb = t.weight.name or t.name
+            b_val = self._const(graph, f"{wb}{'_T' if t.transposed else ''}.lrc_B{f.rank}",
+                                f.b[:, sl])
+            node = t.node
+            node.replace_input_with(0, mid)
+            node.replace_input_with(1, b_val)
+            if node.op_type == "Gemm":
+                node.attributes["transB"] = ir.AttrInt64("transB", 0)
+            node.metadata_props[FACTOR_META] = "B"
+            node.metadata_props["lrc.rank"] = str(f.rank)
+            n = t.shape[1]
+            # A's parameters are shared: each member carries its share (the last the rest)
+            a_share = a_left if i == len(unit.items) - 1 else round(f.rank * m * n / n_all)
+            a_left -= a_share
+            self._record(t, f, setting, note, m * n, f.rank * n + a_share,
+                         joint_with=[x for x in names if x != t.name])
+            _drop_if_unused(graph, t.weight)
+
+    @staticmethod
+    def _const(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
+        name = _unique_name(graph, name)
+        v = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(arr), name=name))
+        v.shape = ir.Shape(arr.shape)
+        v.dtype = v.const_value.dtype
+        graph.register_initializer(v)
+        return v
+
     def _skip(self, t: Target, reason: str | None, kind: str) -> None:
         self.record.skipped.append(Skipped(t.name, t.role, t.block, list(t.shape),
                                            reason or "", kind))
@@ -198,15 +360,8 @@ class LowRankPass(ir.passes.InPlacePass):
     def _factor_values(self, graph: ir.Graph, t: Target, f: Factors):
         base = t.weight.name or t.name
         suffix = "_T" if t.transposed else ""
-        vals = []
-        for tag, arr in (("A", f.a), ("B", f.b)):
-            name = _unique_name(graph, f"{base}{suffix}.lrc_{tag}{f.rank}")
-            v = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(arr), name=name))
-            v.shape = ir.Shape(arr.shape)
-            v.dtype = v.const_value.dtype
-            graph.register_initializer(v)
-            vals.append(v)
-        return vals
+        return [self._const(graph, f"{base}{suffix}.lrc_{tag}{f.rank}", arr)
+                for tag, arr in (("A", f.a), ("B", f.b))]
 
     def _rewire(self, graph: ir.Graph, t: Target, a_val, b_val, f: Factors) -> None:
         node = t.node
