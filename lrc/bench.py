@@ -227,6 +227,30 @@ def _reset_hwm() -> bool:
         return False
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    vals = [int(x) for x in fields]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+    return sum(vals[:8]), idle
+
+
+def cpu_busy(seconds: float = 2.0) -> float | None:
+    """Fraction of all CPU time used by anything during a ``seconds`` sample of /proc/stat,
+    taken while this process sleeps: what other work takes *now*. (The load average lags by
+    minutes: right after a heavy step of our own it still reads "busy".) None off Linux."""
+    a = _cpu_times()
+    if a is None:
+        return None
+    time.sleep(seconds)
+    b = _cpu_times()
+    if b is None or b[0] <= a[0]:
+        return None
+    return max(0.0, 1.0 - (b[1] - a[1]) / (b[0] - a[0]))
+
+
 def machine_info() -> dict[str, Any]:
     import onnx
     import onnxruntime as ort
@@ -266,6 +290,7 @@ def machine_info() -> dict[str, Any]:
         "onnx": onnx.__version__, "numpy": np.__version__, "available_providers": avail,
         "gpu": gpu,
         "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "cpu_busy": cpu_busy(),
     }
 
 
@@ -781,14 +806,21 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
     providers = [resolve_ep(e) for e in eps]  # fail fast, before any work
     paths = [resolve_model(m) for m in models]
 
-    machine = machine_info()  # before the work: its load average tells whether the machine was busy
+    machine = machine_info()  # before the work: was the machine busy with something else?
     busy = machine.get("loadavg_1min")
+    sampled = machine.get("cpu_busy")
     own_tmp = workdir is None
     work = Path(tempfile.mkdtemp(prefix="lrc-bench-")) if own_tmp else Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     cores = machine.get("affinity_cores") or machine.get("logical_cores") or 1
-    if busy is not None and busy > 0.5 * cores:
+    if sampled is not None:
+        if sampled > 0.25:
+            notes.append(f"machine busy before the benchmark: {sampled:.0%} of the CPU time of "
+                         f"{os.cpu_count()} logical cores in use by other work (2 s sample); "
+                         "timings are noisier (interleaving keeps the ratios fairer than the "
+                         "absolute times)")
+    elif busy is not None and busy > 0.5 * cores:
         notes.append(f"machine busy before the benchmark: 1-min load average {busy:.2f} on {cores} cores; "
                      "timings are noisier (interleaving keeps the ratios fairer than the absolute times)")
     try:

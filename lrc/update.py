@@ -33,6 +33,9 @@ How it runs (about two forward passes over the calibration set, not one per bloc
 * The factors are then written into the model by :class:`lrc.passes.lowrank.LowRankPass` (a
   factoriser that looks them up), so the result uses exactly lrc's rewrite; the segments
   replicate that rewrite (``MatMul(MatMul(X, A), B)``, Gemm with ``transB=0``).
+* With ``Policy.group_inputs`` the projections reading one tensor (Q/K/V, gate/up) are one
+  unit (:func:`lrc.passes.lowrank.plan_units`): they share ``X_c`` and ``X_o``, so the joint fit
+  is the same formula applied to ``[W_1 W_2 ...]`` (norm-balanced), split into one B each.
 
 Memory: the state at one cut for both models (SmolLM2-135M at 16k tokens: ~80 MB per model)
 plus one stage's ``C`` and ``[C M]`` sums. Nothing in here knows about a particular model family:
