@@ -300,3 +300,31 @@ def test_group_inputs_update_carries_the_joint_rewrite():
     with tempfile.TemporaryDirectory() as d:
         wht = compress_whiten(proto, pol, batches, Path(d))
     assert rel_err(run(upd, batches), ref) < rel_err(run(wht, batches), ref)
+
+
+def test_joint_factor_residual_term_is_the_least_squares_fit_of_the_block_output():
+    """With e = X_cᵀ(h_o - h_c), full rank and no damping, X_c·A·B is the least-squares fit of
+    X_o·W + h_o - h_c (the residual stream after the Add matches the original's)."""
+    r = np.random.default_rng(3)
+    xo = r.standard_normal((400, 10))
+    xc = xo + 0.3 * r.standard_normal((400, 10))
+    w = r.standard_normal((10, 6))
+    ho = r.standard_normal((400, 6))
+    hc = ho + 0.2 * r.standard_normal((400, 6))
+    f = joint_factor(w, xc.T @ xc, xc.T @ xo, 6, damp=0.0, e=xc.T @ (ho - hc))
+    want = np.linalg.lstsq(xc, xo @ w + ho - hc, rcond=None)[0]
+    assert np.allclose(f.a @ f.b, want, atol=1e-6)
+    f0 = joint_factor(w, xc.T @ xc, xc.T @ xo, 6, damp=0.0)
+    assert not np.allclose(f0.a @ f0.b, want, atol=1e-3)
+
+
+def test_residual_target_is_used_for_projections_added_to_the_stream():
+    proto = residual_mlp()
+    batches = calib_batches(n=3)
+    ref = run(proto, batches)
+    pol = Policy(default=make_setting(rank=6))
+    upd, _, st = compress_update(proto, pol, batches)
+    assert all(v["residual_target"] == ("down_proj" in k) for k, v in st.per_target.items())
+    plain, _, _ = compress_update(proto, pol, batches, residual=False)
+    # the block outputs (hence y) track the original better with the residual target
+    assert rel_err(run(upd, batches), ref) < rel_err(run(plain, batches), ref)
