@@ -63,15 +63,18 @@ MODELS = {
 
 
 def _v(key, label, method="svd", ratio=None, rank=None, include=None, int8=False,
-       exclude=None, update=False, quantize_rest=None, group=False, curve=False):
+       exclude=None, update=False, quantize_rest=None, group=False, curve=False, policy=None):
     return {"key": key, "label": label, "method": method, "ratio": ratio, "rank": rank,
             "include": include, "int8": int8, "exclude": exclude, "update": update,
-            "quantize_rest": quantize_rest, "group": group, "curve": curve}
+            "quantize_rest": quantize_rest, "group": group, "curve": curve, "policy": policy}
 
 
 # the speed/quality curve of the best measured lrc setting (all projections but the head,
-# --group-inputs --update), from 0.95 to 0.5 of the projection parameters
-CURVE = (0.95, 0.8, 0.7, 0.6, 0.5)
+# --group-inputs --update), from 0.95 to 0.5 of the projection parameters; 0.78 is #5's target
+CURVE = (0.95, 0.8, 0.78, 0.7, 0.5)
+# a non-uniform allocation at 0.78 for SmolLM2: first and last blocks dense, attention compressed
+# harder than the MLP (found by hand on SmolLM2, see the policy file and BENCHMARKS.md)
+POLICIES = ROOT / "benchmarks" / "policies"
 
 
 def variant_specs(quick: bool, have_method: bool, model: str = "") -> list[dict]:
@@ -107,6 +110,11 @@ def variant_specs(quick: bool, have_method: bool, model: str = "") -> list[dict]
     specs += [_v(f"svd-llm-gupd-nohead-{r}", f"SVD-LLM grouped+update, all but head {r}",
                  method="svd-llm", ratio=r, exclude="head", group=True, update=True, curve=True)
               for r in CURVE]
+    if model == "smollm2":
+        specs.append(_v("svd-llm-gupd-split-0.78", "SVD-LLM grouped+update, blocks 0 and 29 "
+                        "dense, attn 0.62 / MLP 0.812 (0.78 overall)", method="svd-llm", ratio=0.78,
+                        exclude="head", group=True, update=True,
+                        policy=str(POLICIES / "smollm2-0.78.yaml")))
     specs += [
         # stacking: int8 factors + ORT INT8 on what low rank left dense
         _v("svd-llm-gupd-nohead-0.7-q", "SVD-LLM grouped+update 0.7 +int8 +rest int8",
@@ -186,6 +194,8 @@ def compress_variant(dense: Path, out: Path, spec: dict, calib_tokens: int, reus
         cmd += ["--include", spec["include"]]
     if spec.get("exclude"):
         cmd += ["--exclude", spec["exclude"]]
+    if spec.get("policy"):
+        cmd += ["--policy", spec["policy"]]
     if spec.get("group"):
         cmd += ["--group-inputs"]
     if spec.get("update"):
@@ -501,7 +511,7 @@ def rows_for(m: dict) -> list[dict]:
                + ("+rest" if e.get("quantize_rest") else "") if e.get("method") else None,
                "int8": e.get("int8"), "include": e.get("include"), "exclude": e.get("exclude"),
                "group": bool(e.get("group")), "curve": bool(e.get("curve")),
-               "ratio": e.get("ratio"), "rank": e.get("rank")}
+               "ratio": e.get("ratio"), "rank": e.get("rank"), "policy": e.get("policy")}
         tot = (e.get("summary") or {}).get("totals") or {}
         rec["params_kept"] = tot.get("params_ratio") if e.get("summary") else (1.0 if e.get("dense") else None)
         rec["weight_ratio"] = b.get("flop_ratio")
@@ -666,7 +676,7 @@ def observations(m: dict, rows: list[dict], runs: int) -> list[str]:
     def skey(r, **over):
         k = {"method": r["method"], "include": r["include"], "exclude": r.get("exclude"),
              "ratio": r["ratio"], "rank": r["rank"], "int8": bool(r["int8"]),
-             "group": r.get("group", False)}
+             "group": r.get("group", False), "policy": r.get("policy")}
         k.update(over)
         return tuple(sorted(k.items()))
 
@@ -697,6 +707,19 @@ def observations(m: dict, rows: list[dict], runs: int) -> list[str]:
                    "each projection on its own, same parameters (" + ("news / docs perplexity"
                    if m["kind"] == "lm" else qlabel) + "): " + "; ".join(
                        f"{r['label']} {qq(r)} vs {p['label']} {qq(p)}" for p, r in gpairs) + ".")
+    alloc = [(by.get(skey(r, policy=None)), r) for r in lrc_rows if r.get("policy")]
+    alloc = [(u, r) for u, r in alloc if u is not None and u.get("q") and r.get("q")]
+    if alloc and m["kind"] == "lm":
+        dn, dd = dense["q"]["news"]["perplexity"], dense["q"]["docs"]["perplexity"]
+        obs.append("Allocation at the same parameters, policy file vs uniform ratio (ppl news / docs, "
+                   "multiples of dense, speedup at " + main + "): " + "; ".join(
+                       f"{r['label']}: {_fmt_q(r['q']['news']['perplexity'])} / "
+                       f"{_fmt_q(r['q']['docs']['perplexity'])} (x{r['q']['news']['perplexity'] / dn:.2f}"
+                       f" / x{r['q']['docs']['perplexity'] / dd:.2f}), {r['speed'][main]:.2f}x vs "
+                       f"uniform {_fmt_q(u['q']['news']['perplexity'])} / "
+                       f"{_fmt_q(u['q']['docs']['perplexity'])} (x{u['q']['news']['perplexity'] / dn:.2f}"
+                       f" / x{u['q']['docs']['perplexity'] / dd:.2f}), {u['speed'][main]:.2f}x"
+                       for u, r in alloc) + ".")
     curve = sorted((r for r in lrc_rows if r.get("curve")), key=lambda r: -(r["ratio"] or 0))
     if curve:
         if m["kind"] == "lm":
