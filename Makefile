@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lrc-installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench bench-allocation clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py
+
+bench-allocation: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/allocation.py
 
 clean:
 	rm -rf demo-out bench-out .pytest_cache

@@ -644,7 +644,7 @@ def observations(m: dict, rows: list[dict], runs: int) -> list[str]:
             txt = (f"**No lrc configuration beats ORT INT8 dynamic** ({i8s}; {qlabel} {qtxt(i8)}) "
                    "on both speed and quality.")
             if faster:
-                txt += (" Faster on every shape but far worse in quality: "
+                txt += (" Faster on every shape (by any margin; under ~10 % is noise) but worse in quality: "
                         + ", ".join(f"{r['label']} ({r['speed'][main]:.2f}x, {qtxt(r)})" for r in faster) + ".")
             else:
                 txt += " None is even faster on every shape."
@@ -719,7 +719,8 @@ def observations(m: dict, rows: list[dict], runs: int) -> list[str]:
                        f"uniform {_fmt_q(u['q']['news']['perplexity'])} / "
                        f"{_fmt_q(u['q']['docs']['perplexity'])} (x{u['q']['news']['perplexity'] / dn:.2f}"
                        f" / x{u['q']['docs']['perplexity'] / dd:.2f}), {u['speed'][main]:.2f}x"
-                       for u, r in alloc) + ".")
+                       for u, r in alloc) + ". Held-out texts and a control (a middle block kept "
+                   "dense instead): benchmarks/allocation.md, from benchmarks/allocation.py.")
     curve = sorted((r for r in lrc_rows if r.get("curve")), key=lambda r: -(r["ratio"] or 0))
     if curve:
         if m["kind"] == "lm":

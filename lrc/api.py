@@ -180,8 +180,10 @@ def solve_budget(model, pol: Policy, target_params=None, target_size_mb=None) ->
 
     ``target_params``: fraction of all eligible projection parameters kept overall (matrices not
     selected count at full size). ``target_size_mb``: size of all initializers in MB. Ranks are
-    allocated uniformly: on SmolLM2 every per-layer allocator we measured (normalised whitened
-    energy, raw energy, measured sensitivity) lost to uniform, so uniform is what ships."""
+    allocated uniformly: on SmolLM2 every automatic per-layer allocator we measured (normalised
+    whitened energy, raw energy, measured sensitivity) lost to uniform, so uniform is what ships.
+    A hand-written policy does beat it there: the first and last blocks dense, a uniform ratio
+    elsewhere (benchmarks/allocation.md; benchmarks/policies/smollm2-0.78.yaml)."""
     seen: dict = {}
     for t in locate(model):
         if t.eligible and t.weight_key not in seen:
