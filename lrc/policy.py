@@ -4,7 +4,7 @@ A setting is one of ``rank: N`` (or ``rank: full``), ``energy: 0.95`` (smallest 
 fraction of the spectral energy ``Σσ²``), ``ratio: 0.5`` (fraction of the matrix's parameters the
 factors may hold) or ``skip``. A policy has a default setting, include/exclude filters and
 overrides; the most specific override wins: ``nodes`` (glob on node name or module path) >
-``blocks`` (``"0"``, ``"0-3"``, ``"1,5,7"``) > ``roles`` (a role such as ``ffn.down`` or a group
+``blocks`` (``"0"``, ``"0-3"``, ``"1,5,7"``, ``"0,-1"``: negative counts from the end) > ``roles`` (a role such as ``ffn.down`` or a group
 ``ffn``/``attn``) > default.
 
 Policy file (YAML or JSON)::
@@ -15,7 +15,7 @@ Policy file (YAML or JSON)::
     align: 8                # round ratio/energy ranks down to a multiple of 8
     group_inputs: true      # projections reading one input (Q/K/V, gate/up) share one A
     roles:   {attn.o: {ratio: 0.9}, ffn.down: {rank: 128}}
-    blocks:  {"0-1": skip, "29": {ratio: 0.95}}
+    blocks:  {"0,-1": skip, "1": {ratio: 0.95}}   # first and last blocks dense
     nodes:   {"*lm_head*": skip}
 """
 
@@ -114,17 +114,19 @@ def _selector_matches(token: str, t: Target) -> bool:
 
 
 def _parse_blocks(key) -> set[int]:
+    """Block indices; negative ones count from the end (``-1`` is the last block)."""
     out: set[int] = set()
     for part in str(key).split(","):
         part = part.strip()
         try:
-            if "-" in part:
-                lo, hi = part.split("-", 1)
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else ("", "")
                 out.update(range(int(lo), int(hi) + 1))
             else:
                 out.add(int(part))
         except ValueError:
-            raise LrcError(f"bad policy: block key {key!r} must look like '3', '0-5' or '1,4'")
+            raise LrcError(f"bad policy: block key {key!r} must look like '3', '0-5', '1,4' or "
+                           "'0,-1' (negative: from the end)")
     return out
 
 
@@ -180,8 +182,9 @@ class Policy:
             if _selector_matches(pat if _GLOB & set(pat) else "name:" + pat, t):
                 return (None, f"skipped by policy nodes[{pat!r}]") if s.skip else (s, None)
         if t.block is not None:
+            from_end = t.block - t.n_blocks if t.n_blocks else None  # -1: the last block
             for blocks, s in self.blocks:
-                if t.block in blocks:
+                if t.block in blocks or (from_end is not None and from_end in blocks):
                     return (None, f"skipped by policy for block {t.block}") if s.skip else (s, None)
         best = None
         for r, s in self.roles.items():  # an exact role beats its group

@@ -128,3 +128,37 @@ def test_auto_method_sees_the_file_behind_a_loaded_model(tmp_path):
     m = load(p)  # what the CLI passes on: an in-memory model that knows its file
     method, why = resolve_method(m, "auto")
     assert method in ("svd-llm", "svd") and "in-memory" not in why
+
+
+def test_negative_block_keys_count_from_the_end(tmp_path):
+    from test_update import residual_mlp
+
+    from lrc.policy import _parse_blocks
+
+    assert _parse_blocks("0,-1") == {0, -1} and _parse_blocks("1-3") == {1, 2, 3}
+    p = tmp_path / "edges.yaml"
+    p.write_text('rank: 2\nblocks: {"0,-1": skip}\n')
+    _, rep = lrc.compress(residual_mlp(blocks=4), policy=p)
+    assert sorted({r["block"] for r in rep["rewritten"]}) == [1, 2]
+    assert sorted({s["block"] for s in rep["skipped"]}) == [0, 3]
+    p.write_text('rank: 2\nblocks: {"-2": {rank: 1}}\n')
+    _, rep = lrc.compress(residual_mlp(blocks=4), policy=p)
+    assert {r["block"]: r["rank"] for r in rep["rewritten"]} == {0: 2, 1: 2, 2: 1, 3: 2}
+    p.write_text('blocks: {"-2-1": skip}\n')
+    with pytest.raises(LrcError, match="block key"):
+        lrc.compress(residual_mlp(blocks=4), policy=p)
+
+
+def test_budget_with_dense_edge_blocks(tmp_path):
+    """--target-params with first/last blocks dense: the other blocks take the whole cut."""
+    from test_update import residual_mlp
+
+    p = tmp_path / "edges.yaml"
+    p.write_text('blocks: {"0,-1": skip}\n')
+    _, rep = lrc.compress(residual_mlp(blocks=4, d=24, hidden=64), policy=p, target_params=0.7)
+    per_block = 2 * 24 * 64
+    total = 4 * per_block
+    assert rep["budget"]["ratio"] == pytest.approx((0.7 * total - 2 * per_block) / (2 * per_block))
+    kept = rep["totals"]["params_after"] + 2 * per_block
+    assert sorted({r["block"] for r in rep["rewritten"]}) == [1, 2]
+    assert 0.6 * total < kept <= 0.7 * total

@@ -72,6 +72,7 @@ class Target:
     role_source: str = "name"  # "name" | "structure" | "none"
     shared_with: list[str] = field(default_factory=list)  # other targets using the same weight
     tied: bool = False  # weight also used by a non-projection node (e.g. embedding Gather)
+    n_blocks: int | None = None  # blocks in the model (highest block index + 1) when known
 
     @property
     def eligible(self) -> bool:
@@ -232,6 +233,10 @@ def locate(model: ir.Model) -> list[Target]:
             targets.append(t)
     _mark_sharing(targets)
     _structural_roles(graph, targets)
+    blocks = [t.block for t in targets if t.block is not None]
+    for t in targets:
+        if t.block is not None:
+            t.n_blocks = max(blocks) + 1
     return targets
 
 
