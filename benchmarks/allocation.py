@@ -6,7 +6,8 @@
 
 Every variant keeps 0.78 of the projection parameters (the head, tied to the embedding, is left
 dense and not counted) and is compressed with ``lrc compress --method svd-llm --group-inputs
---update`` (16384 calibration tokens of lrc's bundled mix: news, wiki markup, Python code). The
+--update`` (16384 calibration tokens of lrc's bundled mix: news, wiki markup, forum
+dialogue, Python code). The
 variants differ only in where the budget goes:
 
 * uniform 0.78 everywhere;

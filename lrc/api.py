@@ -222,8 +222,8 @@ def data_aware_factorizer(model, model_or_path, pol: Policy, method: str, *, cal
     """A factoriser using activation statistics of each target's input, collected by running
     the original ONNX model in ONNX Runtime on calibration text (cached on disk).
 
-    Calibration text: lrc's bundled mixed-domain set (news, wiki markup, Python code; disjoint
-    from the evaluation texts) plus the user's files in ``calib``; ``use_default=False`` keeps
+    Calibration text: lrc's bundled mixed-domain set (news, wiki markup, forum dialogue, Python
+    code; disjoint from the evaluation texts) plus the user's files in ``calib``; ``use_default=False`` keeps
     only the user's. Mixing domains matters: statistics from one domain make the factors drop
     directions other domains use."""
     from lrc.calibrate import cached_stats
@@ -244,7 +244,8 @@ def data_aware_factorizer(model, model_or_path, pol: Policy, method: str, *, cal
         from lrc.data import calibration_texts
 
         texts.extend(calibration_texts(n_tokens=int(n_tokens * 1.2)))
-        sources.append("bundled mix: news (Lee corpus, calibration half), wiki markup, Python code")
+        sources.append("bundled mix: news (Lee corpus, calibration half), wiki markup, forum posts, "
+                       "Python code")
     if update:  # sequential joint fit (lrc/update.py): two forward passes over the text
         from lrc.update import sequential_factorizer
 

@@ -477,7 +477,7 @@ def generate(model: Path = typer.Argument(..., help="Exported text-generation fo
 def eval_(orig: Path = typer.Argument(..., help="Original model (.onnx or folder)"),
           new: Path = typer.Argument(..., help="Compressed model"),
           text: Optional[str] = typer.Option(None, "--text", help="A text file of your own, or a "
-                                             "bundled text name (news, wiki, docs, code, lee)."),
+                                             "bundled text name (news, wiki, forum, docs, code, lee)."),
           ood: str = typer.Option("docs", "--ood", help="Out-of-domain text (bundled name or file)."),
           context: int = typer.Option(256, "--context", help="Window length (tokens)."),
           max_tokens: int = typer.Option(4096, "--max-tokens"),

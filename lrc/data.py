@@ -10,6 +10,10 @@ news       Lee background corpus, articles 0-149 (Australian        gensim (test
 lee        Lee 2005 50 news documents (with ``lee_similarity()``)   gensim (test data)
 wiki       Wikipedia articles in raw wikitext markup (links,        gensim (test data)
            templates, lists, tables), first half of the pages
+forum      Usenet posts from sci.space and alt.atheism (1993):      gensim (test data,
+           conversational replies that quote and answer each        ``mini_newsgroup``)
+           other, signatures; first half of the posts, headers
+           reduced to the Subject line
 docs       the Python language reference / library docs topics     Python stdlib (pydoc_data)
            (technical documentation, grammar, lists); the
            out-of-domain text: no documentation is in calibration
@@ -17,11 +21,17 @@ code       Python source of a fixed set of stdlib modules           Python stdli
 =========  =====================================================  ==========================
 
 ``calibration_texts()`` draws a mixed-domain calibration set from the *other* halves: news
-articles 150-299, the second half of the wiki pages and a disjoint list of stdlib modules.  Every
+articles 150-299 (prose), the second half of the wiki pages (markup, lists, tables), the second
+half of the forum posts (dialogue: people replying to each other) and a disjoint list of stdlib
+modules (code).  Technical documentation (``docs``) is deliberately absent from calibration: it is
+the out-of-domain text every quality figure is also reported on.  Every
 calibration passage that shares a 16-gram of word/punctuation tokens with any evaluation text is
 dropped, which is stricter than "no shared 32-gram of subword tokens" for any BPE or WordPiece
 tokenizer (a 32-subword span covers at least 16 such tokens).  The gensim files are found with
-``importlib.util.find_spec`` and read directly, without importing gensim (and its scipy).
+``importlib.util.find_spec`` and read directly, without importing gensim (and its scipy);
+``mini_newsgroup`` is a zlib-compressed protocol-0 pickle of a scikit-learn ``Bunch``, so its
+post strings are read from the pickle text with a regular expression -- it is never unpickled
+(unpickling runs code and would need scikit-learn).
 
 gensim is the only extra package: ``pip install gensim`` (27.8 MB wheel; ``--no-deps`` is enough
 for reading the files).  docs and code come from the running Python, so their exact text follows
@@ -65,10 +75,12 @@ _SOURCES = {
     "news": "Lee background news corpus, articles 0-149 (gensim test data)",
     "lee": "Lee 2005 similarity corpus, 50 news documents (gensim test data)",
     "wiki": "Wikipedia pages in raw wikitext markup, first half (gensim test data)",
+    "forum": "Usenet posts (sci.space, alt.atheism, 1993), replies quoting each other, "
+             "first half (gensim test data mini_newsgroup)",
     "docs": "Python language reference topics (stdlib pydoc_data), technical documentation",
     "code": "Python stdlib source: " + ", ".join(_CODE_EVAL),
 }
-_CALIB_DOMAINS = ("news", "wiki", "code")
+_CALIB_DOMAINS = ("news", "wiki", "forum", "code")
 NGRAM = 16
 
 
@@ -117,6 +129,34 @@ def _wiki_pages() -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=None)
+def _forum_posts() -> tuple[str, ...]:
+    """The 200 posts of gensim's ``mini_newsgroup``: Subject line + body, other headers dropped.
+
+    The file is a zlib-compressed protocol-0 pickle; each post is one ``V`` (raw-unicode-escape)
+    string on its own line (``aV...`` when appended to a list).  Reading those lines keeps this
+    free of unpickling (which would execute code and import scikit-learn).
+    """
+    import zlib
+
+    path = _gensim_data() / "mini_newsgroup"
+    try:
+        raw = zlib.decompress(path.read_bytes()).decode("latin-1")
+    except (OSError, zlib.error) as e:
+        raise LrcError(f"cannot read the forum text {path}: {e}") from e
+    posts = []
+    for m in re.finditer(r"^a?V(.*)$", raw, re.M):
+        text = m.group(1).encode("latin-1").decode("raw_unicode_escape")
+        head, _, body = text.partition("\n\n")
+        subject = next((h for h in head.splitlines() if h.startswith("Subject:")), "")
+        body = body.strip()
+        if body:
+            posts.append((subject + "\n\n" + body).strip())
+    if len(posts) < 100:
+        raise LrcError(f"{path} holds {len(posts)} posts, expected about 200 (unknown format)")
+    return tuple(posts)
+
+
+@functools.lru_cache(maxsize=None)
 def _doc_topics() -> tuple[str, ...]:
     try:
         from pydoc_data.topics import topics
@@ -160,6 +200,9 @@ def _documents(name: str) -> list[str]:
     if name == "wiki":
         pages = _wiki_pages()
         return list(pages[: len(pages) // 2])
+    if name == "forum":
+        posts = _forum_posts()
+        return list(posts[: len(posts) // 2])
     if name == "docs":
         return list(_doc_topics())
     if name == "code":
@@ -192,6 +235,9 @@ def _calib_pool(domain: str) -> list[str]:
     if domain == "wiki":
         pages = _wiki_pages()
         return [c for p in pages[len(pages) // 2:] for c in _chunks(p)]
+    if domain == "forum":
+        posts = _forum_posts()
+        return [c for p in posts[len(posts) // 2:] for c in _chunks(p)]
     if domain == "code":
         out = []
         for m in _CODE_CALIB:
@@ -239,7 +285,7 @@ def calibration_texts(n_tokens: int = 32768, tokenizer=None, domains=_CALIB_DOMA
                       seed: int = 0) -> list[str]:
     """A mixed-domain calibration set of about ``n_tokens`` tokens, disjoint from eval texts.
 
-    Passages are taken round-robin from ``domains`` (news, wiki, code), shuffled within each
+    Passages are taken round-robin from ``domains`` (news, wiki, forum, code), shuffled within each
     domain with ``seed``; passages sharing a 16-gram with any evaluation text are skipped.
     Tokens are counted with ``tokenizer`` (a ``tokenizers.Tokenizer``) when given, else
     estimated as characters / 4.  Returns the passages (each a document or ~2000-char chunk).

@@ -37,10 +37,13 @@ def test_missing_gensim_gives_pip_hint(monkeypatch):
 
 @needs_gensim
 def test_gensim_texts_load():
-    assert set(data.list_texts()) >= {"news", "lee", "wiki", "docs", "code"}
+    assert set(data.list_texts()) >= {"news", "lee", "wiki", "forum", "docs", "code"}
     news = data.load_text("news")
     assert news.startswith("Hundreds of people") and len(news) > 150_000
     assert "[[" in data.load_text("wiki")
+    forum = data.load_text("forum")
+    assert "writes:" in forum and "\n>" in forum  # replies quoting earlier posts
+    assert "Path:" not in forum and "Message-ID:" not in forum  # headers dropped
     docs, sim = data.lee_similarity()
     assert len(docs) == 50 and sim.shape == (50, 50)
     assert np.allclose(sim, sim.T) and np.allclose(np.diag(sim), 1)
@@ -55,6 +58,9 @@ def test_calibration_mixed_and_sized():
     assert any("[[" in t for t in calib)  # wiki markup
     news_calib = set(data._news_articles()[150:])
     assert any(t in news_calib for t in calib)  # news
+    forum_calib = set(data._calib_pool("forum"))
+    assert any(t in forum_calib for t in calib)  # dialogue
+    assert not forum_calib & set(data._documents("forum"))  # the halves are disjoint
     assert data.calibration_texts(20_000, seed=0) == calib
     assert data.calibration_texts(20_000, seed=1) != calib
     with pytest.raises(LrcError, match="calibration tokens"):
@@ -101,3 +107,17 @@ def test_calibration_shares_no_32gram_with_eval_texts():
 def test_lee_is_not_in_news_or_calibration():
     lee = data.load_text("lee")
     assert data.shared_ngrams(lee, data.load_text("news"), 16) == 0
+
+
+@needs_gensim
+def test_forum_is_read_without_unpickling(monkeypatch):
+    import pickle
+
+    def refuse(*a, **k):
+        raise AssertionError("mini_newsgroup must not be unpickled")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    data._forum_posts.cache_clear()
+    posts = data._forum_posts()
+    assert len(posts) == 200 and all(p.startswith("Subject:") for p in posts)
