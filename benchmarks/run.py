@@ -831,7 +831,8 @@ def write_markdown(path: Path, results: dict, all_rows: dict) -> None:
         if m["kind"] == "lm":
             dq = m["dense_quality"]
             L += [f"Quality: perplexity on the first {m['eval']['max_tokens']} tokens of in-domain *news* (Lee "
-                  f"background corpus) and out-of-domain *docs* (Python documentation, absent from calibration), "
+                  f"background corpus; calibration mixes news, wiki markup, forum dialogue and Python code, with no shared "
+                  f"16-gram) and out-of-domain *docs* (Python documentation, absent from calibration), "
                   f"windows of {m['eval']['context']} tokens; {dq['news'].get('bos', '')}. "
                   "KL = mean KL(dense || variant) per token, top-1 = agreement of the argmax with the dense "
                   "model. Speed: prefill of 128 tokens, and mean per-token decode step over "
