@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lrc-installed
 
-.PHONY: test demo bench bench-allocation clean
+.PHONY: test demo bench bench-allocation bench-tune clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ bench: $(STAMP)
 
 bench-allocation: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/allocation.py
+
+bench-tune: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/tune.py
 
 clean:
 	rm -rf demo-out bench-out .pytest_cache

@@ -616,6 +616,10 @@ def tune(model: Path = typer.Argument(..., help="Exported folder (model.onnx + t
          calib_tokens: Optional[int] = typer.Option(None, "--calib-tokens", help="SVD-LLM "
                                                     "calibration tokens (default 16384)."),
          quick: bool = typer.Option(False, "--quick", help="3 candidates, 512-token eval, 5 runs."),
+         update: bool = typer.Option(True, "--update/--no-update",
+                                     help="Low-rank candidates with --group-inputs --update (the "
+                                          "measured best; one compression each). --no-update: "
+                                          "truncations of one plain SVD-LLM (faster, worse)."),
          keep_workdir: bool = typer.Option(False, "--keep-workdir",
                                            help="Keep the work folder with every candidate."),
          force: bool = typer.Option(False, "--force", help="Overwrite OUT."),
@@ -651,7 +655,7 @@ def tune(model: Path = typer.Argument(..., help="Exported folder (model.onnx + t
                else src.with_name(src.stem + "-tuned.onnx"))
     res = run(model, max_quality_loss=budget, budget_kind=kind, objective=objective, ep=ep,
                  threads=threads, out=out, quick=quick, runs=runs, calib_tokens=calib_tokens,
-                 force=force, keep_workdir=keep_workdir,
+                 force=force, keep_workdir=keep_workdir, update=update,
                  progress=None if as_json else (lambda msg: err.print(f"[dim]{msg}[/dim]")))
     if out_json:
         write_text_atomic(out_json, json.dumps(res, indent=1))

@@ -17,9 +17,14 @@ Candidates (built from the model in a work folder beside ``out``, each a complet
 * ``int8``: ONNX Runtime ``quantize_dynamic`` of every weight MatMul, per-channel (weight-only
   8-bit ``MatMulNBits`` for GPU EPs, which have no ``DynamicQuantizeLinear`` kernel);
 * ``int4``: ``MatMulNBits`` 4-bit, block 32, symmetric (``accuracy_level`` 4 on the CPU EP);
-* ``lr-{mlp,all}-R``: SVD-LLM (whitened by calibration activations, one calibration shared by
-  all) at global parameter ratio R in (0.9, 0.8, 0.7), MLP projections only or MLP + attention;
-  each also ``+i8f`` (lrc's int8 factors), ``+rest8`` (the projections left dense quantised by
+* ``lr-{mlp,all}-R``: low rank at global parameter ratio R in (0.9, 0.8, 0.7), MLP projections
+  only or MLP + attention, built the way BENCHMARKS.md measured best: SVD-LLM with
+  ``--group-inputs --update`` (projections sharing an input factored jointly; each block fitted
+  to the original's outputs on the inputs the already-compressed blocks produce; one
+  compression per candidate, two forward passes over the calibration text each). With
+  ``update=False``: plain SVD-LLM (whitened by calibration activations), one calibration and one
+  factorisation per weight shared by every ratio (fast, much worse: SmolLM2 at 0.8, ppl 222
+  against 100 with the update); each also ``+i8f`` (lrc's int8 factors), ``+rest8`` (the projections left dense quantised by
   ONNX Runtime, see lrc.quantize) and ``+i8f+rest8`` (everything int8). A variant identical to
   another (nothing left dense) is dropped.
 
@@ -211,7 +216,8 @@ def _describe(rec: dict, gpu: bool) -> str:
             return ("MatMulNBits 8-bit weight-only, all weight MatMuls" if gpu else
                     "ORT INT8 dynamic, per-channel, all weight MatMuls")
         return "MatMulNBits 4-bit, block 32, all weight MatMuls"
-    d = (f"SVD-LLM {'MLP' if rec['scope'] == 'mlp' else 'MLP + attention'} projections, "
+    d = (f"SVD-LLM{' + group + update' if rec.get('update') else ''} "
+         f"{'MLP' if rec['scope'] == 'mlp' else 'MLP + attention'} projections, "
          f"ratio {rec['ratio']:g}")
     if rec.get("i8f"):
         d += ", int8 factors"
@@ -262,8 +268,9 @@ class _TruncatingFactorizer:
 
 class _Builder:
     def __init__(self, src: Path, work: Path, ep: str, calib_tokens: int, tokenizer, log,
-                 max_ratio: float = max(RATIOS)):
+                 max_ratio: float = max(RATIOS), update: bool = False):
         self.src, self.work, self.log = src, work, log
+        self.update = update
         self.max_ratio = max_ratio
         self.gpu = ep.lower() != "cpu"
         self.calib_tokens, self.tokenizer = calib_tokens, tokenizer
@@ -312,7 +319,6 @@ class _Builder:
         if parent is None:  # the float low-rank model
             from lrc.api import compress
 
-            fac = self.factorizer()
             step = {"next": 0.25}
 
             def progress(done, total, _name):  # factorising is the slow part: say where it is
@@ -320,9 +326,20 @@ class _Builder:
                     self.log(f"  {rec['name']}: factorised {done}/{total} projections")
                     step["next"] += 0.25
 
-            m, report = compress(M.load(self.src), ratio=rec["ratio"],
-                                 include=SCOPES[rec["scope"]], method="svd-llm",
-                                 factorizer=fac, progress=progress)
+            if self.update:  # one sequential fit per candidate (its ratios shape the inputs)
+                self.log(f"  {rec['name']}: grouped + update ({self.calib_tokens} calibration "
+                         "tokens)")
+                m, report = compress(str(self.src), ratio=rec["ratio"],
+                                     include=SCOPES[rec["scope"]], method="svd-llm",
+                                     group_inputs=True, update=True,
+                                     calib_tokens=self.calib_tokens, tokenizer=self.tokenizer,
+                                     progress=progress)
+                if self.calibration is None:
+                    self.calibration = report.get("calibration")
+            else:
+                m, report = compress(M.load(self.src), ratio=rec["ratio"],
+                                     include=SCOPES[rec["scope"]], method="svd-llm",
+                                     factorizer=self.factorizer(), progress=progress)
             M.save(m, out / "model.onnx", force=True)
             (out / "lrc.json").write_text(json.dumps(report, indent=1))
             info["params_ratio"] = report["totals"]["params_ratio"]
@@ -380,7 +397,7 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
          progress: Callable[[str], None] | None = None, ratios=RATIOS, scopes=("mlp", "all"),
          calib_tokens: int | None = None, runs: int | None = None, margin: float = 0.05,
          force: bool = False, keep_workdir: bool = False,
-         budget_kind: str | None = None, prune: bool = True) -> dict:
+         budget_kind: str | None = None, prune: bool = True, update: bool = True) -> dict:
     """Measure candidates and write the best within budget to ``out``; see the module doc.
 
     ``max_quality_loss``: None -> 0.10 (LMs: relative perplexity increase) or 0.01 (encoders:
@@ -391,7 +408,8 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
     the same scope at a larger ratio) is already clearly over budget; they are listed as
     skipped, with no numbers. ``budget_kind`` ('causal-lm' / 'encoder'): the kind the budget
     was written for (the CLI's --max-ppl-increase / --max-pearson-drop); a model of the other
-    kind is refused."""
+    kind is refused. ``update``: build low-rank candidates with ``--group-inputs --update`` (the
+    measured best; one compression each) instead of truncations of one plain SVD-LLM."""
     from lrc import evaluate as E
     from lrc.bench import bench, resolve_ep
     from lrc.model import file_size, resolve_model_path
@@ -433,8 +451,11 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
     base = out_path.parent if out_path is not None else None
     work = Path(tempfile.mkdtemp(prefix=".lrc-tune-", dir=base))
     builder = _Builder(src, work, ep, calib_tokens, str(tok_file), log,
-                       max(ratios) if not quick else 0.8)
+                       max(ratios) if not quick else 0.8, update=update)
     plan = _plan(quick, ratios, scopes)
+    for rec in plan:
+        if rec["family"] == "low-rank":
+            rec["update"] = update
     parents = {p["parent"] for p in plan if p.get("parent")}
     cands: list[dict] = []
     built: dict[str, dict] = {}
@@ -535,7 +556,7 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
                     reason = f"{reason}; confirmed in a second run: {why2}"
         result = {
             "schema": "lrc.tune/1", "model": str(src), "kind": kind, "objective": objective,
-            "ep": ep, "threads": threads, "quick": quick,
+            "ep": ep, "threads": threads, "quick": quick, "update": update,
             "budget": {"max_quality_loss": budget, "definition": quality.describe(budget)},
             "quality_settings": quality.settings, "calibration": builder.calibration,
             "dense": {k: v for k, v in dense.items() if k != "path"},

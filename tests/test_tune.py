@@ -163,9 +163,28 @@ def test_quick_tune_causal_lm(tiny_llama_dir, tmp_path):
     assert [c["name"] for c in r["candidates"]] == ["int8", "lr-mlp-0.8", "lr-mlp-0.8+i8f+rest8"]
     _check_result(r, out)
     assert any("benchmarking" in m for m in msgs)
+    # low rank is built the measured-best way by default: grouped inputs + sequential update
+    assert r["update"] is True and r["calibration"]["method"].startswith("svd-llm")
+    assert all("group + update" in c["recipe"] for c in r["candidates"]
+               if c["family"] == "low-rank")
+    assert any("grouped + update" in m for m in msgs)
     out.mkdir(exist_ok=True)
     with pytest.raises(LrcError, match="exists"):  # refused before any work
         tune(tiny_llama_dir, quick=True, out=out)
+
+
+def test_quick_tune_without_update_shares_one_factorisation(tiny_llama_dir, tmp_path,
+                                                            monkeypatch):
+    import lrc.api as A
+
+    calls = []
+    real = A.data_aware_factorizer
+    monkeypatch.setattr(A, "data_aware_factorizer",
+                        lambda *a, **k: calls.append(k.get("update", False)) or real(*a, **k))
+    r = tune(tiny_llama_dir, quick=True, update=False, out=None)
+    assert r["update"] is False and calls == [False]  # one plain calibration for all ratios
+    lr = [c for c in r["candidates"] if c["family"] == "low-rank"]
+    assert lr and all("update" not in c["recipe"] and "error" not in c for c in lr)
 
 
 def test_nothing_within_budget_writes_nothing(tiny_llama_dir, tmp_path, monkeypatch):
