@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where to spend a fixed parameter budget on SmolLM2: uniform ratio vs dense blocks vs role split.
+"""Where to spend a fixed parameter budget: uniform ratio vs dense blocks vs role split.
 
     python benchmarks/allocation.py            # ~15 min on 2 cores; writes benchmarks/allocation.md
     python benchmarks/allocation.py --reuse    # reuse compressed folders of an earlier run
@@ -13,7 +13,8 @@ variants differ only in where the budget goes:
 * uniform 0.78 everywhere;
 * block 0 kept dense, the other 29 blocks at a uniform 0.7724;
 * block 15 kept dense instead (a control: does *any* dense block help?), same ratios;
-* blocks 0 and 29 kept dense, the other 28 at a uniform 0.7643;
+* blocks 0 and 29 kept dense, the other 28 at a uniform 0.7643 (``--dense-edges --target-params
+  0.78``);
 * blocks 0 and 29 dense, attention 0.62 / MLP 0.812 in the others
   (``benchmarks/policies/smollm2-0.78.yaml``, the variant BENCHMARKS.md reports).
 
@@ -22,6 +23,14 @@ the policy file was chosen on) and ``wiki``, ``forum`` and ``code`` (held-out ha
 calibration domains, never looked at when choosing), windows of 256 tokens, first 4096 tokens of each
 (lrc.evaluate.perplexity). The dense model comes from ``bench-out/models/smollm2/dense`` when
 ``make bench`` left one, else it is exported with ``lrc export``.
+
+Then the same question on all-MiniLM-L6-v2 (6 blocks), at 0.7 of all projection parameters
+(BENCHMARKS.md's MiniLM operating point), same method: uniform 0.7; block 0 dense, others 0.64;
+block 3 dense (control), others 0.64; block 5 (the last) dense, others 0.64; blocks 0 and 5 dense
+(``--dense-edges --target-params 0.7``, others 0.55). Quality: Lee 2005 Pearson r and the mean
+cosine between the variant's and the dense model's sentence embeddings, on the Lee documents and
+on out-of-domain Python-docs passages (``lrc eval``). The Lee r is a noisy 1225-pair correlation
+(compressed models score above dense); the embedding cosine is the steadier measure of damage.
 """
 
 from __future__ import annotations
@@ -59,8 +68,8 @@ def variants(work: Path) -> list[dict]:
          "args": ["--policy", pol("b0", 'ratio: 0.7724\nblocks: {"0": skip}\n')]},
         {"key": "b15", "label": "block 15 dense (control), others 0.7724",
          "args": ["--policy", pol("b15", 'ratio: 0.7724\nblocks: {"15": skip}\n')]},
-        {"key": "b0b29", "label": "blocks 0 and 29 dense, others 0.7643",
-         "args": ["--policy", pol("b0b29", 'ratio: 0.7643\nblocks: {"0,29": skip}\n')]},
+        {"key": "b0b29", "label": "blocks 0 and 29 dense (--dense-edges), others 0.7643",
+         "args": ["--dense-edges", "--target-params", "0.78"]},
         {"key": "split", "label": "blocks 0 and 29 dense, attn 0.62 / MLP 0.812 (policy file)",
          "args": ["--policy", str(POLICY / "smollm2-0.78.yaml")]},
     ]
@@ -161,9 +170,80 @@ def main(argv=None) -> int:
             f"- blocks 0 and 29 dense: {gain('uniform', 'b0b29')}",
             f"- blocks 0 and 29 dense + attention 0.62 / MLP 0.812: {gain('uniform', 'split')}",
         ]
+    lines += minilm_section(args)
     args.markdown.write_text("\n".join(lines) + "\n")
     log(f"wrote {args.markdown}")
     return 0
+
+
+def minilm_section(args) -> list[str]:
+    dense = ROOT / "bench-out" / "models" / "minilm" / "dense"
+    if not (dense / "model.onnx").is_file():
+        dense = args.out / "minilm-dense"
+        if not (dense / "model.onnx").is_file():
+            log(f"exporting all-minilm-l6-v2 -> {dense}")
+            r = lrc("export", "all-minilm-l6-v2", "-o", str(dense), "--force")
+            if r.returncode != 0:
+                raise SystemExit(r.stderr[-2000:])
+    work = args.out / "minilm"
+    work.mkdir(parents=True, exist_ok=True)
+
+    def pol(name: str, text: str) -> str:
+        p = work / f"{name}.yaml"
+        p.write_text(text)
+        return str(p)
+
+    variants = [
+        ("uniform 0.7", ["--ratio", "0.7"]),
+        ("block 0 dense, others 0.64", ["--policy", pol("b0", 'ratio: 0.64\nblocks: {"0": skip}\n')]),
+        ("block 3 dense (control), others 0.64",
+         ["--policy", pol("b3", 'ratio: 0.64\nblocks: {"3": skip}\n')]),
+        ("block 5 (last) dense, others 0.64",
+         ["--policy", pol("b5", 'ratio: 0.64\nblocks: {"5": skip}\n')]),
+        ("blocks 0 and 5 dense (--dense-edges), others 0.55", ["--dense-edges", "--target-params", "0.7"]),
+    ]
+    rows = []
+    for i, (label, extra) in enumerate(variants):
+        out = work / f"v{i}"
+        t = time.perf_counter()
+        r = lrc("compress", str(dense), "-o", str(out), "--force", "--method", "svd-llm",
+                "--group-inputs", "--update", *extra)
+        if r.returncode != 0:
+            raise SystemExit(f"{label}: {(r.stderr or r.stdout).strip()[-1000:]}")
+        secs = time.perf_counter() - t
+        rep = json.loads((out / "lrc.json").read_text())
+        dense_n = sum(int(x["shape"][0]) * int(x["shape"][1]) for x in rep["skipped"]
+                      if x.get("shape") and x.get("role") != "head")
+        kept = sum(x["params_after"] for x in rep["rewritten"]) + dense_n
+        total = sum(x["params_before"] for x in rep["rewritten"]) + dense_n
+        e = lrc("eval", str(dense), str(out), "--json")
+        if e.returncode != 0:
+            raise SystemExit(f"{label}: eval: {(e.stderr or e.stdout).strip()[-1000:]}")
+        q = json.loads(e.stdout)
+        rows.append({"label": label, "params": kept / total, "seconds": secs,
+                     "dense_r": q["in_domain"]["orig"]["lee_pearson"],
+                     "r": q["in_domain"]["new"]["lee_pearson"],
+                     "cos_in": q["in_domain"]["embedding_cosine"],
+                     "cos_ood": q["out_of_domain"]["embedding_cosine"]})
+        log(f"minilm {label}: params {kept / total:.4f}, r {rows[-1]['r']:.3f}, cosine "
+            f"{rows[-1]['cos_in']:.3f} / {rows[-1]['cos_ood']:.3f} [{secs:.0f} s]")
+    (args.out / "minilm-results.json").write_text(json.dumps(rows, indent=1))
+    lines = [
+        "",
+        "## all-MiniLM-L6-v2, 0.7 of the projection parameters",
+        "",
+        "`lrc compress --method svd-llm --group-inputs --update`. Lee r (dense "
+        f"{rows[0]['dense_r']:.3f}; noisy: compressed models score above dense) and the mean cosine "
+        "of each sentence embedding to the dense model's (1 = unchanged) on the Lee documents and "
+        "on out-of-domain Python-docs passages.",
+        "",
+        "| variant | params kept | Lee r | embedding cosine, Lee | embedding cosine, docs | compress s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['params']:.4f} | {r['r']:.3f} | {r['cos_in']:.3f} | "
+                     f"{r['cos_ood']:.3f} | {r['seconds']:.0f} |")
+    return lines
 
 
 if __name__ == "__main__":

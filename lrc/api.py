@@ -17,12 +17,28 @@ from lrc.factorize import asvd_factor, break_even_rank, energy_ranks, singular_v
 from lrc.model import as_model
 from lrc.passes.locate import ROLES, locate
 from lrc.passes.lowrank import LowRankPass, Progress, plain_svd
-from lrc.policy import Policy, load_policy, make_setting
+from lrc.policy import Policy, Setting, load_policy, make_setting
 
 
 def build_policy(rank=None, energy=None, ratio=None, include=(), exclude=(), policy=None,
-                 align: int = 1, allow_larger: bool = False, group_inputs: bool = False) -> Policy:
-    """CLI/API options -> Policy. With nothing given the default is ``ratio 0.8``."""
+                 align: int = 1, allow_larger: bool = False, group_inputs: bool = False,
+                 dense_edges: bool = False) -> Policy:
+    """CLI/API options -> Policy. With nothing given the default is ``ratio 0.8``.
+
+    ``dense_edges``: leave the first and the last transformer block dense (before any block rule
+    of a policy file); with a budget (``target_params`` ...) the cut goes to the other blocks."""
+    pol = _build_policy(rank, energy, ratio, include, exclude, policy, align, allow_larger,
+                        group_inputs)
+    if dense_edges and not any(b == EDGE_BLOCKS for b, _ in pol.blocks):
+        pol.blocks.insert(0, (set(EDGE_BLOCKS), Setting(skip=True)))
+    return pol
+
+
+EDGE_BLOCKS = {0, -1}
+
+
+def _build_policy(rank, energy, ratio, include, exclude, policy, align, allow_larger,
+                  group_inputs) -> Policy:
     if isinstance(policy, Policy):
         if group_inputs:
             policy.group_inputs = True
@@ -85,7 +101,7 @@ def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), e
              calib_default: bool = True, tokenizer=None, alpha: float = 0.5,
              update: bool = False, update_damp: float = 0.1,
              target_params: float | None = None, target_size_mb: float | None = None,
-             target_speedup: float | None = None, ep: str = "cpu",
+             target_speedup: float | None = None, ep: str = "cpu", dense_edges: bool = False,
              factorizer=None, progress: Progress | None = None, calib_progress=None):
     """Rewrite the model's projections into low-rank pairs. Returns ``(ir.Model, report)``.
 
@@ -93,7 +109,7 @@ def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), e
     ``notes`` and ``totals``. The input model object is modified in place when one is given.
     ``int8``: False, True / "dynamic" (CPU EP), or "qdq" (GPU EPs) — see lrc.passes.int8."""
     pol = build_policy(rank, energy, ratio, include, exclude, policy, align, allow_larger,
-                       group_inputs)
+                       group_inputs, dense_edges)
     if method not in METHODS:
         raise LrcError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     method, method_note = resolve_method(model_or_path, method, rank, tokenizer)
@@ -141,7 +157,8 @@ def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), e
         report["calibration"] = calib_info
     report["policy"] = {"default": pol.default.describe(), "include": pol.include,
                         "exclude": pol.exclude, "align": pol.align,
-                        "group_inputs": pol.group_inputs}
+                        "group_inputs": pol.group_inputs,
+                        "dense_blocks": sorted({i for b, s in pol.blocks if s.skip for i in b})}
     return model, report
 
 

@@ -170,6 +170,11 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
                  False, "--group-inputs", help="Factor projections that read the same tensor "
                  "(Q/K/V, gate/up) jointly: one shared A, one B each; higher rank at the same "
                  "parameters."),
+             dense_edges: bool = typer.Option(
+                 False, "--dense-edges", help="Leave the first and last transformer blocks dense "
+                 "(at the same total parameters this beat a uniform ratio on both bundled models: "
+                 "benchmarks/allocation.md). Use with --target-params to spread the cut over the "
+                 "other blocks; with --ratio the others keep that ratio and the total grows."),
              int8: bool = typer.Option(False, "--int8", help="Store the factors as INT8 (per-channel)."),
              int8_form: str = typer.Option("dynamic", "--int8-form",
                                            help="dynamic: DynamicQuantizeLinear+MatMulInteger, fastest "
@@ -212,7 +217,7 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
 
     kw = dict(rank=rank, energy=energy, ratio=ratio, include=_split(include),
               exclude=_split(exclude), policy=policy, align=align, allow_larger=allow_larger,
-              group_inputs=group_inputs)
+              group_inputs=group_inputs, dense_edges=dense_edges)
     from lrc.api import METHODS, build_policy
 
     build_policy(**kw)  # validate options before any work

@@ -162,3 +162,39 @@ def test_budget_with_dense_edge_blocks(tmp_path):
     kept = rep["totals"]["params_after"] + 2 * per_block
     assert sorted({r["block"] for r in rep["rewritten"]}) == [1, 2]
     assert 0.6 * total < kept <= 0.7 * total
+
+
+def test_dense_edges_flag_equals_the_edge_policy(tmp_path):
+    """--dense-edges is blocks {"0,-1": skip}: same ranks, same budget, and it is recorded."""
+    from test_update import residual_mlp
+
+    p = tmp_path / "edges.yaml"
+    p.write_text('blocks: {"0,-1": skip}\n')
+    _, by_file = lrc.compress(residual_mlp(blocks=4, d=24, hidden=64), policy=p, target_params=0.7)
+    _, by_flag = lrc.compress(residual_mlp(blocks=4, d=24, hidden=64), dense_edges=True,
+                              target_params=0.7)
+    assert by_flag["budget"]["ratio"] == pytest.approx(by_file["budget"]["ratio"])
+    assert ([(r["block"], r["rank"]) for r in by_flag["rewritten"]]
+            == [(r["block"], r["rank"]) for r in by_file["rewritten"]])
+    assert by_flag["policy"]["dense_blocks"] == [-1, 0]
+    # with a policy file's own block rules, the flag comes first (edges stay dense)
+    p.write_text('rank: 2\nblocks: {"0": {rank: 1}}\n')
+    _, rep = lrc.compress(residual_mlp(blocks=4), policy=p, dense_edges=True)
+    assert sorted({r["block"] for r in rep["rewritten"]}) == [1, 2]
+
+
+def test_dense_edges_cli(tmp_path):
+    import onnx
+    from test_update import residual_mlp
+
+    from lrc.cli import app
+    from typer.testing import CliRunner
+
+    src = tmp_path / "m.onnx"
+    onnx.save(residual_mlp(blocks=3), src)
+    out = tmp_path / "o.onnx"
+    r = CliRunner().invoke(app, ["compress", str(src), "-o", str(out), "--rank", "2",
+                                 "--method", "svd", "--dense-edges", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "o.onnx.lrc.json").read_text())
+    assert sorted({x["block"] for x in rep["rewritten"]}) == [1]
