@@ -13,8 +13,8 @@ variants differ only in where the budget goes:
 * uniform 0.78 everywhere;
 * block 0 kept dense, the other 29 blocks at a uniform 0.7724;
 * block 15 kept dense instead (a control: does *any* dense block help?), same ratios;
-* blocks 0 and 29 kept dense, the other 28 at a uniform 0.7643 (``--dense-edges --target-params
-  0.78``);
+* blocks 0 and 29 kept dense, the other 28 at a uniform 0.7643 (``--dense-edges --ratio
+  0.7643``; ``--target-params`` would count the head, which stays dense, in its total);
 * blocks 0 and 29 dense, attention 0.62 / MLP 0.812 in the others
   (``benchmarks/policies/smollm2-0.78.yaml``, the variant BENCHMARKS.md reports).
 
@@ -69,7 +69,7 @@ def variants(work: Path) -> list[dict]:
         {"key": "b15", "label": "block 15 dense (control), others 0.7724",
          "args": ["--policy", pol("b15", 'ratio: 0.7724\nblocks: {"15": skip}\n')]},
         {"key": "b0b29", "label": "blocks 0 and 29 dense (--dense-edges), others 0.7643",
-         "args": ["--dense-edges", "--target-params", "0.78"]},
+         "args": ["--dense-edges", "--ratio", "0.7643"]},
         {"key": "split", "label": "blocks 0 and 29 dense, attn 0.62 / MLP 0.812 (policy file)",
          "args": ["--policy", str(POLICY / "smollm2-0.78.yaml")]},
     ]
