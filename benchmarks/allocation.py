@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse compressed folders of an earlier run")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    from lrc.evaluate import perplexity
+    from lrc.measure.quality import perplexity
 
     dense = ROOT / "bench-out" / "models" / "smollm2" / "dense"
     if not (dense / "model.onnx").is_file():

@@ -150,7 +150,7 @@ def blas_env() -> dict:
     The factors are the same up to rounding; only the compression time changes."""
     if any(v in os.environ for v in BLAS_VARS):
         return {}
-    from lrc.bench import cpu_busy
+    from lrc.measure.bench import cpu_busy
 
     busy = cpu_busy(1.0)  # other work now (the load average would count our own last step)
     return {v: "1" for v in BLAS_VARS} if busy is not None and busy > 0.5 else {}
@@ -243,7 +243,7 @@ class LMReference:
 
     def __init__(self, dense: Path, texts: list[str], context: int, max_tokens: int,
                  threads: int, tmp: Path):
-        from lrc import evaluate as ev
+        from lrc.measure import quality as ev
 
         self.ev, self.context, self.max_tokens, self.threads = ev, context, max_tokens, threads
         self.mo = ev.load_model(dense, threads=threads)
@@ -323,7 +323,7 @@ class EncoderReference:
 
     def __init__(self, dense: Path, threads: int):
         from lrc import data
-        from lrc import evaluate as ev
+        from lrc.measure import quality as ev
 
         self.ev, self.threads = ev, threads
         self.dm = ev.load_model(dense, threads=threads)
@@ -393,7 +393,7 @@ def run_model(name: str, args, have_method: bool) -> dict:
     ok = [v for v in variants if "error" not in v]
 
     # ---- bench (one interleaved run: dense first, variants, then ORT baselines)
-    from lrc.bench import bench
+    from lrc.measure.bench import bench
 
     work = mdir / "bench-work"
     if work.exists():
@@ -870,7 +870,7 @@ def write_markdown(path: Path, results: dict, all_rows: dict) -> None:
 
 def render(results: dict, md_path: Path, out_dir: Path) -> None:
     """Write OUT/results.json, the Markdown and OUT/report.html from a results dict."""
-    from lrc.report import write_report
+    from lrc.present.report import write_report
 
     models = results["models"]
     all_rows = {m["name"]: rows_for(m) for m in models}
@@ -946,7 +946,7 @@ def main(argv=None) -> int:
         load_before = {"1min": la[0], "5min": la[1], "15min": la[2]}
     except OSError:
         pass
-    from lrc.bench import cpu_busy
+    from lrc.measure.bench import cpu_busy
 
     busy_start = cpu_busy()
     models = []

@@ -13,7 +13,7 @@ def __getattr__(name):  # lazy: keep `import lrc` cheap
 
         return getattr(api, name)
     if name == "verify":
-        from lrc.verify import verify
+        from lrc.measure.verify import verify
 
         return verify
     raise AttributeError(name)

@@ -14,10 +14,10 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from lrc.errors import LrcError
 from lrc.factorize import asvd_factor, break_even_rank, energy_ranks, singular_values, whiten_factor
-from lrc.model import as_model
-from lrc.passes.locate import ROLES, locate
-from lrc.passes.lowrank import LowRankPass, Progress, plain_svd
-from lrc.policy import Policy, Setting, load_policy, make_setting
+from lrc.graph.model import as_model
+from lrc.graph.locate import ROLES, locate
+from lrc.graph.passes.lowrank import LowRankPass, Progress, plain_svd
+from lrc.graph.policy import Policy, Setting, load_policy, make_setting
 
 
 def build_policy(rank=None, energy=None, ratio=None, include=(), exclude=(), policy=None,
@@ -60,7 +60,7 @@ METHODS = ("auto", "svd", "asvd", "svd-llm")
 
 def source_path(model_or_path) -> Path | None:
     """The .onnx file behind a path, or behind a model ``lrc.model.load`` read; None in memory."""
-    from lrc.model import resolve_model_path
+    from lrc.graph.model import resolve_model_path
 
     if isinstance(model_or_path, ir.Model):
         src = model_or_path.meta.get("lrc.source_path")
@@ -142,7 +142,7 @@ def compress(model_or_path, *, rank=None, energy=None, ratio=None, include=(), e
     record = lr.record
     report = record.to_dict()
     if int8 and record.rewritten:
-        from lrc.passes.int8 import Int8FactorsPass
+        from lrc.graph.passes.int8 import Int8FactorsPass
 
         q = Int8FactorsPass("dynamic" if int8 is True else int8)
         q(model)
@@ -170,7 +170,7 @@ def speedup_budget(model_or_path, speedup: float, ep: str = "cpu") -> dict:
     reach 0.9-1.0 of this bound (BENCHMARKS.md), so treat the target as an upper estimate."""
     import tempfile
 
-    from lrc.bench import profile_matmul_fraction, resolve_ep
+    from lrc.measure.bench import profile_matmul_fraction, resolve_ep
 
     path = source_path(model_or_path)
     if path is None:
@@ -243,7 +243,7 @@ def data_aware_factorizer(model, model_or_path, pol: Policy, method: str, *, cal
     code; disjoint from the evaluation texts) plus the user's files in ``calib``; ``use_default=False`` keeps
     only the user's. Mixing domains matters: statistics from one domain make the factors drop
     directions other domains use."""
-    from lrc.calibrate import cached_stats
+    from lrc.calibration.stats import cached_stats
 
     src = source_path(model_or_path)
     if src is None:
@@ -264,7 +264,7 @@ def data_aware_factorizer(model, model_or_path, pol: Policy, method: str, *, cal
         sources.append("bundled mix: news (Lee corpus, calibration half), wiki markup, forum posts, "
                        "Python code")
     if update:  # sequential joint fit (lrc/update.py): two forward passes over the text
-        from lrc.update import sequential_factorizer
+        from lrc.calibration.sequential import sequential_factorizer
 
         factor, info = sequential_factorizer(model, str(src), pol, texts, n_tokens=n_tokens,
                                              seq_len=seq_len, tokenizer=tokenizer, damp=damp,

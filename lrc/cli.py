@@ -114,7 +114,7 @@ def _progress_bar():
 
 def _compress_file(src: Path, out: Path, kw: dict, int8, external_data: bool,
                    force: bool, check: bool) -> dict:
-    from lrc import model as M
+    from lrc.graph import model as M
     from lrc.api import compress as run
 
     t0 = time.perf_counter()
@@ -213,7 +213,7 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
                                         help="Run the onnx checker and an ORT session on the output."),
              as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
     """Rewrite projections as pairs of thin MatMuls from a truncated SVD."""
-    from lrc import model as M
+    from lrc.graph import model as M
 
     kw = dict(rank=rank, energy=energy, ratio=ratio, include=_split(include),
               exclude=_split(exclude), policy=policy, align=align, allow_larger=allow_larger,
@@ -282,7 +282,7 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
 
 def _compress_folder(src: Path, out: Path, kw, int8, external_data, force, check) -> dict:
     """Folder in, folder out: every .onnx compressed, other files (tokenizer, configs) copied."""
-    from lrc import model as M
+    from lrc.graph import model as M
 
     onnx_files = sorted(src.glob("*.onnx"))
     if not onnx_files:
@@ -326,7 +326,7 @@ def _compress_folder(src: Path, out: Path, kw, int8, external_data, force, check
 
 
 def _external_files(path: Path) -> set[str]:
-    from lrc.model import external_files
+    from lrc.graph.model import external_files
 
     return external_files(path)
 
@@ -381,7 +381,7 @@ def verify(orig: Path = typer.Argument(..., help="Original ONNX file or folder")
                                                 "relative error exceeds this."),
            as_json: bool = typer.Option(False, "--json")):
     """Check NEW (onnx checker, shape inference, ORT) and compare its outputs with ORIG's."""
-    from lrc.verify import verify as run
+    from lrc.measure.verify import verify as run
 
     dims = {}
     for d in _split(dim):
@@ -430,7 +430,7 @@ def export(source: str = typer.Argument(..., help="HF model folder, .gguf file, 
     except ImportError as e:
         raise LrcError(f"exporting needs the export extra ({e.name} missing): pip install 'lrc[export]'")
     res = run(source, out, task=task, opset=opset, force=force)
-    from lrc.model import file_size
+    from lrc.graph.model import file_size
 
     console.print(f"exported {source} ({res.task}) with {res.exporter} in {res.seconds:.1f} s -> "
                   f"{res.out_dir} ({_mb(sum(file_size(f) for f in res.files))})")
@@ -491,7 +491,7 @@ def eval_(orig: Path = typer.Argument(..., help="Original model (.onnx or folder
           out_json: Optional[Path] = typer.Option(None, "--save", help="Also write the result JSON here."),
           as_json: bool = typer.Option(False, "--json")):
     """Quality of NEW against ORIG: perplexity, KL, top-1, cosine; Pearson for encoders."""
-    from lrc import evaluate as E
+    from lrc.measure import quality as E
 
     def _text(t):
         if t is None:
@@ -511,7 +511,7 @@ def eval_(orig: Path = typer.Argument(..., help="Original model (.onnx or folder
     if layers:
         res["layers"] = E._jsonable(E.layer_drift(orig, new, threads=threads))
     if out_json:
-        from lrc.model import write_text_atomic
+        from lrc.graph.model import write_text_atomic
 
         write_text_atomic(out_json, json.dumps(res, indent=1))
     if as_json:
@@ -536,7 +536,7 @@ def bench(models: List[Path] = typer.Argument(..., help="First = reference; .onn
           out_json: Optional[Path] = typer.Option(None, "--save", help="Also write the result JSON here."),
           as_json: bool = typer.Option(False, "--json")):
     """Latency/throughput on ONNX Runtime EPs, models interleaved, with speedups and bounds."""
-    from lrc import bench as B
+    from lrc.measure import bench as B
 
     def ints(s, what):
         try:
@@ -552,7 +552,7 @@ def bench(models: List[Path] = typer.Argument(..., help="First = reference; .onn
                   runs=runs, baselines=baselines,
                   progress=(lambda msg: err.print(f"[dim]{msg}[/dim]")) if not as_json else None)
     if out_json:
-        from lrc.model import write_text_atomic
+        from lrc.graph.model import write_text_atomic
 
         write_text_atomic(out_json, json.dumps(res, indent=1))
     if as_json:
@@ -568,7 +568,7 @@ def report(results: List[Path] = typer.Argument(..., help="JSON files from bench
            out: Path = typer.Option(Path("report.html"), "-o", "--output"),
            title: str = typer.Option("lrc report", "--title")):
     """One self-contained HTML file with plots and tables from result JSON files."""
-    from lrc.report import write_report
+    from lrc.present.report import write_report
 
     res, summaries = [], []
     for p in results:
@@ -632,7 +632,7 @@ def tune(model: Path = typer.Argument(..., help="Exported folder (model.onnx + t
                                                  help="Also write the result JSON here."),
          as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
     """Try INT8, 4-bit and low rank (alone and stacked), measure all, keep the best in budget."""
-    from lrc.model import resolve_model_path, write_text_atomic
+    from lrc.graph.model import resolve_model_path, write_text_atomic
     from lrc.tune import OBJECTIVES, format_tables
     from lrc.tune import tune as run
 

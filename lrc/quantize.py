@@ -37,7 +37,7 @@ from collections import Counter
 from pathlib import Path
 
 from lrc.errors import LrcError
-from lrc.passes.locate import FACTOR_META
+from lrc.graph.locate import FACTOR_META
 
 MODES = ("int8", "int4", "int8-weight")
 TARGETS = ("rest", "factors", "all")
@@ -51,7 +51,7 @@ def _onnx_files(src: Path) -> list[Path]:
         if not files:
             raise LrcError(f"{src}: folder holds no .onnx model")
         return files
-    from lrc.model import resolve_model_path
+    from lrc.graph.model import resolve_model_path
 
     return [resolve_model_path(src)]
 
@@ -130,7 +130,7 @@ def _quantize_file(src: Path, dst: Path, mode: str, targets: str, per_channel: b
                    block_size: int, accuracy_level: int | None, symmetric: bool) -> dict:
     import onnx
 
-    from lrc.model import file_size, load_proto
+    from lrc.graph.model import file_size, load_proto
 
     load_proto(src)  # validates the file and its external-data locations
     proto = onnx.load(str(src))
@@ -322,7 +322,7 @@ def summary_line(r: dict) -> str:
 
 
 def _external_files(path: Path) -> set[str]:
-    from lrc.model import external_files
+    from lrc.graph.model import external_files
 
     return external_files(path)
 

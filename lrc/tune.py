@@ -74,7 +74,7 @@ def _log(progress: Callable[[str], None] | None):
 
 
 def _dir_size(path: Path) -> int:
-    from lrc.model import file_size
+    from lrc.graph.model import file_size
 
     return file_size(path / "model.onnx")
 
@@ -90,7 +90,7 @@ def _copy_aux(src_dir: Path, dst: Path) -> None:
 
 def _cache_file(src: Path, kind: str, settings: dict) -> Path:
     from lrc import __version__
-    from lrc.calibrate import cache_dir_default
+    from lrc.calibration.stats import cache_dir_default
 
     st = src.stat()
     key = json.dumps([str(src.resolve()), st.st_size, st.st_mtime_ns, kind, settings, __version__],
@@ -113,7 +113,7 @@ class _Quality:
         self.dense: dict | None = None
 
     def measure(self, path: Path) -> dict:
-        from lrc import evaluate as E
+        from lrc.measure import quality as E
 
         m = E.load_model(path, self.tokenizer, self.threads)
         if self.kind == "causal-lm":
@@ -140,7 +140,7 @@ class _Quality:
         log("measuring dense quality")
         self.dense = self.measure(self.src)
         try:
-            from lrc.model import write_text_atomic
+            from lrc.graph.model import write_text_atomic
 
             cache.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(cache, json.dumps(self.dense))
@@ -287,7 +287,7 @@ class _Builder:
     def factorizer(self):
         """One SVD-LLM factoriser (one calibration) for every low-rank candidate."""
         if self._factorizer is None:
-            from lrc import model as M
+            from lrc.graph import model as M
             from lrc.api import build_policy, data_aware_factorizer
 
             self.log(f"calibrating ({self.calib_tokens} tokens, cached on disk)")
@@ -301,7 +301,7 @@ class _Builder:
         return self._factorizer
 
     def build(self, rec: dict, built: dict[str, dict]) -> dict:
-        from lrc import model as M
+        from lrc.graph import model as M
         from lrc.quantize import quantize
 
         out = self.folder(rec["name"])
@@ -348,7 +348,7 @@ class _Builder:
         info["params_ratio"] = parent.get("params_ratio")
         src = Path(parent["path"])
         if rec.get("i8f"):
-            from lrc.passes.int8 import Int8FactorsPass
+            from lrc.graph.passes.int8 import Int8FactorsPass
 
             m = M.load(src / "model.onnx")
             q = Int8FactorsPass("qdq" if self.gpu else "dynamic")
@@ -410,9 +410,9 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
     was written for (the CLI's --max-ppl-increase / --max-pearson-drop); a model of the other
     kind is refused. ``update``: build low-rank candidates with ``--group-inputs --update`` (the
     measured best; one compression each) instead of truncations of one plain SVD-LLM."""
-    from lrc import evaluate as E
-    from lrc.bench import bench, resolve_ep
-    from lrc.model import file_size, resolve_model_path
+    from lrc.measure import quality as E
+    from lrc.measure.bench import bench, resolve_ep
+    from lrc.graph.model import file_size, resolve_model_path
 
     if objective not in OBJECTIVES:
         raise LrcError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -570,7 +570,7 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
             result["output"] = str(_write_out(Path(chosen["path"]), src_in, out_path, force))
         result["seconds"] = round(time.perf_counter() - t_start, 1)
         if result["output"]:
-            from lrc.model import write_text_atomic
+            from lrc.graph.model import write_text_atomic
 
             summary = (out_path / "tune.json" if out_path.is_dir()
                        else out_path.with_name(out_path.name + ".tune.json"))

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lrc import bench as B
+from lrc.measure import bench as B
 from lrc.errors import LrcError
 
 OPSET = [helper.make_opsetid("", 17)]

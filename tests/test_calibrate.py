@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lrc import calibrate
-from lrc.calibrate import ActStats, cached_stats, collect_stats, load_stats, save_stats, token_batches
+from lrc.calibration import stats as calibrate
+from lrc.calibration.stats import ActStats, cached_stats, collect_stats, load_stats, save_stats, token_batches
 from lrc.errors import LrcError
 
 D, H, V = 8, 12, 40  # hidden, FFN width, vocab

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 
 import lrc
-import lrc.model
+import lrc.model  # noqa: F401  (public alias of lrc.graph.model)
 from graphs import matmul_chain, to_proto
 
 pytestmark = pytest.mark.gpu
@@ -35,7 +35,7 @@ def test_int8_forms_on_cuda(tmp_path, form, falls_back):
 
 @needs_cuda
 def test_bench_cuda_with_io_binding(tmp_path):
-    from lrc.bench import bench
+    from lrc.measure.bench import bench
 
     p = tmp_path / "m.onnx"
     import onnx
@@ -48,7 +48,7 @@ def test_bench_cuda_with_io_binding(tmp_path):
 def test_cuda_requested_without_gpu_is_a_clear_error(tmp_path):
     if HAVE_CUDA:
         pytest.skip("a GPU is present")
-    from lrc.bench import bench
+    from lrc.measure.bench import bench
     from lrc.errors import LrcError
 
     p = tmp_path / "m.onnx"

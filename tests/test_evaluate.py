@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lrc import evaluate as E
+from lrc.measure import quality as E
 from lrc.errors import LrcError
 
 V, D, H = 40, 8, 16  # vocab, embedding, hidden

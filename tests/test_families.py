@@ -11,7 +11,7 @@ from fixtures_export import save_tiny  # noqa: F401 (skips without torch/transfo
 import lrc
 import lrc.model
 from lrc.exporters import export
-from lrc.verify import verify
+from lrc.measure.verify import verify
 
 LLAMA_LIKE = {"attn.q": 2, "attn.k": 2, "attn.v": 2, "attn.o": 2, "ffn.gate": 2, "ffn.up": 2,
               "ffn.down": 2, "head": 1}

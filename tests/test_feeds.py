@@ -9,8 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lrc import feeds as F
+from lrc.runtime import feeds as F
 from lrc.errors import LrcError
+from lrc.runtime.session import open_session
 
 
 def _decoder(path, heads=2, head_dim=4, vocab=37):
@@ -57,23 +58,23 @@ def _encoder(path):
 
 
 def test_session_specs_and_kind(tmp_path):
-    s = F.session(_decoder(tmp_path / "d.onnx"), threads=1)
+    s = open_session(_decoder(tmp_path / "d.onnx"), threads=1)
     specs = {x.name: x for x in F.input_specs(s)}
     assert specs["input_ids"].dtype == np.int64
     assert specs["past_key_values.0.key"].shape == ["batch_size", 2, "past_sequence_length", 4]
     assert F.is_causal_lm(s) and F.has_past(s)
-    e = F.session(_encoder(tmp_path / "e.onnx"))
+    e = open_session(_encoder(tmp_path / "e.onnx"))
     assert not F.is_causal_lm(e) and not F.has_past(e)
     folder = tmp_path / "folder"
     folder.mkdir()
     _encoder(folder / "model.onnx")
-    assert F.session(folder).lrc_path.endswith("model.onnx")
+    assert open_session(folder).lrc_path.endswith("model.onnx")
     with pytest.raises(LrcError):
-        F.session(tmp_path / "nothing")
+        open_session(tmp_path / "nothing")
 
 
 def test_text_feeds_decoder_empty_past(tmp_path):
-    s = F.session(_decoder(tmp_path / "d.onnx"))
+    s = open_session(_decoder(tmp_path / "d.onnx"))
     ids = np.array([[3, 4, 5], [6, 7, 8]])
     f = F.text_feeds(s, ids)
     assert f["past_key_values.1.value"].shape == (2, 2, 0, 4)
@@ -93,7 +94,7 @@ def test_text_feeds_decoder_empty_past(tmp_path):
 
 def test_text_feeds_symbolic_cache_dims_use_config(tmp_path):
     path = _decoder(tmp_path / "model.onnx", heads="num_kv_heads", head_dim="head_dim")
-    s = F.session(path)
+    s = open_session(path)
     with pytest.raises(LrcError, match="KV cache"):
         F.text_feeds(s, np.array([[1, 2]]))
     (tmp_path / "config.json").write_text(json.dumps(
@@ -105,14 +106,14 @@ def test_text_feeds_symbolic_cache_dims_use_config(tmp_path):
 
 
 def test_text_feeds_encoder(tmp_path):
-    s = F.session(_encoder(tmp_path / "e.onnx"))
+    s = open_session(_encoder(tmp_path / "e.onnx"))
     f = F.text_feeds(s, np.array([5, 6, 7]))
     assert set(f) == {"input_ids", "attention_mask", "token_type_ids"}
     assert f["input_ids"].shape == (1, 3) and (f["token_type_ids"] == 0).all()
 
 
 def test_random_feeds_decoder(tmp_path):
-    s = F.session(_decoder(tmp_path / "d.onnx", vocab=37))
+    s = open_session(_decoder(tmp_path / "d.onnx", vocab=37))
     f = F.random_feeds(s, seed=1)
     assert f["input_ids"].shape == (1, 8)
     assert f["input_ids"].max() < 37  # vocab from the embedding Gather
@@ -135,7 +136,7 @@ def test_random_feeds_unnamed_dims(tmp_path):
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     onnx.save(m, str(tmp_path / "r.onnx"))
-    s = F.session(tmp_path / "r.onnx")
+    s = open_session(tmp_path / "r.onnx")
     f = F.random_feeds(s)
     assert f["x"].shape == (1, 8, 3) and f["x"].dtype == np.float32
 

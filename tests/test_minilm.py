@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import lrc
-import lrc.model
-from lrc.verify import verify
+import lrc.model  # noqa: F401  (public alias of lrc.graph.model)
+from lrc.measure.verify import verify
 
 pytestmark = pytest.mark.slow
 EXPECTED = {"attn.q": 6, "attn.k": 6, "attn.v": 6, "attn.o": 6, "ffn.up": 6, "ffn.down": 6}
@@ -51,7 +51,7 @@ def test_rank64_runs_and_full_rank_is_exact(minilm_dir, tmp_path):
 
 
 def test_whitened_factors_beat_plain_svd_on_real_text(minilm_dir, tmp_path):
-    from lrc.evaluate import compare_encoder
+    from lrc.measure.quality import compare_encoder
 
     res = {}
     for method in ("svd", "svd-llm"):

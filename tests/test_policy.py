@@ -120,7 +120,7 @@ def test_auto_method_sees_the_file_behind_a_loaded_model(tmp_path):
     import onnx
 
     from lrc.api import resolve_method
-    from lrc.model import load
+    from lrc.graph.model import load
 
     p = tmp_path / "m.onnx"
     onnx.save(matmul_chain(), p)
@@ -133,7 +133,7 @@ def test_auto_method_sees_the_file_behind_a_loaded_model(tmp_path):
 def test_negative_block_keys_count_from_the_end(tmp_path):
     from test_update import residual_mlp
 
-    from lrc.policy import _parse_blocks
+    from lrc.graph.policy import _parse_blocks
 
     assert _parse_blocks("0,-1") == {0, -1} and _parse_blocks("1-3") == {1, 2, 3}
     p = tmp_path / "edges.yaml"

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 import lrc
-import lrc.model
+import lrc.model  # noqa: F401  (public alias of lrc.graph.model)
 from graphs import matmul_chain
 from lrc.errors import LrcError
 from lrc.quantize import factor_node_names, op_counts, quantize, quantize_rest

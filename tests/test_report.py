@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lrc import report as R
+from lrc.present import report as R
 
 
 def fake_bench() -> dict:
@@ -109,7 +109,7 @@ def test_missing_sections_are_omitted(tmp_path):
 def test_report_from_real_bench(tmp_path):
     import importlib.util
 
-    from lrc.bench import bench
+    from lrc.measure.bench import bench
 
     spec = importlib.util.spec_from_file_location("_lrc_test_bench", Path(__file__).with_name("test_bench.py"))
     tb = importlib.util.module_from_spec(spec)

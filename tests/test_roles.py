@@ -4,7 +4,7 @@ import pytest
 
 import lrc
 from graphs import matmul_chain, tied_head
-from lrc.passes.locate import classify, _scope_path, _name_path
+from lrc.graph.locate import classify, _scope_path, _name_path
 
 CASES = [
     # GPT-2 (Conv1D, fused c_attn)

@@ -8,12 +8,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lrc.calibrate import collect_stats
+from lrc.calibration.stats import collect_stats
 from lrc.factorize import whiten_factor
-from lrc.model import as_model
-from lrc.passes.lowrank import LowRankPass
-from lrc.policy import Policy, make_setting
-from lrc.update import (_layout, _stages, joint_factor, lookup_factorizer, plan_targets,
+from lrc.graph.model import as_model
+from lrc.graph.passes.lowrank import LowRankPass
+from lrc.graph.policy import Policy, make_setting
+from lrc.calibration.sequential import (_layout, _stages, joint_factor, lookup_factorizer, plan_targets,
                         sequential_factors)
 
 try:  # the exported tiny LLaMA needs torch + optimum: skip only that test without them
@@ -217,8 +217,9 @@ def _words(n, seed):
 def test_tiny_llama_export_full_rank_and_low_rank(tiny_llama):
     """The real optimum layout (KV-cache inputs, rotary, masks crossing every cut): token-id
     calibration through lrc.feeds; full rank reproduces the logits; low rank runs end to end."""
-    from lrc.feeds import session, text_feeds
-    from lrc.update import sequential_update
+    from lrc.runtime.feeds import text_feeds
+    from lrc.runtime.session import open_session as session
+    from lrc.calibration.sequential import sequential_update
 
     _, folder = tiny_llama
     texts = _words(300, 0)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from lrc.passes.locate import FACTOR_META
+from lrc.graph.locate import FACTOR_META
 
 FORMS = ("dynamic", "qdq")
 
@@ -135,6 +135,6 @@ def _init(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
 
 
 def _fresh(graph: ir.Graph, name: str) -> str:
-    from lrc.passes.lowrank import _unique_name
+    from lrc.graph.passes.lowrank import _unique_name
 
     return _unique_name(graph, name)

@@ -40,8 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lrc import feeds as _feeds
+from lrc.runtime import feeds as _feeds
 from lrc.errors import LrcError
+from lrc.runtime.session import open_session
 
 __all__ = [
     "Model",
@@ -128,7 +129,7 @@ def load_model(model, tokenizer=None, threads: int | None = None) -> Model:
     if isinstance(model, Model):
         return model
     f = _onnx_file(model)
-    sess = _feeds.session(f, threads=threads)
+    sess = open_session(f, threads=threads)
     return Model(f, sess, load_tokenizer(tokenizer, f), _feeds.model_config(f))
 
 
@@ -468,7 +469,7 @@ def _session_with_outputs(path: Path, names: list[str], threads: int | None, tmp
                 n, types.get(n) or onnx.TensorProto.FLOAT, None))
     out = tmp / f"{path.stem}_{len(list(tmp.iterdir()))}.onnx"
     onnx.save_model(model, str(out), save_as_external_data=model.ByteSize() > 1_900_000_000)
-    return _feeds.session(out, threads=threads)
+    return open_session(out, threads=threads)
 
 
 def default_drift_tensors(orig, new) -> list[str]:

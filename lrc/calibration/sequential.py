@@ -64,11 +64,12 @@ import onnx_ir as ir
 from onnx import helper
 
 from lrc.errors import LrcError
+from lrc.graph.expose import node_reads
 from lrc.factorize import Factors, whiten_factor
-from lrc.passes.locate import Target, locate
-from lrc.passes.lowrank import LowRankPass, Unit, _effective_weight, plan_items
-from lrc.passes.lowrank import plan_units as _plan_units
-from lrc.policy import Policy
+from lrc.graph.locate import Target, locate
+from lrc.graph.passes.lowrank import LowRankPass, Unit, _effective_weight, plan_items
+from lrc.graph.passes.lowrank import plan_units as _plan_units
+from lrc.graph.policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -256,9 +257,7 @@ class _Segment:
                 extra_inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(fac.a), a_name))
                 extra_inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(fac.b), b_name))
             protos.append(p)
-        from lrc.calibrate import _node_reads
-
-        used = {i for p in protos for i in _node_reads(p)}
+        used = {i for p in protos for i in node_reads(p)}
         init_protos = []
         for name, v in inits.items():
             if name in used:
@@ -348,7 +347,7 @@ class UpdateStats:
 def _batch_feeds(model: ir.Model, model_path, batches, batch_windows: int) -> list[dict]:
     """Feeds dicts: dicts pass through; token-id windows of one length are stacked
     ``batch_windows`` at a time and turned into feeds by ``lrc.feeds.text_feeds``."""
-    from lrc.feeds import text_feeds
+    from lrc.runtime.feeds import text_feeds
 
     out: list[dict] = []
     shim = _FeedShim(model, str(model_path) if model_path else None)
@@ -373,7 +372,7 @@ def _batch_feeds(model: ir.Model, model_path, batches, batch_windows: int) -> li
 
 
 def _rows(x: np.ndarray, mask) -> np.ndarray:
-    from lrc.calibrate import _row_mask
+    from lrc.calibration.stats import _row_mask
 
     sel = _row_mask(x, mask)
     r = x.reshape(-1, x.shape[-1])
@@ -596,7 +595,7 @@ def sequential_factorizer(model: ir.Model, model_path, policy: Policy, texts: Se
                           progress: Progress | None = None):
     """``(factorizer, info)`` for ``LowRankPass`` / ``lrc.compress``: the joint update computed
     on ``texts`` (tokenised like ``lrc.calibrate.cached_stats`` does)."""
-    from lrc.calibrate import _tokenizer_path, token_batches
+    from lrc.calibration.stats import _tokenizer_path, token_batches
 
     tok = _tokenizer_path(model_path, tokenizer)
     windows = token_batches(tok, list(texts), n_tokens=n_tokens, seq_len=seq_len, bos=True)
@@ -616,7 +615,7 @@ def sequential_update(model_path, policy: Policy, *, calib_texts: Sequence[str],
     Returns ``(ir.Model, report)`` like ``lrc.compress``."""
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-    from lrc.model import load, resolve_model_path
+    from lrc.graph.model import load, resolve_model_path
 
     path = resolve_model_path(model_path)
     model = load(path)

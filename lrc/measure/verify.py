@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from lrc.errors import LrcError
-from lrc.model import resolve_model_path, structural_check
+from lrc.runtime.session import open_session
+from lrc.graph.model import resolve_model_path, structural_check
 
 
 def compare_arrays(a: np.ndarray, b: np.ndarray) -> dict:
@@ -45,15 +46,15 @@ def load_inputs(path: str | Path) -> dict[str, np.ndarray]:
 def verify(orig, new, inputs: str | Path | dict | None = None, dims: dict | None = None,
            seed: int = 0, threads: int | None = None, structural: bool = True) -> dict:
     """Check NEW structurally and compare its outputs with ORIG's on the same inputs."""
-    from lrc import feeds as F
+    from lrc.runtime import feeds as F
 
     po, pn = resolve_model_path(orig), resolve_model_path(new)
     result: dict = {"orig": str(po), "new": str(pn)}
     if structural:
         result["structure"] = structural_check(pn, ort_session=False)
     try:
-        so = F.session(po, threads=threads)
-        sn = F.session(pn, threads=threads)
+        so = open_session(po, threads=threads)
+        sn = open_session(pn, threads=threads)
     except LrcError:
         raise
     except Exception as e:

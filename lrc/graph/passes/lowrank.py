@@ -32,8 +32,8 @@ import numpy as np
 import onnx_ir as ir
 
 from lrc.factorize import Factors, factorize, singular_values
-from lrc.passes.locate import FACTOR_META, Target, locate
-from lrc.policy import Policy
+from lrc.graph.locate import FACTOR_META, Target, locate
+from lrc.graph.policy import Policy
 
 Factorizer = Callable[[Target, np.ndarray, int], Factors]
 Progress = Callable[[int, int, str], None]

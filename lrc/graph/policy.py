@@ -28,7 +28,7 @@ from pathlib import Path
 
 from lrc.errors import LrcError
 from lrc.factorize import break_even_rank, rank_for_energy, rank_for_ratio
-from lrc.passes.locate import ROLE_GROUPS, ROLES, Target, is_role_token, role_matches
+from lrc.graph.locate import ROLE_GROUPS, ROLES, Target, is_role_token, role_matches
 
 _GLOB = set("*?[")
 

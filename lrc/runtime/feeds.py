@@ -12,8 +12,12 @@ graphs).  This module inspects a session's declared inputs and builds feeds for 
   ``past_sequence_length + 1`` are evaluated), integer ``*ids`` inputs are drawn below the vocab
   size (found from the embedding Gather that consumes the input), masks are ones, position ids
   count up, floats are standard normal.
-* ``session`` opens an InferenceSession with intra-op thread spinning off, so several live
-  sessions in one process do not steal cores from each other.
+* ``has_past`` / ``past_names`` / ``present_to_past`` / ``cache_dims`` / ``empty_past``: the one
+  decoder (KV-cache) detection of lrc. Cache inputs are ``past_key_values.N.key|value`` (optimum),
+  ``past.N.key|value`` or ``past_key.N`` / ``past_value.N``; eval, bench, calibration, the
+  update and generate all read them through these functions.
+
+Sessions come from :mod:`lrc.runtime.session`.
 
 Only numpy, onnx and onnxruntime are used.
 """
@@ -30,32 +34,27 @@ from pathlib import Path
 import numpy as np
 
 from lrc.errors import LrcError
+from lrc.runtime.session import numpy_dtype
 
 __all__ = [
     "InputSpec",
-    "session",
     "input_specs",
     "is_causal_lm",
+    "is_past",
+    "past_names",
     "has_past",
+    "present_to_past",
+    "cache_dims",
+    "empty_past",
     "text_feeds",
     "random_feeds",
     "model_config",
 ]
 
-_ORT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-    "tensor(bfloat16)": np.float32,  # best effort: numpy has no bfloat16
-}
-
-_PAST_RE = re.compile(r"^past_key_values[._](\d+)[._](key|value)$")
+# Decoder KV-cache inputs, in the layouts exporters write: optimum's ``past_key_values.N.key``,
+# ``past_key_values_N_value``, older ``past.N.key`` and ``past_key.N`` / ``past_value_N``.
+_PAST_RE = re.compile(r"^(?:past_key_values|past)[._](\d+)[._](key|value)$"
+                      r"|^past_(key|value)[._](\d+)$")
 
 
 @dataclass(frozen=True)
@@ -67,38 +66,11 @@ class InputSpec:
     shape: list
 
 
-def session(path, threads: int | None = None, providers=None):
-    """Open an ``onnxruntime.InferenceSession`` with thread spinning off.
-
-    ``path`` is a .onnx file or a folder holding model.onnx.  ``threads`` sets intra-op threads
-    (None: ORT's default).  The session remembers its file as ``session.lrc_path``.
-    """
-    import onnxruntime as ort
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "model.onnx"
-    if not p.is_file():
-        raise LrcError(f"no ONNX model at {path}")
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    try:
-        sess = ort.InferenceSession(str(p), so, providers=providers or ["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own exception types
-        raise LrcError(f"onnxruntime cannot load {p}: {str(e).splitlines()[0]}") from e
-    sess.lrc_path = str(p)
-    return sess
-
-
 def input_specs(sess) -> list[InputSpec]:
     """The session's inputs as InputSpec(name, dtype, shape)."""
     out = []
     for i in sess.get_inputs():
-        dtype = np.dtype(_ORT_TYPES.get(i.type, np.float32))
-        out.append(InputSpec(i.name, dtype, list(i.shape)))
+        out.append(InputSpec(i.name, numpy_dtype(i.type), list(i.shape)))
     return out
 
 
@@ -107,9 +79,43 @@ def _names(sess, which="inputs") -> list[str]:
     return [i.name for i in items]
 
 
+def is_past(name: str) -> bool:
+    """Is ``name`` a KV-cache input (``past_key_values.N.key``, ``past.N.value``, ...)?"""
+    return _PAST_RE.match(name) is not None
+
+
+def past_names(sess) -> list[str]:
+    """The session's KV-cache inputs, in declaration order."""
+    return [n for n in _names(sess) if is_past(n)]
+
+
 def has_past(sess) -> bool:
-    """True when the model takes a KV cache (``past_key_values.N.key/value`` inputs)."""
-    return any(_PAST_RE.match(n) for n in _names(sess))
+    """True when the model takes a KV cache: the one decoder test every lrc command uses."""
+    return bool(past_names(sess))
+
+
+def present_to_past(sess) -> dict[str, str]:
+    """``present.N.key`` output -> the KV-cache input it feeds at the next step.
+
+    Names are paired by replacing ``present`` with the past prefix the inputs use; when that
+    fails and the counts agree, by position. LrcError when they cannot be paired."""
+    pasts = past_names(sess)
+    if not pasts:
+        return {}
+    presents = [n for n in _names(sess, "outputs") if n.startswith("present")]
+    out = {}
+    for i, o in enumerate(presents):
+        cand = next((c for c in (o.replace("present", "past_key_values", 1),
+                                 o.replace("present", "past", 1),
+                                 o.replace("present_", "past_", 1)) if c in pasts), None)
+        if cand is None and len(presents) == len(pasts):
+            cand = pasts[i]
+        if cand is not None:
+            out[o] = cand
+    if sorted(out.values()) != sorted(pasts):
+        raise LrcError(f"{_model_path(sess) or 'model'}: cannot pair the present.* outputs with "
+                       "the KV-cache inputs")
+    return out
 
 
 def is_causal_lm(sess) -> bool:
@@ -145,11 +151,13 @@ def model_config(sess_or_path) -> dict:
         return {}
 
 
-def _cache_dims(sess, config: dict | None) -> tuple[int, int]:
-    """(kv_heads, head_dim) of the KV cache, from static input dims or config.json."""
+def cache_dims(sess, config: dict | None = None) -> tuple[int, int]:
+    """(kv_heads, head_dim) of the KV cache: static dims of the cache inputs, else config.json
+    beside the model (``num_key_value_heads`` / ``num_attention_heads`` / ``n_head``,
+    ``head_dim`` or ``hidden_size`` / ``n_embd`` over the heads)."""
     heads = head_dim = None
     for i in sess.get_inputs():
-        if _PAST_RE.match(i.name) and len(i.shape) == 4:
+        if is_past(i.name) and len(i.shape) == 4:
             if isinstance(i.shape[1], int):
                 heads = i.shape[1]
             if isinstance(i.shape[3], int):
@@ -157,14 +165,30 @@ def _cache_dims(sess, config: dict | None) -> tuple[int, int]:
             break
     cfg = config if config is not None else model_config(sess)
     if heads is None:
-        heads = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
+        heads = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or cfg.get("n_head")
     if head_dim is None:
         head_dim = cfg.get("head_dim")
-        if not head_dim and cfg.get("hidden_size") and cfg.get("num_attention_heads"):
-            head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+        n_heads = cfg.get("num_attention_heads") or cfg.get("n_head")
+        hidden = cfg.get("hidden_size") or cfg.get("n_embd")
+        if not head_dim and hidden and n_heads:
+            head_dim = hidden // n_heads
     if not heads or not head_dim:
-        raise LrcError("cannot tell the KV cache shape: symbolic dims and no config.json")
+        raise LrcError(f"{_model_path(sess) or 'model'}: cannot tell the KV cache shape "
+                       "(symbolic dims and no config.json beside the model)")
     return int(heads), int(head_dim)
+
+
+def empty_past(sess, batch: int = 1, past_len: int = 0, config: dict | None = None) -> dict:
+    """Zero KV-cache inputs of ``past_len`` positions (0: an empty cache) for every cache input."""
+    specs = {s.name: s for s in input_specs(sess)}
+    out = {}
+    for name in past_names(sess):
+        spec = specs[name]
+        if len(spec.shape) != 4:
+            raise LrcError(f"unsupported KV-cache layout for {name}: shape {spec.shape}")
+        heads, head_dim = cache_dims(sess, config)
+        out[name] = np.zeros((batch, heads, past_len, head_dim), spec.dtype)
+    return out
 
 
 def _past_len(past: dict | None) -> int:
@@ -201,11 +225,11 @@ def text_feeds(sess, input_ids, attention_mask=None, past=None, config: dict | N
         elif name == "position_ids":
             pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -seq:]
             feeds[name] = pos.astype(spec.dtype)
-        elif _PAST_RE.match(name):
+        elif is_past(name):
             if name in past:
                 feeds[name] = np.asarray(past[name]).astype(spec.dtype)
             else:
-                heads, head_dim = _cache_dims(sess, config)
+                heads, head_dim = cache_dims(sess, config)
                 feeds[name] = np.zeros((batch, heads, 0, head_dim), spec.dtype)
         elif name == "use_cache_branch":
             feeds[name] = np.array([plen > 0])
@@ -254,7 +278,7 @@ def _default_for_symbol(sym: str, input_name: str, axis: int) -> int:
         return 4
     if "seq" in s or "length" in s or "len" in s or "token" in s:
         return 8
-    if _PAST_RE.match(input_name):
+    if is_past(input_name):
         return 1 if axis == 0 else 4
     return 1 if axis == 0 else 8
 
@@ -320,7 +344,7 @@ def random_feeds(sess, dims: dict[str, int] | None = None, seed: int = 0,
     env = resolve_dims(specs, dims)
     shapes = {s.name: _shape(s, env) for s in specs}
     past_len = next((shapes[s.name][2] for s in specs
-                     if _PAST_RE.match(s.name) and len(s.shape) == 4), 0)
+                     if is_past(s.name) and len(s.shape) == 4), 0)
     vocab = {}
     if vocab_size is None:
         vocab = _gather_vocab(_model_path(sess))

@@ -764,7 +764,7 @@ def _memory_probe(path: str, provider: str, threads: int | None, batch: int, seq
 def measure_memory(path: Path, provider: str, threads: int | None, batch: int, seq: int) -> dict[str, Any] | None:
     """``_memory_probe`` in a fresh Python subprocess (so memory freed by earlier work in this
     process cannot hide the session's own); None if the subprocess fails."""
-    code = ("import json, sys; from lrc.bench import _memory_probe; "
+    code = ("import json, sys; from lrc.measure.bench import _memory_probe; "
             "print('LRC_MEM ' + json.dumps(_memory_probe(*json.loads(sys.argv[1]))))")
     try:
         cp = subprocess.run([sys.executable, "-c", code, json.dumps([str(path), provider, threads, batch, seq])],
