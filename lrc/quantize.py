@@ -27,8 +27,6 @@ Folder in, folder out like ``compress``: every ``*.onnx`` in the folder is quant
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import shutil
 import tempfile
@@ -37,7 +35,8 @@ from collections import Counter
 from pathlib import Path
 
 from lrc.errors import LrcError
-from lrc.graph.locate import FACTOR_META
+from lrc.runtime import quantizers
+from lrc.graph.locate import FACTOR_META, weight_matmul_nodes
 
 MODES = ("int8", "int4", "int8-weight")
 TARGETS = ("rest", "factors", "all")
@@ -81,41 +80,13 @@ def _name_nodes(proto) -> int:
 
 
 def _const_matmuls(proto) -> list[str]:
-    inits = {t.name for t in proto.graph.initializer}
-    inits |= {n.output[0] for n in proto.graph.node if n.op_type == "Constant"}
-    return [n.name for n in proto.graph.node
-            if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits]
+    """MatMuls whose weight (second input) is an initializer: what ORT's quantisers rewrite."""
+    return [w.name for w in weight_matmul_nodes(proto)
+            if w.op == "MatMul" and w.direct and w.weight_index == 1]
 
 
-class _DropPreprocessHint(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "pre-processing" not in str(record.msg)
-
-
-@contextlib.contextmanager
-def _quiet_ort():
-    """ONNX Runtime's quantisers are chatty on the root logger: ``quantize_dynamic`` logs
-    "Please consider pre-processing" (calling ``logging.basicConfig`` when there is no handler)
-    and importing ``matmul_nbits_quantizer`` runs ``logging.basicConfig(level=INFO)``, after
-    which every node it touches prints a line. Drop the hint, keep the quantiser's own logger at
-    WARNING, and undo any root-logger configuration made meanwhile."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    nbits = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    nbits_level = nbits.level
-    nbits.setLevel(logging.WARNING)
-    flt, null = _DropPreprocessHint(), None
-    root.addFilter(flt)
-    if not root.handlers:
-        null = logging.NullHandler()
-        root.addHandler(null)
-    try:
-        yield
-    finally:
-        root.removeFilter(flt)
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        nbits.setLevel(nbits_level)
+def _second_inputs(proto, name: str) -> set[str]:
+    return {n.input[1] for n in proto.graph.node if n.name == name and len(n.input) > 1}
 
 
 def op_counts(path) -> dict[str, int]:
@@ -151,23 +122,12 @@ def _quantize_file(src: Path, dst: Path, mode: str, targets: str, per_channel: b
         onnx.save_model(proto, str(dst), save_as_external_data=ext,
                         location=dst.name + ".data" if ext else None)
     elif mode == "int8":
-        with _quiet_ort():
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            quantize_dynamic(proto, str(dst), op_types_to_quantize=["MatMul"],
-                             per_channel=per_channel, weight_type=QuantType.QInt8,
-                             nodes_to_quantize=chosen, nodes_to_exclude=excluded,
-                             use_external_data_format=ext,
-                             extra_options={"MatMulConstBOnly": True})
+        quantizers.int8_dynamic(proto, dst, per_channel=per_channel, nodes=chosen,
+                                exclude=excluded, matmul_only=True, external=ext)
     else:
-        with _quiet_ort():
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-            q = MatMulNBitsQuantizer(proto, bits=_NBITS[mode], block_size=block_size,
-                                     is_symmetric=symmetric, accuracy_level=accuracy_level,
-                                     nodes_to_exclude=excluded, op_types_to_quantize=("MatMul",))
-            q.process()
-            q.model.save_model_to_file(str(dst), use_external_data_format=ext)
+        quantizers.matmul_nbits(proto, dst, bits=_NBITS[mode], block_size=block_size,
+                                symmetric=symmetric, accuracy_level=accuracy_level,
+                                exclude=excluded, external=ext)
     seconds = time.perf_counter() - t0
     ops = op_counts(dst)
     out = onnx.load(str(dst), load_external_data=False)

@@ -369,3 +369,81 @@ def _after_attention(node: ir.Node, depth: int = 4) -> bool:
             return False
         v = p.inputs[0]
     return False
+
+
+# --------------------------------------------------------------------------------------------
+# Weight MatMuls of any graph (float, quantised, fused), read from the protobuf
+# --------------------------------------------------------------------------------------------
+
+MATMUL_OPS = {
+    "MatMul", "Gemm", "FusedMatMul", "FusedGemm", "MatMulInteger", "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul", "MatMulNBits", "QGemm", "QLinearMatMul", "MatMulFpQ4",
+    "MatMulBnb4", "GemmFastGelu",
+}
+# ops through which a constant stays a constant (a tied head reads Transpose(embedding))
+_PASS_THROUGH = {"Transpose", "Cast", "Reshape", "Identity", "DequantizeLinear", "Squeeze",
+                 "Unsqueeze", "Flatten"}
+
+
+@dataclass(frozen=True)
+class WeightMatMul:
+    """A MatMul-like node of a graph whose weight is a constant."""
+
+    name: str
+    op: str
+    output: str
+    weight: str | None      # the constant input it reads (None for MatMulNBits' packed weight)
+    params: int             # weight elements (K x N for MatMulNBits)
+    direct: bool            # an initializer or Constant read as is (no Transpose/Cast between)
+    weight_index: int       # which input the weight is
+
+
+def weight_matmul_nodes(proto) -> list[WeightMatMul]:
+    """Every MatMul-like node (``MATMUL_OPS``) of an ``onnx.ModelProto``'s main graph whose
+    weight is a constant: an initializer or Constant, possibly through Transpose / Cast /
+    Reshape / DequantizeLinear. The one weight-MatMul finder for bench's parameter counts, the
+    quantisers' node lists and ``lrc eval --layers``. Weights are not loaded."""
+    import numpy as np
+
+    g = proto.graph
+    const: dict[str, int] = {}
+    direct = {t.name for t in g.initializer}
+    direct |= {n.output[0] for n in g.node if n.op_type == "Constant"}
+    for init in g.initializer:
+        const[init.name] = int(np.prod(init.dims)) if len(init.dims) else 1
+    for node in g.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t is not None:
+                    const[node.output[0]] = int(np.prod(a.t.dims)) if len(a.t.dims) else 1
+    out: list[WeightMatMul] = []
+    for node in g.node:  # topological order
+        ins = [i for i in node.input if i]
+        if node.op_type in _PASS_THROUGH and ins and all(i in const for i in ins):
+            for o in node.output:
+                const[o] = const[ins[0]]
+            continue
+        if node.op_type not in MATMUL_OPS:
+            continue
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            out.append(WeightMatMul(node.name, node.op_type, node.output[0], None,
+                                    int(attrs.get("K", 0) * attrs.get("N", 0)), False, 1))
+            continue
+        if node.op_type == "QLinearMatMul":
+            cands = [node.input[3]] if len(node.input) > 3 else []
+        elif node.op_type in ("Gemm", "FusedGemm", "QGemm"):
+            cands = [node.input[1] if node.op_type != "QGemm" else node.input[3]]
+        else:
+            cands = list(node.input[:2])
+        ws = [c for c in cands if c in const]
+        if len(ws) == 1 or (ws and node.op_type in ("Gemm", "QGemm", "FusedGemm")):
+            out.append(WeightMatMul(node.name, node.op_type, node.output[0], ws[-1],
+                                    const[ws[-1]], ws[-1] in direct,
+                                    list(node.input).index(ws[-1])))
+    return out
+
+
+def weight_matmuls(proto) -> dict[str, int]:
+    """Node name -> weight parameter count, for every MatMul-like node with a constant weight."""
+    return {w.name: w.params for w in weight_matmul_nodes(proto)}

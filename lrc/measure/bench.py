@@ -92,6 +92,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from lrc.errors import LrcError
+from lrc.graph.locate import MATMUL_OPS, weight_matmuls
+from lrc.runtime import quantizers
+from lrc.runtime.providers import device_of
 
 SCHEMA = "lrc.bench/1"
 
@@ -125,13 +128,6 @@ _INSTALL_HINT = {
     "OpenVINOExecutionProvider": " (install onnxruntime-openvino)",
     "ROCMExecutionProvider": " (install an onnxruntime build with ROCm)",
 }
-MATMUL_OPS = {
-    "MatMul", "Gemm", "FusedMatMul", "FusedGemm", "MatMulInteger", "MatMulIntegerToFloat",
-    "DynamicQuantizeMatMul", "MatMulNBits", "QGemm", "QLinearMatMul", "MatMulFpQ4",
-    "MatMulBnb4", "GemmFastGelu",
-}
-_PASS_THROUGH = {"Transpose", "Cast", "Reshape", "Identity", "DequantizeLinear", "Squeeze",
-                 "Unsqueeze", "Flatten"}
 _NP_OF = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
@@ -345,49 +341,6 @@ def _summary_flop_ratio(summary: dict | None) -> float | None:
 # --------------------------------------------------------------------------------------------
 # graph analysis: weight MatMuls
 # --------------------------------------------------------------------------------------------
-
-def weight_matmuls(model) -> dict[str, int]:
-    """Node name -> weight parameter count, for every MatMul-like node with a constant weight."""
-    from onnx import numpy_helper  # noqa: F401  (keeps onnx import local)
-
-    g = model.graph
-    const: dict[str, int] = {}
-    for init in g.initializer:
-        const[init.name] = int(np.prod(init.dims)) if len(init.dims) else 1
-    for node in g.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.t is not None:
-                    const[node.output[0]] = int(np.prod(a.t.dims)) if len(a.t.dims) else 1
-    out: dict[str, int] = {}
-    for node in g.node:  # topological order
-        ins = [i for i in node.input if i]
-        if node.op_type in _PASS_THROUGH and ins and all(i in const for i in ins):
-            for o in node.output:
-                const[o] = const[ins[0]]
-            continue
-        if node.op_type not in MATMUL_OPS:
-            continue
-        if node.op_type == "MatMulNBits":
-            k = n = 0
-            for a in node.attribute:
-                if a.name == "K":
-                    k = a.i
-                elif a.name == "N":
-                    n = a.i
-            out[node.name] = int(k * n)
-            continue
-        if node.op_type == "QLinearMatMul":
-            cands = [node.input[3]] if len(node.input) > 3 else []
-        elif node.op_type in ("Gemm", "FusedGemm", "QGemm"):
-            cands = [node.input[1] if node.op_type != "QGemm" else node.input[3]]
-        else:
-            cands = list(node.input[:2])
-        ws = [c for c in cands if c in const]
-        if len(ws) == 1 or (ws and node.op_type in ("Gemm", "QGemm", "FusedGemm")):
-            out[node.name] = const[ws[-1]]
-    return out
-
 
 def _is_decoder_inputs(names: Iterable[str]) -> bool:
     return any(n.startswith(("past_key_values", "past.", "past_key", "past_value")) for n in names)
@@ -618,25 +571,18 @@ def build_baselines(first: Path, out_dir: Path, provider: str = "CPUExecutionPro
 
     p = out_dir / "int8-dynamic.onnx"
     try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
         log("baseline: quantize_dynamic INT8 per-channel")
-        quantize_dynamic(str(first), str(p), per_channel=True, weight_type=QuantType.QInt8,
-                         use_external_data_format=ext)
+        quantizers.int8_dynamic(first, p, per_channel=True, external=ext)
         made.append(("int8-dynamic", p))
     except Exception as exc:  # noqa: BLE001
         notes.append(f"int8-dynamic baseline failed: {str(exc).splitlines()[0][:200]}")
 
     p = out_dir / "int4-matmulnbits.onnx"
     try:
-        import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
         log("baseline: MatMulNBits 4-bit block 32")
-        q = MatMulNBitsQuantizer(onnx.load(str(first)), bits=4, block_size=32, is_symmetric=True,
-                                 accuracy_level=4 if provider == "CPUExecutionProvider" else None)
-        q.process()
-        q.model.save_model_to_file(str(p), use_external_data_format=ext)
+        quantizers.matmul_nbits(first, p, bits=4, block_size=32, symmetric=True,
+                                accuracy_level=4 if provider == "CPUExecutionProvider" else None,
+                                external=ext)
         made.append(("int4-matmulnbits", p))
         notes.append("int4-matmulnbits: symmetric, block 32"
                      + (", accuracy_level 4 (int8 compute on CPU)" if provider == "CPUExecutionProvider" else ""))
@@ -645,8 +591,6 @@ def build_baselines(first: Path, out_dir: Path, provider: str = "CPUExecutionPro
 
     p = out_dir / "ort-optimized.onnx"
     try:
-        from onnxruntime.transformers.optimizer import optimize_model
-
         hf_type = str(cfg.get("model_type", "")).lower()
         mtype = _OPT_TYPES.get(hf_type)
         heads = int(cfg.get("num_attention_heads") or cfg.get("n_head") or 0)
@@ -659,9 +603,9 @@ def build_baselines(first: Path, out_dir: Path, provider: str = "CPUExecutionPro
         if not heads or not hidden:
             notes.append("ort-optimized: num_heads/hidden_size unknown (no config.json); ORT detects them from the graph")
         log(f"baseline: ORT transformer optimizer model_type={mtype}")
-        m = optimize_model(str(first), model_type=mtype, num_heads=heads, hidden_size=hidden,
-                           use_gpu=provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
-        m.save_model_to_file(str(p), use_external_data_format=ext)
+        quantizers.transformer_optimized(first, p, model_type=mtype, num_heads=heads,
+                                         hidden_size=hidden, use_gpu=device_of(provider) == "cuda",
+                                         external=ext)
         made.append(("ort-optimized", p))
     except Exception as exc:  # noqa: BLE001
         notes.append(f"ort-optimized baseline failed: {str(exc).splitlines()[0][:200]}")

@@ -473,20 +473,18 @@ def _session_with_outputs(path: Path, names: list[str], threads: int | None, tmp
 
 
 def default_drift_tensors(orig, new) -> list[str]:
-    """Outputs of the original's weight MatMul/Gemm nodes (second input an initializer: the
-    projections, not attention's activation products) that the new model also produces."""
+    """Outputs of the original's weight MatMul/Gemm nodes (weight a constant, possibly through a
+    Transpose as a tied lm_head reads it: the projections, not attention's activation products)
+    that the new model also produces."""
     import onnx
+
+    from lrc.graph.locate import weight_matmul_nodes
 
     mo = onnx.load(str(_onnx_file(orig)), load_external_data=False)
     mn = onnx.load(str(_onnx_file(new)), load_external_data=False)
     new_outs = _node_outputs(mn)
-    weights = {t.name for t in mo.graph.initializer}
-    # a tied lm_head reads Transpose(embedding): count that as a weight too
-    weights |= {n.output[0] for n in mo.graph.node
-                if n.op_type == "Transpose" and n.input and n.input[0] in weights}
-    return [n.output[0] for n in mo.graph.node
-            if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights
-            and n.output[0] in new_outs]
+    return [w.output for w in weight_matmul_nodes(mo)
+            if w.op in ("MatMul", "Gemm") and w.weight_index == 1 and w.output in new_outs]
 
 
 def _default_drift_feeds(m: Model) -> dict:
