@@ -39,8 +39,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 T0 = time.perf_counter()
 
@@ -150,7 +148,7 @@ def blas_env() -> dict:
     The factors are the same up to rounding; only the compression time changes."""
     if any(v in os.environ for v in BLAS_VARS):
         return {}
-    from lrc.measure.bench import cpu_busy
+    from lrc.measure.machine import cpu_busy
 
     busy = cpu_busy(1.0)  # other work now (the load average would count our own last step)
     return {v: "1" for v in BLAS_VARS} if busy is not None and busy > 0.5 else {}
@@ -234,81 +232,13 @@ def compress_variant(dense: Path, out: Path, spec: dict, calib_tokens: int, reus
 # quality
 # --------------------------------------------------------------------------------------------
 
-class LMReference:
-    """The dense LM's logits on fixed windows of each text, computed once and kept in a memmap.
+def lm_quality(ref, path: Path, texts: list[str]) -> dict:
+    """Quality of one variant against the dense model's logits kept by ``ref``
+    (``lrc.measure.quality.LMReference``): one session on the variant for every text."""
+    from lrc.measure.quality import load_model
 
-    ``compare(new)`` gives what ``lrc.evaluate.compare_lm(dense, new)`` gives (same windows, same
-    BOS convention, same formulas), running only the new model. Falls back to ``compare_lm`` when
-    lrc.evaluate's window helpers are not available."""
-
-    def __init__(self, dense: Path, texts: list[str], context: int, max_tokens: int,
-                 threads: int, tmp: Path):
-        from lrc.measure import quality as ev
-
-        self.ev, self.context, self.max_tokens, self.threads = ev, context, max_tokens, threads
-        self.mo = ev.load_model(dense, threads=threads)
-        self.texts: dict = {}
-        self.fast = all(hasattr(ev, n) for n in ("_make_windows", "_lm_logits", "_log_softmax",
-                                                    "_kl_stats", "_resolve_text", "_window_meta"))
-        if not self.fast:
-            log("  lrc.evaluate helpers missing: every variant re-runs the dense model (compare_lm)")
-            return
-        for t in texts:
-            body, label = ev._resolve_text(t)
-            w = ev._make_windows(self.mo, body, context, context, max_tokens, "auto")
-            mm = None
-            nll = 0.0
-            for i, (row, first) in enumerate(zip(w.inputs, w.first_scored)):
-                lo = ev._lm_logits(self.mo, row)
-                if mm is None:
-                    mm = np.lib.format.open_memmap(tmp / f"ref-{t}.npy", mode="w+", dtype=np.float32,
-                                                   shape=(len(w.inputs), *lo.shape))
-                mm[i] = lo
-                lp = ev._log_softmax(lo[first - 1:len(row) - 1])
-                tgt = row[first:]
-                nll -= float(lp[np.arange(len(tgt)), tgt].astype(np.float64).sum())
-            n = w.scored_tokens
-            self.texts[t] = {"w": w, "label": label, "logits": mm, "nll": nll / n,
-                             "perplexity": math.exp(nll / n)}
-            log(f"  dense {t}: perplexity {math.exp(nll / n):.2f} on {n} tokens "
-                f"({len(w.inputs)} windows of {context}; {w.bos})")
-
-    def dense(self, text: str) -> dict:
-        if self.fast:
-            r = self.texts[text]
-            return {"perplexity": r["perplexity"], "nll": r["nll"], **self.ev._window_meta(r["w"], r["label"])}
-        return self.ev.perplexity(self.mo, text, context=self.context, stride=self.context,
-                                  max_tokens=self.max_tokens)
-
-    def compare(self, new: Path, text: str) -> dict:
-        ev = self.ev
-        if not self.fast:
-            return ev.compare_lm(self.mo, new, text, context=self.context, stride=self.context,
-                                 max_tokens=self.max_tokens, threads=self.threads)
-        r = self.texts[text]
-        w = r["w"]
-        mn = ev.load_model(new, self.mo.tokenizer, self.threads)  # a Model passes through as is
-        nll_n = 0.0
-        acc = {"kl": 0.0, "top1": 0.0, "cos": 0.0}
-        for i, (row, first) in enumerate(zip(w.inputs, w.first_scored)):
-            lo = np.asarray(r["logits"][i])[first - 1:len(row) - 1]
-            ln = ev._lm_logits(mn, row)[first - 1:len(row) - 1]
-            lp_o, lp_n = ev._log_softmax(lo), ev._log_softmax(ln)
-            tgt = row[first:]
-            nll_n -= float(lp_n[np.arange(len(tgt)), tgt].astype(np.float64).sum())
-            for k, v in ev._kl_stats(lp_o, lp_n, lo, ln).items():
-                acc[k] += v
-        n = w.scored_tokens
-        ppl_n = math.exp(nll_n / n)
-        return {"orig": {"model": str(self.mo.path), "perplexity": r["perplexity"], "nll": r["nll"]},
-                "new": {"model": str(mn.path), "perplexity": ppl_n, "nll": nll_n / n},
-                "ppl_ratio": ppl_n / r["perplexity"], "kl": acc["kl"] / n, "top1_agreement": acc["top1"] / n,
-                "logits_cosine": acc["cos"] / n, **ev._window_meta(w, r["label"])}
-
-
-def lm_quality(ref: LMReference, path: Path, texts: list[str]) -> dict:
+    new = load_model(path, ref.model.tokenizer, ref.threads)
     out = {}
-    new = ref.ev.load_model(path, ref.mo.tokenizer, ref.threads) if ref.fast else path  # one session
     for t in texts:
         c = ref.compare(new, t)
         out[t] = {"perplexity": c["new"]["perplexity"], "dense_perplexity": c["orig"]["perplexity"],
@@ -317,50 +247,16 @@ def lm_quality(ref: LMReference, path: Path, texts: list[str]) -> dict:
     return out
 
 
-class EncoderReference:
-    """The dense encoder's embeddings of the Lee documents and of out-of-domain docs passages,
-    computed once; ``quality(new)`` gives what ``lrc.evaluate.compare_encoder`` gives on both."""
+def encoder_quality(lee, docs, path: Path) -> dict:
+    """Quality of one variant against the dense embeddings kept by ``lee`` (Lee 2005 documents)
+    and ``docs`` (out-of-domain passages), both ``lrc.measure.quality.EncoderReference``."""
+    from lrc.measure.quality import load_model
 
-    def __init__(self, dense: Path, threads: int):
-        from lrc import data
-        from lrc.measure import quality as ev
-
-        self.ev, self.threads = ev, threads
-        self.dm = ev.load_model(dense, threads=threads)
-        self.docs, self.human = data.lee_similarity()
-        self.fast = hasattr(ev, "_passages")
-        if self.fast:
-            self.passages = ev._passages(data.load_text("docs"), 64)
-            self.eo_lee = ev.embed(self.dm, self.docs)
-            self.eo_docs = ev.embed(self.dm, self.passages)
-            self.lee_pearson = self.pearson(self.eo_lee)
-        else:
-            self.lee_pearson = ev.lee_pearson(self.dm)
-
-    def pearson(self, emb: np.ndarray) -> float:
-        e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-        iu = np.triu_indices(len(self.human), 1)
-        return float(np.corrcoef((e @ e.T)[iu], self.human[iu])[0, 1])
-
-    @staticmethod
-    def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)
-
-    def quality(self, path: Path) -> dict:
-        ev = self.ev
-        if not self.fast:
-            lee = ev.compare_encoder(self.dm, path, threads=self.threads)
-            docs = ev.compare_encoder(self.dm, path, "docs", threads=self.threads)
-            return {"lee_pearson": lee["new"]["lee_pearson"], "dense_lee_pearson": lee["orig"]["lee_pearson"],
-                    "embedding_cosine_lee": lee["embedding_cosine"],
-                    "embedding_cosine_docs": docs["embedding_cosine"],
-                    "embedding_cosine_docs_min": docs["embedding_cosine_min"]}
-        mn = ev.load_model(path, self.dm.tokenizer, self.threads)
-        en_lee, en_docs = ev.embed(mn, self.docs), ev.embed(mn, self.passages)
-        c_lee, c_docs = self.cos(self.eo_lee, en_lee), self.cos(self.eo_docs, en_docs)
-        return {"lee_pearson": self.pearson(en_lee), "dense_lee_pearson": self.lee_pearson,
-                "embedding_cosine_lee": float(c_lee.mean()), "embedding_cosine_docs": float(c_docs.mean()),
-                "embedding_cosine_docs_min": float(c_docs.min())}
+    new = load_model(path, lee.model.tokenizer, lee.threads)
+    a, b = lee.compare(new), docs.compare(new)
+    return {"lee_pearson": a["new"]["lee_pearson"], "dense_lee_pearson": a["orig"]["lee_pearson"],
+            "embedding_cosine_lee": a["embedding_cosine"], "embedding_cosine_docs": b["embedding_cosine"],
+            "embedding_cosine_docs_min": b["embedding_cosine_min"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,6 +264,8 @@ class EncoderReference:
 # --------------------------------------------------------------------------------------------
 
 def run_model(name: str, args, have_method: bool) -> dict:
+    from lrc.measure.quality import EncoderReference, LMReference
+
     cfg = MODELS[name]
     mdir = (args.out / "models" / name).resolve()
     mdir.mkdir(parents=True, exist_ok=True)
@@ -428,8 +326,12 @@ def run_model(name: str, args, have_method: bool) -> dict:
     if cfg["kind"] == "lm":
         texts = ["news", "docs"]
         with tempfile.TemporaryDirectory(prefix="lrc-bench-ref-", dir=mdir) as tmp:
+            # the dense model's logits are computed once and kept in a memmap
             ref = LMReference(dense, texts, args.context, args.max_tokens, args.threads, Path(tmp))
             quality_dense = {tx: ref.dense(tx) for tx in texts}
+            for tx, d in quality_dense.items():
+                log(f"  dense {tx}: perplexity {d['perplexity']:.2f} on {d['tokens']} tokens "
+                    f"({d['windows']} windows of {d['context']}; {d['bos']})")
             for v in ok + baselines:
                 tv = time.perf_counter()
                 try:
@@ -444,12 +346,13 @@ def run_model(name: str, args, have_method: bool) -> dict:
                     f"[{time.perf_counter() - tv:.0f} s]")
             del ref
     else:
-        eref = EncoderReference(dense, args.threads)
-        quality_dense = {"lee_pearson": eref.lee_pearson}
+        lee = EncoderReference(dense, threads=args.threads)  # Lee 2005 documents
+        docs = EncoderReference(lee.model, "docs", threads=args.threads)  # out-of-domain passages
+        quality_dense = {"lee_pearson": lee.lee_pearson}
         log(f"  dense: Lee Pearson {quality_dense['lee_pearson']:.4f}")
         for v in ok + baselines:
             try:
-                v["quality"] = eref.quality(Path(v["path"]))
+                v["quality"] = encoder_quality(lee, docs, Path(v["path"]))
             except Exception as exc:  # noqa: BLE001
                 v["quality_error"] = f"{type(exc).__name__}: {exc}"
                 log(f"  {v['key']}: quality FAILED: {v['quality_error'][:300]}")
@@ -946,7 +849,7 @@ def main(argv=None) -> int:
         load_before = {"1min": la[0], "5min": la[1], "15min": la[2]}
     except OSError:
         pass
-    from lrc.measure.bench import cpu_busy
+    from lrc.measure.machine import cpu_busy
 
     busy_start = cpu_busy()
     models = []

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -20,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from lrc.errors import LrcError
+from lrc.graph.passes.int8 import forms_help
+from lrc.methods import method_help
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Low-rank compression of transformer models at the ONNX graph level.")
@@ -112,51 +111,6 @@ def _progress_bar():
                     transient=True, disable=not err.is_terminal)
 
 
-def _compress_file(src: Path, out: Path, kw: dict, int8, external_data: bool,
-                   force: bool, check: bool) -> dict:
-    from lrc.graph import model as M
-    from lrc.api import compress as run
-
-    t0 = time.perf_counter()
-    m = M.load(src)
-    with _progress_bar() as bar:
-        task = bar.add_task("", total=None)
-
-        def progress(done, total, name):
-            bar.update(task, completed=done, total=total, description=name[-48:])
-
-        calib_task = None
-
-        def calib_progress(done, total=None):
-            nonlocal calib_task
-            if calib_task is None:
-                calib_task = bar.add_task("calibrating", total=total)
-            bar.update(calib_task, completed=done, total=total)
-
-        m, report = run(m, int8=int8, progress=progress, calib_progress=calib_progress, **kw)
-    t1 = time.perf_counter()
-    staged = M.stage(m, out, external_data=True if external_data else None, force=force)
-    del m  # release the graph and weights before the checker and ORT load the copy
-    import gc
-
-    gc.collect()
-    checks: dict = {}
-    try:
-        if check:
-            checks.update(M.structural_check(staged.path))
-    except BaseException:
-        staged.discard()
-        raise
-    staged.commit(force)
-    report["seconds"] = {"factorise": round(t1 - t0, 2), "total": round(time.perf_counter() - t0, 2)}
-    report["checks"] = checks or "skipped (--no-check)"
-    report["input"] = str(src)
-    report["output"] = str(out)
-    report["size_before"] = M.file_size(src)
-    report["size_after"] = M.file_size(out)
-    return report
-
-
 @app.command()
 def compress(model: Path = typer.Argument(..., help="ONNX file or exported folder"),
              out: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .onnx (or folder)."),
@@ -176,10 +130,7 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
                  "benchmarks/allocation.md). Use with --target-params to spread the cut over the "
                  "other blocks; with --ratio the others keep that ratio and the total grows."),
              int8: bool = typer.Option(False, "--int8", help="Store the factors as INT8 (per-channel)."),
-             int8_form: str = typer.Option("dynamic", "--int8-form",
-                                           help="dynamic: DynamicQuantizeLinear+MatMulInteger, fastest "
-                                                "on the CPU EP; qdq: weight-only DequantizeLinear, for "
-                                                "CUDA (no CPU fallback)."),
+             int8_form: str = typer.Option("dynamic", "--int8-form", help=forms_help()),
              target_params: Optional[float] = typer.Option(
                  None, "--target-params", help="Keep this fraction of all projection parameters, "
                  "ranks spread uniformly over the selected ones."),
@@ -189,9 +140,7 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
                  None, "--target-speedup", help="Keep the projection parameters an ORT-profiled "
                  "Amdahl model says give this speedup (an upper estimate)."),
              ep: str = typer.Option("cpu", "--ep", help="EP for --target-speedup's profile."),
-             method: str = typer.Option("auto", "--method", help="auto (svd-llm when a tokenizer "
-                                        "is at hand, else svd), svd (plain), asvd (activation-scaled) "
-                                        "or svd-llm (whitened by calibration activations)."),
+             method: str = typer.Option("auto", "--method", help=method_help()),
              update: bool = typer.Option(False, "--update", help="svd-llm only: fit each "
                                          "projection to the inputs the already-compressed model "
                                          "produces (two forward passes over the calibration "
@@ -213,16 +162,16 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
                                         help="Run the onnx checker and an ORT session on the output."),
              as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
     """Rewrite projections as pairs of thin MatMuls from a truncated SVD."""
-    from lrc.graph import model as M
+    from lrc import methods
+    from lrc.compress import CompressConfig, compress_path
+    from lrc.graph.passes.int8 import FORMS
 
-    kw = dict(rank=rank, energy=energy, ratio=ratio, include=_split(include),
-              exclude=_split(exclude), policy=policy, align=align, allow_larger=allow_larger,
-              group_inputs=group_inputs, dense_edges=dense_edges)
-    from lrc.api import METHODS, build_policy
-
-    build_policy(**kw)  # validate options before any work
-    if method not in METHODS:
-        raise LrcError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    config = CompressConfig(rank=rank, energy=energy, ratio=ratio, include=_split(include),
+                            exclude=_split(exclude), policy=policy, align=align,
+                            allow_larger=allow_larger, group_inputs=group_inputs,
+                            dense_edges=dense_edges)
+    config.build_policy()  # validate options before any work
+    methods.check(method)
     if calib_tokens <= 0:
         raise LrcError("--calib-tokens must be positive")
     if calib_only and not calib:
@@ -230,48 +179,21 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
     for f in calib or []:
         if not f.is_file():
             raise LrcError(f"calibration file {str(f)!r} not found")
-    if target_params is not None or target_size is not None or target_speedup is not None:
-        kw.update(target_params=target_params, target_size_mb=target_size,
-                  target_speedup=target_speedup, ep=ep)
-    if update and method not in ("svd-llm", "auto"):
-        raise LrcError("--update needs --method svd-llm")
-    if update:
-        kw["update"] = True
-    kw.update(method=method)
-    if method != "svd":
-        kw.update(calib=list(calib or []), calib_tokens=calib_tokens,
-                  calib_default=not calib_only)
-    if int8_form not in ("dynamic", "qdq"):
-        raise LrcError(f"--int8-form must be dynamic or qdq, got {int8_form!r}")
+    config.target_params, config.target_size_mb = target_params, target_size
+    config.target_speedup, config.ep = target_speedup, ep
+    methods.check(method, update=update)
+    config.method, config.update = method, update
+    config.calib, config.calib_tokens = list(calib or []), calib_tokens
+    config.calib_default = not calib_only
+    if int8_form not in FORMS:
+        raise LrcError(f"--int8-form must be {' or '.join(FORMS)}, got {int8_form!r}")
     if quantize_rest not in (None, "int8", "int4"):
         raise LrcError(f"--quantize-rest must be int8 or int4, got {quantize_rest!r}")
-    int8 = int8_form if int8 else False
-    if not model.exists():
-        raise LrcError(f"{model}: no such file or folder")
-    if model.is_dir():
-        out = out or model.with_name(model.name + "-lrc")
-        report = _compress_folder(model, out, kw, int8, external_data, force, check)
-        summary_path = out / "lrc.json"
-    else:
-        src = M.resolve_model_path(model)
-        out = out or src.with_name(src.stem + "-lrc.onnx")
-        if out.exists() and out.is_dir():
-            out = out / src.name
-        summary_path = out.with_name(out.name + ".lrc.json")
-        if not force:
-            for p in (out, summary_path):
-                if p.exists():
-                    raise LrcError(f"{p} exists; pass --force to overwrite")
-        M.check_output(out, force)
-        report = _compress_file(src, out, kw, int8, external_data, force, check)
-        M.write_text_atomic(summary_path, json.dumps(report, indent=1))
-    if quantize_rest:
-        from lrc.quantize import quantize_rest_inplace
-
-        qrep = quantize_rest_inplace(out, quantize_rest, check=check)
-        report["quantize_rest"] = qrep
-        report["size_after"] = qrep["size_after"]
-        M.write_text_atomic(summary_path, json.dumps(report, indent=1))
+    config.int8 = int8_form if int8 else False
+    with _progress_bar() as bar:
+        report, summary_path = compress_path(model, out, config, external_data=external_data,
+                                             force=force, check=check,
+                                             quantize_rest=quantize_rest, **_progress(bar))
     if as_json:
         print(json.dumps(report, indent=1))
         return
@@ -280,55 +202,22 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
         console.print(f"quantize-rest: {report['quantize_rest']['summary']}")
 
 
-def _compress_folder(src: Path, out: Path, kw, int8, external_data, force, check) -> dict:
-    """Folder in, folder out: every .onnx compressed, other files (tokenizer, configs) copied."""
-    from lrc.graph import model as M
+def _progress(bar) -> dict:
+    """``progress`` and ``calib_progress`` callbacks drawing on ``bar``."""
+    task = bar.add_task("", total=None)
 
-    onnx_files = sorted(src.glob("*.onnx"))
-    if not onnx_files:
-        raise LrcError(f"{src}: folder holds no .onnx model")
-    if out.exists() and not force:
-        raise LrcError(f"{out} exists; pass --force to overwrite")
-    if not out.parent.exists():
-        raise LrcError(f"output folder {out.parent} does not exist")
-    for f in onnx_files:  # validate all before writing anything
-        M.load_proto(f)
-    data_files = set()
-    for f in onnx_files:
-        data_files.update(_external_files(f))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        for item in src.iterdir():
-            if item.suffix == ".onnx" or item.name in data_files or item.name == "lrc.json":
-                continue
-            if item.is_dir():
-                shutil.copytree(item, tmp / item.name)
-            else:
-                shutil.copy2(item, tmp / item.name)
-        reports = {}
-        for f in onnx_files:
-            reports[f.name] = _compress_file(f, tmp / f.name, kw, int8,
-                                             external_data or bool(_external_files(f)), True, check)
-        report = reports[onnx_files[0].name] if len(reports) == 1 else {
-            "models": reports, "summary": "; ".join(f"{k}: {v['summary']}" for k, v in reports.items()),
-            "size_before": sum(r["size_before"] for r in reports.values()),
-            "size_after": sum(r["size_after"] for r in reports.values())}
-        for r in reports.values():
-            r["output"] = str(out / Path(r["output"]).name)
-        M.write_text_atomic(tmp / "lrc.json", json.dumps(report, indent=1))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return report
+    def progress(done, total, name):
+        bar.update(task, completed=done, total=total, description=name[-48:])
 
+    calib_task = None
 
-def _external_files(path: Path) -> set[str]:
-    from lrc.graph.model import external_files
+    def calib_progress(done, total=None):
+        nonlocal calib_task
+        if calib_task is None:
+            calib_task = bar.add_task("calibrating", total=total)
+        bar.update(calib_task, completed=done, total=total)
 
-    return external_files(path)
+    return {"progress": progress, "calib_progress": calib_progress}
 
 
 def _print_compress(report: dict, summary_path: Path) -> None:
@@ -492,6 +381,8 @@ def eval_(orig: Path = typer.Argument(..., help="Original model (.onnx or folder
           as_json: bool = typer.Option(False, "--json")):
     """Quality of NEW against ORIG: perplexity, KL, top-1, cosine; Pearson for encoders."""
     from lrc.measure import quality as E
+    from lrc.measure.drift import layer_drift
+    from lrc.present.quality import format_table
 
     def _text(t):
         if t is None:
@@ -509,17 +400,23 @@ def eval_(orig: Path = typer.Argument(..., help="Original model (.onnx or folder
     res = E.evaluate(orig, new, text=_text(text), ood=_text(ood), context=context,
                      max_tokens=max_tokens, threads=threads)
     if layers:
-        res["layers"] = E._jsonable(E.layer_drift(orig, new, threads=threads))
+        res["layers"] = E.jsonable(layer_drift(orig, new, threads=threads))
+    if _emit_json(res, out_json, as_json):
+        return
+    console.print(format_table({k: v for k, v in res.items() if k != "layers"}))
+    if layers:
+        console.print(format_table(res["layers"], title="per-layer drift (worst first)"))
+
+
+def _emit_json(res: dict, out_json: Optional[Path], as_json: bool) -> bool:
+    """``--save FILE`` writes the result (atomically); ``--json`` prints it. True: printed."""
     if out_json:
         from lrc.graph.model import write_text_atomic
 
         write_text_atomic(out_json, json.dumps(res, indent=1))
     if as_json:
         print(json.dumps(res, indent=1))
-        return
-    console.print(E.format_table({k: v for k, v in res.items() if k != "layers"}))
-    if layers:
-        console.print(E.format_table(res["layers"], title="per-layer drift (worst first)"))
+    return as_json
 
 
 # ----------------------------------------------------------------------------- bench
@@ -537,6 +434,7 @@ def bench(models: List[Path] = typer.Argument(..., help="First = reference; .onn
           as_json: bool = typer.Option(False, "--json")):
     """Latency/throughput on ONNX Runtime EPs, models interleaved, with speedups and bounds."""
     from lrc.measure import bench as B
+    from lrc.present.bench import format_tables
 
     def ints(s, what):
         try:
@@ -551,14 +449,9 @@ def bench(models: List[Path] = typer.Argument(..., help="First = reference; .onn
                   seq_lens=ints(seq, "seq"), decode_tokens=decode_tokens, warmup=warmup,
                   runs=runs, baselines=baselines,
                   progress=(lambda msg: err.print(f"[dim]{msg}[/dim]")) if not as_json else None)
-    if out_json:
-        from lrc.graph.model import write_text_atomic
-
-        write_text_atomic(out_json, json.dumps(res, indent=1))
-    if as_json:
-        print(json.dumps(res, indent=1))
+    if _emit_json(res, out_json, as_json):
         return
-    for t in B.format_tables(res):
+    for t in format_tables(res):
         console.print(t)
 
 
@@ -632,8 +525,9 @@ def tune(model: Path = typer.Argument(..., help="Exported folder (model.onnx + t
                                                  help="Also write the result JSON here."),
          as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
     """Try INT8, 4-bit and low rank (alone and stacked), measure all, keep the best in budget."""
-    from lrc.graph.model import resolve_model_path, write_text_atomic
-    from lrc.tune import OBJECTIVES, format_tables
+    from lrc.graph.model import resolve_model_path
+    from lrc.present.tune import format_tables
+    from lrc.tune import OBJECTIVES
     from lrc.tune import tune as run
 
     if max_ppl_increase is not None and max_pearson_drop is not None:
@@ -662,11 +556,7 @@ def tune(model: Path = typer.Argument(..., help="Exported folder (model.onnx + t
                  threads=threads, out=out, quick=quick, runs=runs, calib_tokens=calib_tokens,
                  force=force, keep_workdir=keep_workdir, update=update,
                  progress=None if as_json else (lambda msg: err.print(f"[dim]{msg}[/dim]")))
-    if out_json:
-        write_text_atomic(out_json, json.dumps(res, indent=1))
-    if as_json:
-        print(json.dumps(res, indent=1))
-    else:
+    if not _emit_json(res, out_json, as_json):
         for t in format_tables(res):
             console.print(t)
         console.print(f"[bold]{res['reason']}[/bold]")

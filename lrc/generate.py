@@ -13,6 +13,8 @@ decode time explicit.  The loop follows the layout optimum writes for
 2. decode: one token at a time, ``present.*`` fed back as ``past_key_values.*``, the attention
    mask growing by one and ``position_ids`` the token's position.
 
+The feeds are :func:`lrc.runtime.feeds.text_feeds`' (the cache may also be named ``past.N.key``
+or ``past_key.N``; a folder may hold ``decoder_model_merged.onnx`` instead of ``model.onnx``).
 Inputs the model lacks (``position_ids``, ``attention_mask``) are simply not fed, a merged
 decoder's ``use_cache_branch`` is set, and a model exported without a cache (lrc's
 torch-dynamo fallback) is run on the whole sequence at each step.  Generation stops at
@@ -31,13 +33,9 @@ from typing import NamedTuple
 import numpy as np
 
 from lrc.errors import LrcError
-
-_ORT_TO_NP = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(bfloat16)": np.float32,  # not representable in numpy; ORT rejects it anyway
-}
+from lrc.graph.model import resolve_model_path
+from lrc.runtime.feeds import empty_past, past_names, present_to_past, text_feeds
+from lrc.runtime.session import open_session
 
 
 @dataclass
@@ -89,22 +87,25 @@ def _as_id_list(value) -> list[int]:
 
 
 class OnnxCausalLM:
-    """An exported decoder-only model folder, loaded for generation."""
+    """An exported decoder-only model folder (or its .onnx file), loaded for generation.
 
-    def __init__(self, model_dir: str | Path, threads: int | None = None, providers: list[str] | None = None):
-        import onnxruntime as ort
+    The model file is found by :func:`lrc.graph.model.resolve_model_path` (``model.onnx``, else
+    ``decoder_model_merged.onnx``, ...); the session comes from
+    :func:`lrc.runtime.session.open_session` and the KV cache is read by :mod:`lrc.runtime.feeds`
+    (``past_key_values.N.key``, ``past.N.key`` or ``past_key.N``). ``provider``: an execution
+    provider alias or ORT name (default the CPU)."""
+
+    def __init__(self, model_dir: str | Path, threads: int | None = None, provider: str = "cpu"):
         from tokenizers import Tokenizer
 
         path = Path(model_dir)
-        if path.is_file() and path.suffix == ".onnx":
-            model_file, folder = path, path.parent
-        else:
-            folder = path
-            model_file = folder / "model.onnx"
-        if not model_file.is_file():
+        folder = path.parent if path.is_file() else path
+        if path.is_dir() and not (folder / "model.onnx").is_file():
             if (folder / "encoder_model.onnx").is_file():
                 raise LrcError(f"{folder} is an encoder-decoder export; lrc generates only with decoder-only models")
-            raise LrcError(f"{folder} has no model.onnx; export a text-generation model there first")
+            if not any(folder.glob("*.onnx")):
+                raise LrcError(f"{folder} has no model.onnx; export a text-generation model there first")
+        model_file = resolve_model_path(path)
         if not (folder / "tokenizer.json").is_file():
             raise LrcError(f"{folder} has no tokenizer.json; generation needs the model's tokenizer")
 
@@ -114,74 +115,24 @@ class OnnxCausalLM:
         self.tokenizer_config = _read_json(folder / "tokenizer_config.json")
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
 
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = int(threads)
-            so.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(
-                str(model_file), so, providers=providers or ["CPUExecutionProvider"]
-            )
-        except Exception as e:  # noqa: BLE001 - ORT raises several exception types
-            raise LrcError(f"onnxruntime cannot load {model_file}: {str(e).splitlines()[0]}") from e
-
+        self.session = open_session(model_file, threads=threads, provider=provider,
+                                    inter_op=1 if threads else None)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         if "input_ids" not in self.inputs or "logits" not in self.output_names:
             raise LrcError(f"{model_file} is not a causal LM (needs input 'input_ids' and output 'logits')")
-        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
-        # present.N.key -> past_key_values.N.key (optimum's naming)
-        self.present_to_past = {
-            o: "past_key_values." + o[len("present."):]
-            for o in self.output_names
-            if o.startswith("present.") and "past_key_values." + o[len("present."):] in self.inputs
-        }
-        if self.past_names and len(self.present_to_past) != len(self.past_names):
-            raise LrcError(f"{model_file}: past_key_values inputs do not match present outputs")
+        self.past_names = past_names(self.session)
+        self.present_to_past = present_to_past(self.session)  # LrcError when they do not pair
         self.eos_ids = set(
             _as_id_list(self.generation_config.get("eos_token_id"))
             or _as_id_list(self.config.get("eos_token_id"))
         )
-
-    # ------------------------------------------------------------------ inputs
-    def _empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
-        cfg = self.config
-        heads = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or cfg.get("n_head")
-        hidden = cfg.get("hidden_size") or cfg.get("n_embd")
-        head_dim = cfg.get("head_dim") or (hidden // cfg.get("num_attention_heads", cfg.get("n_head", 1)) if hidden else None)
-        past = {}
-        for name in self.past_names:
-            info = self.inputs[name]
-            dims = list(info.shape)
-            if len(dims) != 4:
-                raise LrcError(f"unsupported cache layout for {name}: shape {dims}")
-            shape = [batch, dims[1], 0, dims[3]]
-            if not isinstance(shape[1], int):
-                shape[1] = heads
-            if not isinstance(shape[3], int):
-                shape[3] = head_dim
-            if not all(isinstance(d, int) for d in shape):
-                raise LrcError(f"cannot tell the cache shape of {name}: not in the model or config.json")
-            past[name] = np.zeros(shape, dtype=_ORT_TO_NP.get(info.type, np.float32))
-        return past
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         if chat:
             text = apply_chat_template(self.folder, self.tokenizer_config, prompt)
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         return self.tokenizer.encode(prompt).ids
-
-    def _feed(self, ids: np.ndarray, total: int, past: dict, first: bool) -> dict:
-        feed = {"input_ids": ids}
-        n = ids.shape[1]
-        if "attention_mask" in self.inputs:
-            feed["attention_mask"] = np.ones((1, total), dtype=np.int64)
-        if "position_ids" in self.inputs:
-            feed["position_ids"] = np.arange(total - n, total, dtype=np.int64)[None, :]
-        if "use_cache_branch" in self.inputs:
-            feed["use_cache_branch"] = np.array([not first])
-        feed.update(past)
-        return feed
 
     # ---------------------------------------------------------------- generate
     def generate(
@@ -210,12 +161,13 @@ class OnnxCausalLM:
         tokens = list(ids)
         new: list[int] = []
         t0 = time.perf_counter()
-        past = self._empty_past() if use_cache else {}
+        past = empty_past(self.session, config=self.config) if use_cache else {}
         step_ids = np.asarray([tokens], dtype=np.int64)
         first = True
         t_first = None
         while True:
-            outs = self.session.run(self.output_names, self._feed(step_ids, len(tokens), past, first))
+            feeds = text_feeds(self.session, step_ids, past=past, config=self.config)
+            outs = self.session.run(self.output_names, feeds)
             logits = outs[0]
             nxt = pick(logits[0, -1])
             new.append(nxt)

@@ -21,8 +21,9 @@ the second kind to ONNX Runtime's quantisers and, by default, keeps the first ki
 themselves) or ``"all"`` (``exclude_factors=False``). Node names select them, so unnamed nodes
 are given names first.
 
-Folder in, folder out like ``compress``: every ``*.onnx`` in the folder is quantised, other files
-(tokenizer, configs) are copied, and the output appears only when complete (temp + rename).
+Folder in, folder out like ``compress`` (:mod:`lrc.graph.folder`): every ``*.onnx`` in the folder
+is quantised, other files (tokenizer, configs) are copied, and the output appears only when
+complete (temp + rename).
 """
 
 from __future__ import annotations
@@ -35,24 +36,16 @@ from collections import Counter
 from pathlib import Path
 
 from lrc.errors import LrcError
-from lrc.runtime import quantizers
+from lrc.graph import folder
 from lrc.graph.locate import FACTOR_META, weight_matmul_nodes
+from lrc.graph.model import resolve_model_path
+from lrc.runtime import quantizers
+from lrc.runtime.session import check_loads
 
 MODES = ("int8", "int4", "int8-weight")
 TARGETS = ("rest", "factors", "all")
 _NBITS = {"int4": 4, "int8-weight": 8}
 _BIG = 1_800_000_000  # above this the output is written with external data
-
-
-def _onnx_files(src: Path) -> list[Path]:
-    if src.is_dir():
-        files = sorted(src.glob("*.onnx"))
-        if not files:
-            raise LrcError(f"{src}: folder holds no .onnx model")
-        return files
-    from lrc.graph.model import resolve_model_path
-
-    return [resolve_model_path(src)]
 
 
 def factor_node_names(proto, float_only: bool = True) -> list[str]:
@@ -146,20 +139,6 @@ _QOPS = {"MatMul", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "Deq
          "DynamicQuantizeMatMul", "Gemm"}
 
 
-def _check_session(path: Path) -> None:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    try:
-        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001  (ORT's own exception types)
-        raise LrcError(f"ONNX Runtime could not load the quantised model: "
-                       f"{str(e).strip().splitlines()[0]}") from e
-
-
 def quantize(model, out, mode: str = "int8", *, targets: str = "rest", per_channel: bool = True,
              block_size: int = 32, accuracy_level: int | None = 4, symmetric: bool = True,
              force: bool = False, check: bool = True) -> dict:
@@ -176,54 +155,18 @@ def quantize(model, out, mode: str = "int8", *, targets: str = "rest", per_chann
     src, out = Path(model), Path(out)
     if not src.exists():
         raise LrcError(f"{src}: no such file or folder")
-    files = _onnx_files(src)
-    if out.exists() and not force:
-        raise LrcError(f"{out} exists; pass --force to overwrite")
-    if not out.parent.exists():
-        raise LrcError(f"output folder {out.parent} does not exist")
-    if out.resolve() == src.resolve():
-        raise LrcError("output must differ from the input")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        reports = {}
-        if src.is_dir():
-            skip = set()
-            for f in files:
-                skip |= _external_files(f)
-            for item in src.iterdir():
-                if item.suffix == ".onnx" or item.name in skip or item.name.endswith(".onnx.data"):
-                    continue
-                if item.is_dir():
-                    shutil.copytree(item, tmp / item.name)
-                else:
-                    shutil.copy2(item, tmp / item.name)
-            for f in files:
-                reports[f.name] = _quantize_file(f, tmp / f.name, mode, targets, per_channel,
-                                                 block_size, accuracy_level, symmetric)
-                if check:
-                    _check_session(tmp / f.name)
-            if out.exists():
-                shutil.rmtree(out) if out.is_dir() else out.unlink()
-            os.replace(tmp, out)
-            for name, r in reports.items():
-                r["output"] = str(out / name)
-        else:
-            dst = tmp / out.name
-            reports[out.name] = _quantize_file(files[0], dst, mode, targets, per_channel,
-                                               block_size, accuracy_level, symmetric)
-            if check:
-                _check_session(dst)
-            data = tmp / (out.name + ".data")
-            if data.exists():
-                os.replace(data, out.parent / data.name)
-            if out.exists() and out.is_dir():
-                shutil.rmtree(out)
-            os.replace(dst, out)
-            reports[out.name]["output"] = str(out)
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def transform(f: Path, dst: Path) -> dict:
+        report = _quantize_file(f, dst, mode, targets, per_channel, block_size, accuracy_level,
+                                symmetric)
+        if check:
+            check_loads(dst)
+        return report
+
+    if src.is_dir():
+        reports = folder.transform_folder(src, out, transform, force=force)
+    else:
+        reports = {out.name: _quantize_to_file(resolve_model_path(src), out, transform, force)}
     first = next(iter(reports.values()))
     report = dict(first)
     if len(reports) > 1:
@@ -231,6 +174,23 @@ def quantize(model, out, mode: str = "int8", *, targets: str = "rest", per_chann
         report["size_before"] = sum(r["size_before"] for r in reports.values())
         report["size_after"] = sum(r["size_after"] for r in reports.values())
     report["summary"] = summary_line(report)
+    return report
+
+
+def _quantize_to_file(src: Path, out: Path, transform, force: bool) -> dict:
+    """One file: staged in a temporary folder beside ``out``, moved into place when complete."""
+    folder.check_output(src, out, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        dst = tmp / out.name
+        report = transform(src, dst)
+        data = tmp / (out.name + ".data")
+        if data.exists():
+            os.replace(data, out.parent / data.name)
+        folder.replace(dst, out)
+        report["output"] = str(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 
@@ -279,12 +239,6 @@ def summary_line(r: dict) -> str:
     return (f"quantised {r['quantized']} {what} to {how} ({r['weight_matmuls']} float weight "
             f"MatMuls, {r['factor_matmuls']} of them lrc factors); {kept}; "
             f"{r['size_before'] / 1e6:.1f} -> {r['size_after'] / 1e6:.1f} MB")
-
-
-def _external_files(path: Path) -> set[str]:
-    from lrc.graph.model import external_files
-
-    return external_files(path)
 
 
 __all__ = ["MODES", "TARGETS", "factor_node_names", "op_counts", "quantize", "quantize_rest",

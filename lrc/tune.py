@@ -56,14 +56,25 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from lrc.compress import compress
 from lrc.errors import LrcError
+from lrc.graph import folder
+from lrc.graph import model as M
+from lrc.graph.model import file_size, resolve_model_path
+from lrc.graph.passes.int8 import Int8FactorsPass
+from lrc.graph.plan import build_policy
+from lrc.methods import make_factoriser
+from lrc.quantize import quantize
+from lrc.runtime.providers import lookup, resolve_ep
+
+METHOD = "svd-llm"  # the low-rank method tune searches (lrc.methods); --update adds the fit
 
 OBJECTIVES = ("latency", "size")
 RATIOS = (0.9, 0.8, 0.7)
 SCOPES = {"mlp": ["ffn"], "all": ["attn", "ffn"]}
 DEFAULT_LOSS = {"causal-lm": 0.10, "encoder": 0.01}
 LM_TEXTS = ("news", "docs")
-_AUX_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
+_OWN_FILES = ("lrc.json", "tune.json", "*.lrc.json")  # summaries of earlier jobs: not copied
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -79,15 +90,6 @@ def _dir_size(path: Path) -> int:
     return file_size(path / "model.onnx")
 
 
-def _copy_aux(src_dir: Path, dst: Path) -> None:
-    """Tokenizer and config files (not models, not weights, not sub-folders)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for item in src_dir.iterdir():
-        if item.is_file() and item.suffix in _AUX_SUFFIXES and item.name not in (
-                "lrc.json", "tune.json") and not item.name.endswith(".lrc.json"):
-            shutil.copy2(item, dst / item.name)
-
-
 def _cache_file(src: Path, kind: str, settings: dict) -> Path:
     from lrc import __version__
     from lrc.calibration.stats import cache_dir_default
@@ -101,7 +103,7 @@ def _cache_file(src: Path, kind: str, settings: dict) -> Path:
 # ----------------------------------------------------------------------------- quality
 
 
-class _Quality:
+class Quality:
     """Measures a model's quality the same way for the dense model and every candidate."""
 
     def __init__(self, src: Path, kind: str, threads: int | None, max_tokens: int, tokenizer):
@@ -164,7 +166,7 @@ class _Quality:
 # ----------------------------------------------------------------------------- candidates
 
 
-def _plan(quick: bool, ratios, scopes) -> list[dict]:
+def plan_candidates(quick: bool, ratios, scopes) -> list[dict]:
     """Recipes in build order; low-rank variants follow their float parent."""
     if quick:
         return [{"name": "int8", "family": "quantized", "quant": "int8"},
@@ -184,7 +186,7 @@ def _plan(quick: bool, ratios, scopes) -> list[dict]:
     return plan
 
 
-def _pruned(rec: dict, built: dict[str, dict], budget: float) -> str | None:
+def pruned_reason(rec: dict, built: dict[str, dict], budget: float) -> str | None:
     """Why ``rec`` cannot stay within budget, judged on measured candidates, or None.
 
     Low rank keeps the leading directions of each whitened weight, so a smaller ratio of the
@@ -210,10 +212,10 @@ def _pruned(rec: dict, built: dict[str, dict], budget: float) -> str | None:
     return None
 
 
-def _describe(rec: dict, gpu: bool) -> str:
+def _describe(rec: dict, weight_only: bool) -> str:
     if rec["family"] == "quantized":
         if rec["quant"] == "int8":
-            return ("MatMulNBits 8-bit weight-only, all weight MatMuls" if gpu else
+            return ("MatMulNBits 8-bit weight-only, all weight MatMuls" if weight_only else
                     "ORT INT8 dynamic, per-channel, all weight MatMuls")
         return "MatMulNBits 4-bit, block 32, all weight MatMuls"
     d = (f"SVD-LLM{' + group + update' if rec.get('update') else ''} "
@@ -222,11 +224,11 @@ def _describe(rec: dict, gpu: bool) -> str:
     if rec.get("i8f"):
         d += ", int8 factors"
     if rec.get("rest8"):
-        d += ", rest INT8" + (" (MatMulNBits 8-bit)" if gpu else " (ORT dynamic)")
+        d += ", rest INT8" + (" (MatMulNBits 8-bit)" if weight_only else " (ORT dynamic)")
     return d
 
 
-class _TruncatingFactorizer:
+class TruncatingFactorizer:
     """One factorisation per weight, truncated for every ratio.
 
     SVD-LLM's (and plain SVD's) factors are ordered by singular value: column ``j`` of ``A`` and
@@ -272,7 +274,11 @@ class _Builder:
         self.src, self.work, self.log = src, work, log
         self.update = update
         self.max_ratio = max_ratio
-        self.gpu = ep.lower() != "cpu"
+        # the provider's native int8 forms: weight-only (MatMulNBits 8-bit, QDQ factors) where
+        # there is no DynamicQuantizeLinear kernel (GPU EPs), ORT's dynamic INT8 on the CPU EP
+        self.provider = lookup(ep)
+        self.weight_only = self.provider.int8_form == "qdq"
+        self.accuracy_level = self.provider.quantizer.get("accuracy_level")
         self.calib_tokens, self.tokenizer = calib_tokens, tokenizer
         self._factorizer = None
         self.calibration: dict | None = None
@@ -281,35 +287,30 @@ class _Builder:
         p = self.work / name
         if p.exists():
             shutil.rmtree(p)
-        _copy_aux(self.src.parent, p)
+        folder.copy_aux(self.src.parent, p, skip=_OWN_FILES)
         return p
 
     def factorizer(self):
         """One SVD-LLM factoriser (one calibration) for every low-rank candidate."""
         if self._factorizer is None:
-            from lrc.graph import model as M
-            from lrc.api import build_policy, data_aware_factorizer
-
             self.log(f"calibrating ({self.calib_tokens} tokens, cached on disk)")
             pol = build_policy(ratio=0.8, include=SCOPES["all"])
-            fac, self.calibration = data_aware_factorizer(
-                M.load(self.src), str(self.src), pol, "svd-llm", n_tokens=self.calib_tokens,
+            fac, self.calibration = make_factoriser(
+                METHOD, M.load(self.src), pol, self.src, n_tokens=self.calib_tokens,
                 tokenizer=self.tokenizer)
             if fac is None:
                 raise LrcError("no MLP or attention projection to factorise in this model")
-            self._factorizer = _TruncatingFactorizer(fac, self.max_ratio)
+            self._factorizer = TruncatingFactorizer(fac, self.max_ratio)
         return self._factorizer
 
     def build(self, rec: dict, built: dict[str, dict]) -> dict:
-        from lrc.graph import model as M
-        from lrc.quantize import quantize
-
         out = self.folder(rec["name"])
         info: dict = {}
         if rec["family"] == "quantized":
-            mode = "int4" if rec["quant"] == "int4" else ("int8-weight" if self.gpu else "int8")
+            mode = "int4" if rec["quant"] == "int4" else ("int8-weight" if self.weight_only
+                                                          else "int8")
             r = quantize(self.src, out / "model.onnx", mode, targets="all",
-                         accuracy_level=None if self.gpu else 4, check=False)
+                         accuracy_level=self.accuracy_level, check=False)
             info["quantize"] = r["summary"]
             return info
         parent = built.get(rec.get("parent") or "")
@@ -317,8 +318,6 @@ class _Builder:
             shutil.rmtree(out, ignore_errors=True)
             raise LrcError(f"not built: {rec['parent']} failed")
         if parent is None:  # the float low-rank model
-            from lrc.api import compress
-
             step = {"next": 0.25}
 
             def progress(done, total, _name):  # factorising is the slow part: say where it is
@@ -330,7 +329,7 @@ class _Builder:
                 self.log(f"  {rec['name']}: grouped + update ({self.calib_tokens} calibration "
                          "tokens)")
                 m, report = compress(str(self.src), ratio=rec["ratio"],
-                                     include=SCOPES[rec["scope"]], method="svd-llm",
+                                     include=SCOPES[rec["scope"]], method=METHOD,
                                      group_inputs=True, update=True,
                                      calib_tokens=self.calib_tokens, tokenizer=self.tokenizer,
                                      progress=progress)
@@ -338,7 +337,7 @@ class _Builder:
                     self.calibration = report.get("calibration")
             else:
                 m, report = compress(M.load(self.src), ratio=rec["ratio"],
-                                     include=SCOPES[rec["scope"]], method="svd-llm",
+                                     include=SCOPES[rec["scope"]], method=METHOD,
                                      factorizer=self.factorizer(), progress=progress)
             M.save(m, out / "model.onnx", force=True)
             (out / "lrc.json").write_text(json.dumps(report, indent=1))
@@ -348,18 +347,16 @@ class _Builder:
         info["params_ratio"] = parent.get("params_ratio")
         src = Path(parent["path"])
         if rec.get("i8f"):
-            from lrc.graph.passes.int8 import Int8FactorsPass
-
             m = M.load(src / "model.onnx")
-            q = Int8FactorsPass("qdq" if self.gpu else "dynamic")
+            q = Int8FactorsPass(self.provider.int8_form)
             q(m)
             M.save(m, out / "model.onnx", force=True)
             info["int8_factors"] = q.record["summary"]
             src = out
         if rec.get("rest8"):
             tmp = out / "rest8.onnx"
-            r = quantize(src / "model.onnx", tmp, "int8-weight" if self.gpu else "int8",
-                         targets="rest", accuracy_level=None if self.gpu else 4, check=False)
+            r = quantize(src / "model.onnx", tmp, "int8-weight" if self.weight_only else "int8",
+                         targets="rest", accuracy_level=self.accuracy_level, check=False)
             if r["quantized"] == 0:
                 shutil.rmtree(out)
                 raise _Duplicate("nothing left dense to quantise")
@@ -411,8 +408,7 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
     kind is refused. ``update``: build low-rank candidates with ``--group-inputs --update`` (the
     measured best; one compression each) instead of truncations of one plain SVD-LLM."""
     from lrc.measure import quality as E
-    from lrc.measure.bench import bench, resolve_ep
-    from lrc.graph.model import file_size, resolve_model_path
+    from lrc.measure.bench import bench
 
     if objective not in OBJECTIVES:
         raise LrcError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -425,10 +421,7 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
         raise LrcError(f"{src_in}: tune takes one model; this folder holds several .onnx files")
     out_path = Path(out) if out is not None else None
     if out_path is not None:
-        if out_path.exists() and not force:
-            raise LrcError(f"{out_path} exists; pass --force to overwrite")
-        if not out_path.parent.exists():
-            raise LrcError(f"output folder {out_path.parent} does not exist")
+        M.check_output(out_path, force)
     tok_file = src.parent / "tokenizer.json"
     if not tok_file.is_file():
         raise LrcError(f"tune needs tokenizer.json beside {src} (quality is measured on text)")
@@ -445,14 +438,14 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
         raise LrcError("max_quality_loss must be >= 0")
     runs = runs or (5 if quick else 20)
     calib_tokens = calib_tokens or (2048 if quick else 16384)
-    quality = _Quality(src, kind, threads, 512 if quick else 1024, str(tok_file))
+    quality = Quality(src, kind, threads, 512 if quick else 1024, str(tok_file))
     dense_q = quality.dense_metrics(log)
 
     base = out_path.parent if out_path is not None else None
     work = Path(tempfile.mkdtemp(prefix=".lrc-tune-", dir=base))
     builder = _Builder(src, work, ep, calib_tokens, str(tok_file), log,
                        max(ratios) if not quick else 0.8, update=update)
-    plan = _plan(quick, ratios, scopes)
+    plan = plan_candidates(quick, ratios, scopes)
     for rec in plan:
         if rec["family"] == "low-rank":
             rec["update"] = update
@@ -462,8 +455,8 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
     try:
         for i, rec in enumerate(plan, 1):
             c = {"name": rec["name"], "family": rec["family"],
-                 "recipe": _describe(rec, builder.gpu)}
-            why = _pruned(rec, built, budget) if prune else None
+                 "recipe": _describe(rec, builder.weight_only)}
+            why = pruned_reason(rec, built, budget) if prune else None
             if why:
                 log(f"[{i}/{len(plan)}] {c['name']}: skipped ({why})")
                 c.update(skipped=why, within_budget=False)
@@ -525,7 +518,7 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
         key = "speedup" if objective == "latency" else "size_bytes"
         points = [dense] + [c for c in cands if "loss" in c]
         front = pareto(points, key)
-        chosen, reason = _choose(dense, timed, objective, margin, budget, kind)
+        chosen, reason = choose(dense, timed, objective, margin, budget, kind)
         confirm = None
         plain = [c for c in timed if c["family"] == "quantized" and c.get("speedup")]
         if (objective == "latency" and chosen is not None and chosen["family"] == "low-rank"
@@ -548,7 +541,7 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
             if sp2[chosen["name"]] and sp2[rival["name"]]:
                 pair = [dict(rival, speedup=sp2[rival["name"]]),
                         dict(chosen, speedup=sp2[chosen["name"]])]
-                best2, why2 = _choose(dense, pair, objective, margin, budget, kind)
+                best2, why2 = choose(dense, pair, objective, margin, budget, kind)
                 if best2 is None or best2["name"] != chosen["name"]:
                     chosen = rival if best2 is not None else None
                     reason = f"confirmation run ({2 * runs} runs): {why2}"
@@ -584,7 +577,7 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _choose(dense: dict, timed: list[dict], objective: str, margin: float, budget: float,
+def choose(dense: dict, timed: list[dict], objective: str, margin: float, budget: float,
             kind: str) -> tuple[dict | None, str]:
     if not timed:
         return None, (f"no candidate stays within the quality budget ({budget:g}); "
@@ -627,10 +620,7 @@ def _write_out(cand: Path, src_in: Path, out: Path, force: bool) -> Path:
     """Move the chosen candidate into place: a folder for a folder input, a file for a file."""
     if src_in.is_dir():
         (cand / "tune.json").unlink(missing_ok=True)
-        if out.exists() and force:
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(cand, out)
-        return out
+        return folder.replace(cand, out)
     target = out if out.suffix == ".onnx" else out / "model.onnx"
     if target.exists() and force:
         target.unlink()
@@ -641,50 +631,4 @@ def _write_out(cand: Path, src_in: Path, out: Path, force: bool) -> Path:
     return target
 
 
-# ----------------------------------------------------------------------------- presentation
-
-
-def format_tables(result: dict) -> list:
-    """rich Tables: every candidate (quality, loss, size, speed), then the Pareto frontier."""
-    from rich.table import Table
-
-    lm = result["kind"] == "causal-lm"
-    budget = result["budget"]["max_quality_loss"]
-    rows = [result["dense"]] + result["candidates"]
-    front = set(result["frontier"])
-    t = Table(title=f"tune: {result['model']} ({result['kind']}, budget: "
-                    f"{result['budget']['definition']})", header_style="bold")
-    cols = ["candidate", "recipe"] + (["ppl news", "ppl docs"] if lm else ["Lee r"]) + \
-        ["loss", "size MB", "speedup", "frontier"]
-    for c in cols:
-        t.add_column(c, justify="left" if c in ("candidate", "recipe") else "right")
-    for c in rows:
-        q = c.get("quality") or {}
-        qual = ([_f(q.get("news")), _f(q.get("docs"))] if lm else [_f(q.get("lee_pearson"), 4)])
-        if c.get("error") or c.get("skipped"):
-            note = (f"[red]failed: {c['error'][:60]}[/red]" if c.get("error")
-                    else f"[dim]skipped: {c['skipped']}[/dim]")
-            t.add_row(c["name"], f"{c['recipe']}\n{note}", *["-"] * len(qual), "-", "-", "-", "")
-            continue
-        loss = c.get("loss")
-        over = loss is not None and loss > budget + 1e-12
-        lstr = "-" if loss is None else (f"{loss:+.1%}" if lm else f"{loss:+.4f}")
-        sp = c.get("speedup")
-        t.add_row(c["name"] + (" [bold green]<- chosen[/bold green]"
-                               if c["name"] == result.get("chosen") else ""),
-                  c["recipe"], *qual, f"[red]{lstr}[/red]" if over else lstr,
-                  f"{c.get('size_bytes', 0) / 1e6:.1f}",
-                  "-" if sp is None else f"{sp:.2f}x", "*" if c["name"] in front else "")
-    t.caption = ("loss: " + ("worse of ppl/dense - 1 over news and docs" if lm else
-                             "dense Pearson - Pearson (absolute)")
-                 + "; speedup: dense p50 / p50, interleaved (decoders: geometric mean of prefill "
-                   "and decode); '-' = over budget, not timed; * = Pareto frontier of "
-                 + ("speed" if result["objective"] == "latency" else "size") + " vs loss")
-    return [t]
-
-
-def _f(v, digits=2):
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
-__all__ = ["OBJECTIVES", "format_tables", "pareto", "tune"]
+__all__ = ["OBJECTIVES", "pareto", "tune"]

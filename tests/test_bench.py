@@ -1,4 +1,5 @@
-"""Tests of lrc.bench on tiny synthetic ONNX graphs built with onnx.helper (no torch)."""
+"""Tests of lrc.measure.bench (and the runtime pieces it times with) on tiny synthetic ONNX
+graphs built with onnx.helper (no torch)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,14 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lrc.measure import bench as B
 from lrc.errors import LrcError
+from lrc.graph.model import file_size
+from lrc.measure import bench as B
+from lrc.present.bench import format_tables
+from lrc.runtime.profile import amdahl_bound
+from lrc.runtime.providers import PROVIDERS, resolve_ep
+from lrc.runtime.runner import Runner
+from lrc.runtime.session import open_session
 
 OPSET = [helper.make_opsetid("", 17)]
 
@@ -56,9 +63,12 @@ def make_chain(path: Path, dim: int, layers: int, rank: int | None = None, seed:
     return _save(g, path, external)
 
 
-def make_decoder(path: Path, vocab: int = 50, hidden: int = 32, heads: int = 2, seed: int = 0) -> Path:
+def make_decoder(path: Path, vocab: int = 50, hidden: int = 32, heads: int = 2, seed: int = 0,
+                 past: str = "past_key_values.0", present: str = "present.0") -> Path:
     """One attention layer in optimum's decoder layout (input_ids, attention_mask, position_ids,
-    past_key_values.0.key/value -> logits, present.0.key/value)."""
+    past_key_values.0.key/value -> logits, present.0.key/value); ``past`` / ``present`` rename
+    the cache (e.g. ``past.0`` / ``present.0``)."""
+    pk, pv, ok, ov = f"{past}.key", f"{past}.value", f"{present}.key", f"{present}.value"
     rng = np.random.default_rng(seed)
     hd = hidden // heads
 
@@ -83,9 +93,9 @@ def make_decoder(path: Path, vocab: int = 50, hidden: int = 32, heads: int = 2, 
                   n("Reshape", [f"{p}_lin", "split_shape"], [f"{p}_4d"], name=f"attn/{p}_reshape"),
                   n("Transpose", [f"{p}_4d"], [f"{p}_h"], perm=[0, 2, 1, 3], name=f"attn/{p}_transpose")]
     nodes += [
-        n("Concat", ["past_key_values.0.key", "k_h"], ["present.0.key"], axis=2, name="cat_k"),
-        n("Concat", ["past_key_values.0.value", "v_h"], ["present.0.value"], axis=2, name="cat_v"),
-        n("Transpose", ["present.0.key"], ["kT"], perm=[0, 1, 3, 2], name="attn/kT"),
+        n("Concat", [pk, "k_h"], [ok], axis=2, name="cat_k"),
+        n("Concat", [pv, "v_h"], [ov], axis=2, name="cat_v"),
+        n("Transpose", [ok], ["kT"], perm=[0, 1, 3, 2], name="attn/kT"),
         n("MatMul", ["q_h", "kT"], ["scores"], name="attn/qk/MatMul"),
         n("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT, name="mask_cast"),
         n("Sub", ["one", "maskf"], ["inv"], name="mask_inv"),
@@ -93,7 +103,7 @@ def make_decoder(path: Path, vocab: int = 50, hidden: int = 32, heads: int = 2, 
         n("Unsqueeze", ["bias2d", "ax12"], ["bias4d"], name="mask_unsq"),
         n("Add", ["scores", "bias4d"], ["scores_m"], name="mask_add"),
         n("Softmax", ["scores_m"], ["probs"], axis=-1, name="softmax"),
-        n("MatMul", ["probs", "present.0.value"], ["ctx_h"], name="attn/pv/MatMul"),
+        n("MatMul", ["probs", ov], ["ctx_h"], name="attn/pv/MatMul"),
         n("Transpose", ["ctx_h"], ["ctx_t"], perm=[0, 2, 1, 3], name="attn/ctx_transpose"),
         n("Reshape", ["ctx_t", "merge_shape"], ["ctx"], name="attn/ctx_reshape"),
         n("MatMul", ["ctx", "Wo"], ["o"], name="attn/o_proj/MatMul"),
@@ -107,11 +117,11 @@ def make_decoder(path: Path, vocab: int = 50, hidden: int = 32, heads: int = 2, 
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
          helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
          helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-         helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, kv),
-         helper.make_tensor_value_info("past_key_values.0.value", TensorProto.FLOAT, kv)],
+         helper.make_tensor_value_info(pk, TensorProto.FLOAT, kv),
+         helper.make_tensor_value_info(pv, TensorProto.FLOAT, kv)],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab]),
-         helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, kv_out),
-         helper.make_tensor_value_info("present.0.value", TensorProto.FLOAT, kv_out)],
+         helper.make_tensor_value_info(ok, TensorProto.FLOAT, kv_out),
+         helper.make_tensor_value_info(ov, TensorProto.FLOAT, kv_out)],
         inits)
     return _save(g, path)
 
@@ -170,7 +180,7 @@ def test_encoders_interleaved(models):
     from rich.console import Console
 
     con = Console(record=True, width=200)
-    tables = B.format_tables(res)
+    tables = format_tables(res)
     assert len(tables) >= 3
     for t in tables:
         con.print(t)
@@ -195,30 +205,35 @@ def test_decoder_prefill_and_decode(models):
 
 
 def test_decoder_feeds_grow_cache(models):
-    sess = ort.InferenceSession(str(models["decoder"]), providers=["CPUExecutionProvider"])
-    r = B._Runner("d", models["decoder"], sess, "CPUExecutionProvider", {})
+    r = Runner(open_session(models["decoder"]), "d")
     assert r.is_decoder and r.present_to_past == {"present.0.key": "past_key_values.0.key",
                                                   "present.0.value": "past_key_values.0.value"}
     assert r.vocab == 50  # from the embedding Gather
     f = r.feeds(2, 8)
     assert f["past_key_values.0.key"].shape == (2, 2, 0, 16)
+    assert 1 <= f["input_ids"].min() and f["input_ids"].max() < 50
+    step = r.feeds(2, 1, past_len=8, with_past=False)
+    assert "past_key_values.0.key" not in step and step["attention_mask"].shape == (2, 9)
+    assert step["position_ids"].tolist() == [[8], [8]]
     r.prepare(1, 8, 3)
     dt, d = r.one_round()
     assert dt > 0 and d > 0
     _, outs = r.run_bound(r.prefill_values)
     assert outs["present.0.key"].shape() == [1, 2, 8, 16]
+    _, outs = r.decode_step(r.step_values[0], outs)
+    assert outs["present.0.key"].shape() == [1, 2, 9, 16]
 
 
 def test_missing_ep_is_one_line_error(models):
     avail = set(ort.get_available_providers())
-    missing = next((k for k, v in B.EP_ALIASES.items() if v not in avail), None)
+    missing = next((p.alias for p in PROVIDERS if p.name not in avail), None)
     if missing is None:  # pragma: no cover
         pytest.skip("every known EP is available here")
     with pytest.raises(LrcError) as ei:
         B.bench([models["small"]], eps=(missing,), runs=1, warmup=0)
     assert "not available" in str(ei.value) and "\n" not in str(ei.value)
     with pytest.raises(LrcError, match="unknown execution provider"):
-        B.resolve_ep("no-such-ep")
+        resolve_ep("no-such-ep")
 
 
 def test_missing_model_is_lrc_error(tmp_path):
@@ -250,20 +265,19 @@ def test_external_data_size_and_summary_ratio(tmp_path):
     p = make_chain(tmp_path / "ext.onnx", dim=64, layers=2, external=True)
     data = tmp_path / "ext.onnx.data"
     assert data.is_file()
-    assert B.model_size_bytes(p) == p.stat().st_size + data.stat().st_size
-    assert B._summary_flop_ratio({"totals": {"params_after": 30, "params_before": 120}}) == 0.25
-    assert B._summary_flop_ratio({"flop_ratio": 0.5}) == 0.5
-    assert B._summary_flop_ratio({"totals": {}}) is None
+    assert file_size(p) == p.stat().st_size + data.stat().st_size
+    assert B.summary_flop_ratio({"totals": {"params_after": 30, "params_before": 120}}) == 0.25
+    assert B.summary_flop_ratio({"flop_ratio": 0.5}) == 0.5
+    assert B.summary_flop_ratio({"totals": {}}) is None
     (tmp_path / "ext.onnx.lrc.json").write_text(json.dumps({"totals": {"params_after": 1, "params_before": 4}}))
-    assert B._summary_flop_ratio(B._summary_for(p)) == 0.25
-    assert B.amdahl_bound(0.8, 0.5) == pytest.approx(1 / 0.6)
+    assert B.summary_flop_ratio(B.summary_for(p)) == 0.25
+    assert amdahl_bound(0.8, 0.5) == pytest.approx(1 / 0.6)
 
 
-def test_folder_resolution(tmp_path, models):
-    assert B.resolve_model(models["decoder_dir"]) == models["decoder"]
+def test_empty_folder_is_lrc_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(LrcError):
-        B.resolve_model(tmp_path / "empty")
+    with pytest.raises(LrcError, match="no .onnx"):
+        B.bench([tmp_path / "empty"])
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Activation statistics (lrc.calibrate) on small synthetic graphs, checked against numpy."""
+"""Activation statistics (lrc.calibration.stats) on small synthetic graphs, checked against
+numpy; models given as files and in memory."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lrc.calibration import stats as calibrate
-from lrc.calibration.stats import ActStats, cached_stats, collect_stats, load_stats, save_stats, token_batches
+from lrc.calibration.stats import ActStats, cached_stats, collect_stats, load_stats, save_stats
+from lrc.calibration.tokens import token_batches
 from lrc.errors import LrcError
 
 D, H, V = 8, 12, 40  # hidden, FFN width, vocab
@@ -109,7 +111,7 @@ def test_shared_inputs_deduplicated_and_single_run(tiny, monkeypatch):
     rng = np.random.default_rng(2)
     batches = [_feeds(rng, 1, 6) for _ in range(3)]
     runs = []
-    real = calibrate._session
+    real = calibrate.open_session
 
     def spy(*a, **k):
         sess = real(*a, **k)
@@ -118,7 +120,8 @@ def test_shared_inputs_deduplicated_and_single_run(tiny, monkeypatch):
             lrc_path = sess.lrc_path
 
             def run(self, names, feeds):
-                runs.append(list(names))
+                if names is not None:  # not the Gram product's session
+                    runs.append(list(names))
                 return sess.run(names, feeds)
 
             def __getattr__(self, item):
@@ -126,7 +129,7 @@ def test_shared_inputs_deduplicated_and_single_run(tiny, monkeypatch):
 
         return Wrapped()
 
-    monkeypatch.setattr(calibrate, "_session", spy)
+    monkeypatch.setattr(calibrate, "open_session", spy)
     stats = collect_stats(tiny, ["h", "h", "r", "h"], batches)  # fc1 and fc3 both read "h"
     assert list(stats) == ["h", "r"]
     assert runs == [["h", "r"]] * 3  # one run per batch, all tensors at once
@@ -277,22 +280,60 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     assert calibrate.cache_dir_default() == Path.home() / ".cache" / "lrc" / "calib"
 
 
-def test_fallback_feeds_kv_cache(tmp_path):
-    """The private fallback for lrc.feeds fills an empty KV cache from static dims."""
-    g = helper.make_graph(
-        [helper.make_node("Identity", ["past_key_values.0.key"], ["o"])],
-        "kv",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "t"]),
-         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["b", "s"]),
-         helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["b", 3, "p", 4])],
-        [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)],
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    f = calibrate._fallback_feeds(sess, np.arange(5))
-    assert f["input_ids"].shape == (1, 5) and f["past_key_values.0.key"].shape == (1, 3, 0, 4)
-    assert f["position_ids"].tolist() == [[0, 1, 2, 3, 4]]
+def test_in_memory_models_give_the_file_s_statistics(tiny, tmp_path):
+    """A ModelProto, an onnx_ir.Model or serialized bytes: the same numbers as the file (the
+    model passed in is not modified); external data is found beside ``path``."""
+    import onnx_ir as ir
+
+    from lrc.graph.model import load
+
+    rng = np.random.default_rng(10)
+    batches = [_feeds(rng, 2, 5), _feeds(rng, 1, 7)]
+    ref = collect_stats(tiny, ["h", "r"], batches)
+    proto = onnx.load(tiny)
+    n_outputs = len(proto.graph.output)
+    for model in (proto, ir.serde.deserialize_model(proto), proto.SerializeToString()):
+        got = collect_stats(model, ["h", "r"], batches)
+        for n in ("h", "r"):
+            np.testing.assert_array_equal(got[n].xtx, ref[n].xtx)
+    assert len(proto.graph.output) == n_outputs
+    ext = tmp_path / "ext" / "model.onnx"
+    ext.parent.mkdir()
+    onnx.save(_model(), ext, save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    lazy = load(ext)  # weights left on disk; the file it came from is the default path
+    got = collect_stats(lazy, ["h", "r"], batches)
+    np.testing.assert_array_equal(got["r"].xtx, ref["r"].xtx)
+    bare = onnx.load(ext, load_external_data=False)
+    np.testing.assert_array_equal(collect_stats(bare, ["r"], batches, path=ext)["r"].xtx, ref["r"].xtx)
+    with pytest.raises(LrcError, match="path="):
+        calibrate.model_fingerprint(bare)
+
+
+def test_in_memory_cache_key(tiny, tmp_path, monkeypatch):
+    """An in-memory model is keyed by its serialized bytes: the same key as a file holding them,
+    another key once it changes; a file's key does not depend on how it is passed."""
+    tok = _tokenizer(tmp_path / "tokenizer.json")
+    texts = _texts()
+    proto = onnx.load(tiny)
+    data = proto.SerializeToString()
+    same = tmp_path / "same.onnx"
+    same.write_bytes(data)
+    key = calibrate.stats_cache_key
+    assert key(proto, ["h"], texts, 64, 16, tok) == key(same, ["h"], texts, 64, 16, tok)
+    assert calibrate.model_fingerprint(data) == calibrate.model_fingerprint(same)
+    with pytest.raises(LrcError, match="tokenizer"):
+        key(proto, ["h"], texts, 64, 16)  # nothing to find tokenizer.json beside
+    cache = tmp_path / "cache"
+    first = cached_stats(proto, ["h", "r"], texts, n_tokens=64, seq_len=16, cache_dir=cache,
+                         tokenizer=tok)
+    from_file = collect_stats(tiny, ["h", "r"], token_batches(tok, texts, 64, 16))
+    np.testing.assert_array_equal(first["r"].xtx, from_file["r"].xtx)
+    monkeypatch.setattr(calibrate, "collect_stats", lambda *a, **k: pytest.fail("cache miss"))
+    again = cached_stats(proto, ["r", "h"], texts, n_tokens=64, seq_len=16, cache_dir=cache,
+                         tokenizer=tok)
+    np.testing.assert_array_equal(again["r"].xtx, first["r"].xtx)
+    proto.graph.initializer[0].raw_data = bytes(len(proto.graph.initializer[0].raw_data))
+    assert key(proto, ["h"], texts, 64, 16, tok) != key(same, ["h"], texts, 64, 16, tok)
 
 
 MINILM = Path("/tmp/minilm_opt/model.onnx")
@@ -339,10 +380,10 @@ def test_float32_precision_and_merge(tiny):
 def test_gram_engines_agree(precision):
     x = np.random.default_rng(9).standard_normal((37, 11)).astype(np.float32)
     ref = x.astype(np.float64).T @ x.astype(np.float64)
-    ort_g = calibrate._Gram(precision, engine="ort")(x)
-    np_g = calibrate._Gram(precision, engine="numpy")(x)
+    ort_g = calibrate.Gram(precision, engine="ort")(x)
+    np_g = calibrate.Gram(precision, engine="numpy")(x)
     tol = 1e-12 if precision == "float64" else 1e-5
     for g in (ort_g, np_g):
         assert g.dtype == np.float64 and _rel(g, ref) < tol
     x64 = x.astype(np.float64) * 3
-    assert _rel(calibrate._Gram(precision)(x64), 9 * ref) < tol
+    assert _rel(calibrate.Gram(precision)(x64), 9 * ref) < tol

@@ -1,4 +1,4 @@
-"""Tests for lrc.evaluate on hand-built tiny ONNX models (fast) and real exports (slow)."""
+"""Tests for lrc.measure.quality on hand-built tiny ONNX models (fast) and real exports (slow)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lrc.measure import quality as E
 from lrc.errors import LrcError
+from lrc.measure import quality as E
+from lrc.present.quality import format_table
 
 V, D, H = 40, 8, 16  # vocab, embedding, hidden
 WORDS = [f"w{i}" for i in range(V - 2)]
@@ -27,11 +28,14 @@ def _weights(seed=0):
             "Wk": rng.normal(0, 1, (D, 8)).astype(np.float32)}
 
 
-def tiny_lm_model(w: dict, low_rank_w1: tuple | None = None) -> onnx.ModelProto:
-    """logits = tanh(cummean(E[ids]) W1) W2, with a dummy one-layer KV cache (optimum names).
+def tiny_lm_model(w: dict, low_rank_w1: tuple | None = None, past: str = "past_key_values",
+                  merged: bool = False) -> onnx.ModelProto:
+    """logits = tanh(cummean(E[ids]) W1) W2, with a dummy one-layer KV cache named
+    ``{past}.0.key|value`` (optimum's names by default; "past" for older exports).
 
     With ``low_rank_w1=(A, B)`` the first MatMul becomes MatMul(MatMul(x, A), B) keeping the
-    output name 'l1_out', as lrc's low-rank rewrite does.
+    output name 'l1_out', as lrc's low-rank rewrite does. ``merged`` adds the (unused)
+    ``use_cache_branch`` input of optimum's decoder_model_merged.onnx.
     """
     inits = [numpy_helper.from_array(w[k], k) for k in ("E", "W1", "W2", "Wk")]
     inits += [numpy_helper.from_array(np.array([1], np.int64), "one"),
@@ -59,19 +63,21 @@ def tiny_lm_model(w: dict, low_rank_w1: tuple | None = None) -> onnx.ModelProto:
         helper.make_node("MatMul", ["h", "Wk"], ["k"], name="/k/MatMul"),
         helper.make_node("Reshape", ["k", "kv_shape"], ["k4"]),
         helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 2, 1, 3]),
-        helper.make_node("Concat", ["past_key_values.0.key", "kt"], ["present.0.key"], axis=2),
-        helper.make_node("Concat", ["past_key_values.0.value", "kt"], ["present.0.value"], axis=2),
+        helper.make_node("Concat", [f"{past}.0.key", "kt"], ["present.0.key"], axis=2),
+        helper.make_node("Concat", [f"{past}.0.value", "kt"], ["present.0.value"], axis=2),
     ]
     ins = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
                                       ["batch_size", "past_sequence_length + sequence_length"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT,
+        helper.make_tensor_value_info(f"{past}.0.key", TensorProto.FLOAT,
                                       ["batch_size", 2, "past_sequence_length", 4]),
-        helper.make_tensor_value_info("past_key_values.0.value", TensorProto.FLOAT,
+        helper.make_tensor_value_info(f"{past}.0.value", TensorProto.FLOAT,
                                       ["batch_size", 2, "past_sequence_length", 4]),
     ]
+    if merged:
+        ins.append(helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1]))
     outs = [
         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", V]),
         helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT,
@@ -99,9 +105,11 @@ def tiny_tokenizer(bos: bool = True):
     return tok
 
 
-def write_lm(folder: Path, w: dict, bos: bool = True, low_rank_w1=None) -> Path:
+def write_lm(folder: Path, w: dict, bos: bool = True, low_rank_w1=None, past="past_key_values",
+             name: str = "model.onnx") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(tiny_lm_model(w, low_rank_w1), str(folder / "model.onnx"))
+    onnx.save(tiny_lm_model(w, low_rank_w1, past, merged=name == "decoder_model_merged.onnx"),
+              str(folder / name))
     tiny_tokenizer(bos).save(str(folder / "tokenizer.json"))
     (folder / "config.json").write_text(json.dumps(
         {"vocab_size": V, "bos_token_id": 1, "num_key_value_heads": 2, "head_dim": 4}))
@@ -211,34 +219,33 @@ def test_compare_lm_low_rank_differs(lm, tmp_path):
     assert res["kl"] == pytest.approx(np.mean(kls), rel=1e-3)
 
 
-def test_layer_drift_finds_perturbed_tensor(lm, tmp_path):
-    w, folder = lm
-    w2 = dict(w, W2=w["W2"] + np.random.default_rng(5).normal(0, 0.5, w["W2"].shape).astype(np.float32))
-    bad = write_lm(tmp_path / "bad", w2)
-    names = ["h", "a", "l1_out", "t", "logits"]
-    rows = E.layer_drift(folder, bad, names)
-    assert rows[0]["tensor"] == "logits" and rows[0]["rel_norm"] > 0.1
-    for r in rows[1:]:
-        assert r["rel_norm"] == pytest.approx(0.0, abs=1e-6) and r["cosine"] == pytest.approx(1.0)
-
-
-def test_layer_drift_default_tensors_on_low_rank(lm, tmp_path):
+def test_lm_reference_with_memmap_gives_compare_lm_exactly(lm, tmp_path):
+    """The dense logits kept in a memmap (benchmarks/run.py) give compare_lm's numbers to the
+    last bit, for every text and every model compared, running the dense model once."""
     w, folder = lm
     u, s, vt = np.linalg.svd(w["W1"], full_matrices=False)
-    new = write_lm(tmp_path / "lr", w, low_rank_w1=(u[:, :3] * s[:3], vt[:3]))
-    rows = E.layer_drift(folder, new)  # default: MatMul outputs in both, default feeds
-    names = [r["tensor"] for r in rows]
-    assert set(names) == {"l1_out", "logits", "k"}
-    assert names[-1] == "k" and rows[-1]["rel_norm"] == pytest.approx(0.0, abs=1e-6)
-    assert rows[0]["rel_norm"] > 0.01
-    table = E.format_table(rows)
-    assert table.row_count == 3
+    new = write_lm(tmp_path / "lr", w, low_rank_w1=(u[:, :2] * s[:2], vt[:2]))
+    texts = [_text(), _text(500, seed=4)]
+    ref = E.LMReference(folder, texts, 32, 300, None, tmp_path)
+    assert len(list(tmp_path.glob("lm-reference-*.npy"))) == 2
+    m = E.load_model(new, ref.model.tokenizer)
+    for t in texts:
+        want = E.compare_lm(folder, new, t, context=32, stride=32, max_tokens=300)
+        assert ref.compare(m, t) == want
+        assert ref.compare(folder, t)["kl"] == 0.0
+        d = ref.dense(t)
+        assert d["perplexity"] == want["orig"]["perplexity"] and d["tokens"] == want["tokens"]
+    lazy = E.LMReference(folder, texts[:1], 32, 300)  # nothing kept: both models run
+    assert lazy.dense(texts[0]) == ref.dense(texts[0])
+    assert lazy.compare(new, texts[0]) == ref.compare(new, texts[0])
 
 
-def test_layer_drift_missing_tensor_is_user_error(lm):
-    _, folder = lm
-    with pytest.raises(LrcError, match="no tensor"):
-        E.layer_drift(folder, folder, ["nope"])
+def test_encoder_reference_gives_compare_encoder(tmp_path):
+    a, b = tiny_encoder(tmp_path / "a"), tiny_encoder(tmp_path / "b", w_scale=0.5)
+    sents = [_text(20, s) for s in range(6)]
+    ref = E.EncoderReference(a, sents)
+    assert ref.compare(b) == E.compare_encoder(a, b, sents) and ref.lee_pearson is None
+    assert ref.compare(a)["embedding_cosine"] == pytest.approx(1.0)
 
 
 def test_evaluate_lm_json_and_table(lm, tmp_path):
@@ -250,8 +257,8 @@ def test_evaluate_lm_json_and_table(lm, tmp_path):
     assert res["out_of_domain"]["text"] == "docs"  # word-level tokenizer: mostly <unk>, still runs
     s = E.evaluate(folder, folder, text=text, json=True, context=32, max_tokens=200)
     assert json.loads(s)["kind"] == "causal-lm"
-    assert E.format_table(res).row_count == 8
-    assert E.format_table(E.perplexity(folder, text, context=32, max_tokens=200)).row_count > 3
+    assert format_table(res).row_count == 2 * (1 + len(E.LM_METRICS))  # per text: ppl + metrics
+    assert format_table(E.perplexity(folder, text, context=32, max_tokens=200)).row_count > 3
 
 
 def test_bare_onnx_file_and_tokenizer_arg(lm, tmp_path):

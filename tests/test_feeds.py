@@ -141,11 +141,58 @@ def test_random_feeds_unnamed_dims(tmp_path):
     assert f["x"].shape == (1, 8, 3) and f["x"].dtype == np.float32
 
 
-def test_eval_dim_expressions():
-    env = {"past_sequence_length": 4, "sequence_length": 8}
-    assert F._eval_dim("past_sequence_length + 1", env) == 5
-    assert F._eval_dim("past_sequence_length + sequence_length", env) == 12
-    assert F._eval_dim("2*sequence_length - 1", env) == 15
-    assert F._eval_dim("unknown + 1", env) is None
+def test_dim_expressions():
+    x = helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["batch", "2*sequence_length - 1", "past_sequence_length + 1"])
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    s = open_session(m)
+    f = F.random_feeds(s, dims={"sequence_length": 8, "past_sequence_length": 4})
+    assert f["x"].shape == (1, 15, 5)
     assert F.resolve_dims([F.InputSpec("past_key_values.0.key", np.dtype("float32"),
                                        ["b", 2, "p", 4])]) == {"b": 1, "p": 4}
+
+
+def test_random_token_feeds(tmp_path):
+    s = open_session(_decoder(tmp_path / "d.onnx", vocab=37))
+    assert F.vocab_size(s) == 37  # the embedding Gather
+    assert F.vocab_size(s, {"vocab_size": 11}) == 11
+    rng = np.random.default_rng(0)
+    f = F.random_token_feeds(s, 2, 5, rng=rng)
+    assert f["input_ids"].shape == (2, 5) and 1 <= f["input_ids"].min() and f["input_ids"].max() < 37
+    assert f["past_key_values.1.value"].shape == (2, 2, 0, 4)
+    assert f["position_ids"].tolist() == [list(range(5))] * 2
+    s.run(None, f)
+    f = F.random_token_feeds(s, 1, 3, past_len=6, rng=rng, vocab=4)
+    assert f["past_key_values.0.key"].shape == (1, 2, 6, 4) and f["input_ids"].max() < 4
+    assert f["attention_mask"].shape == (1, 9) and f["position_ids"].tolist() == [[6, 7, 8]]
+    step = F.random_token_feeds(s, 1, 1, past_len=6, rng=rng, with_past=False)
+    assert not any(F.is_past(k) for k in step)
+    assert step["attention_mask"].shape == (1, 7) and step["position_ids"].tolist() == [[6]]
+    a = F.random_token_feeds(s, 1, 4, rng=np.random.default_rng(3))
+    b = F.random_token_feeds(s, 1, 4, rng=np.random.default_rng(3))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_text_feeds_other_inputs(tmp_path):
+    """Inputs text_feeds does not know raise, unless fill_other fills them (bench's rules)."""
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+    extra = helper.make_tensor_value_info("noise", TensorProto.FLOAT,
+                                          ["batch_size", "past_sequence_length + 1", 3])
+    flag = helper.make_tensor_value_info("flag", TensorProto.BOOL, [1])
+    nodes = [helper.make_node("Identity", [n], [n + "_out"]) for n in ("input_ids", "noise", "flag")]
+    outs = [helper.make_tensor_value_info(n + "_out", t, None)
+            for n, t in (("input_ids", TensorProto.INT64), ("noise", TensorProto.FLOAT),
+                         ("flag", TensorProto.BOOL))]
+    g = helper.make_graph(nodes, "g", [ids, extra, flag], outs)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    s = open_session(m)
+    with pytest.raises(LrcError, match="noise"):
+        F.text_feeds(s, np.array([[1, 2]]))
+    f = F.random_token_feeds(s, 2, 3, past_len=4, rng=np.random.default_rng(0))
+    assert f["noise"].shape == (2, 7, 3) and f["noise"].dtype == np.float32
+    assert f["flag"].tolist() == [True]
+    s.run(None, f)

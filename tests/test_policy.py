@@ -89,17 +89,20 @@ def test_global_budget_uniform_over_selection():
 
 
 def test_auto_method_resolution(tmp_path):
-    from lrc.api import resolve_method
+    from lrc.methods import resolve
 
-    assert resolve_method(matmul_chain(), "auto")[0] == "svd"  # in memory: nothing to calibrate
+    # in memory without a tokenizer: nothing to calibrate on
+    assert resolve("auto", home=None, in_memory=True)[0] == "svd"
     import onnx
 
     p = tmp_path / "m.onnx"
     onnx.save(matmul_chain(), p)
-    method, why = resolve_method(p, "auto")
+    method, why = resolve("auto", home=p)
     assert method == "svd" and "tokenizer" in why
-    assert resolve_method(p, "auto", rank="full")[0] == "svd"
-    assert resolve_method(p, "asvd")[0] == "asvd"
+    assert resolve("auto", home=p, rank="full")[0] == "svd"
+    assert resolve("asvd", home=p)[0] == "asvd"
+    with pytest.raises(LrcError, match="unknown method"):
+        resolve("nope", home=p)
 
 
 def test_target_speedup_from_ort_profile(tmp_path):
@@ -119,24 +122,30 @@ def test_target_speedup_from_ort_profile(tmp_path):
 def test_auto_method_sees_the_file_behind_a_loaded_model(tmp_path):
     import onnx
 
-    from lrc.api import resolve_method
+    from lrc.compress import CompressConfig, compress_model
     from lrc.graph.model import load
 
     p = tmp_path / "m.onnx"
     onnx.save(matmul_chain(), p)
     (tmp_path / "tokenizer.json").write_text("{}")
-    m = load(p)  # what the CLI passes on: an in-memory model that knows its file
-    method, why = resolve_method(m, "auto")
-    assert method in ("svd-llm", "svd") and "in-memory" not in why
+    m = load(p)  # an in-memory model that knows the folder its tokenizer is in
+    # --rank full resolves auto to svd before any calibration: only the note is checked here
+    _, rep = compress_model(m, CompressConfig(rank="full"))
+    assert rep["method"] == "svd"
+    from lrc.methods import resolve
+
+    method, why = resolve("auto", home=p, in_memory=True)
+    assert method in ("svd-llm", "svd") and "no model file" not in why
 
 
 def test_negative_block_keys_count_from_the_end(tmp_path):
     from test_update import residual_mlp
 
-    from lrc.graph.policy import _parse_blocks
+    from lrc.graph.policy import load_policy
 
-    assert _parse_blocks("0,-1") == {0, -1} and _parse_blocks("1-3") == {1, 2, 3}
     p = tmp_path / "edges.yaml"
+    p.write_text('blocks: {"0,-1": skip, "1-3": {rank: 2}}\n')
+    assert [b for b, _ in load_policy(p).blocks] == [{0, -1}, {1, 2, 3}]
     p.write_text('rank: 2\nblocks: {"0,-1": skip}\n')
     _, rep = lrc.compress(residual_mlp(blocks=4), policy=p)
     assert sorted({r["block"] for r in rep["rewritten"]}) == [1, 2]

@@ -4,7 +4,9 @@ import pytest
 
 import lrc
 from graphs import matmul_chain, tied_head
-from lrc.graph.locate import classify, _scope_path, _name_path
+import onnx_ir as ir
+
+from lrc.graph.locate import classify, node_path
 
 CASES = [
     # GPT-2 (Conv1D, fused c_attn)
@@ -50,16 +52,16 @@ def test_classify(path, role, block):
 
 
 def test_name_sources():
-    assert _name_path("/model/layers.0/self_attn/q_proj/MatMul") == "model.layers.0.self_attn.q_proj"
-    assert _name_path("node_linear_12") == ""
+    def path(name, scopes=None):
+        meta = {"pkg.torch.onnx.name_scopes": scopes} if scopes else {}
+        return node_path(ir.Node("", "MatMul", [], name=name, metadata_props=meta), None)[0]
 
-    class N:  # the dynamo exporter's metadata
-        metadata_props = {"pkg.torch.onnx.name_scopes":
-                          "['', 'model', 'model.layers.0', 'model.layers.0.mlp', "
-                          "'model.layers.0.mlp.down_proj', 'linear_6']"}
-    assert _scope_path(N) == "model.layers.0.mlp.down_proj"
-    N.metadata_props = {"pkg.torch.onnx.name_scopes": "['', 'lm_head', 'linear_210']"}
-    assert _scope_path(N) == "lm_head"
+    assert path("/model/layers.0/self_attn/q_proj/MatMul") == "model.layers.0.self_attn.q_proj"
+    assert path("node_linear_12") == ""
+    # the dynamo exporter's metadata
+    assert path("node_linear_6", "['', 'model', 'model.layers.0', 'model.layers.0.mlp', "
+                "'model.layers.0.mlp.down_proj', 'linear_6']") == "model.layers.0.mlp.down_proj"
+    assert path("node_linear_210", "['', 'lm_head', 'linear_210']") == "lm_head"
 
 
 def test_dynamo_style_metadata_roles():

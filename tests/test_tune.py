@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from lrc.errors import LrcError
-from lrc.tune import _choose, _plan, _TruncatingFactorizer, format_tables, pareto, tune
+from lrc.present.tune import format_tables
+from lrc.tune import TruncatingFactorizer, choose, pareto, plan_candidates, tune
 
 
 def _c(name, family, speedup, loss, size=100):
@@ -22,7 +23,7 @@ DENSE = _c("dense", "dense", 1.0, 0.0, 500)
 
 
 def test_plan_full_and_quick():
-    full = _plan(False, (0.9, 0.8, 0.7), ("mlp", "all"))
+    full = plan_candidates(False, (0.9, 0.8, 0.7), ("mlp", "all"))
     names = [p["name"] for p in full]
     assert names[:2] == ["int8", "int4"] and len(names) == len(set(names)) == 2 + 6 * 4
     assert "lr-all-0.7+i8f+rest8" in names and "lr-mlp-0.9+i8f" in names
@@ -30,7 +31,7 @@ def test_plan_full_and_quick():
     for i, p in enumerate(full):
         if p.get("parent"):
             assert p["parent"] in names[:i]
-    quick = _plan(True, (0.9,), ("mlp",))
+    quick = plan_candidates(True, (0.9,), ("mlp",))
     assert 2 <= len(quick) <= 3
 
 
@@ -46,34 +47,34 @@ def test_pareto_keeps_only_non_dominated():
 def test_choice_prefers_plain_quantization_when_low_rank_is_within_noise():
     int8 = _c("int8", "quantized", 1.80, 0.02)
     lr = _c("lr-mlp-0.8+i8f+rest8", "low-rank", 1.84, 0.05)
-    best, why = _choose(DENSE, [int8, lr], "latency", 0.05, 0.1, "causal-lm")
+    best, why = choose(DENSE, [int8, lr], "latency", 0.05, 0.1, "causal-lm")
     assert best is int8 and "low rank does not pay" in why
     lr_fast = _c("lr-all-0.7+i8f+rest8", "low-rank", 2.3, 0.05)
-    best, why = _choose(DENSE, [int8, lr_fast], "latency", 0.05, 0.1, "causal-lm")
+    best, why = choose(DENSE, [int8, lr_fast], "latency", 0.05, 0.1, "causal-lm")
     assert best is lr_fast and "low rank pays" in why and "int8" in why
     # nothing measurably faster than dense: nothing chosen
-    best, why = _choose(DENSE, [_c("x", "quantized", 1.03, 0.0)], "latency", 0.05, 0.1, "encoder")
+    best, why = choose(DENSE, [_c("x", "quantized", 1.03, 0.0)], "latency", 0.05, 0.1, "encoder")
     assert best is None and "dense" in why
-    best, why = _choose(DENSE, [], "latency", 0.05, 0.1, "encoder")
+    best, why = choose(DENSE, [], "latency", 0.05, 0.1, "encoder")
     assert best is None and "budget" in why
     small = _c("int4", "quantized", 0.9, 0.01, 60)
-    best, _ = _choose(DENSE, [int8, small], "size", 0.05, 0.1, "encoder")
+    best, _ = choose(DENSE, [int8, small], "size", 0.05, 0.1, "encoder")
     assert best is small
 
 
 def test_pruning_only_below_a_clearly_failing_measured_parent():
-    from lrc.tune import _pruned
+    from lrc.tune import pruned_reason
 
-    plan = {p["name"]: p for p in _plan(False, (0.9, 0.8, 0.7), ("mlp", "all"))}
+    plan = {p["name"]: p for p in plan_candidates(False, (0.9, 0.8, 0.7), ("mlp", "all"))}
     built = {"lr-mlp-0.9": {"name": "lr-mlp-0.9", "loss": 0.5},
              "lr-all-0.9": {"name": "lr-all-0.9", "loss": 0.12}}
-    assert _pruned(plan["int8"], built, 0.1) is None
-    assert "float parent" in _pruned(plan["lr-mlp-0.9+i8f"], built, 0.1)
-    assert "keeps more" in _pruned(plan["lr-mlp-0.7"], built, 0.1)
-    assert "keeps more" in _pruned(plan["lr-mlp-0.8+i8f+rest8"], built, 0.1)
+    assert pruned_reason(plan["int8"], built, 0.1) is None
+    assert "float parent" in pruned_reason(plan["lr-mlp-0.9+i8f"], built, 0.1)
+    assert "keeps more" in pruned_reason(plan["lr-mlp-0.7"], built, 0.1)
+    assert "keeps more" in pruned_reason(plan["lr-mlp-0.8+i8f+rest8"], built, 0.1)
     # 0.12 is over a 0.1 budget but not clearly: its variants are still measured
-    assert _pruned(plan["lr-all-0.9+rest8"], built, 0.1) is None
-    assert _pruned(plan["lr-all-0.8"], built, 0.1) is None
+    assert pruned_reason(plan["lr-all-0.9+rest8"], built, 0.1) is None
+    assert pruned_reason(plan["lr-all-0.8"], built, 0.1) is None
 
 
 def test_truncating_factorizer_equals_direct_factorization():
@@ -89,7 +90,7 @@ def test_truncating_factorizer_equals_direct_factorization():
         calls.append(rank)
         return factorize(w, rank, randomized=False)
 
-    tf = _TruncatingFactorizer(direct, 0.9)
+    tf = TruncatingFactorizer(direct, 0.9)
     for r in (20, 12, 5):
         got, want = tf(T(), w, r), factorize(w, r, randomized=False)
         assert got.rank == r
@@ -175,14 +176,13 @@ def test_quick_tune_causal_lm(tiny_llama_dir, tmp_path):
 
 def test_quick_tune_without_update_shares_one_factorisation(tiny_llama_dir, tmp_path,
                                                             monkeypatch):
-    import lrc.api as A
+    import lrc.tune as T
 
     calls = []
-    real = A.data_aware_factorizer
-    monkeypatch.setattr(A, "data_aware_factorizer",
-                        lambda *a, **k: calls.append(k.get("update", False)) or real(*a, **k))
+    real = T.make_factoriser
+    monkeypatch.setattr(T, "make_factoriser", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     r = tune(tiny_llama_dir, quick=True, update=False, out=None)
-    assert r["update"] is False and calls == [False]  # one plain calibration for all ratios
+    assert r["update"] is False and calls == ["svd-llm"]  # one calibration for all ratios
     lr = [c for c in r["candidates"] if c["family"] == "low-rank"]
     assert lr and all("update" not in c["recipe"] and "error" not in c for c in lr)
 
@@ -190,7 +190,7 @@ def test_quick_tune_without_update_shares_one_factorisation(tiny_llama_dir, tmp_
 def test_nothing_within_budget_writes_nothing(tiny_llama_dir, tmp_path, monkeypatch):
     import lrc.tune as T
 
-    monkeypatch.setattr(T._Quality, "loss", lambda self, q: 1.0)
+    monkeypatch.setattr(T.Quality, "loss", lambda self, q: 1.0)
     out = tmp_path / "none"
     r = tune(tiny_llama_dir, quick=True, out=out)
     assert r["chosen"] is None and r["output"] is None and not out.exists()

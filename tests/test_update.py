@@ -8,13 +8,14 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from lrc.calibration.sequential import (joint_factor, lookup_factorizer, plan_targets,
+                                        sequential_factors, stages)
 from lrc.calibration.stats import collect_stats
 from lrc.factorize import whiten_factor
+from lrc.graph.expose import layout
 from lrc.graph.model import as_model
 from lrc.graph.passes.lowrank import LowRankPass
 from lrc.graph.policy import Policy, make_setting
-from lrc.calibration.sequential import (_layout, _stages, joint_factor, lookup_factorizer, plan_targets,
-                        sequential_factors)
 
 try:  # the exported tiny LLaMA needs torch + optimum: skip only that test without them
     from fixtures_export import tiny_llama  # noqa: F401 (fixture)
@@ -112,12 +113,12 @@ def test_stages_follow_the_graph():
     pol = Policy(default=make_setting(rank=6))
     plan = plan_targets(model, pol)
     assert len(plan) == 2 * BLOCKS
-    lay = _layout(model.graph)
-    stages = _stages(lay, plan)
+    lay = layout(model.graph)
+    cuts = stages(lay, plan)
     # up reads the residual stream, down reads relu(up): one stage each
-    assert [len(s.targets) for s in stages] == [1] * (2 * BLOCKS)
+    assert [len(s.targets) for s in cuts] == [1] * (2 * BLOCKS)
     # the residual stream and relu output cross the cut before each down_proj
-    cut = stages[1].cut
+    cut = cuts[1].cut
     names = {v.name for v in lay.crossing(cut)}
     assert names == {"x", "/model/layers.0/mlp/act"}
 

@@ -61,36 +61,25 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import helper
 
+from lrc.calibration.stats import row_mask
+from lrc.calibration.tokens import token_batches, tokenizer_path
 from lrc.errors import LrcError
-from lrc.graph.expose import node_reads
 from lrc.factorize import Factors, whiten_factor
+from lrc.graph.expose import Layout, cut_segment, layout
 from lrc.graph.locate import Target, locate
-from lrc.graph.passes.lowrank import LowRankPass, Unit, _effective_weight, plan_items
-from lrc.graph.passes.lowrank import plan_units as _plan_units
+from lrc.graph.passes.lowrank import LowRankPass
+from lrc.graph.plan import Unit, plan_items
+from lrc.graph.plan import plan_units as _plan_units
 from lrc.graph.policy import Policy
+from lrc.runtime.session import open_session
 
 log = logging.getLogger(__name__)
 
-__all__ = ["plan_targets", "sequential_factors", "sequential_factorizer", "sequential_update",
-           "UpdateStats"]
+__all__ = ["Stage", "plan_targets", "sequential_factors", "sequential_factorizer",
+           "sequential_update", "stages", "UpdateStats"]
 
 Progress = Callable[[int, int], None]  # (projections done, total), like calib_progress
-
-_NP_TO_ONNX = {np.dtype(np.float32): onnx.TensorProto.FLOAT,
-               np.dtype(np.float16): onnx.TensorProto.FLOAT16,
-               np.dtype(np.float64): onnx.TensorProto.DOUBLE,
-               np.dtype(np.int64): onnx.TensorProto.INT64,
-               np.dtype(np.int32): onnx.TensorProto.INT32,
-               np.dtype(np.int8): onnx.TensorProto.INT8,
-               np.dtype(np.uint8): onnx.TensorProto.UINT8,
-               np.dtype(np.bool_): onnx.TensorProto.BOOL}
-
-_IR_TO_ORT = {ir.DataType.FLOAT: "tensor(float)", ir.DataType.FLOAT16: "tensor(float16)",
-              ir.DataType.DOUBLE: "tensor(double)", ir.DataType.INT64: "tensor(int64)",
-              ir.DataType.INT32: "tensor(int32)", ir.DataType.BOOL: "tensor(bool)",
-              ir.DataType.INT8: "tensor(int8)", ir.DataType.UINT8: "tensor(uint8)"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,86 +99,31 @@ def plan_targets(model: ir.Model, policy: Policy) -> list[tuple[Target, int]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Graph analysis: positions, crossing tensors, stages
+# Stages (positions and crossing tensors come from lrc.graph.expose.layout)
 # --------------------------------------------------------------------------------------------
 
 
-def _subgraph_reads(node: ir.Node) -> list[ir.Value]:
-    """Values read by nodes inside ``node``'s subgraphs (outer-scope reads included)."""
-    out: list[ir.Value] = []
-    for attr in node.attributes.values():
-        graphs = []
-        if attr.type == ir.AttributeType.GRAPH:
-            graphs = [attr.value]
-        elif attr.type == ir.AttributeType.GRAPHS:
-            graphs = list(attr.value)
-        for g in graphs:
-            for inner in g:
-                out.extend(v for v in inner.inputs if v is not None)
-                out.extend(_subgraph_reads(inner))
-    return out
-
-
-def _reads(node: ir.Node) -> list[ir.Value]:
-    return [v for v in node.inputs if v is not None] + _subgraph_reads(node)
-
-
 @dataclass
-class _Layout:
-    nodes: list[ir.Node]
-    pos: dict[int, int]                    # id(node) -> position
-    prod: dict[int, int]                   # id(value) -> producer position (-1: graph input)
-    last_use: dict[int, int]               # id(value) -> last reading position
-    values: dict[int, ir.Value]            # id(value) -> value (activations and graph inputs)
-    static: set[int]                       # ids of Constant-node outputs (recomputed, not carried)
+class Stage:
+    """Projections whose inputs are all part of the state at ``cut`` (the position of the
+    first one), with their ranks."""
 
-    def crossing(self, cut: int) -> list[ir.Value]:
-        """Activations produced before ``cut`` and read at or after it (graph inputs included)."""
-        return [self.values[k] for k, p in self.prod.items()
-                if p < cut <= self.last_use.get(k, -2) and k not in self.static]
-
-
-def _layout(graph: ir.Graph) -> _Layout:
-    nodes = list(graph)
-    pos = {id(n): i for i, n in enumerate(nodes)}
-    prod: dict[int, int] = {}
-    values: dict[int, ir.Value] = {}
-    static: set[int] = set()
-    for v in graph.inputs:
-        prod[id(v)] = -1
-        values[id(v)] = v
-    for i, n in enumerate(nodes):
-        for v in n.outputs:
-            prod[id(v)] = i
-            values[id(v)] = v
-            if n.op_type == "Constant" and not n.inputs:
-                static.add(id(v))
-    last_use: dict[int, int] = {}
-    for i, n in enumerate(nodes):
-        for v in _reads(n):
-            if id(v) in prod:  # initializers and unknown outer values are not tracked
-                last_use[id(v)] = i
-    return _Layout(nodes, pos, prod, last_use, values, static)
-
-
-@dataclass
-class _Stage:
-    cut: int                       # position of the stage's first projection
+    cut: int
     targets: list[tuple[Target, int]] = field(default_factory=list)
 
 
-def _stages(lay: _Layout, plan: list[tuple[Target, int]]) -> list[_Stage]:
+def stages(lay: Layout, plan: list[tuple[Target, int]]) -> list[Stage]:
     """Group planned targets: a new stage starts when a target's input is computed at or after
     the current cut (so each stage's inputs are all part of the state at its cut)."""
     items = sorted(plan, key=lambda it: lay.pos[id(it[0].node)])
-    stages: list[_Stage] = []
+    out: list[Stage] = []
     for t, r in items:
         x = t.node.inputs[0]
         p = lay.prod.get(id(x), -1)
-        if not stages or p >= stages[-1].cut:
-            stages.append(_Stage(lay.pos[id(t.node)]))
-        stages[-1].targets.append((t, r))
-    return stages
+        if not out or p >= out[-1].cut:
+            out.append(Stage(lay.pos[id(t.node)]))
+        out[-1].targets.append((t, r))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,85 +132,22 @@ def _stages(lay: _Layout, plan: list[tuple[Target, int]]) -> list[_Stage]:
 
 
 class _Segment:
-    """Nodes [start, stop) of the graph as a standalone model reading the state at ``start`` and
-    producing the crossing tensors at ``stop`` that it computes. ``factors`` maps id(target node)
-    to (Factors, weight name) for projections in the range to rewrite as ``(X·A)·B``."""
+    """A segment of the graph (:func:`lrc.graph.expose.cut_segment`) as an ONNX Runtime session.
+    ``factors`` maps id(target node) to (Factors, weight name) for projections in the range to
+    rewrite as ``(X·A)·B``; ``path`` is the model's file (external data)."""
 
-    def __init__(self, model: ir.Model, lay: _Layout, start: int, stop: int,
+    def __init__(self, model: ir.Model, lay: Layout, start: int, stop: int,
                  wanted: list[ir.Value], state_dtypes: dict[str, np.dtype],
                  factors: dict[int, tuple[Factors, str]] | None = None,
-                 threads: int | None = None):
-        factors = factors or {}
-        produced = {id(v) for n in lay.nodes[start:stop] for v in n.outputs}
-        self.outputs = [v.name for v in wanted if id(v) in produced]
-        # Backward reachability inside the range from the wanted outputs.
-        need = {id(v) for v in wanted if id(v) in produced}
-        keep: list[ir.Node] = []
-        consts: dict[int, ir.Node] = {}
-        for n in reversed(lay.nodes[start:stop]):
-            if not any(id(v) in need for v in n.outputs):
-                continue
-            keep.append(n)
-            for v in _reads(n):
-                need.add(id(v))
-        keep.reverse()
-        inputs: list[str] = []
-        inits: dict[str, ir.Value] = {}
-        seen_in: set[str] = set()
-        for k in need:
-            if k in produced or k not in lay.values:
-                continue
-            v = lay.values[k]
-            if k in lay.static:
-                consts[lay.prod[k]] = v.producer()
-            elif v.name not in seen_in:
-                seen_in.add(v.name)
-                inputs.append(v.name)
-        g = model.graph
-        for n in keep:
-            for v in _reads(n):
-                if v.is_initializer() or (v.name in g.initializers and g.initializers[v.name] is v):
-                    inits[v.name] = v
-        protos: list[onnx.NodeProto] = [ir.serde.serialize_node(c) for _, c in sorted(consts.items())]
-        extra_inits: list[onnx.TensorProto] = []
-        for n in keep:
-            f = factors.get(id(n))
-            p = ir.serde.serialize_node(n)
-            if f is not None:
-                fac, base = f
-                a_name, b_name = f"{base}.lrcupd_A", f"{base}.lrcupd_B"
-                mid = f"{p.name or p.output[0]}/lrcupd_A_out"
-                protos.append(helper.make_node("MatMul", [p.input[0], a_name], [mid],
-                                               name=f"{p.name}/lrcupd_A"))
-                p.input[0] = mid
-                p.input[1] = b_name
-                if n.op_type == "Gemm":
-                    for a in p.attribute:
-                        if a.name == "transB":
-                            a.i = 0
-                extra_inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(fac.a), a_name))
-                extra_inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(fac.b), b_name))
-            protos.append(p)
-        used = {i for p in protos for i in node_reads(p)}
-        init_protos = []
-        for name, v in inits.items():
-            if name in used:
-                tp = ir.serde.serialize_tensor(v.const_value)
-                tp.name = name
-                init_protos.append(tp)
-        init_protos.extend(extra_inits)
-        in_vi = [helper.make_tensor_value_info(nm, _NP_TO_ONNX[np.dtype(state_dtypes[nm])], None)
-                 for nm in inputs]
-        out_vi = [onnx.ValueInfoProto(name=nm) for nm in self.outputs]
-        graph = helper.make_graph(protos, "lrc_segment", in_vi, out_vi, init_protos)
-        proto = helper.make_model(graph, opset_imports=[
-            helper.make_opsetid(dom, ver) for dom, ver in model.opset_imports.items()])
-        proto.ir_version = max(int(model.ir_version or 8), 8)
-        for fn in model.functions.values():
-            proto.functions.append(ir.serde.serialize_function(fn))
-        self.inputs = inputs
-        self.n_nodes = len(keep)
-        self.session = _ort_session(proto.SerializeToString(), threads) if self.outputs else None
+                 threads: int | None = None, path=None):
+        lowrank = {k: (f.a, f.b, base) for k, (f, base) in (factors or {}).items()}
+        seg = cut_segment(model, lay, start, stop, wanted, state_dtypes, lowrank)
+        self.inputs, self.outputs, self.n_nodes = seg.inputs, seg.outputs, seg.n_nodes
+        self.session = None
+        if self.outputs:
+            self.session = open_session(seg.proto.SerializeToString(), threads=threads,
+                                        inter_op=1 if threads else None, optimization="all",
+                                        path=path, what=" (a segment for the update)")
 
     def run(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.session is None:
@@ -285,32 +156,22 @@ class _Segment:
         return dict(zip(self.outputs, outs))
 
 
-def _ort_session(data: bytes, threads: int | None):
-    import onnxruntime as ort
+class _Inputs:
+    """The declared inputs of an onnx-ir model as an InferenceSession lists them (name, ORT type
+    string, shape), for :func:`lrc.runtime.feeds.text_feeds`: feeds for the update are built
+    without opening a session on the whole model. ORT's type string is ONNX's element type
+    name, lower case, in ``tensor(...)``."""
 
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-
-
-class _InputArg:  # what lrc.feeds.text_feeds reads from a session's inputs
-    def __init__(self, v: ir.Value):
-        self.name = v.name
-        self.type = _IR_TO_ORT.get(v.dtype, "tensor(float)")
-        self.shape = [d if isinstance(d, int) else str(d) for d in (v.shape or [])]
-
-
-class _FeedShim:
-    """Enough of an InferenceSession for ``lrc.feeds.text_feeds`` (inputs and model path)."""
+    class _Arg:
+        def __init__(self, v: ir.Value):
+            self.name = v.name
+            elem = onnx.TensorProto.DataType.Name(int(v.dtype)).lower() if v.dtype else "float"
+            self.type = f"tensor({elem})"
+            self.shape = [d if isinstance(d, int) else str(d) for d in (v.shape or [])]
 
     def __init__(self, model: ir.Model, path: str | None):
-        self._inputs = [_InputArg(v) for v in model.graph.inputs]
-        self.lrc_path = path
+        self._inputs = [self._Arg(v) for v in model.graph.inputs]
+        self.lrc_path = path  # config.json beside it gives the KV-cache dims
 
     def get_inputs(self):
         return self._inputs
@@ -350,7 +211,7 @@ def _batch_feeds(model: ir.Model, model_path, batches, batch_windows: int) -> li
     from lrc.runtime.feeds import text_feeds
 
     out: list[dict] = []
-    shim = _FeedShim(model, str(model_path) if model_path else None)
+    shim = _Inputs(model, str(model_path) if model_path else None)
     pending: dict[int, list[np.ndarray]] = {}
 
     def flush(length):
@@ -372,9 +233,7 @@ def _batch_feeds(model: ir.Model, model_path, batches, batch_windows: int) -> li
 
 
 def _rows(x: np.ndarray, mask) -> np.ndarray:
-    from lrc.calibration.stats import _row_mask
-
-    sel = _row_mask(x, mask)
+    sel = row_mask(x, mask)
     r = x.reshape(-1, x.shape[-1])
     return r[sel] if sel is not None else r
 
@@ -410,7 +269,8 @@ def sequential_factors(model: ir.Model, policy: Policy, batches: Iterable, *,
                        ) -> tuple[dict[tuple, Factors], UpdateStats]:
     """Factors for every planned projection, keyed by ``(*weight_key, rank)`` like the groups
     of LowRankPass. ``batches``: feeds dicts, or token-id windows ([L] or [1, L]) from which
-    feeds are built. The model is not modified. ``precision``: dtype of each batch's
+    feeds are built (``model_path``: the model's file, default the one it was loaded from, for
+    its external data and config.json). The model is not modified. ``precision``: dtype of each batch's
     ``X_cᵀ[X_c X_o]`` product (sums over batches are float64 either way); ``"float32"`` is about
     twice as fast as ``"float64"``."""
     if precision not in ("float32", "float64"):
@@ -423,9 +283,11 @@ def sequential_factors(model: ir.Model, policy: Policy, batches: Iterable, *,
     unit_of = {id(it[0].node): u for u in units for it in u.items}
     if not plan:
         return {}, st
-    lay = _layout(model.graph)
-    stages = _stages(lay, plan)
-    st.stages = len(stages)
+    if model_path is None:
+        model_path = model.meta.get("lrc.source_path")
+    lay = layout(model.graph)
+    cuts = stages(lay, plan)
+    st.stages = len(cuts)
     feeds = _batch_feeds(model, model_path, batches, batch_windows)
     if not feeds:
         raise LrcError("no calibration batches")
@@ -439,10 +301,10 @@ def sequential_factors(model: ir.Model, policy: Policy, batches: Iterable, *,
                 dtypes.setdefault(k, np.asarray(v).dtype)
 
     # Prefix: graph inputs -> state at the first cut (identical for both models).
-    first = stages[0].cut
+    first = cuts[0].cut
     wanted = lay.crossing(first)
     note_dtypes(feeds)
-    prefix = _Segment(model, lay, 0, first, wanted, dtypes, threads=threads)
+    prefix = _Segment(model, lay, 0, first, wanted, dtypes, threads=threads, path=model_path)
     t0 = time.perf_counter()
     state_o = []
     for f in feeds:
@@ -453,14 +315,14 @@ def sequential_factors(model: ir.Model, policy: Policy, batches: Iterable, *,
     del prefix
     state_c = [dict(s) for s in state_o]
     note_dtypes(state_o)
-    st.tokens = int(sum(_rows(s[stages[0].targets[0][0].node.inputs[0].name], m).shape[0]
+    st.tokens = int(sum(_rows(s[cuts[0].targets[0][0].node.inputs[0].name], m).shape[0]
                         for s, m in zip(state_o, masks)))
 
     factors: dict[tuple, Factors] = {}   # (*weight_key, rank) -> Factors
     by_node: dict[int, tuple[Factors, str]] = {}  # id(target node) -> (factors, base name)
     all_plan_nodes = {id(t.node): (t, r) for t, r in plan}
     n_done = 0
-    for si, stage in enumerate(stages):
+    for si, stage in enumerate(cuts):
         # 1. C = X_cᵀX_c and M = X_cᵀX_o for each distinct input of the stage's new factors.
         todo = [(t, r) for t, r in stage.targets if unit_of[id(t.node)].key() not in factors]
         xnames = list(dict.fromkeys(t.node.inputs[0].name for t, _ in todo))
@@ -530,16 +392,17 @@ def sequential_factors(model: ir.Model, policy: Policy, batches: Iterable, *,
         st.seconds_factor += time.perf_counter() - t0
         n_done += len(stage.targets)
         # 3. Advance both states to the next cut.
-        if si + 1 < len(stages):
-            nxt = stages[si + 1].cut
+        if si + 1 < len(cuts):
+            nxt = cuts[si + 1].cut
             wanted = lay.crossing(nxt)
             wnames = [v.name for v in wanted]
             # factors for every planned projection in the range (a shared weight may recur)
             fac_here = {id(n): by_node[id(n)] for n in lay.nodes[stage.cut:nxt]
                         if id(n) in by_node and id(n) in all_plan_nodes}
-            seg_o = _Segment(model, lay, stage.cut, nxt, wanted, dtypes, threads=threads)
+            seg_o = _Segment(model, lay, stage.cut, nxt, wanted, dtypes, threads=threads,
+                             path=model_path)
             seg_c = _Segment(model, lay, stage.cut, nxt, wanted, dtypes, factors=fac_here,
-                             threads=threads)
+                             threads=threads, path=model_path)
             st.segments_nodes += seg_o.n_nodes
             t0 = time.perf_counter()
             for i in range(len(feeds)):
@@ -594,10 +457,14 @@ def sequential_factorizer(model: ir.Model, model_path, policy: Policy, texts: Se
                           damp: float = 0.1, threads: int | None = None,
                           progress: Progress | None = None):
     """``(factorizer, info)`` for ``LowRankPass`` / ``lrc.compress``: the joint update computed
-    on ``texts`` (tokenised like ``lrc.calibrate.cached_stats`` does)."""
-    from lrc.calibration.stats import _tokenizer_path, token_batches
+    on ``texts`` (tokenised like ``lrc.calibration.stats.cached_stats`` does).
 
-    tok = _tokenizer_path(model_path, tokenizer)
+    ``model_path``: the model's file (tokenizer.json, config.json and external data beside it);
+    None: the file ``model`` was loaded from, if any; an in-memory model without one needs
+    ``tokenizer``."""
+    if model_path is None:
+        model_path = model.meta.get("lrc.source_path")
+    tok = tokenizer_path(model_path, tokenizer)
     windows = token_batches(tok, list(texts), n_tokens=n_tokens, seq_len=seq_len, bos=True)
     factors, st = sequential_factors(model, policy, windows, model_path=model_path, damp=damp,
                                      threads=threads, progress=progress)
@@ -607,18 +474,24 @@ def sequential_factorizer(model: ir.Model, model_path, policy: Policy, texts: Se
     return lookup_factorizer(factors), info
 
 
-def sequential_update(model_path, policy: Policy, *, calib_texts: Sequence[str],
+def sequential_update(model, policy: Policy, *, calib_texts: Sequence[str],
                       n_tokens: int = 16384, seq_len: int = 256, tokenizer=None,
                       damp: float = 0.1, threads: int | None = None,
                       progress: Progress | None = None) -> tuple[ir.Model, dict]:
-    """Load ``model_path``, compute the joint-update factors and rewrite the model with them.
+    """Compute the joint-update factors of ``model`` and rewrite it with them. ``model``: a
+    .onnx file or model folder (loaded), an ``onnx_ir.Model`` (rewritten in place) or an
+    ``onnx.ModelProto``; an in-memory model not loaded from a file needs ``tokenizer``.
     Returns ``(ir.Model, report)`` like ``lrc.compress``."""
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-    from lrc.graph.model import load, resolve_model_path
+    from lrc.graph.model import as_model, load, resolve_model_path
 
-    path = resolve_model_path(model_path)
-    model = load(path)
+    if isinstance(model, (ir.Model, onnx.ModelProto)):
+        model = as_model(model)
+        path = model.meta.get("lrc.source_path")
+    else:
+        path = resolve_model_path(model)
+        model = load(path)
     factorizer, info = sequential_factorizer(model, path, policy, calib_texts, n_tokens=n_tokens,
                                              seq_len=seq_len, tokenizer=tokenizer, damp=damp,
                                              threads=threads, progress=progress)

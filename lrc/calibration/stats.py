@@ -11,7 +11,8 @@ data-aware variants need statistics of X, the input of each target MatMul, over 
 * **ASVD** scales input channels by ``s_j = mean_t |x_tj| ** alpha`` before the SVD: it needs
   ``abs_mean`` (mean |x| per channel). ``sq_mean`` (mean x^2 = diag(G)/n) is kept as well.
 
-How: the model is loaded as protobuf without its weights (external data stays on disk), the
+How: the model (a file, or one in memory: compress may hold a model no file has) is taken as
+protobuf without its weights (external data stays on disk), the
 requested intermediate tensors become graph outputs, nodes that do not lead to them are pruned
 (e.g. the lm_head and the KV-cache outputs of a decoder), and ONNX Runtime runs that graph once
 per batch. Each X is reshaped to [rows, d]; rows whose attention mask is 0 are dropped (when the
@@ -21,8 +22,8 @@ batch's activations (SmolLM2-135M, all 210 projections -> 120 distinct inputs: 7
 The per-batch products X^T X (not the ORT forward pass) dominate the time; they run in a small
 ORT graph, in float64 by default (``precision="float32"``: faster, ~1e-6 relative per batch).
 
-``cached_stats`` wraps tokenisation + collection and stores the result under a key made of the
-model bytes (and its external-data files), the tensor names, the texts, the tokenizer,
+``cached_stats`` wraps tokenisation (:mod:`lrc.calibration.tokens`) + collection and stores the
+result under a key made of the model bytes (and its external-data files), the tensor names, the texts, the tokenizer,
 ``n_tokens``, ``seq_len``, the BOS convention and the precision (folder: ``cache_dir``, else
 ``$LRC_CACHE_DIR/calib``, else ``~/.cache/lrc/calib``).
 """
@@ -41,22 +42,28 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
+from lrc.calibration.tokens import token_batches, tokenizer_path
 from lrc.errors import LrcError
 from lrc.graph.expose import expose
+from lrc.graph.model import external_locations
+from lrc.runtime.feeds import text_feeds
+from lrc.runtime.session import open_session
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "ActStats",
+    "Gram",
     "cache_dir_default",
     "cached_stats",
     "collect_stats",
     "load_stats",
     "model_fingerprint",
+    "row_mask",
     "save_stats",
     "stats_cache_key",
-    "token_batches",
 ]
 
 CACHE_VERSION = 1  # bump when what is collected (or how) changes: old cache files then miss
@@ -160,7 +167,7 @@ def load_stats(path: str | os.PathLike) -> dict[str, ActStats]:
         }
 
 
-class _Gram:
+class Gram:
     """X^T X for [n, d] row blocks, returned as float64 [d, d].
 
     ``precision="float64"`` forms the product in float64 (exact to rounding); ``"float32"`` in
@@ -181,7 +188,6 @@ class _Gram:
     def _ort(self, dtype: np.dtype):
         key = dtype.name
         if key not in self._sessions:
-            import onnxruntime as ort
             from onnx import TensorProto, helper
 
             elem = TensorProto.DOUBLE if dtype == np.float64 else TensorProto.FLOAT
@@ -203,13 +209,7 @@ class _Gram:
             )
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
             model.ir_version = 8
-            so = ort.SessionOptions()
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            if self.threads:
-                so.intra_op_num_threads = int(self.threads)
-            self._sessions[key] = ort.InferenceSession(
-                model.SerializeToString(), so, providers=["CPUExecutionProvider"]
-            )
+            self._sessions[key] = open_session(model.SerializeToString(), threads=self.threads)
         return self._sessions[key]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -232,9 +232,9 @@ class _Accumulator:
 
     __slots__ = ("name", "xtx", "abs_sum", "sq_sum", "n", "gram")
 
-    def __init__(self, name: str, gram: _Gram | None = None):
+    def __init__(self, name: str, gram: Gram | None = None):
         self.name = name
-        self.gram = gram or _Gram()
+        self.gram = gram or Gram()
         self.xtx: np.ndarray | None = None
         self.abs_sum: np.ndarray | None = None
         self.sq_sum: np.ndarray | None = None
@@ -267,83 +267,10 @@ class _Accumulator:
         )
 
 
-def _session(model: onnx.ModelProto, model_path: Path, threads: int | None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    # The model is passed as bytes; its external data (left on disk, never loaded into the
-    # proto) is found relative to the original model's folder.
-    base_dir = model_path.resolve().parent
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    sess.lrc_path = str(model_path)  # lets lrc.feeds find config.json beside the model
-    return sess
-
-
-# --------------------------------------------------------------------------------------------
-# Feeds
-# --------------------------------------------------------------------------------------------
-
-_ORT_NP = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(bool)": np.bool_,
-}
-
-
-def _fallback_feeds(session, input_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Minimal feeds for encoders and decoders with an empty KV cache (used when lrc.feeds is
-    absent)."""
-    ids = np.asarray(input_ids)
-    if ids.ndim == 1:
-        ids = ids[None, :]
-    b, s = ids.shape
-    feeds: dict[str, np.ndarray] = {}
-    for inp in session.get_inputs():
-        dt = _ORT_NP.get(inp.type, np.float32)
-        name = inp.name
-        if name == "input_ids":
-            feeds[name] = ids.astype(dt)
-        elif name == "attention_mask":
-            feeds[name] = np.ones((b, s), dtype=dt)
-        elif name == "token_type_ids":
-            feeds[name] = np.zeros((b, s), dtype=dt)
-        elif name == "position_ids":
-            feeds[name] = np.broadcast_to(np.arange(s, dtype=dt), (b, s)).copy()
-        elif name.startswith("past"):
-            shape = []
-            for i, dim in enumerate(inp.shape):
-                if isinstance(dim, int):
-                    shape.append(dim)
-                elif i == 0:
-                    shape.append(b)
-                else:
-                    shape.append(0)  # the past sequence length; other symbolic dims do not occur
-            feeds[name] = np.zeros(shape, dtype=dt)
-        else:
-            raise LrcError(f"do not know how to feed model input {name!r} for calibration")
-    return feeds
-
-
-def _text_feeds():
-    try:
-        from lrc.runtime.feeds import text_feeds  # written by another part of lrc
-    except ImportError:
-        return _fallback_feeds
-    return text_feeds
-
-
-def _row_mask(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
-    """A boolean [rows] selector for X reshaped to [-1, d], or None (keep every row)."""
+def row_mask(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
+    """A boolean [rows] selector for X reshaped to [-1, d], or None (keep every row): the rows
+    of tokens whose attention mask is 0 are dropped, when the mask ([batch, length]) can be
+    mapped onto X's leading dimensions."""
     if mask is None or mask.ndim != 2 or x.ndim < 2:
         return None
     m = mask != 0
@@ -361,9 +288,33 @@ def _row_mask(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
 # Collection
 # --------------------------------------------------------------------------------------------
 
+# What collect_stats / cached_stats take as a model: a file, or one in memory.
+ModelSource = str | os.PathLike | onnx.ModelProto | ir.Model | bytes
+
+
+def _in_memory(model) -> bool:
+    return isinstance(model, (onnx.ModelProto, ir.Model, bytes, bytearray))
+
+
+def _default_path(model, path) -> Path | None:
+    """The file an in-memory model's external data and config.json are found beside: ``path``,
+    else the file an ``onnx_ir.Model`` was loaded from (``lrc.graph.model.load``)."""
+    if path is None and isinstance(model, ir.Model):
+        path = model.meta.get("lrc.source_path")
+    return Path(path) if path is not None else None
+
+
+def _serialized(model) -> bytes:
+    """The bytes of an in-memory model (external data stays referenced, not inlined)."""
+    if isinstance(model, (bytes, bytearray)):
+        return bytes(model)
+    if isinstance(model, ir.Model):
+        return ir.serde.serialize_model(model).SerializeToString()
+    return model.SerializeToString()
+
 
 def collect_stats(
-    model_path: str | os.PathLike,
+    model: ModelSource,
     tensor_names: Sequence[str],
     batches: Iterable[dict[str, np.ndarray] | np.ndarray],
     threads: int | None = None,
@@ -372,33 +323,43 @@ def collect_stats(
     mask_name: str = "attention_mask",
     prune: bool = True,
     precision: str = "float64",
+    path: str | os.PathLike | None = None,
 ) -> dict[str, ActStats]:
     """Run the model on ``batches`` and return ActStats for each distinct name in ``tensor_names``.
 
+    ``model``: a .onnx file, or an in-memory model (``onnx.ModelProto``, ``onnx_ir.Model`` or
+    serialized bytes; not modified) whose external data and config.json are found beside
+    ``path`` (default: the file an ``onnx_ir.Model`` was loaded from).
     A batch is either a feeds dict for the model, or an int array of token ids ([S] or [B, S]),
-    from which feeds are built (``lrc.feeds.text_feeds``: attention mask, positions, empty KV
-    cache). One ONNX Runtime run per batch exposes all requested tensors at once.
+    from which feeds are built (``lrc.runtime.feeds.text_feeds``: attention mask, positions,
+    empty KV cache). One ONNX Runtime run per batch exposes all requested tensors at once.
     ``progress(done, total)`` is called after each batch (total is None for a plain iterator).
     ``prune`` drops nodes that do not lead to the requested tensors (the original outputs are
-    not computed). ``precision="float32"`` forms each batch's X^T X in float32 (see ``_Gram``);
+    not computed). ``precision="float32"`` forms each batch's X^T X in float32 (see ``Gram``);
     the sums over batches are float64 either way.
     """
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise LrcError(f"model file not found: {model_path}")
+    if _in_memory(model):
+        path = _default_path(model, path)
+    else:
+        path = Path(model)
+        if not path.is_file():
+            raise LrcError(f"model file not found: {path}")
     names = list(dict.fromkeys(tensor_names))  # Q/K/V share one input: deduplicate, keep order
     if not names:
         return {}
-    gram = _Gram(precision, threads)
+    gram = Gram(precision, threads)
     accs = {t: _Accumulator(t, gram) for t in names}
-    model = onnx.load(str(model_path), load_external_data=False)
-    fetch = expose(model, names, prune=prune)
-    try:
-        sess = _session(model, model_path, threads) if fetch else None
-    except Exception as e:  # ORT raises its own exception types
-        raise LrcError(f"onnxruntime cannot load {model_path} for calibration: {str(e).splitlines()[0]}") from e
-    del model
-    make_feeds = _text_feeds()
+    if _in_memory(model):
+        proto = onnx.ModelProto.FromString(_serialized(model))  # a copy: expose edits it
+    else:
+        proto = onnx.load(str(path), load_external_data=False)
+    fetch = expose(proto, names, prune=prune)
+    # The model goes to ONNX Runtime as bytes; its external data (left on disk, never loaded
+    # into the proto) is found beside ``path``.
+    sess = open_session(proto.SerializeToString(), threads=threads,
+                        inter_op=1 if threads else None, optimization="all", path=path,
+                        what=" for calibration") if fetch else None
+    del proto
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     for i, batch in enumerate(batches):
         if isinstance(batch, dict):
@@ -406,7 +367,7 @@ def collect_stats(
         else:
             if sess is None:
                 raise LrcError("token-id batches need a model to build feeds; pass feeds dicts")
-            feeds = make_feeds(sess, np.asarray(batch))
+            feeds = text_feeds(sess, np.asarray(batch))
         try:
             outs = sess.run(fetch, feeds) if fetch else []
         except Exception as e:
@@ -418,7 +379,7 @@ def collect_stats(
             x = values[t] if t in values else np.asarray(feeds[t])
             if x.ndim == 0:
                 raise LrcError(f"tensor {t!r} is a scalar")
-            sel = _row_mask(x, mask)
+            sel = row_mask(x, mask)
             rows = x.reshape(-1, x.shape[-1])
             if sel is not None:
                 rows = rows[sel]
@@ -427,88 +388,6 @@ def collect_stats(
         if progress is not None:
             progress(i + 1, total)
     return {t: a.result() for t, a in accs.items()}
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenisation
-# --------------------------------------------------------------------------------------------
-
-
-def _special_frame(tok, bos: bool | str) -> tuple[list[int], list[int]]:
-    """Token ids the tokenizer puts before and after a single text ([CLS] .. [SEP], <s> ..)."""
-    if isinstance(bos, str):
-        tid = tok.token_to_id(bos)
-        if tid is None:
-            raise LrcError(f"token {bos!r} is not in the tokenizer's vocabulary")
-        return [tid], []
-    if not bos:
-        return [], []
-    plain = tok.encode("hello world", add_special_tokens=False).ids
-    full = tok.encode("hello world", add_special_tokens=True).ids
-    for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            return full[:start], full[start + len(plain):]
-    return [], []
-
-
-def token_batches(
-    tokenizer_json_path: str | os.PathLike,
-    texts: Sequence[str],
-    n_tokens: int = 16384,
-    seq_len: int = 256,
-    bos: bool | str = True,
-) -> list[np.ndarray]:
-    """Tokenise ``texts`` (joined by a blank line) and cut them into int64 windows [1, L].
-
-    With ``bos=True`` each window is framed the way the tokenizer frames a single text: BOS for
-    decoders whose tokenizer adds one, [CLS] .. [SEP] for BERT-like encoders; a string names the
-    token to put first instead. Windows hold ``seq_len`` tokens (frame included); the last one
-    is shorter when ``n_tokens`` is not a multiple of ``seq_len``. Fewer than ``n_tokens`` come
-    back when the texts run out.
-    """
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_json_path))
-    tok.no_truncation()
-    tok.no_padding()
-    prefix, suffix = _special_frame(tok, bos)
-    content = seq_len - len(prefix) - len(suffix)
-    if content <= 0:
-        raise LrcError(f"seq_len {seq_len} leaves no room for text after the special tokens")
-    sep = tok.encode("\n\n", add_special_tokens=False).ids
-
-    def stream():
-        first = True
-        chunk = 64
-        for start in range(0, len(texts), chunk):
-            for enc in tok.encode_batch(list(texts[start:start + chunk]), add_special_tokens=False):
-                if not enc.ids:
-                    continue
-                if not first:
-                    yield from sep
-                first = False
-                yield from enc.ids
-
-    it = stream()
-    windows: list[np.ndarray] = []
-    remaining = int(n_tokens)
-    while remaining > 0:
-        want = min(seq_len, remaining) - len(prefix) - len(suffix)
-        if want <= 0:
-            break
-        body = [t for _, t in zip(range(want), it)]
-        if not body:
-            break
-        windows.append(np.array([prefix + body + suffix], dtype=np.int64))
-        remaining -= windows[-1].shape[1]
-        if len(body) < want:
-            break
-    if not windows:
-        raise LrcError("no calibration tokens: the texts are empty")
-    got = sum(w.shape[1] for w in windows)
-    if got < n_tokens:
-        log.warning("calibration texts ran out: %d of %d tokens", got, n_tokens)
-    return windows
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,19 +409,6 @@ def _file_sha256(path: Path) -> str:
     return _FILE_HASHES[key]
 
 
-def _all_tensors(graph: onnx.GraphProto):
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _all_tensors(sub)
-
-
 _EXTERNAL: dict[tuple[str, int, int], list[Path]] = {}
 
 
@@ -550,27 +416,33 @@ def _external_files(model_path: Path) -> list[Path]:
     st = model_path.stat()
     key = (str(model_path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _EXTERNAL:
-        _EXTERNAL[key] = _scan_external(model_path)
+        _EXTERNAL[key] = _scan_external(onnx.load(str(model_path), load_external_data=False),
+                                        model_path)
     return _EXTERNAL[key]
 
 
-def _scan_external(model_path: Path) -> list[Path]:
-    model = onnx.load(str(model_path), load_external_data=False)
-    locs = set()
-    for t in _all_tensors(model.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in t.external_data:
-                if entry.key == "location":
-                    locs.add(entry.value)
-    base = model_path.resolve().parent
+def _scan_external(model: onnx.ModelProto, model_path: Path | None) -> list[Path]:
+    locs = external_locations(model)
+    if locs and model_path is None:
+        raise LrcError("an in-memory model with external data needs path= (the file it came "
+                       "from) to find that data")
+    base = model_path.resolve().parent if locs else Path()
     return [base / loc for loc in sorted(locs)]
 
 
-def model_fingerprint(model_path: str | os.PathLike) -> str:
-    """sha256 over the model file and its external-data files (read in 4 MB chunks)."""
-    model_path = Path(model_path)
-    h = hashlib.sha256(_file_sha256(model_path).encode())
-    for f in _external_files(model_path):
+def model_fingerprint(model: ModelSource, *, path: str | os.PathLike | None = None) -> str:
+    """sha256 over the model file and its external-data files (read in 4 MB chunks). An
+    in-memory model is hashed as its serialized bytes (the same fingerprint as a file holding
+    those bytes), its external data found beside ``path``."""
+    if _in_memory(model):
+        data = _serialized(model)
+        h = hashlib.sha256(hashlib.sha256(data).hexdigest().encode())
+        files = _scan_external(onnx.ModelProto.FromString(data), _default_path(model, path))
+    else:
+        model_path = Path(model)
+        h = hashlib.sha256(_file_sha256(model_path).encode())
+        files = _external_files(model_path)
+    for f in files:
         if not f.is_file():
             raise LrcError(f"external data file missing: {f}")
         h.update(f.name.encode() + b"\0" + _file_sha256(f).encode())
@@ -591,8 +463,13 @@ def cache_dir_default() -> Path:
     return Path(env).expanduser() / "calib" if env else Path.home() / ".cache" / "lrc" / "calib"
 
 
+def _model_file(model, path) -> Path | None:
+    """The file beside which the tokenizer is looked for."""
+    return _default_path(model, path) if _in_memory(model) else Path(model)
+
+
 def stats_cache_key(
-    model_path: str | os.PathLike,
+    model: ModelSource,
     tensor_names: Sequence[str],
     texts: Sequence[str],
     n_tokens: int,
@@ -600,12 +477,15 @@ def stats_cache_key(
     tokenizer: str | os.PathLike | None = None,
     bos: bool | str = True,
     precision: str = "float64",
+    *,
+    path: str | os.PathLike | None = None,
 ) -> str:
-    """The hex key ``cached_stats`` files its result under."""
-    tok = _tokenizer_path(model_path, tokenizer)
+    """The hex key ``cached_stats`` files its result under (``model`` and ``path`` as for
+    ``collect_stats``; the tokenizer defaults to tokenizer.json beside the model's file)."""
+    tok = tokenizer_path(_model_file(model, path), tokenizer)
     parts = {
         "version": CACHE_VERSION,
-        "model": model_fingerprint(model_path),
+        "model": model_fingerprint(model, path=path),
         "tensors": sorted(set(tensor_names)),
         "texts": _texts_sha256(texts),
         "tokenizer": _file_sha256(tok),
@@ -617,17 +497,8 @@ def stats_cache_key(
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
 
 
-def _tokenizer_path(model_path, tokenizer) -> Path:
-    p = Path(tokenizer) if tokenizer is not None else Path(model_path).parent / "tokenizer.json"
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.is_file():
-        raise LrcError(f"tokenizer.json not found at {p}; pass the tokenizer path explicitly")
-    return p
-
-
 def cached_stats(
-    model_path: str | os.PathLike,
+    model: ModelSource,
     tensor_names: Sequence[str],
     texts: Sequence[str],
     n_tokens: int = 16384,
@@ -639,38 +510,46 @@ def cached_stats(
     threads: int | None = None,
     progress: Callable[[int, int | None], None] | None = None,
     precision: str = "float64",
+    path: str | os.PathLike | None = None,
 ) -> dict[str, ActStats]:
     """``token_batches`` + ``collect_stats``, cached on disk.
 
-    ``tokenizer`` defaults to tokenizer.json beside the model. The cache file is
+    ``model`` and ``path`` as for ``collect_stats`` (an in-memory model is serialized once: its
+    bytes are both hashed for the key and run). ``tokenizer`` defaults to tokenizer.json beside
+    the model's file (an in-memory model without ``path`` needs it). The cache file is
     ``<cache_dir>/<key>.npz`` (key: see ``stats_cache_key``); a second call with the same
     arguments loads it instead of running the model.
     """
+    if _in_memory(model):
+        path = _default_path(model, path)
+        model = _serialized(model)
     names = list(dict.fromkeys(tensor_names))
-    tok = _tokenizer_path(model_path, tokenizer)
-    key = stats_cache_key(model_path, names, texts, n_tokens, seq_len, tok, bos, precision)
+    tok = tokenizer_path(_model_file(model, path), tokenizer)
+    key = stats_cache_key(model, names, texts, n_tokens, seq_len, tok, bos, precision, path=path)
     folder = Path(cache_dir).expanduser() if cache_dir is not None else cache_dir_default()
-    path = folder / f"{key}.npz"
-    if path.is_file():
+    cache = folder / f"{key}.npz"
+    if cache.is_file():
         try:
-            stats = load_stats(path)
+            stats = load_stats(cache)
         except (OSError, ValueError, KeyError) as e:
-            log.warning("unreadable calibration cache %s (%s): recomputing", path, e)
+            log.warning("unreadable calibration cache %s (%s): recomputing", cache, e)
         else:
             if set(names) <= set(stats):
-                log.info("calibration statistics from cache %s", path)
+                log.info("calibration statistics from cache %s", cache)
                 return {t: stats[t] for t in names}
     t0 = time.perf_counter()
     batches = token_batches(tok, texts, n_tokens=n_tokens, seq_len=seq_len, bos=bos)
-    stats = collect_stats(model_path, names, batches, threads=threads, progress=progress, precision=precision)
+    stats = collect_stats(model, names, batches, threads=threads, progress=progress,
+                          precision=precision, path=path)
+    source = model if not _in_memory(model) else path
     meta = {
-        "model": str(Path(model_path).resolve()),
+        "model": str(Path(source).resolve()) if source is not None else "in memory",
         "n_tokens": int(sum(b.size for b in batches)),
         "seq_len": seq_len,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     try:
-        save_stats(stats, path, meta)
+        save_stats(stats, cache, meta)
     except OSError as e:
-        log.warning("could not write calibration cache %s: %s", path, e)
+        log.warning("could not write calibration cache %s: %s", cache, e)
     return stats

@@ -1,15 +1,24 @@
 """Expose intermediate tensors of an ONNX graph, or cut out the part that computes them.
 
 The one home of this surgery (no ONNX Runtime here): calibration exposes each projection's
-input, ``lrc eval --layers`` exposes the rewritten nodes' outputs, the sequential update cuts
-the graph into segments between projections.
+input, ``lrc eval --layers`` exposes the rewritten nodes' outputs (``expose``, on protobufs), the
+sequential update cuts the graph into segments between projections (``layout`` and
+``cut_segment``, on onnx-ir models).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
 import onnx
+import onnx_ir as ir
+from onnx import helper
 
 from lrc.errors import LrcError
+
+__all__ = ["Layout", "Segment", "cut_segment", "expose", "layout", "node_reads", "value_reads"]
 
 
 def node_reads(node: onnx.NodeProto) -> list[str]:
@@ -80,3 +89,166 @@ def expose(model: onnx.ModelProto, wanted: list[str], prune: bool) -> list[str]:
                 # No type needed: ONNX Runtime infers it.
                 g.output.append(onnx.ValueInfoProto(name=t))
     return from_session
+
+
+# --------------------------------------------------------------------------------------------
+# Segments of an onnx-ir graph
+# --------------------------------------------------------------------------------------------
+
+
+def _subgraph_reads(node: ir.Node) -> list[ir.Value]:
+    """Values read by nodes inside ``node``'s subgraphs (outer-scope reads included)."""
+    out: list[ir.Value] = []
+    for attr in node.attributes.values():
+        graphs = []
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs = [attr.value]
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs = list(attr.value)
+        for g in graphs:
+            for inner in g:
+                out.extend(v for v in inner.inputs if v is not None)
+                out.extend(_subgraph_reads(inner))
+    return out
+
+
+def value_reads(node: ir.Node) -> list[ir.Value]:
+    """Values ``node`` reads, including those read inside its subgraphs (``node_reads`` on
+    onnx-ir)."""
+    return [v for v in node.inputs if v is not None] + _subgraph_reads(node)
+
+
+@dataclass
+class Layout:
+    """Where each node of a graph sits and which activations cross a position.
+
+    Keys are ``id()`` of onnx-ir nodes and values (values are not hashable by name alone)."""
+
+    nodes: list[ir.Node]
+    pos: dict[int, int]                    # id(node) -> position
+    prod: dict[int, int]                   # id(value) -> producer position (-1: graph input)
+    last_use: dict[int, int]               # id(value) -> last reading position
+    values: dict[int, ir.Value]            # id(value) -> value (activations and graph inputs)
+    static: set[int]                       # ids of Constant-node outputs (recomputed, not carried)
+
+    def crossing(self, cut: int) -> list[ir.Value]:
+        """Activations produced before ``cut`` and read at or after it (graph inputs included)."""
+        return [self.values[k] for k, p in self.prod.items()
+                if p < cut <= self.last_use.get(k, -2) and k not in self.static]
+
+
+def layout(graph: ir.Graph) -> Layout:
+    """The Layout of ``graph``'s main nodes, in their (topological) order."""
+    nodes = list(graph)
+    pos = {id(n): i for i, n in enumerate(nodes)}
+    prod: dict[int, int] = {}
+    values: dict[int, ir.Value] = {}
+    static: set[int] = set()
+    for v in graph.inputs:
+        prod[id(v)] = -1
+        values[id(v)] = v
+    for i, n in enumerate(nodes):
+        for v in n.outputs:
+            prod[id(v)] = i
+            values[id(v)] = v
+            if n.op_type == "Constant" and not n.inputs:
+                static.add(id(v))
+    last_use: dict[int, int] = {}
+    for i, n in enumerate(nodes):
+        for v in value_reads(n):
+            if id(v) in prod:  # initializers and unknown outer values are not tracked
+                last_use[id(v)] = i
+    return Layout(nodes, pos, prod, last_use, values, static)
+
+
+@dataclass
+class Segment:
+    """A standalone model computing part of a graph: it reads ``inputs`` (the state at its start)
+    and returns ``outputs``; ``n_nodes`` of the original nodes were kept."""
+
+    proto: onnx.ModelProto
+    inputs: list[str]
+    outputs: list[str]
+    n_nodes: int
+
+
+def cut_segment(model: ir.Model, lay: Layout, start: int, stop: int, wanted: Sequence[ir.Value],
+                input_dtypes: Mapping[str, np.dtype],
+                lowrank: Mapping[int, tuple[np.ndarray, np.ndarray, str]] | None = None) -> Segment:
+    """Nodes [start, stop) of ``lay`` as a standalone model reading the state at ``start`` and
+    producing those of ``wanted`` it computes (only the nodes they need are kept; Constant nodes
+    they read are copied in). ``input_dtypes`` gives each state tensor's numpy dtype.
+
+    ``lowrank`` maps id(node) to ``(A, B, base)`` for projections in the range to rewrite as
+    ``MatMul(MatMul(X, A), B)`` (a Gemm keeps its bias and gets ``transB=0``), the same rewrite
+    as :class:`lrc.graph.passes.lowrank.LowRankPass`; the factors become initializers
+    ``{base}.lrcupd_A`` / ``{base}.lrcupd_B``."""
+    lowrank = lowrank or {}
+    produced = {id(v) for n in lay.nodes[start:stop] for v in n.outputs}
+    outputs = [v.name for v in wanted if id(v) in produced]
+    # Backward reachability inside the range from the wanted outputs.
+    need = {id(v) for v in wanted if id(v) in produced}
+    keep: list[ir.Node] = []
+    consts: dict[int, ir.Node] = {}
+    for n in reversed(lay.nodes[start:stop]):
+        if not any(id(v) in need for v in n.outputs):
+            continue
+        keep.append(n)
+        for v in value_reads(n):
+            need.add(id(v))
+    keep.reverse()
+    inputs: list[str] = []
+    inits: dict[str, ir.Value] = {}
+    seen_in: set[str] = set()
+    for k in need:
+        if k in produced or k not in lay.values:
+            continue
+        v = lay.values[k]
+        if k in lay.static:
+            consts[lay.prod[k]] = v.producer()
+        elif v.name not in seen_in:
+            seen_in.add(v.name)
+            inputs.append(v.name)
+    g = model.graph
+    for n in keep:
+        for v in value_reads(n):
+            if v.is_initializer() or (v.name in g.initializers and g.initializers[v.name] is v):
+                inits[v.name] = v
+    protos: list[onnx.NodeProto] = [ir.serde.serialize_node(c) for _, c in sorted(consts.items())]
+    extra_inits: list[onnx.TensorProto] = []
+    for n in keep:
+        f = lowrank.get(id(n))
+        p = ir.serde.serialize_node(n)
+        if f is not None:
+            a, b, base = f
+            a_name, b_name = f"{base}.lrcupd_A", f"{base}.lrcupd_B"
+            mid = f"{p.name or p.output[0]}/lrcupd_A_out"
+            protos.append(helper.make_node("MatMul", [p.input[0], a_name], [mid],
+                                           name=f"{p.name}/lrcupd_A"))
+            p.input[0] = mid
+            p.input[1] = b_name
+            if n.op_type == "Gemm":
+                for at in p.attribute:
+                    if at.name == "transB":
+                        at.i = 0
+            extra_inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(a), a_name))
+            extra_inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(b), b_name))
+        protos.append(p)
+    used = {i for p in protos for i in node_reads(p)}
+    init_protos = []
+    for name, v in inits.items():
+        if name in used:
+            tp = ir.serde.serialize_tensor(v.const_value)
+            tp.name = name
+            init_protos.append(tp)
+    init_protos.extend(extra_inits)
+    in_vi = [helper.make_tensor_value_info(
+        nm, helper.np_dtype_to_tensor_dtype(np.dtype(input_dtypes[nm])), None) for nm in inputs]
+    out_vi = [onnx.ValueInfoProto(name=nm) for nm in outputs]
+    graph = helper.make_graph(protos, "lrc_segment", in_vi, out_vi, init_protos)
+    proto = helper.make_model(graph, opset_imports=[
+        helper.make_opsetid(dom, ver) for dom, ver in model.opset_imports.items()])
+    proto.ir_version = max(int(model.ir_version or 8), 8)
+    for fn in model.functions.values():
+        proto.functions.append(ir.serde.serialize_function(fn))
+    return Segment(proto, inputs, outputs, len(keep))

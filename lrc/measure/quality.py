@@ -15,50 +15,53 @@ stated in every result (``bos``): a model trained with BOS scores ~5x worse with
 
 ``compare_lm`` runs both models on the same windows and reports, on the scored positions, both
 perplexities, the mean KL(orig || new) of the next-token distributions, top-1 agreement and the
-mean cosine of the logit vectors.
+mean cosine of the logit vectors.  It is ``LMReference(orig, ...).compare(new, text)``: a
+reference holds the original's side (windows, and with ``tmp`` its logits in a memmap, computed
+once), so comparing many models to one (benchmarks/run.py) runs the original once.
 
 Encoders: sentence embeddings are the attention-masked mean of ``last_hidden_state``.
 ``compare_encoder`` reports the cosine between original and new embeddings and, on the Lee 2005
 corpus, the Pearson correlation between the embeddings' cosine similarities and the human
-ratings over the 1225 document pairs (dense all-MiniLM-L6-v2: 0.656).
-
-``layer_drift`` exposes intermediate tensors (the low-rank rewrite keeps each rewritten node's
-output name) as extra graph outputs of both models, runs the same feeds and reports the cosine
-and the relative norm of the difference per tensor, worst first.
+ratings over the 1225 document pairs (dense all-MiniLM-L6-v2: 0.656).  It is
+``EncoderReference(orig, sentences).compare(new)`` (the original's embeddings computed once).
 
 ``evaluate`` picks the right comparison for the model kind and runs it on an in-domain text
 (news) and on an out-of-domain one (Python documentation, absent from calibration).
+
+Per-layer drift lives in :mod:`lrc.measure.drift`, tables in :mod:`lrc.present.quality`.
 """
 
 from __future__ import annotations
 
 import json as _json
 import math
-import tempfile
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from lrc.runtime import feeds as _feeds
+from lrc.calibration.tokens import load_tokenizer
 from lrc.errors import LrcError
+from lrc.graph.model import resolve_model_path
+from lrc.runtime import feeds as _feeds
 from lrc.runtime.session import open_session
 
 __all__ = [
+    "EncoderReference",
+    "LMReference",
     "Model",
-    "load_model",
-    "load_tokenizer",
     "bos_convention",
-    "lm_windows",
-    "perplexity",
+    "compare_encoder",
     "compare_lm",
     "embed",
-    "lee_pearson",
-    "compare_encoder",
-    "layer_drift",
-    "default_drift_tensors",
     "evaluate",
-    "format_table",
+    "jsonable",
+    "lee_pearson",
+    "lm_windows",
+    "load_model",
+    "perplexity",
 ]
 
 
@@ -79,56 +82,12 @@ class Model:
         return _feeds.is_causal_lm(self.session)
 
 
-def _onnx_file(path) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "model.onnx"
-    if not p.is_file():
-        raise LrcError(f"no ONNX model at {path} (give a .onnx file or a folder with model.onnx)")
-    return p
-
-
-def load_tokenizer(tokenizer=None, model_file: Path | None = None):
-    """A ``tokenizers.Tokenizer``: given, from a tokenizer.json / folder path, or beside the model."""
-    from tokenizers import Tokenizer
-
-    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
-        return _plain(tokenizer)
-    if tokenizer is not None:
-        p = Path(tokenizer)
-        p = p / "tokenizer.json" if p.is_dir() else p
-    elif model_file is not None:
-        p = Path(model_file).parent / "tokenizer.json"
-        if not p.is_file():
-            return None
-    else:
-        return None
-    if not p.is_file():
-        raise LrcError(f"no tokenizer.json at {p}")
-    return _plain(Tokenizer.from_file(str(p)))
-
-
-def _plain(tok):
-    """A copy of ``tok`` with padding and truncation off: lrc cuts windows itself.
-
-    (Exported tokenizer.json files often pad and truncate to 128, which silently shortens
-    texts and, with an all-ones mask, pollutes mean pooling.)
-    """
-    from tokenizers import Tokenizer
-
-    if tok.padding is None and tok.truncation is None:
-        return tok
-    tok = Tokenizer.from_str(tok.to_str())
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
-
-
 def load_model(model, tokenizer=None, threads: int | None = None) -> Model:
-    """Open a .onnx file or an optimum-layout folder (model.onnx + tokenizer.json + config.json)."""
+    """Open a .onnx file or a model folder (model.onnx or decoder_model_merged.onnx ... with
+    tokenizer.json and config.json beside it: :func:`lrc.graph.model.resolve_model_path`)."""
     if isinstance(model, Model):
         return model
-    f = _onnx_file(model)
+    f = resolve_model_path(model)
     sess = open_session(f, threads=threads)
     return Model(f, sess, load_tokenizer(tokenizer, f), _feeds.model_config(f))
 
@@ -258,12 +217,16 @@ def _window_meta(w: Windows, label: str) -> dict:
             "tokens": w.scored_tokens, "text_tokens": w.text_tokens, "bos": w.bos}
 
 
+def _require_lm(m: Model) -> None:
+    if not m.is_lm:
+        raise LrcError(f"{m.path} is not a causal LM (no rank-3 'logits' output)")
+
+
 def perplexity(model, text="news", tokenizer=None, context: int = 256, stride: int = 256,
                max_tokens: int | None = 4096, bos="auto", threads: int | None = None) -> dict:
     """Perplexity of a causal LM on ``text`` (an lrc.data name or a string) with sliding windows."""
     m = load_model(model, tokenizer, threads)
-    if not m.is_lm:
-        raise LrcError(f"{m.path} is not a causal LM (no rank-3 'logits' output)")
+    _require_lm(m)
     body, label = _resolve_text(text)
     w = _make_windows(m, body, context, stride, max_tokens, bos)
     nll = 0.0
@@ -275,16 +238,158 @@ def perplexity(model, text="news", tokenizer=None, context: int = 256, stride: i
     return {"model": str(m.path), "perplexity": math.exp(mean), "nll": mean, **_window_meta(w, label)}
 
 
-def _kl_stats(lp_o: np.ndarray, lp_n: np.ndarray, lo: np.ndarray, ln: np.ndarray) -> dict:
-    """Per-position sums of KL(o||n), top-1 agreement and logit cosine (float32 math,
-    float64 sums)."""
-    kl = (np.exp(lp_o) * (lp_o - lp_n)).sum(axis=-1, dtype=np.float64)
-    agree = lo.argmax(-1) == ln.argmax(-1)
+# ----------------------------------------------------------------------------- LM metrics
+
+
+@dataclass(frozen=True)
+class LMMetric:
+    """A comparison of the new model's next-token distributions with the original's.
+
+    ``per_position(lp_o, lp_n, lo, ln)`` gets the log-softmax and the logits of both models on
+    one window's scored positions ([positions, vocab], float32) and returns one value per
+    position; ``compare_lm`` reports the mean over every scored token as ``key``, and
+    ``lrc eval`` shows it as ``label``. A new metric is one entry in ``LM_METRICS`` (and its
+    test): eval, the benchmarks and the tables read the registry."""
+
+    key: str
+    label: str
+    per_position: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def _kl(lp_o, lp_n, lo, ln):  # float32 math, float64 sums
+    return (np.exp(lp_o) * (lp_o - lp_n)).sum(axis=-1, dtype=np.float64)
+
+
+def _top1(lp_o, lp_n, lo, ln):
+    return lo.argmax(-1) == ln.argmax(-1)
+
+
+def _top5(lp_o, lp_n, lo, ln):
+    """The original's next token is among the new model's five most likely."""
+    k = min(5, ln.shape[-1])
+    top = np.argpartition(-ln, k - 1, axis=-1)[:, :k]
+    return (top == lo.argmax(-1)[:, None]).any(axis=-1)
+
+
+def _cosine(lp_o, lp_n, lo, ln):
     dot = np.einsum("ij,ij->i", lo, ln, dtype=np.float64)
     norms = np.sqrt(np.einsum("ij,ij->i", lo, lo, dtype=np.float64)
                     * np.einsum("ij,ij->i", ln, ln, dtype=np.float64))
-    cos = dot / (norms + 1e-30)
-    return {"kl": float(kl.sum()), "top1": float(agree.sum()), "cos": float(cos.sum())}
+    return dot / (norms + 1e-30)
+
+
+LM_METRICS: dict[str, LMMetric] = {m.key: m for m in (
+    LMMetric("kl", "KL(orig||new)", _kl),
+    LMMetric("top1_agreement", "top-1 agreement", _top1),
+    LMMetric("top5_agreement", "top-5 agreement (orig's top-1 in new's top 5)", _top5),
+    LMMetric("logits_cosine", "logits cosine", _cosine),
+)}
+
+
+def _target_nll(lp: np.ndarray, row: np.ndarray, first: int) -> float:
+    """Negative log-likelihood summed over a window's scored tokens (``lp``: their rows)."""
+    tgt = row[first:]
+    return float(lp[np.arange(len(tgt)), tgt].astype(np.float64).sum())
+
+
+@dataclass
+class _Text:
+    """One text of an LMReference: its windows and, once computed, the reference's summed NLL
+    and (when kept) its logits of every window, (n_windows, L, vocab)."""
+
+    windows: Windows
+    label: str
+    logits: np.ndarray | None = None
+    nll: float | None = None
+
+
+class LMReference:
+    """The reference (dense) LM's side of :func:`compare_lm` on fixed windows of ``texts``.
+
+    ``compare(new, text)`` returns what ``compare_lm(dense, new, text)`` returns (same windows,
+    BOS convention and formulas, in the same float order). With ``tmp`` (a folder) the
+    reference's logits of every window are computed now and kept in a memmap there, so each
+    comparison runs only the new model (benchmarks compare many models to one); without it
+    nothing is kept and each comparison runs both models window by window (``compare_lm``).
+    ``dense(text)`` gives the reference's perplexity, NLL and window description.
+    """
+
+    def __init__(self, dense, texts=("news",), context: int = 256, max_tokens: int | None = 4096,
+                 threads: int | None = None, tmp: str | os.PathLike | None = None, *,
+                 stride: int | None = None, bos="auto", tokenizer=None):
+        self.model = load_model(dense, tokenizer, threads)
+        _require_lm(self.model)
+        self.threads = threads
+        self._texts: dict[str, _Text] = {}
+        for text in texts:
+            body, label = _resolve_text(text)
+            w = _make_windows(self.model, body, context, context if stride is None else stride,
+                              max_tokens, bos)
+            r = _Text(w, label)
+            if tmp is not None:
+                self._keep(r, Path(tmp))
+            self._texts[text] = r
+
+    def _keep(self, r: _Text, folder: Path) -> None:
+        import tempfile
+
+        w = r.windows
+        nll = 0.0
+        for i, (row, first) in enumerate(zip(w.inputs, w.first_scored)):
+            lo = _lm_logits(self.model, row)
+            if r.logits is None:
+                fd, name = tempfile.mkstemp(prefix="lm-reference-", suffix=".npy", dir=folder)
+                os.close(fd)
+                r.logits = np.lib.format.open_memmap(name, mode="w+", dtype=lo.dtype,
+                                                     shape=(len(w.inputs), *lo.shape))
+            r.logits[i] = lo
+            nll -= _target_nll(_log_softmax(lo[first - 1:len(row) - 1]), row, first)
+        r.nll = nll
+
+    def _logits(self, r: _Text, i: int) -> np.ndarray:
+        """The reference's logits at window ``i``'s scored positions."""
+        row, first = r.windows.inputs[i], r.windows.first_scored[i]
+        lo = np.asarray(r.logits[i]) if r.logits is not None else _lm_logits(self.model, row)
+        return lo[first - 1:len(row) - 1]
+
+    def dense(self, text) -> dict:
+        """The reference's ``perplexity`` and ``nll`` on ``text``, with the window description."""
+        r = self._texts[text]
+        if r.nll is None:
+            nll = 0.0
+            for i, (row, first) in enumerate(zip(r.windows.inputs, r.windows.first_scored)):
+                nll -= _target_nll(_log_softmax(self._logits(r, i)), row, first)
+            r.nll = nll
+        n = r.windows.scored_tokens
+        return {"perplexity": math.exp(r.nll / n), "nll": r.nll / n, **_window_meta(r.windows, r.label)}
+
+    def compare(self, new, text) -> dict:
+        """``compare_lm``'s result for ``new`` (a path or a loaded Model) on ``text``."""
+        r = self._texts[text]
+        mn = load_model(new, self.model.tokenizer, self.threads)  # a Model passes through as is
+        _require_lm(mn)
+        w = r.windows
+        nll_o = nll_n = 0.0
+        acc = dict.fromkeys(LM_METRICS, 0.0)
+        for i, (row, first) in enumerate(zip(w.inputs, w.first_scored)):
+            lo = self._logits(r, i)
+            ln = _lm_logits(mn, row)[first - 1:len(row) - 1]
+            if lo.shape != ln.shape:
+                raise LrcError(f"logits shapes differ: {lo.shape} vs {ln.shape}")
+            lp_o, lp_n = _log_softmax(lo), _log_softmax(ln)
+            if r.nll is None:
+                nll_o -= _target_nll(lp_o, row, first)
+            nll_n -= _target_nll(lp_n, row, first)
+            for k, metric in LM_METRICS.items():
+                acc[k] += float(metric.per_position(lp_o, lp_n, lo, ln).sum())
+        if r.nll is None:
+            r.nll = nll_o
+        n = w.scored_tokens
+        ppl_o, ppl_n = math.exp(r.nll / n), math.exp(nll_n / n)
+        return {"orig": {"model": str(self.model.path), "perplexity": ppl_o, "nll": r.nll / n},
+                "new": {"model": str(mn.path), "perplexity": ppl_n, "nll": nll_n / n},
+                "ppl_ratio": ppl_n / ppl_o, **{k: v / n for k, v in acc.items()},
+                **_window_meta(w, r.label)}
 
 
 def compare_lm(orig, new, text="news", tokenizer=None, context: int = 256, stride: int = 256,
@@ -292,35 +397,13 @@ def compare_lm(orig, new, text="news", tokenizer=None, context: int = 256, strid
     """Both perplexities, mean KL(orig||new), top-1 agreement and logit cosine on the same windows.
 
     The windows (and the BOS convention) come from the original model's tokenizer; each window
-    is run through both models in turn.
+    is run through both models in turn (``LMReference`` without a memmap).
     """
     mo = load_model(orig, tokenizer, threads)
     mn = load_model(new, tokenizer or mo.tokenizer, threads)
-    for m in (mo, mn):
-        if not m.is_lm:
-            raise LrcError(f"{m.path} is not a causal LM (no rank-3 'logits' output)")
-    body, label = _resolve_text(text)
-    w = _make_windows(mo, body, context, stride, max_tokens, bos)
-    nll_o = nll_n = 0.0
-    acc = {"kl": 0.0, "top1": 0.0, "cos": 0.0}
-    for row, first in zip(w.inputs, w.first_scored):
-        lo = _lm_logits(mo, row)[first - 1:len(row) - 1]
-        ln = _lm_logits(mn, row)[first - 1:len(row) - 1]
-        if lo.shape != ln.shape:
-            raise LrcError(f"logits shapes differ: {lo.shape} vs {ln.shape}")
-        lp_o, lp_n = _log_softmax(lo), _log_softmax(ln)
-        tgt = row[first:]
-        pos = np.arange(len(tgt))
-        nll_o -= float(lp_o[pos, tgt].astype(np.float64).sum())
-        nll_n -= float(lp_n[pos, tgt].astype(np.float64).sum())
-        for k, v in _kl_stats(lp_o, lp_n, lo, ln).items():
-            acc[k] += v
-    n = w.scored_tokens
-    ppl_o, ppl_n = math.exp(nll_o / n), math.exp(nll_n / n)
-    return {"orig": {"model": str(mo.path), "perplexity": ppl_o, "nll": nll_o / n},
-            "new": {"model": str(mn.path), "perplexity": ppl_n, "nll": nll_n / n},
-            "ppl_ratio": ppl_n / ppl_o, "kl": acc["kl"] / n, "top1_agreement": acc["top1"] / n,
-            "logits_cosine": acc["cos"] / n, **_window_meta(w, label)}
+    _require_lm(mn)
+    ref = LMReference(mo, [text], context, max_tokens, threads, stride=stride, bos=bos)
+    return ref.compare(mn, text)
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -404,134 +487,53 @@ def _passages(text: str, n: int, size: int = 600) -> list[str]:
     return out or [text[:size]]
 
 
+class EncoderReference:
+    """The reference (dense) encoder's side of :func:`compare_encoder`: its embeddings of
+    ``sentences`` (None: the Lee 2005 documents, with their human ratings; a name from lrc.data
+    or a text: 64 passages of it; else a list of sentences), computed once.
+    ``compare(new)`` returns what ``compare_encoder(dense, new, sentences)`` returns;
+    ``lee_pearson`` is the reference's Pearson r on Lee (None for other sentences)."""
+
+    def __init__(self, dense, sentences=None, tokenizer=None, max_length: int | None = None,
+                 threads: int | None = None):
+        from lrc import data
+
+        self.model = load_model(dense, tokenizer, threads)
+        self.threads, self.max_length = threads, max_length
+        self.human = None
+        self.label = "custom"
+        if sentences is None:
+            sentences, self.human = data.lee_similarity()
+            self.label = "lee"
+        elif isinstance(sentences, str):
+            body, self.label = _resolve_text(sentences)
+            sentences = _passages(body, 64)
+        self.sentences = sentences
+        self.embeddings = embed(self.model, sentences, max_length=max_length)
+        self.lee_pearson = (_pearson_with_human(self.embeddings, self.human)
+                            if self.human is not None else None)
+
+    def compare(self, new) -> dict:
+        """``compare_encoder``'s result for ``new`` (a path or a loaded Model)."""
+        mn = load_model(new, self.model.tokenizer, self.threads)
+        en = embed(mn, self.sentences, max_length=self.max_length)
+        cos = _cosine_rows(self.embeddings, en)
+        res = {"orig": {"model": str(self.model.path)}, "new": {"model": str(mn.path)},
+               "text": self.label, "sentences": len(self.sentences),
+               "max_length": _max_length(self.model, self.max_length),
+               "embedding_cosine": float(cos.mean()), "embedding_cosine_min": float(cos.min())}
+        if self.human is not None:
+            res["orig"]["lee_pearson"] = self.lee_pearson
+            res["new"]["lee_pearson"] = _pearson_with_human(en, self.human)
+        return res
+
+
 def compare_encoder(orig, new, sentences=None, tokenizer=None, max_length: int | None = None,
                     threads: int | None = None) -> dict:
     """Embedding cosine (orig vs new) and, on Lee (the default sentences), both Pearson r."""
-    from lrc import data
-
     mo = load_model(orig, tokenizer, threads)
     mn = load_model(new, tokenizer or mo.tokenizer, threads)
-    human = None
-    label = "custom"
-    if sentences is None:
-        sentences, human = data.lee_similarity()
-        label = "lee"
-    elif isinstance(sentences, str):
-        body, label = _resolve_text(sentences)
-        sentences = _passages(body, 64)
-    eo = embed(mo, sentences, max_length=max_length)
-    en = embed(mn, sentences, max_length=max_length)
-    cos = _cosine_rows(eo, en)
-    res = {"orig": {"model": str(mo.path)}, "new": {"model": str(mn.path)}, "text": label,
-           "sentences": len(sentences), "max_length": _max_length(mo, max_length),
-           "embedding_cosine": float(cos.mean()), "embedding_cosine_min": float(cos.min())}
-    if human is not None:
-        res["orig"]["lee_pearson"] = _pearson_with_human(eo, human)
-        res["new"]["lee_pearson"] = _pearson_with_human(en, human)
-    return res
-
-
-# ----------------------------------------------------------------------------- layer drift
-
-
-def _value_types(model) -> dict[str, int]:
-    import onnx
-
-    g = model.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output)}
-    types.update({t.name: t.data_type for t in g.initializer})
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
-    except Exception:
-        inferred = g.value_info
-    types.update({v.name: v.type.tensor_type.elem_type for v in inferred})
-    return types
-
-
-def _node_outputs(model) -> set[str]:
-    return {o for n in model.graph.node for o in n.output if o}
-
-
-def _session_with_outputs(path: Path, names: list[str], threads: int | None, tmp: Path):
-    """A session on the model at ``path`` with ``names`` added as graph outputs."""
-    import onnx
-
-    model = onnx.load(str(path))
-    present = _node_outputs(model)
-    missing = [n for n in names if n not in present]
-    if missing:
-        raise LrcError(f"{path.name} has no tensor {missing[0]!r} (and {len(missing) - 1} more)")
-    types = _value_types(model)
-    have = {o.name for o in model.graph.output}
-    for n in names:
-        if n not in have:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(
-                n, types.get(n) or onnx.TensorProto.FLOAT, None))
-    out = tmp / f"{path.stem}_{len(list(tmp.iterdir()))}.onnx"
-    onnx.save_model(model, str(out), save_as_external_data=model.ByteSize() > 1_900_000_000)
-    return open_session(out, threads=threads)
-
-
-def default_drift_tensors(orig, new) -> list[str]:
-    """Outputs of the original's weight MatMul/Gemm nodes (weight a constant, possibly through a
-    Transpose as a tied lm_head reads it: the projections, not attention's activation products)
-    that the new model also produces."""
-    import onnx
-
-    from lrc.graph.locate import weight_matmul_nodes
-
-    mo = onnx.load(str(_onnx_file(orig)), load_external_data=False)
-    mn = onnx.load(str(_onnx_file(new)), load_external_data=False)
-    new_outs = _node_outputs(mn)
-    return [w.output for w in weight_matmul_nodes(mo)
-            if w.op in ("MatMul", "Gemm") and w.weight_index == 1 and w.output in new_outs]
-
-
-def _default_drift_feeds(m: Model) -> dict:
-    if m.tokenizer is not None and "input_ids" in [i.name for i in m.session.get_inputs()]:
-        from lrc import data
-
-        try:
-            text = data.load_text("news")
-        except LrcError:
-            text = data.load_text("docs")
-        ids = m.tokenizer.encode(text[:2000], add_special_tokens=True).ids[:64]
-        return _feeds.text_feeds(m.session, np.array([ids], np.int64), config=m.config)
-    return _feeds.random_feeds(m.session)
-
-
-def layer_drift(orig, new, tensor_names=None, feeds: dict | None = None,
-                threads: int | None = None) -> list[dict]:
-    """Cosine and relative-norm drift of intermediate tensors, worst (largest rel_norm) first.
-
-    ``tensor_names`` default: every weight MatMul/Gemm output of the original also present in
-    the new model.  ``feeds`` default: 64 news tokens (text models) or random feeds.
-    """
-    fo, fn = _onnx_file(orig), _onnx_file(new)
-    names = list(tensor_names) if tensor_names else default_drift_tensors(fo, fn)
-    if not names:
-        raise LrcError("no tensors to compare: name some (they must exist in both models)")
-    with tempfile.TemporaryDirectory(prefix="lrc_drift_") as d:
-        so = _session_with_outputs(fo, names, threads, Path(d))
-        sn = _session_with_outputs(fn, names, threads, Path(d))
-        if feeds is None:
-            feeds = _default_drift_feeds(Model(fo, so, load_tokenizer(None, fo), _feeds.model_config(fo)))
-        a = so.run(names, {k: v for k, v in feeds.items() if k in {i.name for i in so.get_inputs()}})
-        b = sn.run(names, {k: v for k, v in feeds.items() if k in {i.name for i in sn.get_inputs()}})
-    rows = [_drift_row(n, x, y) for n, x, y in zip(names, a, b)]
-    return sorted(rows, key=lambda r: -r["rel_norm"] if np.isfinite(r["rel_norm"]) else -np.inf)
-
-
-def _drift_row(name: str, x: np.ndarray, y: np.ndarray) -> dict:
-    if x.shape != y.shape:
-        return {"tensor": name, "cosine": float("nan"), "rel_norm": float("inf"),
-                "max_abs": float("inf"), "shape": list(x.shape), "note": f"shape {list(y.shape)}"}
-    x64, y64 = x.astype(np.float64).ravel(), y.astype(np.float64).ravel()
-    nx, ny = np.linalg.norm(x64), np.linalg.norm(y64)
-    cos = float(x64 @ y64 / (nx * ny)) if nx > 0 and ny > 0 else float(nx == ny)
-    rel = float(np.linalg.norm(y64 - x64) / nx) if nx > 0 else float(np.linalg.norm(y64))
-    return {"tensor": name, "cosine": cos, "rel_norm": rel,
-            "max_abs": float(np.abs(y64 - x64).max()) if x64.size else 0.0, "shape": list(x.shape)}
+    return EncoderReference(mo, sentences, max_length=max_length, threads=threads).compare(mn)
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -559,93 +561,16 @@ def evaluate(orig, new, text=None, json: bool = False, tokenizer=None, ood: str 
         res = {"kind": "encoder",
                "in_domain": compare_encoder(mo, mn, text),
                "out_of_domain": compare_encoder(mo, mn, ood)}
-    res = _jsonable(res)
+    res = jsonable(res)
     return _json.dumps(res, indent=2) if json else res
 
 
-def _jsonable(x):
+def jsonable(x):
+    """``x`` with numpy scalars turned into Python numbers (lists for tuples), for json.dumps."""
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
     return x
-
-
-# ----------------------------------------------------------------------------- tables
-
-
-def _fmt(v, digits=4) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if not np.isfinite(v):
-            return str(v)
-        return f"{v:.{digits}g}" if abs(v) < 1e5 else f"{v:.3e}"
-    return str(v)
-
-
-def format_table(result, title: str | None = None):
-    """A rich Table for any result of this module (perplexity, compare_*, evaluate, layer_drift)."""
-    from rich.table import Table
-
-    if isinstance(result, str):
-        result = _json.loads(result)
-    if isinstance(result, list):
-        return _drift_table(result, title)
-    if "kind" in result:
-        return _evaluate_table(result, title)
-    if "kl" in result or "embedding_cosine" in result:
-        return _evaluate_table({"kind": "", "result": result}, title)
-    t = Table(title=title or "perplexity")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for k, v in result.items():
-        t.add_row(k, _fmt(v))
-    return t
-
-
-def _evaluate_table(res: dict, title: str | None):
-    from rich.table import Table
-
-    t = Table(title=title or f"quality ({res['kind']})".replace(" ()", ""))
-    for c in ("text", "metric", "original", "compressed"):
-        t.add_column(c, justify="left" if c in ("text", "metric") else "right")
-    notes = []
-    for key, r in res.items():
-        if not isinstance(r, dict):
-            continue
-        label = f"{r.get('text', key)}"
-        if "kl" in r:
-            t.add_row(label, "perplexity", _fmt(r["orig"]["perplexity"]), _fmt(r["new"]["perplexity"]))
-            t.add_row("", "KL(orig||new)", "", _fmt(r["kl"]))
-            t.add_row("", "top-1 agreement", "", _fmt(r["top1_agreement"]))
-            t.add_row("", "logits cosine", "", _fmt(r["logits_cosine"]))
-            notes.append(f"{label}: {r['tokens']} tokens, {r['windows']} windows of {r['context']}, "
-                         f"stride {r['stride']}; {r['bos']}")
-        else:
-            if "lee_pearson" in r.get("orig", {}):
-                t.add_row(label, "Lee Pearson r", _fmt(r["orig"]["lee_pearson"]),
-                          _fmt(r["new"]["lee_pearson"]))
-                label = ""
-            t.add_row(label, "embedding cosine (mean)", "", _fmt(r["embedding_cosine"]))
-            t.add_row("", "embedding cosine (min)", "", _fmt(r["embedding_cosine_min"]))
-    if notes:
-        t.caption = "\n".join(notes)
-    return t
-
-
-def _drift_table(rows: list[dict], title: str | None, limit: int = 20):
-    from rich.table import Table
-
-    t = Table(title=title or "layer drift (worst first)")
-    t.add_column("tensor")
-    t.add_column("cosine", justify="right")
-    t.add_column("rel norm", justify="right")
-    t.add_column("max abs", justify="right")
-    for r in rows[:limit]:
-        t.add_row(r["tensor"], _fmt(r["cosine"], 6), _fmt(r["rel_norm"]), _fmt(r["max_abs"]))
-    if len(rows) > limit:
-        t.caption = f"{len(rows) - limit} more tensors"
-    return t

@@ -4,7 +4,8 @@ Structure: the full onnx checker (with strict shape inference) and an ONNX Runti
 Numbers: both models run on the same inputs — random ones of the right dtypes and shapes by
 default (token ids within the vocabulary, masks of ones), or the user's arrays from an ``.npz`` —
 and every output common to both is compared: max/mean absolute error, relative error
-``‖a−b‖/‖a‖`` and cosine similarity.
+``‖a−b‖/‖a‖`` and cosine similarity (:func:`lrc.measure.drift.compare_arrays`, the metrics
+``lrc eval --layers`` reports too).
 """
 
 from __future__ import annotations
@@ -14,22 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from lrc.errors import LrcError
-from lrc.runtime.session import open_session
 from lrc.graph.model import resolve_model_path, structural_check
-
-
-def compare_arrays(a: np.ndarray, b: np.ndarray) -> dict:
-    a64 = np.asarray(a, dtype=np.float64).ravel()
-    b64 = np.asarray(b, dtype=np.float64).ravel()
-    if a64.shape != b64.shape:
-        return {"shape_mismatch": [list(np.shape(a)), list(np.shape(b))]}
-    diff = np.abs(a64 - b64)
-    na, nb = np.linalg.norm(a64), np.linalg.norm(b64)
-    rel = float(np.linalg.norm(a64 - b64) / na) if na > 0 else float(np.linalg.norm(b64) > 0)
-    cos = float(a64 @ b64 / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
-    return {"max_abs": float(diff.max()) if diff.size else 0.0,
-            "mean_abs": float(diff.mean()) if diff.size else 0.0,
-            "rel": rel, "cosine": cos}
+from lrc.measure.drift import compare_arrays
+from lrc.runtime.session import open_session
 
 
 def load_inputs(path: str | Path) -> dict[str, np.ndarray]:
@@ -51,7 +39,7 @@ def verify(orig, new, inputs: str | Path | dict | None = None, dims: dict | None
     po, pn = resolve_model_path(orig), resolve_model_path(new)
     result: dict = {"orig": str(po), "new": str(pn)}
     if structural:
-        result["structure"] = structural_check(pn, ort_session=False)
+        result["structure"] = structural_check(pn)
     try:
         so = open_session(po, threads=threads)
         sn = open_session(pn, threads=threads)

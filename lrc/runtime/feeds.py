@@ -12,6 +12,10 @@ graphs).  This module inspects a session's declared inputs and builds feeds for 
   ``past_sequence_length + 1`` are evaluated), integer ``*ids`` inputs are drawn below the vocab
   size (found from the embedding Gather that consumes the input), masks are ones, position ids
   count up, floats are standard normal.
+* ``random_token_feeds`` is bench's input: random token ids at ``batch x seq`` after a cache of
+  ``past_len`` positions (the feeds of ``text_feeds``; other inputs get shapes from their dim
+  names), with the cache either zeros or left for the caller to bind (a decode step reuses the
+  previous step's ``present.*`` on the device).
 * ``has_past`` / ``past_names`` / ``present_to_past`` / ``cache_dims`` / ``empty_past``: the one
   decoder (KV-cache) detection of lrc. Cache inputs are ``past_key_values.N.key|value`` (optimum),
   ``past.N.key|value`` or ``past_key.N`` / ``past_value.N``; eval, bench, calibration, the
@@ -48,6 +52,8 @@ __all__ = [
     "empty_past",
     "text_feeds",
     "random_feeds",
+    "random_token_feeds",
+    "vocab_size",
     "model_config",
 ]
 
@@ -198,20 +204,26 @@ def _past_len(past: dict | None) -> int:
     return int(first.shape[2])
 
 
-def text_feeds(sess, input_ids, attention_mask=None, past=None, config: dict | None = None) -> dict:
+def text_feeds(sess, input_ids, attention_mask=None, past=None, config: dict | None = None, *,
+               past_len: int | None = None, fill_other=None) -> dict:
     """Feeds for a text model from token ids of shape (batch, seq).
 
     attention_mask defaults to ones over past + seq; token_type_ids are zeros; position_ids
     count the attended positions (cumsum of the mask - 1) for the last ``seq`` positions;
     missing ``past_key_values.*`` are zero-length (past_len 0) unless ``past`` maps their names
-    to arrays (e.g. the previous call's ``present.*`` renamed).
+    to arrays (e.g. the previous call's ``present.*`` renamed); arrays of ``past`` already of
+    the input's dtype are fed as they are, not copied.
+
+    ``past_len``: the cache length when the caller binds the cache itself (IO binding of the
+    previous step's outputs); cache inputs not in ``past`` are then left out of the feeds.
+    ``fill_other(spec) -> array`` fills inputs this function does not know (default: LrcError).
     """
     ids = np.asarray(input_ids, dtype=np.int64)
     if ids.ndim == 1:
         ids = ids[None, :]
     batch, seq = ids.shape
     past = dict(past or {})
-    plen = _past_len(past)
+    plen = _past_len(past) if past_len is None else int(past_len)
     mask = np.ones((batch, plen + seq), np.int64) if attention_mask is None else np.asarray(attention_mask)
     specs = {s.name: s for s in input_specs(sess)}
     feeds = {}
@@ -227,15 +239,68 @@ def text_feeds(sess, input_ids, attention_mask=None, past=None, config: dict | N
             feeds[name] = pos.astype(spec.dtype)
         elif is_past(name):
             if name in past:
-                feeds[name] = np.asarray(past[name]).astype(spec.dtype)
-            else:
+                feeds[name] = np.asarray(past[name]).astype(spec.dtype, copy=False)
+            elif past_len is None:
                 heads, head_dim = cache_dims(sess, config)
                 feeds[name] = np.zeros((batch, heads, 0, head_dim), spec.dtype)
         elif name == "use_cache_branch":
             feeds[name] = np.array([plen > 0])
+        elif fill_other is not None:
+            feeds[name] = fill_other(spec)
         else:
             raise LrcError(f"text_feeds: don't know how to fill input {name!r}")
     return feeds
+
+
+def vocab_size(sess, config: dict | None = None) -> int | None:
+    """Token vocabulary of a text model: ``vocab_size`` of config.json beside it, else the rows
+    of the embedding table that a Gather indexes with ``input_ids``; None when neither says."""
+    cfg = config if config is not None else model_config(sess)
+    v = cfg.get("vocab_size")
+    if isinstance(v, int) and v > 0:
+        return v
+    return _gather_vocab(_model_path(sess)).get("input_ids")
+
+
+def random_token_feeds(sess, batch: int, seq: int, past_len: int = 0, *, rng: np.random.Generator,
+                       vocab: int | None = None, config: dict | None = None,
+                       with_past: bool = True) -> dict:
+    """Feeds for timing a text model at ``batch x seq`` after a cache of ``past_len`` positions.
+
+    Token ids are drawn by ``rng`` in [1, vocab) (``vocab`` default: :func:`vocab_size`, else
+    100); attention mask, position ids, token types and ``use_cache_branch`` are those of
+    :func:`text_feeds`. ``with_past``: the cache inputs are zeros of ``past_len`` positions;
+    otherwise they are left out (the caller binds the previous step's ``present.*``). Any other
+    input gets its static dims, and for symbolic ones: names with "batch" -> batch, "past" with
+    "+" or "total" -> past_len + seq, "past" -> past_len, "total" -> past_len + seq, anything
+    else -> seq; floats are standard normal, booleans true, integers 0 or 1.
+    """
+    cfg = config if config is not None else model_config(sess)
+    if vocab is None:
+        vocab = vocab_size(sess, cfg) or 100
+    ids = rng.integers(1, max(2, int(vocab)), size=(batch, seq))
+
+    def dim(d) -> int:
+        if isinstance(d, int):
+            return d
+        s = str(d or "").lower()
+        if "batch" in s:
+            return batch
+        if "past" in s:
+            return past_len + seq if ("+" in s or "total" in s) else past_len
+        return past_len + seq if "total" in s else seq
+
+    def other(spec: InputSpec) -> np.ndarray:
+        shape = [dim(d) for d in spec.shape]
+        if np.issubdtype(spec.dtype, np.floating):
+            return rng.standard_normal(shape).astype(spec.dtype)
+        if spec.dtype == np.bool_:
+            return np.ones(shape, dtype=spec.dtype)
+        return rng.integers(0, 2, size=shape).astype(spec.dtype)
+
+    past = empty_past(sess, batch, past_len, cfg) if with_past else None
+    return text_feeds(sess, ids, past=past, config=cfg,
+                      past_len=None if with_past else past_len, fill_other=other)
 
 
 # ----------------------------------------------------------------------------- random feeds

@@ -1,6 +1,6 @@
 """Low-rank rewrite: ``Y = X·W (+b)``  ->  ``Y = (X·A)·B (+b)``.
 
-For every target chosen by the policy (see :mod:`lrc.passes.locate`, :mod:`lrc.policy`) the
+For every target chosen by the policy (see :mod:`lrc.graph.plan`, :mod:`lrc.graph.policy`) the
 effective weight ``W [in, out]`` (the initializer, its transpose for ``Transpose``-fed or
 ``Gemm(transB=1)`` weights) is factored by a truncated SVD (or a data-aware factoriser) into
 ``A [in, r]`` and ``B [r, out]``. The graph gets a new ``MatMul(X, A)`` and the original node is
@@ -24,15 +24,15 @@ returns the model and a record of every node it rewrote or left alone, with the 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
 
-from lrc.factorize import Factors, factorize, singular_values
-from lrc.graph.locate import FACTOR_META, Target, locate
+from lrc.factorize import Factors, factorize
+from lrc.graph.locate import FACTOR_META, Target
+from lrc.graph.plan import Plan, Unit, make_plan
 from lrc.graph.policy import Policy
 
 Factorizer = Callable[[Target, np.ndarray, int], Factors]
@@ -121,149 +121,45 @@ def plain_svd(target: Target, w: np.ndarray, rank: int) -> Factors:
     return factorize(w, rank)
 
 
-PlanItem = tuple  # (Target, rank, setting description, note)
-
-
-@dataclass
-class Unit:
-    """What one factorisation serves. ``joint=False``: targets sharing one weight (factored once,
-    each node gets the same A and B). ``joint=True``: targets reading one input with different
-    weights, factored as ``[W_1 W_2 ...]`` (one A node shared, one B per target)."""
-
-    items: list
-    rank: int
-    joint: bool = False
-    scales: list = field(default_factory=list)
-
-    @property
-    def first(self) -> Target:
-        return self.items[0][0]
-
-    def weight(self) -> np.ndarray:
-        """The matrix this unit factors: the weight, or the members' weights side by side,
-        each divided by its Frobenius norm (so the joint truncation balances relative errors
-        instead of favouring the largest member; :meth:`unscale` puts the norms back in B)."""
-        if not self.joint:
-            return _effective_weight(self.first)
-        ws = [_effective_weight(it[0]) for it in self.items]
-        self.scales = [float(np.linalg.norm(w)) or 1.0 for w in ws]
-        return np.concatenate([w / s for w, s in zip(ws, self.scales)], axis=1)
-
-    def unscale(self, f: Factors) -> Factors:
-        if not self.joint:
-            return f
-        b = np.array(f.b, copy=True)
-        for sl, s in zip(self.b_slices(), self.scales):
-            b[:, sl] *= s
-        return dataclasses.replace(f, b=b.astype(f.b.dtype, copy=False))
-
-    def key(self) -> tuple:
-        return (*self.first.weight_key, self.rank)
-
-    def b_slices(self) -> list[slice]:
-        out, off = [], 0
-        for it in self.items:
-            n = it[0].shape[1]
-            out.append(slice(off, off + n))
-            off += n
-        return out
-
-
-def plan_items(targets: list[Target], policy: Policy, on_skip=None) -> list[PlanItem]:
-    """(target, rank, setting, note) for every target the policy rewrites, in graph order."""
-    plan: list[PlanItem] = []
-    spectra: dict[tuple, np.ndarray] = {}
-    for t in targets:
-        if not t.eligible:
-            if on_skip:
-                on_skip(t, t.skip, "ineligible")
-            continue
-        sigma = None
-        if policy.needs_spectrum:
-            setting, _ = policy.setting_for(t)
-            if setting is not None and setting.needs_spectrum:
-                if t.weight_key not in spectra:
-                    spectra[t.weight_key] = singular_values(_effective_weight(t))
-                sigma = spectra[t.weight_key]
-        d = policy.decide(t, sigma)
-        if d.rank is None:
-            if on_skip:
-                on_skip(t, d.reason, d.kind)
-        else:
-            plan.append((t, d.rank, d.setting.describe(), d.reason))
-    return plan
-
-
-def plan_units(plan: list[PlanItem], policy: Policy) -> list[Unit]:
-    """Group planned targets into factorisations (see :class:`Unit`), in graph order.
-
-    Joint groups (``policy.group_inputs``) take targets that read the same value, have a ratio
-    setting of the same value and dtype, and whose weight nothing else uses; the joint rank is
-    the ratio's rank for the ``in x sum(out)`` matrix. Anything else is factored on its own."""
-    from lrc.factorize import break_even_rank, rank_for_ratio
-
-    by_weight: dict[tuple, list] = {}
-    for item in plan:
-        by_weight.setdefault(item[0].weight_key, []).append(item)
-    joint: dict[tuple, list] = {}
-    if policy.group_inputs:
-        for item in plan:
-            t = item[0]
-            setting, _ = policy.setting_for(t)
-            if (t.tied or len(by_weight[t.weight_key]) > 1 or setting is None
-                    or setting.ratio is None or setting.rank is not None):
-                continue
-            key = (id(t.node.inputs[0]), float(setting.ratio), t.dtype)
-            joint.setdefault(key, []).append(item)
-    member: dict[int, tuple] = {}
-    for key, items in joint.items():
-        if len(items) < 2:
-            continue
-        m = items[0][0].shape[0]
-        n = sum(it[0].shape[1] for it in items)
-        r = rank_for_ratio(m, n, key[1])
-        if policy.align > 1:
-            r = max(policy.align, (r // policy.align) * policy.align)
-        if r >= min(m, n) or r > break_even_rank(m, n):
-            continue
-        for it in items:
-            member[id(it[0].node)] = (key, r)
-    units: list[Unit] = []
-    made: dict[tuple, Unit] = {}
-    for item in plan:
-        t = item[0]
-        if id(t.node) in member:
-            key, r = member[id(t.node)]
-            if key not in made:
-                made[key] = Unit([], r, joint=True)
-                units.append(made[key])
-            made[key].items.append(item)
-            continue
-        wkey = (*t.weight_key, item[1])
-        if wkey not in made:
-            made[wkey] = Unit([], item[1])
-            units.append(made[wkey])
-        made[wkey].items.append(item)
-    return units
-
-
 class LowRankPass(ir.passes.InPlacePass):
-    """Factor every selected projection; ``self.record`` says what was done."""
+    """Factor every selected projection; ``self.record`` says what was done.
+
+    ``plan``: the model's :class:`~lrc.graph.plan.Plan` when the caller made it already (the
+    compress pipeline does, to gather statistics for exactly these targets); otherwise the pass
+    plans itself. ``ensures``: every planned node now multiplies by its factor B."""
 
     def __init__(self, policy: Policy, factorizer: Factorizer | None = None,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, plan: Plan | None = None):
         super().__init__()
         self.policy = policy
         self.factorizer = factorizer or plain_svd
         self.progress = progress
+        self.plan = plan
         self.record = LowRankRecord()
+        self._items: list = []
+
+    def requires(self, model: ir.Model) -> None:
+        if self.plan is not None and self.plan.policy is not self.policy:
+            raise ir.passes.PreconditionError("LowRankPass: the plan was made for another policy")
+        if self.plan is not None and any(t.node.graph is None for t, *_ in self.plan.items):
+            raise ir.passes.PreconditionError("LowRankPass: the plan's nodes are no longer in "
+                                              "the model (plan it again)")
+
+    def ensures(self, model: ir.Model) -> None:
+        done = {r.name for r in self.record.rewritten}
+        bad = [t.name for t, *_ in self._items if t.name not in done
+               or t.node.metadata_props.get(FACTOR_META) != "B"]
+        if bad:
+            raise ir.passes.PostconditionError(f"LowRankPass left planned nodes unrewritten: {bad}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        plan = plan_items(locate(model), self.policy, on_skip=self._skip)
-        units = plan_units(plan, self.policy)
+        plan = self.plan or make_plan(model, self.policy)
+        for t, why, kind in plan.skipped:
+            self._skip(t, why, kind)
+        self._items = plan.items
         done = 0
-        for unit in units:
+        for unit in plan.units:
             t0 = unit.first
             w = unit.weight()
             f = unit.unscale(self.factorizer(t0, w, unit.rank))
@@ -281,20 +177,21 @@ class LowRankPass(ir.passes.InPlacePass):
                 _drop_if_unused(graph, t0.weight)
             done += len(unit.items)
             if self.progress:
-                self.progress(done, len(plan), t0.name)
-        tied = [t for t, *_ in plan if t.tied]
+                self.progress(done, len(plan.items), t0.name)
+        items = plan.items
+        tied = [t for t, *_ in items if t.tied]
         if tied:
             n = sum(t.params for t in {t.weight_key: t for t in tied}.values())
             self.record.notes.append(
                 f"{len(tied)} rewritten projection(s) share their weight with another node "
                 f"(tied embedding): that weight stays, so the file grows by the factors while "
                 f"compute shrinks ({n:,} parameters kept; --exclude head avoids it).")
-        if any(t.dtype == "float16" for t, *_ in plan):
+        if any(t.dtype == "float16" for t, *_ in items):
             self.record.notes.append(
                 "float16 weights: factors are stored as float16 like the weights they replace; "
                 "ONNX Runtime's CPU EP runs them through fp32 casts it inserts itself, CUDA runs "
                 "them natively.")
-        return ir.passes.PassResult(model, modified=bool(plan))
+        return ir.passes.PassResult(model, modified=bool(items))
 
     def _record(self, t: Target, f: Factors, setting: str, note: str | None, before: int,
                 after: int, shared_with=(), joint_with=()) -> None:
@@ -316,8 +213,8 @@ class LowRankPass(ir.passes.InPlacePass):
         m = t0.shape[0]
         n_all = sum(it[0].shape[1] for it in unit.items)
         base = t0.weight.name or t0.name
-        a_val = self._const(graph, f"{base}.lrc_Ajoint{f.rank}", f.a)
-        mid = ir.Value(name=_unique_name(graph, f"{t0.name}/lrc_Ajoint_out"))
+        a_val = add_initializer(graph, f"{base}.lrc_Ajoint{f.rank}", f.a)
+        mid = ir.Value(name=unique_name(graph, f"{t0.name}/lrc_Ajoint_out"))
         meta = dict(t0.node.metadata_props)
         meta[FACTOR_META] = "A"
         a_node = ir.Node("", "MatMul", [t0.node.inputs[0], a_val], outputs=[mid],
@@ -327,7 +224,7 @@ class LowRankPass(ir.passes.InPlacePass):
         a_left = f.rank * m
         for i, ((t, r, setting, note), sl) in enumerate(zip(unit.items, unit.b_slices())):
             wb = t.weight.name or t.name
-            b_val = self._const(graph, f"{wb}{'_T' if t.transposed else ''}.lrc_B{f.rank}",
+            b_val = add_initializer(graph, f"{wb}{'_T' if t.transposed else ''}.lrc_B{f.rank}",
                                 f.b[:, sl])
             node = t.node
             node.replace_input_with(0, mid)
@@ -344,15 +241,6 @@ class LowRankPass(ir.passes.InPlacePass):
                          joint_with=[x for x in names if x != t.name])
             _drop_if_unused(graph, t.weight)
 
-    @staticmethod
-    def _const(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
-        name = _unique_name(graph, name)
-        v = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(arr), name=name))
-        v.shape = ir.Shape(arr.shape)
-        v.dtype = v.const_value.dtype
-        graph.register_initializer(v)
-        return v
-
     def _skip(self, t: Target, reason: str | None, kind: str) -> None:
         self.record.skipped.append(Skipped(t.name, t.role, t.block, list(t.shape),
                                            reason or "", kind))
@@ -360,13 +248,13 @@ class LowRankPass(ir.passes.InPlacePass):
     def _factor_values(self, graph: ir.Graph, t: Target, f: Factors):
         base = t.weight.name or t.name
         suffix = "_T" if t.transposed else ""
-        return [self._const(graph, f"{base}{suffix}.lrc_{tag}{f.rank}", arr)
+        return [add_initializer(graph, f"{base}{suffix}.lrc_{tag}{f.rank}", arr)
                 for tag, arr in (("A", f.a), ("B", f.b))]
 
     def _rewire(self, graph: ir.Graph, t: Target, a_val, b_val, f: Factors) -> None:
         node = t.node
         x = node.inputs[0]
-        mid = ir.Value(name=_unique_name(graph, f"{t.name}/lrc_A_out"))
+        mid = ir.Value(name=unique_name(graph, f"{t.name}/lrc_A_out"))
         meta = dict(node.metadata_props)
         meta[FACTOR_META] = "A"
         a_node = ir.Node("", "MatMul", [x, a_val], outputs=[mid],
@@ -380,11 +268,6 @@ class LowRankPass(ir.passes.InPlacePass):
         node.metadata_props["lrc.rank"] = str(f.rank)
 
 
-def _effective_weight(t: Target) -> np.ndarray:
-    w = t.weight.const_value.numpy()
-    return np.ascontiguousarray(w.T) if t.transposed else w
-
-
 def _drop_if_unused(graph: ir.Graph, weight: ir.Value) -> None:
     """Release the dense weight as soon as nothing uses it (streaming memory)."""
     if weight is None or weight.uses() or weight.is_graph_output():
@@ -394,7 +277,19 @@ def _drop_if_unused(graph: ir.Graph, weight: ir.Value) -> None:
         del graph.initializers[name]
 
 
-def _unique_name(graph: ir.Graph, name: str) -> str:
+def add_initializer(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
+    """Register ``arr`` as a new initializer under a name no value of ``graph`` has."""
+    name = unique_name(graph, name)
+    v = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(arr), name=name))
+    v.shape = ir.Shape(arr.shape)
+    v.dtype = v.const_value.dtype
+    graph.register_initializer(v)
+    return v
+
+
+def unique_name(graph: ir.Graph, name: str) -> str:
+    """``name``, or ``name_1``, ``name_2``... : the first no value of ``graph`` has yet (the set
+    of used names is built once per graph and kept in ``graph.meta``)."""
     used = graph.meta.setdefault("lrc.names", None)
     if used is None:
         used = set()

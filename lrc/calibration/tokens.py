@@ -1,0 +1,147 @@
+"""Tokenisation shared by calibration, the sequential update and eval.
+
+* ``load_tokenizer`` / ``plain_tokenizer``: a ``tokenizers.Tokenizer`` with padding and
+  truncation off (lrc cuts windows itself; exported tokenizer.json files often pad and truncate
+  to 128, which silently shortens texts and, with an all-ones mask, pollutes mean pooling).
+* ``tokenizer_path``: tokenizer.json given, or beside the model; an error when there is none.
+* ``token_batches``: calibration text cut into int64 windows framed the way the tokenizer frames
+  a single text (``special_frame``).
+
+Only ``tokenizers`` and numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from lrc.errors import LrcError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["load_tokenizer", "plain_tokenizer", "special_frame", "token_batches", "tokenizer_path"]
+
+
+def plain_tokenizer(tok):
+    """``tok`` with padding and truncation off (a copy when they were on)."""
+    from tokenizers import Tokenizer
+
+    if tok.padding is None and tok.truncation is None:
+        return tok
+    tok = Tokenizer.from_str(tok.to_str())
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def load_tokenizer(tokenizer=None, model_file: str | os.PathLike | None = None):
+    """A plain ``tokenizers.Tokenizer``: ``tokenizer`` itself, a tokenizer.json file or a folder
+    holding one, else tokenizer.json beside ``model_file`` (None when there is none)."""
+    from tokenizers import Tokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return plain_tokenizer(tokenizer)
+    if tokenizer is not None:
+        p = Path(tokenizer)
+        p = p / "tokenizer.json" if p.is_dir() else p
+    elif model_file is not None:
+        p = Path(model_file).parent / "tokenizer.json"
+        if not p.is_file():
+            return None
+    else:
+        return None
+    if not p.is_file():
+        raise LrcError(f"no tokenizer.json at {p}")
+    return plain_tokenizer(Tokenizer.from_file(str(p)))
+
+
+def tokenizer_path(model_path: str | os.PathLike | None, tokenizer=None) -> Path:
+    """tokenizer.json: ``tokenizer`` (a file or a folder) or, without it, beside the model file.
+    An in-memory model (``model_path`` None) needs ``tokenizer``."""
+    if tokenizer is None and model_path is None:
+        raise LrcError("no tokenizer: an in-memory model has no folder to find tokenizer.json in; "
+                       "pass the tokenizer path")
+    p = Path(tokenizer) if tokenizer is not None else Path(model_path).parent / "tokenizer.json"
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise LrcError(f"tokenizer.json not found at {p}; pass the tokenizer path explicitly")
+    return p
+
+
+def special_frame(tok, bos: bool | str) -> tuple[list[int], list[int]]:
+    """Token ids the tokenizer puts before and after a single text ([CLS] .. [SEP], <s> ..);
+    ``bos`` a string: that token first and nothing after; False: none."""
+    if isinstance(bos, str):
+        tid = tok.token_to_id(bos)
+        if tid is None:
+            raise LrcError(f"token {bos!r} is not in the tokenizer's vocabulary")
+        return [tid], []
+    if not bos:
+        return [], []
+    plain = tok.encode("hello world", add_special_tokens=False).ids
+    full = tok.encode("hello world", add_special_tokens=True).ids
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start], full[start + len(plain):]
+    return [], []
+
+
+def token_batches(
+    tokenizer_json_path: str | os.PathLike,
+    texts: Sequence[str],
+    n_tokens: int = 16384,
+    seq_len: int = 256,
+    bos: bool | str = True,
+) -> list[np.ndarray]:
+    """Tokenise ``texts`` (joined by a blank line) and cut them into int64 windows [1, L].
+
+    With ``bos=True`` each window is framed the way the tokenizer frames a single text: BOS for
+    decoders whose tokenizer adds one, [CLS] .. [SEP] for BERT-like encoders; a string names the
+    token to put first instead. Windows hold ``seq_len`` tokens (frame included); the last one
+    is shorter when ``n_tokens`` is not a multiple of ``seq_len``. Fewer than ``n_tokens`` come
+    back when the texts run out.
+    """
+    tok = load_tokenizer(tokenizer_json_path)
+    prefix, suffix = special_frame(tok, bos)
+    content = seq_len - len(prefix) - len(suffix)
+    if content <= 0:
+        raise LrcError(f"seq_len {seq_len} leaves no room for text after the special tokens")
+    sep = tok.encode("\n\n", add_special_tokens=False).ids
+
+    def stream():
+        first = True
+        chunk = 64
+        for start in range(0, len(texts), chunk):
+            for enc in tok.encode_batch(list(texts[start:start + chunk]), add_special_tokens=False):
+                if not enc.ids:
+                    continue
+                if not first:
+                    yield from sep
+                first = False
+                yield from enc.ids
+
+    it = stream()
+    windows: list[np.ndarray] = []
+    remaining = int(n_tokens)
+    while remaining > 0:
+        want = min(seq_len, remaining) - len(prefix) - len(suffix)
+        if want <= 0:
+            break
+        body = [t for _, t in zip(range(want), it)]
+        if not body:
+            break
+        windows.append(np.array([prefix + body + suffix], dtype=np.int64))
+        remaining -= windows[-1].shape[1]
+        if len(body) < want:
+            break
+    if not windows:
+        raise LrcError("no calibration tokens: the texts are empty")
+    got = sum(w.shape[1] for w in windows)
+    if got < n_tokens:
+        log.warning("calibration texts ran out: %d of %d tokens", got, n_tokens)
+    return windows

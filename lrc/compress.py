@@ -1,0 +1,398 @@
+"""The compress pipeline: a model and a :class:`CompressConfig` in, a smaller model and a report out.
+
+:func:`compress_model` runs its phases in order, each handing the next a value:
+
+1. **plan** — the policy (``--rank/--energy/--ratio``, filters, policy file), the method
+   (``auto`` resolved), a global budget solved into a ratio, and the :class:`~lrc.graph.plan.Plan`
+   (which projection gets which rank, what stays dense and why);
+2. **statistics** — what the method needs from calibration text (:mod:`lrc.methods`), gathered
+   by running the model's file, or an in-memory model as it is, on calibration text (never a
+   silent fallback to plain SVD: an in-memory model without a tokenizer is an error);
+3. **factors** — the method's factoriser;
+4. **passes** — :class:`~lrc.graph.passes.lowrank.LowRankPass`, then
+   :class:`~lrc.graph.passes.int8.Int8FactorsPass` when asked, then onnx-ir's
+   ``RemoveUnusedNodesPass``, composed by onnx-ir's pass manager;
+5. **report**.
+
+:func:`compress_file` is the file-level job (load, run, stage beside the output, checks: the
+onnx checker and an ONNX Runtime load, commit, sizes); :func:`compress_path` adds folders (via
+:mod:`lrc.graph.folder`), the summary file and ``--quantize-rest``. ``lrc.compress`` and
+``lrc compress`` are thin layers over these.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import tempfile
+import types
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from lrc import methods
+from lrc.errors import LrcError
+from lrc.graph import folder
+from lrc.graph import model as M
+from lrc.graph.passes.int8 import Int8FactorsPass, get_form
+from lrc.graph.passes.lowrank import LowRankPass, Progress
+from lrc.graph.plan import build_policy, make_plan, solve_budget
+from lrc.graph.policy import Policy, make_setting
+
+
+@dataclass
+class CompressConfig:
+    """Everything ``lrc compress`` / ``lrc.compress`` is told (defaults are the CLI's)."""
+
+    # policy: which projections, at which rank
+    rank: int | str | None = None
+    energy: float | None = None
+    ratio: float | None = None
+    include: list = field(default_factory=list)
+    exclude: list = field(default_factory=list)
+    policy: str | os.PathLike | Policy | None = None
+    align: int = 1
+    allow_larger: bool = False
+    group_inputs: bool = False
+    dense_edges: bool = False
+    # a global budget instead of rank / energy / ratio
+    target_params: float | None = None
+    target_size_mb: float | None = None
+    target_speedup: float | None = None
+    ep: str = "cpu"  # the EP --target-speedup profiles on
+    # method and its calibration
+    method: str = "auto"
+    update: bool = False
+    update_damp: float = 0.1
+    calib: list | str | os.PathLike | None = None
+    calib_tokens: int = 16384
+    calib_seq: int = 256
+    calib_default: bool = True
+    tokenizer: str | os.PathLike | None = None
+    alpha: float = 0.5
+    factorizer: object = None  # a ready factoriser (tune's truncations): no statistics phase
+    # storage of the factors: False, True / "dynamic", or another form of lrc.graph.passes.int8
+    int8: bool | str = False
+
+    def build_policy(self) -> Policy:
+        """The Policy these options describe (LrcError on a bad option or policy file)."""
+        return build_policy(self.rank, self.energy, self.ratio, self.include, self.exclude,
+                            self.policy, self.align, self.allow_larger, self.group_inputs,
+                            self.dense_edges)
+
+    @property
+    def int8_form(self) -> str | None:
+        if not self.int8:
+            return None
+        return "dynamic" if self.int8 is True else self.int8
+
+
+# --------------------------------------------------------------------------------- the pipeline
+
+
+def compress_model(model_or_path, config: CompressConfig, *, progress: Progress | None = None,
+                   calib_progress=None) -> tuple[ir.Model, dict]:
+    """Rewrite the model's projections into low-rank pairs. Returns ``(ir.Model, report)``.
+
+    ``model_or_path``: a .onnx file or model folder (loaded here; calibration runs that file),
+    or an ``ir.Model`` / ``onnx.ModelProto`` (modified in place; a data-aware method calibrates
+    on it as it is, with ``config.tokenizer`` or the tokenizer.json beside the file
+    ``lrc.model.load`` read it from). ``report``: ``rewritten`` and ``skipped`` records (every
+    node with a reason), ``notes``, ``totals``, ``summary``, ``method``, ``policy``..."""
+    # 1. plan: policy, method, budget, plan
+    pol = config.build_policy()
+    path = _file_of(model_or_path)
+    method, method_note = _resolve_method(model_or_path, path, config)
+    form = get_form(config.int8_form) if config.int8_form else None
+    model = M.as_model(model_or_path)
+    budget = _budget(model, path, pol, config)
+    plan = make_plan(model, pol)
+    # 2-3. statistics and factors
+    factoriser, calib_info = config.factorizer, None
+    if factoriser is None and method.data_aware:
+        source, home, tokenizer = _calibration_source(model_or_path, model, path, method.name,
+                                                      config.tokenizer)
+        factoriser, calib_info = methods.make_factoriser(
+            method.name, model, plan, source, calib=config.calib, n_tokens=config.calib_tokens,
+            seq_len=config.calib_seq, use_default=config.calib_default, tokenizer=tokenizer,
+            alpha=config.alpha, damp=config.update_damp, progress=calib_progress, path=home)
+    # 4. passes
+    lowrank = LowRankPass(pol, factorizer=factoriser, progress=progress, plan=plan)
+    passes: list = [lowrank]
+    int8 = Int8FactorsPass(form.name) if form and plan.items else None
+    if int8:
+        passes.append(int8)
+    passes.append(RemoveUnusedNodesPass())
+    run_passes(passes, model)
+    # 5. report
+    record = lowrank.record
+    report = record.to_dict()
+    if int8:
+        report["int8"] = int8.record
+    report["summary"] = record.summary_line()
+    report["method"] = method.name
+    report["method_note"] = method_note
+    if budget:
+        report["budget"] = budget
+    if calib_info:
+        report["calibration"] = calib_info
+    report["policy"] = {"default": pol.default.describe(), "include": pol.include,
+                        "exclude": pol.exclude, "align": pol.align,
+                        "group_inputs": pol.group_inputs,
+                        "dense_blocks": sorted({i for b, s in pol.blocks if s.skip for i in b})}
+    return model, report
+
+
+def run_passes(passes: list, model: ir.Model) -> ir.passes.PassResult:
+    """Run ``passes`` in order with onnx-ir's pass manager (each pass's ``requires`` and
+    ``ensures`` checked); a user error inside a pass comes out as that LrcError, not wrapped."""
+    try:
+        return ir.passes.PassManager(passes, steps=1)(model)
+    except ir.passes.PassError as e:
+        cause = e.__cause__
+        while cause is not None:
+            if isinstance(cause, (LrcError, KeyboardInterrupt, MemoryError)):
+                raise cause from None
+            cause = cause.__cause__
+        raise
+
+
+def _file_of(model_or_path) -> Path | None:
+    """The .onnx file behind a path; None for a model in memory."""
+    if isinstance(model_or_path, (ir.Model, onnx.ModelProto)):
+        return None
+    return M.resolve_model_path(model_or_path)
+
+
+def _home_of(model_or_path, path: Path | None) -> Path | None:
+    """Where the model's tokenizer and config live: its file, or the file ``lrc.model.load``
+    read an in-memory model from."""
+    if path is not None:
+        return path
+    if isinstance(model_or_path, ir.Model) and model_or_path.meta.get("lrc.source_path"):
+        return Path(model_or_path.meta["lrc.source_path"])
+    return None
+
+
+def _resolve_method(model_or_path, path: Path | None, config: CompressConfig):
+    """(Method, note): ``auto`` resolved for this input, ``--update`` applied."""
+    name = config.method
+    if name != methods.AUTO:
+        methods.get(name)
+    name, note = methods.resolve(name, home=_home_of(model_or_path, path),
+                                 in_memory=path is None, rank=config.rank,
+                                 tokenizer=config.tokenizer)
+    if config.update:
+        name = methods.with_update(name)
+    return methods.get(name), note
+
+
+@contextmanager
+def _model_file(model: ir.Model, path: Path | None, home: Path | None) -> Iterator[Path]:
+    """The model's file: ``path``, or the in-memory model written to a temporary folder (with
+    the config.json beside ``home``, which feeds read for cache shapes): what a profile runs."""
+    if path is not None:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="lrc-model-") as tmp:
+        copy = Path(tmp) / "model.onnx"
+        M.save(model, copy, external_data=True)
+        if home is not None and (home.parent / "config.json").is_file():
+            (Path(tmp) / "config.json").write_bytes((home.parent / "config.json").read_bytes())
+        yield copy
+
+
+def _calibration_source(model_or_path, model: ir.Model, path: Path | None, method: str,
+                        tokenizer) -> tuple:
+    """``(source, home, tokenizer)`` for the statistics phase: the model's file, or — for a
+    model in memory — the model itself (calibration runs it as it is now, before the passes;
+    ``home``: the file it was read from, where tokenizer.json and config.json are found). An
+    in-memory model with no tokenizer to be found is an error, never plain SVD instead."""
+    if path is not None:
+        return path, None, tokenizer
+    home = _home_of(model_or_path, None)
+    if tokenizer is None and (home is None or not (home.parent / "tokenizer.json").is_file()):
+        raise LrcError(f"--method {method} on an in-memory model needs tokenizer= (the path of "
+                       "tokenizer.json): calibration runs the model on text; or pass the model's "
+                       "path")
+    return model, home, tokenizer
+
+
+def _budget(model: ir.Model, path: Path | None, pol: Policy, config: CompressConfig) -> dict | None:
+    """A global budget solved into a uniform ratio (``pol.default`` set to it); None without."""
+    target_params, target_size_mb = config.target_params, config.target_size_mb
+    if sum(v is not None for v in (target_params, target_size_mb, config.target_speedup)) > 1:
+        raise LrcError("give one budget: --target-params, --target-size or --target-speedup")
+    speed = None
+    if config.target_speedup is not None:
+        with _model_file(model, path, _home_of(model, path)) as f:
+            speed = speedup_budget(f, config.target_speedup, config.ep)
+        target_params = speed["params_fraction"]
+    if target_params is None and target_size_mb is None:
+        return None
+    if any(v is not None for v in (config.rank, config.energy, config.ratio)):
+        raise LrcError("give either a budget (--target-params/--target-size/--target-speedup)"
+                       " or --rank/--energy/--ratio, not both")
+    budget = solve_budget(model, pol, target_params, target_size_mb)
+    if speed:
+        budget.update(speed)
+    pol.default = make_setting(ratio=budget["ratio"])
+    return budget
+
+
+def speedup_budget(path: Path, speedup: float, ep: str = "cpu") -> dict:
+    """Fraction of projection parameters to keep for a target speedup, from a cost model
+    measured once with ONNX Runtime: the dense model is profiled at batch 1 x 128 tokens and
+    ``f`` is the fraction of kernel time in weight MatMuls; Amdahl's law
+    ``S = 1 / ((1 - f) + f·ρ)`` gives ``ρ = (1/S - (1 - f)) / f``. Measured low-rank speedups
+    reach 0.9-1.0 of this bound (BENCHMARKS.md), so treat the target as an upper estimate."""
+    from lrc.runtime.profile import profile_matmul_fraction
+    from lrc.runtime.providers import resolve_ep
+
+    if not speedup > 1:
+        raise LrcError(f"--target-speedup must be > 1, got {speedup}")
+    provider = resolve_ep(ep)
+    with tempfile.TemporaryDirectory() as work:
+        prof = profile_matmul_fraction(path, provider, None, 1, 128, 0, 5, Path(work))
+    f = float(prof["matmul_fraction"][prof["phase"]])  # prefill (decoders) or encoder
+    limit = 1 / (1 - f) if f < 1 else float("inf")
+    rho = (1 / speedup - (1 - f)) / f if f > 0 else -1
+    if rho <= 0:
+        raise LrcError(f"--target-speedup {speedup:g} is beyond what shrinking the projections can "
+                       f"give: they take {f:.0%} of the time, so the limit is {limit:.2f}x")
+    return {"target_speedup": speedup, "matmul_time_fraction": round(f, 4),
+            "params_fraction": round(rho, 6), "ep": provider,
+            "speedup_note": "Amdahl bound from an ORT profile at batch 1 x 128; measured speedups "
+                            "reach 0.9-1.0 of it"}
+
+
+def compress(model_or_path, *, progress: Progress | None = None, calib_progress=None,
+             **options) -> tuple[ir.Model, dict]:
+    """``lrc.compress(model_or_path, **options)``: :func:`compress_model` with a
+    :class:`CompressConfig` of ``options`` (rank, energy, ratio, include, exclude, policy,
+    method, int8, target_params, ...). The input model object is modified in place when one is
+    given. ``int8``: False, True / "dynamic" (CPU EP), or "qdq" (GPU EPs)."""
+    return compress_model(model_or_path, CompressConfig(**options), progress=progress,
+                          calib_progress=calib_progress)
+
+
+class _CallableModule(types.ModuleType):
+    """``lrc.compress`` is both this module and the documented function: importing the module
+    binds its name on the package, so the module itself calls :func:`compress`."""
+
+    def __call__(self, model_or_path, **kw):
+        return compress(model_or_path, **kw)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+
+# --------------------------------------------------------------------------------- files, folders
+
+
+def compress_file(src: Path, out: Path, config: CompressConfig, *, external_data: bool = False,
+                  force: bool = False, check: bool = True, progress: Progress | None = None,
+                  calib_progress=None) -> dict:
+    """Compress the model file ``src`` to ``out`` (staged beside it, checked, then moved into
+    place). ``check``: the onnx checker and an ONNX Runtime CPU load of the staged file."""
+    from lrc.runtime.session import check_loads
+
+    t0 = time.perf_counter()
+    m, report = compress_model(src, config, progress=progress, calib_progress=calib_progress)
+    t1 = time.perf_counter()
+    staged = M.stage(m, out, external_data=True if external_data else None, force=force)
+    del m  # release the graph and weights before the checker and ORT load the copy
+    gc.collect()
+    checks: dict = {}
+    try:
+        if check:
+            checks.update(M.structural_check(staged.path))
+            checks.update(check_loads(staged.path))
+    except BaseException:
+        staged.discard()
+        raise
+    staged.commit(force)
+    report["seconds"] = {"factorise": round(t1 - t0, 2), "total": round(time.perf_counter() - t0, 2)}
+    report["checks"] = checks or "skipped (--no-check)"
+    report["input"] = str(src)
+    report["output"] = str(out)
+    report["size_before"] = M.file_size(src)
+    report["size_after"] = M.file_size(out)
+    return report
+
+
+SUMMARY = "lrc.json"  # the summary a compressed folder holds
+
+
+def compress_folder(src: Path, out: Path, config: CompressConfig, *, external_data: bool = False,
+                    force: bool = False, check: bool = True, progress: Progress | None = None,
+                    calib_progress=None) -> dict:
+    """Folder in, folder out: every .onnx compressed, other files (tokenizer, configs) copied,
+    ``lrc.json`` written; the output appears only when complete."""
+    def transform(f: Path, dst: Path) -> dict:
+        return compress_file(f, dst, config, external_data=external_data or bool(
+            M.external_files(f)), force=True, check=check, progress=progress,
+            calib_progress=calib_progress)
+
+    summary: dict = {}
+
+    def finish(tmp: Path, reports: dict) -> None:
+        summary.update(next(iter(reports.values())) if len(reports) == 1 else {
+            "models": reports,
+            "summary": "; ".join(f"{k}: {v['summary']}" for k, v in reports.items()),
+            "size_before": sum(r["size_before"] for r in reports.values()),
+            "size_after": sum(r["size_after"] for r in reports.values())})
+        M.write_text_atomic(tmp / SUMMARY, json.dumps(summary, indent=1))
+
+    folder.transform_folder(src, out, transform, force=force, skip=(SUMMARY,), finish=finish)
+    return summary
+
+
+def compress_path(model: Path, out: Path | None, config: CompressConfig, *,
+                  external_data: bool = False, force: bool = False, check: bool = True,
+                  quantize_rest: str | None = None, progress: Progress | None = None,
+                  calib_progress=None) -> tuple[dict, Path]:
+    """``lrc compress``: a file or folder to ``out`` (default ``MODEL-lrc.onnx`` / ``MODEL-lrc``),
+    the summary JSON beside it, then ``--quantize-rest``. Returns ``(report, summary file)``."""
+    model = Path(model)
+    if not model.exists():
+        raise LrcError(f"{model}: no such file or folder")
+    kw = dict(external_data=external_data, force=force, check=check, progress=progress,
+              calib_progress=calib_progress)
+    if model.is_dir():
+        out = Path(out) if out else model.with_name(model.name + "-lrc")
+        report = compress_folder(model, out, config, **kw)
+        summary_path = out / SUMMARY
+    else:
+        src = M.resolve_model_path(model)
+        out = Path(out) if out else src.with_name(src.stem + "-lrc.onnx")
+        if out.exists() and out.is_dir():
+            out = out / src.name
+        summary_path = out.with_name(out.name + ".lrc.json")
+        if not force:
+            for p in (out, summary_path):
+                if p.exists():
+                    raise LrcError(f"{p} exists; pass --force to overwrite")
+        M.check_output(out, force)
+        report = compress_file(src, out, config, **kw)
+        M.write_text_atomic(summary_path, json.dumps(report, indent=1))
+    if quantize_rest:
+        from lrc.quantize import quantize_rest_inplace
+
+        qrep = quantize_rest_inplace(out, quantize_rest, check=check)
+        report["quantize_rest"] = qrep
+        report["size_after"] = qrep["size_after"]
+        M.write_text_atomic(summary_path, json.dumps(report, indent=1))
+    return report, summary_path
+
+
+__all__ = ["CompressConfig", "SUMMARY", "compress", "compress_file", "compress_folder", "compress_model",
+           "compress_path", "run_passes", "speedup_budget"]

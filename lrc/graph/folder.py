@@ -1,0 +1,129 @@
+"""Folder in, folder out: the one implementation every command that rewrites a model folder uses.
+
+An exported model folder holds one or more ``*.onnx`` files (with their external data) beside
+the files a runtime needs to use them (tokenizer, configs, chat template). A job that rewrites
+the models (compress, quantize, tune's candidates) must:
+
+1. refuse an output that exists (unless forced), whose parent is missing, or that is the input;
+2. validate every model before writing anything;
+3. build the new folder in a temporary folder beside the output: the auxiliary files copied,
+   each model transformed by the job's callback, a summary written;
+4. rename it into place only when complete, so a failure leaves nothing behind.
+
+``transform_folder`` does all four; ``staged_folder`` is steps 1-2 and 4 around a block of the
+caller's own, and ``copy_aux`` / ``replace`` are the pieces, for a job (tune) that builds many
+candidate folders and moves one of them into place.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from lrc.errors import LrcError
+from lrc.graph import model
+from lrc.graph.model import external_files, load_proto
+
+Transform = Callable[[Path, Path], dict]  # (source model file, where to write it) -> report
+
+
+def model_files(folder: str | os.PathLike) -> list[Path]:
+    """Every ``*.onnx`` in ``folder``, sorted; LrcError if there is none."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.onnx"))
+    if not files:
+        raise LrcError(f"{folder}: folder holds no .onnx model")
+    return files
+
+
+def check_output(src: Path, out: Path, force: bool) -> None:
+    """The output may be written: absent (or ``force``), its parent exists, not the input."""
+    model.check_output(out, force)
+    if out.resolve() == src.resolve():
+        raise LrcError("output must differ from the input")
+
+
+def copy_aux(src_dir: Path, dst: Path, *, skip: tuple[str, ...] = ()) -> None:
+    """Copy everything in ``src_dir`` but its models, their external data and the names matching
+    a pattern in ``skip`` (a job's own summary files, e.g. ``"*.lrc.json"``) into ``dst``
+    (created); sub-folders are copied whole."""
+    dst.mkdir(parents=True, exist_ok=True)
+    models = sorted(src_dir.glob("*.onnx"))
+    data = set()
+    for f in models:
+        data |= external_files(f)
+    for item in sorted(src_dir.iterdir()):
+        if (item.suffix == ".onnx" or item.name in data or item.name.endswith(".onnx.data")
+                or any(fnmatch.fnmatchcase(item.name, pat) for pat in skip)):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dst / item.name)
+        else:
+            shutil.copy2(item, dst / item.name)
+
+
+def replace(tmp: Path, out: Path) -> Path:
+    """Move the complete folder (or file) ``tmp`` to ``out``, replacing what is there."""
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
+    return out
+
+
+@dataclass
+class FolderStage:
+    """The temporary folder a job fills (``tmp``) and the models it is to rewrite."""
+
+    src: Path
+    out: Path
+    tmp: Path
+    models: list[Path]
+
+
+@contextmanager
+def staged_folder(src: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
+                  skip: tuple[str, ...] = ()) -> Iterator[FolderStage]:
+    """Check and validate, stage the auxiliary files in a temporary folder beside ``out``, let
+    the block write the models into ``stage.tmp``, then rename it to ``out`` (nothing is left
+    behind if the block raises)."""
+    src, out = Path(src), Path(out)
+    models = model_files(src)
+    check_output(src, out, force)
+    for f in models:  # validate all before writing anything
+        load_proto(f)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        copy_aux(src, tmp, skip=skip)
+        yield FolderStage(src, out, tmp, models)
+        replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def transform_folder(src: str | os.PathLike, out: str | os.PathLike, transform: Transform, *,
+                     force: bool = False, skip: tuple[str, ...] = (),
+                     finish: Callable[[Path, dict], None] | None = None) -> dict[str, dict]:
+    """Write ``out``: ``src``'s auxiliary files, and every model ``f`` as
+    ``transform(f, tmp / f.name)`` made it. Returns ``{file name: report}``; each report's
+    ``output`` names the final path. ``finish(tmp, reports)`` runs last, before the rename (to
+    write a summary file; name it in ``skip`` so an input's old summary is not copied)."""
+    reports: dict[str, dict] = {}
+    with staged_folder(src, out, force=force, skip=skip) as stage:
+        for f in stage.models:
+            reports[f.name] = transform(f, stage.tmp / f.name)
+        for name, r in reports.items():
+            r["output"] = str(stage.out / name)
+        if finish is not None:
+            finish(stage.tmp, reports)
+    return reports
+
+
+__all__ = ["FolderStage", "Transform", "check_output", "copy_aux", "model_files", "replace",
+           "staged_folder", "transform_folder"]

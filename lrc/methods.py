@@ -1,0 +1,265 @@
+"""Factorisation methods: the one registry ``name -> Method``.
+
+A method says which statistics of the calibration text it needs and makes the factoriser the
+low-rank pass calls for every unit (``factoriser(target, W, rank) -> Factors``):
+
+* ``svd``: plain truncated SVD, no statistics;
+* ``asvd``: activation-scaled SVD, needs each projection input's mean ``|x|``;
+* ``svd-llm``: SVD whitened by each projection input's Gram matrix ``XᵀX``;
+* ``svd-llm+update`` (``--update``): SVD-LLM fitted to the inputs the already compressed model
+  produces: the sequential two-pass pipeline of :mod:`lrc.calibration.sequential`.
+
+``auto`` is not a method but a choice made per model (:func:`resolve`). A new method is one
+:func:`register` call in this module (and its test): the CLI's ``--method`` help and validation,
+``lrc.compress`` and ``lrc tune`` read the registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import onnx_ir as ir
+
+from lrc.errors import LrcError
+from lrc.factorize import asvd_factor, whiten_factor
+from lrc.graph.passes.lowrank import plain_svd
+from lrc.graph.plan import Plan, make_plan
+from lrc.graph.policy import Policy
+
+Factoriser = Callable  # (Target, W [in, out], rank) -> Factors
+STATISTICS = ("none", "gram", "abs_mean", "sequential")
+AUTO = "auto"
+
+
+@dataclass
+class Calibration:
+    """What a data-aware method calibrates on: ``source`` is what ONNX Runtime runs — the
+    model's file, or the in-memory model itself (before compression) with ``path`` the file it
+    came from, if any (tokenizer.json and config.json beside it) — and ``texts`` the text."""
+
+    source: Path | ir.Model
+    texts: list[str]
+    sources: list[str]  # where the texts came from, for the report
+    n_tokens: int = 16384
+    seq_len: int = 256
+    tokenizer: str | Path | None = None
+    alpha: float = 0.5  # asvd's exponent
+    damp: float = 0.1  # the update's damping
+    progress: Callable | None = None
+    path: Path | None = None
+
+    @property
+    def file(self) -> str | None:
+        """The model's file (the source's, or the one an in-memory source came from)."""
+        if isinstance(self.source, ir.Model):
+            return None if self.path is None else str(self.path)
+        return str(self.source)
+
+
+MakeFactoriser = Callable[[ir.Model, Plan, Calibration], "tuple[Factoriser | None, dict | None]"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """``statistics``: one of ``STATISTICS``. ``make_factoriser(model, plan, calibration)``
+    returns ``(factoriser, calibration info)``; ``(None, None)`` when nothing needs one (plain
+    SVD is used). ``update_of``: this method is ``--update`` applied to that one (not listed
+    under ``--method``)."""
+
+    name: str
+    help: str
+    statistics: str
+    make_factoriser: MakeFactoriser
+    update_of: str | None = None
+
+    @property
+    def data_aware(self) -> bool:
+        return self.statistics != "none"
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.statistics not in STATISTICS:
+        raise ValueError(f"statistics must be one of {STATISTICS}, got {method.statistics!r}")
+    METHODS[method.name] = method
+    return method
+
+
+def _plain(model, plan, calibration):
+    return None, None
+
+
+def _activation_method(name: str, factor: Callable) -> MakeFactoriser:
+    """A factoriser from each projection input's activation statistics (``cached_stats``: one
+    ONNX Runtime pass over the calibration text, cached on disk); ``factor(W, stats, rank,
+    calibration)``; projections without statistics get plain SVD."""
+
+    def make(model: ir.Model, plan: Plan, c: Calibration):
+        from lrc.calibration.stats import cached_stats
+
+        names = plan.calibration_inputs()
+        if not names:
+            return None, None
+        in_memory = isinstance(c.source, ir.Model)
+        stats = cached_stats(c.source if in_memory else str(c.source), names, c.texts,
+                             n_tokens=c.n_tokens, seq_len=c.seq_len, tokenizer=c.tokenizer,
+                             progress=c.progress, **({"path": c.file} if in_memory else {}))
+        info = {"method": name, "tokens": int(c.n_tokens), "seq_len": c.seq_len,
+                "sources": c.sources, "inputs": len(names)}
+
+        def factoriser(t, w, rank):
+            st = stats.get(t.node.inputs[0].name)
+            if st is None:
+                return plain_svd(t, w, rank)
+            return factor(w, st, rank, c)
+
+        return factoriser, info
+
+    return make
+
+
+def _sequential(model: ir.Model, plan: Plan, c: Calibration):
+    """The joint update (two forward passes over the text); see lrc.calibration.sequential."""
+    from lrc.calibration.sequential import sequential_factorizer
+
+    factoriser, info = sequential_factorizer(model, c.file, plan.policy, c.texts,
+                                             n_tokens=c.n_tokens, seq_len=c.seq_len,
+                                             tokenizer=c.tokenizer, damp=c.damp,
+                                             progress=c.progress)
+    if info is not None:
+        info["sources"] = c.sources
+    return factoriser, info
+
+
+register(Method("svd", "plain", "none", _plain))
+register(Method("asvd", "activation-scaled", "abs_mean", _activation_method(
+    "asvd", lambda w, st, rank, c: asvd_factor(w, st.abs_mean, rank, alpha=c.alpha))))
+register(Method("svd-llm", "whitened by calibration activations", "gram", _activation_method(
+    "svd-llm", lambda w, st, rank, c: whiten_factor(w, st.xtx, rank))))
+register(Method("svd-llm+update", "svd-llm fitted to the compressed model's own inputs",
+                "sequential", _sequential, update_of="svd-llm"))
+
+AUTO_HELP = "svd-llm when a tokenizer is at hand, else svd"
+AUTO_BEST = "svd-llm"
+
+
+def choices() -> list[str]:
+    """What ``--method`` accepts: ``auto`` and every method that is not an ``--update`` form."""
+    return [AUTO, *(m.name for m in METHODS.values() if m.update_of is None)]
+
+
+def method_help() -> str:
+    """The ``--method`` help line, from the registry."""
+    parts = [f"{AUTO} ({AUTO_HELP})"] + [f"{m.name} ({m.help})" for m in METHODS.values()
+                                         if m.update_of is None]
+    return ", ".join(parts[:-1]) + " or " + parts[-1] + "."
+
+
+def get(name: str) -> Method:
+    """The registered method ``name``; LrcError listing the choices otherwise."""
+    m = METHODS.get(name)
+    if m is None:
+        raise LrcError(f"unknown method {name!r}: use one of {', '.join(choices())}")
+    return m
+
+
+def check(name: str, update: bool = False) -> None:
+    """Validate ``--method`` / ``--update`` before any work (``auto`` is resolved later)."""
+    if name != AUTO and name not in choices():
+        raise LrcError(f"--method must be one of {', '.join(choices())}, got {name!r}")
+    if update and name != AUTO:
+        with_update(name)
+
+
+def with_update(name: str) -> str:
+    """The ``--update`` form of method ``name``."""
+    for m in METHODS.values():
+        if m.update_of == name:
+            return m.name
+    bases = [m.update_of for m in METHODS.values() if m.update_of]
+    raise LrcError(f"--update needs --method {' or '.join(bases)}")
+
+
+def resolve(name: str, *, home: Path | None, in_memory: bool = False, rank=None,
+            tokenizer=None) -> tuple[str, str]:
+    """``auto`` -> the best measured method the input allows: ``svd-llm`` (whitening by
+    calibration activations; orders of magnitude better than plain SVD on every model we
+    measured) when a tokenizer (``tokenizer``, or tokenizer.json beside the model file ``home``)
+    and the packaged calibration text are at hand; plain ``svd`` otherwise, and for
+    ``--rank full`` (a verification of the rewrite itself). Returns ``(method, why)``."""
+    if name != AUTO:
+        get(name)
+        return name, f"{name} (requested)"
+    if rank == "full":
+        return "svd", "svd: --rank full verifies the rewrite itself"
+    if tokenizer:
+        tok = Path(tokenizer)
+        tok = tok / "tokenizer.json" if tok.is_dir() else tok
+    elif home is not None:
+        tok = home.parent / "tokenizer.json"
+    else:
+        return "svd", "svd: no model file to calibrate on (in-memory model; pass tokenizer= to " \
+                      "calibrate on it)"
+    if not tok.is_file():
+        where = f"beside {home.name}" if home is not None and not tokenizer else f"at {tok}"
+        return "svd", f"svd: no tokenizer.json {where} for calibration text"
+    try:
+        from lrc.data import calibration_texts
+
+        calibration_texts(n_tokens=1024)
+    except LrcError as e:
+        return "svd", f"svd: calibration text unavailable ({e})"
+    return AUTO_BEST, (f"{AUTO_BEST}: best measured; calibrated on the packaged mixed-domain text"
+                       + (" (on the in-memory model)" if in_memory else ""))
+
+
+def calibration_texts(calib=None, *, n_tokens: int = 16384,
+                      use_default: bool = True) -> tuple[list[str], list[str]]:
+    """``(texts, sources)``: the user's files in ``calib`` plus, unless ``use_default=False``
+    (and some file is given), lrc's bundled mixed-domain set (news, wiki markup, forum dialogue,
+    Python code; disjoint from the evaluation texts). Mixing domains matters: statistics from
+    one domain make the factors drop directions other domains use."""
+    texts: list[str] = []
+    sources = []
+    for f in ([calib] if isinstance(calib, (str, Path)) else list(calib or [])):
+        p = Path(f)
+        if not p.is_file():
+            raise LrcError(f"calibration file {str(p)!r} not found")
+        texts.append(p.read_text(encoding="utf-8", errors="replace"))
+        sources.append(str(p))
+    if use_default or not texts:
+        from lrc.data import calibration_texts as bundled
+
+        texts.extend(bundled(n_tokens=int(n_tokens * 1.2)))
+        sources.append("bundled mix: news (Lee corpus, calibration half), wiki markup, forum posts, "
+                       "Python code")
+    return texts, sources
+
+
+def make_factoriser(name: str, model: ir.Model, policy: Policy | Plan, source, *, calib=None,
+                    n_tokens: int = 16384, seq_len: int = 256, use_default: bool = True,
+                    tokenizer=None, alpha: float = 0.5, damp: float = 0.1, progress=None,
+                    path=None):
+    """``(factoriser, info)`` of method ``name`` for ``model`` (planned with ``policy``, or a
+    ready :class:`Plan`), calibrated by running ``source`` in ONNX Runtime on the calibration
+    text (see :func:`calibration_texts`). ``source``: the model's file (the same model,
+    unchanged), or ``model`` itself when it is in memory (``path``: the file it came from, if
+    any; without one ``tokenizer`` is needed)."""
+    method = get(name)
+    plan = policy if isinstance(policy, Plan) else make_plan(model, policy)
+    if not method.data_aware:
+        return method.make_factoriser(model, plan, None)
+    texts, sources = calibration_texts(calib, n_tokens=n_tokens, use_default=use_default)
+    c = Calibration(source if isinstance(source, ir.Model) else Path(source), texts, sources,
+                    n_tokens=n_tokens, seq_len=seq_len, tokenizer=tokenizer, alpha=alpha,
+                    damp=damp, progress=progress, path=None if path is None else Path(path))
+    return method.make_factoriser(model, plan, c)
+
+
+__all__ = ["AUTO", "METHODS", "STATISTICS", "Calibration", "Method", "calibration_texts",
+           "check", "choices", "get", "make_factoriser", "method_help", "register",
+           "resolve", "with_update"]

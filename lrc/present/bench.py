@@ -1,0 +1,68 @@
+"""Terminal tables of a bench result (``lrc.measure.bench.bench``, schema ``lrc.bench/1``):
+the machine and protocol, the models (size, load time, memory, parameter ratio, Amdahl bound),
+latencies per execution provider and the profiled MatMul time fraction."""
+
+from __future__ import annotations
+
+__all__ = ["format_tables"]
+
+_MB = 1e6
+
+
+def _fmt(x, spec=".2f", none="-") -> str:
+    return none if x is None else format(x, spec)
+
+
+def format_tables(result: dict) -> list:
+    """rich Tables: machine/settings, models (size, load, memory, rho, bound), latencies per EP."""
+    from rich.table import Table
+
+    tables = []
+    m, s = result.get("machine", {}), result.get("settings", {})
+    t = Table(title="Machine", show_header=False)
+    t.add_column("key")
+    t.add_column("value")
+    t.add_row("CPU", f"{m.get('cpu')} ({m.get('physical_cores')} physical / {m.get('logical_cores')} logical cores)")
+    if m.get("gpu"):
+        t.add_row("GPU", str(m["gpu"]))
+    t.add_row("onnxruntime", f"{m.get('onnxruntime')} ({', '.join(m.get('available_providers', []))})")
+    t.add_row("EPs", ", ".join(s.get("eps", [])))
+    t.add_row("threads", str(s.get("threads") or s.get("threads_note", "default")))
+    t.add_row("protocol", f"{s.get('warmup')} warm-ups, {s.get('runs')} runs round-robin, spinning off")
+    tables.append(t)
+
+    t = Table(title="Models")
+    for col in ("model", "kind", "size MB", "load s", "RSS MB", "peak MB", "weight params", "rho", "Amdahl bound"):
+        t.add_column(col, justify="left" if col in ("model", "kind") else "right")
+    for e in result.get("models", []):
+        sess = next(iter(e.get("sessions", {}).values()), {})
+        bound = e.get("amdahl_bound") or {}
+        t.add_row(e["name"], e.get("kind", "?"), _fmt(e.get("size_bytes", 0) / _MB, ".1f"),
+                  _fmt(sess.get("load_s"), ".2f"), _fmt(sess.get("rss_after_first_run_mb"), ".1f"),
+                  _fmt(sess.get("peak_rss_mb"), ".1f"),
+                  _fmt(e.get("weight_matmul_params"), ",d") if e.get("weight_matmul_params") is not None else "-",
+                  _fmt(e.get("flop_ratio"), ".3f"),
+                  " ".join(f"{k} {v:.2f}x" for k, v in bound.items()) or "-")
+    tables.append(t)
+
+    rows = result.get("runs", [])
+    for ep in dict.fromkeys(r["ep"] for r in rows):
+        t = Table(title=f"Latency ({ep})")
+        for col in ("model", "phase", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "mean ms", "speedup", "tok/s"):
+            t.add_column(col, justify="left" if col in ("model", "phase") else "right")
+        for r in rows:
+            if r["ep"] != ep:
+                continue
+            t.add_row(r["model"], r["phase"], str(r["batch"]), str(r["seq"]), _fmt(r["p50_ms"], ".3f"),
+                      _fmt(r["p90_ms"], ".3f"), _fmt(r["p99_ms"], ".3f"), _fmt(r["mean_ms"], ".3f"),
+                      _fmt(r.get("speedup"), ".2f"), _fmt(r.get("tokens_per_s"), ".1f"))
+        tables.append(t)
+    amd = result.get("amdahl")
+    if amd:
+        t = Table(title="Amdahl (time fraction in weight MatMuls of the first model)", show_header=False)
+        t.add_column("phase")
+        t.add_column("f")
+        for ph, f in amd["matmul_fraction"].items():
+            t.add_row(ph, f"{f:.3f}")
+        tables.append(t)
+    return tables

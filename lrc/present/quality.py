@@ -1,0 +1,90 @@
+"""Tables of eval results (:mod:`lrc.measure.quality`, :mod:`lrc.measure.drift`) for the terminal.
+
+``format_table`` takes any result of those modules (perplexity, compare_*, evaluate, a list of
+layer_drift rows) or its JSON string and returns a ``rich`` Table.
+"""
+
+from __future__ import annotations
+
+import json as _json
+
+import numpy as np
+
+from lrc.measure.quality import LM_METRICS
+
+__all__ = ["format_table"]
+
+
+def _fmt(v, digits=4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if not np.isfinite(v):
+            return str(v)
+        return f"{v:.{digits}g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+
+def format_table(result, title: str | None = None):
+    """A rich Table for any eval result (perplexity, compare_*, evaluate, layer_drift rows)."""
+    from rich.table import Table
+
+    if isinstance(result, str):
+        result = _json.loads(result)
+    if isinstance(result, list):
+        return _drift_table(result, title)
+    if "kind" in result:
+        return _evaluate_table(result, title)
+    if "kl" in result or "embedding_cosine" in result:
+        return _evaluate_table({"kind": "", "result": result}, title)
+    t = Table(title=title or "perplexity")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in result.items():
+        t.add_row(k, _fmt(v))
+    return t
+
+
+def _evaluate_table(res: dict, title: str | None):
+    from rich.table import Table
+
+    t = Table(title=title or f"quality ({res['kind']})".replace(" ()", ""))
+    for c in ("text", "metric", "original", "compressed"):
+        t.add_column(c, justify="left" if c in ("text", "metric") else "right")
+    notes = []
+    for key, r in res.items():
+        if not isinstance(r, dict):
+            continue
+        label = f"{r.get('text', key)}"
+        if "kl" in r:
+            t.add_row(label, "perplexity", _fmt(r["orig"]["perplexity"]), _fmt(r["new"]["perplexity"]))
+            for m in LM_METRICS.values():
+                if m.key in r:
+                    t.add_row("", m.label, "", _fmt(r[m.key]))
+            notes.append(f"{label}: {r['tokens']} tokens, {r['windows']} windows of {r['context']}, "
+                         f"stride {r['stride']}; {r['bos']}")
+        else:
+            if "lee_pearson" in r.get("orig", {}):
+                t.add_row(label, "Lee Pearson r", _fmt(r["orig"]["lee_pearson"]),
+                          _fmt(r["new"]["lee_pearson"]))
+                label = ""
+            t.add_row(label, "embedding cosine (mean)", "", _fmt(r["embedding_cosine"]))
+            t.add_row("", "embedding cosine (min)", "", _fmt(r["embedding_cosine_min"]))
+    if notes:
+        t.caption = "\n".join(notes)
+    return t
+
+
+def _drift_table(rows: list[dict], title: str | None, limit: int = 20):
+    from rich.table import Table
+
+    t = Table(title=title or "layer drift (worst first)")
+    t.add_column("tensor")
+    t.add_column("cosine", justify="right")
+    t.add_column("rel norm", justify="right")
+    t.add_column("max abs", justify="right")
+    for r in rows[:limit]:
+        t.add_row(r["tensor"], _fmt(r["cosine"], 6), _fmt(r["rel_norm"]), _fmt(r["max_abs"]))
+    if len(rows) > limit:
+        t.caption = f"{len(rows) - limit} more tensors"
+    return t
