@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from lrc.compress import compress
+from lrc.pipeline import compress
 from lrc.factorize import break_even_rank, energy_ranks, singular_values
 from lrc.graph.locate import ROLES, locate
 from lrc.graph.model import as_model

@@ -163,7 +163,7 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
              as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
     """Rewrite projections as pairs of thin MatMuls from a truncated SVD."""
     from lrc import methods
-    from lrc.compress import CompressConfig, compress_path
+    from lrc.pipeline import CompressConfig, compress_path
     from lrc.graph.passes.int8 import FORMS
 
     config = CompressConfig(rank=rank, energy=energy, ratio=ratio, include=_split(include),

@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from lrc.compress import compress
+from lrc.pipeline import compress
 from lrc.errors import LrcError
 from lrc.graph import folder
 from lrc.graph import model as M

@@ -20,12 +20,13 @@ ROOT = Path(__file__).resolve().parents[1] / "lrc"
 
 # lowest first; a module may import from its own layer or any layer before it
 LAYERS = [
-    ("foundations", ["lrc.errors", "lrc.factorize", "lrc.data", "lrc.exporters"]),
+    ("foundations", ["lrc.errors", "lrc.factorize", "lrc.data"]),
     ("graph", ["lrc.graph"]),
+    ("export", ["lrc.exporters"]),
     ("runtime", ["lrc.runtime"]),
     ("calibration", ["lrc.calibration"]),
     ("methods", ["lrc.methods"]),
-    ("compress", ["lrc.compress", "lrc.quantize"]),
+    ("compress", ["lrc.pipeline", "lrc.quantize"]),
     ("measure", ["lrc.measure"]),
     ("generate", ["lrc.generate"]),
     ("tune", ["lrc.tune"]),

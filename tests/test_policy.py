@@ -122,7 +122,7 @@ def test_target_speedup_from_ort_profile(tmp_path):
 def test_auto_method_sees_the_file_behind_a_loaded_model(tmp_path):
     import onnx
 
-    from lrc.compress import CompressConfig, compress_model
+    from lrc.pipeline import CompressConfig, compress_model
     from lrc.graph.model import load
 
     p = tmp_path / "m.onnx"

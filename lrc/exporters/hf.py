@@ -36,6 +36,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from lrc.errors import LrcError  # noqa: E402
+from lrc.graph.folder import replace  # noqa: E402
 from lrc.exporters.sources import KIND_GGUF, read_config, resolve_source  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -109,21 +110,6 @@ def _check_out_dir(out: Path, force: bool) -> None:
             raise LrcError(f"{out} exists and is not a folder")
         if any(out.iterdir()) and not force:
             raise LrcError(f"{out} exists and is not empty; pass force (--force) to replace it")
-
-
-def _atomic_replace(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out``, replacing what was there."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            old.rename(out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def _gguf_to_hf_folder(gguf: Path, dest: Path) -> None:
@@ -337,7 +323,7 @@ def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | Non
         files = find_onnx_files(tmp)
         if not files:
             raise LrcError(f"the exporter wrote no .onnx file for {path.name}")
-        _atomic_replace(tmp, out)
+        replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

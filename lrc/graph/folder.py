@@ -69,10 +69,19 @@ def copy_aux(src_dir: Path, dst: Path, *, skip: tuple[str, ...] = ()) -> None:
 
 
 def replace(tmp: Path, out: Path) -> Path:
-    """Move the complete folder (or file) ``tmp`` to ``out``, replacing what is there."""
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
+    """Move the complete folder (or file) ``tmp`` to ``out``, replacing what is there: the old
+    one is renamed aside first and put back if the move fails, then deleted."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return out
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    out.rename(old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     return out
 
 

@@ -1,4 +1,4 @@
-"""The compress pipeline: a model and a :class:`CompressConfig` in, a smaller model and a report out.
+"""The compress pipeline (``lrc.compress`` is its :func:`compress`): a model and a :class:`CompressConfig` in, a smaller model and a report out.
 
 :func:`compress_model` runs its phases in order, each handing the next a value:
 
@@ -25,9 +25,7 @@ from __future__ import annotations
 import gc
 import json
 import os
-import sys
 import tempfile
-import types
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -282,17 +280,6 @@ def compress(model_or_path, *, progress: Progress | None = None, calib_progress=
     given. ``int8``: False, True / "dynamic" (CPU EP), or "qdq" (GPU EPs)."""
     return compress_model(model_or_path, CompressConfig(**options), progress=progress,
                           calib_progress=calib_progress)
-
-
-class _CallableModule(types.ModuleType):
-    """``lrc.compress`` is both this module and the documented function: importing the module
-    binds its name on the package, so the module itself calls :func:`compress`."""
-
-    def __call__(self, model_or_path, **kw):
-        return compress(model_or_path, **kw)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 
 # --------------------------------------------------------------------------------- files, folders
