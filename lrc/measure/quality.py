@@ -281,7 +281,7 @@ def _cosine(lp_o, lp_n, lo, ln):
 LM_METRICS: dict[str, LMMetric] = {m.key: m for m in (
     LMMetric("kl", "KL(orig||new)", _kl),
     LMMetric("top1_agreement", "top-1 agreement", _top1),
-    LMMetric("top5_agreement", "top-5 agreement (orig's top-1 in new's top 5)", _top5),
+    LMMetric("top5_agreement", "top-5 agreement", _top5),
     LMMetric("logits_cosine", "logits cosine", _cosine),
 )}
 
