@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import subprocess
@@ -26,6 +25,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from run import fmt_quality  # noqa: E402  (the digits BENCHMARKS.md prints)
+
 ALIASES = {"smollm2": "smollm2-135m", "minilm": "minilm-l6"}
 # key -> (BENCHMARKS.md label, compress flags)
 ROWS = {
@@ -45,16 +47,6 @@ ROWS = {
 }
 DEFAULT = ["smollm2:svd-llm-nohead-0.8", "smollm2:svd-ffn-0.8",
            "minilm:svd-llm-gupd-nohead-0.7-q", "minilm:svd-llm-g-ffn-0.8"]
-
-
-def fmt(x: float | None) -> str:  # as benchmarks/run.py prints quality
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if x >= 1e4:
-        return f"{x:.1e}"
-    if x >= 100:
-        return f"{x:.0f}"
-    return f"{x:.2f}"
 
 
 CACHE = tempfile.mkdtemp(prefix="lrc-rows-cache-")  # fresh: calibration really runs
@@ -102,7 +94,7 @@ def main(argv=None) -> int:
         res = json.loads(lrc("eval", str(dense), str(new), "--max-tokens", "4096", "--threads", "2",
                              "--json"))
         if res["kind"] == "causal-lm":
-            got = [fmt(res[k]["new"]["perplexity"]) for k in ("in_domain", "out_of_domain")]
+            got = [fmt_quality(res[k]["new"]["perplexity"]) for k in ("in_domain", "out_of_domain")]
         else:
             got = [f"{res['in_domain']['new']['lee_pearson']:.3f}"]
         want = recorded(label, model)

@@ -386,7 +386,8 @@ def shapes(m: dict) -> list[tuple[str, int, str]]:
     return [("encoder", s, f"b1 x s{s}") for s in MODELS["minilm"]["seq_lens"]]
 
 
-def _fmt_q(x: float | None) -> str:
+def fmt_quality(x: float | None) -> str:
+    """A quality figure as BENCHMARKS.md prints it (benchmarks/rows.py compares these digits)."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     if x >= 1e4:
@@ -455,8 +456,8 @@ def table_md(m: dict, rows: list[dict]) -> str:
             for t in ("news", "docs"):
                 qt = q.get(t)
                 cells.append("-" if not qt else
-                             (f"{_fmt_q(qt['perplexity'])}" if r["kind"] == "dense" else
-                              f"{_fmt_q(qt['perplexity'])} ({qt['kl']:.2f}, {qt['top1_agreement']:.2f})"))
+                             (f"{fmt_quality(qt['perplexity'])}" if r["kind"] == "dense" else
+                              f"{fmt_quality(qt['perplexity'])} ({qt['kl']:.2f}, {qt['top1_agreement']:.2f})"))
         else:
             cells.append("-" if "lee_pearson" not in q else f"{q['lee_pearson']:.3f}")
             cells.append("-" if r["kind"] == "dense" or "embedding_cosine_lee" not in q else
@@ -496,7 +497,7 @@ def observations(m: dict, rows: list[dict], runs: int) -> list[str]:
 
     def qtxt(r):
         v = qf(r)
-        return "-" if v is None else (_fmt_q(v) if not hib else f"{v:.3f}")
+        return "-" if v is None else (fmt_quality(v) if not hib else f"{v:.3f}")
 
     # equal-quality tolerance: perplexity within 10 % of dense (news AND docs) / Lee r within 0.01
     if m["kind"] == "lm":
@@ -593,8 +594,8 @@ def observations(m: dict, rows: list[dict], runs: int) -> list[str]:
     if pairs:
         if m["kind"] == "lm":
             obs.append("Data-aware vs plain SVD at the same setting (news / docs perplexity): " + "; ".join(
-                f"{r['label']} {_fmt_q(r['q']['news']['perplexity'])} / {_fmt_q(r['q']['docs']['perplexity'])} vs "
-                f"{p['label']} {_fmt_q(p['q']['news']['perplexity'])} / {_fmt_q(p['q']['docs']['perplexity'])}"
+                f"{r['label']} {fmt_quality(r['q']['news']['perplexity'])} / {fmt_quality(r['q']['docs']['perplexity'])} vs "
+                f"{p['label']} {fmt_quality(p['q']['news']['perplexity'])} / {fmt_quality(p['q']['docs']['perplexity'])}"
                 for p, r in pairs) + ".")
         else:
             obs.append("Data-aware vs plain SVD at the same setting (Lee r): " + "; ".join(
@@ -604,7 +605,7 @@ def observations(m: dict, rows: list[dict], runs: int) -> list[str]:
     if gpairs:
         def qq(r):
             if m["kind"] == "lm":
-                return f"{_fmt_q(r['q']['news']['perplexity'])} / {_fmt_q(r['q']['docs']['perplexity'])}"
+                return f"{fmt_quality(r['q']['news']['perplexity'])} / {fmt_quality(r['q']['docs']['perplexity'])}"
             return qtxt(r)
         obs.append("`--group-inputs` (one A shared by the projections that read one tensor) vs "
                    "each projection on its own, same parameters (" + ("news / docs perplexity"
@@ -616,11 +617,11 @@ def observations(m: dict, rows: list[dict], runs: int) -> list[str]:
         dn, dd = dense["q"]["news"]["perplexity"], dense["q"]["docs"]["perplexity"]
         obs.append("Allocation at the same parameters, policy file vs uniform ratio (ppl news / docs, "
                    "multiples of dense, speedup at " + main + "): " + "; ".join(
-                       f"{r['label']}: {_fmt_q(r['q']['news']['perplexity'])} / "
-                       f"{_fmt_q(r['q']['docs']['perplexity'])} (x{r['q']['news']['perplexity'] / dn:.2f}"
+                       f"{r['label']}: {fmt_quality(r['q']['news']['perplexity'])} / "
+                       f"{fmt_quality(r['q']['docs']['perplexity'])} (x{r['q']['news']['perplexity'] / dn:.2f}"
                        f" / x{r['q']['docs']['perplexity'] / dd:.2f}), {r['speed'][main]:.2f}x vs "
-                       f"uniform {_fmt_q(u['q']['news']['perplexity'])} / "
-                       f"{_fmt_q(u['q']['docs']['perplexity'])} (x{u['q']['news']['perplexity'] / dn:.2f}"
+                       f"uniform {fmt_quality(u['q']['news']['perplexity'])} / "
+                       f"{fmt_quality(u['q']['docs']['perplexity'])} (x{u['q']['news']['perplexity'] / dn:.2f}"
                        f" / x{u['q']['docs']['perplexity'] / dd:.2f}), {u['speed'][main]:.2f}x"
                        for u, r in alloc) + ". Held-out texts and a control (a middle block kept "
                    "dense instead): benchmarks/allocation.md, from benchmarks/allocation.py.")

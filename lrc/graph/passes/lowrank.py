@@ -226,13 +226,7 @@ class LowRankPass(ir.passes.InPlacePass):
             wb = t.weight.name or t.name
             b_val = add_initializer(graph, f"{wb}{'_T' if t.transposed else ''}.lrc_B{f.rank}",
                                 f.b[:, sl])
-            node = t.node
-            node.replace_input_with(0, mid)
-            node.replace_input_with(1, b_val)
-            if node.op_type == "Gemm":
-                node.attributes["transB"] = ir.AttrInt64("transB", 0)
-            node.metadata_props[FACTOR_META] = "B"
-            node.metadata_props["lrc.rank"] = str(f.rank)
+            _become_b(t.node, mid, b_val, f.rank)
             n = t.shape[1]
             # A's parameters are shared: each member carries its share (the last the rest)
             a_share = a_left if i == len(unit.items) - 1 else round(f.rank * m * n / n_all)
@@ -260,12 +254,17 @@ class LowRankPass(ir.passes.InPlacePass):
         a_node = ir.Node("", "MatMul", [x, a_val], outputs=[mid],
                          name=f"{t.name}/lrc_A", metadata_props=meta)
         node.graph.insert_before(node, a_node)  # the node's own (sub)graph
-        node.replace_input_with(0, mid)
-        node.replace_input_with(1, b_val)
-        if node.op_type == "Gemm":
-            node.attributes["transB"] = ir.AttrInt64("transB", 0)
-        node.metadata_props[FACTOR_META] = "B"
-        node.metadata_props["lrc.rank"] = str(f.rank)
+        _become_b(node, mid, b_val, f.rank)
+
+
+def _become_b(node: ir.Node, mid: ir.Value, b_val: ir.Value, rank: int) -> None:
+    """The projection node itself becomes the second factor: ``(X·A)·B``, marked as such."""
+    node.replace_input_with(0, mid)
+    node.replace_input_with(1, b_val)
+    if node.op_type == "Gemm":
+        node.attributes["transB"] = ir.AttrInt64("transB", 0)
+    node.metadata_props[FACTOR_META] = "B"
+    node.metadata_props["lrc.rank"] = str(rank)
 
 
 def _drop_if_unused(graph: ir.Graph, weight: ir.Value) -> None:
