@@ -99,15 +99,10 @@ def _activation_method(name: str, factor: Callable) -> MakeFactoriser:
     calibration)``; projections without statistics get plain SVD."""
 
     def make(model: ir.Model, plan: Plan, c: Calibration):
-        from lrc.calibration.stats import cached_stats
-
         names = plan.calibration_inputs()
         if not names:
             return None, None
-        in_memory = isinstance(c.source, ir.Model)
-        stats = cached_stats(c.source if in_memory else str(c.source), names, c.texts,
-                             n_tokens=c.n_tokens, seq_len=c.seq_len, tokenizer=c.tokenizer,
-                             progress=c.progress, **({"path": c.file} if in_memory else {}))
+        stats = statistics(c, names)
         info = {"method": name, "tokens": int(c.n_tokens), "seq_len": c.seq_len,
                 "sources": c.sources, "inputs": len(names)}
 
@@ -120,6 +115,17 @@ def _activation_method(name: str, factor: Callable) -> MakeFactoriser:
         return factoriser, info
 
     return make
+
+
+def statistics(c: Calibration, names: list[str]) -> dict:
+    """Activation statistics of the tensors ``names`` (one ONNX Runtime pass over the
+    calibration text, cached on disk)."""
+    from lrc.calibration.stats import cached_stats
+
+    in_memory = isinstance(c.source, ir.Model)
+    return cached_stats(c.source if in_memory else str(c.source), names, c.texts,
+                        n_tokens=c.n_tokens, seq_len=c.seq_len, tokenizer=c.tokenizer,
+                        progress=c.progress, **({"path": c.file} if in_memory else {}))
 
 
 def _sequential(model: ir.Model, plan: Plan, c: Calibration):
@@ -253,13 +259,79 @@ def make_factoriser(name: str, model: ir.Model, policy: Policy | Plan, source, *
     plan = policy if isinstance(policy, Plan) else make_plan(model, policy)
     if not method.data_aware:
         return method.make_factoriser(model, plan, None)
-    texts, sources = calibration_texts(calib, n_tokens=n_tokens, use_default=use_default)
-    c = Calibration(source if isinstance(source, ir.Model) else Path(source), texts, sources,
-                    n_tokens=n_tokens, seq_len=seq_len, tokenizer=tokenizer, alpha=alpha,
-                    damp=damp, progress=progress, path=None if path is None else Path(path))
+    c = make_calibration(source, calib=calib, n_tokens=n_tokens, seq_len=seq_len,
+                         use_default=use_default, tokenizer=tokenizer, alpha=alpha, damp=damp,
+                         progress=progress, path=path)
     return method.make_factoriser(model, plan, c)
 
 
+def make_calibration(source, *, calib=None, n_tokens: int = 16384, seq_len: int = 256,
+                     use_default: bool = True, tokenizer=None, alpha: float = 0.5,
+                     damp: float = 0.1, progress=None, path=None) -> Calibration:
+    """The :class:`Calibration` a data-aware step runs on (texts from
+    :func:`calibration_texts`)."""
+    texts, sources = calibration_texts(calib, n_tokens=n_tokens, use_default=use_default)
+    return Calibration(source if isinstance(source, ir.Model) else Path(source), texts, sources,
+                       n_tokens=n_tokens, seq_len=seq_len, tokenizer=tokenizer, alpha=alpha,
+                       damp=damp, progress=progress, path=None if path is None else Path(path))
+
+
+def make_corrector(input_names: list[str], c: Calibration | None = None, *, stats=None,
+                   rescaled: dict | None = None):
+    """``(corrector, info)`` for :class:`~lrc.graph.passes.quant.QuantizePass`: the whitened
+    closed-form correction of quantisation error (QERA / EoRA / L2QER; :mod:`lrc.quantmath`),
+    from the Gram matrices of the quantised projections' inputs ``input_names``.
+
+    ``corrector(targets, W_cat, E_cat, rank)``: the members' errors ``E_i`` (side by side; one
+    input, so one Gram ``G``) are each divided by ``‖X·W_i‖`` so that the joint truncation
+    balances relative output errors, factored by :func:`~lrc.factorize.whiten_factor` (the SVD
+    of ``SᵀE``, ``G = SSᵀ``), and the norms put back into ``B``. ``rank`` 0 only measures.
+    Returns ``(Factors | None, {"werr_before": [...], "werr_after": [...]})`` — per member the
+    relative whitened error ``‖X·E_i‖/‖X·W_i‖`` before and after the correction, and the Gram.
+    ``stats``: ready statistics ``{input name: ActStats}`` instead of calibrating on ``c``.
+    ``rescaled``: ``{input name: s}`` for inputs a smoothing pass divided by ``s`` (read when the
+    corrector runs): their Gram becomes ``diag(s)⁻¹ G diag(s)⁻¹``."""
+    import numpy as np
+
+    from lrc.quantmath import whitened_norm2
+
+    if stats is None:
+        stats = statistics(c, sorted(set(input_names)))
+
+    def corrector(targets, w_cat, e_cat, rank):
+        st = stats.get(targets[0].node.inputs[0].name)
+        widths = [t.shape[1] for t in targets]
+        cuts = np.cumsum([0, *widths])
+        parts = [slice(cuts[i], cuts[i + 1]) for i in range(len(widths))]
+        if st is None:  # not reached by the calibration text: plain SVD of the error
+            g = np.eye(w_cat.shape[0])
+        else:
+            g = st.xtx
+            s = (rescaled or {}).get(targets[0].node.inputs[0].name)
+            if s is not None:
+                g = g / np.outer(s, s)
+        norms = [np.sqrt(max(whitened_norm2(w_cat[:, p], g), 1e-30)) for p in parts]
+        before = [np.sqrt(whitened_norm2(e_cat[:, p], g)) / n for p, n in zip(parts, norms)]
+        if not rank:
+            return None, {"werr_before": before, "gram": None if st is None else g}
+        scaled = np.concatenate([e_cat[:, p] / n for p, n in zip(parts, norms)], axis=1)
+        f = whiten_factor(scaled, g, rank, out_dtype=np.float32)
+        for p, n in zip(parts, norms):
+            f.b[:, p] *= n
+        ab = f.a.astype(np.float64) @ f.b.astype(np.float64)
+        after = [np.sqrt(whitened_norm2(e_cat[:, p] - ab[:, p], g)) / n
+                 for p, n in zip(parts, norms)]
+        f.method = "whitened-correction" if st is not None else "svd-correction"
+        return f, {"werr_before": before, "werr_after": after,
+                   "gram": None if st is None else g}
+
+    info = {"method": "whitened correction of the quantisation error",
+            "inputs": len(set(input_names))}
+    if c is not None:
+        info.update(tokens=int(c.n_tokens), seq_len=c.seq_len, sources=c.sources)
+    return corrector, info
+
+
 __all__ = ["AUTO", "METHODS", "STATISTICS", "Calibration", "Method", "calibration_texts",
-           "check", "choices", "get", "make_factoriser", "method_help", "register",
+           "check", "choices", "get", "make_calibration", "make_corrector", "make_factoriser", "statistics", "method_help", "register",
            "resolve", "with_update"]

@@ -42,6 +42,7 @@ from lrc.graph import folder
 from lrc.graph import model as M
 from lrc.graph.passes.int8 import Int8FactorsPass, get_form
 from lrc.graph.passes.lowrank import LowRankPass, Progress
+from lrc.graph.passes.quant import QuantizePass, QuantSpec, parse_spec
 from lrc.graph.plan import build_policy, make_plan, solve_budget
 from lrc.graph.policy import Policy, make_setting
 
@@ -79,6 +80,35 @@ class CompressConfig:
     factorizer: object = None  # a ready factoriser (tune's truncations): no statistics phase
     # storage of the factors: False, True / "dynamic", or another form of lrc.graph.passes.int8
     int8: bool | str = False
+    # quantisation of the weight MatMuls (lrc.graph.passes.quant): int4 | int8-weight | int8,
+    # with a whitened low-rank correction of the error when correct_rank > 0
+    quantize: str | None = None
+    block_size: int = 32
+    accuracy_level: int = 4
+    correct_rank: int | str = 0  # "32,head=128": a default and per-selector overrides
+    correct_form: str = "concat"
+    embedding: str = "int8"  # with quantize: embedding tables int8 | int4 | float
+    smooth: float = 0.0  # with quantize: SmoothQuant's alpha (0: off), lrc.graph.passes.smooth
+
+    def quant_spec(self) -> QuantSpec | None:
+        """The :class:`QuantSpec` of the quantisation options (LrcError on a bad one)."""
+        if self.quantize is None:
+            if str(self.correct_rank or 0) not in ("0", ""):
+                raise LrcError("--correct-rank corrects quantisation error: give --quantize too")
+            return None
+        return parse_spec(self.quantize, self.correct_rank, block_size=self.block_size,
+                          accuracy_level=self.accuracy_level, correct_form=self.correct_form,
+                          embedding=self.embedding)
+
+    @property
+    def lowrank(self) -> bool:
+        """Whether low rank is asked for: always without --quantize; with it, only when a rank,
+        energy, ratio, policy file or budget is given."""
+        if self.quantize is None:
+            return True
+        return any(v is not None for v in (self.rank, self.energy, self.ratio, self.policy,
+                                           self.target_params, self.target_size_mb,
+                                           self.target_speedup))
 
     def build_policy(self) -> Policy:
         """The Policy these options describe (LrcError on a bad option or policy file)."""
@@ -107,14 +137,22 @@ def compress_model(model_or_path, config: CompressConfig, *, progress: Progress 
     node with a reason), ``notes``, ``totals``, ``summary``, ``method``, ``policy``..."""
     # 1. plan: policy, method, budget, plan
     pol = config.build_policy()
+    spec = config.quant_spec()
     path = _file_of(model_or_path)
     method, method_note = _resolve_method(model_or_path, path, config)
     form = get_form(config.int8_form) if config.int8_form else None
     model = M.as_model(model_or_path)
+    if not config.lowrank:
+        return _quantize_only(model_or_path, model, path, pol, spec, method, method_note,
+                              config, progress, calib_progress)
     budget = _budget(model, path, pol, config)
     plan = make_plan(model, pol)
     # 2-3. statistics and factors
     factoriser, calib_info = config.factorizer, None
+    qpasses, quant = [], None
+    if spec is not None:
+        qpasses, quant, _ = _quant_passes(model_or_path, model, path, spec, method, config,
+                                          calib_progress, select=None)
     if factoriser is None and method.data_aware:
         source, home, tokenizer = _calibration_source(model_or_path, model, path, method.name,
                                                       config.tokenizer)
@@ -128,6 +166,7 @@ def compress_model(model_or_path, config: CompressConfig, *, progress: Progress 
     int8 = Int8FactorsPass(form.name) if form and plan.items else None
     if int8:
         passes.append(int8)
+    passes.extend(qpasses)
     passes.append(RemoveUnusedNodesPass())
     run_passes(passes, model)
     # 5. report
@@ -135,7 +174,10 @@ def compress_model(model_or_path, config: CompressConfig, *, progress: Progress 
     report = record.to_dict()
     if int8:
         report["int8"] = int8.record
-    report["summary"] = record.summary_line()
+    if quant:
+        report["quantize"] = quant.record.to_dict()
+    report["summary"] = record.summary_line() + (
+        f"; {quant.record.summary_line()}" if quant else "")
     report["method"] = method.name
     report["method_note"] = method_note
     if budget:
@@ -146,6 +188,82 @@ def compress_model(model_or_path, config: CompressConfig, *, progress: Progress 
                         "exclude": pol.exclude, "align": pol.align,
                         "group_inputs": pol.group_inputs,
                         "dense_blocks": sorted({i for b, s in pol.blocks if s.skip for i in b})}
+    return model, report
+
+
+def _quant_passes(model_or_path, model: ir.Model, path: Path | None, spec: QuantSpec, method,
+                  config: CompressConfig, calib_progress, select) -> tuple[list, object, dict]:
+    """``([SmoothPass?, QuantizePass], the QuantizePass, calibration info)``. Calibration (on
+    the model as it is now, before any pass) gives the whitened correction its Gram matrices
+    and smoothing its per-channel activation scales; with ``--method svd`` the correction is
+    the plain SVD of the error. Without a rank the whitened error is still measured when the
+    statistics are gathered anyway."""
+    from lrc.graph.passes.quant import quant_targets
+    from lrc.graph.passes.smooth import SmoothPass
+
+    if config.smooth and not 0 < config.smooth < 1:
+        raise LrcError(f"--smooth must be between 0 and 1 (SmoothQuant's alpha), got "
+                       f"{config.smooth}")
+    corrector, info, smooth = None, None, None
+    if not method.data_aware:
+        if config.smooth:
+            raise LrcError("--smooth needs calibration statistics: not with --method svd")
+        if spec.any_rank:
+            def corrector(targets, w_cat, e_cat, rank):
+                from lrc.factorize import factorize
+
+                f = factorize(e_cat, rank)
+                f.method = "svd-correction"
+                return f, {}
+
+            info = {"method": "plain SVD of the quantisation error (--method svd)"}
+    elif spec.any_rank or config.smooth:
+        targets, _ = quant_targets(model, select)
+        names = sorted({t.node.inputs[0].name for t in targets})
+        source, home, tokenizer = _calibration_source(model_or_path, model, path, "correction",
+                                                      config.tokenizer)
+        c = methods.make_calibration(source, calib=config.calib, n_tokens=config.calib_tokens,
+                                     seq_len=config.calib_seq, use_default=config.calib_default,
+                                     tokenizer=tokenizer, progress=calib_progress, path=home)
+        stats = methods.statistics(c, names)
+        if config.smooth:
+            import numpy as np
+
+            smooth = SmoothPass({n: np.sqrt(st.sq_mean) for n, st in stats.items()},
+                                config.smooth, select)
+        corrector, info = methods.make_corrector(
+            names, c, stats=stats, rescaled=smooth.applied if smooth else None)
+    quant = QuantizePass(spec, corrector, select=select, progress=None)
+    return [p for p in (smooth, quant) if p is not None], quant, info
+
+
+def _quantize_only(model_or_path, model: ir.Model, path: Path | None, pol: Policy,
+                   spec: QuantSpec, method, method_note: str, config: CompressConfig,
+                   progress, calib_progress) -> tuple[ir.Model, dict]:
+    """``--quantize`` without low rank: every weight MatMul the include / exclude filters
+    select is quantised (and corrected); the rest of the pipeline's report shape is kept."""
+    def select(t) -> bool:
+        return pol.setting_for(t)[0] is not None
+
+    if spec.any_rank and not method.data_aware and config.method == methods.AUTO:
+        raise LrcError(f"--correct-rank needs calibration text to whiten the correction, and "
+                       f"{method_note.split(': ', 1)[-1]}; pass --method svd for an unwhitened "
+                       f"correction")
+
+    qpasses, quant, calib_info = _quant_passes(model_or_path, model, path, spec, method, config,
+                                               calib_progress, select)
+    quant.progress = progress
+    run_passes([*qpasses, RemoveUnusedNodesPass()], model)
+    report = {"rewritten": [], "skipped": [], "notes": list(quant.record.notes),
+              "totals": {}, "quantize": quant.record.to_dict(),
+              "summary": quant.record.summary_line(),
+              "method": method.name if spec.any_rank else None,
+              "method_note": method_note if spec.any_rank else None,
+              "policy": {"include": pol.include, "exclude": pol.exclude}}
+    if calib_info:
+        report["calibration"] = calib_info
+    if len(qpasses) > 1:
+        report["smooth"] = qpasses[0].record
     return model, report
 
 

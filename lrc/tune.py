@@ -69,6 +69,13 @@ from lrc.runtime.providers import lookup, resolve_ep
 
 METHOD = "svd-llm"  # the low-rank method tune searches (lrc.methods); --update adds the fit
 
+# lrc's quantisation with a whitened low-rank correction (lrc.graph.passes.quant): the setting
+# BENCHMARKS.md measured best, then a cheaper one
+CORRECTED = [
+    {"name": "int4+corr", "family": "corrected", "quant": "int4", "correct_rank": "32"},
+    {"name": "int4+corr16", "family": "corrected", "quant": "int4", "correct_rank": "16"},
+]
+
 OBJECTIVES = ("latency", "size")
 RATIOS = (0.9, 0.8, 0.7)
 SCOPES = {"mlp": ["ffn"], "all": ["attn", "ffn"]}
@@ -169,12 +176,13 @@ class Quality:
 def plan_candidates(quick: bool, ratios, scopes) -> list[dict]:
     """Recipes in build order; low-rank variants follow their float parent."""
     if quick:
-        return [{"name": "int8", "family": "quantized", "quant": "int8"},
+        return [{"name": "int8", "family": "quantized", "quant": "int8"}, CORRECTED[0],
                 {"name": "lr-mlp-0.8", "family": "low-rank", "scope": "mlp", "ratio": 0.8},
                 {"name": "lr-mlp-0.8+i8f+rest8", "family": "low-rank", "scope": "mlp",
                  "ratio": 0.8, "i8f": True, "rest8": True, "parent": "lr-mlp-0.8"}]
     plan = [{"name": "int8", "family": "quantized", "quant": "int8"},
-            {"name": "int4", "family": "quantized", "quant": "int4"}]
+            {"name": "int4", "family": "quantized", "quant": "int4"},
+            *CORRECTED]
     for scope in scopes:
         for r in ratios:
             base = f"lr-{scope}-{r:g}"
@@ -218,6 +226,9 @@ def _describe(rec: dict, weight_only: bool) -> str:
             return ("MatMulNBits 8-bit weight-only, all weight MatMuls" if weight_only else
                     "ORT INT8 dynamic, per-channel, all weight MatMuls")
         return "MatMulNBits 4-bit, block 32, all weight MatMuls"
+    if rec["family"] == "corrected":
+        return (f"lrc {rec['quant']} (+ int8 embedding), whitened low-rank correction of the "
+                f"quantisation error, rank {rec['correct_rank']}")
     d = (f"SVD-LLM{' + group + update' if rec.get('update') else ''} "
          f"{'MLP' if rec['scope'] == 'mlp' else 'MLP + attention'} projections, "
          f"ratio {rec['ratio']:g}")
@@ -312,6 +323,17 @@ class _Builder:
             r = quantize(self.src, out / "model.onnx", mode, targets="all",
                          accuracy_level=self.accuracy_level, check=False)
             info["quantize"] = r["summary"]
+            return info
+        if rec["family"] == "corrected":
+            quant = rec["quant"]
+            if quant == "int8" and self.weight_only:
+                quant = "int8-weight"
+            m, report = compress(str(self.src), quantize=quant, correct_rank=rec["correct_rank"],
+                                 accuracy_level=self.accuracy_level or 0,
+                                 calib_tokens=self.calib_tokens, tokenizer=self.tokenizer)
+            M.save(m, out / "model.onnx", force=True)
+            (out / "lrc.json").write_text(json.dumps(report, indent=1))
+            info["quantize"] = report["summary"]
             return info
         parent = built.get(rec.get("parent") or "")
         if rec.get("parent") and parent is None:

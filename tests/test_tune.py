@@ -9,7 +9,7 @@ import pytest
 
 from lrc.errors import LrcError
 from lrc.present.tune import format_tables
-from lrc.tune import TruncatingFactorizer, choose, pareto, plan_candidates, tune
+from lrc.tune import CORRECTED, TruncatingFactorizer, choose, pareto, plan_candidates, tune
 
 
 def _c(name, family, speedup, loss, size=100):
@@ -25,14 +25,16 @@ DENSE = _c("dense", "dense", 1.0, 0.0, 500)
 def test_plan_full_and_quick():
     full = plan_candidates(False, (0.9, 0.8, 0.7), ("mlp", "all"))
     names = [p["name"] for p in full]
-    assert names[:2] == ["int8", "int4"] and len(names) == len(set(names)) == 2 + 6 * 4
+    assert names[:2] == ["int8", "int4"]
+    assert len(names) == len(set(names)) == 2 + len(CORRECTED) + 6 * 4
+    assert "int4+corr" in names  # quantisation with a whitened low-rank correction
     assert "lr-all-0.7+i8f+rest8" in names and "lr-mlp-0.9+i8f" in names
     # every variant comes after its float parent
     for i, p in enumerate(full):
         if p.get("parent"):
             assert p["parent"] in names[:i]
     quick = plan_candidates(True, (0.9,), ("mlp",))
-    assert 2 <= len(quick) <= 3
+    assert 2 <= len(quick) <= 4
 
 
 def test_pareto_keeps_only_non_dominated():
@@ -161,7 +163,10 @@ def test_quick_tune_causal_lm(tiny_llama_dir, tmp_path):
         ratio = max(c["quality"][t] / r["dense"]["quality"][t] for t in ("news", "docs"))
         assert math.isclose(c["loss"], ratio - 1, rel_tol=1e-9, abs_tol=1e-12)
         assert c["within_budget"] == (c["loss"] <= 0.10 + 1e-12)
-    assert [c["name"] for c in r["candidates"]] == ["int8", "lr-mlp-0.8", "lr-mlp-0.8+i8f+rest8"]
+    assert [c["name"] for c in r["candidates"]] == ["int8", "int4+corr", "lr-mlp-0.8",
+                                                    "lr-mlp-0.8+i8f+rest8"]
+    corr = r["candidates"][1]
+    assert corr["family"] == "corrected" and "correction" in corr["recipe"]
     _check_result(r, out)
     assert any("benchmarking" in m for m in msgs)
     # low rank is built the measured-best way by default: grouped inputs + sequential update

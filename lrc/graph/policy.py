@@ -103,7 +103,8 @@ def check_selector(token: str) -> str:
                    f"({', '.join(sorted(ROLE_GROUPS))}) or a name glob such as '*down_proj*'")
 
 
-def _selector_matches(token: str, t: Target) -> bool:
+def selector_matches(token: str, t: Target) -> bool:
+    """Whether ``t`` is selected by ``token`` (a role, a group, ``name:X`` or a glob)."""
     if token.startswith("name:"):
         pat = token[5:]
     elif is_role_token(token):
@@ -173,13 +174,13 @@ class Policy:
 
     def setting_for(self, t: Target) -> tuple[Setting | None, str | None]:
         """(setting, None) or (None, why excluded)."""
-        if self.include and not any(_selector_matches(s, t) for s in self.include):
+        if self.include and not any(selector_matches(s, t) for s in self.include):
             return None, f"not selected by --include {','.join(self.include)}"
         for s in self.exclude:
-            if _selector_matches(s, t):
+            if selector_matches(s, t):
                 return None, f"excluded by {s!r}"
         for pat, s in self.nodes:
-            if _selector_matches(pat if _GLOB & set(pat) else "name:" + pat, t):
+            if selector_matches(pat if _GLOB & set(pat) else "name:" + pat, t):
                 return (None, f"skipped by policy nodes[{pat!r}]") if s.skip else (s, None)
         if t.block is not None:
             from_end = t.block - t.n_blocks if t.n_blocks else None  # -1: the last block

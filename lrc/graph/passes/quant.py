@@ -1,0 +1,533 @@
+"""Quantise weight MatMuls into ONNX Runtime's own forms, with a low-rank correction of the error.
+
+Schemes (``QuantSpec.scheme``):
+
+* ``int4`` / ``int8-weight``: ``com.microsoft.MatMulNBits`` (weight-only, block-wise along K,
+  symmetric, :func:`lrc.quantmath.quantize_blockwise` — the codes ONNX Runtime's own
+  ``MatMulNBitsQuantizer`` writes). ``accuracy_level`` is written on every node (4: the CPU
+  kernel quantises activations to int8 per block and runs integer dot products — the fast path;
+  0/1: float compute).
+* ``int8``: ``com.microsoft.DynamicQuantizeMatMul`` (activations quantised per tensor at run
+  time, weights int8 per output column). Weights use 7 bits (|q| <= 63): u8·s8 integer GEMMs on
+  x86 without VNNI saturate in int16 above that (see :mod:`lrc.graph.passes.int8`).
+
+Correction (``correct_rank > 0``): ``E = W - deq(Q(W))`` is fitted by ``A·B`` from a
+``corrector`` the caller supplies (the pipeline's is the whitened closed form of
+:mod:`lrc.quantmath`, calibrated on the ONNX graph). Projections that read one tensor (Q/K/V,
+gate/up) share one ``A``: their errors are corrected jointly, ``X·A`` runs once. Two graph forms:
+
+* ``concat`` (fast; the default): ``T = X·A`` once per input, then ONE ``MatMulNBits`` per
+  projection on ``Concat([X, T])`` whose weight is ``[W; B]`` quantised together (the rank is
+  padded to a whole block, so blocks never mix ``W`` and ``B`` rows). Per projection no node is
+  added; per input two (the ``A`` product and the Concat). ``B`` is stored in the scheme's bits:
+  its rows are scaled to unit norm first (the singular values move into ``A``), so block scales
+  see values of one magnitude. Needs ``K`` to be a multiple of the block size (otherwise that
+  projection uses ``add``).
+* ``add``: ``Y = Q(X) + (X·A)·B`` with float factors: the reference form (exactly the math, two
+  extra MatMuls and an Add per projection; EoRA measured such an unfused branch eating the
+  4-bit decode gain, and so do we: BENCHMARKS.md). ``int8`` always uses it: a per-tensor
+  activation scale shared by ``X`` and ``T`` would crush ``T``.
+
+The pass never touches files; ``self.record`` lists every node with what was done to it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from lrc.errors import LrcError
+from lrc.factorize import Factors
+from lrc.graph.locate import FACTOR_META, Target, locate
+from lrc.graph.passes.lowrank import add_initializer, unique_name
+from lrc.graph.policy import check_selector, selector_matches
+from lrc.graph.plan import effective_weight
+from lrc.quantmath import (dequantize, quantize_blockwise, quantize_columns, valid_block_size,
+                           whitened_error)
+
+MS = "com.microsoft"
+SCHEMES = {"int4": 4, "int8-weight": 8, "int8": 8}
+CORRECT_FORMS = ("concat", "add")
+EMBEDDING = {"int8": 8, "int4": 4, "float": 0}
+EMBED_MIN = 1 << 20  # tables with fewer elements stay float (positions, token types)
+INT8_QMAX = 63  # u8·s8 safe on CPUs without VNNI (see lrc.graph.passes.int8._U8S8_SAFE)
+
+# corrector(targets, W_cat [K, sum N], E_cat [K, sum N], rank) -> (Factors | None, info);
+# info: {"werr_before": [...], "werr_after": [...]} per target (relative whitened errors).
+Corrector = Callable[[list, np.ndarray, np.ndarray, int], "tuple[Factors | None, dict]"]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    scheme: str = "int4"
+    block_size: int = 32
+    accuracy_level: int = 4
+    correct_rank: int = 0
+    correct_form: str = "concat"
+    embedding: str = "int8"  # embedding tables (Gather of a large constant): int8 | int4 | float
+    # per-node overrides, later ones win: ((selector, scheme or None, rank or None), ...) with
+    # selector a role, a group or a name glob (as --include takes)
+    overrides: tuple = ()
+
+    def __post_init__(self):
+        for sel, scheme, rank in self.overrides:
+            check_selector(sel)
+            if scheme is not None and scheme not in SCHEMES:
+                raise LrcError(f"--quantize {sel}=: must be one of {', '.join(SCHEMES)}, "
+                               f"got {scheme!r}")
+            if rank is not None and rank < 0:
+                raise LrcError(f"--correct-rank {sel}= must be >= 0, got {rank}")
+        if self.scheme not in SCHEMES:
+            raise LrcError(f"--quantize must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        if self.scheme != "int8" and not valid_block_size(self.block_size):
+            raise LrcError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise LrcError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
+        if self.correct_rank < 0:
+            raise LrcError(f"--correct-rank must be >= 0, got {self.correct_rank}")
+        if self.embedding not in EMBEDDING:
+            raise LrcError(f"--embedding must be {' or '.join(EMBEDDING)}, got {self.embedding!r}")
+        if self.correct_form not in CORRECT_FORMS:
+            raise LrcError(f"--correct-form must be {' or '.join(CORRECT_FORMS)}, "
+                           f"got {self.correct_form!r}")
+
+    @property
+    def bits(self) -> int:
+        return SCHEMES[self.scheme]
+
+    @property
+    def any_rank(self) -> bool:
+        return bool(self.correct_rank) or any(r for _, _, r in self.overrides)
+
+    def for_target(self, t: Target) -> "QuantSpec":
+        """The spec for one node: the overrides whose selector matches it applied in order."""
+        scheme, rank = self.scheme, self.correct_rank
+        for sel, sch, r in self.overrides:
+            if selector_matches(sel, t):
+                scheme = sch or scheme
+                rank = rank if r is None else r
+        if (scheme, rank) == (self.scheme, self.correct_rank):
+            return self
+        return replace(self, scheme=scheme, correct_rank=rank, overrides=())
+
+    def describe(self) -> str:
+        if self.scheme == "int8":
+            what = "INT8 dynamic (DynamicQuantizeMatMul, 7-bit per-column weights)"
+        else:
+            what = (f"{self.bits}-bit MatMulNBits, block {self.block_size}, "
+                    f"accuracy_level {self.accuracy_level}")
+        if self.embedding != "float":
+            what += f"; embedding tables {self.embedding} (GatherBlockQuantized)"
+        if self.correct_rank:
+            form = "add" if self.scheme == "int8" else self.correct_form
+            what += f", rank-{self.correct_rank} whitened correction ({form} form)"
+        for sel, scheme, rank in self.overrides:
+            what += f"; {sel}: " + ", ".join(x for x in (
+                scheme, None if rank is None else f"rank {rank}") if x)
+        return what
+
+
+def parse_spec(quantize: str, correct_rank="0", **kw) -> QuantSpec:
+    """``--quantize int4,head=int8-weight`` and ``--correct-rank 32,head=128,ffn.down=64``: a
+    default and ``SELECTOR=VALUE`` overrides (a role, a group or a name glob)."""
+    def split(value, what):
+        default, over = None, []
+        for part in str(value).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" in part:
+                sel, _, v = part.partition("=")
+                over.append((sel.strip(), v.strip()))
+            elif default is None:
+                default = part
+            else:
+                raise LrcError(f"{what}: one default value and SELECTOR=VALUE overrides, "
+                               f"got {value!r}")
+        return default, over
+
+    def rank_of(v, where):
+        try:
+            return int(v)
+        except ValueError:
+            raise LrcError(f"--correct-rank{where} must be an integer, got {v!r}") from None
+
+    scheme, s_over = split(quantize, "--quantize")
+    rank, r_over = split(correct_rank if correct_rank is not None else "0", "--correct-rank")
+    overrides = tuple([(sel, v, None) for sel, v in s_over]
+                      + [(sel, None, rank_of(v, f" {sel}=")) for sel, v in r_over])
+    return QuantSpec(scheme or "int4", correct_rank=rank_of(rank or "0", ""),
+                     overrides=overrides, **kw)
+
+
+@dataclass
+class QuantNode:
+    name: str
+    role: str
+    block: int | None
+    shape: list[int]
+    scheme: str
+    bits: int
+    block_size: int | None
+    rank: int
+    form: str | None
+    werr_before: float | None = None
+    werr_after: float | None = None
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    joint_with: list[str] = field(default_factory=list)
+
+
+@dataclass
+class QuantRecord:
+    spec: dict
+    nodes: list[QuantNode] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    embeddings: list[dict] = field(default_factory=list)
+
+    def totals(self) -> dict:
+        before = sum(n.weight_bytes_before for n in self.nodes)
+        after = sum(n.weight_bytes_after for n in self.nodes)
+        emb_before = sum(e["bytes_before"] for e in self.embeddings)
+        emb_after = sum(e["bytes_after"] for e in self.embeddings)
+
+        def mean(key):
+            vals = [getattr(n, key) for n in self.nodes if getattr(n, key) is not None]
+            return round(float(np.sqrt(np.mean(np.square(vals)))), 6) if vals else None
+
+        return {"quantized": len(self.nodes), "skipped": len(self.skipped),
+                "weight_bytes_before": before, "weight_bytes_after": after,
+                "embeddings": len(self.embeddings), "embedding_bytes_before": emb_before,
+                "embedding_bytes_after": emb_after,
+                "werr_before_rms": mean("werr_before"), "werr_after_rms": mean("werr_after")}
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "nodes": [asdict(n) for n in self.nodes],
+                "skipped": self.skipped, "notes": self.notes, "embeddings": self.embeddings,
+                "totals": self.totals()}
+
+    def summary_line(self) -> str:
+        t = self.totals()
+        s = (f"quantised {t['quantized']} weight MatMuls ({self.spec['describe']}); weights "
+             f"{t['weight_bytes_before'] / 1e6:.1f} -> {t['weight_bytes_after'] / 1e6:.1f} MB")
+        if t["werr_before_rms"] is not None:
+            s += f"; whitened error {t['werr_before_rms']:.4f}"
+            if t["werr_after_rms"] is not None and self.spec["correct_rank"]:
+                s += f" -> {t['werr_after_rms']:.4f} after correction"
+        if self.embeddings:
+            s += (f"; {len(self.embeddings)} embedding table(s) "
+                  f"{t['embedding_bytes_before'] / 1e6:.1f} -> "
+                  f"{t['embedding_bytes_after'] / 1e6:.1f} MB")
+        return s
+
+
+def quant_targets(model: ir.Model, select: Callable[[Target], bool] | None = None) -> tuple:
+    """``(targets, skipped)``: the weight MatMuls the pass can quantise (2-D float constant
+    weight, X·W; lrc's own float factors included) that ``select`` keeps."""
+    out, skipped = [], []
+    for t in locate(model):
+        factor = bool(t.node.metadata_props.get(FACTOR_META))
+        why = None if (t.eligible or (factor and t.skip.startswith("already"))) else t.skip
+        if why is None and t.op != "MatMul":
+            why = "Gemm: not quantised (MatMulNBits replaces MatMul only)"
+        if why is None and t.dtype != "float":
+            why = f"weight dtype {t.dtype}: only float32 weights are quantised"
+        if why is None and select is not None and not select(t):
+            why = "excluded"
+        if why is not None:
+            skipped.append({"name": t.name, "role": t.role, "reason": why})
+        else:
+            out.append(t)
+    return out, skipped
+
+
+class QuantizePass(ir.passes.InPlacePass):
+    """Quantise the selected weight MatMuls (``spec``), correcting the error with
+    ``corrector`` when ``spec.correct_rank > 0``."""
+
+    def __init__(self, spec: QuantSpec, corrector: Corrector | None = None,
+                 select: Callable[[Target], bool] | None = None, progress=None):
+        super().__init__()
+        self.spec = spec
+        self.corrector = corrector
+        self.select = select
+        self.progress = progress
+        self.record = QuantRecord({**asdict(spec), "describe": spec.describe()})
+        self._names: list[str] = []
+
+    def requires(self, model: ir.Model) -> None:
+        if self.spec.any_rank and self.corrector is None:
+            raise ir.passes.PreconditionError("QuantizePass: correct_rank > 0 needs a corrector")
+
+    def ensures(self, model: ir.Model) -> None:
+        left = {n.name for n in ir.traversal.RecursiveGraphIterator(model.graph)
+                if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")}
+        bad = [n for n in self._names if n in left]
+        if bad:
+            raise ir.passes.PostconditionError(f"QuantizePass left float MatMuls: {bad[:5]}")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        targets, self.record.skipped = quant_targets(model, self.select)
+        if not targets:
+            return ir.passes.PassResult(model, modified=False)
+        model.opset_imports.setdefault(MS, 1)
+        self._names = [t.name for t in targets]
+        groups = self._groups(targets)
+        done = 0
+        for spec, group in groups:
+            self._quantize_group(graph, group, spec)
+            done += len(group)
+            if self.progress:
+                self.progress(done, len(targets), group[0].name)
+        weights = {id(t.weight): t.weight for t in targets}
+        for w in weights.values():
+            if not w.uses() and not w.is_graph_output() and graph.initializers.get(w.name) is w:
+                del graph.initializers[w.name]
+        if self.spec.embedding != "float":
+            self._embeddings(graph)
+        return ir.passes.PassResult(model, modified=True)
+
+    def _embeddings(self, graph: ir.Graph) -> None:
+        """``Gather(table, ids)`` on a large float table -> ``GatherBlockQuantized`` with the
+        table quantised along its rows (blocks of ``block_size``), when nothing but Gathers
+        (and Transposes no one reads any more) uses the table."""
+        bits = EMBEDDING[self.spec.embedding]
+        bs = self.spec.block_size if valid_block_size(self.spec.block_size) else 32
+        done: dict = {}
+        for node in list(ir.traversal.RecursiveGraphIterator(graph)):
+            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+                continue
+            table = node.inputs[0]
+            tv = None if table is None else table.const_value
+            if tv is None or len(tv.shape) != 2 or tv.dtype != ir.DataType.FLOAT:
+                continue
+            v, k = (int(d) for d in tv.shape)
+            axis = node.attributes.get("axis")
+            if v * k < EMBED_MIN or k % bs or (axis is not None and axis.as_int() != 0):
+                continue
+            users = [u for u, _ in table.uses()]
+            if any(u.op_type != "Gather" and not (u.op_type == "Transpose"
+                                                 and not u.outputs[0].uses()) for u in users):
+                continue
+            if id(table) not in done:  # one quantised table for every Gather of it
+                bq = quantize_blockwise(tv.numpy().T, bits, bs)  # table rows = columns of W
+                done[id(table)] = (add_initializer(graph, f"{table.name}_gbq{bits}",
+                                                   bq.packed.reshape(v, -1)),
+                                   add_initializer(graph, f"{table.name}_gbq_scales",
+                                                   bq.scales), bq.nbytes)
+            dv, sv, nbytes = done[id(table)]
+            new = ir.Node(MS, "GatherBlockQuantized", [dv, node.inputs[1], sv],
+                          attributes=[ir.AttrInt64("bits", bits),
+                                      ir.AttrInt64("block_size", bs),
+                                      ir.AttrInt64("gather_axis", 0),
+                                      ir.AttrInt64("quantize_axis", 1)],
+                          num_outputs=1, name=node.name)
+            _replace(node, new)
+            self.record.embeddings.append({
+                "name": node.name, "table": table.name, "shape": [v, k], "bits": bits,
+                "block_size": bs, "bytes_before": v * k * 4, "bytes_after": int(nbytes)})
+            for u, _ in list(table.uses()):  # the quantised head's old Transpose
+                if u.op_type == "Transpose" and not u.outputs[0].uses() \
+                        and not u.outputs[0].is_graph_output():
+                    u.graph.remove(u, safe=True)
+            if not table.uses() and graph.initializers.get(table.name) is table:
+                del graph.initializers[table.name]
+
+    def _groups(self, targets: list[Target]) -> list[tuple[QuantSpec, list[Target]]]:
+        """``(spec, members)``: targets that read one tensor with one scheme and rank are
+        corrected jointly (one shared ``A``); lrc's factor MatMuls are never corrected and
+        form groups of one."""
+        by_key: dict = {}
+        order = []
+        for t in targets:
+            spec = self.spec.for_target(t)
+            if t.node.metadata_props.get(FACTOR_META):
+                spec = replace(spec, correct_rank=0)
+            if not spec.correct_rank:
+                order.append((spec, [t]))
+                continue
+            key = (id(t.node.inputs[0]), id(t.node.graph), spec.scheme, spec.correct_rank)
+            if key not in by_key:
+                by_key[key] = (spec, [])
+                order.append(by_key[key])
+            by_key[key][1].append(t)
+        return order
+
+    # -------------------------------------------------------------------------- one group
+    def _quantize_group(self, graph: ir.Graph, group: list[Target], spec: QuantSpec) -> None:
+        ws = [effective_weight(t).astype(np.float32, copy=False) for t in group]
+        hats, quants = [], []
+        for w in ws:
+            if spec.scheme == "int8":
+                q, s = quantize_columns(w, INT8_QMAX)
+                quants.append((q, s))
+                hats.append(q.astype(np.float32) * s)
+            else:
+                bq = quantize_blockwise(w, spec.bits, spec.block_size)
+                quants.append(bq)
+                hats.append(dequantize(bq))
+        factor_node = bool(group[0].node.metadata_props.get(FACTOR_META))
+        rank = spec.correct_rank
+        f, info = None, {}
+        if rank:
+            w_cat = np.concatenate(ws, axis=1)
+            e_cat = w_cat - np.concatenate(hats, axis=1)
+            f, info = self.corrector(group, w_cat, e_cat, rank)
+            del w_cat, e_cat
+        elif self.corrector is not None and not factor_node:
+            _, info = self.corrector(group, np.concatenate(ws, axis=1),
+                                     np.concatenate([w - h for w, h in zip(ws, hats)], axis=1), 0)
+        form = None
+        if f is not None:
+            k = ws[0].shape[0]
+            form = spec.correct_form
+            if spec.scheme == "int8" or k % spec.block_size:
+                form = "add"
+        names = [t.name for t in group]
+        offsets = np.cumsum([0] + [w.shape[1] for w in ws])
+        t_val = a_pad = None
+        if form == "concat":
+            a_pad, f = _block_factors(f, spec.block_size)
+        for i, (t, w, qz) in enumerate(zip(group, ws, quants)):
+            b = None if f is None else f.b[:, offsets[i]:offsets[i + 1]]
+            if form == "concat":
+                if t_val is None:
+                    t_val = self._concat_input(graph, t, a_pad)
+                after, bq = self._nbits_concat(graph, t, w, b, t_val, spec)
+            else:
+                after = self._emit(graph, t, qz, spec)
+                if f is not None:
+                    if t_val is None:
+                        t_val = self._a_product(graph, t, f.a.astype(np.float32))
+                    after += self._add_branch(graph, t, t_val, b.astype(np.float32))
+            if f is not None and i == len(group) - 1:
+                after += f.a.nbytes if form == "add" else a_pad.nbytes
+            werr_b = info.get("werr_before", [None] * len(group))[i]
+            werr_a = info.get("werr_after", [None] * len(group))[i]
+            if form == "concat" and info.get("gram") is not None:
+                werr_a = _concat_error(w, bq, a_pad, info["gram"])
+            self.record.nodes.append(QuantNode(
+                name=t.name, role=t.role, block=t.block, shape=list(w.shape),
+                scheme=spec.scheme, bits=spec.bits,
+                block_size=None if spec.scheme == "int8" else spec.block_size,
+                rank=0 if f is None else f.rank, form=form,
+                werr_before=None if werr_b is None else round(werr_b, 6),
+                werr_after=None if werr_a is None else round(werr_a, 6),
+                weight_bytes_before=w.nbytes, weight_bytes_after=int(after),
+                joint_with=[n for n in names if n != t.name] if f is not None else []))
+
+    # -------------------------------------------------------------------------- node builders
+    def _nbits_node(self, graph, t: Target, x: ir.Value, bq) -> tuple[ir.Node, int]:
+        """``MatMulNBits(x, bq)``; accuracy_level is the pass's (one for every node)."""
+        pv = add_initializer(graph, f"{t.weight.name}_Q{bq.bits}", bq.packed)
+        sv = add_initializer(graph, f"{t.weight.name}_scales", bq.scales.reshape(-1))
+        attrs = [ir.AttrInt64("K", bq.k), ir.AttrInt64("N", bq.n), ir.AttrInt64("bits", bq.bits),
+                 ir.AttrInt64("block_size", bq.block_size)]
+        if self.spec.accuracy_level:
+            attrs.append(ir.AttrInt64("accuracy_level", self.spec.accuracy_level))
+        node = ir.Node(MS, "MatMulNBits", [x, pv, sv], attributes=attrs, num_outputs=1,
+                       name=t.name)
+        return node, bq.nbytes
+
+    def _emit(self, graph, t: Target, qz, spec: QuantSpec) -> int:
+        """Replace ``t``'s MatMul by the scheme's quantised node (same input, same output)."""
+        x = t.node.inputs[0]
+        if spec.scheme == "int8":
+            q, s = qz
+            qv = add_initializer(graph, f"{t.weight.name}_q8", q)
+            sv = add_initializer(graph, f"{t.weight.name}_scale", s)
+            node = ir.Node(MS, "DynamicQuantizeMatMul", [x, qv, sv], num_outputs=1, name=t.name)
+            nbytes = q.nbytes + s.nbytes
+        else:
+            node, nbytes = self._nbits_node(graph, t, x, qz)
+        _replace(t.node, node)
+        t.node = node
+        return nbytes
+
+    def _a_product(self, graph, t: Target, a: np.ndarray) -> ir.Value:
+        av = add_initializer(graph, f"{t.weight.name}.lrc_corrA{a.shape[1]}", a)
+        out = ir.Value(name=unique_name(graph, f"{t.name}/lrc_corrA_out"))
+        node = ir.Node("", "MatMul", [t.node.inputs[0], av], outputs=[out],
+                       name=f"{t.name}/lrc_corrA")
+        t.node.graph.insert_before(t.node, node)
+        return out
+
+    def _add_branch(self, graph, t: Target, t_val: ir.Value, b: np.ndarray) -> int:
+        """``Y = Q(X) + T·B``: the quantised node keeps computing Q(X) into a new value."""
+        node = t.node
+        y = node.outputs[0]
+        bv = add_initializer(graph, f"{t.weight.name}.lrc_corrB{b.shape[0]}", b)
+        c = ir.Value(name=unique_name(graph, f"{t.name}/lrc_corrB_out"))
+        mb = ir.Node("", "MatMul", [t_val, bv], outputs=[c], name=f"{t.name}/lrc_corrB")
+        q = ir.Value(name=unique_name(graph, f"{t.name}/lrc_q_out"))
+        newq = ir.Node(node.domain, node.op_type, list(node.inputs),
+                       attributes=list(node.attributes.values()), outputs=[q],
+                       name=f"{t.name}/lrc_q")
+        node.graph.insert_before(node, [newq, mb])
+        add = ir.Node("", "Add", [q, c], num_outputs=1, name=t.name)
+        _replace(node, add)
+        t.node = add
+        return b.nbytes
+
+    def _concat_input(self, graph, t: Target, a_pad: np.ndarray) -> ir.Value:
+        """``Concat([X, X·A], axis=-1)``, built once per input before its first reader."""
+        t_val = self._a_product(graph, t, a_pad)
+        xt = ir.Value(name=unique_name(graph, f"{t.name}/lrc_corr_cat"))
+        cat = ir.Node("", "Concat", [t.node.inputs[0], t_val], outputs=[xt],
+                      attributes=[ir.AttrInt64("axis", -1)], name=f"{t.name}/lrc_corr_cat")
+        t.node.graph.insert_before(t.node, cat)
+        return xt
+
+    def _nbits_concat(self, graph, t: Target, w: np.ndarray, b: np.ndarray,
+                      xt: ir.Value, spec: QuantSpec) -> int:
+        """One MatMulNBits on ``Concat([X, T])`` with the weight ``[W; B]`` quantised."""
+        bq = quantize_blockwise(np.concatenate([w, b], axis=0), spec.bits, spec.block_size)
+        node, nbytes = self._nbits_node(graph, t, xt, bq)
+        _replace(t.node, node)
+        t.node = node
+        return nbytes, bq
+
+
+def _concat_error(w: np.ndarray, bq, a_pad: np.ndarray, gram) -> float:
+    """The whitened error of what the concat form computes, ``deq(W) + A·deq(B)`` (``B``
+    quantised too; the corrector reports the float factors' error)."""
+    d = dequantize(bq)
+    k = w.shape[0]
+    return whitened_error(w, d[:k] + a_pad @ d[k:], gram)
+
+
+def _block_factors(f: Factors, block_size: int) -> tuple[np.ndarray, Factors]:
+    """The concat form's factors: rank padded with zeros to a whole block (zero columns of
+    ``A`` give zero inputs, zero rows of ``B`` add nothing), ``B``'s rows scaled to unit norm
+    and the norms moved into ``A`` (block scales of ``B`` then see values of one magnitude)."""
+    r = f.a.shape[1]
+    r_pad = -(-r // block_size) * block_size
+    norms = np.linalg.norm(f.b, axis=1)
+    norms = np.where(norms > 0, norms, 1.0)
+    a = np.zeros((f.a.shape[0], r_pad), np.float32)
+    a[:, :r] = f.a * norms[None, :]
+    b = np.zeros((r_pad, f.b.shape[1]), np.float32)
+    b[:r] = f.b / norms[:, None]
+    return a, Factors(a, b, f.rank, f.energy, f.rel_error, f.method, f.output_energy)
+
+
+def _replace(old: ir.Node, new: ir.Node) -> None:
+    """Put ``new`` where ``old`` is: ``new``'s output takes over ``old``'s output value's uses,
+    graph outputs and name; ``old`` is removed."""
+    out = old.outputs[0]
+    old.graph.insert_before(old, new)
+    nv = new.outputs[0]
+    nv.type, nv.shape = out.type, out.shape
+    out.replace_all_uses_with(nv, replace_graph_outputs=True)
+    old.graph.remove(old, safe=True)
+    nv.name = out.name
+
+
+__all__ = ["CORRECT_FORMS", "EMBEDDING", "parse_spec", "Corrector", "QuantNode", "QuantRecord", "QuantSpec",
+           "QuantizePass", "SCHEMES", "quant_targets"]

