@@ -38,6 +38,8 @@ __all__ = [
     "truncated_svd",
     "whiten_factor",
     "asvd_factor",
+    "cholesky_damped",
+    "solve_lower_t",
 ]
 
 RANDOMIZED_THRESHOLD = 0.25  # use the randomized SVD when r < this fraction of min(m, n)
@@ -143,7 +145,7 @@ def factorize(w: np.ndarray, rank: int, *, sigma: np.ndarray | None = None,
     return Factors(a, b, a.shape[1], min(energy, 1.0), rel, "svd")
 
 
-def _cholesky_damped(g: np.ndarray) -> np.ndarray:
+def cholesky_damped(g: np.ndarray) -> np.ndarray:
     """Lower Cholesky factor of a symmetric PSD matrix, damped until positive definite."""
     g = np.asarray(g, dtype=np.float64)
     g = 0.5 * (g + g.T)
@@ -161,7 +163,7 @@ def _cholesky_damped(g: np.ndarray) -> np.ndarray:
         raise
 
 
-def _solve_lower_t(s: np.ndarray, y: np.ndarray) -> np.ndarray:
+def solve_lower_t(s: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Solve ``Sᵀ Z = Y`` for Z with S lower triangular (i.e. Z = S⁻ᵀ Y), no explicit inverse."""
     try:
         from scipy.linalg import solve_triangular
@@ -181,12 +183,12 @@ def whiten_factor(w: np.ndarray, xtx: np.ndarray, rank: int, out_dtype=None,
     out_dtype = out_dtype or w.dtype
     w64 = np.asarray(w, dtype=np.float64)
     target = w64 if w_target is None else np.asarray(w_target, dtype=np.float64)
-    s = _cholesky_damped(xtx)
+    s = cholesky_damped(xtx)
     m = s.T @ target
     u, sig, vt = np.linalg.svd(m, full_matrices=False)
     r = min(rank, len(sig))
     root = np.sqrt(sig[:r])
-    a = _solve_lower_t(s, u[:, :r] * root)
+    a = solve_lower_t(s, u[:, :r] * root)
     b = root[:, None] * vt[:r]
     total_w = float(np.sum(w64 ** 2))
     ab = a @ b

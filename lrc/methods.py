@@ -293,7 +293,7 @@ def make_corrector(input_names: list[str], c: Calibration | None = None, *, stat
     corrector runs): their Gram becomes ``diag(s)⁻¹ G diag(s)⁻¹``."""
     import numpy as np
 
-    from lrc.quantmath import whitened_norm2
+    from lrc.quantmath import correction_factors, whitened_norm2
 
     if stats is None:
         stats = statistics(c, sorted(set(input_names)))
@@ -315,7 +315,7 @@ def make_corrector(input_names: list[str], c: Calibration | None = None, *, stat
         if not rank:
             return None, {"werr_before": before, "gram": None if st is None else g}
         scaled = np.concatenate([e_cat[:, p] / n for p, n in zip(parts, norms)], axis=1)
-        f = whiten_factor(scaled, g, rank, out_dtype=np.float32)
+        f = correction_factors(scaled, g, rank)
         for p, n in zip(parts, norms):
             f.b[:, p] *= n
         ab = f.a.astype(np.float64) @ f.b.astype(np.float64)

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BlockQuant", "dequantize", "quantize_blockwise", "quantize_columns",
+from lrc.factorize import Factors, cholesky_damped, solve_lower_t
+
+__all__ = ["BlockQuant", "correction_factors", "dequantize", "quantize_blockwise", "quantize_columns",
            "whitened_error", "whitened_norm2", "valid_block_size"]
 
 
@@ -125,3 +127,39 @@ def whitened_error(w: np.ndarray, w_hat: np.ndarray, xtx: np.ndarray) -> float:
         return 0.0
     diff = np.asarray(w, dtype=np.float64) - np.asarray(w_hat, dtype=np.float64)
     return float(np.sqrt(max(whitened_norm2(diff, xtx), 0.0) / total))
+
+
+def correction_factors(e: np.ndarray, xtx: np.ndarray, rank: int) -> Factors:
+    """The rank-``r`` ``A·B`` minimising ``‖X·E − X·A·B‖_F`` (QERA's closed form): with
+    ``G = XᵀX = SSᵀ`` and ``M = SᵀE = UΣVᵀ``, ``A = S⁻ᵀU_rΣ_r^½``, ``B = Σ_r^½V_rᵀ``.
+
+    The same math as :func:`lrc.factorize.whiten_factor`, computed through the eigenvectors
+    of the smaller of ``MMᵀ`` / ``MᵀM`` (one BLAS-3 product and a small symmetric
+    eigenproblem) instead of a full SVD: an lm_head's error is 576 x 49152 and only the top
+    ``r`` directions are kept, whose accuracy squaring the matrix does not hurt."""
+    e64 = np.asarray(e, dtype=np.float64)
+    s = cholesky_damped(xtx)
+    m = s.T @ e64
+    k, n = m.shape
+    r = max(1, min(rank, k, n))
+    if k <= n:
+        lam, u = np.linalg.eigh(m @ m.T)
+        lam, u = lam[::-1][:r], u[:, ::-1][:, :r]
+        sig = np.sqrt(np.maximum(lam, 0.0))
+        vt = (u.T @ m) / np.where(sig > 0, sig, 1.0)[:, None]
+    else:
+        lam, v = np.linalg.eigh(m.T @ m)
+        lam, v = lam[::-1][:r], v[:, ::-1][:, :r]
+        sig = np.sqrt(np.maximum(lam, 0.0))
+        u = (m @ v) / np.where(sig > 0, sig, 1.0)[None, :]
+        vt = v.T
+    root = np.sqrt(sig)
+    a = solve_lower_t(s, u * root)
+    b = root[:, None] * vt
+    total = float(np.sum(m * m))
+    kept = float(np.sum(sig ** 2))
+    e_tot = float(np.sum(e64 ** 2))
+    rel = float(np.linalg.norm(e64 - a @ b) / np.sqrt(e_tot)) if e_tot > 0 else 0.0
+    return Factors(a.astype(np.float32), b.astype(np.float32), r,
+                   min(1.0, kept / total) if total > 0 else 1.0, rel, "whitened-correction",
+                   output_energy=min(1.0, kept / total) if total > 0 else 1.0)

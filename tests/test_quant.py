@@ -12,8 +12,8 @@ from graphs import run, shared_input, tied_head
 from lrc.factorize import whiten_factor
 from lrc.graph.passes.quant import QuantizePass, QuantSpec
 from lrc.pipeline import run_passes
-from lrc.quantmath import (dequantize, quantize_blockwise, quantize_columns, whitened_error,
-                           whitened_norm2)
+from lrc.quantmath import (correction_factors, dequantize, quantize_blockwise, quantize_columns,
+                           whitened_error, whitened_norm2)
 
 RNG = np.random.default_rng(0)
 
@@ -59,11 +59,19 @@ def test_correction_error_is_the_dropped_whitened_spectrum():
     e = (w - dequantize(quantize_blockwise(w, 4, 16))).astype(np.float64)
     s = np.linalg.cholesky(g)
     sig = np.linalg.svd(s.T @ e, compute_uv=False)
-    f = whiten_factor(e, g, r)
-    left = whitened_norm2(e - f.a @ f.b, g)
-    assert left == pytest.approx(float(np.sum(sig[r:] ** 2)), rel=1e-6)
-    assert left < 0.9 * whitened_norm2(e, g)
-    full = whiten_factor(e, g, min(k, n))
+    for shape_e in (e, e[:, :20], np.concatenate([e, e], axis=1)):  # tall, wide: both paths
+        sg = np.linalg.svd(s.T @ shape_e, compute_uv=False)
+        f = correction_factors(shape_e, g, r)
+        left = whitened_norm2(shape_e - f.a.astype(np.float64) @ f.b, g)
+        assert left == pytest.approx(float(np.sum(sg[r:] ** 2)), rel=1e-5)
+        # the same factors as SVD-LLM's whitening applied to E
+        h = whiten_factor(shape_e, g, r)
+        np.testing.assert_allclose(f.a @ f.b, h.a @ h.b, atol=1e-5 * np.abs(h.a @ h.b).max())
+    left = whitened_norm2(e - correction_factors(e, g, r).a.astype(np.float64)
+                          @ correction_factors(e, g, r).b, g)
+    assert left < 0.9 * whitened_norm2(e, g) and left == pytest.approx(np.sum(sig[r:] ** 2),
+                                                                       rel=1e-5)
+    full = correction_factors(e, g, min(k, n))
     w_hat = dequantize(quantize_blockwise(w, 4, 16)) + full.a @ full.b
     assert whitened_error(w, w_hat, g) < 1e-5
 
