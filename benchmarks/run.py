@@ -765,7 +765,12 @@ def write_markdown(path: Path, results: dict, all_rows: dict) -> None:
         exp = "reused" if t.get("export_s") is None else f"{t['export_s']:.0f} s"
         L += [f"- Time: export {exp}, compress {t['compress_s']:.0f} s, bench "
               f"{t['bench_s']:.0f} s, quality {t['quality_s']:.0f} s.", ""]
-    path.write_text("\n".join(L) + "\n")
+    text = "\n".join(L) + "\n"
+    old = path.read_text() if path.is_file() else ""
+    b, e = old.find("<!-- quant:begin -->"), old.find("<!-- quant:end -->")
+    if 0 <= b < e:  # benchmarks/quant.py's section is kept as it is
+        text = text.rstrip("\n") + "\n\n" + old[b:e + len("<!-- quant:end -->")] + "\n"
+    path.write_text(text)
 
 
 # --------------------------------------------------------------------------------------------

@@ -155,13 +155,41 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
                  "ONNX Runtime: int8 (quantize_dynamic, per-channel; fastest on the CPU EP) or "
                  "int4 (MatMulNBits, block 32; CPU and CUDA). lrc's factors are left as they are "
                  "(add --int8 to store them as int8 too)."),
+             quantize: Optional[str] = typer.Option(
+                 None, "--quantize", help="Quantise the weight MatMuls (all, or those --include / "
+                 "--exclude select) into ONNX Runtime's own forms: int4 (MatMulNBits 4-bit, "
+                 "block-wise), int8-weight (MatMulNBits 8-bit) or int8 (DynamicQuantizeMatMul); "
+                 "per-node overrides after a comma: int4,head=int8-weight. Without "
+                 "--rank/--ratio/--energy no low rank is applied."),
+             block_size: int = typer.Option(32, "--block-size", help="MatMulNBits block size "
+                                            "(a power of two >= 16)."),
+             accuracy_level: int = typer.Option(
+                 4, "--accuracy-level", help="MatMulNBits accuracy_level: 4 = int8 compute "
+                 "(fast CPU path), 0 = float compute."),
+             correct_rank: str = typer.Option(
+                 "0", "--correct-rank", help="Rank of the whitened low-rank correction of the "
+                 "quantisation error (0: none); Q/K/V and gate/up share one. Per-node overrides "
+                 "after a comma: 32,head=128,ffn.down=64 (roles, groups or name globs)."),
+             correct_form: str = typer.Option(
+                 "concat", "--correct-form", help="concat: the correction rides inside each "
+                 "MatMulNBits (fast); add: a float branch added to its output (reference)."),
+             smooth: float = typer.Option(
+                 0.0, "--smooth", help="With --quantize: SmoothQuant's alpha (e.g. 0.5): move "
+                 "activation outliers into the weights, folded into the norms / up projections "
+                 "(no node added). Helps int8 (per-tensor activations); 0 = off."),
+             embedding: str = typer.Option(
+                 "int8", "--embedding", help="With --quantize: store large embedding tables as "
+                 "int8 or int4 (GatherBlockQuantized, rows in blocks), or keep them float."),
              external_data: bool = typer.Option(False, "--external-data",
                                                 help="Write weights to OUT.data (automatic above 2 GB)."),
              force: bool = typer.Option(False, "--force", help="Overwrite OUT."),
              check: bool = typer.Option(True, "--check/--no-check",
                                         help="Run the onnx checker and an ORT session on the output."),
              as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
-    """Rewrite projections as pairs of thin MatMuls from a truncated SVD."""
+    """Rewrite projections as thin low-rank MatMul pairs and/or quantise them (+ correction).
+
+    Low rank: a truncated (whitened) SVD per projection. --quantize: ONNX Runtime's own
+    quantised forms, with a whitened low-rank correction of the quantisation error."""
     from lrc import methods
     from lrc.pipeline import CompressConfig, compress_path
     from lrc.graph.passes.int8 import FORMS
@@ -190,6 +218,10 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
     if quantize_rest not in (None, "int8", "int4"):
         raise LrcError(f"--quantize-rest must be int8 or int4, got {quantize_rest!r}")
     config.int8 = int8_form if int8 else False
+    config.quantize, config.block_size, config.accuracy_level = quantize, block_size, accuracy_level
+    config.correct_rank, config.correct_form = correct_rank, correct_form
+    config.embedding, config.smooth = embedding, smooth
+    config.quant_spec()  # validate before any work
     with _progress_bar() as bar:
         report, summary_path = compress_path(model, out, config, external_data=external_data,
                                              force=force, check=check,
@@ -244,7 +276,9 @@ def _print_compress(report: dict, summary_path: Path) -> None:
             console.print(f"[yellow]note:[/yellow] {note}")
         if r.get("int8"):
             console.print(f"int8: {r['int8'].get('summary', '')}")
-        if r.get("rewritten") or r.get("skipped"):
+        if r.get("quantize"):
+            _print_quantized(r["quantize"])
+        if r.get("rewritten") or r.get("skipped") or r.get("quantize"):
             if r.get("method_note"):
                 console.print(f"method: {r['method_note']}")
             console.print(f"[bold]{r['summary']}[/bold]")
@@ -257,6 +291,31 @@ def _print_compress(report: dict, summary_path: Path) -> None:
             console.print(f"time: {r['seconds']['total']} s; file {_mb(r['size_before'])} -> "
                           f"{_mb(r['size_after'])}; wrote {r['output']}")
     console.print(f"summary: {summary_path}")
+
+
+def _print_quantized(q: dict) -> None:
+    """Per role: how many nodes, rank, whitened error before -> after (RMS over the nodes)."""
+    by_role: dict = {}
+    for n in q["nodes"]:
+        by_role.setdefault(n["role"], []).append(n)
+    t = Table(title=f"quantised: {q['spec']['describe']}", header_style="bold")
+    for col in ("role", "nodes", "rank", "form", "werr before", "werr after", "MB"):
+        t.add_column(col, justify="left" if col in ("role", "form") else "right")
+
+    def rms(ns, key):
+        vals = [n[key] for n in ns if n.get(key) is not None]
+        return f"{(sum(v * v for v in vals) / len(vals)) ** 0.5:.4f}" if vals else "-"
+
+    for role, ns in by_role.items():
+        t.add_row(role, str(len(ns)), ",".join(sorted({str(n["rank"]) for n in ns})),
+                  ",".join(sorted({n["form"] or "-" for n in ns})), rms(ns, "werr_before"),
+                  rms(ns, "werr_after"),
+                  f"{sum(n['weight_bytes_before'] for n in ns) / 1e6:.1f} -> "
+                  f"{sum(n['weight_bytes_after'] for n in ns) / 1e6:.1f}")
+    console.print(t)
+    if q.get("skipped"):
+        console.print(f"left float: {len(q['skipped'])} ("
+                      + "; ".join(sorted({s['reason'] for s in q['skipped']})) + ")")
 
 
 # ----------------------------------------------------------------------------- verify
@@ -369,7 +428,7 @@ def generate(model: Path = typer.Argument(..., help="Exported text-generation fo
 # ----------------------------------------------------------------------------- eval
 @app.command("eval")
 def eval_(orig: Path = typer.Argument(..., help="Original model (.onnx or folder)"),
-          new: Path = typer.Argument(..., help="Compressed model"),
+          new: List[Path] = typer.Argument(..., help="Compressed model(s): one or several"),
           text: Optional[str] = typer.Option(None, "--text", help="A text file of your own, or a "
                                              "bundled text name (news, wiki, forum, docs, code, lee)."),
           ood: str = typer.Option("docs", "--ood", help="Out-of-domain text (bundled name or file)."),
@@ -379,10 +438,20 @@ def eval_(orig: Path = typer.Argument(..., help="Original model (.onnx or folder
           threads: Optional[int] = typer.Option(None, "--threads"),
           out_json: Optional[Path] = typer.Option(None, "--save", help="Also write the result JSON here."),
           as_json: bool = typer.Option(False, "--json")):
-    """Quality of NEW against ORIG: perplexity, KL, top-1, cosine; Pearson for encoders."""
+    """Quality of NEW against ORIG: perplexity, KL, top-1, cosine; Pearson for encoders.
+
+    Several NEW models are compared in one call: the original's side (its logits on every
+    window, or its embeddings) is computed once, and the table has one column per model.
+
+    JSON (--save / --json): with one NEW, what ``lrc.measure.quality.evaluate`` returns
+    (unchanged: ``{"kind", "in_domain", "out_of_domain"}``). With several, what
+    ``evaluate_many`` returns: ``{"schema": "lrc.eval/1", "kind", "orig": path, "new": list of
+    paths, "results": list of single-model results (the shape above), in NEW's order}``; with
+    --layers each result gets its own ``layers``. ``lrc report`` reads both shapes.
+    """
     from lrc.measure import quality as E
     from lrc.measure.drift import layer_drift
-    from lrc.present.quality import format_table
+    from lrc.present.quality import format_table, short_names
 
     def _text(t):
         if t is None:
@@ -397,15 +466,28 @@ def eval_(orig: Path = typer.Argument(..., help="Original model (.onnx or folder
                            f"({', '.join(list_texts())})")
         return t
 
-    res = E.evaluate(orig, new, text=_text(text), ood=_text(ood), context=context,
-                     max_tokens=max_tokens, threads=threads)
+    if len(new) == 1:
+        res = E.evaluate(orig, new[0], text=_text(text), ood=_text(ood), context=context,
+                         max_tokens=max_tokens, threads=threads)
+        results = [res]
+    else:
+        res = E.evaluate_many(orig, new, text=_text(text), ood=_text(ood), context=context,
+                              max_tokens=max_tokens, threads=threads)
+        results = res["results"]
     if layers:
-        res["layers"] = E.jsonable(layer_drift(orig, new, threads=threads))
+        for r, n in zip(results, new):
+            r["layers"] = E.jsonable(layer_drift(orig, n, threads=threads))
     if _emit_json(res, out_json, as_json):
         return
-    console.print(format_table({k: v for k, v in res.items() if k != "layers"}))
+    if len(new) == 1:
+        console.print(format_table({k: v for k, v in res.items() if k != "layers"}))
+    else:
+        console.print(format_table(res))
     if layers:
-        console.print(format_table(res["layers"], title="per-layer drift (worst first)"))
+        names = short_names(res["new"]) if len(new) > 1 else [None]
+        for r, name in zip(results, names):
+            console.print(format_table(r["layers"], title="per-layer drift (worst first)"
+                                       + (f": {name}" if name else "")))
 
 
 def _emit_json(res: dict, out_json: Optional[Path], as_json: bool) -> bool:
@@ -430,6 +512,11 @@ def bench(models: List[Path] = typer.Argument(..., help="First = reference; .onn
           runs: int = typer.Option(30, "--runs"), warmup: int = typer.Option(3, "--warmup"),
           baselines: bool = typer.Option(False, "--baselines", help="Add ORT INT8 dynamic, 4-bit "
                                          "MatMulNBits and the ORT-optimized dense graph of the first model."),
+          keep_baselines: Optional[Path] = typer.Option(
+              None, "--keep-baselines", help="Implies --baselines: build them in this folder "
+              "and keep them (int8-dynamic.onnx, int4-matmulnbits.onnx, ort-optimized.onnx, with "
+              "the first model's tokenizer and config beside them), so `lrc eval` can measure "
+              "the files that were timed; `lrc report` matches them by path."),
           out_json: Optional[Path] = typer.Option(None, "--save", help="Also write the result JSON here."),
           as_json: bool = typer.Option(False, "--json")):
     """Latency/throughput on ONNX Runtime EPs, models interleaved, with speedups and bounds."""
@@ -445,9 +532,12 @@ def bench(models: List[Path] = typer.Argument(..., help="First = reference; .onn
             raise LrcError(f"--{what} values must be positive")
         return v
 
+    if keep_baselines is not None and keep_baselines.exists() and not keep_baselines.is_dir():
+        raise LrcError(f"--keep-baselines {keep_baselines}: not a folder")
     res = B.bench(models, eps=_split([ep]), threads=threads, batch_sizes=ints(batch, "batch"),
                   seq_lens=ints(seq, "seq"), decode_tokens=decode_tokens, warmup=warmup,
-                  runs=runs, baselines=baselines,
+                  runs=runs, baselines=baselines or keep_baselines is not None,
+                  baselines_dir=keep_baselines,
                   progress=(lambda msg: err.print(f"[dim]{msg}[/dim]")) if not as_json else None)
     if _emit_json(res, out_json, as_json):
         return
@@ -460,8 +550,14 @@ def bench(models: List[Path] = typer.Argument(..., help="First = reference; .onn
 def report(results: List[Path] = typer.Argument(..., help="JSON files from bench/eval/compress/analyse"),
            out: Path = typer.Option(Path("report.html"), "-o", "--output"),
            title: str = typer.Option("lrc report", "--title")):
-    """One self-contained HTML file with plots and tables from result JSON files."""
-    from lrc.present.report import write_report
+    """One self-contained HTML file with plots and tables from result JSON files.
+
+    Given a bench result (lrc bench --save) and eval results (lrc eval --save, one or several
+    models), the models of both are joined by path or name -- the ORT baselines of
+    `lrc bench --keep-baselines DIR` included -- and plotted as speed (decode, prefill) and
+    file size against quality (perplexity on each text; Pearson for encoders), with the
+    Pareto frontier. Compression summaries (lrc.json) add spectra and ranks."""
+    from lrc.present.report import is_bench, is_eval, join_bench_eval, write_report
 
     res, summaries = [], []
     for p in results:
@@ -472,11 +568,23 @@ def report(results: List[Path] = typer.Argument(..., help="JSON files from bench
         except ValueError as e:
             raise LrcError(f"{p}: not JSON ({e})")
         if isinstance(data, dict) and ("rewritten" in data or "nodes" in data or "models" in data
-                                       and "schema" not in data):
+                                       and "schema" not in data or "quantize" in data):
             summaries.append(data)
         else:
             res.append(data)
     write_report(res, out, summaries=summaries, title=title)
+    benches, evals = [r for r in res if is_bench(r)], [r for r in res if is_eval(r)]
+    for b in benches if evals else []:
+        j = join_bench_eval(b, evals)
+        names = [m["label"] if m["label"] == m["name"] else f"{m['label']} = {m['name']}"
+                 for m in j["models"]]
+        console.print(f"speed vs quality: {len(names)} models joined ({', '.join(names) or 'none'})")
+        if j["unmatched_bench"]:
+            console.print(f"[yellow]note:[/yellow] benchmarked without a quality: "
+                          f"{', '.join(map(str, j['unmatched_bench']))}")
+        if j["unmatched_eval"]:
+            console.print(f"[yellow]note:[/yellow] evaluated but not benchmarked: "
+                          f"{', '.join(map(str, j['unmatched_eval']))}")
     console.print(f"wrote {out}")
 
 

@@ -261,6 +261,46 @@ def test_evaluate_lm_json_and_table(lm, tmp_path):
     assert format_table(E.perplexity(folder, text, context=32, max_tokens=200)).row_count > 3
 
 
+def test_eval_cli_several_models(lm, tmp_path):
+    """``lrc eval ORIG A B``: one column per model, the same numbers as one ``evaluate`` per
+    model; with one NEW the saved JSON keeps its shape."""
+    import os
+    import subprocess
+    import sys
+
+    w, folder = lm
+    u, s, vt = np.linalg.svd(w["W1"], full_matrices=False)
+    a = write_lm(tmp_path / "lr2", w, low_rank_w1=(u[:, :2] * s[:2], vt[:2]))
+    b = write_lm(tmp_path / "lr4", w, low_rank_w1=(u[:, :4] * s[:4], vt[:4]))
+    text = tmp_path / "text.txt"
+    text.write_text(_text())
+
+    def lrc(*args):
+        env = dict(os.environ, COLUMNS="200", OPENBLAS_NUM_THREADS="1")
+        r = subprocess.run([sys.executable, "-m", "lrc.cli", "eval", *map(str, args), "--text",
+                            text, "--context", "32", "--max-tokens", "200"],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    r = lrc(folder, a, b, "--save", tmp_path / "many.json")
+    header = next(ln for ln in r.stdout.splitlines() if "original" in ln)
+    assert "lr2" in header and "lr4" in header and "compressed" not in header
+    many = json.loads((tmp_path / "many.json").read_text())
+    assert many["schema"] == "lrc.eval/1" and many["kind"] == "causal-lm"
+    assert many["orig"] == str(folder / "model.onnx")
+    assert many["new"] == [str(a / "model.onnx"), str(b / "model.onnx")]
+    for new, res in zip((a, b), many["results"]):
+        assert res == E.evaluate(folder, new, text=_text(), context=32, max_tokens=200)
+    assert (many["results"][0]["in_domain"]["new"]["perplexity"]
+            != many["results"][1]["in_domain"]["new"]["perplexity"])
+    lrc(folder, a, "--save", tmp_path / "one.json")  # one NEW: today's shape
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert set(one) == {"kind", "in_domain", "out_of_domain"} and one == many["results"][0]
+    t = format_table(many)
+    assert len(t.columns) == 3 + 2 and t.row_count == 2 * (1 + len(E.LM_METRICS))
+
+
 def test_bare_onnx_file_and_tokenizer_arg(lm, tmp_path):
     w, folder = lm
     f = tmp_path / "bare.onnx"
@@ -294,6 +334,15 @@ def tiny_encoder(folder: Path, w_scale: float = 1.0) -> Path:
     onnx.save(m, str(folder / "model.onnx"))
     tiny_tokenizer().save(str(folder / "tokenizer.json"))
     return folder
+
+
+def test_evaluate_many_encoders_gives_evaluate(tmp_path):
+    a, b = tiny_encoder(tmp_path / "a"), tiny_encoder(tmp_path / "b", w_scale=0.5)
+    many = E.evaluate_many(a, [b, a], text=_text(200, seed=2), ood=_text(300))
+    assert many["kind"] == "encoder" and len(many["results"]) == 2
+    assert many["results"][0] == E.evaluate(a, b, text=_text(200, seed=2), ood=_text(300))
+    assert many["results"][1]["out_of_domain"]["embedding_cosine"] == pytest.approx(1.0)
+    assert len(format_table(many).columns) == 3 + 2
 
 
 def test_compare_encoder_custom_sentences(tmp_path):

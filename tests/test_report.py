@@ -152,3 +152,134 @@ def test_renders_in_headless_chromium(tmp_path):
     assert nonwhite > 0.05, nonwhite
     colours = np.unique((rgb[::4, ::4] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
     assert len(colours) > 50
+
+
+# ---------------------------------------------------------------------------- bench + eval joined
+
+def _lm_compare(orig: str, new: str, text: str, ppl_o: float, ppl_n: float) -> dict:
+    return {"orig": {"model": orig, "perplexity": ppl_o, "nll": 1.0},
+            "new": {"model": new, "perplexity": ppl_n, "nll": 1.1}, "ppl_ratio": ppl_n / ppl_o,
+            "kl": 0.1, "top1_agreement": 0.9, "top5_agreement": 0.99, "logits_cosine": 0.98,
+            "text": text, "context": 256, "stride": 256, "windows": 4, "tokens": 1020,
+            "text_tokens": 1020, "bos": "BOS"}
+
+
+def _lm_eval(orig: str, new: str, news: float, docs: float) -> dict:
+    """One model's ``lrc eval --save`` result (dense perplexity 30 news / 20 docs)."""
+    return {"kind": "causal-lm", "in_domain": _lm_compare(orig, new, "news", 30.0, news),
+            "out_of_domain": _lm_compare(orig, new, "docs", 20.0, docs)}
+
+
+def fake_lm_bench(base: str = "/tmp/keep") -> dict:
+    """dense, lrc, q4c and two ORT baselines kept in ``base`` (``lrc bench --keep-baselines``)."""
+    models = [("dense", "out/dense/model.onnx", None, 540e6, 1.0, 1.0),
+              ("dense-lrc", "out/dense-lrc/model.onnx", None, 470e6, 1.1, 1.05),
+              ("dense-q4c", "out/dense-q4c/model.onnx", None, 190e6, 0.9, 1.8),
+              ("dense+int8-dynamic", f"{base}/int8-dynamic.onnx", "int8-dynamic", 140e6, 0.95, 1.2),
+              ("dense+int4-matmulnbits", f"{base}/int4-matmulnbits.onnx", "int4-matmulnbits", 180e6,
+               0.88, 1.77)]
+    runs = []
+    for name, _, _, _, prefill, decode in models:
+        for phase, sp in (("prefill", prefill), ("decode", decode)):
+            runs.append({"model": name, "ep": "cpu", "phase": phase, "batch": 1, "seq": 128,
+                         "decode_tokens": 16 if phase == "decode" else None, "n": 10,
+                         "p50_ms": 10 / sp, "p90_ms": 11 / sp, "p99_ms": 12 / sp, "mean_ms": 10 / sp,
+                         "std_ms": 0.1, "min_ms": 9 / sp, "speedup": sp, "tokens_per_s": None})
+    return {"schema": "lrc.bench/1", "settings": {"eps": ["cpu"]}, "runs": runs,
+            "models": [{"name": n, "path": p, "baseline": b, "kind": "decoder", "size_bytes": int(sz)}
+                       for n, p, b, sz, _, _ in models]}
+
+
+def fake_eval_many(base: str = "/tmp/keep") -> dict:
+    """``lrc eval out/dense out/dense-lrc out/dense-q4c BASE/int8-dynamic.onnx --save``."""
+    news = ["out/dense-lrc/model.onnx", "out/dense-q4c/model.onnx", f"{base}/int8-dynamic.onnx"]
+    ppl = [(200.0, 90.0), (33.0, 22.0), (7.7e7, 6e7)]
+    return {"schema": "lrc.eval/1", "kind": "causal-lm", "orig": "out/dense/model.onnx", "new": news,
+            "results": [_lm_eval("out/dense/model.onnx", n, a, b) for n, (a, b) in zip(news, ppl)]}
+
+
+def test_join_bench_and_eval_into_variants():
+    bench = fake_lm_bench()
+    # several models in one eval, plus a one-model eval (today's shape) of the int4 baseline,
+    # evaluated from another folder: matched by name (DENSE+int4-matmulnbits <- int4-matmulnbits.onnx)
+    single = _lm_eval("out/dense/model.onnx", "/elsewhere/int4-matmulnbits.onnx", 46.0, 26.0)
+    j = R.join_bench_eval(bench, [fake_eval_many(), single])
+    assert [m["label"] for m in j["models"]] == ["dense", "dense-lrc", "dense-q4c", "ORT int8", "ORT int4"]
+    assert j["unmatched_bench"] == [] and j["unmatched_eval"] == []
+    titles = [it["title"] for it in j["items"]]
+    assert titles == ["decode per token (cpu, batch 1, seq 128)", "prefill (cpu, batch 1, seq 128)",
+                      "model file"]
+    decode, prefill, size = j["items"]
+    assert size["x"] == "size_mb" and "x" not in decode
+    v = {(x["name"], x["metric"]): x for x in decode["variants"]}
+    assert len(v) == 5 * 2  # every model x (news, docs)
+    assert v["dense", "perplexity (news)"]["speedup"] == 1.0
+    assert v["dense", "perplexity (news)"]["quality"] == 30.0  # the eval's original
+    assert v["dense", "perplexity (docs)"]["quality"] == 20.0
+    assert v["dense-q4c", "perplexity (docs)"] == {
+        "name": "dense-q4c", "speedup": 1.8, "quality": 22.0, "metric": "perplexity (docs)",
+        "higher_is_better": False, "size_mb": 190.0}
+    assert v["ORT int4", "perplexity (news)"]["quality"] == 46.0
+    assert {x["speedup"] for x in prefill["variants"] if x["name"] == "ORT int8"} == {0.95}
+    s = {(x["name"], x["metric"]): x for x in size["variants"]}
+    assert s["ORT int8", "perplexity (news)"]["size_mb"] == 140.0 and "speedup" not in s["ORT int8", "perplexity (news)"]
+
+
+def test_join_reports_what_did_not_match():
+    bench = fake_lm_bench()
+    ev = fake_eval_many()
+    ev["new"][1] = ev["results"][1]["in_domain"]["new"]["model"] = "out/other/model.onnx"
+    j = R.join_bench_eval(bench, [ev])
+    assert [m["name"] for m in j["models"]] == ["dense", "dense-lrc", "dense+int8-dynamic"]
+    assert j["unmatched_bench"] == ["dense-q4c", "dense+int4-matmulnbits"]
+    assert j["unmatched_eval"] == ["out/other/model.onnx"]
+    assert R.join_bench_eval(bench, [])["items"] == []
+
+
+def test_report_of_bench_and_eval(tmp_path):
+    text = R.write_report([fake_lm_bench(), fake_eval_many()], tmp_path / "r.html").read_text()
+    # speedup bars; decode and prefill speed vs news / docs perplexity; file size vs both
+    assert len(_pngs(text)) == 1 + 2 + 2 + 2
+    assert "Speed vs quality: decode per token" in text and "Speed vs quality: prefill" in text
+    assert "Size vs quality: model file" in text and "<h2>Quality</h2>" in text
+    assert "dense-q4c" in text and "ORT int8" in text
+    assert "7.7e+07" in text  # drawn off scale, in the tables as it is
+    # an eval alone: its quality table, no plots
+    text = R.write_report([fake_eval_many()], tmp_path / "q.html").read_text()
+    assert "<h2>Quality</h2>" in text and not _pngs(text)
+
+
+def test_size_axis_pareto_prefers_smaller():
+    item = {"x": "size_mb", "metric": "ppl", "higher_is_better": False,
+            "variants": [{"name": "big", "size_mb": 500.0, "quality": 30.0},
+                         {"name": "small", "size_mb": 100.0, "quality": 40.0},
+                         {"name": "bad", "size_mb": 300.0, "quality": 50.0}]}
+    html = R._variants_section(item)
+    rows = re.findall(r"<tr><td class=\"l\">(\w+)</td>.*?</tr>", html)
+    assert rows == ["big", "small", "bad"]
+    assert html.count(">yes<") == 2 and re.search(r">bad<.*?<td class=\"\"></td></tr>", html)
+
+
+def test_bench_keeps_baselines_beside_tokenizer_and_eval_joins_them(tmp_path):
+    """``bench(baselines_dir=)`` keeps ORT's baselines with the dense model's tokenizer and
+    config beside them, ``evaluate_many`` measures those files, and the report joins them."""
+    from test_evaluate import _text, _weights, write_lm
+
+    from lrc.measure import bench as B
+    from lrc.measure import quality as E
+
+    w = _weights()
+    dense = write_lm(tmp_path / "dense", w)
+    u, s, vt = np.linalg.svd(w["W1"], full_matrices=False)
+    lr = write_lm(tmp_path / "lr", w, low_rank_w1=(u[:, :2] * s[:2], vt[:2]))
+    keep = tmp_path / "baselines"
+    res = B.bench([dense, lr], threads=1, seq_lens=(16,), decode_tokens=2, warmup=1, runs=2,
+                  baselines_dir=keep, baselines=True, memory=False, amdahl=False)
+    made = [Path(m["path"]) for m in res["models"] if m["baseline"]]
+    assert made and all(p.parent == keep and p.is_file() for p in made)
+    assert (keep / "tokenizer.json").is_file() and (keep / "config.json").is_file()
+    ev = E.evaluate_many(dense, [lr, *made], text=_text(), context=32, max_tokens=200)
+    j = R.join_bench_eval(res, [ev])
+    assert [m["name"] for m in j["models"]] == [m["name"] for m in res["models"]]
+    assert j["models"][0]["label"] == "dense" and not j["unmatched_eval"]
+    assert [it["title"].split(" (")[0] for it in j["items"]] == ["decode per token", "prefill", "model file"]

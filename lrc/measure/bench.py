@@ -105,7 +105,7 @@ from lrc.runtime.profile import amdahl_bound, profile_matmul_fraction
 from lrc.runtime.providers import device_of, lookup, resolve_ep
 from lrc.runtime.runner import Runner, timing_session
 
-__all__ = ["SCHEMA", "bench", "build_baselines", "summary_for", "summary_flop_ratio"]
+__all__ = ["SCHEMA", "bench", "build_baselines", "copy_side_files", "summary_for", "summary_flop_ratio"]
 
 SCHEMA = "lrc.bench/1"
 
@@ -227,6 +227,30 @@ def build_baselines(first: Path, out_dir: Path, provider: str = "CPUExecutionPro
     return made, notes
 
 
+_SIDE_SUFFIXES = (".json", ".txt", ".model", ".jinja")
+
+
+def copy_side_files(model_file: Path, out_dir: Path) -> list[Path]:
+    """Copy the tokenizer / config files beside ``model_file`` (``*.json`` but lrc summaries,
+    ``*.txt``, ``*.model``, ``*.jinja``) into ``out_dir``, when ``model_file`` sits in an
+    exported folder (a ``config.json`` or ``tokenizer.json`` beside it); ONNX files and their
+    external data are never copied. Returns the copies."""
+    src = Path(model_file).parent
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not ((src / "config.json").is_file() or (src / "tokenizer.json").is_file()):
+        return []
+    if src.resolve() == out_dir.resolve():
+        return []
+    copied = []
+    for f in sorted(src.iterdir()):
+        if (f.is_file() and f.suffix in _SIDE_SUFFIXES and f.name != "lrc.json"
+                and not f.name.endswith(".lrc.json")):
+            shutil.copy2(f, out_dir / f.name)
+            copied.append(out_dir / f.name)
+    return copied
+
+
 # --------------------------------------------------------------------------------------------
 # the benchmark
 # --------------------------------------------------------------------------------------------
@@ -235,7 +259,8 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
           batch_sizes: Sequence[int] = (1,), seq_lens: Sequence[int] = (128,), decode_tokens: int = 32,
           warmup: int = 3, runs: int = 30, baselines: bool = False,
           progress: Callable[[str], None] | None = None, workdir: str | Path | None = None,
-          amdahl: bool = True, memory: bool = True) -> dict:
+          amdahl: bool = True, memory: bool = True,
+          baselines_dir: str | Path | None = None) -> dict:
     """Benchmark ``models`` (``.onnx`` files or exported folders, found by
     :func:`lrc.graph.model.resolve_model_path`) interleaved; see the module doc.
 
@@ -243,6 +268,10 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
     ``workdir``: where baselines and profiles are written (default: a temp dir, deleted after).
     ``amdahl``: profile the first model and compute Amdahl bounds for the others.
     ``memory``: measure per-session memory in a subprocess per model (about 1 s each).
+    ``baselines_dir``: build the baselines there and keep them (default: ``workdir/baselines``),
+    with the first model's tokenizer and config files copied beside them when it is an exported
+    folder, so ``lrc eval`` / ``lrc generate`` can run the very files that were timed (the
+    result's ``models[i].path`` names them).
     """
     if not models:
         raise LrcError("bench: no models given")
@@ -275,7 +304,10 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
         for p in paths:
             entries.append({"name": _model_name(p, taken), "path": str(p), "baseline": None})
         if baselines:
-            made, bnotes = build_baselines(paths[0], work / "baselines", providers[0], log)
+            bdir = work / "baselines" if baselines_dir is None else Path(baselines_dir)
+            if baselines_dir is not None:
+                copy_side_files(paths[0], bdir)
+            made, bnotes = build_baselines(paths[0], bdir, providers[0], log)
             notes.extend(bnotes)
             for kind, p in made:
                 entries.append({"name": f"{entries[0]['name']}+{kind}", "path": str(p), "baseline": kind})

@@ -57,6 +57,7 @@ __all__ = [
     "compare_lm",
     "embed",
     "evaluate",
+    "evaluate_many",
     "jsonable",
     "lee_pearson",
     "lm_windows",
@@ -563,6 +564,55 @@ def evaluate(orig, new, text=None, json: bool = False, tokenizer=None, ood: str 
                "out_of_domain": compare_encoder(mo, mn, ood)}
     res = jsonable(res)
     return _json.dumps(res, indent=2) if json else res
+
+
+EVAL_SCHEMA = "lrc.eval/1"
+
+
+def evaluate_many(orig, news, text=None, tokenizer=None, ood: str = "docs", context: int = 256,
+                  max_tokens: int | None = 4096, threads: int | None = None,
+                  tmp: str | os.PathLike | None = None) -> dict:
+    """:func:`evaluate` of several models against one original, the original's side computed once.
+
+    Returns ``{"schema": "lrc.eval/1", "kind": "causal-lm"|"encoder", "orig": str,
+    "new": [str, ...], "results": [...]}`` where ``results[i]`` is exactly what
+    ``evaluate(orig, news[i], ...)`` returns (same windows, same numbers to the last bit).
+    Causal LMs: the original's logits of every window are kept in a memmap in ``tmp`` (default:
+    a temporary folder, deleted after; windows x context x vocab float32 per text, e.g. 200 MB
+    per 1024 tokens of SmolLM2) when there is more than one new model. Encoders: the original's
+    embeddings are computed once per text.
+    """
+    import tempfile
+
+    news = list(news)
+    if not news:
+        raise LrcError("evaluate_many: no models to compare")
+    mo = load_model(orig, tokenizer, threads)
+    tok = tokenizer or mo.tokenizer
+    models = [load_model(n, tok, threads) for n in news]
+    for mn in models:
+        if mo.is_lm != mn.is_lm:
+            raise LrcError(f"{mo.path} and {mn.path}: one model is a causal LM and the other is not")
+    results = []
+    if mo.is_lm:
+        texts = [text or "news", ood]
+        with tempfile.TemporaryDirectory(prefix="lrc-eval-", dir=tmp) as folder:
+            keep = Path(folder) if len(models) > 1 else None
+            ref = LMReference(mo, dict.fromkeys(texts), context, max_tokens, threads, keep,
+                              stride=context)
+            for mn in models:
+                results.append({"kind": "causal-lm",
+                                "in_domain": ref.compare(mn, texts[0]),
+                                "out_of_domain": ref.compare(mn, texts[1])})
+            del ref  # close the memmaps before the folder goes
+    else:
+        lee = EncoderReference(mo, text, threads=threads)
+        docs = EncoderReference(mo, ood, threads=threads)
+        for mn in models:
+            results.append({"kind": "encoder", "in_domain": lee.compare(mn),
+                            "out_of_domain": docs.compare(mn)})
+    return jsonable({"schema": EVAL_SCHEMA, "kind": results[0]["kind"], "orig": str(mo.path),
+                     "new": [str(m.path) for m in models], "results": results})
 
 
 def jsonable(x):

@@ -1,7 +1,8 @@
 """Tables of eval results (:mod:`lrc.measure.quality`, :mod:`lrc.measure.drift`) for the terminal.
 
-``format_table`` takes any result of those modules (perplexity, compare_*, evaluate, a list of
-layer_drift rows) or its JSON string and returns a ``rich`` Table.
+``format_table`` takes any result of those modules (perplexity, compare_*, evaluate,
+evaluate_many -- one column per compared model --, a list of layer_drift rows) or its JSON
+string and returns a ``rich`` Table.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 
 from lrc.measure.quality import LM_METRICS
 
-__all__ = ["format_table"]
+__all__ = ["format_table", "short_names"]
 
 
 def _fmt(v, digits=4) -> str:
@@ -33,10 +34,13 @@ def format_table(result, title: str | None = None):
         result = _json.loads(result)
     if isinstance(result, list):
         return _drift_table(result, title)
+    if "results" in result:  # several models against one (lrc.measure.quality.evaluate_many)
+        return _evaluate_table(result["results"], title,
+                               names=short_names(result.get("new") or []))
     if "kind" in result:
-        return _evaluate_table(result, title)
+        return _evaluate_table([result], title)
     if "kl" in result or "embedding_cosine" in result:
-        return _evaluate_table({"kind": "", "result": result}, title)
+        return _evaluate_table([{"kind": "", "result": result}], title)
     t = Table(title=title or "perplexity")
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -45,31 +49,59 @@ def format_table(result, title: str | None = None):
     return t
 
 
-def _evaluate_table(res: dict, title: str | None):
+def short_names(paths) -> list[str]:
+    """Column names for model paths: the folder of an exported folder's model file, else the
+    file's stem (the names ``lrc bench`` gives), made unique."""
+    from pathlib import PurePath
+
+    from lrc.graph.model import ONNX_NAMES
+
+    out, taken = [], set()
+    for p in paths:
+        pp = PurePath(str(p))
+        base = pp.parent.name if pp.name in ONNX_NAMES and pp.parent.name else pp.stem
+        name, i = base, 2
+        while name in taken:
+            name, i = f"{base}#{i}", i + 1
+        taken.add(name)
+        out.append(name)
+    return out
+
+
+def _evaluate_table(results: list[dict], title: str | None, names: list[str] | None = None):
+    """One row per (text, metric); columns: the original, then one per compared model (a single
+    model's column is called "compressed")."""
     from rich.table import Table
 
-    t = Table(title=title or f"quality ({res['kind']})".replace(" ()", ""))
-    for c in ("text", "metric", "original", "compressed"):
+    first = results[0]
+    names = names if names and len(names) == len(results) else (
+        ["compressed"] if len(results) == 1 else [f"model {i + 1}" for i in range(len(results))])
+    t = Table(title=title or f"quality ({first['kind']})".replace(" ()", ""))
+    for c in ("text", "metric", "original", *names):
         t.add_column(c, justify="left" if c in ("text", "metric") else "right")
     notes = []
-    for key, r in res.items():
+    for key, r in first.items():
         if not isinstance(r, dict):
             continue
+        rs = [res.get(key) or {} for res in results]
         label = f"{r.get('text', key)}"
         if "kl" in r:
-            t.add_row(label, "perplexity", _fmt(r["orig"]["perplexity"]), _fmt(r["new"]["perplexity"]))
+            t.add_row(label, "perplexity", _fmt(r["orig"]["perplexity"]),
+                      *(_fmt((x.get("new") or {}).get("perplexity")) for x in rs))
             for m in LM_METRICS.values():
                 if m.key in r:
-                    t.add_row("", m.label, "", _fmt(r[m.key]))
+                    t.add_row("", m.label, "", *(_fmt(x.get(m.key)) for x in rs))
             notes.append(f"{label}: {r['tokens']} tokens, {r['windows']} windows of {r['context']}, "
                          f"stride {r['stride']}; {r['bos']}")
         else:
             if "lee_pearson" in r.get("orig", {}):
                 t.add_row(label, "Lee Pearson r", _fmt(r["orig"]["lee_pearson"]),
-                          _fmt(r["new"]["lee_pearson"]))
+                          *(_fmt((x.get("new") or {}).get("lee_pearson")) for x in rs))
                 label = ""
-            t.add_row(label, "embedding cosine (mean)", "", _fmt(r["embedding_cosine"]))
-            t.add_row("", "embedding cosine (min)", "", _fmt(r["embedding_cosine_min"]))
+            t.add_row(label, "embedding cosine (mean)", "",
+                      *(_fmt(x.get("embedding_cosine")) for x in rs))
+            t.add_row("", "embedding cosine (min)", "",
+                      *(_fmt(x.get("embedding_cosine_min")) for x in rs))
     if notes:
         t.caption = "\n".join(notes)
     return t

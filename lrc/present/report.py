@@ -19,7 +19,22 @@ optional and one that has no data is left out (unknown keys are ignored):
 
    Rendered as a speed-vs-quality scatter with the Pareto frontier (variants no other variant
    beats on both speedup and quality) and a table. One plot per metric. A bench result may also
-   carry ``variants``.
+   carry ``variants``. With ``"x": "size_mb"`` on the item the x axis is the file size instead
+   (``size_mb`` required on each variant; smaller is better on that axis). A lower-is-better
+   value over ``OFF_SCALE`` (10) times the best of its plot (a broken model: perplexity 7e7)
+   is drawn as a triangle on the top edge with its value in its label; the table keeps it.
+
+   Bench + eval, joined: when ``results`` hold a bench result and eval results (``lrc eval
+   --save``: one model's ``{"kind", "in_domain", "out_of_domain"}``, or several models'
+   ``{"schema": "lrc.eval/1", "orig", "new", "results"}``), :func:`join_bench_eval` matches
+   the bench's models to the evaluated ones -- by path (as given to both commands), else by the
+   bench's model name (folder of an exported folder's model file, else the file's stem; an ORT
+   baseline ``DENSE+int4-matmulnbits`` matches a file ``int4-matmulnbits.onnx``, which is what
+   ``lrc bench --keep-baselines DIR`` writes) -- and turns them into variants items: one per
+   bench shape (EP, phase, batch, sequence; decode first) with every quality metric of the
+   eval (LMs: perplexity on each text, lower is better; encoders: Lee Pearson r and embedding
+   cosine), and one of file size against the same metrics. The eval's original is the dense
+   point (speedup 1 when it is the bench's first model). Eval results also get a quality table.
 
 3. Compression summaries (``summaries``, or items of ``results`` that have ``rewritten`` /
    ``nodes``) -- what ``lrc compress`` / ``lrc analyse`` write::
@@ -243,10 +258,37 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = Tru
     return sorted(idx, key=lambda i: points[i][0])
 
 
+_X_AXES = {"speedup": ("speedup (x, higher is better)", True, "speedup"),
+           "size_mb": ("file size (MB, smaller is better)", False, "size MB")}
+
+
+OFF_SCALE = 10.0  # lower-is-better quality above this multiple of the best is drawn off scale
+
+
+def _label_offsets(points: list[tuple[float, float]], logy: bool) -> list[int]:
+    """Vertical label offsets (points) so that labels of nearby points do not overlap."""
+    if not points:
+        return []
+    ys = [math.log10(y) if logy and y > 0 else y for _, y in points]
+    xs = [x for x, _ in points]
+    sx = (max(xs) - min(xs)) or 1.0
+    sy = (max(ys) - min(ys)) or 1.0
+    norm = [((x - min(xs)) / sx, (y - min(ys)) / sy) for x, y in zip(xs, ys)]
+    out = []
+    for i, (x, y) in enumerate(norm):  # the lower of two close points gets its label below
+        below = any(abs(nx - x) < 0.15 and abs(ny - y) < 0.1 and (ny > y or (ny == y and j < i))
+                    for j, (nx, ny) in enumerate(norm) if j != i)
+        out.append(-9 if below else 3)
+    return out
+
+
 def _variants_section(item: dict) -> str:
+    xkey = item.get("x", "speedup")
+    xlabel, x_hib, xcol = _X_AXES.get(xkey, (xkey, True, xkey))
     variants = [v for v in item.get("variants") or []
-                if isinstance(v, dict) and isinstance(v.get("speedup"), (int, float))
-                and isinstance(v.get("quality"), (int, float))]
+                if isinstance(v, dict) and isinstance(v.get(xkey), (int, float))
+                and isinstance(v.get("quality"), (int, float))
+                and math.isfinite(float(v["quality"]))]
     if not variants:
         return ""
     default_metric = item.get("metric", "quality")
@@ -255,31 +297,254 @@ def _variants_section(item: dict) -> str:
     for v in variants:
         key = (v.get("metric", default_metric), bool(v.get("higher_is_better", default_hib)))
         by_metric.setdefault(key, []).append(v)
-    parts = [f"<h2>Speed vs quality{': ' + _esc(item['title']) if item.get('title') else ''}</h2>"]
+    heading = "Speed vs quality" if xkey == "speedup" else "Size vs quality"
+    parts = [f"<h2>{heading}{': ' + _esc(item['title']) if item.get('title') else ''}</h2>"]
     plt = _plt()
     for (metric, hib), vs in by_metric.items():
-        pts = [(float(v["speedup"]), float(v["quality"])) for v in vs]
-        front = pareto_front(pts, hib)
+        pts = [(float(v[xkey]), float(v["quality"])) for v in vs]
+        sign = 1.0 if x_hib else -1.0
+        front = pareto_front([(sign * x, q) for x, q in pts], hib)
+        front = sorted(front, key=lambda i: pts[i][0])
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], c="#7a9cc6", zorder=2, label="variants")
-        fx, fy = [pts[i][0] for i in front], [pts[i][1] for i in front]
+        ys = [p[1] for p in pts]
+        # a broken variant (lower-is-better metric over OFF_SCALE x the best) would squash the
+        # others into one line: drawn as a triangle on the top edge, its value in its label
+        cap = (OFF_SCALE * min(ys) if not hib and min(ys) > 0 and max(ys) > OFF_SCALE * min(ys)
+               else None)
+        off = [cap is not None and y > cap for y in ys]
+        shown = [(x, cap if o else y) for (x, y), o in zip(pts, off)]
+        logy = not hib and min(ys) > 0 and max(y for _, y in shown) / min(ys) > 5
+        inside = [p for p, o in zip(shown, off) if not o]
+        ax.scatter([p[0] for p in inside], [p[1] for p in inside], c="#7a9cc6", zorder=2, label="variants")
+        if cap is not None:
+            ax.scatter([p[0] for p, o in zip(shown, off) if o], [cap] * sum(off), marker="^", s=60,
+                       c="#999999", zorder=2, label=f"off scale (> {OFF_SCALE:g}x the best)")
+        fx, fy = [shown[i][0] for i in front], [shown[i][1] for i in front]
         ax.plot(fx, fy, "-o", color="#c0392b", zorder=3, label="Pareto frontier")
-        for v, (x, y) in zip(vs, pts):
-            ax.annotate(str(v.get("name", "")), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if not hib and all(p[1] > 0 for p in pts) and max(p[1] for p in pts) / min(p[1] for p in pts) > 50:
+        for v, (x, y), o, dy in zip(vs, shown, off, _label_offsets(shown, logy)):
+            name = str(v.get("name", "")) + (f" ({pts[vs.index(v)][1]:.3g})" if o else "")
+            ax.annotate(name, (x, y), fontsize=7, xytext=(3, dy), textcoords="offset points",
+                        va="top" if o else "baseline")
+        if logy:
+            from matplotlib.ticker import FuncFormatter
+
             ax.set_yscale("log")
-        ax.set_xlabel("speedup (x)")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda t, _: f"{t:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(  # 20, 30, 50, 200, ... only
+                lambda t, _: f"{t:g}" if t > 0 and round(t / 10 ** math.floor(math.log10(t))) in (2, 3, 5)
+                else ""))
+        if xkey == "speedup":
+            ax.axvline(1.0, color="k", lw=0.6, alpha=0.5)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{metric} ({'higher' if hib else 'lower'} is better)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         parts.append(f"<h3>{_esc(metric)}</h3>")
-        parts.append(_fig_to_img(fig, f"speed vs {metric}"))
+        parts.append(_fig_to_img(fig, f"{xcol} vs {metric}"))
         on_front = set(front)
-        rows = [[v.get("name"), _Raw(_num(float(v["speedup"]), ".2f")), _Raw(_num(float(v["quality"]), ".4g")),
-                 _Raw(_num(v.get("size_mb"), ".1f")), "yes" if i in on_front else ""]
-                for i, v in enumerate(vs)]
-        parts.append(_table(["variant", "speedup", metric, "size MB", "Pareto"], rows))
+        if xkey == "speedup":
+            rows = [[v.get("name"), _Raw(_num(float(v["speedup"]), ".2f")),
+                     _Raw(_num(float(v["quality"]), ".4g")), _Raw(_num(v.get("size_mb"), ".1f")),
+                     "yes" if i in on_front else ""] for i, v in enumerate(vs)]
+            parts.append(_table(["variant", "speedup", metric, "size MB", "Pareto"], rows))
+        else:
+            rows = [[v.get("name"), _Raw(_num(float(v[xkey]), ".1f")),
+                     _Raw(_num(float(v["quality"]), ".4g")), "yes" if i in on_front else ""]
+                    for i, v in enumerate(vs)]
+            parts.append(_table(["variant", xcol, metric, "Pareto"], rows))
     return "".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# bench + eval: joined into variants
+# --------------------------------------------------------------------------------------------
+
+EVAL_SCHEMA = "lrc.eval/1"  # lrc.measure.quality.evaluate_many
+_BASELINE_LABELS = {"int8-dynamic": "ORT int8", "int4-matmulnbits": "ORT int4",
+                    "ort-optimized": "ORT optimized"}
+_PHASE_ORDER = {"decode": 0, "prefill": 1, "encoder": 2}
+
+
+def is_bench(item: Any) -> bool:
+    return isinstance(item, dict) and ("runs" in item or str(item.get("schema", "")).startswith("lrc.bench"))
+
+
+def is_eval(item: Any) -> bool:
+    """An ``lrc eval --save`` result: one model's or several models' (``lrc.eval/1``)."""
+    return isinstance(item, dict) and (
+        item.get("schema") == EVAL_SCHEMA
+        or ("kind" in item and isinstance(item.get("in_domain"), dict)))
+
+
+def eval_pairs(item: dict) -> tuple[str | None, list[tuple[str | None, dict]]]:
+    """(original's path, [(compared model's path, its single-model result)]) of an eval result."""
+    if item.get("schema") == EVAL_SCHEMA:
+        results = [r for r in item.get("results") or [] if isinstance(r, dict)]
+        news = list(item.get("new") or [])
+        news += [None] * (len(results) - len(news))
+        return item.get("orig"), list(zip(news, results))
+    part = item.get("in_domain") or {}
+    return ((part.get("orig") or {}).get("model"),
+            [((part.get("new") or {}).get("model"), item)])
+
+
+def _metrics(res: dict, side: str) -> dict[str, tuple[float, bool]]:
+    """{metric: (value, higher_is_better)} of one side ("orig" / "new") of a single result."""
+    out: dict[str, tuple[float, bool]] = {}
+    for key in ("in_domain", "out_of_domain"):
+        c = res.get(key)
+        if not isinstance(c, dict):
+            continue
+        s = c.get(side) or {}
+        text = c.get("text", key)
+        if isinstance(s.get("perplexity"), (int, float)):
+            out[f"perplexity ({text})"] = (float(s["perplexity"]), False)
+        if isinstance(s.get("lee_pearson"), (int, float)):
+            out["Lee Pearson r"] = (float(s["lee_pearson"]), True)
+        if "embedding_cosine" in c:
+            cos = 1.0 if side == "orig" else c.get("embedding_cosine")
+            if isinstance(cos, (int, float)):
+                out[f"embedding cosine ({text})"] = (float(cos), True)
+    return out
+
+
+def _norm(path: Any) -> str | None:
+    import os
+
+    return os.path.normpath(os.path.abspath(str(path))) if path else None
+
+
+def _model_name(path: Any) -> str | None:
+    """``lrc bench``'s name of a model file: its folder for an exported folder's model file,
+    else its stem."""
+    if not path:
+        return None
+    from pathlib import PurePath
+
+    from lrc.graph.model import ONNX_NAMES
+
+    p = PurePath(str(path))
+    return p.parent.name if p.name in ONNX_NAMES and p.parent.name else p.stem
+
+
+def join_bench_eval(bench: dict, evals: list[dict]) -> dict:
+    """Join a bench result with eval results (see the module docstring).
+
+    Returns ``{"items": [variants items], "models": [{"name", "label", "path", "dense",
+    "quality"}] (the bench's models with a quality), "unmatched_bench": [names],
+    "unmatched_eval": [paths]}``."""
+    records: list[dict] = []  # {"path", "metrics", "dense"}
+    for ev in evals:
+        orig, pairs = eval_pairs(ev)
+        if pairs:
+            records.append({"path": orig, "metrics": _metrics(pairs[0][1], "orig"), "dense": True})
+        for path, r in pairs:
+            records.append({"path": path, "metrics": _metrics(r, "new"), "dense": False})
+    records = [r for r in records if r["metrics"]]
+
+    entries = [e for e in bench.get("models") or [] if isinstance(e, dict)]
+
+    def find(e: dict) -> dict | None:
+        ep = _norm(e.get("path"))
+        for r in reversed(records):  # a later eval wins
+            if ep and _norm(r["path"]) == ep:
+                return r
+        for r in reversed(records):
+            name = _model_name(r["path"])
+            if name and (name == e.get("name") or (e.get("baseline") and name == e["baseline"])):
+                return r
+        return None
+
+    joined, used = [], set()
+    for e in entries:
+        r = find(e)
+        if r is None:
+            continue
+        used.add(id(r))
+        label = ("dense" if r["dense"] else
+                 _BASELINE_LABELS.get(e.get("baseline"), f"ORT {e.get('baseline')}") if e.get("baseline")
+                 else str(e.get("name")))
+        size = e.get("size_bytes")
+        joined.append({"name": e.get("name"), "label": label, "path": e.get("path"),
+                       "dense": r["dense"], "quality": r["metrics"],
+                       "size_mb": size / 1e6 if isinstance(size, (int, float)) else None})
+    items: list[dict] = []
+    groups: dict[tuple, dict[str, float]] = {}
+    for run in bench.get("runs") or []:
+        if isinstance(run, dict) and isinstance(run.get("speedup"), (int, float)):
+            key = (run.get("ep"), run.get("phase"), run.get("batch"), run.get("seq"))
+            groups.setdefault(key, {})[run.get("model")] = float(run["speedup"])
+    for key in sorted(groups, key=lambda k: (_PHASE_ORDER.get(k[1], 9), str(k))):
+        ep, phase, batch, seq = key
+        vs = []
+        for m in joined:
+            sp = groups[key].get(m["name"])
+            if sp is None:
+                continue
+            for metric, (q, hib) in m["quality"].items():
+                vs.append({"name": m["label"], "speedup": sp, "quality": q, "metric": metric,
+                           "higher_is_better": hib, "size_mb": m["size_mb"]})
+        if vs:
+            what = {"decode": "decode per token"}.get(phase, phase)
+            items.append({"title": f"{what} ({ep}, batch {batch}, seq {seq})",
+                          "variants": vs})
+    sized = [{"name": m["label"], "size_mb": m["size_mb"], "quality": q, "metric": metric,
+              "higher_is_better": hib}
+             for m in joined if m["size_mb"] is not None for metric, (q, hib) in m["quality"].items()]
+    if sized:
+        items.append({"title": "model file", "x": "size_mb", "variants": sized})
+    return {"items": items, "models": joined,
+            "unmatched_bench": [e.get("name") for e in entries
+                                if e.get("name") not in {m["name"] for m in joined}],
+            "unmatched_eval": list(dict.fromkeys(
+                r["path"] for r in records
+                if _norm(r["path"]) not in {_norm(x["path"]) for x in records if id(x) in used}))}
+
+
+def _quality_section(evals: list[dict]) -> str:
+    """A table per eval result: every model's quality next to the original's."""
+    parts = []
+    for ev in evals:
+        orig, pairs = eval_pairs(ev)
+        if not pairs:
+            continue
+        rows = []
+        first = pairs[0][1]
+        for key in ("in_domain", "out_of_domain"):
+            c0 = first.get(key)
+            if not isinstance(c0, dict):
+                continue
+            text = c0.get("text", key)
+            o = c0.get("orig") or {}
+            if "perplexity" in o:
+                rows.append([_model_name(orig) or "original", "(original)", text,
+                             _Raw(_num(o.get("perplexity"), ".4g")), "", "", "", ""])
+            elif "lee_pearson" in o:
+                rows.append([_model_name(orig) or "original", "(original)", text,
+                             _Raw(_num(o.get("lee_pearson"), ".4g")), "", "", "", ""])
+            for path, r in pairs:
+                c = r.get(key) or {}
+                n = c.get("new") or {}
+                if "perplexity" in n:
+                    rows.append([_model_name(path) or "?", "", text, _Raw(_num(n.get("perplexity"), ".4g")),
+                                 _Raw(_num(c.get("ppl_ratio"), ".3g")), _Raw(_num(c.get("kl"), ".4g")),
+                                 _Raw(_num(c.get("top1_agreement"), ".3f")),
+                                 _Raw(_num(c.get("logits_cosine"), ".4f"))])
+                elif "embedding_cosine" in c:
+                    rows.append([_model_name(path) or "?", "", text,
+                                 _Raw(_num(n.get("lee_pearson"), ".4g")), "", "", "",
+                                 _Raw(_num(c.get("embedding_cosine"), ".4f"))])
+        lm = ev.get("kind") == "causal-lm"
+        heads = (["model", "", "text", "perplexity", "x original", "KL", "top-1", "logits cosine"] if lm else
+                 ["model", "", "text", "Lee Pearson r", "", "", "", "embedding cosine"])
+        table = _table(heads, rows, left=3)
+        if table:
+            parts.append(table)
+            if lm:
+                c0 = first.get("in_domain") or {}
+                parts.append(f'<p class="note">Sliding windows of {_esc(c0.get("context"))} tokens, '
+                             f'{_esc(c0.get("tokens"))} scored tokens per text; {_esc(c0.get("bos"))}.</p>')
+    return ("<h2>Quality</h2>" + "".join(parts)) if parts else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,13 +669,21 @@ def render_report(results: list[dict], summaries: list[dict] | None = None, titl
     summaries += [r for r in results if ("rewritten" in r or "nodes" in r) and r not in summaries]
     body: list[str] = []
     nb = 0
-    for r in results:
-        if "runs" in r or r.get("schema", "").startswith("lrc.bench"):
-            nb += 1
-            body.append(_bench_section(r, nb))
+    benches = [r for r in results if is_bench(r)]
+    evals = [r for r in results if is_eval(r)]
+    for r in benches:
+        nb += 1
+        body.append(_bench_section(r, nb))
+    for i, b in enumerate(benches if evals else [], 1):
+        for item in join_bench_eval(b, evals)["items"]:
+            if len(benches) > 1:
+                item["title"] = f"benchmark {i}, {item['title']}"
+            body.append(_variants_section(item))
     for r in results:
         if "variants" in r:
             body.append(_variants_section(r))
+    if evals:
+        body.append(_quality_section(evals))
     for i, s in enumerate(summaries, 1):
         body.append(_summary_section(s, i))
     body = [b for b in body if b]
