@@ -313,6 +313,10 @@ def _print_quantized(q: dict) -> None:
                   f"{sum(n['weight_bytes_before'] for n in ns) / 1e6:.1f} -> "
                   f"{sum(n['weight_bytes_after'] for n in ns) / 1e6:.1f}")
     console.print(t)
+    for e in q.get("embeddings", []):
+        console.print(f"embedding {e['table']} {e['shape'][0]}x{e['shape'][1]}: int{e['bits']} rows "
+                      f"(GatherBlockQuantized), {e['bytes_before'] / 1e6:.1f} -> "
+                      f"{e['bytes_after'] / 1e6:.1f} MB")
     if q.get("skipped"):
         console.print(f"left float: {len(q['skipped'])} ("
                       + "; ".join(sorted({s['reason'] for s in q['skipped']})) + ")")

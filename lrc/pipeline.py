@@ -176,6 +176,9 @@ def compress_model(model_or_path, config: CompressConfig, *, progress: Progress 
         report["int8"] = int8.record
     if quant:
         report["quantize"] = quant.record.to_dict()
+        report["notes"] = report.get("notes", []) + quant.record.notes
+        if len(qpasses) > 1:
+            report["smooth"] = qpasses[0].record
     report["summary"] = record.summary_line() + (
         f"; {quant.record.summary_line()}" if quant else "")
     report["method"] = method.name

@@ -254,3 +254,71 @@ def test_bad_overrides(q, r, msg):
 
     with pytest.raises(LrcError, match=msg):
         parse_spec(q, r)
+
+
+def test_bytes_read_per_token_skips_gather_tables():
+    """The decode bytes bound counts what a token reads: a quantised tied head shrinks it
+    8x for 4-bit, the embedding table read by GatherBlockQuantized not at all."""
+    from lrc.graph.locate import bytes_read_per_token
+
+    proto = tied_head(vocab=4096, d=256)
+    dense = bytes_read_per_token(proto)
+    assert dense == 4096 * 256 * 4  # the Transpose reads the table (the head)
+    q, _ = _apply(proto, QuantSpec("int4", 32, 0, 0, embedding="int8"))
+    got = bytes_read_per_token(q)
+    assert got == 4096 * 256 // 2 + 4096 * (256 // 32) * 4  # 4-bit codes + fp32 scales
+
+
+def _llama_like(d=32, f=64, seed=7):
+    """RMSNorm's Mul by γ feeding Q/K/gate/up (and a Shape), act(gate)*up feeding down."""
+    from onnx import TensorProto, helper
+
+    from graphs import _model, init, vin
+
+    r = np.random.default_rng(seed)
+    w = {n: (r.standard_normal(s) * 0.2).astype(np.float32) for n, s in (
+        ("q_proj", (d, d)), ("k_proj", (d, d // 2)), ("gate_proj", (d, f)), ("up_proj", (d, f)),
+        ("down_proj", (f, d)))}
+    gamma = (1 + r.standard_normal(d) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Mul", ["xn", "gamma"], ["h"], name="/model/layers.0/norm/Mul"),
+             helper.make_node("Shape", ["h"], ["hs"])]
+    for n in ("q_proj", "k_proj", "gate_proj", "up_proj"):
+        grp = "self_attn" if n[0] in "qk" else "mlp"
+        nodes.append(helper.make_node("MatMul", ["h", n], [f"y_{n}"],
+                                      name=f"/model/layers.0/{grp}/{n}/MatMul"))
+    nodes += [helper.make_node("Sigmoid", ["y_gate_proj"], ["a"]),
+              helper.make_node("Mul", ["a", "y_up_proj"], ["m"]),
+              helper.make_node("MatMul", ["m", "down_proj"], ["y_down"],
+                               name="/model/layers.0/mlp/down_proj/MatMul")]
+    outs = [vin("y_q_proj", ["n", d]), vin("y_k_proj", ["n", d // 2]), vin("y_down", ["n", d]),
+            vin("hs", [2], TensorProto.INT64)]
+    return _model(nodes, [vin("xn", ["n", d])], outs,
+                  [init("gamma", gamma)] + [init(k, v) for k, v in w.items()])
+
+
+def test_smoothquant_folding_keeps_the_float_model():
+    """SmoothPass divides the norm's γ (and up's columns) by s and multiplies the readers'
+    rows by s: the float model computes the same outputs, no node is added, and the int8 model
+    with smoothing is closer to the float one on activations with outlier channels."""
+    from lrc.graph.passes.smooth import SmoothPass
+
+    proto = _llama_like()
+    x = RNG.standard_normal((64, 32)).astype(np.float32)
+    x[:, 3] *= 40  # an outlier channel, as LLM norms produce
+    ref = run(proto, {"xn": x})
+    h = x * onnx.numpy_helper.to_array(proto.graph.initializer[0])
+    acts = {"h": np.sqrt(np.mean(h ** 2, axis=0)),
+            "m": np.ones(64)}
+    m = ir.serde.deserialize_model(proto)
+    sp = SmoothPass(acts, 0.5)
+    run_passes([sp], m)
+    smoothed = ir.serde.serialize_model(m)
+    assert len(smoothed.graph.node) == len(proto.graph.node)
+    assert {r["tensor"] for r in sp.record["smoothed"]} == {"h", "m"}
+    for a, b in zip(run(smoothed, {"xn": x})[:3], ref[:3]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+    plain, _ = _apply(proto, QuantSpec("int8", embedding="float"))
+    smooth_q, _ = _apply(smoothed, QuantSpec("int8", embedding="float"))
+    e_plain = np.linalg.norm(run(plain, {"xn": x})[0] - ref[0])
+    e_smooth = np.linalg.norm(run(smooth_q, {"xn": x})[0] - ref[0])
+    assert e_smooth < 0.7 * e_plain, (e_smooth, e_plain)

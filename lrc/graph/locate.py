@@ -444,6 +444,32 @@ def weight_matmul_nodes(proto) -> list[WeightMatMul]:
     return out
 
 
+_GATHERS = {"Gather", "GatherBlockQuantized", "GatherND", "GatherElements"}
+
+
+def bytes_read_per_token(proto) -> int:
+    """Bytes of the constants a decode step reads: every initializer of the main graph except
+    tables only ``Gather``-like nodes read (an embedding lookup reads one row). Decode at batch
+    1 is bound by these bytes, so ``dense bytes / these`` bounds a quantised model's decode
+    speedup the way Amdahl's law bounds a low-rank one. External data is not read (sizes come
+    from dims and types)."""
+    import numpy as np
+    from onnx import helper
+
+    users: dict[str, set[str]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            users.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for t in proto.graph.initializer:
+        ops = users.get(t.name, set())
+        if not ops or ops <= _GATHERS:
+            continue
+        size = int(np.prod(t.dims)) if len(t.dims) else 1
+        total += size * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return total
+
+
 def weight_matmuls(proto) -> dict[str, int]:
     """Node name -> weight parameter count, for every MatMul-like node with a constant weight."""
     return {w.name: w.params for w in weight_matmul_nodes(proto)}

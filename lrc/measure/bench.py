@@ -44,7 +44,11 @@ parameters of that model / those of the first model, counted in the graphs; if t
 be read, ``totals.params_after / totals.params_before`` (or ``flop_ratio``) of an lrc summary
 JSON beside the model (``NEW.onnx.lrc.json`` or ``DIR/lrc.json``) is used. The bound on the
 speedup is ``1 / ((1 - f) + f * rho)``: what the parameter reduction allows if the MatMuls
-shrank in proportion to their FLOPs and everything else stayed as is.
+shrank in proportion to their FLOPs and everything else stayed as is. Models whose weight
+MatMuls are stored quantised (MatMulNBits, DynamicQuantizeMatMul, ...) get no such bound: their
+FLOPs do not shrink, their bytes do. For every later model ``bytes_bound`` = bytes of constants a
+decode step reads in the first model / in this one (``lrc.graph.locate.bytes_read_per_token``:
+every initializer but tables only Gathers read): the decode speedup memory traffic allows.
 
 Result (JSON-serialisable dict, ``schema == "lrc.bench/1"``)::
 
@@ -65,6 +69,7 @@ Result (JSON-serialisable dict, ``schema == "lrc.bench/1"``)::
                   "size_bytes": int, "weight_matmul_params": int|None,
                   "flop_ratio": float|None, "flop_ratio_source": "graph"|"summary"|None,
                   "amdahl_bound": {"encoder"|"prefill"|"decode": float}|None,
+                  "bytes_read": int|None, "bytes_bound": float|None, "quantized": bool,
                   "sessions": {EP: {"load_s": float, "rss_after_load_mb": float,
                                     "rss_after_first_run_mb": float,
                                     "peak_rss_mb": float|None}},
@@ -96,7 +101,12 @@ import numpy as np
 import onnx
 
 from lrc.errors import LrcError
-from lrc.graph.locate import weight_matmuls
+from lrc.graph.locate import bytes_read_per_token, weight_matmul_nodes, weight_matmuls
+
+# weight MatMuls whose weights are stored quantised: Amdahl on parameters says nothing about
+# them; the bytes-read bound does
+_QUANTIZED = {"MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat",
+              "QGemm", "QLinearMatMul", "MatMulFpQ4", "MatMulBnb4"}
 from lrc.graph.model import ONNX_NAMES, file_size, resolve_model_path
 from lrc.measure.machine import machine_info, measure_memory
 from lrc.runtime import quantizers
@@ -313,6 +323,7 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
                 entries.append({"name": f"{entries[0]['name']}+{kind}", "path": str(p), "baseline": kind})
 
         first_weights: int | None = None
+        first_bytes: int | None = None
         for i, e in enumerate(entries):
             p = Path(e["path"])
             e["size_bytes"] = file_size(p)
@@ -322,6 +333,8 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
                 g = onnx.load(str(p), load_external_data=False)
                 e["kind"] = "decoder" if _is_decoder_graph(g) else "encoder"
                 e["weight_matmul_params"] = int(sum(weight_matmuls(g).values()))
+                e["bytes_read"] = bytes_read_per_token(g)
+                e["quantized"] = any(w.op in _QUANTIZED for w in weight_matmul_nodes(g))
                 del g
             except Exception as exc:  # noqa: BLE001
                 e["kind"] = "unknown"
@@ -329,8 +342,11 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
                 e["notes"].append(f"graph not readable: {exc}")
             if i == 0:
                 first_weights = e["weight_matmul_params"]
+                first_bytes = e.get("bytes_read")
             e["flop_ratio"], e["flop_ratio_source"] = None, None
-            if i > 0 and e["baseline"] is None:
+            e["bytes_bound"] = (round(first_bytes / e["bytes_read"], 4) if i > 0 and first_bytes
+                                and e.get("bytes_read") else None)
+            if i > 0 and e["baseline"] is None and not e.get("quantized"):
                 if first_weights and e["weight_matmul_params"]:
                     e["flop_ratio"] = e["weight_matmul_params"] / first_weights
                     e["flop_ratio_source"] = "graph"

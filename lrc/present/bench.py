@@ -32,7 +32,8 @@ def format_tables(result: dict) -> list:
     tables.append(t)
 
     t = Table(title="Models")
-    for col in ("model", "kind", "size MB", "load s", "RSS MB", "peak MB", "weight params", "rho", "Amdahl bound"):
+    for col in ("model", "kind", "size MB", "load s", "RSS MB", "peak MB", "weight params", "rho", "Amdahl bound",
+                "bytes bound"):
         t.add_column(col, justify="left" if col in ("model", "kind") else "right")
     for e in result.get("models", []):
         sess = next(iter(e.get("sessions", {}).values()), {})
@@ -42,7 +43,8 @@ def format_tables(result: dict) -> list:
                   _fmt(sess.get("peak_rss_mb"), ".1f"),
                   _fmt(e.get("weight_matmul_params"), ",d") if e.get("weight_matmul_params") is not None else "-",
                   _fmt(e.get("flop_ratio"), ".3f"),
-                  " ".join(f"{k} {v:.2f}x" for k, v in bound.items()) or "-")
+                  " ".join(f"{k} {v:.2f}x" for k, v in bound.items()) or "-",
+                  _fmt(e.get("bytes_bound"), ".2f") + "x" if e.get("bytes_bound") else "-")
     tables.append(t)
 
     rows = result.get("runs", [])

@@ -394,6 +394,13 @@ class QuantizePass(ir.passes.InPlacePass):
         t_val = a_pad = None
         if form == "concat":
             a_pad, f = _block_factors(f, spec.block_size)
+            if f.rank < a_pad.shape[1]:
+                note = (f"--correct-rank {f.rank} is padded to {a_pad.shape[1]} in the concat "
+                        f"form (whole blocks of {spec.block_size}): the same bytes and time as "
+                        f"rank {a_pad.shape[1]}, less correction; use a multiple of "
+                        f"{spec.block_size}")
+                if note not in self.record.notes:
+                    self.record.notes.append(note)
         for i, (t, w, qz) in enumerate(zip(group, ws, quants)):
             b = None if f is None else f.b[:, offsets[i]:offsets[i + 1]]
             if form == "concat":
