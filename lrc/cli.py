@@ -169,7 +169,12 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
              correct_rank: str = typer.Option(
                  "0", "--correct-rank", help="Rank of the whitened low-rank correction of the "
                  "quantisation error (0: none); Q/K/V and gate/up share one. Per-node overrides "
-                 "after a comma: 32,head=128,ffn.down=64 (roles, groups or name globs)."),
+                 "after a comma: 32,head=128,ffn.down=64 (roles, groups or name globs). 'auto': "
+                 "ranks in whole blocks where the whitened error spectrum gains most per byte, "
+                 "under --correct-budget."),
+             correct_budget: Optional[float] = typer.Option(
+                 None, "--correct-budget", help="MB the correction may add with --correct-rank "
+                 "auto (default: what a uniform rank 32 costs)."),
              correct_form: str = typer.Option(
                  "concat", "--correct-form", help="concat: the correction rides inside each "
                  "MatMulNBits (fast); add: a float branch added to its output (reference)."),
@@ -220,6 +225,7 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
     config.int8 = int8_form if int8 else False
     config.quantize, config.block_size, config.accuracy_level = quantize, block_size, accuracy_level
     config.correct_rank, config.correct_form = correct_rank, correct_form
+    config.correct_budget = correct_budget
     config.embedding, config.smooth = embedding, smooth
     config.quant_spec()  # validate before any work
     with _progress_bar() as bar:

@@ -293,7 +293,7 @@ def make_corrector(input_names: list[str], c: Calibration | None = None, *, stat
     corrector runs): their Gram becomes ``diag(s)⁻¹ G diag(s)⁻¹``."""
     import numpy as np
 
-    from lrc.quantmath import correction_factors, whitened_norm2
+    from lrc.quantmath import correction_factors, whitened_norm2, whitened_spectrum
 
     if stats is None:
         stats = statistics(c, sorted(set(input_names)))
@@ -325,6 +325,21 @@ def make_corrector(input_names: list[str], c: Calibration | None = None, *, stat
         return f, {"werr_before": before, "werr_after": after,
                    "gram": None if st is None else g}
 
+    def spectrum(targets, w_cat, e_cat):
+        """The ``σ²`` (descending) of ``Sᵀ[E_1/‖XW_1‖ ...]``: what each rank of the joint
+        correction removes from the members' summed relative squared output error."""
+        st = stats.get(targets[0].node.inputs[0].name)
+        g = np.eye(w_cat.shape[0]) if st is None else st.xtx
+        s = (rescaled or {}).get(targets[0].node.inputs[0].name)
+        if st is not None and s is not None:
+            g = g / np.outer(s, s)
+        cuts = np.cumsum([0, *[t.shape[1] for t in targets]])
+        parts = [slice(cuts[i], cuts[i + 1]) for i in range(len(targets))]
+        norms = [np.sqrt(max(whitened_norm2(w_cat[:, p], g), 1e-30)) for p in parts]
+        return whitened_spectrum(np.concatenate([e_cat[:, p] / n for p, n in zip(parts, norms)],
+                                                axis=1), g)
+
+    corrector.spectrum = spectrum
     info = {"method": "whitened correction of the quantisation error",
             "inputs": len(set(input_names))}
     if c is not None:

@@ -87,6 +87,7 @@ class CompressConfig:
     accuracy_level: int = 4
     correct_rank: int | str = 0  # "32,head=128": a default and per-selector overrides
     correct_form: str = "concat"
+    correct_budget: float | None = None  # MB for --correct-rank auto
     embedding: str = "int8"  # with quantize: embedding tables int8 | int4 | float
     smooth: float = 0.0  # with quantize: SmoothQuant's alpha (0: off), lrc.graph.passes.smooth
 
@@ -98,7 +99,7 @@ class CompressConfig:
             return None
         return parse_spec(self.quantize, self.correct_rank, block_size=self.block_size,
                           accuracy_level=self.accuracy_level, correct_form=self.correct_form,
-                          embedding=self.embedding)
+                          embedding=self.embedding, budget_mb=self.correct_budget)
 
     @property
     def lowrank(self) -> bool:

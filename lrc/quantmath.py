@@ -30,7 +30,7 @@ import numpy as np
 
 from lrc.factorize import Factors, cholesky_damped, solve_lower_t
 
-__all__ = ["BlockQuant", "correction_factors", "dequantize", "quantize_blockwise", "quantize_columns",
+__all__ = ["BlockQuant", "correction_factors", "whitened_spectrum", "dequantize", "quantize_blockwise", "quantize_columns",
            "whitened_error", "whitened_norm2", "valid_block_size"]
 
 
@@ -163,3 +163,12 @@ def correction_factors(e: np.ndarray, xtx: np.ndarray, rank: int) -> Factors:
     return Factors(a.astype(np.float32), b.astype(np.float32), r,
                    min(1.0, kept / total) if total > 0 else 1.0, rel, "whitened-correction",
                    output_energy=min(1.0, kept / total) if total > 0 else 1.0)
+
+
+def whitened_spectrum(e: np.ndarray, xtx: np.ndarray) -> np.ndarray:
+    """All ``σ²`` of ``SᵀE`` (``G = SSᵀ``), descending: what each rank of the correction
+    removes from ``‖X·E‖²`` (their sum is ``‖X·E‖²``)."""
+    s = cholesky_damped(xtx)
+    m = s.T @ np.asarray(e, dtype=np.float64)
+    small = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    return np.maximum(np.linalg.eigvalsh(small)[::-1], 0.0)

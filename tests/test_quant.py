@@ -10,6 +10,7 @@ import pytest
 
 from graphs import run, shared_input, tied_head
 from lrc.factorize import whiten_factor
+from lrc.errors import LrcError
 from lrc.graph.passes.quant import QuantizePass, QuantSpec
 from lrc.pipeline import run_passes
 from lrc.quantmath import (correction_factors, dequantize, quantize_blockwise, quantize_columns,
@@ -322,3 +323,30 @@ def test_smoothquant_folding_keeps_the_float_model():
     e_plain = np.linalg.norm(run(plain, {"xn": x})[0] - ref[0])
     e_smooth = np.linalg.norm(run(smooth_q, {"xn": x})[0] - ref[0])
     assert e_smooth < 0.7 * e_plain, (e_smooth, e_plain)
+
+
+def test_auto_ranks_spend_the_budget_where_the_error_is():
+    """``--correct-rank auto``: whole blocks go where the whitened error spectrum gains most
+    per byte, within the budget (default: a uniform rank 32's bytes); a projection with far
+    more error gets more rank, and the total error falls at least as far as uniform's."""
+    from lrc.graph.passes.quant import parse_spec
+
+    proto = shared_input(d=64, outs=(64, 32, 32))
+    # the o_proj's weight gets much larger error: scale it up, its input an outlier mix
+    x = RNG.standard_normal((400, 64)).astype(np.float32) * np.linspace(4, 0.1, 64).astype(np.float32)
+    corr = _gram_corrector(x.T.astype(np.float64) @ x)
+    uni, rec_u = _apply(proto, parse_spec("int4", "16", block_size=16, accuracy_level=0,
+                                          embedding="float"), corr)
+    base = sum(n.weight_bytes_after for n in _apply(proto, parse_spec(
+        "int4", "0", block_size=16, accuracy_level=0, embedding="float"))[1].nodes)
+    budget = sum(n.weight_bytes_after for n in rec_u.nodes) - base  # uniform rank 16's bytes
+    auto, rec_a = _apply(proto, parse_spec("int4", "auto", block_size=16, accuracy_level=0,
+                                           embedding="float", budget_mb=budget / 1e6), corr)
+    assert any("--correct-rank auto" in n for n in rec_a.notes)
+    ranks = {n.role: n.rank for n in rec_a.nodes}
+    assert all(r % 16 == 0 for r in ranks.values()) and max(ranks.values()) > 0
+    assert sum(n.weight_bytes_after for n in rec_a.nodes) - base <= budget + 1
+    err = {k: sum(n.werr_after ** 2 for n in r.nodes) for k, r in (("u", rec_u), ("a", rec_a))}
+    assert err["a"] <= err["u"] * 1.02, err
+    with pytest.raises(LrcError, match="goes with --correct-rank auto"):
+        parse_spec("int4", "16", budget_mb=1.0)

@@ -115,13 +115,18 @@ from lrc.runtime.profile import amdahl_bound, profile_matmul_fraction
 from lrc.runtime.providers import device_of, lookup, resolve_ep
 from lrc.runtime.runner import Runner, timing_session
 
-__all__ = ["SCHEMA", "bench", "build_baselines", "copy_side_files", "summary_for", "summary_flop_ratio"]
+__all__ = ["SCHEMA", "bench", "build_baselines", "copy_side_files", "model_name", "summary_for",
+           "summary_flop_ratio"]
 
 SCHEMA = "lrc.bench/1"
 
 
-def _model_name(path: Path, taken: set[str]) -> str:
-    """The folder's name for an exported folder's model file, else the file's stem; unique."""
+def model_name(path, taken: set[str]) -> str:
+    """The folder's name for an exported folder's model file, else the file's stem; unique
+    among ``taken`` (which it extends): how bench and eval name their models."""
+    from pathlib import PurePath
+
+    path = PurePath(str(path))
     base = path.parent.name if path.name in ONNX_NAMES and path.parent.name else path.stem
     name, i = base, 2
     while name in taken:
@@ -312,7 +317,7 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
         entries: list[dict[str, Any]] = []
         taken: set[str] = set()
         for p in paths:
-            entries.append({"name": _model_name(p, taken), "path": str(p), "baseline": None})
+            entries.append({"name": model_name(p, taken), "path": str(p), "baseline": None})
         if baselines:
             bdir = work / "baselines" if baselines_dir is None else Path(baselines_dir)
             if baselines_dir is not None:

@@ -52,20 +52,10 @@ def format_table(result, title: str | None = None):
 def short_names(paths) -> list[str]:
     """Column names for model paths: the folder of an exported folder's model file, else the
     file's stem (the names ``lrc bench`` gives), made unique."""
-    from pathlib import PurePath
+    from lrc.measure.bench import model_name
 
-    from lrc.graph.model import ONNX_NAMES
-
-    out, taken = [], set()
-    for p in paths:
-        pp = PurePath(str(p))
-        base = pp.parent.name if pp.name in ONNX_NAMES and pp.parent.name else pp.stem
-        name, i = base, 2
-        while name in taken:
-            name, i = f"{base}#{i}", i + 1
-        taken.add(name)
-        out.append(name)
-    return out
+    taken: set[str] = set()
+    return [model_name(p, taken) for p in paths]
 
 
 def _evaluate_table(results: list[dict], title: str | None, names: list[str] | None = None):

@@ -35,16 +35,7 @@ import onnx_ir as ir
 from lrc.errors import LrcError
 from lrc.graph.locate import FACTOR_META
 from lrc.graph.passes.lowrank import add_initializer, unique_name
-
-
-def quantize_columns(f: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-column int8 in ``[-qmax, qmax]``: (int8 matrix, float32 scales) with
-    ``f ≈ q * scales``."""
-    f = np.asarray(f, dtype=np.float32)
-    amax = np.abs(f).max(axis=0)
-    scale = np.where(amax > 0, amax / float(qmax), 1.0).astype(np.float32)
-    q = np.clip(np.rint(f / scale), -qmax, qmax).astype(np.int8)
-    return q, scale
+from lrc.quantmath import quantize_columns
 
 
 def factor_matmuls(graph: ir.Graph) -> list[ir.Node]:

@@ -54,7 +54,9 @@ SCHEMES = {"int4": 4, "int8-weight": 8, "int8": 8}
 CORRECT_FORMS = ("concat", "add")
 EMBEDDING = {"int8": 8, "int4": 4, "float": 0}
 EMBED_MIN = 1 << 20  # tables with fewer elements stay float (positions, token types)
-INT8_QMAX = 63  # u8·s8 safe on CPUs without VNNI (see lrc.graph.passes.int8._U8S8_SAFE)
+INT8_QMAX = 63
+AUTO_RANK = 32  # --correct-rank auto spends by default what this uniform rank costs
+AUTO_MAX_BLOCKS = 8  # at most 8 blocks of rank per group  # u8·s8 safe on CPUs without VNNI (see lrc.graph.passes.int8._U8S8_SAFE)
 
 # corrector(targets, W_cat [K, sum N], E_cat [K, sum N], rank) -> (Factors | None, info);
 # info: {"werr_before": [...], "werr_after": [...]} per target (relative whitened errors).
@@ -72,6 +74,10 @@ class QuantSpec:
     # per-node overrides, later ones win: ((selector, scheme or None, rank or None), ...) with
     # selector a role, a group or a name glob (as --include takes)
     overrides: tuple = ()
+    # --correct-rank auto: ranks (whole blocks) allocated where the whitened error spectrum
+    # gains most per byte, under budget_mb extra MB (None: what a uniform AUTO_RANK costs)
+    auto: bool = False
+    budget_mb: float | None = None
 
     def __post_init__(self):
         for sel, scheme, rank in self.overrides:
@@ -81,6 +87,8 @@ class QuantSpec:
                                f"got {scheme!r}")
             if rank is not None and rank < 0:
                 raise LrcError(f"--correct-rank {sel}= must be >= 0, got {rank}")
+        if self.budget_mb is not None and not self.budget_mb > 0:
+            raise LrcError(f"--correct-budget must be > 0 MB, got {self.budget_mb}")
         if self.scheme not in SCHEMES:
             raise LrcError(f"--quantize must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
         if self.scheme != "int8" and not valid_block_size(self.block_size):
@@ -122,7 +130,12 @@ class QuantSpec:
                     f"accuracy_level {self.accuracy_level}")
         if self.embedding != "float":
             what += f"; embedding tables {self.embedding} (GatherBlockQuantized)"
-        if self.correct_rank:
+        if self.auto:
+            form = "add" if self.scheme == "int8" else self.correct_form
+            budget = (f"{self.budget_mb:g} MB" if self.budget_mb is not None else
+                      f"the bytes of a uniform rank {AUTO_RANK}")
+            what += f", whitened correction, ranks allocated under {budget} ({form} form)"
+        elif self.correct_rank:
             form = "add" if self.scheme == "int8" else self.correct_form
             what += f", rank-{self.correct_rank} whitened correction ({form} form)"
         for sel, scheme, rank in self.overrides:
@@ -160,8 +173,11 @@ def parse_spec(quantize: str, correct_rank="0", **kw) -> QuantSpec:
     rank, r_over = split(correct_rank if correct_rank is not None else "0", "--correct-rank")
     overrides = tuple([(sel, v, None) for sel, v in s_over]
                       + [(sel, None, rank_of(v, f" {sel}=")) for sel, v in r_over])
-    return QuantSpec(scheme or "int4", correct_rank=rank_of(rank or "0", ""),
-                     overrides=overrides, **kw)
+    auto = rank == "auto"
+    if not auto and kw.get("budget_mb") is not None:
+        raise LrcError("--correct-budget goes with --correct-rank auto")
+    return QuantSpec(scheme or "int4", correct_rank=AUTO_RANK if auto else rank_of(rank or "0", ""),
+                     overrides=overrides, auto=auto, **kw)
 
 
 @dataclass
@@ -279,6 +295,8 @@ class QuantizePass(ir.passes.InPlacePass):
         model.opset_imports.setdefault(MS, 1)
         self._names = [t.name for t in targets]
         groups = self._groups(targets)
+        if self.spec.auto:
+            groups = self._allocate(groups)
         done = 0
         for spec, group in groups:
             self._quantize_group(graph, group, spec)
@@ -360,7 +378,9 @@ class QuantizePass(ir.passes.InPlacePass):
         return order
 
     # -------------------------------------------------------------------------- one group
-    def _quantize_group(self, graph: ir.Graph, group: list[Target], spec: QuantSpec) -> None:
+    @staticmethod
+    def _quantized(group: list[Target], spec: QuantSpec) -> tuple[list, list, list]:
+        """``(weights, dequantised weights, quantised forms)`` of a group's members."""
         ws = [effective_weight(t).astype(np.float32, copy=False) for t in group]
         hats, quants = [], []
         for w in ws:
@@ -372,6 +392,72 @@ class QuantizePass(ir.passes.InPlacePass):
                 bq = quantize_blockwise(w, spec.bits, spec.block_size)
                 quants.append(bq)
                 hats.append(dequantize(bq))
+        return ws, hats, quants
+
+    def _allocate(self, groups: list) -> list:
+        """``--correct-rank auto``: every correctable group's whitened error spectrum (the
+        ``σ²`` of ``SᵀE``, each member's error relative to its output ``‖X·W_i‖``), then
+        whole blocks of rank handed out greedily where a block removes most relative squared
+        error per byte it costs, until the budget is spent. Groups whose rank an override
+        fixed keep it."""
+        import heapq
+
+        spectrum = getattr(self.corrector, "spectrum", None)
+        if spectrum is None:
+            raise LrcError("--correct-rank auto needs calibration statistics (the whitened "
+                           "error spectrum): not with --method svd")
+        fixed = {sel for sel, _, r in self.spec.overrides if r is not None}
+        cands, costs = [], []
+        for gi, (spec, group) in enumerate(groups):
+            if not spec.correct_rank or (fixed and any(selector_matches(sel, t) for sel in fixed
+                                                       for t in group)):
+                continue
+            ws, hats, _ = self._quantized(group, spec)
+            sig2 = spectrum(group, np.concatenate(ws, axis=1),
+                            np.concatenate([w - h for w, h in zip(ws, hats)], axis=1))
+            k, n = ws[0].shape[0], sum(w.shape[1] for w in ws)
+            bs = spec.block_size if spec.scheme != "int8" else AUTO_RANK
+            concat = spec.scheme != "int8" and spec.correct_form == "concat" and not k % bs
+            # bytes of one block of rank: A's columns (fp32) and B's rows (the scheme's bits
+            # and one scale per column in the concat form; fp32 in the add form)
+            cost = k * bs * 4 + (n * bs * spec.bits // 8 + n * 4 if concat else n * bs * 4)
+            gains = [float(np.sum(sig2[b * bs:(b + 1) * bs]))
+                     for b in range(min(AUTO_MAX_BLOCKS, -(-len(sig2) // bs)))]
+            cands.append((gi, bs, cost, gains))
+            costs.append(cost * -(-AUTO_RANK // bs))
+        budget = (self.spec.budget_mb * 1e6 if self.spec.budget_mb is not None
+                  else float(sum(costs)))
+        blocks = {gi: 0 for gi, *_ in cands}
+        heap = [(-gains[0] / cost, gi, 0) for gi, bs, cost, gains in cands if gains]
+        heapq.heapify(heap)
+        info = {gi: (bs, cost, gains) for gi, bs, cost, gains in cands}
+        spent = 0.0
+        while heap:
+            _, gi, b = heapq.heappop(heap)
+            bs, cost, gains = info[gi]
+            if spent + cost > budget:
+                continue
+            spent += cost
+            blocks[gi] = b + 1
+            if b + 1 < len(gains):
+                heapq.heappush(heap, (-gains[b + 1] / cost, gi, b + 1))
+        out = []
+        for gi, (spec, group) in enumerate(groups):
+            if gi in blocks:
+                spec = replace(spec, correct_rank=blocks[gi] * info[gi][0], auto=False)
+                if not spec.correct_rank:  # no correction: each member on its own
+                    out.extend((spec, [t]) for t in group)
+                    continue
+            out.append((spec, group))
+        ranks = [blocks[gi] * info[gi][0] for gi in blocks]
+        self.record.notes.append(
+            f"--correct-rank auto: {spent / 1e6:.1f} of {budget / 1e6:.1f} MB spent on the "
+            f"correction; ranks over {len(ranks)} groups: "
+            + ", ".join(f"{r}: {ranks.count(r)}" for r in sorted(set(ranks))))
+        return out
+
+    def _quantize_group(self, graph: ir.Graph, group: list[Target], spec: QuantSpec) -> None:
+        ws, hats, quants = self._quantized(group, spec)
         factor_node = bool(group[0].node.metadata_props.get(FACTOR_META))
         rank = spec.correct_rank
         f, info = None, {}
