@@ -4,7 +4,7 @@
 set -euo pipefail
 OUT=${DEMO_OUT:-demo-out}
 # step 5: lrc's quantisation with a whitened low-rank correction (see `lrc compress --help`)
-QARGS="--quantize int4 --correct-rank 32 --calib-tokens 8192"
+QARGS="--quantize int4 --correct-rank 32,head=128 --calib-tokens 8192"
 rm -rf "$OUT"; mkdir -p "$OUT"
 export COLUMNS=${COLUMNS:-160}
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }

@@ -67,6 +67,8 @@ LRC_VARIANTS: list[tuple[str, str, list[str]]] = [
     ("lrc-int4-r64", "lrc int4 + rank-64 correction", _I4 + ["--correct-rank", "64"]),
     ("lrc-int4-r32-h128", "lrc int4 + rank-32 correction, head rank 128",
      _I4 + ["--correct-rank", "32,head=128"]),
+    ("lrc-int4-auto", "lrc int4 + correction, ranks allocated (the bytes of uniform 32)",
+     _I4 + ["--correct-rank", "auto"]),
     ("lrc-int4-r32-fhead", "lrc int4 + rank-32 correction, head float",
      _I4 + ["--correct-rank", "32", "--exclude", "head"]),
     ("lrc-int4-r32-add", "lrc int4 + rank-32 correction, unfused add form",
@@ -224,47 +226,15 @@ def compress(key: str, label: str, extra: list[str], dense: Path, mdir: Path, re
 # bytes of the weights
 # --------------------------------------------------------------------------------------------
 
-def _elem_bits(dtype: int) -> int:
-    import numpy as np
-    import onnx
-
-    T = onnx.TensorProto
-    four = {getattr(T, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(T, n)}
-    two = {getattr(T, n) for n in ("INT2", "UINT2") if hasattr(T, n)}
-    if dtype in four:
-        return 4
-    if dtype in two:
-        return 2
-    if dtype == T.STRING:
-        return 0
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype)).itemsize * 8
-
-
 def initializer_bytes(model: Path) -> int:
-    """Bytes of every initializer of the graph (and its subgraphs), external data included: what a
-    decode step reads at least once if every weight is used (the embedding once, tied or not)."""
+    """Bytes of the constants a decode step reads (``lrc.graph.locate.bytes_read_per_token``:
+    every initializer except tables only Gather-like nodes read — an embedding lookup reads one
+    row; a tied head reading the table through a Transpose reads all of it)."""
     import onnx
 
-    m = onnx.load(str(model), load_external_data=False)
-    total = 0
+    from lrc.graph.locate import bytes_read_per_token
 
-    def walk(g):
-        nonlocal total
-        for t in g.initializer:
-            n = 1
-            for d in t.dims:
-                n *= d
-            total += (n * _elem_bits(t.data_type) + 7) // 8
-        for node in g.node:
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        walk(sg)
-
-    walk(m.graph)
-    return total
+    return bytes_read_per_token(onnx.load(str(model), load_external_data=False))
 
 
 def isa_flags() -> dict:
@@ -766,8 +736,9 @@ def section_md(results: dict, all_rows: dict, md_path: Path, plots: dict) -> str
     if results.get("busy_note"):
         L += [f"> **Note:** {results['busy_note']}", ""]
     L += ["Columns: *x dense* = perplexity / dense perplexity; KL = mean KL(dense || variant) per token and "
-          "top-1 = argmax agreement with dense, both on news; *bytes bound* = bytes of all weight initializers of "
-          "the dense model / of the variant (external data included; tied embedding counted once): the decode "
+          "top-1 = argmax agreement with dense, both on news; *bytes bound* = bytes of the constants a decode step "
+          "reads in the dense model / in the variant (every initializer but tables only Gathers read: an embedding "
+          "lookup reads one row, a tied head reading the table through a Transpose all of it): the decode "
           "speedup if a decode step cost only the weight bytes it reads; *file MB* = .onnx + external data. "
           "lrc rows are `lrc compress DENSE --quantize ...` with the arguments in the notes; ORT rows are ONNX "
           "Runtime's own quantisers applied to the same dense export.", ""]

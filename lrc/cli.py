@@ -171,7 +171,7 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
                  "quantisation error (0: none); Q/K/V and gate/up share one. Per-node overrides "
                  "after a comma: 32,head=128,ffn.down=64 (roles, groups or name globs). 'auto': "
                  "ranks in whole blocks where the whitened error spectrum gains most per byte, "
-                 "under --correct-budget."),
+                 "under --correct-budget (so far worse than uniform: BENCHMARKS.md)."),
              correct_budget: Optional[float] = typer.Option(
                  None, "--correct-budget", help="MB the correction may add with --correct-rank "
                  "auto (default: what a uniform rank 32 costs)."),
