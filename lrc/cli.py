@@ -227,6 +227,9 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
     config.correct_rank, config.correct_form = correct_rank, correct_form
     config.correct_budget = correct_budget
     config.embedding, config.smooth = embedding, smooth
+    if quantize and (quantize_rest or int8):
+        raise LrcError("--quantize quantises every weight MatMul, lrc's factors included: "
+                       f"drop {'--quantize-rest' if quantize_rest else '--int8'}")
     config.quant_spec()  # validate before any work
     with _progress_bar() as bar:
         report, summary_path = compress_path(model, out, config, external_data=external_data,

@@ -193,6 +193,9 @@ def test_factor_matmuls_are_quantised_not_corrected():
     (["--quantize", "int4", "--correct-rank", "-1"], "--correct-rank must be >= 0"),
     (["--correct-rank", "8"], "give --quantize too"),
     (["--quantize", "int4", "--correct-form", "fused"], "--correct-form must be"),
+    (["--quantize", "int4", "--quantize-rest", "int8"], "drop --quantize-rest"),
+    (["--quantize", "int4", "--correct-rank", "auto", "--correct-budget", "0"],
+     "--correct-budget must be > 0"),
 ])
 def test_cli_bad_quantize_options(tmp_path, args, msg):
     from test_cli import _one_line_error, lrc as cli
