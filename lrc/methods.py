@@ -298,19 +298,22 @@ def make_corrector(input_names: list[str], c: Calibration | None = None, *, stat
     if stats is None:
         stats = statistics(c, sorted(set(input_names)))
 
-    def corrector(targets, w_cat, e_cat, rank):
-        st = stats.get(targets[0].node.inputs[0].name)
-        widths = [t.shape[1] for t in targets]
-        cuts = np.cumsum([0, *widths])
-        parts = [slice(cuts[i], cuts[i + 1]) for i in range(len(widths))]
-        if st is None:  # not reached by the calibration text: plain SVD of the error
-            g = np.eye(w_cat.shape[0])
-        else:
-            g = st.xtx
-            s = (rescaled or {}).get(targets[0].node.inputs[0].name)
-            if s is not None:
-                g = g / np.outer(s, s)
+    def setup(targets, w_cat):
+        """``(stats, G, member slices, ‖X·W_i‖)`` of one group (G rescaled after smoothing;
+        the identity where the calibration text never reached the input)."""
+        name = targets[0].node.inputs[0].name
+        st = stats.get(name)
+        g = np.eye(w_cat.shape[0]) if st is None else st.xtx
+        s = (rescaled or {}).get(name)
+        if st is not None and s is not None:
+            g = g / np.outer(s, s)
+        cuts = np.cumsum([0, *[t.shape[1] for t in targets]])
+        parts = [slice(cuts[i], cuts[i + 1]) for i in range(len(targets))]
         norms = [np.sqrt(max(whitened_norm2(w_cat[:, p], g), 1e-30)) for p in parts]
+        return st, g, parts, norms
+
+    def corrector(targets, w_cat, e_cat, rank):
+        st, g, parts, norms = setup(targets, w_cat)
         before = [np.sqrt(whitened_norm2(e_cat[:, p], g)) / n for p, n in zip(parts, norms)]
         if not rank:
             return None, {"werr_before": before, "gram": None if st is None else g}
@@ -328,14 +331,7 @@ def make_corrector(input_names: list[str], c: Calibration | None = None, *, stat
     def spectrum(targets, w_cat, e_cat):
         """The ``σ²`` (descending) of ``Sᵀ[E_1/‖XW_1‖ ...]``: what each rank of the joint
         correction removes from the members' summed relative squared output error."""
-        st = stats.get(targets[0].node.inputs[0].name)
-        g = np.eye(w_cat.shape[0]) if st is None else st.xtx
-        s = (rescaled or {}).get(targets[0].node.inputs[0].name)
-        if st is not None and s is not None:
-            g = g / np.outer(s, s)
-        cuts = np.cumsum([0, *[t.shape[1] for t in targets]])
-        parts = [slice(cuts[i], cuts[i + 1]) for i in range(len(targets))]
-        norms = [np.sqrt(max(whitened_norm2(w_cat[:, p], g), 1e-30)) for p in parts]
+        _, g, parts, norms = setup(targets, w_cat)
         return whitened_spectrum(np.concatenate([e_cat[:, p] / n for p, n in zip(parts, norms)],
                                                 axis=1), g)
 

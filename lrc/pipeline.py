@@ -10,7 +10,10 @@
    silent fallback to plain SVD: an in-memory model without a tokenizer is an error);
 3. **factors** — the method's factoriser;
 4. **passes** — :class:`~lrc.graph.passes.lowrank.LowRankPass`, then
-   :class:`~lrc.graph.passes.int8.Int8FactorsPass` when asked, then onnx-ir's
+   :class:`~lrc.graph.passes.int8.Int8FactorsPass` when asked, then with ``--quantize``
+   :class:`~lrc.graph.passes.smooth.SmoothPass` (``--smooth``) and
+   :class:`~lrc.graph.passes.quant.QuantizePass` (``--quantize`` without a rank, ratio, energy,
+   policy or budget runs only these: :func:`_quantize_only`), then onnx-ir's
    ``RemoveUnusedNodesPass``, composed by onnx-ir's pass manager;
 5. **report**.
 

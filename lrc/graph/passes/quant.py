@@ -46,8 +46,8 @@ from lrc.graph.locate import FACTOR_META, Target, locate
 from lrc.graph.passes.lowrank import add_initializer, unique_name
 from lrc.graph.policy import check_selector, selector_matches
 from lrc.graph.plan import effective_weight
-from lrc.quantmath import (dequantize, quantize_blockwise, quantize_columns, valid_block_size,
-                           whitened_error)
+from lrc.quantmath import (BlockQuant, dequantize, quantize_blockwise, quantize_columns,
+                           valid_block_size, whitened_error)
 
 MS = "com.microsoft"
 SCHEMES = {"int4": 4, "int8-weight": 8, "int8": 8}
@@ -492,7 +492,7 @@ class QuantizePass(ir.passes.InPlacePass):
             if form == "concat":
                 if t_val is None:
                     t_val = self._concat_input(graph, t, a_pad)
-                after, bq = self._nbits_concat(graph, t, w, b, t_val, spec)
+                after, bq = self._nbits_concat(graph, t, qz, b, t_val, spec)
             else:
                 after = self._emit(graph, t, qz, spec)
                 if f is not None:
@@ -577,10 +577,14 @@ class QuantizePass(ir.passes.InPlacePass):
         t.node.graph.insert_before(t.node, cat)
         return xt
 
-    def _nbits_concat(self, graph, t: Target, w: np.ndarray, b: np.ndarray,
+    def _nbits_concat(self, graph, t: Target, wq: BlockQuant, b: np.ndarray,
                       xt: ir.Value, spec: QuantSpec) -> int:
-        """One MatMulNBits on ``Concat([X, T])`` with the weight ``[W; B]`` quantised."""
-        bq = quantize_blockwise(np.concatenate([w, b], axis=0), spec.bits, spec.block_size)
+        """One MatMulNBits on ``Concat([X, T])`` with the weight ``[W; B]``: ``K`` is a whole
+        number of blocks, so ``[W; B]``'s blocks are W's (already quantised) followed by B's."""
+        bb = quantize_blockwise(b, spec.bits, spec.block_size)
+        bq = BlockQuant(np.concatenate([wq.packed, bb.packed], axis=1),
+                        np.concatenate([wq.scales, bb.scales], axis=1), wq.bits, wq.block_size,
+                        wq.k + bb.k, wq.n)
         node, nbytes = self._nbits_node(graph, t, xt, bq)
         _replace(t.node, node)
         t.node = node
