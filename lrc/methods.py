@@ -343,6 +343,33 @@ def make_corrector(input_names: list[str], c: Calibration | None = None, *, stat
     return corrector, info
 
 
+def sequential_correction(model: ir.Model, spec, c: Calibration, select=None, *,
+                          progress=None):
+    """``(QuantizePass, info)`` with the sequential correction computed
+    (:func:`lrc.calibration.sequential.sequential_quant`: each group quantised and corrected
+    on the inputs the already quantised model produces, its target fitted to the original
+    outputs); running the pass on ``model`` writes it. ``model``: as it will be quantised
+    (smoothed first, if at all); ``c.damp`` damps the fitted targets towards the weights."""
+    from lrc.calibration.sequential import sequential_quant
+    from lrc.calibration.tokens import token_batches, tokenizer_path
+    from lrc.graph.passes.quant import QuantizePass
+
+    grams: dict = {}
+    corrector, info = make_corrector([], stats=grams)
+    qpass = QuantizePass(spec, corrector, select=select, weights={})
+    tok = tokenizer_path(c.file, c.tokenizer)
+    windows = token_batches(tok, list(c.texts), n_tokens=c.n_tokens, seq_len=c.seq_len, bos=True)
+    st = sequential_quant(model, qpass, grams, windows, model_path=c.file, damp=c.damp,
+                          progress=progress)
+    info = {"method": "sequential whitened correction (quantised and corrected stage by stage "
+                      "on the quantised model's own inputs)",
+            "inputs": len(grams), "tokens": st.tokens, "seq_len": c.seq_len, "damp": c.damp,
+            "sources": c.sources,
+            **{k: v for k, v in st.to_dict().items() if k not in ("per_target", "tokens")}}
+    return qpass, info
+
+
 __all__ = ["AUTO", "METHODS", "STATISTICS", "Calibration", "Method", "calibration_texts",
-           "check", "choices", "get", "make_calibration", "make_corrector", "make_factoriser", "statistics", "method_help", "register",
-           "resolve", "with_update"]
+           "check", "choices", "get", "make_calibration", "make_corrector", "make_factoriser",
+           "method_help", "register", "resolve", "sequential_correction", "statistics",
+           "with_update"]

@@ -155,8 +155,8 @@ def compress_model(model_or_path, config: CompressConfig, *, progress: Progress 
     factoriser, calib_info = config.factorizer, None
     qpasses, quant = [], None
     if spec is not None:
-        qpasses, quant, _ = _quant_passes(model_or_path, model, path, spec, method, config,
-                                          calib_progress, select=None)
+        qpasses, quant, _, smooth = _quant_passes(model_or_path, model, path, spec, method,
+                                                  config, calib_progress, select=None)
     if factoriser is None and method.data_aware:
         source, home, tokenizer = _calibration_source(model_or_path, model, path, method.name,
                                                       config.tokenizer)
@@ -181,8 +181,8 @@ def compress_model(model_or_path, config: CompressConfig, *, progress: Progress 
     if quant:
         report["quantize"] = quant.record.to_dict()
         report["notes"] = report.get("notes", []) + quant.record.notes
-        if len(qpasses) > 1:
-            report["smooth"] = qpasses[0].record
+        if smooth:
+            report["smooth"] = smooth.record
     report["summary"] = record.summary_line() + (
         f"; {quant.record.summary_line()}" if quant else "")
     report["method"] = method.name
@@ -199,12 +199,16 @@ def compress_model(model_or_path, config: CompressConfig, *, progress: Progress 
 
 
 def _quant_passes(model_or_path, model: ir.Model, path: Path | None, spec: QuantSpec, method,
-                  config: CompressConfig, calib_progress, select) -> tuple[list, object, dict]:
-    """``([SmoothPass?, QuantizePass], the QuantizePass, calibration info)``. Calibration (on
-    the model as it is now, before any pass) gives the whitened correction its Gram matrices
-    and smoothing its per-channel activation scales; with ``--method svd`` the correction is
-    the plain SVD of the error. Without a rank the whitened error is still measured when the
-    statistics are gathered anyway."""
+                  config: CompressConfig, calib_progress, select, sequential: bool = False,
+                  ) -> tuple[list, object, dict | None, object]:
+    """``([SmoothPass?, QuantizePass], the QuantizePass, calibration info, the SmoothPass or
+    None)``. Calibration (on the model as it is now, before any pass) gives the whitened
+    correction its Gram matrices and smoothing its per-channel activation scales; with
+    ``--method svd`` the correction is the plain SVD of the error. Without a rank the whitened
+    error is still measured when the statistics are gathered anyway. ``sequential``
+    (``--update``): smoothing is applied to ``model`` here and the correction computed stage by
+    stage on the quantised model's own inputs (:func:`lrc.methods.sequential_correction`);
+    the list then holds the QuantizePass only."""
     from lrc.graph.passes.quant import quant_targets
     from lrc.graph.passes.smooth import SmoothPass
 
@@ -224,24 +228,32 @@ def _quant_passes(model_or_path, model: ir.Model, path: Path | None, spec: Quant
                 return f, {}
 
             info = {"method": "plain SVD of the quantisation error (--method svd)"}
-    elif spec.any_rank or config.smooth:
+    elif spec.any_rank or config.smooth or sequential:
         targets, _ = quant_targets(model, select)
         names = sorted({t.node.inputs[0].name for t in targets})
         source, home, tokenizer = _calibration_source(model_or_path, model, path, "correction",
                                                       config.tokenizer)
         c = methods.make_calibration(source, calib=config.calib, n_tokens=config.calib_tokens,
                                      seq_len=config.calib_seq, use_default=config.calib_default,
-                                     tokenizer=tokenizer, progress=calib_progress, path=home)
-        stats = methods.statistics(c, names)
+                                     tokenizer=tokenizer, damp=config.update_damp,
+                                     progress=calib_progress, path=home)
+        stats = methods.statistics(c, names) if config.smooth or not sequential else None
         if config.smooth:
             import numpy as np
 
             smooth = SmoothPass({n: np.sqrt(st.sq_mean) for n, st in stats.items()},
                                 config.smooth, select)
+        if sequential:
+            if smooth:
+                run_passes([smooth], model)
+            c.progress = None  # the statistics are gathered; the stages report below
+            quant, info = methods.sequential_correction(model, spec, c, select,
+                                                        progress=calib_progress)
+            return [quant], quant, info, smooth
         corrector, info = methods.make_corrector(
             names, c, stats=stats, rescaled=smooth.applied if smooth else None)
     quant = QuantizePass(spec, corrector, select=select, progress=None)
-    return [p for p in (smooth, quant) if p is not None], quant, info
+    return [p for p in (smooth, quant) if p is not None], quant, info, smooth
 
 
 def _quantize_only(model_or_path, model: ir.Model, path: Path | None, pol: Policy,
@@ -257,8 +269,9 @@ def _quantize_only(model_or_path, model: ir.Model, path: Path | None, pol: Polic
                        f"{method_note.split(': ', 1)[-1]}; pass --method svd for an unwhitened "
                        f"correction")
 
-    qpasses, quant, calib_info = _quant_passes(model_or_path, model, path, spec, method, config,
-                                               calib_progress, select)
+    qpasses, quant, calib_info, smooth = _quant_passes(
+        model_or_path, model, path, spec, method, config, calib_progress, select,
+        sequential=config.update)
     quant.progress = progress
     run_passes([*qpasses, RemoveUnusedNodesPass()], model)
     report = {"rewritten": [], "skipped": [], "notes": list(quant.record.notes),
@@ -269,8 +282,8 @@ def _quantize_only(model_or_path, model: ir.Model, path: Path | None, pol: Polic
               "policy": {"include": pol.include, "exclude": pol.exclude}}
     if calib_info:
         report["calibration"] = calib_info
-    if len(qpasses) > 1:
-        report["smooth"] = qpasses[0].record
+    if smooth:
+        report["smooth"] = smooth.record
     return model, report
 
 

@@ -115,9 +115,10 @@ def quantize_columns(w: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.nda
 
 
 def whitened_norm2(m: np.ndarray, xtx: np.ndarray) -> float:
-    """``‖X·M‖_F² = tr(Mᵀ G M)`` from the Gram matrix ``G = XᵀX``."""
+    """``‖X·M‖_F² = tr(Mᵀ G M)`` from the Gram matrix ``G = XᵀX`` (never below 0: a Gram
+    summed in float32 may be a hair indefinite)."""
     m64 = np.asarray(m, dtype=np.float64)
-    return float(np.sum((np.asarray(xtx, dtype=np.float64) @ m64) * m64))
+    return max(float(np.sum((np.asarray(xtx, dtype=np.float64) @ m64) * m64)), 0.0)
 
 
 def whitened_error(w: np.ndarray, w_hat: np.ndarray, xtx: np.ndarray) -> float:

@@ -330,3 +330,35 @@ def test_residual_target_is_used_for_projections_added_to_the_stream():
     plain, _, _ = compress_update(proto, pol, batches, residual=False)
     # the block outputs (hence y) track the original better with the residual target
     assert rel_err(run(upd, batches), ref) < rel_err(run(plain, batches), ref)
+
+
+def test_quantize_with_update_is_the_sequential_correction(tiny_llama):
+    """``lrc.compress(..., quantize="int4", correct_rank=R, update=True)`` on the real optimum
+    layout: the correction is computed stage by stage (recorded as such), the graph is
+    MatMulNBits only and its logits stay close to the original's."""
+    import onnx_ir
+
+    from lrc.errors import LrcError
+    from lrc.pipeline import compress
+    from lrc.runtime.feeds import text_feeds
+    from lrc.runtime.session import open_session as session
+
+    _, folder = tiny_llama
+    texts = _words(300, 0)
+    sess = session(folder)
+    ids = np.array([[1] + [int(w[1:]) for w in _words(60, 9)[0].split()]], dtype=np.int64)
+    ref = sess.run(["logits"], text_feeds(sess, ids))[0]
+    model, rep = compress(folder / "model.onnx", quantize="int4", block_size=16,
+                          correct_rank=16, update=True, calib=None, calib_tokens=512,
+                          calib_seq=64)
+    assert rep["method"] == "svd-llm+update"
+    cal = rep["calibration"]
+    assert cal["method"].startswith("sequential") and cal["stages"] == 9  # + the head
+    nodes = rep["quantize"]["nodes"]
+    assert len(nodes) == 15 and all(n["rank"] == 16 for n in nodes)
+    proto = onnx_ir.serde.serialize_model(model)
+    s = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = s.run(["logits"], text_feeds(sess, ids))[0]
+    assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.99
+    with pytest.raises(LrcError, match="auto"):
+        compress(folder / "model.onnx", quantize="int4", correct_rank="auto", update=True)

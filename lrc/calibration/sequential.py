@@ -76,10 +76,12 @@ from lrc.runtime.session import open_session
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Stage", "plan_targets", "sequential_factors", "sequential_factorizer",
-           "sequential_update", "stages", "UpdateStats"]
+__all__ = ["Job", "Stage", "joint_target", "plan_targets", "run_sequential",
+           "sequential_factors", "sequential_factorizer", "sequential_quant", "sequential_update",
+           "stages", "UpdateStats"]
 
 Progress = Callable[[int, int], None]  # (projections done, total), like calib_progress
+Rewrite = tuple  # (A, B, base): X·W -> (X·A)·B; (W', None, base): X·W -> X·W'
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,15 +135,15 @@ def stages(lay: Layout, plan: list[tuple[Target, int]]) -> list[Stage]:
 
 class _Segment:
     """A segment of the graph (:func:`lrc.graph.expose.cut_segment`) as an ONNX Runtime session.
-    ``factors`` maps id(target node) to (Factors, weight name) for projections in the range to
-    rewrite as ``(X·A)·B``; ``path`` is the model's file (external data)."""
+    ``rewrites`` maps id(target node) to ``(A, B, base)`` for projections in the range to
+    rewrite as ``(X·A)·B`` (``B`` None: ``X·A``, a replaced weight); ``path`` is the model's
+    file (external data)."""
 
     def __init__(self, model: ir.Model, lay: Layout, start: int, stop: int,
                  wanted: list[ir.Value], state_dtypes: dict[str, np.dtype],
-                 factors: dict[int, tuple[Factors, str]] | None = None,
+                 rewrites: dict[int, Rewrite] | None = None,
                  threads: int | None = None, path=None):
-        lowrank = {k: (f.a, f.b, base) for k, (f, base) in (factors or {}).items()}
-        seg = cut_segment(model, lay, start, stop, wanted, state_dtypes, lowrank)
+        seg = cut_segment(model, lay, start, stop, wanted, state_dtypes, rewrites)
         self.inputs, self.outputs, self.n_nodes = seg.inputs, seg.outputs, seg.n_nodes
         self.session = None
         if self.outputs:
@@ -238,12 +240,13 @@ def _rows(x: np.ndarray, mask) -> np.ndarray:
     return r[sel] if sel is not None else r
 
 
-def joint_factor(w: np.ndarray, c: np.ndarray, m: np.ndarray, rank: int,
-                 damp: float = 0.1, e: np.ndarray | None = None) -> Factors:
-    """Best rank-``rank`` ``A B`` for ``||X_c A B - X_o W||`` given ``C = X_cᵀX_c``,
-    ``M = X_cᵀX_o`` (damped towards ``W`` by ``λ = damp·mean(diag C)``). With
-    ``e = X_cᵀ(h_o - h_c)`` the target is ``X_o W + h_o - h_c`` instead: the projection also
-    makes up the error the residual stream ``h`` it is added to already carries."""
+def joint_target(w: np.ndarray, c: np.ndarray, m: np.ndarray, damp: float = 0.1,
+                 e: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(W*, C_d)``: the least-squares weight for ``||X_c W* - X_o W||`` (``C = X_cᵀX_c``,
+    ``M = X_cᵀX_o``) damped towards ``W``, ``W* = C_d⁻¹ (M W + λW)`` with
+    ``C_d = C + λI``, ``λ = damp·mean(diag C)``. With ``e = X_cᵀ(h_o - h_c)`` the target is
+    ``X_o W + h_o - h_c`` instead: the projection also makes up the error the residual stream
+    ``h`` it is added to already carries."""
     c = 0.5 * (c + c.T)
     lam = damp * max(float(np.mean(np.diag(c))), 1e-12)
     cd = c + lam * np.eye(len(c))
@@ -257,32 +260,49 @@ def joint_factor(w: np.ndarray, c: np.ndarray, m: np.ndarray, rank: int,
         w_star = cho_solve(cho_factor(cd, lower=True), rhs)
     except Exception:  # no scipy, or not PD: a general solve
         w_star = np.linalg.solve(cd, rhs)
+    return w_star, cd
+
+
+def joint_factor(w: np.ndarray, c: np.ndarray, m: np.ndarray, rank: int,
+                 damp: float = 0.1, e: np.ndarray | None = None) -> Factors:
+    """Best rank-``rank`` ``A B`` for ``||X_c A B - X_o W||`` (the whitened truncated SVD of
+    :func:`joint_target`'s ``W*`` under ``C_d``)."""
+    w_star, cd = joint_target(w, c, m, damp, e)
     f = whiten_factor(w, cd, rank, w_target=w_star)
     f.method = "svd-llm+update"
     return f
 
 
-def sequential_factors(model: ir.Model, policy: Policy, batches: Iterable, *,
-                       model_path=None, damp: float = 0.1, batch_windows: int = 8,
-                       threads: int | None = None, progress: Progress | None = None,
-                       precision: str = "float32", residual: bool = True,
-                       ) -> tuple[dict[tuple, Factors], UpdateStats]:
-    """Factors for every planned projection, keyed by ``(*weight_key, rank)`` like the groups
-    of LowRankPass. ``batches``: feeds dicts, or token-id windows ([L] or [1, L]) from which
-    feeds are built (``model_path``: the model's file, default the one it was loaded from, for
-    its external data and config.json). The model is not modified. ``precision``: dtype of each batch's
-    ``X_cᵀ[X_c X_o]`` product (sums over batches are float64 either way); ``"float32"`` is about
-    twice as fast as ``"float64"``."""
+@dataclass
+class Job:
+    """One fit of the sequential pass: projections reading one input, solved together at the
+    stage where the first of them runs. ``solve(C, M, e, shift)`` gets ``C = X_cᵀX_c`` and
+    ``M = X_cᵀX_o`` of that input (float64 sums), ``e = X_cᵀ(h_o - h_c)`` when ``residual``
+    and the single projection's output is added to a carried residual stream ``h`` (else
+    None), and the input's relative shift ``‖X_c - X_o‖ / ‖X_o‖``; it returns
+    ``{id(node): Rewrite}`` for the nodes the compressed model computes differently."""
+
+    targets: list[Target]
+    solve: Callable[..., dict]
+    residual: bool = False
+
+
+def run_sequential(model: ir.Model, jobs: list[Job], batches: Iterable, *, model_path=None,
+                   batch_windows: int = 8, threads: int | None = None,
+                   progress: Progress | None = None, precision: str = "float32",
+                   residual: bool = True, st: UpdateStats | None = None) -> UpdateStats:
+    """Run the original and the compressed model side by side, stage by stage (see the module
+    docstring), calling each job's ``solve`` on the inputs both produce at its stage; the
+    compressed model's segments apply every rewrite returned so far. ``batches``: feeds dicts
+    or token-id windows. The model is not modified."""
     if precision not in ("float32", "float64"):
         raise LrcError(f"precision must be 'float32' or 'float64', not {precision!r}")
     work = np.dtype(precision)
     t_start = time.perf_counter()
-    st = UpdateStats()
-    units = plan_units(model, policy)
-    plan = [(it[0], u.rank) for u in units for it in u.items]
-    unit_of = {id(it[0].node): u for u in units for it in u.items}
+    st = st or UpdateStats()
+    plan = [(t, ji) for ji, job in enumerate(jobs) for t in job.targets]
     if not plan:
-        return {}, st
+        return st
     if model_path is None:
         model_path = model.meta.get("lrc.source_path")
     lay = layout(model.graph)
@@ -318,18 +338,19 @@ def sequential_factors(model: ir.Model, policy: Policy, batches: Iterable, *,
     st.tokens = int(sum(_rows(s[cuts[0].targets[0][0].node.inputs[0].name], m).shape[0]
                         for s, m in zip(state_o, masks)))
 
-    factors: dict[tuple, Factors] = {}   # (*weight_key, rank) -> Factors
-    by_node: dict[int, tuple[Factors, str]] = {}  # id(target node) -> (factors, base name)
-    all_plan_nodes = {id(t.node): (t, r) for t, r in plan}
+    rewrites: dict[int, Rewrite] = {}
+    solved: set[int] = set()
     n_done = 0
     for si, stage in enumerate(cuts):
-        # 1. C = X_cᵀX_c and M = X_cᵀX_o for each distinct input of the stage's new factors.
-        todo = [(t, r) for t, r in stage.targets if unit_of[id(t.node)].key() not in factors]
-        xnames = list(dict.fromkeys(t.node.inputs[0].name for t, _ in todo))
+        # 1. C = X_cᵀX_c and M = X_cᵀX_o for the input of each job first met here.
+        todo: dict[int, str] = {}  # job index -> the input it is fitted on
+        for t, ji in stage.targets:
+            if ji not in solved and ji not in todo:
+                todo[ji] = t.node.inputs[0].name
         t0 = time.perf_counter()
         sums: dict[str, np.ndarray] = {}
         shift: dict[str, float] = {}
-        for name in xnames:
+        for name in dict.fromkeys(todo.values()):
             acc = None
             num = den = 0.0
             for so, sc, m in zip(state_o, state_c, masks):
@@ -342,12 +363,16 @@ def sequential_factors(model: ir.Model, policy: Policy, batches: Iterable, *,
                 den += float(np.sum(xo.astype(np.float64) ** 2))
             sums[name] = acc
             shift[name] = (num / den) ** 0.5 if den > 0 else 0.0
-        # E = X_cᵀ(h_o - h_c) for projections whose output is added to a residual stream h
-        # that the state carries (attention o_proj, MLP down_proj): see joint_factor.
+        # E = X_cᵀ(h_o - h_c) for a projection whose output is added to a residual stream h
+        # that the state carries (attention o_proj, MLP down_proj): see joint_target.
         resid: dict[int, np.ndarray] = {}
-        for t, _ in todo if residual else ():
+        for ji in todo if residual else ():
+            job = jobs[ji]
+            if not job.residual or len(job.targets) != 1:
+                continue
+            t = job.targets[0]
             h = _residual_input(t, state_o[0])
-            if h is None or unit_of[id(t.node)].joint:
+            if h is None:
                 continue
             e = None
             for so, sc, m in zip(state_o, state_c, masks):
@@ -360,34 +385,15 @@ def sequential_factors(model: ir.Model, policy: Policy, batches: Iterable, *,
                 blk = (np.ascontiguousarray(xc.T) @ dh).astype(np.float64, copy=False)
                 e = blk if e is None else e + blk
             if e is not None:
-                resid[id(t.node)] = e
+                resid[ji] = e
         st.seconds_gram += time.perf_counter() - t0
-        # 2. Factor.
+        # 2. Solve.
         t0 = time.perf_counter()
-        for t, r in todo:
-            u = unit_of[id(t.node)]
-            if u.key() in factors:
-                continue
-            name = t.node.inputs[0].name  # a joint unit's members all read this input
-            acc = sums[name]
-            d = acc.shape[0]
-            f_raw = joint_factor(u.weight(), acc[:, :d], acc[:, d:], r, damp=damp,
-                                 e=resid.get(id(t.node)))
-            factors[u.key()] = f_raw  # what LowRankPass's factoriser returns (it unscales)
-            f = u.unscale(f_raw)
-            for it in u.items:
-                st.per_target[it[0].name] = {"input_shift": round(shift[name], 5),
-                                             "output_energy": round(float(f.output_energy or 0), 6),
-                                             "residual_target": id(it[0].node) in resid}
-            for it, sl in zip(u.items, u.b_slices() if u.joint else [None] * len(u.items)):
-                mt = it[0]
-                base = (mt.weight.name or mt.name) + ("_T" if mt.transposed else "")
-                fm = f if sl is None else dataclasses.replace(f, b=np.ascontiguousarray(f.b[:, sl]))
-                by_node[id(mt.node)] = (fm, base)
-        for t, r in stage.targets:  # a weight factored in an earlier stage (shared weights)
-            if id(t.node) not in by_node:
-                base = (t.weight.name or t.name) + ("_T" if t.transposed else "")
-                by_node[id(t.node)] = (factors[unit_of[id(t.node)].key()], base)
+        for ji, name in todo.items():
+            d = sums[name].shape[0]
+            rewrites.update(jobs[ji].solve(sums[name][:, :d], sums[name][:, d:], resid.get(ji),
+                                           shift[name]))
+            solved.add(ji)
         del sums
         st.seconds_factor += time.perf_counter() - t0
         n_done += len(stage.targets)
@@ -396,12 +402,10 @@ def sequential_factors(model: ir.Model, policy: Policy, batches: Iterable, *,
             nxt = cuts[si + 1].cut
             wanted = lay.crossing(nxt)
             wnames = [v.name for v in wanted]
-            # factors for every planned projection in the range (a shared weight may recur)
-            fac_here = {id(n): by_node[id(n)] for n in lay.nodes[stage.cut:nxt]
-                        if id(n) in by_node and id(n) in all_plan_nodes}
+            here = {id(n): rewrites[id(n)] for n in lay.nodes[stage.cut:nxt] if id(n) in rewrites}
             seg_o = _Segment(model, lay, stage.cut, nxt, wanted, dtypes, threads=threads,
                              path=model_path)
-            seg_c = _Segment(model, lay, stage.cut, nxt, wanted, dtypes, factors=fac_here,
+            seg_c = _Segment(model, lay, stage.cut, nxt, wanted, dtypes, rewrites=here,
                              threads=threads, path=model_path)
             st.segments_nodes += seg_o.n_nodes
             t0 = time.perf_counter()
@@ -416,7 +420,103 @@ def sequential_factors(model: ir.Model, policy: Policy, batches: Iterable, *,
         if progress:
             progress(n_done, len(plan))
     st.seconds_total = time.perf_counter() - t_start
+    return st
+
+
+def _base(t: Target) -> str:
+    return (t.weight.name or t.name) + ("_T" if t.transposed else "")
+
+
+def sequential_factors(model: ir.Model, policy: Policy, batches: Iterable, *,
+                       model_path=None, damp: float = 0.1, batch_windows: int = 8,
+                       threads: int | None = None, progress: Progress | None = None,
+                       precision: str = "float32", residual: bool = True,
+                       ) -> tuple[dict[tuple, Factors], UpdateStats]:
+    """Factors for every planned projection, keyed by ``(*weight_key, rank)`` like the groups
+    of LowRankPass. ``batches``: feeds dicts, or token-id windows ([L] or [1, L]) from which
+    feeds are built (``model_path``: the model's file, default the one it was loaded from, for
+    its external data and config.json). The model is not modified. ``precision``: dtype of each batch's
+    ``X_cᵀ[X_c X_o]`` product (sums over batches are float64 either way); ``"float32"`` is about
+    twice as fast as ``"float64"``."""
+    st = UpdateStats()
+    factors: dict[tuple, Factors] = {}   # (*weight_key, rank) -> Factors
+    jobs: list[Job] = []
+    by_key: dict[tuple, Job] = {}
+    for u in plan_units(model, policy):
+        if u.key() in by_key:  # a weight factored by an earlier unit: its nodes reuse it
+            by_key[u.key()].targets.extend(it[0] for it in u.items)
+            continue
+
+        def solve(c, m, e, shift, u=u):
+            f_raw = joint_factor(u.weight(), c, m, u.rank, damp=damp, e=e)
+            factors[u.key()] = f_raw  # what LowRankPass's factoriser returns (it unscales)
+            f = u.unscale(f_raw)
+            mine = {id(it[0].node) for it in u.items}
+            for it in u.items:
+                st.per_target[it[0].name] = {"input_shift": round(shift, 5),
+                                             "output_energy": round(float(f.output_energy or 0), 6),
+                                             "residual_target": e is not None}
+            out = {}
+            for it, sl in zip(u.items, u.b_slices() if u.joint else [None] * len(u.items)):
+                b = f.b if sl is None else np.ascontiguousarray(f.b[:, sl])
+                out[id(it[0].node)] = (f.a, b, _base(it[0]))
+            for t in by_key[u.key()].targets:
+                if id(t.node) not in mine:
+                    out[id(t.node)] = (f_raw.a, f_raw.b, _base(t))
+            return out
+
+        by_key[u.key()] = Job([it[0] for it in u.items], solve, residual=not u.joint)
+        jobs.append(by_key[u.key()])
+    run_sequential(model, jobs, batches, model_path=model_path, batch_windows=batch_windows,
+                   threads=threads, progress=progress, precision=precision, residual=residual,
+                   st=st)
     return factors, st
+
+
+def sequential_quant(model: ir.Model, qpass, grams: dict, batches: Iterable, *,
+                     model_path=None, damp: float = 0.1, batch_windows: int = 8,
+                     threads: int | None = None, progress: Progress | None = None,
+                     ) -> UpdateStats:
+    """The sequential correction: quantise and correct stage by stage on the inputs the already
+    quantised (and corrected) model produces.
+
+    For each group of ``qpass`` (a :class:`~lrc.graph.passes.quant.QuantizePass`: projections
+    reading one input, with their scheme and rank) the target is :func:`joint_target`'s
+    ``W* = C_d⁻¹(M W + λW [+ e])`` — the float weight that best maps the quantised model's
+    input ``X_c`` to the original output (and, for ``o_proj`` / ``down_proj``, makes up the
+    residual stream's error) — then ``W*`` is quantised and its error ``W* - deq(Q(W*))``
+    corrected under ``C`` (whitened by what the quantised model feeds it; the damping only
+    regularises ``W*``: a damped Gram under-weights the directions the inputs use, measured
+    worse on a synthetic residual MLP). The quantised
+    model's next segments run with each group's float equivalent (``deq + A·B``,
+    :meth:`~lrc.graph.passes.quant.Solved.effective`). Fills ``qpass.weights`` with each
+    target's ``W*`` and ``grams`` (the dict ``qpass``'s corrector reads, ``{input name: obj
+    with .xtx}``) with each input's ``C``; running ``qpass`` on ``model`` afterwards writes
+    the same numbers into the graph. Not simulated: activation quantisation inside
+    ``MatMulNBits`` (accuracy_level 4) and the embedding tables' quantisation."""
+    from types import SimpleNamespace
+
+    from lrc.graph.passes.quant import quant_targets
+    from lrc.graph.plan import effective_weight
+
+    if qpass.spec.auto:
+        raise LrcError("--correct-rank auto with --update is not supported: give the ranks")
+    targets, _ = quant_targets(model, qpass.select)
+    jobs = []
+    for spec, group in qpass.groups(targets):
+        def solve(c, m, e, shift, spec=spec, group=group):
+            ws = [effective_weight(t) for t in group]
+            w_star, _ = joint_target(np.concatenate(ws, axis=1), c, m, damp, e)
+            cuts = np.cumsum([0, *[w.shape[1] for w in ws]])
+            for i, t in enumerate(group):
+                qpass.weights[t.name] = w_star[:, cuts[i]:cuts[i + 1]].astype(np.float32)
+            grams[group[0].node.inputs[0].name] = SimpleNamespace(xtx=0.5 * (c + c.T))
+            sv = qpass.solved[tuple(t.name for t in group)] = qpass.solve(group, spec)
+            return {id(t.node): (sv.effective(i), None, _base(t)) for i, t in enumerate(group)}
+
+        jobs.append(Job(group, solve, residual=True))
+    return run_sequential(model, jobs, batches, model_path=model_path,
+                          batch_windows=batch_windows, threads=threads, progress=progress)
 
 
 def _residual_input(t: Target, state: dict) -> str | None:

@@ -172,6 +172,14 @@ class Segment:
     n_nodes: int
 
 
+def _no_trans_b(n: ir.Node, p: onnx.NodeProto) -> None:
+    """A Gemm whose weight is replaced by an ``[in, out]`` matrix: ``transB=0``."""
+    if n.op_type == "Gemm":
+        for at in p.attribute:
+            if at.name == "transB":
+                at.i = 0
+
+
 def cut_segment(model: ir.Model, lay: Layout, start: int, stop: int, wanted: Sequence[ir.Value],
                 input_dtypes: Mapping[str, np.dtype],
                 lowrank: Mapping[int, tuple[np.ndarray, np.ndarray, str]] | None = None) -> Segment:
@@ -182,7 +190,8 @@ def cut_segment(model: ir.Model, lay: Layout, start: int, stop: int, wanted: Seq
     ``lowrank`` maps id(node) to ``(A, B, base)`` for projections in the range to rewrite as
     ``MatMul(MatMul(X, A), B)`` (a Gemm keeps its bias and gets ``transB=0``), the same rewrite
     as :class:`lrc.graph.passes.lowrank.LowRankPass`; the factors become initializers
-    ``{base}.lrcupd_A`` / ``{base}.lrcupd_B``."""
+    ``{base}.lrcupd_A`` / ``{base}.lrcupd_B``. ``(W, None, base)``: the node multiplies by
+    ``W`` ``[in, out]`` instead (``{base}.lrcupd_W``; what a quantised node computes, in float)."""
     lowrank = lowrank or {}
     produced = {id(v) for n in lay.nodes[start:stop] for v in n.outputs}
     outputs = [v.name for v in wanted if id(v) in produced]
@@ -219,7 +228,12 @@ def cut_segment(model: ir.Model, lay: Layout, start: int, stop: int, wanted: Seq
     for n in keep:
         f = lowrank.get(id(n))
         p = ir.serde.serialize_node(n)
-        if f is not None:
+        if f is not None and f[1] is None:
+            w, _, base = f
+            p.input[1] = f"{base}.lrcupd_W"
+            _no_trans_b(n, p)
+            extra_inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(w), p.input[1]))
+        elif f is not None:
             a, b, base = f
             a_name, b_name = f"{base}.lrcupd_A", f"{base}.lrcupd_B"
             mid = f"{p.name or p.output[0]}/lrcupd_A_out"
@@ -227,10 +241,7 @@ def cut_segment(model: ir.Model, lay: Layout, start: int, stop: int, wanted: Seq
                                            name=f"{p.name}/lrcupd_A"))
             p.input[0] = mid
             p.input[1] = b_name
-            if n.op_type == "Gemm":
-                for at in p.attribute:
-                    if at.name == "transB":
-                        at.i = 0
+            _no_trans_b(n, p)
             extra_inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(a), a_name))
             extra_inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(b), b_name))
         protos.append(p)

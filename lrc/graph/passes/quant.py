@@ -267,10 +267,17 @@ class QuantizePass(ir.passes.InPlacePass):
     ``corrector`` when ``spec.correct_rank > 0``."""
 
     def __init__(self, spec: QuantSpec, corrector: Corrector | None = None,
-                 select: Callable[[Target], bool] | None = None, progress=None):
+                 select: Callable[[Target], bool] | None = None, progress=None,
+                 weights: dict[str, np.ndarray] | None = None):
         super().__init__()
         self.spec = spec
         self.corrector = corrector
+        # {target name: [in, out]} to quantise instead of the graph's weight (the sequential
+        # correction's targets W*, lrc.calibration.sequential); errors are measured against them
+        self.weights = weights or {}
+        # {member names: Solved} computed before the pass runs (the sequential correction
+        # solves every group once on its stage; the pass writes those numbers, not new ones)
+        self.solved: dict[tuple, Solved] = {}
         self.select = select
         self.progress = progress
         self.record = QuantRecord({**asdict(spec), "describe": spec.describe()})
@@ -294,7 +301,7 @@ class QuantizePass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         model.opset_imports.setdefault(MS, 1)
         self._names = [t.name for t in targets]
-        groups = self._groups(targets)
+        groups = self.groups(targets)
         if self.spec.auto:
             groups = self._allocate(groups)
         done = 0
@@ -357,7 +364,7 @@ class QuantizePass(ir.passes.InPlacePass):
             if not table.uses() and graph.initializers.get(table.name) is table:
                 del graph.initializers[table.name]
 
-    def _groups(self, targets: list[Target]) -> list[tuple[QuantSpec, list[Target]]]:
+    def groups(self, targets: list[Target]) -> list[tuple[QuantSpec, list[Target]]]:
         """``(spec, members)``: targets that read one tensor with one scheme and rank are
         corrected jointly (one shared ``A``); lrc's factor MatMuls are never corrected and
         form groups of one."""
@@ -378,10 +385,10 @@ class QuantizePass(ir.passes.InPlacePass):
         return order
 
     # -------------------------------------------------------------------------- one group
-    @staticmethod
-    def _quantized(group: list[Target], spec: QuantSpec) -> tuple[list, list, list]:
+    def _quantized(self, group: list[Target], spec: QuantSpec) -> tuple[list, list, list]:
         """``(weights, dequantised weights, quantised forms)`` of a group's members."""
-        ws = [effective_weight(t).astype(np.float32, copy=False) for t in group]
+        ws = [np.asarray(self.weights[t.name] if t.name in self.weights else effective_weight(t),
+                         dtype=np.float32) for t in group]
         hats, quants = [], []
         for w in ws:
             if spec.scheme == "int8":
@@ -456,7 +463,10 @@ class QuantizePass(ir.passes.InPlacePass):
             + ", ".join(f"{r}: {ranks.count(r)}" for r in sorted(set(ranks))))
         return out
 
-    def _quantize_group(self, graph: ir.Graph, group: list[Target], spec: QuantSpec) -> None:
+    def solve(self, group: list[Target], spec: QuantSpec) -> "Solved":
+        """The numbers of one group, no graph change: the members' quantised weights, the joint
+        correction and the form it takes (what :meth:`_quantize_group` writes and what
+        :meth:`Solved.effective` computes in float)."""
         ws, hats, quants = self._quantized(group, spec)
         factor_node = bool(group[0].node.metadata_props.get(FACTOR_META))
         rank = spec.correct_rank
@@ -469,30 +479,40 @@ class QuantizePass(ir.passes.InPlacePass):
         elif self.corrector is not None and not factor_node:
             _, info = self.corrector(group, np.concatenate(ws, axis=1),
                                      np.concatenate([w - h for w, h in zip(ws, hats)], axis=1), 0)
-        form = None
+        form = a_pad = None
         if f is not None:
             k = ws[0].shape[0]
             form = spec.correct_form
             if spec.scheme == "int8" or k % spec.block_size:
                 form = "add"
-        names = [t.name for t in group]
         offsets = np.cumsum([0] + [w.shape[1] for w in ws])
-        t_val = a_pad = None
+        bs = [None if f is None else f.b[:, offsets[i]:offsets[i + 1]] for i in range(len(ws))]
         if form == "concat":
             a_pad, f = _block_factors(f, spec.block_size)
-            if f.rank < a_pad.shape[1]:
-                note = (f"--correct-rank {f.rank} is padded to {a_pad.shape[1]} in the concat "
-                        f"form (whole blocks of {spec.block_size}): the same bytes and time as "
-                        f"rank {a_pad.shape[1]}, less correction; use a multiple of "
-                        f"{spec.block_size}")
-                if note not in self.record.notes:
-                    self.record.notes.append(note)
-        for i, (t, w, qz) in enumerate(zip(group, ws, quants)):
-            b = None if f is None else f.b[:, offsets[i]:offsets[i + 1]]
+            bs = [f.b[:, offsets[i]:offsets[i + 1]] for i in range(len(ws))]
+            # [W; B] quantised: K is whole blocks, so its blocks are W's (already quantised)
+            # followed by B's — W's codes are reused, not quantised twice
+            quants = [_stack(wq, quantize_blockwise(b, spec.bits, spec.block_size))
+                      for wq, b in zip(quants, bs)]
+        return Solved(ws, hats, quants, f, info, form, a_pad, bs)
+
+    def _quantize_group(self, graph: ir.Graph, group: list[Target], spec: QuantSpec) -> None:
+        sv = self.solved.pop(tuple(t.name for t in group), None) or self.solve(group, spec)
+        f, info, form, a_pad = sv.f, sv.info, sv.form, sv.a_pad
+        names = [t.name for t in group]
+        if form == "concat" and f.rank < a_pad.shape[1]:
+            note = (f"--correct-rank {f.rank} is padded to {a_pad.shape[1]} in the concat "
+                    f"form (whole blocks of {spec.block_size}): the same bytes and time as "
+                    f"rank {a_pad.shape[1]}, less correction; use a multiple of "
+                    f"{spec.block_size}")
+            if note not in self.record.notes:
+                self.record.notes.append(note)
+        t_val = None
+        for i, (t, w, qz, b) in enumerate(zip(group, sv.ws, sv.quants, sv.bs)):
             if form == "concat":
                 if t_val is None:
                     t_val = self._concat_input(graph, t, a_pad)
-                after, bq = self._nbits_concat(graph, t, qz, b, t_val, spec)
+                after = self._nbits_concat(graph, t, qz, t_val)
             else:
                 after = self._emit(graph, t, qz, spec)
                 if f is not None:
@@ -504,7 +524,7 @@ class QuantizePass(ir.passes.InPlacePass):
             werr_b = info.get("werr_before", [None] * len(group))[i]
             werr_a = info.get("werr_after", [None] * len(group))[i]
             if form == "concat" and info.get("gram") is not None:
-                werr_a = _concat_error(w, bq, a_pad, info["gram"])
+                werr_a = whitened_error(w, sv.effective(i), info["gram"])
             self.record.nodes.append(QuantNode(
                 name=t.name, role=t.role, block=t.block, shape=list(w.shape),
                 scheme=spec.scheme, bits=spec.bits,
@@ -577,26 +597,47 @@ class QuantizePass(ir.passes.InPlacePass):
         t.node.graph.insert_before(t.node, cat)
         return xt
 
-    def _nbits_concat(self, graph, t: Target, wq: BlockQuant, b: np.ndarray,
-                      xt: ir.Value, spec: QuantSpec) -> int:
-        """One MatMulNBits on ``Concat([X, T])`` with the weight ``[W; B]``: ``K`` is a whole
-        number of blocks, so ``[W; B]``'s blocks are W's (already quantised) followed by B's."""
-        bb = quantize_blockwise(b, spec.bits, spec.block_size)
-        bq = BlockQuant(np.concatenate([wq.packed, bb.packed], axis=1),
-                        np.concatenate([wq.scales, bb.scales], axis=1), wq.bits, wq.block_size,
-                        wq.k + bb.k, wq.n)
+    def _nbits_concat(self, graph, t: Target, bq: BlockQuant, xt: ir.Value) -> int:
+        """One MatMulNBits on ``Concat([X, T])`` with the weight ``[W; B]`` (quantised)."""
         node, nbytes = self._nbits_node(graph, t, xt, bq)
         _replace(t.node, node)
         t.node = node
-        return nbytes, bq
+        return nbytes
 
 
-def _concat_error(w: np.ndarray, bq, a_pad: np.ndarray, gram) -> float:
-    """The whitened error of what the concat form computes, ``deq(W) + A·deq(B)`` (``B``
-    quantised too; the corrector reports the float factors' error)."""
-    d = dequantize(bq)
-    k = w.shape[0]
-    return whitened_error(w, d[:k] + a_pad @ d[k:], gram)
+@dataclass
+class Solved:
+    """One group's numbers (:meth:`QuantizePass.solve`): per member the float weight ``ws``,
+    its dequantised ``hats`` and quantised form ``quants`` (``[W; B]`` stacked in the concat
+    form), the joint correction ``f`` (``A`` is ``a_pad`` in the concat form) and each member's
+    ``B`` in ``bs``."""
+
+    ws: list
+    hats: list
+    quants: list
+    f: Factors | None
+    info: dict
+    form: str | None
+    a_pad: np.ndarray | None
+    bs: list
+
+    def effective(self, i: int) -> np.ndarray:
+        """The ``[K, N]`` matrix member ``i``'s nodes compute with: ``deq(W) + A·B``, with
+        ``B`` quantised in the concat form (``deq([W; B])`` split at ``K``)."""
+        if self.form == "concat":
+            d = dequantize(self.quants[i])
+            k = self.ws[i].shape[0]
+            return d[:k] + self.a_pad @ d[k:]
+        if self.f is None:
+            return self.hats[i]
+        return self.hats[i] + self.f.a.astype(np.float32) @ self.bs[i].astype(np.float32)
+
+
+def _stack(wq: BlockQuant, bb: BlockQuant) -> BlockQuant:
+    """``[W; B]``'s block quantisation from W's and B's (both whole blocks along K)."""
+    return BlockQuant(np.concatenate([wq.packed, bb.packed], axis=1),
+                      np.concatenate([wq.scales, bb.scales], axis=1), wq.bits, wq.block_size,
+                      wq.k + bb.k, wq.n)
 
 
 def _block_factors(f: Factors, block_size: int) -> tuple[np.ndarray, Factors]:
@@ -626,5 +667,5 @@ def _replace(old: ir.Node, new: ir.Node) -> None:
     nv.name = out.name
 
 
-__all__ = ["CORRECT_FORMS", "EMBEDDING", "parse_spec", "Corrector", "QuantNode", "QuantRecord", "QuantSpec",
-           "QuantizePass", "SCHEMES", "quant_targets"]
+__all__ = ["CORRECT_FORMS", "EMBEDDING", "parse_spec", "Corrector", "QuantNode", "QuantRecord",
+           "QuantSpec", "QuantizePass", "SCHEMES", "Solved", "quant_targets"]
