@@ -789,12 +789,12 @@ def section_md(results: dict, all_rows: dict, md_path: Path, plots: dict) -> str
     return "\n".join(L)
 
 
-def write_section(md_path: Path, section: str) -> None:
+def write_section(md_path: Path, section: str, begin: str = MARK_BEGIN, end: str = MARK_END) -> None:
     """Replace the text between the markers (inclusive), or append the section at the end."""
     old = md_path.read_text() if md_path.is_file() else ""
-    b, e = old.find(MARK_BEGIN), old.find(MARK_END)
+    b, e = old.find(begin), old.find(end)
     if 0 <= b < e:
-        new = old[:b] + section + old[e + len(MARK_END):]
+        new = old[:b] + section + old[e + len(end):]
     else:
         new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + section + "\n"
     md_path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -767,9 +768,9 @@ def write_markdown(path: Path, results: dict, all_rows: dict) -> None:
               f"{t['bench_s']:.0f} s, quality {t['quality_s']:.0f} s.", ""]
     text = "\n".join(L) + "\n"
     old = path.read_text() if path.is_file() else ""
-    b, e = old.find("<!-- quant:begin -->"), old.find("<!-- quant:end -->")
-    if 0 <= b < e:  # benchmarks/quant.py's section is kept as it is
-        text = text.rstrip("\n") + "\n\n" + old[b:e + len("<!-- quant:end -->")] + "\n"
+    # the sections other scripts write (quant.py, runtimes.py, ...) are kept as they are
+    for sec in re.finditer(r"<!-- (\w+):begin -->.*?<!-- \1:end -->", old, re.S):
+        text = text.rstrip("\n") + "\n\n" + sec.group(0) + "\n"
     path.write_text(text)
 
 

@@ -144,7 +144,9 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
              update: bool = typer.Option(False, "--update", help="svd-llm only: fit each "
                                          "projection to the inputs the already-compressed model "
                                          "produces (two forward passes over the calibration "
-                                         "text; see BENCHMARKS.md for what it buys)."),
+                                         "text; see BENCHMARKS.md for what it buys). With "
+                                         "--quantize (no --rank): the sequential correction, "
+                                         "quantised and corrected stage by stage."),
              calib: Optional[List[Path]] = typer.Option(None, "--calib", help="Your own calibration "
                                                         "text file(s), added to the bundled mix."),
              calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Calibration tokens."),
@@ -340,8 +342,13 @@ def verify(orig: Path = typer.Argument(..., help="Original ONNX file or folder")
            seed: int = typer.Option(0, "--seed"),
            rtol: Optional[float] = typer.Option(None, "--rtol", help="Exit 1 if any output's "
                                                 "relative error exceeds this."),
+           runtime: str = typer.Option("ort", "--runtime", help="Run NEW on this runtime (ort, "
+                                       "openvino, tract); ORIG always runs on ONNX Runtime."),
+           precision: str = typer.Option("f32", "--precision", help="NEW's runtime pinned to "
+                                         "this: f32 (default); openvino also bf16/f16."),
            as_json: bool = typer.Option(False, "--json")):
-    """Check NEW (onnx checker, shape inference, ORT) and compare its outputs with ORIG's."""
+    """Check NEW (onnx checker, shape inference, ORT or --runtime) and compare its outputs with
+    ORIG's on ONNX Runtime, on the same inputs."""
     from lrc.measure.verify import verify as run
 
     dims = {}
@@ -351,11 +358,14 @@ def verify(orig: Path = typer.Argument(..., help="Original ONNX file or folder")
             dims[k] = int(v)
         except ValueError:
             raise LrcError(f"--dim {d!r}: expected NAME=INTEGER")
-    res = run(orig, new, inputs=inputs, dims=dims or None, seed=seed)
+    res = run(orig, new, inputs=inputs, dims=dims or None, seed=seed, runtime=runtime,
+              precision=precision)
     if as_json:
         print(json.dumps(res, indent=1))
     else:
         console.print("structure: " + ", ".join(f"{k} {v}" for k, v in res["structure"].items()))
+        if res.get("runtimes"):
+            console.print(f"runtimes: ORIG on {res['runtimes']['orig']}, NEW on {res['runtimes']['new']}")
         console.print(f"inputs: {res['inputs']}")
         t = Table(header_style="bold")
         for col in ("output", "max abs", "mean abs", "rel err", "cosine"):
@@ -518,6 +528,11 @@ def _emit_json(res: dict, out_json: Optional[Path], as_json: bool) -> bool:
 @app.command()
 def bench(models: List[Path] = typer.Argument(..., help="First = reference; .onnx files or folders"),
           ep: str = typer.Option("cpu", "--ep", help="Comma-separated: cpu, cuda, tensorrt, ..."),
+          runtime: str = typer.Option("ort", "--runtime", help="Comma-separated runtimes: ort "
+                                      "(on each --ep), openvino, tract."),
+          precision: str = typer.Option("f32", "--precision", help="What every runtime is pinned "
+                                        "to: f32 (default); openvino also bf16/f16 where the "
+                                        "CPU has them."),
           threads: Optional[int] = typer.Option(None, "--threads"),
           batch: str = typer.Option("1", "--batch", help="Comma-separated batch sizes."),
           seq: str = typer.Option("128", "--seq", help="Comma-separated sequence lengths."),
@@ -532,7 +547,8 @@ def bench(models: List[Path] = typer.Argument(..., help="First = reference; .onn
               "the files that were timed; `lrc report` matches them by path."),
           out_json: Optional[Path] = typer.Option(None, "--save", help="Also write the result JSON here."),
           as_json: bool = typer.Option(False, "--json")):
-    """Latency/throughput on ONNX Runtime EPs, models interleaved, with speedups and bounds."""
+    """Latency/throughput on ONNX Runtime EPs and other runtimes, models interleaved, with
+    speedups (to the first model on the same runtime) and bounds."""
     from lrc.measure import bench as B
     from lrc.present.bench import format_tables
 
@@ -550,7 +566,7 @@ def bench(models: List[Path] = typer.Argument(..., help="First = reference; .onn
     res = B.bench(models, eps=_split([ep]), threads=threads, batch_sizes=ints(batch, "batch"),
                   seq_lens=ints(seq, "seq"), decode_tokens=decode_tokens, warmup=warmup,
                   runs=runs, baselines=baselines or keep_baselines is not None,
-                  baselines_dir=keep_baselines,
+                  baselines_dir=keep_baselines, runtimes=_split([runtime]), precision=precision,
                   progress=(lambda msg: err.print(f"[dim]{msg}[/dim]")) if not as_json else None)
     if _emit_json(res, out_json, as_json):
         return

@@ -164,6 +164,7 @@ def test_encoders_interleaved(models):
     for r in rows.values():
         _check_stats(r)
         assert r["n"] == 25 and r["phase"] == "encoder" and r["batch"] == 1 and r["seq"] == 64
+        assert r["runtime"] == "ort" and r["ep"] == "cpu"  # the default: ORT's CPU EP only
     assert rows["big"]["speedup"] == 1.0
     # 384x384 x4 layers does ~290x the FLOPs of 32x32 x2 layers: it must be measured slower
     assert rows["big"]["p50_ms"] > rows["small"]["p50_ms"]

@@ -1,4 +1,4 @@
-"""Honest latency benchmarks of ONNX models with ONNX Runtime.
+"""Honest latency benchmarks of ONNX models on ONNX Runtime's providers and other runtimes.
 
 The pieces live where the rest of lrc finds them: timed IO-bound runs in
 :mod:`lrc.runtime.runner`, the Amdahl profile in :mod:`lrc.runtime.profile`, the machine record
@@ -19,6 +19,16 @@ module runs the protocol and assembles the result.
 * inputs are bound with IO binding on the EP's device (``cuda`` for CUDA / TensorRT, ``dml``
   for DirectML, ``cpu`` otherwise) and outputs are left on that device, so host<->device copies
   are not timed; for decoders the KV cache stays on the device between decode steps.
+
+Runtimes (:mod:`lrc.runtime.runtimes`): ``runtimes=("ort", "openvino", "tract")`` measures on each
+with the same protocol, one after the other: ORT on every EP of ``eps``, the others on their CPU
+device, pinned to ``precision`` (f32). Ratios are to the first model on the same runtime, never
+across runtimes. Before the warm-ups every model runs one untimed prefill and decode step (what a
+runtime compiles lazily is compiled then): a model a runtime cannot load or run is not measured
+there, a decoder whose decode step fails is measured on prefill only, and ``notes`` says why;
+when the first model fails, nothing is measured on that runtime. ORT sessions are strict (a GPU
+EP that fell back to the CPU is an error). Non-ORT runtimes take host tensors converted to their
+own before the clock starts (no IO binding); memory is probed for ORT sessions only.
 
 Encoders (no ``past_*`` inputs): latency of one forward pass at ``batch x seq``.
 Decoders (a KV cache, as :mod:`lrc.runtime.feeds` detects it: ``past_key_values.N.key``,
@@ -60,6 +70,10 @@ Result (JSON-serialisable dict, ``schema == "lrc.bench/1"``)::
                   "available_providers": [str], "gpu": str|None,
                   "loadavg_1min": float|None},
       "settings": {"eps": [str], "providers": [str], "threads": int|None,
+                   "runtimes": [str], "precision": "f32"|"f16"|"bf16",
+                   "targets": [{"key": str, "runtime": str, "provider": str|None,
+                                "describe": {"runtime", "title", "version", "device",
+                                             "precision", "threads", ...}}],
                    "threads_note": str, "batch_sizes": [int], "seq_lens": [int],
                    "decode_tokens": int, "warmup": int, "runs": int,
                    "interleaved": true, "allow_spinning": false,
@@ -70,11 +84,12 @@ Result (JSON-serialisable dict, ``schema == "lrc.bench/1"``)::
                   "flop_ratio": float|None, "flop_ratio_source": "graph"|"summary"|None,
                   "amdahl_bound": {"encoder"|"prefill"|"decode": float}|None,
                   "bytes_read": int|None, "bytes_bound": float|None, "quantized": bool,
-                  "sessions": {EP: {"load_s": float, "rss_after_load_mb": float,
+                  "sessions": {KEY: {"load_s": float, "runtime": str, "rss_after_load_mb": float,
                                     "rss_after_first_run_mb": float,
                                     "peak_rss_mb": float|None}},
                   "notes": [str]}],
-      "runs": [{"model": str, "ep": str, "phase": "encoder"|"prefill"|"decode",
+      "runs": [{"model": str, "runtime": str, "ep": KEY,
+                "phase": "encoder"|"prefill"|"decode",
                 "batch": int, "seq": int, "decode_tokens": int|None, "n": int,
                 "p50_ms": float, "p90_ms": float, "p99_ms": float, "mean_ms": float,
                 "std_ms": float, "min_ms": float, "speedup": float|None,
@@ -84,6 +99,9 @@ Result (JSON-serialisable dict, ``schema == "lrc.bench/1"``)::
                  "note": str} | None,
       "notes": [str]
     }
+
+``KEY`` is a target's key: the EP alias (``cpu``, ``cuda``) on ONNX Runtime, the runtime's name
+(``openvino``, ``tract``) otherwise; memory fields are ORT-only.
 """
 
 from __future__ import annotations
@@ -113,7 +131,8 @@ from lrc.runtime import quantizers
 from lrc.runtime.feeds import is_past, model_config
 from lrc.runtime.profile import amdahl_bound, profile_matmul_fraction
 from lrc.runtime.providers import device_of, lookup, resolve_ep
-from lrc.runtime.runner import Runner, timing_session
+from lrc.runtime.runner import Runner
+from lrc.runtime.runtimes import load as load_on, resolve_runtime, runtime_error
 
 __all__ = ["SCHEMA", "bench", "build_baselines", "copy_side_files", "model_name", "summary_for",
            "summary_flop_ratio"]
@@ -266,6 +285,65 @@ def copy_side_files(model_file: Path, out_dir: Path) -> list[Path]:
     return copied
 
 
+def _targets(eps: Sequence[str], runtimes: Sequence[str], precision: str) -> list[dict]:
+    """What bench measures on, in order: ``ort`` once per execution provider of ``eps``, each
+    other runtime once (on its CPU device). ``key`` names the target in rows and sessions: the EP
+    alias for ORT (``cpu``), the runtime's name otherwise. LrcError (one line) for a runtime that
+    is not installed or an EP this ORT build lacks, before any work."""
+    names = list(dict.fromkeys(str(r).strip().lower() for r in runtimes if str(r).strip())) or ["ort"]
+    if "ort" not in names and [str(e).lower() for e in eps] not in ([], ["cpu"]):
+        raise LrcError(f"--ep {','.join(eps)} names ONNX Runtime providers: add ort to --runtime")
+    out: list[dict] = []
+    for name in names:
+        rt = resolve_runtime(name, precision)
+        if rt.name == "ort":
+            for e in eps:
+                prov = resolve_ep(e)
+                out.append({"key": lookup(prov).alias, "runtime": "ort", "provider": prov})
+        else:
+            out.append({"key": rt.name, "runtime": rt.name, "provider": None})
+    keys = [t["key"] for t in out]
+    for t in out:  # an ORT provider called like a runtime (--ep openvino --runtime ort,openvino)
+        if t["runtime"] == "ort" and keys.count(t["key"]) > 1:
+            t["key"] = f"ort-{t['key']}"
+    return out
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, LrcError) else runtime_error(exc)
+
+
+def _trial_round(runners: list[Runner], target: dict, no_decode: dict[str, str], notes: list[str],
+                 log: Callable[[str], None]) -> list[Runner]:
+    """One untimed prefill and decode step per model (what a runtime compiles lazily, it
+    compiles here). A model whose prefill fails is not measured on this target; a decoder whose
+    decode step fails is measured on prefill only; both say why in ``notes``. Without the first
+    model (the reference of the ratios) nothing is measured on the target."""
+    key, kept = target["key"], []
+    for r in runners:
+        if r.name in no_decode:
+            r.step_values = []
+        try:
+            _, outs = r.run_bound(r.prefill_values)
+        except Exception as exc:  # noqa: BLE001 - any runtime's failure, said in one line
+            notes.append(f"[{key}] {r.name} not measured: {_reason(exc)}")
+            continue
+        if r.step_values:
+            try:
+                r.decode_step(r.step_values[0], outs)
+            except Exception as exc:  # noqa: BLE001
+                no_decode[r.name] = _reason(exc)
+                r.step_values = []
+                notes.append(f"[{key}] {r.name}: decode steps not measured (prefill only): "
+                             f"{no_decode[r.name]}")
+        kept.append(r)
+    if runners and (not kept or kept[0] is not runners[0]):
+        log(f"[{key}] the first model failed: nothing measured on {key}")
+        notes.append(f"[{key}] skipped: the first model (the reference) did not run")
+        return []
+    return kept
+
+
 # --------------------------------------------------------------------------------------------
 # the benchmark
 # --------------------------------------------------------------------------------------------
@@ -275,7 +353,8 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
           warmup: int = 3, runs: int = 30, baselines: bool = False,
           progress: Callable[[str], None] | None = None, workdir: str | Path | None = None,
           amdahl: bool = True, memory: bool = True,
-          baselines_dir: str | Path | None = None) -> dict:
+          baselines_dir: str | Path | None = None, runtimes: Sequence[str] = ("ort",),
+          precision: str = "f32") -> dict:
     """Benchmark ``models`` (``.onnx`` files or exported folders, found by
     :func:`lrc.graph.model.resolve_model_path`) interleaved; see the module doc.
 
@@ -287,13 +366,16 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
     with the first model's tokenizer and config files copied beside them when it is an exported
     folder, so ``lrc eval`` / ``lrc generate`` can run the very files that were timed (the
     result's ``models[i].path`` names them).
+    ``runtimes``: runtimes of :mod:`lrc.runtime.runtimes` (``ort`` runs on each of ``eps``);
+    ``precision``: what every runtime is pinned to (``f32``).
     """
     if not models:
         raise LrcError("bench: no models given")
     if runs < 1 or warmup < 0:
         raise LrcError("bench: runs must be >= 1 and warmup >= 0")
     log = progress or (lambda _m: None)
-    providers = [resolve_ep(e) for e in eps]  # fail fast, before any work
+    targets = _targets(eps, runtimes, precision)  # fail fast, before any work
+    providers = [t["provider"] for t in targets if t["runtime"] == "ort"]
     paths = [resolve_model_path(m) for m in models]
 
     machine = machine_info()  # before the work: was the machine busy with something else?
@@ -322,7 +404,7 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
             bdir = work / "baselines" if baselines_dir is None else Path(baselines_dir)
             if baselines_dir is not None:
                 copy_side_files(paths[0], bdir)
-            made, bnotes = build_baselines(paths[0], bdir, providers[0], log)
+            made, bnotes = build_baselines(paths[0], bdir, (providers or ["cpu"])[0], log)
             notes.extend(bnotes)
             for kind, p in made:
                 entries.append({"name": f"{entries[0]['name']}+{kind}", "path": str(p), "baseline": kind})
@@ -375,18 +457,30 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
             mem_method = "not measured (memory=False)"
 
         amdahl_info = None
-        for provider in providers:
-            ep_key = lookup(provider).alias
+        for target in targets:
+            ep_key, provider, is_ort = target["key"], target["provider"], target["runtime"] == "ort"
             runners: list[Runner] = []
-            for e in entries:
+            for i, e in enumerate(entries):
                 p = Path(e["path"])
                 log(f"[{ep_key}] loading {e['name']}")
                 t0 = time.perf_counter()
-                sess = timing_session(p, provider, threads)
+                try:
+                    loaded = load_on(p, target["runtime"], threads=threads, precision=precision,
+                                     provider=provider or "cpu", timing=True)
+                except LrcError as exc:
+                    if is_ort:
+                        raise
+                    notes.append(f"[{ep_key}] {e['name']} not measured: {exc}")
+                    if i == 0:  # no reference on this runtime: no ratios
+                        notes.append(f"[{ep_key}] skipped: the first model is the reference")
+                        runners = []
+                        break
+                    continue
                 load_s = time.perf_counter() - t0
-                r = Runner(sess, e["name"], provider, model_config(p))
-                sess_rec: dict[str, Any] = {"load_s": load_s}
-                if memory:
+                target.setdefault("describe", loaded.describe())
+                r = loaded.timer(e["name"], model_config(p))
+                sess_rec: dict[str, Any] = {"load_s": load_s, "runtime": target["runtime"]}
+                if memory and is_ort:
                     mem = measure_memory(p, provider, threads, batch_sizes[0], seq_lens[0])
                     if mem is None:
                         e["notes"].append("memory probe subprocess failed")
@@ -396,11 +490,13 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
                 e["sessions"][ep_key] = sess_rec
                 runners.append(r)
 
+            no_decode: dict[str, str] = {}
             for batch in batch_sizes:
                 for seq in seq_lens:
                     log(f"[{ep_key}] batch {batch} seq {seq}: preparing inputs")
                     for r in runners:
                         r.prepare(batch, seq, decode_tokens)
+                    runners = _trial_round(runners, target, no_decode, notes, log)
                     for w in range(warmup):
                         for r in runners:
                             r.one_round()
@@ -417,20 +513,22 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
                     rows = []
                     for r in runners:
                         ph = "prefill" if r.is_decoder else "encoder"
-                        rows.append({"model": r.name, "ep": ep_key, "phase": ph, "batch": batch, "seq": seq,
+                        where = {"model": r.name, "runtime": target["runtime"], "ep": ep_key}
+                        rows.append({**where, "phase": ph, "batch": batch, "seq": seq,
                                      "decode_tokens": None, **_stats(main[r.name]), "tokens_per_s": None})
                         if dec[r.name]:
                             s = _stats(dec[r.name])
-                            rows.append({"model": r.name, "ep": ep_key, "phase": "decode", "batch": batch,
+                            rows.append({**where, "phase": "decode", "batch": batch,
                                          "seq": seq, "decode_tokens": decode_tokens, **s,
                                          "tokens_per_s": batch * 1000.0 / s["p50_ms"]})
-                    ref = {row["phase"]: row["p50_ms"] for row in rows if row["model"] == runners[0].name}
+                    ref = ({row["phase"]: row["p50_ms"] for row in rows if row["model"] == entries[0]["name"]}
+                           if runners and runners[0].name == entries[0]["name"] else {})
                     for row in rows:
                         base = ref.get(row["phase"])
                         row["speedup"] = (base / row["p50_ms"]) if base and row["p50_ms"] > 0 else None
                     run_rows.extend(rows)
 
-            if amdahl and amdahl_info is None:
+            if amdahl and amdahl_info is None and is_ort:
                 log(f"[{ep_key}] profiling {entries[0]['name']} for the MatMul time fraction")
                 try:
                     prof = profile_matmul_fraction(Path(entries[0]["path"]), provider, threads, batch_sizes[0],
@@ -444,6 +542,8 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
                     notes.append(f"Amdahl profiling failed: {str(exc).splitlines()[0][:200]}")
             del runners
             gc.collect()
+        if not run_rows:
+            raise LrcError("bench: nothing could be measured: " + "; ".join(notes[-3:]))
 
         if amdahl_info:
             for e in entries[1:]:
@@ -456,6 +556,9 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
             "machine": machine,
             "settings": {
                 "eps": list(eps), "providers": providers, "threads": threads,
+                "runtimes": list(dict.fromkeys(t["runtime"] for t in targets)),
+                "precision": precision,
+                "targets": [{k: v for k, v in t.items()} for t in targets],
                 "threads_note": "ORT default (one per physical core)" if not threads else "intra_op_num_threads",
                 "batch_sizes": list(batch_sizes), "seq_lens": list(seq_lens), "decode_tokens": decode_tokens,
                 "warmup": warmup, "runs": runs, "interleaved": True, "allow_spinning": False,

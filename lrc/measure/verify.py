@@ -6,6 +6,12 @@ default (token ids within the vocabulary, masks of ones), or the user's arrays f
 and every output common to both is compared: max/mean absolute error, relative error
 ``‖a−b‖/‖a‖`` and cosine similarity (:func:`lrc.measure.drift.compare_arrays`, the metrics
 ``lrc eval --layers`` reports too).
+
+``runtime``: NEW runs on that runtime (:mod:`lrc.runtime.runtimes`: ``openvino``, ``tract``, pinned
+to ``precision``, f32 by default) while ORIG runs on ONNX Runtime's CPU EP, on the same feeds (built
+from ORIG's session by :mod:`lrc.runtime.feeds`): the error of the rewrite and of the runtime
+together; with ``verify(M, M, runtime=...)`` the runtime's own. A runtime that is not installed,
+or cannot load or run NEW, is one line (LrcError) with the reason.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import numpy as np
 from lrc.errors import LrcError
 from lrc.graph.model import resolve_model_path, structural_check
 from lrc.measure.drift import compare_arrays
+from lrc.runtime.runtimes import load as load_on
 from lrc.runtime.session import open_session
 
 
@@ -32,8 +39,10 @@ def load_inputs(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def verify(orig, new, inputs: str | Path | dict | None = None, dims: dict | None = None,
-           seed: int = 0, threads: int | None = None, structural: bool = True) -> dict:
-    """Check NEW structurally and compare its outputs with ORIG's on the same inputs."""
+           seed: int = 0, threads: int | None = None, structural: bool = True,
+           runtime: str = "ort", precision: str = "f32") -> dict:
+    """Check NEW structurally and compare its outputs (on ``runtime``) with ORIG's (on ONNX
+    Runtime) on the same inputs."""
     from lrc.runtime import feeds as F
 
     po, pn = resolve_model_path(orig), resolve_model_path(new)
@@ -42,12 +51,17 @@ def verify(orig, new, inputs: str | Path | dict | None = None, dims: dict | None
         result["structure"] = structural_check(pn)
     try:
         so = open_session(po, threads=threads)
-        sn = open_session(pn, threads=threads)
+        if runtime == "ort" and precision == "f32":
+            sn = open_session(pn, threads=threads)
+            result.setdefault("structure", {})["ort_cpu_session"] = "ok"
+        else:
+            sn = load_on(pn, runtime, threads=threads, precision=precision)
+            result.setdefault("structure", {})[f"{sn.runtime.name}_load"] = "ok"
+            result["runtimes"] = {"orig": "ONNX Runtime CPU EP", "new": _label(sn.describe())}
     except LrcError:
         raise
     except Exception as e:
         raise LrcError(f"ONNX Runtime could not load a model: {str(e).strip().splitlines()[0]}")
-    result.setdefault("structure", {})["ort_cpu_session"] = "ok"
     if isinstance(inputs, (str, Path)):
         feeds = load_inputs(inputs)
         result["inputs"] = f"from {inputs}"
@@ -65,7 +79,10 @@ def verify(orig, new, inputs: str | Path | dict | None = None, dims: dict | None
         raise LrcError(f"inputs lack {sorted(missing)}")
     try:
         out_o = so.run(None, {k: v for k, v in feeds.items() if k in names_o})
-        out_n = sn.run(None, {k: v for k, v in feeds.items() if k in names_n})
+        fn = {k: v for k, v in feeds.items() if k in names_n}
+        out_n = sn.run(None, fn) if runtime == "ort" and precision == "f32" else sn.run(fn)
+    except LrcError:
+        raise
     except Exception as e:
         raise LrcError(f"ONNX Runtime failed to run: {str(e).strip().splitlines()[0]}")
     o_names = [o.name for o in so.get_outputs()]
@@ -80,3 +97,8 @@ def verify(orig, new, inputs: str | Path | dict | None = None, dims: dict | None
     rels = [v["rel"] for v in outputs.values() if "rel" in v]
     result["worst_rel"] = max(rels) if rels else None
     return result
+
+
+def _label(d: dict) -> str:
+    thr = f", {d['threads']} threads" if d.get("threads") else ""
+    return f"{d['title']} {d.get('version') or ''} {d['device']}, {d['precision']}{thr}"

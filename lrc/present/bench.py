@@ -1,6 +1,8 @@
 """Terminal tables of a bench result (``lrc.measure.bench.bench``, schema ``lrc.bench/1``):
-the machine and protocol, the models (size, load time, memory, parameter ratio, Amdahl bound),
-latencies per execution provider and the profiled MatMul time fraction."""
+the machine and protocol with the runtimes measured on (version, device, precision, threads), the
+models (size, load time, memory, parameter ratio, Amdahl bound), latencies per runtime and
+execution provider, the profiled MatMul time fraction, and the notes (what a runtime could not
+run, and why)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ def format_tables(result: dict) -> list:
         t.add_row("GPU", str(m["gpu"]))
     t.add_row("onnxruntime", f"{m.get('onnxruntime')} ({', '.join(m.get('available_providers', []))})")
     t.add_row("EPs", ", ".join(s.get("eps", [])))
+    targets = {t_["key"]: t_ for t_ in s.get("targets", [])}
+    if targets:
+        t.add_row("runtimes", "; ".join(_target_label(x) for x in targets.values()))
     t.add_row("threads", str(s.get("threads") or s.get("threads_note", "default")))
     t.add_row("protocol", f"{s.get('warmup')} warm-ups, {s.get('runs')} runs round-robin, spinning off")
     tables.append(t)
@@ -49,7 +54,8 @@ def format_tables(result: dict) -> list:
 
     rows = result.get("runs", [])
     for ep in dict.fromkeys(r["ep"] for r in rows):
-        t = Table(title=f"Latency ({ep})")
+        title = _target_label(targets[ep]) if ep in targets else ep
+        t = Table(title=f"Latency ({title}); speedup: to the first model on the same runtime")
         for col in ("model", "phase", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "mean ms", "speedup", "tok/s"):
             t.add_column(col, justify="left" if col in ("model", "phase") else "right")
         for r in rows:
@@ -67,4 +73,22 @@ def format_tables(result: dict) -> list:
         for ph, f in amd["matmul_fraction"].items():
             t.add_row(ph, f"{f:.3f}")
         tables.append(t)
+    notes = list(result.get("notes", [])) + [f"{e['name']}: {n}" for e in result.get("models", [])
+                                             for n in e.get("notes", [])]
+    if notes:
+        t = Table(title="Notes", show_header=False)
+        t.add_column("note", overflow="fold")
+        for n in notes:
+            t.add_row(n)
+        tables.append(t)
     return tables
+
+
+def _target_label(target: dict) -> str:
+    """"ONNX Runtime 1.32.0 cpu, f32, 2 threads" for one entry of ``settings.targets``."""
+    d = target.get("describe") or {}
+    title = d.get("title") or target.get("runtime", "?")
+    thr = d.get("threads")
+    return (f"{title} {d.get('version') or ''} {d.get('device') or target.get('key')}, "
+            f"{d.get('precision', 'f32')}, {f'{thr} threads' if thr else 'default threads'}"
+            ).replace("  ", " ")
