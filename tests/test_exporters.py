@@ -24,6 +24,9 @@ def test_family_export_matches_torch(family, tmp_path):
     assert res.out_dir == (tmp_path / "onnx").resolve()
     assert (res.out_dir / "config.json").is_file()
     assert not list(tmp_path.glob(".onnx.tmp-*")), "temporary folder left behind"
+    # ONNX Runtime GenAI's config: decoders only (tests/test_genai.py runs them)
+    assert (res.out_dir / "genai_config.json").is_file() == (family in DECODERS)
+    assert res.genai.get("model") == ("model.onnx" if family in DECODERS else None), res.genai
 
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 200, size=(2, 7), dtype=np.int64)  # batch 2: dynamic batch axis

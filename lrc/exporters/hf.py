@@ -14,6 +14,12 @@ and sequence axes but *without* a KV cache: writing the cache plumbing by hand p
 what optimum exists for, so a decoder exported this way is generated from by recomputing the
 whole sequence each step (``lrc.generate`` handles both layouts).
 
+A decoder folder also gets ONNX Runtime GenAI's ``genai_config.json``, written from the exported
+graph by :mod:`lrc.graph.genai` (``ExportResult.genai`` says what was done, or why not). A GGUF
+source's tokenizer.json gets the plain ``ByteLevel`` decoder its SentencePiece-style one amounts
+to (:func:`lrc.graph.genai.byte_level_decoder`: the same text from every id, and GenAI's
+tokenizer reads it right).
+
 Writes are atomic: everything goes into a hidden temporary folder beside ``out_dir`` that is
 renamed into place at the end, so an interrupted export never leaves a half-written model.
 """
@@ -21,6 +27,7 @@ renamed into place at the end, so an interrupted export never leaves a half-writ
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -36,6 +43,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from lrc.errors import LrcError  # noqa: E402
+from lrc.graph import genai  # noqa: E402
 from lrc.graph.folder import replace  # noqa: E402
 from lrc.exporters.sources import KIND_GGUF, read_config, resolve_source  # noqa: E402
 
@@ -81,6 +89,7 @@ class ExportResult:
     seconds: float
     files: list[Path] = field(default_factory=list)  # every .onnx file written
     fallback_reason: str | None = None  # why optimum was not used, when it was not
+    genai: dict = field(default_factory=dict)  # lrc.graph.genai.write_config's report
 
 
 def find_onnx_files(directory: str | Path) -> list[Path]:
@@ -126,8 +135,19 @@ def _gguf_to_hf_folder(gguf: Path, dest: Path) -> None:
         raise LrcError(f"transformers cannot load {gguf.name}: {str(e).splitlines()[0]}") from e
     model.save_pretrained(dest)
     tok.save_pretrained(dest)
+    _byte_level_tokenizer(dest / "tokenizer.json")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(dest)
+
+
+def _byte_level_tokenizer(path: Path) -> None:
+    """Give a GGUF-converted byte-level BPE tokenizer.json the plain ByteLevel decoder its
+    SentencePiece-style one amounts to (see the module docstring)."""
+    if not path.is_file():
+        return
+    fixed = genai.byte_level_decoder(json.loads(path.read_text(encoding="utf-8")))
+    if fixed is not None:
+        path.write_text(json.dumps(fixed, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 def _copy_tokenizer_files(src: Path, dst: Path) -> None:
@@ -323,6 +343,9 @@ def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | Non
         files = find_onnx_files(tmp)
         if not files:
             raise LrcError(f"the exporter wrote no .onnx file for {path.name}")
+        described = genai.write_config(tmp)
+        if described["file"] is None and task.startswith("text-generation"):
+            log.info("no %s: %s", genai.CONFIG, described["reason"])
         replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -340,6 +363,7 @@ def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | Non
         seconds=time.perf_counter() - t0,
         files=files,
         fallback_reason=reason,
+        genai=described,
     )
 
 

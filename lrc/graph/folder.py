@@ -13,6 +13,10 @@ the models (compress, quantize, tune's candidates) must:
 ``transform_folder`` does all four; ``staged_folder`` is steps 1-2 and 4 around a block of the
 caller's own, and ``copy_aux`` / ``replace`` are the pieces, for a job (tune) that builds many
 candidate folders and moves one of them into place.
+
+A folder ``transform_folder`` writes also gets ONNX Runtime GenAI's ``genai_config.json`` when its
+model is a decoder (:mod:`lrc.graph.genai`, from the rewritten graph); the report of the model
+it names says what was done, or why no config was written.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from lrc.errors import LrcError
-from lrc.graph import model
+from lrc.graph import genai, model
 from lrc.graph.model import external_files, load_proto
 
 Transform = Callable[[Path, Path], dict]  # (source model file, where to write it) -> report
@@ -121,12 +125,16 @@ def transform_folder(src: str | os.PathLike, out: str | os.PathLike, transform: 
                      finish: Callable[[Path, dict], None] | None = None) -> dict[str, dict]:
     """Write ``out``: ``src``'s auxiliary files, and every model ``f`` as
     ``transform(f, tmp / f.name)`` made it. Returns ``{file name: report}``; each report's
-    ``output`` names the final path. ``finish(tmp, reports)`` runs last, before the rename (to
-    write a summary file; name it in ``skip`` so an input's old summary is not copied)."""
+    ``output`` names the final path; the decoder's (else the first) has ``genai``, what
+    :func:`lrc.graph.genai.write_config` did. ``finish(tmp, reports)`` runs last, before the
+    rename (to write a summary file; name it in ``skip`` so an input's old summary is not
+    copied)."""
     reports: dict[str, dict] = {}
     with staged_folder(src, out, force=force, skip=skip) as stage:
         for f in stage.models:
             reports[f.name] = transform(f, stage.tmp / f.name)
+        described = genai.write_config(stage.tmp)
+        reports.get(described.get("model"), next(iter(reports.values())))["genai"] = described
         for name, r in reports.items():
             r["output"] = str(stage.out / name)
         if finish is not None:
