@@ -9,8 +9,9 @@ For each bundled model (SmolLM2-135M, a decoder with a KV cache; all-MiniLM-L6-v
 
 1. takes the dense export (``lrc export``; an export already made by benchmarks/run.py or
    quant.py under bench-out/ is reused: the export is deterministic);
-2. compresses it into each of lrc's forms (``FORMS``: low rank at full rank and at rank 128,
-   int8 factors in both int8 forms, ``--quantize int4 --correct-rank 32``, ``--quantize int8``)
+2. compresses it into each of lrc's forms (``FORMS``: low rank at full rank and at rank 128
+   with int8 factors, ``--quantize int4 --correct-rank 32`` and ``--quantize int8`` in ONNX
+   Runtime's own ops and in the standard forms ``--target-runtime openvino / any`` writes)
    with ``lrc compress`` (a subprocess, as users run it);
 3. loads every form on every runtime (``lrc.runtime.runtimes``, f32) and runs it on the same feeds
    as on ONNX Runtime (``lrc.measure.verify.verify(FORM, FORM, runtime=R)``): does it run, and how
@@ -46,20 +47,25 @@ RUNTIMES = ("ort", "openvino", "tract")
 
 # forms: (key, label, lrc compress arguments; None = the dense export itself). Edit here.
 _LR = ["--rank", "128", "--method", "svd"]
+_C32 = ["--correct-rank", "32"]
 FORMS: list[tuple[str, str, list[str] | None]] = [
     ("dense", "dense (the export)", None),
     ("rank-full", "low rank, `--rank full` (exact rewrite)", ["--rank", "full", "--method", "svd"]),
-    ("rank-128", "low rank, `--rank 128` (plain SVD)", _LR),
     ("rank-128-int8", "rank 128, `--int8` factors (DynamicQuantizeLinear + MatMulInteger)",
      _LR + ["--int8"]),
-    ("rank-128-int8-qdq", "rank 128, `--int8 --int8-form qdq` (DequantizeLinear -> MatMul)",
-     _LR + ["--int8", "--int8-form", "qdq"]),
     ("int4-c32", "`--quantize int4 --correct-rank 32` (MatMulNBits, GatherBlockQuantized)",
-     ["--quantize", "int4", "--correct-rank", "32"]),
+     ["--quantize", "int4", *_C32]),
     ("int8", "`--quantize int8` (DynamicQuantizeMatMul, GatherBlockQuantized)",
      ["--quantize", "int8"]),
+    ("int4-c32-ov", "`--quantize int4 --correct-rank 32 --target-runtime openvino` "
+     "(block-wise DequantizeLinear, opset 21)",
+     ["--quantize", "int4", *_C32, "--target-runtime", "openvino"]),
+    ("int8w-any", "`--quantize int8-weight --target-runtime any` (per-column DequantizeLinear)",
+     ["--quantize", "int8-weight", "--target-runtime", "any"]),
+    ("int8-any", "`--quantize int8 --target-runtime any` (DynamicQuantizeLinear + "
+     "MatMulInteger)", ["--quantize", "int8", "--target-runtime", "any"]),
 ]
-QUICK_FORMS = ("dense", "rank-128-int8", "int4-c32")
+QUICK_FORMS = ("dense", "int4-c32", "int4-c32-ov")
 EXACT, CLOSE = 1e-4, 1e-2  # relative error vs ORT: f32 rounding / quantisation rounding
 
 

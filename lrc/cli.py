@@ -187,6 +187,12 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
              embedding: str = typer.Option(
                  "int8", "--embedding", help="With --quantize: store large embedding tables as "
                  "int8 or int4 (GatherBlockQuantized, rows in blocks), or keep them float."),
+             target_runtime: str = typer.Option(
+                 "ort", "--target-runtime", help="The runtime OUT is for: ort (ONNX Runtime's "
+                 "own quantised ops), openvino (standard DequantizeLinear, block-wise int4/int8 "
+                 "at opset 21), tract or any (standard ONNX every runtime lrc knows runs: "
+                 "per-column int8 weights, MatMulInteger; no 4-bit). What the target cannot run "
+                 "is refused; OUT is loaded on it when it is installed."),
              external_data: bool = typer.Option(False, "--external-data",
                                                 help="Write weights to OUT.data (automatic above 2 GB)."),
              force: bool = typer.Option(False, "--force", help="Overwrite OUT."),
@@ -229,6 +235,10 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
     config.correct_rank, config.correct_form = correct_rank, correct_form
     config.correct_budget = correct_budget
     config.embedding, config.smooth = embedding, smooth
+    config.target_runtime = target_runtime
+    if quantize_rest and target_runtime != "ort":
+        raise LrcError(f"--quantize-rest writes ONNX Runtime's own ops: not for "
+                       f"--target-runtime {target_runtime} (use --quantize int8-weight or int8)")
     if quantize and (quantize_rest or int8):
         raise LrcError("--quantize quantises every weight MatMul, lrc's factors included: "
                        f"drop {'--quantize-rest' if quantize_rest else '--int8'}")

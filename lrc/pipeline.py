@@ -93,16 +93,25 @@ class CompressConfig:
     correct_budget: float | None = None  # MB for --correct-rank auto
     embedding: str = "int8"  # with quantize: embedding tables int8 | int4 | float
     smooth: float = 0.0  # with quantize: SmoothQuant's alpha (0: off), lrc.graph.passes.smooth
+    # the runtime the output is for (lrc.graph.passes.quant.TARGETS): the quantised forms it
+    # runs; the written file is loaded on it when it is installed
+    target_runtime: str = "ort"
 
     def quant_spec(self) -> QuantSpec | None:
         """The :class:`QuantSpec` of the quantisation options (LrcError on a bad one)."""
+        from lrc.graph.passes.quant import TARGETS
+
+        if self.target_runtime not in TARGETS:
+            raise LrcError(f"--target-runtime must be one of {', '.join(TARGETS)}, got "
+                           f"{self.target_runtime!r}")
         if self.quantize is None:
             if str(self.correct_rank or 0) not in ("0", ""):
                 raise LrcError("--correct-rank corrects quantisation error: give --quantize too")
             return None
         return parse_spec(self.quantize, self.correct_rank, block_size=self.block_size,
                           accuracy_level=self.accuracy_level, correct_form=self.correct_form,
-                          embedding=self.embedding, budget_mb=self.correct_budget)
+                          embedding=self.embedding, budget_mb=self.correct_budget,
+                          target=self.target_runtime)
 
     @property
     def lowrank(self) -> bool:
@@ -287,6 +296,30 @@ def _quantize_only(model_or_path, model: ir.Model, path: Path | None, pol: Polic
     return model, report
 
 
+def _check_target(path: Path, target: str) -> dict:
+    """The written file loaded on the target runtime(s) (``any``: every one lrc knows) that are
+    installed: ``{"<runtime>_load": "ok" | "not installed"}``; LrcError (one line) when one
+    cannot load it."""
+    from lrc.runtime.runtimes import RUNTIMES, load, runtime_error
+
+    out = {}
+    for rt in RUNTIMES:
+        if rt.name == "ort" or target not in ("any", rt.name):
+            continue
+        if not rt.installed():
+            out[f"{rt.name}_load"] = "not installed"
+            continue
+        try:
+            load(path, rt.name)
+        except LrcError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the runtime's own error, as one line
+            raise LrcError(f"--target-runtime {target}: {rt.name} cannot load the output: "
+                           f"{runtime_error(e)}") from None
+        out[f"{rt.name}_load"] = "ok"
+    return out
+
+
 def run_passes(passes: list, model: ir.Model) -> ir.passes.PassResult:
     """Run ``passes`` in order with onnx-ir's pass manager (each pass's ``requires`` and
     ``ensures`` checked); a user error inside a pass comes out as that LrcError, not wrapped."""
@@ -441,6 +474,7 @@ def compress_file(src: Path, out: Path, config: CompressConfig, *, external_data
         if check:
             checks.update(M.structural_check(staged.path))
             checks.update(check_loads(staged.path))
+            checks.update(_check_target(staged.path, config.target_runtime))
     except BaseException:
         staged.discard()
         raise

@@ -104,6 +104,22 @@ def dequantize(bq: BlockQuant) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(bq.n, -1)[:, :bq.k].T)
 
 
+def signed_codes(bq: BlockQuant) -> np.ndarray:
+    """The codes of ``bq`` as signed ``[K, N]`` values (``ml_dtypes.int4`` for 4 bits, int8
+    for 8): what ``DequantizeLinear(codes, bq.scales.T, axis=0, block_size)`` multiplies by its
+    scales (symmetric, zero point 0) to give :func:`dequantize`."""
+    import ml_dtypes
+
+    p = bq.packed
+    if bq.bits == 4:
+        q = np.stack([p & 0x0F, p >> 4], axis=-1).reshape(bq.n, p.shape[1], -1)
+    else:
+        q = p
+    mid = 1 << (bq.bits - 1)
+    c = (q.astype(np.int16) - mid).reshape(bq.n, -1)[:, :bq.k].T
+    return np.ascontiguousarray(c.astype(ml_dtypes.int4 if bq.bits == 4 else np.int8))
+
+
 def quantize_columns(w: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-column int8 in ``[-qmax, qmax]``: (int8 matrix, float32 scales) with
     ``w ≈ q * scales``."""

@@ -196,6 +196,9 @@ def test_factor_matmuls_are_quantised_not_corrected():
     (["--quantize", "int4", "--quantize-rest", "int8"], "drop --quantize-rest"),
     (["--quantize", "int4", "--correct-rank", "auto", "--correct-budget", "0"],
      "--correct-budget must be > 0"),
+    (["--quantize", "int4", "--target-runtime", "tract"], "cannot be expressed for"),
+    (["--quantize", "int8", "--target-runtime", "tvm"], "--target-runtime must be one of"),
+    (["--rank", "4", "--quantize-rest", "int4", "--target-runtime", "any"], "not for"),
 ])
 def test_cli_bad_quantize_options(tmp_path, args, msg):
     from test_cli import _one_line_error, lrc as cli
@@ -421,3 +424,68 @@ def test_sequential_beats_one_shot_correction(tmp_path):
         ref = run_y(proto, feeds)
         e_seq, e_one = rel_err(run_y(seq, feeds), ref), rel_err(run_y(one, feeds), ref)
         assert e_seq < 0.9 * e_one, (e_seq, e_one)
+
+
+# ------------------------------------------------------------------ --target-runtime forms
+
+
+def _on(runtime, proto, feeds, tmp_path):
+    """Outputs of ``proto`` on ``runtime`` (lrc.runtime.runtimes), in graph-output order."""
+    from lrc.runtime.runtimes import load
+
+    p = tmp_path / f"{runtime}.onnx"
+    onnx.save(proto, p)
+    return load(p, runtime).run(feeds)
+
+
+def test_openvino_target_is_standard_block_dequantize(tmp_path):
+    """``--target-runtime openvino``: int4 with the concat correction becomes MatMul on a
+    block-wise DequantizeLinear of int4 codes (opset 21, no com.microsoft op) holding exactly
+    the numbers of ORT's MatMulNBits form: OpenVINO's outputs equal that form's float compute
+    (ORT itself fuses the pattern back into MatMulNBits with int8 activations: close)."""
+    proto = shared_input(d=32, outs=(32, 16, 16))
+    x = RNG.standard_normal((50, 32)).astype(np.float32) * np.linspace(2, 0.2, 32).astype(np.float32)
+    feeds = {"x2d": x, "z": RNG.standard_normal((50, 32)).astype(np.float32)}
+    corr = _gram_corrector(x.T.astype(np.float64) @ x)
+    ort_q, _ = _apply(proto, QuantSpec("int4", 16, 0, 16, embedding="float"), corr)
+    std, rec = _apply(proto, QuantSpec("int4", 16, 0, 16, embedding="float", target="openvino"),
+                      corr)
+    ops = [n.op_type for n in std.graph.node]
+    assert ops.count("DequantizeLinear") == 4 and "MatMulNBits" not in ops
+    assert {o.domain for o in std.opset_import} == {""} and std.opset_import[0].version == 21
+    assert {n.form for n in rec.nodes} == {"concat"}
+    onnx.checker.check_model(std, full_check=True)
+    want = run(ort_q, feeds)
+    for g, w in zip(_on("openvino", std, feeds, tmp_path), want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+    for g, w in zip(run(std, feeds), want):
+        assert np.linalg.norm(g - w) < 0.02 * np.linalg.norm(w)
+
+
+def test_tract_target_is_per_column_int8(tmp_path):
+    """``--target-runtime tract``: int8-weight is MatMul on a per-column DequantizeLinear
+    (opset 13), int8 is DynamicQuantizeLinear + MatMulInteger, the embedding a per-row
+    DequantizeLinear before the Gather; tract runs them as ORT does; int4 is refused."""
+    proto = tied_head(vocab=4096, d=256)
+    ids = np.array([[0, 7, 4095]], np.int64)
+    e = onnx.numpy_helper.to_array(proto.graph.initializer[0])
+    q8, s8 = quantize_columns(e.T, 127)  # the table's rows = the head's columns: one code set
+    deq = q8.astype(np.float32) * s8
+    for scheme, op in (("int8-weight", "DequantizeLinear"), ("int8", "MatMulInteger")):
+        q, rec = _apply(proto, QuantSpec(scheme, target="tract"))
+        ops = [n.op_type for n in q.graph.node]
+        assert op in ops and "Gather" in ops and not any(
+            o.domain == "com.microsoft" for o in q.opset_import), ops
+        assert rec.embeddings and rec.embeddings[0]["bytes_after"] < \
+            rec.embeddings[0]["bytes_before"] / 3
+        got = _on("tract", q, {"ids": ids}, tmp_path)[0]
+        if scheme == "int8-weight":  # float compute on the stored codes
+            np.testing.assert_allclose(got, deq.T[ids] @ deq, rtol=1e-4, atol=1e-3)
+        else:  # integer GEMM on dynamically quantised activations: ORT's result
+            np.testing.assert_allclose(got, run(q, {"ids": ids})[0], rtol=1e-4, atol=1e-3)
+        ref = e[ids] @ e.T
+        assert np.linalg.norm(got - ref) < 0.05 * np.linalg.norm(ref)
+    with pytest.raises(LrcError, match="tract.*4-bit"):
+        QuantSpec("int4", target="tract")
+    with pytest.raises(LrcError, match="GatherBlockQuantized"):
+        QuantSpec("int8", embedding="int4", target="any")

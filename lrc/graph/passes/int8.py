@@ -102,17 +102,19 @@ class Int8FactorsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(nodes))
 
 
-def _qdq(graph: ir.Graph, node: ir.Node, qv: ir.Value, sv: ir.Value, shared: dict) -> None:
-    """Weight-only: ``MatMul(X, DequantizeLinear(Fq, s, axis=1))``."""
+def _qdq(graph: ir.Graph, node: ir.Node, qv: ir.Value, sv: ir.Value, shared: dict) -> ir.Node:
+    """Weight-only: ``MatMul(X, DequantizeLinear(Fq, s, axis=1))``. Returns the MatMul."""
     out = ir.Value(name=unique_name(graph, f"{qv.name}_dq"))
     dq = ir.Node("", "DequantizeLinear", [qv, sv], attributes=[ir.AttrInt64("axis", 1)],
                  outputs=[out], name=f"{node.name}/dq")
     node.graph.insert_before(node, dq)
     node.replace_input_with(1, out)
+    return node
 
 
-def _dynamic(graph: ir.Graph, node: ir.Node, qv: ir.Value, sv: ir.Value, dql: dict) -> None:
-    """``Cast(MatMulInteger(DynamicQuantizeLinear(X), Fq), float) * (xs * s)``."""
+def _dynamic(graph: ir.Graph, node: ir.Node, qv: ir.Value, sv: ir.Value, dql: dict) -> ir.Node:
+    """``Cast(MatMulInteger(DynamicQuantizeLinear(X), Fq), float) * (xs * s)``. Returns the
+    final Mul (it takes ``node``'s place, output and name)."""
     x = node.inputs[0]
     key = (id(x), id(node.graph))  # a quantised input is shared only within one graph
     if key not in dql:
@@ -141,9 +143,10 @@ def _dynamic(graph: ir.Graph, node: ir.Node, qv: ir.Value, sv: ir.Value, dql: di
     out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
     node.graph.remove(node, safe=True)
     new.outputs[0].name = out.name
+    return new
 
 
-Rewrite = Callable[[ir.Graph, ir.Node, ir.Value, ir.Value, dict], None]
+Rewrite = Callable[[ir.Graph, ir.Node, ir.Value, ir.Value, dict], ir.Node]
 
 
 @dataclass(frozen=True)

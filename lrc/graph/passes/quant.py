@@ -47,7 +47,7 @@ from lrc.graph.passes.lowrank import add_initializer, unique_name
 from lrc.graph.policy import check_selector, selector_matches
 from lrc.graph.plan import effective_weight
 from lrc.quantmath import (BlockQuant, dequantize, quantize_blockwise, quantize_columns,
-                           valid_block_size, whitened_error)
+                           signed_codes, valid_block_size, whitened_error)
 
 MS = "com.microsoft"
 SCHEMES = {"int4": 4, "int8-weight": 8, "int8": 8}
@@ -57,6 +57,27 @@ EMBED_MIN = 1 << 20  # tables with fewer elements stay float (positions, token t
 INT8_QMAX = 63
 AUTO_RANK = 32  # --correct-rank auto spends by default what this uniform rank costs
 AUTO_MAX_BLOCKS = 8  # at most 8 blocks of rank per group  # u8·s8 safe on CPUs without VNNI (see lrc.graph.passes.int8._U8S8_SAFE)
+
+# What each target runtime executes (--target-runtime), per scheme: ``nbits``
+# (com.microsoft.MatMulNBits), ``dqmatmul`` (com.microsoft.DynamicQuantizeMatMul), ``dq-block``
+# (MatMul on DequantizeLinear of block-wise int4/int8 codes: standard ONNX at opset 21),
+# ``dq-column`` (MatMul on DequantizeLinear of per-column int8: opset 13), ``dynamic``
+# (DynamicQuantizeLinear + MatMulInteger: opset 10); None: the runtime has no such form, the
+# pass refuses. Embedding tables: ``gbq`` (com.microsoft.GatherBlockQuantized), ``dq-row``
+# (Gather of DequantizeLinear of per-row int8). Measured (benchmarks/runtimes.py, OpenVINO
+# 2026.4, tract 0.23): OpenVINO runs block-wise DequantizeLinear int4/int8 at opset 21 (and
+# ORT's own ops, rounding differently); tract runs per-axis int8 DequantizeLinear and
+# MatMulInteger but neither int4 nor block-wise DequantizeLinear, nor GatherBlockQuantized at 8
+# bits. ``any``: what every runtime lrc knows runs.
+TARGETS: dict[str, dict[str, str | None]] = {
+    "ort": {"int4": "nbits", "int8-weight": "nbits", "int8": "dqmatmul", "embedding": "gbq"},
+    "openvino": {"int4": "dq-block", "int8-weight": "dq-block", "int8": "dynamic",
+                 "embedding": "dq-row"},
+    "tract": {"int4": None, "int8-weight": "dq-column", "int8": "dynamic",
+              "embedding": "dq-row"},
+    "any": {"int4": None, "int8-weight": "dq-column", "int8": "dynamic", "embedding": "dq-row"},
+}
+DQ_BLOCK_OPSET = 21  # DequantizeLinear's block_size and int4 arrived in opset 21
 
 # corrector(targets, W_cat [K, sum N], E_cat [K, sum N], rank) -> (Factors | None, info);
 # info: {"werr_before": [...], "werr_after": [...]} per target (relative whitened errors).
@@ -78,8 +99,22 @@ class QuantSpec:
     # gains most per byte, under budget_mb extra MB (None: what a uniform AUTO_RANK costs)
     auto: bool = False
     budget_mb: float | None = None
+    target: str = "ort"  # the runtime the forms are for (TARGETS)
 
     def __post_init__(self):
+        if self.target not in TARGETS:
+            raise LrcError(f"--target-runtime must be one of {', '.join(TARGETS)}, got "
+                           f"{self.target!r}")
+        for scheme in {self.scheme, *(sch for _, sch, _ in self.overrides if sch)}:
+            if scheme in SCHEMES and TARGETS[self.target][scheme] is None:
+                raise LrcError(
+                    f"--quantize {scheme} cannot be expressed for --target-runtime "
+                    f"{self.target}: it runs no 4-bit weights (no int4 or block-wise "
+                    f"DequantizeLinear); use --quantize int8-weight or int8 there, or "
+                    f"--target-runtime ort / openvino")
+        if self.embedding == "int4" and self.target != "ort":
+            raise LrcError(f"--embedding int4 is ONNX Runtime's GatherBlockQuantized: not for "
+                           f"--target-runtime {self.target} (use int8 or float)")
         for sel, scheme, rank in self.overrides:
             check_selector(sel)
             if scheme is not None and scheme not in SCHEMES:
@@ -108,6 +143,16 @@ class QuantSpec:
         return SCHEMES[self.scheme]
 
     @property
+    def form(self) -> str:
+        """The node form this spec's scheme takes on its target (TARGETS)."""
+        return TARGETS[self.target][self.scheme]
+
+    @property
+    def column(self) -> bool:
+        """Per-column int8 weights (no blocks): ``int8`` and the ``dq-column`` form."""
+        return self.scheme == "int8" or self.form == "dq-column"
+
+    @property
     def any_rank(self) -> bool:
         return bool(self.correct_rank) or any(r for _, _, r in self.overrides)
 
@@ -123,20 +168,29 @@ class QuantSpec:
         return replace(self, scheme=scheme, correct_rank=rank, overrides=())
 
     def describe(self) -> str:
-        if self.scheme == "int8":
-            what = "INT8 dynamic (DynamicQuantizeMatMul, 7-bit per-column weights)"
-        else:
-            what = (f"{self.bits}-bit MatMulNBits, block {self.block_size}, "
-                    f"accuracy_level {self.accuracy_level}")
+        what = {
+            "dqmatmul": "INT8 dynamic (DynamicQuantizeMatMul, 7-bit per-column weights)",
+            "dynamic": "INT8 dynamic (DynamicQuantizeLinear + MatMulInteger, 7-bit per-column "
+                       "weights)",
+            "nbits": f"{self.bits}-bit MatMulNBits, block {self.block_size}, "
+                     f"accuracy_level {self.accuracy_level}",
+            "dq-block": f"{self.bits}-bit DequantizeLinear, block {self.block_size} (opset "
+                        f"{DQ_BLOCK_OPSET}) + MatMul",
+            "dq-column": "8-bit per-column DequantizeLinear + MatMul",
+        }[self.form]
+        if self.target != "ort":
+            what += f" for {self.target}"
         if self.embedding != "float":
-            what += f"; embedding tables {self.embedding} (GatherBlockQuantized)"
+            what += (f"; embedding tables {self.embedding} ("
+                     + ("GatherBlockQuantized" if self.target == "ort" else
+                        "per-row DequantizeLinear + Gather") + ")")
         if self.auto:
-            form = "add" if self.scheme == "int8" else self.correct_form
+            form = "add" if self.column else self.correct_form
             budget = (f"{self.budget_mb:g} MB" if self.budget_mb is not None else
                       f"the bytes of a uniform rank {AUTO_RANK}")
             what += f", whitened correction, ranks allocated under {budget} ({form} form)"
         elif self.correct_rank:
-            form = "add" if self.scheme == "int8" else self.correct_form
+            form = "add" if self.column else self.correct_form
             what += f", rank-{self.correct_rank} whitened correction ({form} form)"
         for sel, scheme, rank in self.overrides:
             what += f"; {sel}: " + ", ".join(x for x in (
@@ -288,8 +342,13 @@ class QuantizePass(ir.passes.InPlacePass):
             raise ir.passes.PreconditionError("QuantizePass: correct_rank > 0 needs a corrector")
 
     def ensures(self, model: ir.Model) -> None:
+        def dequantized(v):  # a standard form's weight: DequantizeLinear's output
+            return v is not None and v.producer() is not None \
+                and v.producer().op_type == "DequantizeLinear"
+
         left = {n.name for n in ir.traversal.RecursiveGraphIterator(model.graph)
-                if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")}
+                if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")
+                and not dequantized(n.inputs[1])}
         bad = [n for n in self._names if n in left]
         if bad:
             raise ir.passes.PostconditionError(f"QuantizePass left float MatMuls: {bad[:5]}")
@@ -299,9 +358,20 @@ class QuantizePass(ir.passes.InPlacePass):
         targets, self.record.skipped = quant_targets(model, self.select)
         if not targets:
             return ir.passes.PassResult(model, modified=False)
-        model.opset_imports.setdefault(MS, 1)
         self._names = [t.name for t in targets]
         groups = self.groups(targets)
+        self._shared: dict = {}  # the dynamic form's quantised inputs, one per input
+        forms = {spec.form for spec, _ in groups}
+        if forms & {"nbits", "dqmatmul"} or (self.spec.target == "ort"
+                                             and self.spec.embedding != "float"):
+            model.opset_imports.setdefault(MS, 1)
+        if "dq-block" in forms and model.opset_imports.get("", 1) < DQ_BLOCK_OPSET:
+            # Standard ops changed from opset 18 to 21 only by new types (int4, float8...) and
+            # backward-compatible attributes; checker, shape inference and a session check the
+            # written file (lrc.pipeline).
+            self.record.notes.append(f"opset {model.opset_imports.get('', 1)} -> "
+                                     f"{DQ_BLOCK_OPSET} for block-wise DequantizeLinear")
+            model.opset_imports[""] = DQ_BLOCK_OPSET
         if self.spec.auto:
             groups = self._allocate(groups)
         done = 0
@@ -321,8 +391,10 @@ class QuantizePass(ir.passes.InPlacePass):
     def _embeddings(self, graph: ir.Graph) -> None:
         """``Gather(table, ids)`` on a large float table -> ``GatherBlockQuantized`` with the
         table quantised along its rows (blocks of ``block_size``), when nothing but Gathers
-        (and Transposes no one reads any more) uses the table."""
+        (and Transposes no one reads any more) uses the table. Other targets than ORT:
+        ``Gather(DequantizeLinear(int8 table, one scale per row, axis=0), ids)``."""
         bits = EMBEDDING[self.spec.embedding]
+        standard = TARGETS[self.spec.target]["embedding"] == "dq-row"
         bs = self.spec.block_size if valid_block_size(self.spec.block_size) else 32
         done: dict = {}
         for node in list(ir.traversal.RecursiveGraphIterator(graph)):
@@ -339,6 +411,23 @@ class QuantizePass(ir.passes.InPlacePass):
             users = [u for u, _ in table.uses()]
             if any(u.op_type != "Gather" and not (u.op_type == "Transpose"
                                                  and not u.outputs[0].uses()) for u in users):
+                continue
+            if standard:
+                if id(table) not in done:
+                    q, s = quantize_columns(tv.numpy().T, 127)  # per row of the table
+                    qv = add_initializer(graph, f"{table.name}_q8", np.ascontiguousarray(q.T))
+                    sv = add_initializer(graph, f"{table.name}_rowscale", s)
+                    out = ir.Value(name=unique_name(graph, f"{table.name}_dq"))
+                    graph.insert_before(graph[0], ir.Node(
+                        "", "DequantizeLinear", [qv, sv], outputs=[out],
+                        attributes=[ir.AttrInt64("axis", 0)], name=f"{table.name}/lrc_dq"))
+                    done[id(table)] = (out, q.nbytes + s.nbytes)
+                out, nbytes = done[id(table)]
+                node.replace_input_with(0, out)
+                self.record.embeddings.append({
+                    "name": node.name, "table": table.name, "shape": [v, k], "bits": 8,
+                    "block_size": None, "bytes_before": v * k * 4, "bytes_after": int(nbytes)})
+                self._drop_table(graph, table)
                 continue
             if id(table) not in done:  # one quantised table for every Gather of it
                 bq = quantize_blockwise(tv.numpy().T, bits, bs)  # table rows = columns of W
@@ -357,12 +446,17 @@ class QuantizePass(ir.passes.InPlacePass):
             self.record.embeddings.append({
                 "name": node.name, "table": table.name, "shape": [v, k], "bits": bits,
                 "block_size": bs, "bytes_before": v * k * 4, "bytes_after": int(nbytes)})
-            for u, _ in list(table.uses()):  # the quantised head's old Transpose
-                if u.op_type == "Transpose" and not u.outputs[0].uses() \
-                        and not u.outputs[0].is_graph_output():
-                    u.graph.remove(u, safe=True)
-            if not table.uses() and graph.initializers.get(table.name) is table:
-                del graph.initializers[table.name]
+            self._drop_table(graph, table)
+
+    @staticmethod
+    def _drop_table(graph: ir.Graph, table: ir.Value) -> None:
+        """The float table, once no Gather reads it (nor the quantised head's old Transpose)."""
+        for u, _ in list(table.uses()):
+            if u.op_type == "Transpose" and not u.outputs[0].uses() \
+                    and not u.outputs[0].is_graph_output():
+                u.graph.remove(u, safe=True)
+        if not table.uses() and graph.initializers.get(table.name) is table:
+            del graph.initializers[table.name]
 
     def groups(self, targets: list[Target]) -> list[tuple[QuantSpec, list[Target]]]:
         """``(spec, members)``: targets that read one tensor with one scheme and rank are
@@ -391,8 +485,8 @@ class QuantizePass(ir.passes.InPlacePass):
                          dtype=np.float32) for t in group]
         hats, quants = [], []
         for w in ws:
-            if spec.scheme == "int8":
-                q, s = quantize_columns(w, INT8_QMAX)
+            if spec.column:
+                q, s = quantize_columns(w, INT8_QMAX if spec.scheme == "int8" else 127)
                 quants.append((q, s))
                 hats.append(q.astype(np.float32) * s)
             else:
@@ -423,8 +517,8 @@ class QuantizePass(ir.passes.InPlacePass):
             sig2 = spectrum(group, np.concatenate(ws, axis=1),
                             np.concatenate([w - h for w, h in zip(ws, hats)], axis=1))
             k, n = ws[0].shape[0], sum(w.shape[1] for w in ws)
-            bs = spec.block_size if spec.scheme != "int8" else AUTO_RANK
-            concat = spec.scheme != "int8" and spec.correct_form == "concat" and not k % bs
+            bs = spec.block_size if not spec.column else AUTO_RANK
+            concat = not spec.column and spec.correct_form == "concat" and not k % bs
             # bytes of one block of rank: A's columns (fp32) and B's rows (the scheme's bits
             # and one scale per column in the concat form; fp32 in the add form)
             cost = k * bs * 4 + (n * bs * spec.bits // 8 + n * 4 if concat else n * bs * 4)
@@ -483,7 +577,7 @@ class QuantizePass(ir.passes.InPlacePass):
         if f is not None:
             k = ws[0].shape[0]
             form = spec.correct_form
-            if spec.scheme == "int8" or k % spec.block_size:
+            if spec.column or k % spec.block_size:
                 form = "add"
         offsets = np.cumsum([0] + [w.shape[1] for w in ws])
         bs = [None if f is None else f.b[:, offsets[i]:offsets[i + 1]] for i in range(len(ws))]
@@ -512,7 +606,7 @@ class QuantizePass(ir.passes.InPlacePass):
             if form == "concat":
                 if t_val is None:
                     t_val = self._concat_input(graph, t, a_pad)
-                after = self._nbits_concat(graph, t, qz, t_val)
+                after = self._concat_node(graph, t, qz, t_val, spec)
             else:
                 after = self._emit(graph, t, qz, spec)
                 if f is not None:
@@ -528,7 +622,7 @@ class QuantizePass(ir.passes.InPlacePass):
             self.record.nodes.append(QuantNode(
                 name=t.name, role=t.role, block=t.block, shape=list(w.shape),
                 scheme=spec.scheme, bits=spec.bits,
-                block_size=None if spec.scheme == "int8" else spec.block_size,
+                block_size=None if spec.column else spec.block_size,
                 rank=0 if f is None else f.rank, form=form,
                 werr_before=None if werr_b is None else round(werr_b, 6),
                 werr_after=None if werr_a is None else round(werr_a, 6),
@@ -549,19 +643,45 @@ class QuantizePass(ir.passes.InPlacePass):
         return node, bq.nbytes
 
     def _emit(self, graph, t: Target, qz, spec: QuantSpec) -> int:
-        """Replace ``t``'s MatMul by the scheme's quantised node (same input, same output)."""
+        """Replace ``t``'s MatMul by the spec's form (same input, same output)."""
+        from lrc.graph.passes.int8 import FORMS
+
         x = t.node.inputs[0]
-        if spec.scheme == "int8":
+        form = spec.form
+        if form in ("dynamic", "dq-column"):  # lrc.graph.passes.int8's standard forms
+            q, s = qz
+            qv = add_initializer(graph, f"{t.weight.name}_q8", q)
+            sv = add_initializer(graph, f"{t.weight.name}_scale", s)
+            mm = ir.Node("", "MatMul", [x, qv], num_outputs=1, name=t.name)
+            _replace(t.node, mm)
+            t.node = FORMS["dynamic" if form == "dynamic" else "qdq"].rewrite(
+                graph, mm, qv, sv, self._shared)
+            return q.nbytes + s.nbytes
+        if form == "dqmatmul":
             q, s = qz
             qv = add_initializer(graph, f"{t.weight.name}_q8", q)
             sv = add_initializer(graph, f"{t.weight.name}_scale", s)
             node = ir.Node(MS, "DynamicQuantizeMatMul", [x, qv, sv], num_outputs=1, name=t.name)
             nbytes = q.nbytes + s.nbytes
+        elif form == "dq-block":
+            node, nbytes = self._dq_block_node(graph, t, x, qz)
         else:
             node, nbytes = self._nbits_node(graph, t, x, qz)
         _replace(t.node, node)
         t.node = node
         return nbytes
+
+    def _dq_block_node(self, graph, t: Target, x: ir.Value, bq: BlockQuant) -> tuple[ir.Node, int]:
+        """``MatMul(x, DequantizeLinear(codes [K, N], scales [K/block, N], axis=0,
+        block_size))``: the standard form of MatMulNBits' math (symmetric, zero point 0)."""
+        cv = add_initializer(graph, f"{t.weight.name}_i{bq.bits}", signed_codes(bq))
+        sv = add_initializer(graph, f"{t.weight.name}_scales", np.ascontiguousarray(bq.scales.T))
+        w = ir.Value(name=unique_name(graph, f"{t.name}/lrc_dq_out"))
+        dq = ir.Node("", "DequantizeLinear", [cv, sv], outputs=[w], name=f"{t.name}/lrc_dq",
+                     attributes=[ir.AttrInt64("axis", 0),
+                                 ir.AttrInt64("block_size", bq.block_size)])
+        t.node.graph.insert_before(t.node, dq)
+        return ir.Node("", "MatMul", [x, w], num_outputs=1, name=t.name), bq.nbytes
 
     def _a_product(self, graph, t: Target, a: np.ndarray) -> ir.Value:
         av = add_initializer(graph, f"{t.weight.name}.lrc_corrA{a.shape[1]}", a)
@@ -597,9 +717,13 @@ class QuantizePass(ir.passes.InPlacePass):
         t.node.graph.insert_before(t.node, cat)
         return xt
 
-    def _nbits_concat(self, graph, t: Target, bq: BlockQuant, xt: ir.Value) -> int:
-        """One MatMulNBits on ``Concat([X, T])`` with the weight ``[W; B]`` (quantised)."""
-        node, nbytes = self._nbits_node(graph, t, xt, bq)
+    def _concat_node(self, graph, t: Target, bq: BlockQuant, xt: ir.Value,
+                     spec: QuantSpec) -> int:
+        """One quantised MatMul on ``Concat([X, T])`` with the weight ``[W; B]``."""
+        if spec.form == "dq-block":
+            node, nbytes = self._dq_block_node(graph, t, xt, bq)
+        else:
+            node, nbytes = self._nbits_node(graph, t, xt, bq)
         _replace(t.node, node)
         t.node = node
         return nbytes
