@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lrc-installed
 
-.PHONY: test demo bench bench-quant bench-allocation bench-tune clean
+.PHONY: test demo bench bench-quant bench-runtimes bench-allocation bench-tune cuda-check cuda-prepare clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ bench: $(STAMP)
 
 bench-quant: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/quant.py
+
+bench-runtimes: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/runtimes.py
+
+# the CUDA script's path on the CPU EP (no GPU needed); gpu-carry/ for a GPU machine without network
+cuda-check: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/test_cuda.py tests/test_cuda_script.py
+
+cuda-prepare: $(STAMP)
+	PY=$(BIN)/python bash benchmarks/cuda_prepare.sh
 
 bench-allocation: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/allocation.py

@@ -67,6 +67,8 @@ LRC_VARIANTS: list[tuple[str, str, list[str]]] = [
     ("lrc-int4-r64", "lrc int4 + rank-64 correction", _I4 + ["--correct-rank", "64"]),
     ("lrc-int4-r32-h128", "lrc int4 + rank-32 correction, head rank 128",
      _I4 + ["--correct-rank", "32,head=128"]),
+    ("lrc-int4-r32-h128-seq", "lrc int4 + rank-32 correction, head rank 128, sequential (--update)",
+     _I4 + ["--correct-rank", "32,head=128", "--update"]),
     ("lrc-int4-auto", "lrc int4 + correction, ranks allocated (the bytes of uniform 32)",
      _I4 + ["--correct-rank", "auto"]),
     ("lrc-int4-r32-fhead", "lrc int4 + rank-32 correction, head float",
@@ -857,6 +859,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, metavar="KEYS",
                     help="comma-separated keys of the ORT baselines / lrc variants to build and measure "
                          "(dense always; overrides --quick's choice), e.g. ort-int4,lrc-int4-r32")
+    ap.add_argument("--saved", default="", metavar="NAMES",
+                    help="comma-separated models measured by an earlier run whose OUT/models/NAME/result.json "
+                         "joins this run's section as it was (e.g. --models smollm2 --saved minilm)")
     ap.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
                     help="only rewrite the section, results.json and plots from a saved results.json")
     args = ap.parse_args(argv)
@@ -908,6 +913,13 @@ def main(argv=None) -> int:
                         "the run started")
                      + "): absolute times are inflated and speedups are noisier than usual. "
                      "Regenerate on a quiet machine before quoting them.")
+    saved = [n.strip() for n in args.saved.split(",") if n.strip() and n.strip() not in names]
+    for n in saved:
+        f = args.out / "models" / n / "result.json"
+        if not f.is_file():
+            ap.error(f"--saved {n}: no {f} from an earlier run")
+        models.append(json.loads(f.read_text()))
+        log(f"{n}: results of an earlier run kept ({f})")
     b0 = models[0]["bench"]
     results = {
         "schema": "lrc.benchmarks.quant/1",

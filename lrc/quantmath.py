@@ -92,15 +92,19 @@ def quantize_blockwise(w: np.ndarray, bits: int = 4, block_size: int = 32) -> Bl
     return BlockQuant(packed, scale, bits, block_size, k, n)
 
 
-def dequantize(bq: BlockQuant) -> np.ndarray:
-    """``deq(Q(W))`` as ``[K, N]`` float32: what ``MatMulNBits`` multiplies by."""
+def _unpacked(bq: BlockQuant) -> np.ndarray:
+    """The codes of ``bq`` as signed ``[N, blocks, block]`` int16 (midpoint subtracted)."""
     p = bq.packed
     if bq.bits == 4:
         q = np.stack([p & 0x0F, p >> 4], axis=-1).reshape(bq.n, p.shape[1], -1)
     else:
         q = p
-    mid = 1 << (bq.bits - 1)
-    w = (q.astype(np.float32) - mid) * bq.scales[..., None]
+    return q.astype(np.int16) - (1 << (bq.bits - 1))
+
+
+def dequantize(bq: BlockQuant) -> np.ndarray:
+    """``deq(Q(W))`` as ``[K, N]`` float32: what ``MatMulNBits`` multiplies by."""
+    w = _unpacked(bq).astype(np.float32) * bq.scales[..., None]
     return np.ascontiguousarray(w.reshape(bq.n, -1)[:, :bq.k].T)
 
 
@@ -110,13 +114,7 @@ def signed_codes(bq: BlockQuant) -> np.ndarray:
     scales (symmetric, zero point 0) to give :func:`dequantize`."""
     import ml_dtypes
 
-    p = bq.packed
-    if bq.bits == 4:
-        q = np.stack([p & 0x0F, p >> 4], axis=-1).reshape(bq.n, p.shape[1], -1)
-    else:
-        q = p
-    mid = 1 << (bq.bits - 1)
-    c = (q.astype(np.int16) - mid).reshape(bq.n, -1)[:, :bq.k].T
+    c = _unpacked(bq).reshape(bq.n, -1)[:, :bq.k].T
     return np.ascontiguousarray(c.astype(ml_dtypes.int4 if bq.bits == 4 else np.int8))
 
 

@@ -215,24 +215,31 @@ def _words(n, seed):
     return [" ".join(f"w{int(i)}" for i in r.integers(3, 256, size=n)) for _ in range(4)]
 
 
-def test_tiny_llama_export_full_rank_and_low_rank(tiny_llama):
-    """The real optimum layout (KV-cache inputs, rotary, masks crossing every cut): token-id
-    calibration through lrc.feeds; full rank reproduces the logits; low rank runs end to end."""
+def _tiny_logits(folder):
+    """``(reference logits, logits(ir model))`` of the exported folder on one word sequence."""
     from lrc.runtime.feeds import text_feeds
     from lrc.runtime.session import open_session as session
-    from lrc.calibration.sequential import sequential_update
 
-    _, folder = tiny_llama
-    texts = _words(300, 0)
     sess = session(folder)
     ids = np.array([[1] + [int(w[1:]) for w in _words(60, 9)[0].split()]], dtype=np.int64)
-    ref = sess.run(["logits"], text_feeds(sess, ids))[0]
+    feeds = text_feeds(sess, ids)
 
     def logits(model):
         proto = __import__("onnx_ir").serde.serialize_model(model)
         s = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-        feeds = {k: v for k, v in text_feeds(sess, ids).items()}
         return s.run(["logits"], feeds)[0]
+
+    return sess.run(["logits"], feeds)[0], logits
+
+
+def test_tiny_llama_export_full_rank_and_low_rank(tiny_llama):
+    """The real optimum layout (KV-cache inputs, rotary, masks crossing every cut): token-id
+    calibration through lrc.feeds; full rank reproduces the logits; low rank runs end to end."""
+    from lrc.calibration.sequential import sequential_update
+
+    _, folder = tiny_llama
+    texts = _words(300, 0)
+    ref, logits = _tiny_logits(folder)
 
     full = Policy(default=make_setting(rank="full"), allow_larger=True, exclude=["head"])
     model, rep = sequential_update(folder, full, calib_texts=texts, n_tokens=512, seq_len=64)
@@ -336,18 +343,11 @@ def test_quantize_with_update_is_the_sequential_correction(tiny_llama):
     """``lrc.compress(..., quantize="int4", correct_rank=R, update=True)`` on the real optimum
     layout: the correction is computed stage by stage (recorded as such), the graph is
     MatMulNBits only and its logits stay close to the original's."""
-    import onnx_ir
-
     from lrc.errors import LrcError
     from lrc.pipeline import compress
-    from lrc.runtime.feeds import text_feeds
-    from lrc.runtime.session import open_session as session
 
     _, folder = tiny_llama
-    texts = _words(300, 0)
-    sess = session(folder)
-    ids = np.array([[1] + [int(w[1:]) for w in _words(60, 9)[0].split()]], dtype=np.int64)
-    ref = sess.run(["logits"], text_feeds(sess, ids))[0]
+    ref, logits = _tiny_logits(folder)
     model, rep = compress(folder / "model.onnx", quantize="int4", block_size=16,
                           correct_rank=16, update=True, calib=None, calib_tokens=512,
                           calib_seq=64)
@@ -356,9 +356,6 @@ def test_quantize_with_update_is_the_sequential_correction(tiny_llama):
     assert cal["method"].startswith("sequential") and cal["stages"] == 9  # + the head
     nodes = rep["quantize"]["nodes"]
     assert len(nodes) == 15 and all(n["rank"] == 16 for n in nodes)
-    proto = onnx_ir.serde.serialize_model(model)
-    s = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    out = s.run(["logits"], text_feeds(sess, ids))[0]
-    assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.99
+    assert np.corrcoef(logits(model).ravel(), ref.ravel())[0, 1] > 0.99
     with pytest.raises(LrcError, match="auto"):
         compress(folder / "model.onnx", quantize="int4", correct_rank="auto", update=True)
