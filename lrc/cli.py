@@ -42,6 +42,16 @@ def _split(values: Optional[List[str]]) -> list[str]:
     return out
 
 
+def _tok(path: Optional[Path]) -> Optional[Path]:
+    """``--tokenizer``: a tokenizer.json, or a folder holding one (LrcError otherwise)."""
+    if path is None:
+        return None
+    f = path / "tokenizer.json" if path.is_dir() else path
+    if not f.is_file():
+        raise LrcError(f"--tokenizer {str(path)!r}: no tokenizer.json there")
+    return f
+
+
 def _fmt_int(n) -> str:
     return f"{n:,}" if isinstance(n, int) else str(n)
 
@@ -150,6 +160,9 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
              calib: Optional[List[Path]] = typer.Option(None, "--calib", help="Your own calibration "
                                                         "text file(s), added to the bundled mix."),
              calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Calibration tokens."),
+             tokenizer: Optional[Path] = typer.Option(
+                 None, "--tokenizer", help="tokenizer.json (or its folder) for calibration when "
+                 "none is beside MODEL."),
              calib_only: bool = typer.Option(False, "--calib-only", help="Calibrate on --calib "
                                              "files only (no bundled mix)."),
              quantize_rest: Optional[str] = typer.Option(
@@ -226,6 +239,7 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
     config.method, config.update = method, update
     config.calib, config.calib_tokens = list(calib or []), calib_tokens
     config.calib_default = not calib_only
+    config.tokenizer = _tok(tokenizer)
     if int8_form not in FORMS:
         raise LrcError(f"--int8-form must be {' or '.join(FORMS)}, got {int8_form!r}")
     if quantize_rest not in (None, "int8", "int4"):
@@ -468,6 +482,8 @@ def eval_(orig: Path = typer.Argument(..., help="Original model (.onnx or folder
           context: int = typer.Option(256, "--context", help="Window length (tokens)."),
           max_tokens: int = typer.Option(4096, "--max-tokens"),
           layers: bool = typer.Option(False, "--layers", help="Per-layer drift of every rewritten node."),
+          tokenizer: Optional[Path] = typer.Option(
+              None, "--tokenizer", help="tokenizer.json (or its folder) when none is beside ORIG."),
           threads: Optional[int] = typer.Option(None, "--threads"),
           out_json: Optional[Path] = typer.Option(None, "--save", help="Also write the result JSON here."),
           as_json: bool = typer.Option(False, "--json")):
@@ -501,11 +517,11 @@ def eval_(orig: Path = typer.Argument(..., help="Original model (.onnx or folder
 
     if len(new) == 1:
         res = E.evaluate(orig, new[0], text=_text(text), ood=_text(ood), context=context,
-                         max_tokens=max_tokens, threads=threads)
+                         max_tokens=max_tokens, threads=threads, tokenizer=_tok(tokenizer))
         results = [res]
     else:
         res = E.evaluate_many(orig, new, text=_text(text), ood=_text(ood), context=context,
-                              max_tokens=max_tokens, threads=threads)
+                              max_tokens=max_tokens, threads=threads, tokenizer=_tok(tokenizer))
         results = res["results"]
     if layers:
         for r, n in zip(results, new):

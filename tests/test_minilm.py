@@ -88,3 +88,28 @@ def test_int4_correction_brings_real_embeddings_closer(minilm_dir, tmp_path):
     assert all(n["werr_after"] < n["werr_before"] for n in q["nodes"])
     assert cos[32] > cos[0] and cos[32] > 0.97, cos
     assert size[32] < 0.35 * (minilm_dir / "model.onnx").stat().st_size
+
+
+def test_tokenizer_flag_for_a_bare_onnx_file(minilm_dir, tmp_path):
+    """A .onnx file with no tokenizer.json beside it: data-aware compression and eval say to
+    pass --tokenizer, and work with it (a file or the folder holding one)."""
+    import shutil
+
+    from test_cli import _one_line_error, lrc as cli
+
+    bare = tmp_path / "bare" / "model.onnx"
+    bare.parent.mkdir()
+    shutil.copy(minilm_dir / "model.onnx", bare)
+    out = tmp_path / "r.onnx"
+    e = _one_line_error(cli("compress", bare, "--rank", "64", "--method", "svd-llm",
+                            "--calib-tokens", "1024", "-o", out), code=2)
+    assert "--tokenizer" in e and not out.exists()
+    e = _one_line_error(cli("compress", bare, "--rank", "64", "--tokenizer", tmp_path / "none",
+                            "-o", out), code=2)
+    assert "--tokenizer" in e
+    r = cli("compress", bare, "--rank", "64", "--method", "svd-llm", "--calib-tokens", "1024",
+            "--tokenizer", minilm_dir, "-o", out)
+    assert r.returncode == 0, r.stderr
+    r = cli("eval", bare, out, "--tokenizer", minilm_dir / "tokenizer.json", "--max-tokens",
+            "256", "--json")
+    assert r.returncode == 0, r.stderr

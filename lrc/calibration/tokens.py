@@ -64,12 +64,13 @@ def tokenizer_path(model_path: str | os.PathLike | None, tokenizer=None) -> Path
     An in-memory model (``model_path`` None) needs ``tokenizer``."""
     if tokenizer is None and model_path is None:
         raise LrcError("no tokenizer: an in-memory model has no folder to find tokenizer.json in; "
-                       "pass the tokenizer path")
+                       "pass --tokenizer PATH (tokenizer= in Python)")
     p = Path(tokenizer) if tokenizer is not None else Path(model_path).parent / "tokenizer.json"
     if p.is_dir():
         p = p / "tokenizer.json"
     if not p.is_file():
-        raise LrcError(f"tokenizer.json not found at {p}; pass the tokenizer path explicitly")
+        raise LrcError(f"tokenizer.json not found at {p}; pass --tokenizer PATH (tokenizer= in "
+                       f"Python)")
     return p
 
 
