@@ -158,6 +158,13 @@ def compress_model(model_or_path, config: CompressConfig, *, progress: Progress 
     if not config.lowrank:
         return _quantize_only(model_or_path, model, path, pol, spec, method, method_note,
                               config, progress, calib_progress)
+    if (config.method == methods.AUTO and not method.data_aware and config.rank != "full"
+            and config.factorizer is None and _is_lm(model)):
+        raise LrcError(f"--method auto found no calibration for this language model "
+                       f"({method_note.split(': ', 1)[-1]}), and plain SVD destroys language "
+                       f"models (BENCHMARKS.md: SmolLM2 MLP 0.8, perplexity 5.8e5 against 156 "
+                       f"whitened): pass --tokenizer PATH (the calibration text also needs "
+                       f"gensim: pip install --no-deps gensim), or --method svd to accept it")
     budget = _budget(model, path, pol, config)
     plan = make_plan(model, pol)
     # 2-3. statistics and factors
@@ -332,6 +339,12 @@ def run_passes(passes: list, model: ir.Model) -> ir.passes.PassResult:
                 raise cause from None
             cause = cause.__cause__
         raise
+
+
+def _is_lm(model: ir.Model) -> bool:
+    """A language model: it outputs ``logits`` or reads a KV cache (``past_key_values.*``)."""
+    return any(v.name == "logits" for v in model.graph.outputs) or any(
+        (v.name or "").startswith("past_key_values") for v in model.graph.inputs)
 
 
 def _file_of(model_or_path) -> Path | None:

@@ -295,3 +295,27 @@ def test_optimum_tiny_llama(tmp_path):
     assert {r["phase"] for r in res["runs"]} == {"prefill", "decode"}
     assert all(r["p50_ms"] > 0 for r in res["runs"])
     assert set(res["amdahl"]["matmul_fraction"]) == {"prefill", "decode"}
+
+
+def test_bench_labels_inputs_as_they_are(tmp_path):
+    """An image-shaped input is reported as its shape (1x3x8x8), not as "seq 128"."""
+    from rich.console import Console
+
+    from lrc.measure.bench import bench
+    from lrc.present.bench import format_tables
+
+    w = numpy_helper.from_array(np.ones((192, 4), np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("Flatten", ["pixels"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["y"])],
+        "img", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    p = tmp_path / "img.onnx"
+    onnx.save(m, p)
+    res = bench([p], runs=2, warmup=1, amdahl=False, memory=False)
+    assert {r["input"] for r in res["runs"]} == {"1x3x8x8"}
+    con = Console(record=True, width=200)
+    for t in format_tables(res):
+        con.print(t)
+    text = con.export_text()
+    assert "1x3x8x8" in text and "seq" not in text

@@ -359,3 +359,25 @@ def test_quantize_with_update_is_the_sequential_correction(tiny_llama):
     assert np.corrcoef(logits(model).ravel(), ref.ravel())[0, 1] > 0.99
     with pytest.raises(LrcError, match="auto"):
         compress(folder / "model.onnx", quantize="int4", correct_rank="auto", update=True)
+
+
+def test_auto_refuses_plain_svd_on_a_language_model(tiny_llama, tmp_path):
+    """A decoder's model.onnx without its tokenizer: ``--method auto`` stops with what to pass
+    (plain SVD destroys LMs) instead of falling back quietly; ``--method svd`` is accepted."""
+    import shutil
+
+    from test_cli import _one_line_error, lrc as cli
+
+    _, folder = tiny_llama
+    bare = tmp_path / "bare" / "model.onnx"
+    bare.parent.mkdir()
+    shutil.copy(folder / "model.onnx", bare)
+    shutil.copy(folder / "config.json", bare.parent / "config.json")
+    out = tmp_path / "r.onnx"
+    e = _one_line_error(cli("compress", bare, "--rank", "8", "-o", out), code=2)
+    assert "--tokenizer" in e and "--method svd" in e and not out.exists()
+    r = cli("compress", bare, "--rank", "8", "--method", "svd", "-o", out)
+    assert r.returncode == 0, r.stderr
+    r = cli("compress", bare, "--rank", "8", "--tokenizer", folder, "--calib-tokens", "256",
+            "-o", tmp_path / "w.onnx")
+    assert r.returncode == 0 and "svd-llm" in r.stdout, r.stderr

@@ -90,7 +90,8 @@ Result (JSON-serialisable dict, ``schema == "lrc.bench/1"``)::
                   "notes": [str]}],
       "runs": [{"model": str, "runtime": str, "ep": KEY,
                 "phase": "encoder"|"prefill"|"decode",
-                "batch": int, "seq": int, "decode_tokens": int|None, "n": int,
+                "batch": int, "seq": int, "input": "1x128" | "1x3x224x224" (the first input's
+                shape, as it is), "decode_tokens": int|None, "n": int,
                 "p50_ms": float, "p90_ms": float, "p99_ms": float, "mean_ms": float,
                 "std_ms": float, "min_ms": float, "speedup": float|None,
                 "tokens_per_s": float|None}],
@@ -514,6 +515,7 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
                     for r in runners:
                         ph = "prefill" if r.is_decoder else "encoder"
                         where = {"model": r.name, "runtime": target["runtime"], "ep": ep_key}
+                        where["input"] = getattr(r, "input_shape", "") or f"{batch}x{seq}"
                         rows.append({**where, "phase": ph, "batch": batch, "seq": seq,
                                      "decode_tokens": None, **_stats(main[r.name]), "tokens_per_s": None})
                         if dec[r.name]:

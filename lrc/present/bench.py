@@ -56,12 +56,15 @@ def format_tables(result: dict) -> list:
     for ep in dict.fromkeys(r["ep"] for r in rows):
         title = _target_label(targets[ep]) if ep in targets else ep
         t = Table(title=f"Latency ({title}); speedup: to the first model on the same runtime")
-        for col in ("model", "phase", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "mean ms", "speedup", "tok/s"):
+        for col in ("model", "phase", "input", "p50 ms", "p90 ms", "p99 ms", "mean ms", "speedup", "tok/s"):
             t.add_column(col, justify="left" if col in ("model", "phase") else "right")
         for r in rows:
             if r["ep"] != ep:
                 continue
-            t.add_row(r["model"], r["phase"], str(r["batch"]), str(r["seq"]), _fmt(r["p50_ms"], ".3f"),
+            shape = r.get("input") or f"{r['batch']}x{r['seq']}"
+            if r["phase"] == "decode":
+                shape = f"{r['batch']}x1 after {shape}"
+            t.add_row(r["model"], r["phase"], shape, _fmt(r["p50_ms"], ".3f"),
                       _fmt(r["p90_ms"], ".3f"), _fmt(r["p99_ms"], ".3f"), _fmt(r["mean_ms"], ".3f"),
                       _fmt(r.get("speedup"), ".2f"), _fmt(r.get("tokens_per_s"), ".1f"))
         tables.append(t)

@@ -81,7 +81,10 @@ class Runner:
         """Build the (device-bound) inputs for one batch x seq configuration, untimed: the
         prefill (or encoder) inputs and, for decoders, ``decode_tokens`` single-token steps whose
         cache is bound at run time."""
-        self.prefill_values = self.to_device(self.feeds(batch, seq))
+        f = self.feeds(batch, seq)
+        # what the prefill / encoder input is, as it is: 1x128 (ids), 1x3x224x224 (pixels)
+        self.input_shape = "x".join(str(d) for d in np.shape(next(iter(f.values())))) if f else ""
+        self.prefill_values = self.to_device(f)
         self.step_values = []
         if self.is_decoder:
             for t in range(decode_tokens):
