@@ -299,10 +299,7 @@ def test_optimum_tiny_llama(tmp_path):
 
 def test_bench_labels_inputs_as_they_are(tmp_path):
     """An image-shaped input is reported as its shape (1x3x8x8), not as "seq 128"."""
-    from rich.console import Console
-
     from lrc.measure.bench import bench
-    from lrc.present.bench import format_tables
 
     w = numpy_helper.from_array(np.ones((192, 4), np.float32), "w")
     g = helper.make_graph(
@@ -314,8 +311,17 @@ def test_bench_labels_inputs_as_they_are(tmp_path):
     onnx.save(m, p)
     res = bench([p], runs=2, warmup=1, amdahl=False, memory=False)
     assert {r["input"] for r in res["runs"]} == {"1x3x8x8"}
+    text = tables_text(res)
+    assert "1x3x8x8" in text and "seq" not in text
+
+
+def tables_text(res: dict) -> str:
+    """What ``lrc bench`` prints for ``res``, as plain text."""
+    from rich.console import Console
+
+    from lrc.present.bench import format_tables
+
     con = Console(record=True, width=200)
     for t in format_tables(res):
         con.print(t)
-    text = con.export_text()
-    assert "1x3x8x8" in text and "seq" not in text
+    return con.export_text()

@@ -18,7 +18,6 @@ from graphs import matmul_chain, shared_input
 from lrc.errors import LrcError
 from lrc.measure import bench as B
 from lrc.measure.verify import verify
-from lrc.present.bench import format_tables
 from lrc.runtime import feeds as F
 from lrc.runtime import runtimes as RT
 from test_bench import make_chain, make_decoder
@@ -167,12 +166,9 @@ def test_bench_on_every_runtime(files):
         assert by[(rt, "low")]["speedup"] > 1.0   # rank 8 of 96: ~1/6 of the FLOPs
         assert by[(rt, "big")]["n"] == 5
     assert set(res["models"][0]["sessions"]) == {"cpu", "openvino", "tract"}
-    from rich.console import Console
+    from test_bench import tables_text
 
-    con = Console(record=True, width=200)
-    for t in format_tables(res):
-        con.print(t)
-    text = con.export_text()
+    text = tables_text(res)
     assert "Latency (OpenVINO" in text and "Latency (tract" in text and "f32" in text
 
 
