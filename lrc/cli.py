@@ -681,6 +681,8 @@ def tune(model: Path = typer.Argument(..., help="Exported folder (model.onnx + t
                                      help="Low-rank candidates with --group-inputs --update (the "
                                           "measured best; one compression each). --no-update: "
                                           "truncations of one plain SVD-LLM (faster, worse)."),
+         tokenizer: Optional[Path] = typer.Option(
+             None, "--tokenizer", help="tokenizer.json (or its folder) when none is beside MODEL."),
          keep_workdir: bool = typer.Option(False, "--keep-workdir",
                                            help="Keep the work folder with every candidate."),
          force: bool = typer.Option(False, "--force", help="Overwrite OUT."),
@@ -718,6 +720,7 @@ def tune(model: Path = typer.Argument(..., help="Exported folder (model.onnx + t
     res = run(model, max_quality_loss=budget, budget_kind=kind, objective=objective, ep=ep,
                  threads=threads, out=out, quick=quick, runs=runs, calib_tokens=calib_tokens,
                  force=force, keep_workdir=keep_workdir, update=update,
+                 tokenizer=_tok(tokenizer),
                  progress=None if as_json else (lambda msg: err.print(f"[dim]{msg}[/dim]")))
     if not _emit_json(res, out_json, as_json):
         for t in format_tables(res):

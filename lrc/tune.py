@@ -416,7 +416,8 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
          progress: Callable[[str], None] | None = None, ratios=RATIOS, scopes=("mlp", "all"),
          calib_tokens: int | None = None, runs: int | None = None, margin: float = 0.05,
          force: bool = False, keep_workdir: bool = False,
-         budget_kind: str | None = None, prune: bool = True, update: bool = True) -> dict:
+         budget_kind: str | None = None, prune: bool = True, update: bool = True,
+         tokenizer=None) -> dict:
     """Measure candidates and write the best within budget to ``out``; see the module doc.
 
     ``max_quality_loss``: None -> 0.10 (LMs: relative perplexity increase) or 0.01 (encoders:
@@ -444,9 +445,11 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         M.check_output(out_path, force)
-    tok_file = src.parent / "tokenizer.json"
+    tok_file = Path(tokenizer) if tokenizer is not None else src.parent / "tokenizer.json"
+    tok_file = tok_file / "tokenizer.json" if tok_file.is_dir() else tok_file
     if not tok_file.is_file():
-        raise LrcError(f"tune needs tokenizer.json beside {src} (quality is measured on text)")
+        raise LrcError(f"tune needs a tokenizer (quality is measured on text): none at "
+                       f"{tok_file}; pass --tokenizer PATH")
     probe = E.load_model(src, threads=threads)
     kind = "causal-lm" if probe.is_lm else "encoder"
     del probe

@@ -108,6 +108,16 @@ def test_bad_arguments(tmp_path):
         tune(tmp_path, objective="speed")
     with pytest.raises(LrcError):
         tune(tmp_path / "missing")
+    from graphs import matmul_chain
+
+    import onnx
+
+    bare = tmp_path / "bare.onnx"
+    onnx.save(matmul_chain(), bare)
+    with pytest.raises(LrcError, match="--tokenizer"):
+        tune(bare)
+    with pytest.raises(LrcError, match="none at .*nowhere"):
+        tune(bare, tokenizer=tmp_path / "nowhere")
 
 
 # ----------------------------------------------------------------------------- end to end
