@@ -342,9 +342,12 @@ def run_passes(passes: list, model: ir.Model) -> ir.passes.PassResult:
 
 
 def _is_lm(model: ir.Model) -> bool:
-    """A language model: it outputs ``logits`` or reads a KV cache (``past_key_values.*``)."""
+    """A language model: it outputs ``logits`` or reads a KV cache (the cache names
+    :func:`lrc.runtime.feeds.is_past` knows)."""
+    from lrc.runtime.feeds import is_past
+
     return any(v.name == "logits" for v in model.graph.outputs) or any(
-        (v.name or "").startswith("past_key_values") for v in model.graph.inputs)
+        is_past(v.name or "") for v in model.graph.inputs)
 
 
 def _file_of(model_or_path) -> Path | None:

@@ -511,8 +511,11 @@ def sequential_quant(model: ir.Model, qpass, grams: dict, batches: Iterable, *,
             for i, t in enumerate(group):
                 qpass.weights[t.name] = w_star[:, cuts[i]:cuts[i + 1]].astype(np.float32)
             grams[group[0].node.inputs[0].name] = SimpleNamespace(xtx=0.5 * (c + c.T))
-            sv = qpass.solved[tuple(t.name for t in group)] = qpass.solve(group, spec)
-            return {id(t.node): (sv.effective(i), None, _base(t)) for i, t in enumerate(group)}
+            sv = qpass.solve(group, spec)
+            out = {id(t.node): (sv.effective(i), None, _base(t)) for i, t in enumerate(group)}
+            sv.hats = None  # the graph is written from the codes and factors: no float copy kept
+            qpass.solved[tuple(t.name for t in group)] = sv
+            return out
 
         jobs.append(Job(group, solve, residual=True))
     return run_sequential(model, jobs, batches, model_path=model_path,

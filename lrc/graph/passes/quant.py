@@ -606,7 +606,7 @@ class QuantizePass(ir.passes.InPlacePass):
             if form == "concat":
                 if t_val is None:
                     t_val = self._concat_input(graph, t, a_pad)
-                after = self._concat_node(graph, t, qz, t_val, spec)
+                after = self._block_node(graph, t, qz, t_val, spec)
             else:
                 after = self._emit(graph, t, qz, spec)
                 if f is not None:
@@ -628,6 +628,8 @@ class QuantizePass(ir.passes.InPlacePass):
                 werr_after=None if werr_a is None else round(werr_a, 6),
                 weight_bytes_before=w.nbytes, weight_bytes_after=int(after),
                 joint_with=[n for n in names if n != t.name] if f is not None else []))
+        for t in group:  # written: the fitted target (sequential correction) is not needed again
+            self.weights.pop(t.name, None)
 
     # -------------------------------------------------------------------------- node builders
     def _nbits_node(self, graph, t: Target, x: ir.Value, bq) -> tuple[ir.Node, int]:
@@ -648,28 +650,21 @@ class QuantizePass(ir.passes.InPlacePass):
 
         x = t.node.inputs[0]
         form = spec.form
-        if form in ("dynamic", "dq-column"):  # lrc.graph.passes.int8's standard forms
-            q, s = qz
-            qv = add_initializer(graph, f"{t.weight.name}_q8", q)
-            sv = add_initializer(graph, f"{t.weight.name}_scale", s)
+        if form not in ("dynamic", "dq-column", "dqmatmul"):  # block-wise codes
+            return self._block_node(graph, t, qz, x, spec)
+        q, s = qz
+        qv = add_initializer(graph, f"{t.weight.name}_q8", q)
+        sv = add_initializer(graph, f"{t.weight.name}_scale", s)
+        if form == "dqmatmul":
+            node = ir.Node(MS, "DynamicQuantizeMatMul", [x, qv, sv], num_outputs=1, name=t.name)
+            _replace(t.node, node)
+            t.node = node
+        else:  # lrc.graph.passes.int8's standard forms rewrite a plain MatMul
             mm = ir.Node("", "MatMul", [x, qv], num_outputs=1, name=t.name)
             _replace(t.node, mm)
             t.node = FORMS["dynamic" if form == "dynamic" else "qdq"].rewrite(
                 graph, mm, qv, sv, self._shared)
-            return q.nbytes + s.nbytes
-        if form == "dqmatmul":
-            q, s = qz
-            qv = add_initializer(graph, f"{t.weight.name}_q8", q)
-            sv = add_initializer(graph, f"{t.weight.name}_scale", s)
-            node = ir.Node(MS, "DynamicQuantizeMatMul", [x, qv, sv], num_outputs=1, name=t.name)
-            nbytes = q.nbytes + s.nbytes
-        elif form == "dq-block":
-            node, nbytes = self._dq_block_node(graph, t, x, qz)
-        else:
-            node, nbytes = self._nbits_node(graph, t, x, qz)
-        _replace(t.node, node)
-        t.node = node
-        return nbytes
+        return q.nbytes + s.nbytes
 
     def _dq_block_node(self, graph, t: Target, x: ir.Value, bq: BlockQuant) -> tuple[ir.Node, int]:
         """``MatMul(x, DequantizeLinear(codes [K, N], scales [K/block, N], axis=0,
@@ -717,13 +712,14 @@ class QuantizePass(ir.passes.InPlacePass):
         t.node.graph.insert_before(t.node, cat)
         return xt
 
-    def _concat_node(self, graph, t: Target, bq: BlockQuant, xt: ir.Value,
-                     spec: QuantSpec) -> int:
-        """One quantised MatMul on ``Concat([X, T])`` with the weight ``[W; B]``."""
+    def _block_node(self, graph, t: Target, bq: BlockQuant, x: ir.Value,
+                    spec: QuantSpec) -> int:
+        """Replace ``t``'s MatMul by one block-quantised MatMul of ``x`` (``X``, or
+        ``Concat([X, T])`` with the weight ``[W; B]``) in the spec's form."""
         if spec.form == "dq-block":
-            node, nbytes = self._dq_block_node(graph, t, xt, bq)
+            node, nbytes = self._dq_block_node(graph, t, x, bq)
         else:
-            node, nbytes = self._nbits_node(graph, t, xt, bq)
+            node, nbytes = self._nbits_node(graph, t, x, bq)
         _replace(t.node, node)
         t.node = node
         return nbytes
@@ -737,7 +733,7 @@ class Solved:
     ``B`` in ``bs``."""
 
     ws: list
-    hats: list
+    hats: list | None  # None once only the graph is left to write
     quants: list
     f: Factors | None
     info: dict
