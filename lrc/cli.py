@@ -165,6 +165,11 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
                  "none is beside MODEL."),
              calib_only: bool = typer.Option(False, "--calib-only", help="Calibrate on --calib "
                                              "files only (no bundled mix)."),
+             calib_inputs: Optional[List[Path]] = typer.Option(
+                 None, "--calib-inputs", help="Calibrate on these .npz files (or folders of "
+                 "them) of named input tensors instead of text: any model, e.g. pixel_values "
+                 "1x3x224x224 for a vision transformer. One batch per file (numpy.savez); "
+                 "repeat the flag for several."),
              quantize_rest: Optional[str] = typer.Option(
                  None, "--quantize-rest", help="Then quantise the projections left dense with "
                  "ONNX Runtime: int8 (quantize_dynamic, per-channel; fastest on the CPU EP) or "
@@ -239,7 +244,11 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
     config.method, config.update = method, update
     config.calib, config.calib_tokens = list(calib or []), calib_tokens
     config.calib_default = not calib_only
+    if calib_inputs and (calib or tokenizer):
+        raise LrcError("--calib-inputs replaces the calibration text: not with --calib or "
+                       "--tokenizer")
     config.tokenizer = _tok(tokenizer)
+    config.calib_inputs = list(calib_inputs or []) or None
     if int8_form not in FORMS:
         raise LrcError(f"--int8-form must be {' or '.join(FORMS)}, got {int8_form!r}")
     if quantize_rest not in (None, "int8", "int4"):
@@ -484,10 +493,15 @@ def eval_(orig: Path = typer.Argument(..., help="Original model (.onnx or folder
           layers: bool = typer.Option(False, "--layers", help="Per-layer drift of every rewritten node."),
           tokenizer: Optional[Path] = typer.Option(
               None, "--tokenizer", help="tokenizer.json (or its folder) when none is beside ORIG."),
+          inputs: Optional[List[Path]] = typer.Option(
+              None, "--inputs", help="Compare outputs on these .npz files (or folders) of named "
+              "input tensors instead of text: cosine, relative error, top-1 of logits / classes. "
+              "For any model, text or not. Repeat the flag for several."),
           threads: Optional[int] = typer.Option(None, "--threads"),
           out_json: Optional[Path] = typer.Option(None, "--save", help="Also write the result JSON here."),
           as_json: bool = typer.Option(False, "--json")):
-    """Quality of NEW against ORIG: perplexity, KL, top-1, cosine; Pearson for encoders.
+    """Quality of NEW against ORIG: perplexity, KL, top-1, cosine; Pearson for encoders;
+    output agreement on your own input files (--inputs) for any model.
 
     Several NEW models are compared in one call: the original's side (its logits on every
     window, or its embeddings) is computed once, and the table has one column per model.
@@ -515,6 +529,16 @@ def eval_(orig: Path = typer.Argument(..., help="Original model (.onnx or folder
                            f"({', '.join(list_texts())})")
         return t
 
+    if inputs:
+        from lrc.runtime.feeds import graph_input_specs, load_inputs
+
+        if text is not None or tokenizer is not None:
+            raise LrcError("--inputs replaces the texts: not with --text or --tokenizer")
+        batches = load_inputs(inputs, graph_input_specs(orig))
+        res = E.agreement(orig, new, batches, threads=threads)
+        if not _emit_json(res, out_json, as_json):
+            console.print(format_table(res))
+        return
     if len(new) == 1:
         res = E.evaluate(orig, new[0], text=_text(text), ood=_text(ood), context=context,
                          max_tokens=max_tokens, threads=threads, tokenizer=_tok(tokenizer))

@@ -49,6 +49,9 @@ class Calibration:
     damp: float = 0.1  # the update's damping
     progress: Callable | None = None
     path: Path | None = None
+    # batches read from --calib-inputs files (feeds dicts, or token-id arrays): used instead
+    # of the texts, for any model, text or not
+    inputs: list | None = None
 
     @property
     def file(self) -> str | None:
@@ -56,6 +59,23 @@ class Calibration:
         if isinstance(self.source, ir.Model):
             return None if self.path is None else str(self.path)
         return str(self.source)
+
+    def batches(self) -> list:
+        """What the model runs on: the ``inputs`` batches, else the texts tokenised into
+        windows of ``seq_len`` (BOS-framed, ``n_tokens`` in all)."""
+        if self.inputs is not None:
+            return self.inputs
+        from lrc.calibration.tokens import token_batches, tokenizer_path
+
+        tok = tokenizer_path(self.file, self.tokenizer)
+        return token_batches(tok, list(self.texts), n_tokens=self.n_tokens,
+                             seq_len=self.seq_len, bos=True)
+
+    def describe(self) -> dict:
+        """What the calibration ran on, for the report."""
+        if self.inputs is not None:
+            return {"inputs_files": len(self.inputs), "sources": self.sources}
+        return {"tokens": int(self.n_tokens), "seq_len": self.seq_len, "sources": self.sources}
 
 
 MakeFactoriser = Callable[[ir.Model, Plan, Calibration], "tuple[Factoriser | None, dict | None]"]
@@ -103,8 +123,7 @@ def _activation_method(name: str, factor: Callable) -> MakeFactoriser:
         if not names:
             return None, None
         stats = statistics(c, names)
-        info = {"method": name, "tokens": int(c.n_tokens), "seq_len": c.seq_len,
-                "sources": c.sources, "inputs": len(names)}
+        info = {"method": name, **c.describe(), "inputs": len(names)}
 
         def factoriser(t, w, rank):
             st = stats.get(t.node.inputs[0].name)
@@ -120,9 +139,12 @@ def _activation_method(name: str, factor: Callable) -> MakeFactoriser:
 def statistics(c: Calibration, names: list[str]) -> dict:
     """Activation statistics of the tensors ``names`` (one ONNX Runtime pass over the
     calibration text, cached on disk)."""
-    from lrc.calibration.stats import cached_stats
+    from lrc.calibration.stats import cached_stats, collect_stats
 
     in_memory = isinstance(c.source, ir.Model)
+    if c.inputs is not None:  # files given by the user: one pass, not cached
+        return collect_stats(c.source if in_memory else str(c.source), names, c.inputs,
+                             progress=c.progress, **({"path": c.file} if in_memory else {}))
     return cached_stats(c.source if in_memory else str(c.source), names, c.texts,
                         n_tokens=c.n_tokens, seq_len=c.seq_len, tokenizer=c.tokenizer,
                         progress=c.progress, **({"path": c.file} if in_memory else {}))
@@ -135,7 +157,7 @@ def _sequential(model: ir.Model, plan: Plan, c: Calibration):
     factoriser, info = sequential_factorizer(model, c.file, plan.policy, c.texts,
                                              n_tokens=c.n_tokens, seq_len=c.seq_len,
                                              tokenizer=c.tokenizer, damp=c.damp,
-                                             progress=c.progress)
+                                             progress=c.progress, batches=c.inputs)
     if info is not None:
         info["sources"] = c.sources
     return factoriser, info
@@ -267,13 +289,19 @@ def make_factoriser(name: str, model: ir.Model, policy: Policy | Plan, source, *
 
 def make_calibration(source, *, calib=None, n_tokens: int = 16384, seq_len: int = 256,
                      use_default: bool = True, tokenizer=None, alpha: float = 0.5,
-                     damp: float = 0.1, progress=None, path=None) -> Calibration:
-    """The :class:`Calibration` a data-aware step runs on (texts from
-    :func:`calibration_texts`)."""
-    texts, sources = calibration_texts(calib, n_tokens=n_tokens, use_default=use_default)
+                     damp: float = 0.1, progress=None, path=None, inputs=None,
+                     input_sources=None) -> Calibration:
+    """The :class:`Calibration` a data-aware step runs on: texts from
+    :func:`calibration_texts`, or ``inputs`` (batches read by
+    :func:`lrc.runtime.feeds.load_inputs`; ``input_sources`` their files) instead."""
+    if inputs is not None:
+        texts, sources = [], [str(s) for s in (input_sources or [])]
+    else:
+        texts, sources = calibration_texts(calib, n_tokens=n_tokens, use_default=use_default)
     return Calibration(source if isinstance(source, ir.Model) else Path(source), texts, sources,
                        n_tokens=n_tokens, seq_len=seq_len, tokenizer=tokenizer, alpha=alpha,
-                       damp=damp, progress=progress, path=None if path is None else Path(path))
+                       damp=damp, progress=progress, path=None if path is None else Path(path),
+                       inputs=inputs)
 
 
 def make_corrector(input_names: list[str], c: Calibration | None = None, *, stats=None,
@@ -339,7 +367,7 @@ def make_corrector(input_names: list[str], c: Calibration | None = None, *, stat
     info = {"method": "whitened correction of the quantisation error",
             "inputs": len(set(input_names))}
     if c is not None:
-        info.update(tokens=int(c.n_tokens), seq_len=c.seq_len, sources=c.sources)
+        info.update(c.describe())
     return corrector, info
 
 
@@ -351,15 +379,12 @@ def sequential_correction(model: ir.Model, spec, c: Calibration, select=None, *,
     outputs); running the pass on ``model`` writes it. ``model``: as it will be quantised
     (smoothed first, if at all); ``c.damp`` damps the fitted targets towards the weights."""
     from lrc.calibration.sequential import sequential_quant
-    from lrc.calibration.tokens import token_batches, tokenizer_path
     from lrc.graph.passes.quant import QuantizePass
 
     grams: dict = {}
     corrector, info = make_corrector([], stats=grams)
     qpass = QuantizePass(spec, corrector, select=select, weights={})
-    tok = tokenizer_path(c.file, c.tokenizer)
-    windows = token_batches(tok, list(c.texts), n_tokens=c.n_tokens, seq_len=c.seq_len, bos=True)
-    st = sequential_quant(model, qpass, grams, windows, model_path=c.file, damp=c.damp,
+    st = sequential_quant(model, qpass, grams, c.batches(), model_path=c.file, damp=c.damp,
                           progress=progress)
     info = {"method": "sequential whitened correction (quantised and corrected stage by stage "
                       "on the quantised model's own inputs)",

@@ -79,6 +79,9 @@ class CompressConfig:
     calib_seq: int = 256
     calib_default: bool = True
     tokenizer: str | os.PathLike | None = None
+    # .npz files (or folders of them) of named input tensors to calibrate on instead of text:
+    # any model, text or not (lrc.runtime.feeds.load_inputs)
+    calib_inputs: list | str | os.PathLike | None = None
     alpha: float = 0.5
     factorizer: object = None  # a ready factoriser (tune's truncations): no statistics phase
     # storage of the factors: False, True / "dynamic", or another form of lrc.graph.passes.int8
@@ -174,12 +177,8 @@ def compress_model(model_or_path, config: CompressConfig, *, progress: Progress 
         qpasses, quant, _, smooth = _quant_passes(model_or_path, model, path, spec, method,
                                                   config, calib_progress, select=None)
     if factoriser is None and method.data_aware:
-        source, home, tokenizer = _calibration_source(model_or_path, model, path, method.name,
-                                                      config.tokenizer)
-        factoriser, calib_info = methods.make_factoriser(
-            method.name, model, plan, source, calib=config.calib, n_tokens=config.calib_tokens,
-            seq_len=config.calib_seq, use_default=config.calib_default, tokenizer=tokenizer,
-            alpha=config.alpha, damp=config.update_damp, progress=calib_progress, path=home)
+        c = _calibration(model_or_path, model, path, method.name, config, calib_progress)
+        factoriser, calib_info = method.make_factoriser(model, plan, c)
     # 4. passes
     lowrank = LowRankPass(pol, factorizer=factoriser, progress=progress, plan=plan)
     passes: list = [lowrank]
@@ -247,12 +246,7 @@ def _quant_passes(model_or_path, model: ir.Model, path: Path | None, spec: Quant
     elif spec.any_rank or config.smooth or sequential:
         targets, _ = quant_targets(model, select)
         names = sorted({t.node.inputs[0].name for t in targets})
-        source, home, tokenizer = _calibration_source(model_or_path, model, path, "correction",
-                                                      config.tokenizer)
-        c = methods.make_calibration(source, calib=config.calib, n_tokens=config.calib_tokens,
-                                     seq_len=config.calib_seq, use_default=config.calib_default,
-                                     tokenizer=tokenizer, damp=config.update_damp,
-                                     progress=calib_progress, path=home)
+        c = _calibration(model_or_path, model, path, "correction", config, calib_progress)
         stats = methods.statistics(c, names) if config.smooth or not sequential else None
         if config.smooth:
             import numpy as np
@@ -372,9 +366,12 @@ def _resolve_method(model_or_path, path: Path | None, config: CompressConfig):
     name = config.method
     if name != methods.AUTO:
         methods.get(name)
-    name, note = methods.resolve(name, home=_home_of(model_or_path, path),
-                                 in_memory=path is None, rank=config.rank,
-                                 tokenizer=config.tokenizer)
+    if name == methods.AUTO and config.calib_inputs and config.rank != "full":
+        name, note = methods.AUTO_BEST, f"{methods.AUTO_BEST}: best measured; calibrated on --calib-inputs"
+    else:
+        name, note = methods.resolve(name, home=_home_of(model_or_path, path),
+                                     in_memory=path is None, rank=config.rank,
+                                     tokenizer=config.tokenizer)
     if config.update:
         name = methods.with_update(name)
     return methods.get(name), note
@@ -393,6 +390,29 @@ def _model_file(model: ir.Model, path: Path | None, home: Path | None) -> Iterat
         if home is not None and (home.parent / "config.json").is_file():
             (Path(tmp) / "config.json").write_bytes((home.parent / "config.json").read_bytes())
         yield copy
+
+
+def _calibration(model_or_path, model: ir.Model, path: Path | None, what: str,
+                 config: CompressConfig, calib_progress) -> methods.Calibration:
+    """The :class:`lrc.methods.Calibration` of this run: the model (its file, or itself in
+    memory) on the calibration text, or on ``config.calib_inputs`` (.npz batches checked
+    against the model's inputs) when given."""
+    if config.calib_inputs:
+        from lrc.runtime.feeds import graph_input_specs, input_files, load_inputs
+
+        files = input_files(config.calib_inputs)
+        inputs = load_inputs(files, graph_input_specs(model))
+        source = path if path is not None else model
+        return methods.make_calibration(source, damp=config.update_damp, alpha=config.alpha,
+                                        progress=calib_progress,
+                                        path=_home_of(model_or_path, path) if path is None else None,
+                                        inputs=inputs, input_sources=[f.name for f in files])
+    source, home, tokenizer = _calibration_source(model_or_path, model, path, what,
+                                                  config.tokenizer)
+    return methods.make_calibration(source, calib=config.calib, n_tokens=config.calib_tokens,
+                                    seq_len=config.calib_seq, use_default=config.calib_default,
+                                    tokenizer=tokenizer, alpha=config.alpha,
+                                    damp=config.update_damp, progress=calib_progress, path=home)
 
 
 def _calibration_source(model_or_path, model: ir.Model, path: Path | None, method: str,

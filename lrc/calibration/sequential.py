@@ -558,17 +558,21 @@ def lookup_factorizer(factors: dict[tuple, Factors], fallback=None):
 def sequential_factorizer(model: ir.Model, model_path, policy: Policy, texts: Sequence[str], *,
                           n_tokens: int = 16384, seq_len: int = 256, tokenizer=None,
                           damp: float = 0.1, threads: int | None = None,
-                          progress: Progress | None = None):
+                          progress: Progress | None = None, batches=None):
     """``(factorizer, info)`` for ``LowRankPass`` / ``lrc.compress``: the joint update computed
-    on ``texts`` (tokenised like ``lrc.calibration.stats.cached_stats`` does).
+    on ``texts`` (tokenised like ``lrc.calibration.stats.cached_stats`` does), or on
+    ``batches`` (feeds dicts or token-id arrays, e.g. from ``--calib-inputs``) when given.
 
     ``model_path``: the model's file (tokenizer.json, config.json and external data beside it);
     None: the file ``model`` was loaded from, if any; an in-memory model without one needs
     ``tokenizer``."""
     if model_path is None:
         model_path = model.meta.get("lrc.source_path")
-    tok = tokenizer_path(model_path, tokenizer)
-    windows = token_batches(tok, list(texts), n_tokens=n_tokens, seq_len=seq_len, bos=True)
+    if batches is not None:
+        windows = batches
+    else:
+        tok = tokenizer_path(model_path, tokenizer)
+        windows = token_batches(tok, list(texts), n_tokens=n_tokens, seq_len=seq_len, bos=True)
     factors, st = sequential_factors(model, policy, windows, model_path=model_path, damp=damp,
                                      threads=threads, progress=progress)
     info = {"method": "svd-llm+update", "tokens": st.tokens, "seq_len": seq_len,

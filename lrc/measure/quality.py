@@ -58,6 +58,7 @@ __all__ = [
     "embed",
     "evaluate",
     "evaluate_many",
+    "agreement",
     "jsonable",
     "lee_pearson",
     "lm_windows",
@@ -613,6 +614,100 @@ def evaluate_many(orig, news, text=None, tokenizer=None, ood: str = "docs", cont
                             "out_of_domain": docs.compare(mn)})
     return jsonable({"schema": EVAL_SCHEMA, "kind": results[0]["kind"], "orig": str(mo.path),
                      "new": [str(m.path) for m in models], "results": results})
+
+
+# ----------------------------------------------------------------------------- agreement
+
+
+def _agreement_batch(sess, batch) -> dict:
+    if isinstance(batch, dict):
+        return batch
+    return _feeds.text_feeds(sess, np.asarray(batch))
+
+
+class _Agree:
+    """Running sums of one output's agreement: per-sample cosine, error norms, top-1."""
+
+    def __init__(self):
+        self.cos: list[np.ndarray] = []
+        self.err2 = self.ref2 = 0.0
+        self.max_abs = 0.0
+        self.top1_hits = self.top1_n = 0
+        self.values = 0
+
+    def add(self, o: np.ndarray, n: np.ndarray) -> None:
+        if o.shape != n.shape:
+            raise LrcError(f"output shapes differ: {'x'.join(map(str, o.shape))} vs "
+                           f"{'x'.join(map(str, n.shape))}")
+        o64, n64 = o.astype(np.float64), n.astype(np.float64)
+        rows_o = o64.reshape(o64.shape[0], -1) if o64.ndim >= 2 else o64.reshape(1, -1)
+        rows_n = n64.reshape(rows_o.shape)
+        self.cos.append(_cosine_rows(rows_o, rows_n))
+        d = o64 - n64
+        self.err2 += float((d * d).sum())
+        self.ref2 += float((o64 * o64).sum())
+        self.max_abs = max(self.max_abs, float(np.abs(d).max()) if d.size else 0.0)
+        self.values += o.size
+        if o.ndim >= 2 and o.shape[-1] > 1:  # logits / class scores: the argmax agrees?
+            self.top1_hits += int((o.argmax(-1) == n.argmax(-1)).sum())
+            self.top1_n += int(np.prod(o.shape[:-1]))
+
+    def result(self, name: str) -> dict:
+        cos = np.concatenate(self.cos) if self.cos else np.zeros(0)
+        return {"text": name, "cosine": float(cos.mean()), "cosine_min": float(cos.min()),
+                "rel_error": float(np.sqrt(self.err2 / self.ref2)) if self.ref2 else float("nan"),
+                "max_abs": self.max_abs,
+                "top1": self.top1_hits / self.top1_n if self.top1_n else None,
+                "values": self.values}
+
+
+def agreement(orig, news, inputs, threads: int | None = None) -> dict:
+    """How closely each model in ``news`` reproduces ``orig``'s outputs on ``inputs``: batches
+    from :func:`lrc.runtime.feeds.load_inputs` (files of named input tensors; any model, text
+    or not). Per float output: cosine of each sample's flattened output with the original's
+    (mean, min), relative error ``||new - orig|| / ||orig||`` over all batches, max abs error,
+    and for outputs with a class / vocabulary axis (last axis > 1) the share of positions whose
+    top-1 agrees. Returns ``{"schema": "lrc.eval/1", "kind": "agreement", "orig", "new",
+    "inputs", "results": [{"kind": "agreement", OUTPUT: {...}, ...} per new model]}``."""
+    if isinstance(news, (str, os.PathLike)):
+        news = [news]
+    fo = resolve_model_path(orig)
+    so = open_session(fo, threads=threads)
+    paths = [resolve_model_path(n) for n in news]
+    sessions = [open_session(p, threads=threads) for p in paths]
+    names = [o.name for o in so.get_outputs()]
+    for p, s in zip(paths, sessions):
+        if [o.name for o in s.get_outputs()] != names:
+            raise LrcError(f"{p}: outputs {[o.name for o in s.get_outputs()]} differ from the "
+                           f"original's {names}")
+    batches = list(inputs)
+    if not batches:
+        raise LrcError("no inputs to compare on")
+    sums = [{n: _Agree() for n in names} for _ in paths]
+    for i, batch in enumerate(batches):
+        feeds = _agreement_batch(so, batch)
+        try:
+            ref = so.run(None, feeds)
+        except Exception as e:
+            raise LrcError(f"input batch {i} failed on {fo.name}: {str(e).splitlines()[0]}") from e
+        for p, s, acc in zip(paths, sessions, sums):
+            try:
+                outs = s.run(None, feeds)
+            except Exception as e:
+                raise LrcError(f"input batch {i} failed on {p.name}: {str(e).splitlines()[0]}") from e
+            for n, o, x in zip(names, ref, outs):
+                if np.issubdtype(np.asarray(o).dtype, np.floating):
+                    acc[n].add(np.asarray(o), np.asarray(x))
+    results = []
+    for acc in sums:
+        r = {"kind": "agreement"}
+        r.update({n: a.result(n) for n, a in acc.items() if a.values})
+        results.append(r)
+    shapes = sorted({_feeds.describe_batch(b) for b in batches})
+    return jsonable({"schema": EVAL_SCHEMA, "kind": "agreement", "orig": str(fo),
+                     "new": [str(p) for p in paths],
+                     "inputs": f"{len(batches)} batches: {'; '.join(shapes)}",
+                     "results": results})
 
 
 def jsonable(x):

@@ -34,6 +34,8 @@ def format_table(result, title: str | None = None):
         result = _json.loads(result)
     if isinstance(result, list):
         return _drift_table(result, title)
+    if result.get("kind") == "agreement":
+        return _agreement_table(result, title)
     if "results" in result:  # several models against one (lrc.measure.quality.evaluate_many)
         return _evaluate_table(result["results"], title,
                                names=short_names(result.get("new") or []))
@@ -94,6 +96,33 @@ def _evaluate_table(results: list[dict], title: str | None, names: list[str] | N
                       *(_fmt(x.get("embedding_cosine_min")) for x in rs))
     if notes:
         t.caption = "\n".join(notes)
+    return t
+
+
+AGREEMENT = (("cosine", "cosine (mean)"), ("cosine_min", "cosine (min)"),
+             ("rel_error", "relative error"), ("max_abs", "max abs error"),
+             ("top1", "top-1 agreement"))
+
+
+def _agreement_table(result: dict, title: str | None):
+    """``lrc.measure.quality.agreement``: one row per (output, metric), one column per model."""
+    from rich.table import Table
+
+    results = result["results"]
+    names = short_names(result.get("new") or []) if len(results) > 1 else ["compressed"]
+    t = Table(title=title or "output agreement with the original")
+    for c in ("output", "metric", *names):
+        t.add_column(c, justify="left" if c in ("output", "metric") else "right")
+    for out, first in results[0].items():
+        if not isinstance(first, dict):
+            continue
+        label = out
+        for key, name in AGREEMENT:
+            if key == "top1" and first.get("top1") is None:
+                continue
+            t.add_row(label, name, *(_fmt((r.get(out) or {}).get(key)) for r in results))
+            label = ""
+    t.caption = f"on {result.get('inputs', '?')}"
     return t
 
 

@@ -16,6 +16,9 @@ graphs).  This module inspects a session's declared inputs and builds feeds for 
   ``past_len`` positions (the feeds of ``text_feeds``; other inputs get shapes from their dim
   names), with the cache either zeros or left for the caller to bind (a decode step reuses the
   previous step's ``present.*`` on the device).
+* ``load_inputs`` reads batches from .npz files (one per file, checked against the model's
+  declared inputs): calibration (``--calib-inputs``) and agreement (``eval --inputs``) of any
+  model, text or not.
 * ``has_past`` / ``past_names`` / ``present_to_past`` / ``cache_dims`` / ``empty_past``: the one
   decoder (KV-cache) detection of lrc. Cache inputs are ``past_key_values.N.key|value`` (optimum),
   ``past.N.key|value`` or ``past_key.N`` / ``past_value.N``; eval, bench, calibration, the
@@ -55,6 +58,10 @@ __all__ = [
     "random_token_feeds",
     "vocab_size",
     "model_config",
+    "graph_input_specs",
+    "input_files",
+    "load_inputs",
+    "describe_batch",
 ]
 
 # Decoder KV-cache inputs, in the layouts exporters write: optimum's ``past_key_values.N.key``,
@@ -441,3 +448,128 @@ def _random_int(spec: InputSpec, shape: list[int], rng, vocab: int | None,
         high = int(vocab) if vocab else 100
         return rng.integers(0, max(high, 1), size=shape).astype(spec.dtype)
     return np.zeros(shape, spec.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs from files (.npz): calibration and evaluation of any model, text or not
+# --------------------------------------------------------------------------------------------
+
+def graph_input_specs(model) -> list[InputSpec]:
+    """The declared inputs of an ONNX model (``onnx_ir.Model``, ``onnx.ModelProto`` or a file)
+    as InputSpec(name, numpy dtype, shape with ints or symbol names) — what a session would
+    report, read from the graph without building one."""
+    import onnx
+    import onnx_ir as ir
+
+    if not isinstance(model, (ir.Model, onnx.ModelProto)):
+        from lrc.graph.model import load_proto
+
+        model = load_proto(model)[0]
+    if isinstance(model, onnx.ModelProto):
+        inits = {t.name for t in model.graph.initializer}
+        out = []
+        for vi in model.graph.input:
+            if vi.name in inits:
+                continue
+            tt = vi.type.tensor_type
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in tt.shape.dim]
+            out.append(InputSpec(vi.name, dtype, shape))
+        return out
+    out = []
+    for v in model.graph.inputs:
+        if v.const_value is not None:
+            continue
+        dtype = np.dtype(v.dtype.numpy()) if v.dtype is not None else np.dtype(np.float32)
+        shape = [d if isinstance(d, int) else (d.value if d.value else None)
+                 for d in (v.shape or [])]
+        out.append(InputSpec(v.name, dtype, shape))
+    return out
+
+
+def input_files(paths) -> list[Path]:
+    """The .npz files ``paths`` name: files, or folders of them (sorted by name)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix == ".npz" and f.is_file())
+            if not found:
+                raise LrcError(f"{p}: folder holds no .npz input files")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise LrcError(f"{p}: no such input file or folder")
+    if not files:
+        raise LrcError("no input files given")
+    return files
+
+
+def _read_npz(f: Path) -> dict[str, np.ndarray]:
+    import zipfile
+
+    with open(f, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":
+            raise LrcError(f"{f}: not a readable .npz file (not a zip archive; save inputs with "
+                           "numpy.savez)")
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            return {k: np.asarray(z[k]) for k in z.files}
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise LrcError(f"{f}: not a readable .npz file ({str(e).strip() or type(e).__name__})")
+    except ValueError as e:  # object arrays need pickle: refused
+        raise LrcError(f"{f}: holds an array lrc will not read ({str(e).splitlines()[0]}); "
+                       "save plain numeric arrays (numpy.savez)")
+
+
+def _check_input(f: Path, spec: InputSpec, a: np.ndarray) -> None:
+    if a.dtype != spec.dtype:
+        raise LrcError(f"{f}: input {spec.name!r} is {a.dtype}, the model takes {spec.dtype}")
+    if spec.shape and a.ndim != len(spec.shape):
+        want = "x".join(str(d) if isinstance(d, int) else str(d or "?") for d in spec.shape)
+        raise LrcError(f"{f}: input {spec.name!r} has shape {'x'.join(map(str, a.shape))}, "
+                       f"the model takes {want}")
+    for axis, (d, n) in enumerate(zip(spec.shape, a.shape)):
+        if isinstance(d, int) and d > 0 and d != n:
+            raise LrcError(f"{f}: input {spec.name!r} has {n} on axis {axis}, the model takes {d}")
+    if a.size == 0:
+        raise LrcError(f"{f}: input {spec.name!r} is empty")
+
+
+def load_inputs(paths, specs: list[InputSpec]) -> list[dict[str, np.ndarray] | np.ndarray]:
+    """Batches read from .npz files (``numpy.savez(f, pixel_values=x, ...)``; a folder of them),
+    one batch per file, checked against the model's inputs ``specs`` (names, dtypes, ranks,
+    fixed dims) with one line per problem. A file must hold every input the model declares,
+    except for text models, where ``input_ids`` alone is a token-id batch the feed builder
+    (:func:`text_feeds`) completes (mask, positions, empty cache). Arrays with pickled objects
+    are refused (``allow_pickle=False``)."""
+    by_name = {s.name: s for s in specs}
+    out: list = []
+    for f in input_files(paths):
+        arrays = _read_npz(f)
+        unknown = sorted(set(arrays) - set(by_name))
+        if unknown:
+            raise LrcError(f"{f}: {', '.join(map(repr, unknown))} is not an input of the model "
+                           f"(its inputs: {', '.join(by_name)})")
+        if set(arrays) == {"input_ids"} and len(by_name) > 1:
+            _check_input(f, by_name["input_ids"], arrays["input_ids"])
+            out.append(arrays["input_ids"].astype(np.int64))
+            continue
+        missing = [n for n in by_name if n not in arrays]
+        if missing:
+            raise LrcError(f"{f}: missing input(s) {', '.join(map(repr, missing))} "
+                           f"(it holds {', '.join(arrays) or 'no arrays'})")
+        for name, a in arrays.items():
+            _check_input(f, by_name[name], a)
+        out.append(arrays)
+    return out
+
+
+def describe_batch(batch) -> str:
+    """``pixel_values 2x3x224x224`` / ``input_ids 1x128``: what a batch holds, as it is."""
+    if not isinstance(batch, dict):
+        return "input_ids " + "x".join(map(str, np.shape(batch)))
+    return ", ".join(f"{k} {'x'.join(map(str, np.shape(v)))}" for k, v in batch.items())
