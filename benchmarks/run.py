@@ -184,7 +184,9 @@ def export_dense(name: str, out: Path, reuse: bool) -> tuple[Path, float | None]
 
 def compress_variant(dense: Path, out: Path, spec: dict, calib_tokens: int, reuse: bool) -> dict:
     """Run ``lrc compress DENSE -o OUT ...``; returns its lrc.json plus the command and wall time."""
-    cmd = ["compress", str(dense), "-o", str(out), "--force"]
+    # --recipe plain: each row is exactly the flags it names (no default grouping / update / dense
+    # blocks / dense tied head)
+    cmd = ["compress", str(dense), "-o", str(out), "--force", "--recipe", "plain"]
     if spec["rank"] is not None:
         cmd += ["--rank", str(spec["rank"])]
     else:

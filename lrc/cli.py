@@ -130,15 +130,21 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
              align: int = AlignOpt,
              allow_larger: bool = typer.Option(False, "--allow-larger",
                                                help="Rewrite even when the factors do not shrink a matrix."),
-             group_inputs: bool = typer.Option(
-                 False, "--group-inputs", help="Factor projections that read the same tensor "
-                 "(Q/K/V, gate/up) jointly: one shared A, one B each; higher rank at the same "
-                 "parameters."),
-             dense_edges: bool = typer.Option(
-                 False, "--dense-edges", help="Leave the first and last transformer blocks dense "
-                 "(at the same total parameters this beat a uniform ratio on both bundled models: "
-                 "benchmarks/allocation.md). Use with --target-params to spread the cut over the "
-                 "other blocks; with --ratio the others keep that ratio and the total grows."),
+             group_inputs: Optional[bool] = typer.Option(
+                 None, "--group-inputs/--no-group-inputs", help="Factor projections that read "
+                 "the same tensor (Q/K/V, gate/up) jointly: one shared A, one B each; higher rank "
+                 "at the same parameters. Default: on for data-aware methods (--recipe best)."),
+             dense_edges: Optional[bool] = typer.Option(
+                 None, "--dense-edges/--no-dense-edges", help="Leave the first and last "
+                 "transformer blocks dense (at the same total parameters this beat a uniform ratio "
+                 "on both bundled models: benchmarks/allocation.md). With --target-params the cut "
+                 "goes to the other blocks; with --ratio the others keep that ratio and the total "
+                 "grows. Default: on for data-aware methods on models of 6+ blocks (--recipe best)."),
+             recipe: str = typer.Option(
+                 "best", "--recipe", help="Defaults for the options above, --update and the tied "
+                 "head: best (data-aware methods: grouped, edge blocks dense, the joint update; a "
+                 "head tied to the embedding left dense) or plain (none of it). Flags given "
+                 "explicitly win."),
              int8: bool = typer.Option(False, "--int8", help="Store the factors as INT8 (per-channel)."),
              int8_form: str = typer.Option("dynamic", "--int8-form", help=forms_help()),
              target_params: Optional[float] = typer.Option(
@@ -151,7 +157,8 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
                  "Amdahl model says give this speedup (an upper estimate)."),
              ep: str = typer.Option("cpu", "--ep", help="EP for --target-speedup's profile."),
              method: str = typer.Option("auto", "--method", help=method_help()),
-             update: bool = typer.Option(False, "--update", help="svd-llm only: fit each "
+             update: Optional[bool] = typer.Option(None, "--update/--no-update", help="svd-llm "
+                                         "only (default on with --recipe best): fit each "
                                          "projection to the inputs the already-compressed model "
                                          "produces (two forward passes over the calibration "
                                          "text; see BENCHMARKS.md for what it buys). With "
@@ -228,7 +235,7 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
     config = CompressConfig(rank=rank, energy=energy, ratio=ratio, include=_split(include),
                             exclude=_split(exclude), policy=policy, align=align,
                             allow_larger=allow_larger, group_inputs=group_inputs,
-                            dense_edges=dense_edges)
+                            dense_edges=dense_edges, recipe=recipe)
     config.build_policy()  # validate options before any work
     methods.check(method)
     if calib_tokens <= 0:
@@ -240,7 +247,7 @@ def compress(model: Path = typer.Argument(..., help="ONNX file or exported folde
             raise LrcError(f"calibration file {str(f)!r} not found")
     config.target_params, config.target_size_mb = target_params, target_size
     config.target_speedup, config.ep = target_speedup, ep
-    methods.check(method, update=update)
+    methods.check(method, update=bool(update))
     config.method, config.update = method, update
     config.calib, config.calib_tokens = list(calib or []), calib_tokens
     config.calib_default = not calib_only
@@ -325,6 +332,11 @@ def _print_compress(report: dict, summary_path: Path) -> None:
         if r.get("rewritten") or r.get("skipped") or r.get("quantize"):
             if r.get("method_note"):
                 console.print(f"method: {r['method_note']}")
+            applied = (r.get("recipe") or {}).get("applied")
+            if applied:
+                console.print("recipe best: " + "; ".join(
+                    ("grouped inputs" if k == "group_inputs" else "joint update" if k == "update"
+                     else str(v)) for k, v in applied.items()) + " (--recipe plain for none)")
             console.print(f"[bold]{r['summary']}[/bold]")
         else:
             console.print("nothing eligible: no MatMul/Gemm with a constant 2-D weight; "

@@ -33,9 +33,10 @@ tokenizer (a 32-subword span covers at least 16 such tokens).  The gensim files 
 post strings are read from the pickle text with a regular expression -- it is never unpickled
 (unpickling runs code and would need scikit-learn).
 
-gensim is the only extra package: ``pip install gensim`` (27.8 MB wheel; ``--no-deps`` is enough
-for reading the files).  docs and code come from the running Python, so their exact text follows
-the Python version (recorded in ``text_info``).
+gensim is the only extra package, declared as lrc's ``data`` extra: ``pip install 'lrc[data]'``
+(gensim's 27.8 MB wheel; ``pip install --no-deps gensim`` is enough for reading the files).
+docs and code come from the running Python, so their exact text follows the Python version
+(recorded in ``text_info``).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ __all__ = [
     "shared_ngrams",
 ]
 
-GENSIM_HINT = "pip install gensim  (or: pip install --no-deps gensim; lrc only reads its test data)"
+GENSIM_HINT = ("pip install 'lrc[data]'  (gensim: lrc reads its test data; "
+               "pip install --no-deps gensim is enough)")
 
 # stdlib modules used as text: eval and calibration lists are disjoint.
 _CODE_EVAL = ("textwrap", "heapq", "bisect", "fractions", "json.decoder", "json.encoder",

@@ -63,8 +63,11 @@ class CompressConfig:
     policy: str | os.PathLike | Policy | None = None
     align: int = 1
     allow_larger: bool = False
-    group_inputs: bool = False
-    dense_edges: bool = False
+    # None: what the recipe says (see RECIPES / _apply_recipe); True / False: as given
+    group_inputs: bool | None = None
+    dense_edges: bool | None = None
+    tied_head: str | None = None  # "dense" | "factor"
+    recipe: str = "best"
     # a global budget instead of rank / energy / ratio
     target_params: float | None = None
     target_size_mb: float | None = None
@@ -72,7 +75,7 @@ class CompressConfig:
     ep: str = "cpu"  # the EP --target-speedup profiles on
     # method and its calibration
     method: str = "auto"
-    update: bool = False
+    update: bool | None = None
     update_damp: float = 0.1
     calib: list | str | os.PathLike | None = None
     calib_tokens: int = 16384
@@ -128,15 +131,72 @@ class CompressConfig:
 
     def build_policy(self) -> Policy:
         """The Policy these options describe (LrcError on a bad option or policy file)."""
-        return build_policy(self.rank, self.energy, self.ratio, self.include, self.exclude,
-                            self.policy, self.align, self.allow_larger, self.group_inputs,
-                            self.dense_edges)
+        if self.recipe not in RECIPES:
+            raise LrcError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        exclude = list(self.exclude or [])
+        if self.tied_head == "dense" and "head" not in exclude:
+            exclude.append("head")
+        return build_policy(self.rank, self.energy, self.ratio, self.include, exclude,
+                            self.policy, self.align, self.allow_larger, bool(self.group_inputs),
+                            bool(self.dense_edges))
 
     @property
     def int8_form(self) -> str | None:
         if not self.int8:
             return None
         return "dynamic" if self.int8 is True else self.int8
+
+
+# --------------------------------------------------------------------------------- the recipe
+
+RECIPES = {
+    "best": "the data-aware recipe measured best on both bundled models (BENCHMARKS.md, "
+            "benchmarks/allocation.md): projections reading one tensor factored jointly "
+            "(--group-inputs), the first and last blocks dense (--dense-edges, models of 6+ "
+            "blocks), the joint update (--update, svd-llm); a tied head left dense",
+    "plain": "each option as given (no grouping, no dense blocks, no update); a tied head is "
+             "factorised like any projection",
+}
+EDGE_MIN_BLOCKS = 6  # fewer blocks: keeping two dense would leave too little to compress
+
+
+def _apply_recipe(config: CompressConfig, model: ir.Model, method) -> tuple[CompressConfig, dict]:
+    """``config`` with the options left unset (None) filled from ``config.recipe``, and what was
+    filled. The "best" recipe applies to data-aware low rank (the method resolved for this
+    model, before ``--update``); a tied head is left dense under it for every method, unless
+    ``--include head`` (or a policy file) asks for it. ``--rank full`` (a check of the rewrite
+    itself) and a ready factoriser take nothing from the recipe."""
+    import dataclasses
+
+    from lrc.graph.locate import locate
+
+    c = dataclasses.replace(config)
+    best = (c.recipe == "best" and c.lowrank and c.rank != "full" and c.factorizer is None)
+    data_aware = best and method.data_aware
+    done: dict = {}
+    targets = locate(model) if best else []
+    explicit = c.policy is not None
+    if c.group_inputs is None:
+        c.group_inputs = data_aware
+        if data_aware:
+            done["group_inputs"] = True
+    if c.dense_edges is None:
+        blocks = max((t.n_blocks or 0 for t in targets), default=0)
+        c.dense_edges = data_aware and not explicit and blocks >= EDGE_MIN_BLOCKS
+        if c.dense_edges:
+            done["dense_edges"] = f"blocks 0 and {blocks - 1} of {blocks} left dense"
+    if c.update is None:
+        c.update = data_aware and method.name in (m.update_of for m in methods.METHODS.values())
+        if c.update:
+            done["update"] = True
+    if c.tied_head is None:
+        asked = explicit or any("head" in str(i) for i in (c.include or []))
+        tied = [t for t in targets if t.role == "head" and t.tied]
+        c.tied_head = "dense" if best and tied and not asked else "factor"
+        if c.tied_head == "dense":
+            done["tied_head"] = (f"{tied[0].name} left dense: its weight is the embedding's, "
+                                 "factors would add bytes (--include head to factorise it)")
+    return c, done
 
 
 # --------------------------------------------------------------------------------- the pipeline
@@ -151,13 +211,16 @@ def compress_model(model_or_path, config: CompressConfig, *, progress: Progress 
     on it as it is, with ``config.tokenizer`` or the tokenizer.json beside the file
     ``lrc.model.load`` read it from). ``report``: ``rewritten`` and ``skipped`` records (every
     node with a reason), ``notes``, ``totals``, ``summary``, ``method``, ``policy``..."""
-    # 1. plan: policy, method, budget, plan
-    pol = config.build_policy()
+    # 1. plan: recipe, policy, method, budget, plan
+    config.build_policy()  # bad options fail before any work
     spec = config.quant_spec()
     path = _file_of(model_or_path)
+    base, method_note = _resolve_method(model_or_path, path, config, update=False)
+    model = M.as_model(model_or_path)
+    config, recipe = _apply_recipe(config, model, base)
+    pol = config.build_policy()
     method, method_note = _resolve_method(model_or_path, path, config)
     form = get_form(config.int8_form) if config.int8_form else None
-    model = M.as_model(model_or_path)
     if not config.lowrank:
         return _quantize_only(model_or_path, model, path, pol, spec, method, method_note,
                               config, progress, calib_progress)
@@ -166,8 +229,9 @@ def compress_model(model_or_path, config: CompressConfig, *, progress: Progress 
         raise LrcError(f"--method auto found no calibration for this language model "
                        f"({method_note.split(': ', 1)[-1]}), and plain SVD destroys language "
                        f"models (BENCHMARKS.md: SmolLM2 MLP 0.8, perplexity 5.8e5 against 156 "
-                       f"whitened): pass --tokenizer PATH (the calibration text also needs "
-                       f"gensim: pip install --no-deps gensim), or --method svd to accept it")
+                       f"whitened): pass --tokenizer PATH (the calibration text comes with "
+                       f"pip install 'lrc[data]'), --calib-inputs FILES, or --method svd to "
+                       f"accept it")
     budget = _budget(model, path, pol, config)
     plan = make_plan(model, pol)
     # 2-3. statistics and factors
@@ -210,6 +274,7 @@ def compress_model(model_or_path, config: CompressConfig, *, progress: Progress 
                         "exclude": pol.exclude, "align": pol.align,
                         "group_inputs": pol.group_inputs,
                         "dense_blocks": sorted({i for b, s in pol.blocks if s.skip for i in b})}
+    report["recipe"] = {"name": config.recipe, "applied": recipe}
     return model, report
 
 
@@ -361,8 +426,10 @@ def _home_of(model_or_path, path: Path | None) -> Path | None:
     return None
 
 
-def _resolve_method(model_or_path, path: Path | None, config: CompressConfig):
-    """(Method, note): ``auto`` resolved for this input, ``--update`` applied."""
+def _resolve_method(model_or_path, path: Path | None, config: CompressConfig,
+                    update: bool | None = None):
+    """(Method, note): ``auto`` resolved for this input, ``--update`` applied (``update``:
+    instead of ``config.update``)."""
     name = config.method
     if name != methods.AUTO:
         methods.get(name)
@@ -372,7 +439,7 @@ def _resolve_method(model_or_path, path: Path | None, config: CompressConfig):
         name, note = methods.resolve(name, home=_home_of(model_or_path, path),
                                      in_memory=path is None, rank=config.rank,
                                      tokenizer=config.tokenizer)
-    if config.update:
+    if config.update if update is None else update:
         name = methods.with_update(name)
     return methods.get(name), note
 

@@ -96,7 +96,7 @@ def test_in_memory_model_is_calibrated_as_it_is(tmp_path, monkeypatch):
         return {}
 
     monkeypatch.setattr(S, "cached_stats", fake)
-    _, rep = lrc.compress(m, rank=3, method="svd-llm", calib_default=False,
+    _, rep = lrc.compress(m, rank=3, method="svd-llm", update=False, calib_default=False,
                           calib=[_text(tmp_path)])
     assert seen["model"] is m and str(seen["path"]) == str(p)
     assert rep["method"] == "svd-llm"

@@ -31,7 +31,7 @@ def test_unknown_text_is_user_error():
 
 def test_missing_gensim_gives_pip_hint(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(LrcError, match="pip install gensim"):
+    with pytest.raises(LrcError, match=r"pip install 'lrc\[data\]'"):
         data._gensim_data()
 
 

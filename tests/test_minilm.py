@@ -32,7 +32,7 @@ def test_rank64_runs_and_full_rank_is_exact(minilm_dir, tmp_path):
     env = dict(os.environ, COLUMNS="200")
     out = tmp_path / "r64"
     r = subprocess.run([sys.executable, "-m", "lrc.cli", "compress", str(minilm_dir), "--rank", "64",
-                        "-o", str(out)], capture_output=True, text=True, env=env, timeout=600)
+                        "--recipe", "plain", "-o", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "lrc.json").read_text())
     assert summary["totals"]["rewritten"] == 36
