@@ -465,12 +465,14 @@ def generate(model: Path = typer.Argument(..., help="Exported text-generation fo
              seed: int = typer.Option(0, "--seed"),
              chat: bool = typer.Option(False, "--chat", help="Apply the model's chat template."),
              compare: Optional[Path] = typer.Option(None, "--compare", help="Second folder to run side by side."),
+             tokenizer: Optional[Path] = typer.Option(
+                 None, "--tokenizer", help="tokenizer.json (or its folder) when none is beside MODEL."),
              threads: Optional[int] = typer.Option(None, "--threads")):
     """Generate text with ONNX Runtime and the KV cache (no torch), optionally side by side."""
     from lrc import generate as G
 
     kw = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
-              top_k=top_k, seed=seed, chat=chat, threads=threads)
+              top_k=top_k, seed=seed, chat=chat, threads=threads, tokenizer=_tok(tokenizer))
     if max_new_tokens <= 0:
         raise LrcError("--max-new-tokens must be positive")
     results = ([(str(model), G.generate(model, prompt, **kw))] if compare is None else

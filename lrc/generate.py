@@ -93,9 +93,12 @@ class OnnxCausalLM:
     ``decoder_model_merged.onnx``, ...); the session comes from
     :func:`lrc.runtime.session.open_session` and the KV cache is read by :mod:`lrc.runtime.feeds`
     (``past_key_values.N.key``, ``past.N.key`` or ``past_key.N``). ``provider``: an execution
-    provider alias or ORT name (default the CPU)."""
+    provider alias or ORT name (default the CPU). ``tokenizer``: a tokenizer.json (or a folder
+    holding one, whose tokenizer_config.json then gives the chat template) when the model's
+    folder has none."""
 
-    def __init__(self, model_dir: str | Path, threads: int | None = None, provider: str = "cpu"):
+    def __init__(self, model_dir: str | Path, threads: int | None = None, provider: str = "cpu",
+                 tokenizer: str | Path | None = None):
         from tokenizers import Tokenizer
 
         path = Path(model_dir)
@@ -106,14 +109,28 @@ class OnnxCausalLM:
             if not any(folder.glob("*.onnx")):
                 raise LrcError(f"{folder} has no model.onnx; export a text-generation model there first")
         model_file = resolve_model_path(path)
-        if not (folder / "tokenizer.json").is_file():
-            raise LrcError(f"{folder} has no tokenizer.json; generation needs the model's tokenizer")
+        tok_file = folder / "tokenizer.json"
+        if tokenizer is not None:
+            t = Path(tokenizer)
+            tok_file = t / "tokenizer.json" if t.is_dir() else t
+            if not tok_file.is_file():
+                raise LrcError(f"--tokenizer {str(tokenizer)!r}: no tokenizer.json there")
+        elif not tok_file.is_file():
+            raise LrcError(f"{folder} has no tokenizer.json; generation needs the model's "
+                           "tokenizer: pass --tokenizer PATH")
 
         self.folder = folder
         self.config = _read_json(folder / "config.json")
         self.generation_config = _read_json(folder / "generation_config.json")
-        self.tokenizer_config = _read_json(folder / "tokenizer_config.json")
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tok_config = folder / "tokenizer_config.json"
+        if not tok_config.is_file():
+            tok_config = tok_file.parent / "tokenizer_config.json"
+        self.tokenizer_config = _read_json(tok_config)
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tok_file))
+        except Exception as e:
+            raise LrcError(f"{tok_file}: not a tokenizers tokenizer.json "
+                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
 
         self.session = open_session(model_file, threads=threads, provider=provider,
                                     inter_op=1 if threads else None)
@@ -264,9 +281,10 @@ def generate(
     seed: int = 0,
     chat: bool = False,
     threads: int | None = None,
+    tokenizer: str | Path | None = None,
 ) -> GenerationResult:
     """Load ``model_dir`` (an exported text-generation folder) and generate from ``prompt``."""
-    model = OnnxCausalLM(model_dir, threads=threads)
+    model = OnnxCausalLM(model_dir, threads=threads, tokenizer=tokenizer)
     return model.generate(
         prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, seed=seed, chat=chat,
@@ -284,6 +302,7 @@ def generate_compare(
     seed: int = 0,
     chat: bool = False,
     threads: int | None = None,
+    tokenizer: str | Path | None = None,
 ) -> GenerationComparison:
     """Generate the same prompt with two model folders (e.g. dense vs compressed).
 
@@ -292,7 +311,7 @@ def generate_compare(
     """
     results = []
     for folder in (dir_a, dir_b):
-        model = OnnxCausalLM(folder, threads=threads)
+        model = OnnxCausalLM(folder, threads=threads, tokenizer=tokenizer)
         results.append(model.generate(
             prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k, seed=seed, chat=chat,

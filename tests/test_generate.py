@@ -172,3 +172,29 @@ def test_smollm2_compressed_full_rank_keeps_greedy_tokens(smollm2_dir, tmp_path)
     ids = tok("The capital of France is", return_tensors="pt")
     gen = m.generate(**ids, max_new_tokens=5, do_sample=False)
     assert gen.shape[1] == ids["input_ids"].shape[1] + 5
+
+
+def test_tokenizer_flag_when_the_folder_has_none(tiny_llama, tmp_path):
+    """A decoder folder without tokenizer.json: one line naming --tokenizer; with the flag the
+    tokens are the ones the complete folder gives."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from lrc.cli import app
+
+    _, folder = tiny_llama
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare)
+    (bare / "tokenizer.json").unlink()
+    (bare / "tokenizer_config.json").unlink(missing_ok=True)
+    with pytest.raises(LrcError, match="--tokenizer PATH"):
+        OnnxCausalLM(bare)
+    want = OnnxCausalLM(folder).generate("w3 w4 w5", max_new_tokens=6).new_token_ids
+    got = OnnxCausalLM(bare, tokenizer=folder).generate("w3 w4 w5", max_new_tokens=6).new_token_ids
+    assert got == want
+    r = CliRunner().invoke(app, ["generate", str(bare), "w3 w4 w5", "--max-new-tokens", "4",
+                                 "--tokenizer", str(folder / "tokenizer.json")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["generate", str(bare), "w3", "--tokenizer", str(tmp_path)])
+    assert r.exit_code != 0 and "no tokenizer.json there" in str(r.exception)
