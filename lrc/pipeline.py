@@ -639,6 +639,8 @@ def compress_path(model: Path, out: Path | None, config: CompressConfig, *,
         if out.exists() and out.is_dir():
             out = out / src.name
         summary_path = out.with_name(out.name + ".lrc.json")
+        if out.resolve() == src.resolve():
+            raise LrcError("output must differ from the input")
         if not force:
             for p in (out, summary_path):
                 if p.exists():

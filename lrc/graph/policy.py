@@ -31,6 +31,12 @@ from lrc.factorize import break_even_rank, rank_for_energy, rank_for_ratio
 from lrc.graph.locate import ROLE_GROUPS, ROLES, Target, is_role_token, role_matches
 
 _GLOB = set("*?[")
+MAX_BLOCK_RANGE = 100_000  # a block range wider than this is a typo, not a model
+
+
+def _names(keys) -> list[str]:
+    """Keys for a message, sorted as text (YAML keys may be ints, None, ...)."""
+    return sorted(str(k) for k in keys)
 
 
 @dataclass(frozen=True)
@@ -70,10 +76,10 @@ def make_setting(rank=None, energy=None, ratio=None, where: str = "") -> Setting
                     raise LrcError(f"rank must be a positive integer or 'full'{at}, got {rank!r}")
         if isinstance(rank, bool) or (rank != "full" and (not isinstance(rank, int) or rank <= 0)):
             raise LrcError(f"rank must be a positive integer or 'full'{at}, got {rank!r}")
-    if energy is not None and not (isinstance(energy, (int, float)) and 0 < energy <= 1):
-        raise LrcError(f"energy must be in (0, 1]{at}, got {energy!r}")
-    if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
-        raise LrcError(f"ratio must be in (0, 1]{at}, got {ratio!r}")
+    for key, v in (("energy", energy), ("ratio", ratio)):  # bool is an int: refuse true/false
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                              or not 0 < v <= 1):
+            raise LrcError(f"{key} must be a number in (0, 1]{at}, got {v!r}")
     return Setting(rank=rank, energy=energy, ratio=ratio)
 
 
@@ -85,7 +91,10 @@ def _parse_setting(value, where: str) -> Setting:
                        f"got {value!r}")
     unknown = set(value) - {"rank", "energy", "ratio", "skip"}
     if unknown:
-        raise LrcError(f"bad policy: unknown key(s) {sorted(unknown)} in {where}")
+        raise LrcError(f"bad policy: unknown key(s) {_names(unknown)} in {where}")
+    if not isinstance(value.get("skip", False), bool):
+        raise LrcError(f"bad policy: skip in {where} must be true or false, "
+                       f"got {value['skip']!r}")
     if value.get("skip"):
         return Setting(skip=True)
     s = make_setting(value.get("rank"), value.get("energy"), value.get("ratio"), where)
@@ -122,7 +131,11 @@ def _parse_blocks(key) -> set[int]:
         try:
             if "-" in part[1:]:
                 lo, hi = part.split("-", 1) if not part.startswith("-") else ("", "")
-                out.update(range(int(lo), int(hi) + 1))
+                lo, hi = int(lo), int(hi)
+                if not 0 <= hi - lo < MAX_BLOCK_RANGE:
+                    raise LrcError(f"bad policy: block range {part!r} in key {key!r} is empty "
+                                   f"or wider than {MAX_BLOCK_RANGE:,} blocks")
+                out.update(range(lo, hi + 1))
             else:
                 out.add(int(part))
         except ValueError:
@@ -248,7 +261,7 @@ def load_policy(path: str | Path, base: Policy | None = None) -> Policy:
                "nodes", "allow_larger", "group_inputs"}
     unknown = set(data) - allowed
     if unknown:
-        raise LrcError(f"bad policy file {str(p)!r}: unknown key(s) {sorted(unknown)}; "
+        raise LrcError(f"bad policy file {str(p)!r}: unknown key(s) {_names(unknown)}; "
                        f"allowed: {sorted(allowed)}")
     base = base or Policy()
     default = base.default
@@ -259,9 +272,10 @@ def load_policy(path: str | Path, base: Policy | None = None) -> Policy:
         v = data.get(key, [])
         if isinstance(v, str):
             v = [s for s in v.split(",") if s.strip()]
-        if not isinstance(v, list):
-            raise LrcError(f"bad policy file {str(p)!r}: {key} must be a list")
-        return [str(s) for s in v]
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise LrcError(f"bad policy file {str(p)!r}: {key} must be a list of roles, "
+                           f"groups or name globs, got {v!r}")
+        return v
 
     def _map(key):
         v = data.get(key, {}) or {}
@@ -275,6 +289,10 @@ def load_policy(path: str | Path, base: Policy | None = None) -> Policy:
     align = data.get("align", base.align)
     if not isinstance(align, int) or isinstance(align, bool):
         raise LrcError(f"bad policy file {str(p)!r}: align must be an integer")
+    for key in ("allow_larger", "group_inputs"):  # bool("no") would be True
+        if not isinstance(data.get(key, False), bool):
+            raise LrcError(f"bad policy file {str(p)!r}: {key} must be true or false, "
+                           f"got {data[key]!r}")
     return Policy(default=default, include=base.include + _list("include"),
                   exclude=base.exclude + _list("exclude"), roles=roles, blocks=blocks,
                   nodes=nodes, align=align,

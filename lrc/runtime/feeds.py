@@ -510,6 +510,7 @@ def input_files(paths) -> list[Path]:
 
 def _read_npz(f: Path) -> dict[str, np.ndarray]:
     import zipfile
+    import zlib
 
     with open(f, "rb") as fh:
         if fh.read(4) != b"PK\x03\x04":
@@ -518,7 +519,10 @@ def _read_npz(f: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(f, allow_pickle=False) as z:
             return {k: np.asarray(z[k]) for k in z.files}
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    # a corrupt member: bad deflate data (zlib.error), an unknown compression method
+    # (NotImplementedError), an encrypted one (RuntimeError)
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, OSError,
+            EOFError) as e:
         raise LrcError(f"{f}: not a readable .npz file ({str(e).strip() or type(e).__name__})")
     except ValueError as e:  # object arrays need pickle: refused
         raise LrcError(f"{f}: holds an array lrc will not read ({str(e).splitlines()[0]}); "
