@@ -270,6 +270,8 @@ def compress_model(model_or_path, config: CompressConfig, *, progress: Progress 
         report["budget"] = budget
     if calib_info:
         report["calibration"] = calib_info
+        if calib_info.get("fallback"):  # --update could not run in segments: say why
+            report["notes"] = report.get("notes", []) + [calib_info["fallback"]]
     report["policy"] = {"default": pol.default.describe(), "include": pol.include,
                         "exclude": pol.exclude, "align": pol.align,
                         "group_inputs": pol.group_inputs,
@@ -357,6 +359,8 @@ def _quantize_only(model_or_path, model: ir.Model, path: Path | None, pol: Polic
               "policy": {"include": pol.include, "exclude": pol.exclude}}
     if calib_info:
         report["calibration"] = calib_info
+        if calib_info.get("fallback"):  # --update could not run in segments: say why
+            report["notes"].append(calib_info["fallback"])
     if smooth:
         report["smooth"] = smooth.record
     return model, report

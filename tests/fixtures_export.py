@@ -27,6 +27,10 @@ _SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
 
 FAMILIES = ("gpt2", "llama", "qwen2", "gemma", "bert", "t5")
 DECODERS = ("gpt2", "llama", "qwen2", "gemma")
+# Built by tiny_model too, not in FAMILIES (their tests pick them explicitly): Gemma-3 text with
+# a sliding-window layer (window 4, shorter than any calibration window) and a full one,
+# q/k norms, GQA with one KV head, a head_dim that is not hidden / heads, a tied head.
+MORE = ("gemma3",)
 
 
 def tiny_model(family: str, seed: int = 0):
@@ -49,6 +53,12 @@ def tiny_model(family: str, seed: int = 0):
         cfg = T.GemmaConfig(**_SMALL, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
                             bos_token_id=1, eos_token_id=2, pad_token_id=0)
         model = T.GemmaForCausalLM(cfg)
+    elif family == "gemma3":
+        cfg = T.Gemma3TextConfig(**_SMALL, num_key_value_heads=1, head_dim=32,
+                                 max_position_embeddings=128, sliding_window=4,
+                                 layer_types=["sliding_attention", "full_attention"],
+                                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        model = T.Gemma3ForCausalLM(cfg)
     elif family == "bert":
         cfg = T.BertConfig(**_SMALL, max_position_embeddings=128)
         model = T.BertModel(cfg)
@@ -140,3 +150,16 @@ def tiny_llama(tmp_path_factory):
     model = save_tiny("llama", root / "hf", seed=3, tokenizer=True)
     export(root / "hf", root / "onnx")
     return model, root / "onnx"
+
+
+def export_tiny(family: str, root: Path, exporter: str = "optimum", seed: int = 3) -> Path:
+    """A tiny ``family`` model (with the word tokenizer) exported by ``exporter`` ("optimum",
+    "torch-dynamo") into ``root / exporter``; returns that folder."""
+    from lrc.exporters import export
+
+    hf = root / "hf"
+    if not (hf / "config.json").is_file():
+        save_tiny(family, hf, seed=seed, tokenizer=True)
+    out = root / exporter
+    export(hf, out, exporter=exporter)
+    return out

@@ -45,6 +45,14 @@ How it runs (about two forward passes over the calibration set, not one per bloc
   unit (:func:`lrc.passes.lowrank.plan_units`): they share ``X_c`` and ``X_o``, so the joint fit
   is the same formula applied to ``[W_1 W_2 ...]`` (norm-balanced), split into one B each.
 
+Exports. Nothing crosses a cut but per-batch tensors (masks, rotary tables, shapes computed
+from the inputs are carried like activations) and a segment declares each carried tensor's type,
+never the shape an exporter traced for it, so optimum (KV cache) and torch-dynamo exports run
+at any calibration length. A segment ONNX Runtime cannot load or run on its own raises
+:class:`SegmentError` (one line: the nodes, the batch shapes, ORT's message); ``--update`` then
+falls back to the one-shot method (whitening, the one-shot correction) and says so in the
+report's ``calibration.fallback``.
+
 Memory: the state at one cut for both models (SmolLM2-135M at 16k tokens: ~80 MB per model)
 plus one stage's ``C`` and ``[C M]`` sums. Nothing in here knows about a particular model family:
 stages come from the graph, roles and blocks from :func:`lrc.passes.locate.locate`.
@@ -52,7 +60,6 @@ stages come from the graph, roles and blocks from :func:`lrc.passes.locate.locat
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -76,7 +83,7 @@ from lrc.runtime.session import open_session
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Job", "Stage", "joint_target", "plan_targets", "run_sequential",
+__all__ = ["Job", "SegmentError", "Stage", "joint_target", "plan_targets", "run_sequential",
            "sequential_factors", "sequential_factorizer", "sequential_quant", "sequential_update",
            "stages", "UpdateStats"]
 
@@ -133,28 +140,63 @@ def stages(lay: Layout, plan: list[tuple[Target, int]]) -> list[Stage]:
 # --------------------------------------------------------------------------------------------
 
 
+class SegmentError(LrcError):
+    """A segment of the cut graph cannot run on its own: this export's layout is not one the
+    stage runner can cut (the callers fall back to the one-shot method, saying why)."""
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an error, less ONNX Runtime's source location and status prefix."""
+    import re
+
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    line = lines[0] if lines else type(e).__name__
+    line = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", line)
+    line = re.sub(r"\S*onnxruntime\S*:\d+ .*? was false\. ", "", line)
+    return line if len(line) <= 400 else line[:397] + "..."
+
+
 class _Segment:
     """A segment of the graph (:func:`lrc.graph.expose.cut_segment`) as an ONNX Runtime session.
     ``rewrites`` maps id(target node) to ``(A, B, base)`` for projections in the range to
     rewrite as ``(X·A)·B`` (``B`` None: ``X·A``, a replaced weight); ``path`` is the model's
-    file (external data)."""
+    file (external data). A segment that ONNX Runtime cannot load or run raises
+    :class:`SegmentError` naming the nodes and the batch."""
 
     def __init__(self, model: ir.Model, lay: Layout, start: int, stop: int,
                  wanted: list[ir.Value], state_dtypes: dict[str, np.dtype],
                  rewrites: dict[int, Rewrite] | None = None,
                  threads: int | None = None, path=None):
+        nodes = lay.nodes[start:stop]
+        self.where = (f"nodes {start}-{stop - 1} ({nodes[0].name or nodes[0].op_type} .. "
+                      f"{nodes[-1].name or nodes[-1].op_type})" if nodes else "the graph inputs")
         seg = cut_segment(model, lay, start, stop, wanted, state_dtypes, rewrites)
         self.inputs, self.outputs, self.n_nodes = seg.inputs, seg.outputs, seg.n_nodes
         self.session = None
         if self.outputs:
-            self.session = open_session(seg.proto.SerializeToString(), threads=threads,
-                                        inter_op=1 if threads else None, optimization="all",
-                                        path=path, what=" (a segment for the update)")
+            try:
+                self.session = open_session(seg.proto.SerializeToString(), threads=threads,
+                                            inter_op=1 if threads else None,
+                                            optimization="all", path=path,
+                                            what=" (a segment for the update)")
+            except LrcError as e:
+                raise SegmentError(f"{self.where} cannot be loaded as a segment: "
+                                   f"{_first_line(e)}") from e
 
     def run(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.session is None:
             return {}
-        outs = self.session.run(self.outputs, {k: state[k] for k in self.inputs})
+        missing = [k for k in self.inputs if k not in state]
+        if missing:
+            raise SegmentError(f"{self.where} read {missing[0]!r}, which the state at the cut "
+                               f"does not carry")
+        feeds = {k: state[k] for k in self.inputs}
+        try:
+            outs = self.session.run(self.outputs, feeds)
+        except Exception as e:  # ORT raises its own exception types
+            shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in list(feeds.items())[:3])
+            raise SegmentError(f"{self.where} failed on its own (inputs {shapes}"
+                               f"{', ...' if len(feeds) > 3 else ''}): {_first_line(e)}") from e
         return dict(zip(self.outputs, outs))
 
 
@@ -197,10 +239,13 @@ class UpdateStats:
     seconds_gram: float = 0.0
     seconds_factor: float = 0.0
     seconds_total: float = 0.0
+    fallback: str | None = None  # why the one-shot method was used instead (SegmentError)
     per_target: dict = field(default_factory=dict)  # name -> {"shift": ..., "out_energy": ...}
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
+        if d["fallback"] is None:
+            del d["fallback"]
         for k in list(d):
             if k.startswith("seconds"):
                 d[k] = round(d[k], 2)
@@ -413,6 +458,10 @@ def run_sequential(model: ir.Model, jobs: list[Job], batches: Iterable, *, model
                 for states, seg in ((state_o, seg_o), (state_c, seg_c)):
                     s = states[i]
                     new = seg.run(s)
+                    lost = [k for k in wnames if k not in new and k not in s]
+                    if lost:
+                        raise SegmentError(f"{lost[0]!r}, needed after {seg.where}, is neither "
+                                           f"computed there nor carried from the cut before")
                     states[i] = {k: (new[k] if k in new else s[k]) for k in wnames}
             st.seconds_forward += time.perf_counter() - t0
             note_dtypes(state_o[:1])
@@ -518,8 +567,23 @@ def sequential_quant(model: ir.Model, qpass, grams: dict, batches: Iterable, *,
             return out
 
         jobs.append(Job(group, solve, residual=True))
-    return run_sequential(model, jobs, batches, model_path=model_path,
-                          batch_windows=batch_windows, threads=threads, progress=progress)
+    batches = list(batches)
+    try:
+        return run_sequential(model, jobs, batches, model_path=model_path,
+                              batch_windows=batch_windows, threads=threads, progress=progress)
+    except SegmentError as e:
+        # The one-shot correction instead: no fitted targets, each group's error whitened by
+        # its input's Gram on the original model (what the corrector reads from ``grams``).
+        note = fallback_note(str(e), "whitened correction")
+        log.warning("%s", note)
+        qpass.weights.clear()
+        qpass.solved.clear()
+        grams.clear()
+        grams.update(_input_stats(model, model_path, [t.node.inputs[0].name for t in targets],
+                                  batches, threads))
+        st = UpdateStats(fallback=note)
+        st.tokens = max((g.n for g in grams.values()), default=0)
+        return st
 
 
 def _residual_input(t: Target, state: dict) -> str | None:
@@ -569,16 +633,56 @@ def sequential_factorizer(model: ir.Model, model_path, policy: Policy, texts: Se
     if model_path is None:
         model_path = model.meta.get("lrc.source_path")
     if batches is not None:
-        windows = batches
+        windows = list(batches)
     else:
         tok = tokenizer_path(model_path, tokenizer)
         windows = token_batches(tok, list(texts), n_tokens=n_tokens, seq_len=seq_len, bos=True)
-    factors, st = sequential_factors(model, policy, windows, model_path=model_path, damp=damp,
-                                     threads=threads, progress=progress)
+    try:
+        factors, st = sequential_factors(model, policy, windows, model_path=model_path,
+                                         damp=damp, threads=threads, progress=progress)
+    except SegmentError as e:
+        return _whitening_fallback(model, model_path, policy, windows, str(e), seq_len=seq_len,
+                                   threads=threads)
     info = {"method": "svd-llm+update", "tokens": st.tokens, "seq_len": seq_len,
             "damp": damp, **{k: v for k, v in st.to_dict().items() if k != "per_target"},
             "per_target": st.per_target}
     return lookup_factorizer(factors), info
+
+
+def fallback_note(reason: str, method: str) -> str:
+    """The one line a report carries when the update could not run in segments."""
+    return f"--update fell back to one-shot {method}: {reason}"
+
+
+def _input_stats(model: ir.Model, model_path, names, windows, threads) -> dict:
+    from lrc.calibration.stats import collect_stats
+
+    return collect_stats(model, sorted(set(names)), windows, threads=threads, path=model_path)
+
+
+def _whitening_fallback(model: ir.Model, model_path, policy: Policy, windows, reason: str, *,
+                        seq_len: int, threads: int | None):
+    """``(factorizer, info)`` of one-shot SVD-LLM (each projection whitened by its input's
+    Gram on the original model, one ONNX Runtime pass over ``windows``): what ``--update``
+    gives when the graph cannot be run in segments (``reason``)."""
+    from lrc.graph.passes.lowrank import plain_svd
+
+    note = fallback_note(reason, "svd-llm")
+    log.warning("%s", note)
+    names = [t.node.inputs[0].name for t, _ in plan_targets(model, policy)]
+    stats = _input_stats(model, model_path, names, windows, threads) if names else {}
+
+    def factor(t: Target, w: np.ndarray, rank: int) -> Factors:
+        st = stats.get(t.node.inputs[0].name)
+        if st is None:
+            return plain_svd(t, w, rank)
+        f = whiten_factor(w, st.xtx, rank)
+        f.method = "svd-llm"
+        return f
+
+    tokens = max((st.n for st in stats.values()), default=0)
+    return factor, {"method": "svd-llm", "fallback": note, "tokens": tokens, "seq_len": seq_len,
+                    "inputs": len(stats)}
 
 
 def sequential_update(model, policy: Policy, *, calib_texts: Sequence[str],
