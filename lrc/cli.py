@@ -452,6 +452,11 @@ def export(source: str = typer.Argument(..., help="HF model folder, .gguf file, 
                   f"{res.out_dir} ({_mb(sum(file_size(f) for f in res.files))})")
     if getattr(res, "fallback_reason", None):
         console.print(f"[yellow]note:[/yellow] {res.fallback_reason}")
+    if getattr(res, "tokenizer", None):
+        console.print(f"tokenizer: {res.tokenizer}")
+    for name, rec in (getattr(res, "tied", None) or {}).items():
+        console.print(f"tied embedding stored once in {name}: head copy dropped "
+                      f"({_mb(rec['bytes_saved'])} saved)")
 
 
 # ----------------------------------------------------------------------------- generate

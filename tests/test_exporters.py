@@ -6,7 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from fixtures_export import DECODERS, FAMILIES, have, ort_feed, rel_err, save_tiny, torch
+from fixtures_export import (DECODERS, FAMILIES, have, ort_feed, rel_err, save_tiny,  # noqa: F401
+                             smollm2_dir, torch)
 
 import lrc.exporters as ex
 from lrc.errors import LrcError
@@ -222,3 +223,24 @@ def test_minilm_alias_loads_in_optimum(tmp_path):
         want = AutoModel.from_pretrained(src).eval()(**batch).last_hidden_state.numpy()
     assert got.shape == (2, batch["input_ids"].shape[1], 384)
     assert rel_err(got, want) < 1e-3
+
+
+# --------------------------------------------------------------------------- real SmolLM2 (GGUF)
+@pytest.mark.slow
+def test_smollm2_gguf_tokenizer_checked_and_embedding_stored_once(smollm2_dir):
+    """The gpt2-type GGUF's tokenizer.json is checked against the GGUF's own merges; the tied
+    head reads Transpose(embedding) (optimum shares it already), so the table is stored once."""
+    import onnx
+
+    from lrc.graph import model as M
+    from lrc.graph.locate import locate
+
+    rec = json.loads((smollm2_dir / "lrc.json").read_text())["export"]
+    assert rec["tokenizer"].startswith("transformers' conversion of the GGUF gpt2 vocabulary, "
+                                       "checked on "), rec
+    assert rec["exporter"] == "optimum" and rec["tied"] == {}
+    proto = onnx.load(str(smollm2_dir / "model.onnx"), load_external_data=False)
+    tables = [list(t.dims) for t in proto.graph.initializer if 49152 in t.dims]
+    assert tables == [[49152, 576]]  # the embedding, once
+    heads = [t for t in locate(M.load(smollm2_dir / "model.onnx")) if t.role == "head"]
+    assert len(heads) == 1 and heads[0].tied and heads[0].shape == (576, 49152)

@@ -20,6 +20,16 @@ source's tokenizer.json gets the plain ``ByteLevel`` decoder its SentencePiece-s
 to (:func:`lrc.graph.genai.byte_level_decoder`: the same text from every id, and GenAI's
 tokenizer reads it right).
 
+GGUF tokenizers: a SentencePiece-style vocabulary (Gemma, Llama-2: ``tokenizer.ggml.model ==
+"llama"`` without merges) gets lrc's own tokenizer.json (transformers 4.57 reads it as Unigram
+and fragments words), and every GGUF export checks the written tokenizer.json against a
+reference tokenizer of the GGUF's vocabulary before the folder appears
+(:mod:`lrc.exporters.gguf_tokenizer`; a difference fails the export in one line). A head that
+holds a copy of the tied embedding table is rewritten to read the table
+(:mod:`lrc.graph.passes.tied`), so the folder stores it once. ``lrc.json`` in the folder
+records both (``{"export": {"tokenizer": ..., "tied": ...}}``), as do ``ExportResult.tokenizer``
+and ``.tied``.
+
 Writes are atomic: everything goes into a hidden temporary folder beside ``out_dir`` that is
 renamed into place at the end, so an interrupted export never leaves a half-written model.
 """
@@ -45,6 +55,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 from lrc.errors import LrcError  # noqa: E402
 from lrc.graph import genai  # noqa: E402
 from lrc.graph.folder import replace  # noqa: E402
+from lrc.exporters.gguf_tokenizer import GGUFVocab, check_tokenizer, prepare  # noqa: E402
 from lrc.exporters.sources import KIND_GGUF, read_config, resolve_source  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -90,6 +101,8 @@ class ExportResult:
     files: list[Path] = field(default_factory=list)  # every .onnx file written
     fallback_reason: str | None = None  # why optimum was not used, when it was not
     genai: dict = field(default_factory=dict)  # lrc.graph.genai.write_config's report
+    tokenizer: str | None = None  # what was done to / checked of a GGUF source's tokenizer
+    tied: dict = field(default_factory=dict)  # file -> ShareTiedEmbedding's record, where it acted
 
 
 def find_onnx_files(directory: str | Path) -> list[Path]:
@@ -121,8 +134,11 @@ def _check_out_dir(out: Path, force: bool) -> None:
             raise LrcError(f"{out} exists and is not empty; pass force (--force) to replace it")
 
 
-def _gguf_to_hf_folder(gguf: Path, dest: Path) -> None:
-    """Dequantise a GGUF model to float32 and ``save_pretrained`` it (+ tokenizer) into ``dest``."""
+def _gguf_to_hf_folder(gguf: Path, dest: Path) -> tuple[GGUFVocab, str]:
+    """Dequantise a GGUF model to float32 and ``save_pretrained`` it (+ tokenizer) into ``dest``.
+    A SentencePiece-style vocabulary gets lrc's tokenizer.json (:mod:`lrc.exporters.gguf_tokenizer`:
+    transformers 4.57 makes a Unigram model of it); returns the GGUF's vocabulary and what was
+    done to the tokenizer, for :func:`check_tokenizer` once the folder is written."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -135,9 +151,11 @@ def _gguf_to_hf_folder(gguf: Path, dest: Path) -> None:
         raise LrcError(f"transformers cannot load {gguf.name}: {str(e).splitlines()[0]}") from e
     model.save_pretrained(dest)
     tok.save_pretrained(dest)
+    vocab, how = prepare(gguf, dest)
     _byte_level_tokenizer(dest / "tokenizer.json")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(dest)
+    return vocab, how
 
 
 def _byte_level_tokenizer(path: Path) -> None:
@@ -304,10 +322,11 @@ def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | Non
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     scratch: tempfile.TemporaryDirectory | None = None
     try:
+        vocab = tokenizer_note = None
         if kind == KIND_GGUF:
             scratch = tempfile.TemporaryDirectory(prefix="lrc-gguf-")
             hf_dir = Path(scratch.name)
-            _gguf_to_hf_folder(path, hf_dir)
+            vocab, tokenizer_note = _gguf_to_hf_folder(path, hf_dir)
         else:
             hf_dir = path
         config = read_config(hf_dir)
@@ -340,12 +359,16 @@ def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | Non
                 raise LrcError(msg) from e
 
         _copy_tokenizer_files(hf_dir, tmp)
+        if vocab is not None:
+            tokenizer_note = _check_gguf_tokenizer(tmp / "tokenizer.json", vocab, tokenizer_note)
         files = find_onnx_files(tmp)
         if not files:
             raise LrcError(f"the exporter wrote no .onnx file for {path.name}")
+        tied = _share_tied_embeddings(files)
         described = genai.write_config(tmp)
         if described["file"] is None and task.startswith("text-generation"):
             log.info("no %s: %s", genai.CONFIG, described["reason"])
+        _write_record(tmp, source=path, exporter=used, task=task, tokenizer=tokenizer_note, tied=tied)
         replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -364,7 +387,52 @@ def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | Non
         files=files,
         fallback_reason=reason,
         genai=described,
+        tokenizer=tokenizer_note,
+        tied=tied,
     )
+
+
+def _check_gguf_tokenizer(path: Path, vocab: GGUFVocab, done: str) -> str:
+    """Check the folder's tokenizer.json against the GGUF vocabulary (LrcError on a difference);
+    returns what was done, in words."""
+    if not path.is_file():
+        raise LrcError(f"the export of {vocab.source} wrote no tokenizer.json")
+    res = check_tokenizer(path, vocab)
+    if not res["checked"]:
+        return f"{done}; {res['note']}"
+    return f"{done}, checked on {res['chars']} chars" + (f" ({res['note']})" if res["note"] else "")
+
+
+def _share_tied_embeddings(files: list[Path]) -> dict:
+    """Store a tied embedding once in every exported file (:mod:`lrc.graph.passes.tied`)."""
+    from lrc.graph import model as M
+    from lrc.graph.passes.tied import ShareTiedEmbedding
+
+    done = {}
+    for f in files:
+        model = M.load(f)
+        tied = ShareTiedEmbedding()
+        if not tied(model).modified:
+            continue
+        before = M.external_files(f)
+        M.save(model, f, force=True)
+        del model
+        for name in before - M.external_files(f):  # a data file the new layout no longer names
+            (f.parent / name).unlink(missing_ok=True)
+        done[f.name] = tied.record
+    return done
+
+
+RECORD = "lrc.json"
+
+
+def _write_record(folder: Path, **what) -> None:
+    """``lrc.json`` of an exported folder: ``{"export": {...}}`` (source, exporter, task, what
+    was done to the tokenizer and to a tied embedding)."""
+    from lrc.graph.model import write_text_atomic
+
+    what["source"] = str(what["source"])
+    write_text_atomic(folder / RECORD, json.dumps({"export": what}, indent=1))
 
 
 def _main_file(files: list[Path]) -> Path:
