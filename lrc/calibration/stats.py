@@ -47,7 +47,7 @@ import onnx_ir as ir
 from lrc.calibration.tokens import token_batches, tokenizer_path
 from lrc.errors import LrcError
 from lrc.graph.expose import expose
-from lrc.graph.model import external_locations
+from lrc.graph.model import external_files, external_locations
 from lrc.runtime.feeds import text_feeds
 from lrc.runtime.session import open_session
 
@@ -313,6 +313,22 @@ def _serialized(model) -> bytes:
     return model.SerializeToString()
 
 
+def _graph_proto(model, path: Path | None) -> tuple[onnx.ModelProto, object]:
+    """A ModelProto of ``model`` that ``expose`` may edit, weights left out of it where they can
+    be: a file's initializers stay in its external data, or — a large single file — are spilled
+    to a temporary folder once (:func:`lrc.graph.model.spill`) instead of being parsed with the
+    graph and copied again into the session's bytes. Returns ``(proto, what keeps the spill
+    folder alive)``."""
+    from lrc.graph import model as M
+
+    if _in_memory(model):
+        return onnx.ModelProto.FromString(_serialized(model)), None  # a copy: expose edits it
+    spilled = M.spilled_proto(Path(path))
+    if spilled is not None:
+        return spilled
+    return onnx.load(str(path), load_external_data=False), None
+
+
 def collect_stats(
     model: ModelSource,
     tensor_names: Sequence[str],
@@ -349,17 +365,15 @@ def collect_stats(
         return {}
     gram = Gram(precision, threads)
     accs = {t: _Accumulator(t, gram) for t in names}
-    if _in_memory(model):
-        proto = onnx.ModelProto.FromString(_serialized(model))  # a copy: expose edits it
-    else:
-        proto = onnx.load(str(path), load_external_data=False)
+    proto, _keep = _graph_proto(model, path)  # _keep: the spill folder, alive until the end
     fetch = expose(proto, names, prune=prune)
     # The model goes to ONNX Runtime as bytes; its external data (left on disk, never loaded
-    # into the proto) is found beside ``path``.
-    sess = open_session(proto.SerializeToString(), threads=threads,
-                        inter_op=1 if threads else None, optimization="all", path=path,
-                        what=" for calibration") if fetch else None
+    # into the proto) is found beside ``path``, or in the folder its weights were spilled to.
+    data = proto.SerializeToString()
     del proto
+    sess = open_session(data, threads=threads, inter_op=1 if threads else None,
+                        optimization="all", path=path, what=" for calibration") if fetch else None
+    del data
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     for i, batch in enumerate(batches):
         if isinstance(batch, dict):
@@ -415,9 +429,9 @@ _EXTERNAL: dict[tuple[str, int, int], list[Path]] = {}
 def _external_files(model_path: Path) -> list[Path]:
     st = model_path.stat()
     key = (str(model_path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _EXTERNAL:
-        _EXTERNAL[key] = _scan_external(onnx.load(str(model_path), load_external_data=False),
-                                        model_path)
+    if key not in _EXTERNAL:  # the graph read without the weights of a large single file
+        locs = external_files(model_path)
+        _EXTERNAL[key] = [model_path.resolve().parent / loc for loc in sorted(locs)]
     return _EXTERNAL[key]
 
 

@@ -108,7 +108,7 @@ def staged_folder(src: str | os.PathLike, out: str | os.PathLike, *, force: bool
     src, out = Path(src), Path(out)
     models = model_files(src)
     check_output(src, out, force)
-    for f in models:  # validate all before writing anything
+    for f in models:  # validate all before writing anything (the graphs: weights not read)
         load_proto(f)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

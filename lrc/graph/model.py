@@ -1,13 +1,24 @@
-"""Load and save ONNX models safely.
+"""Load and save ONNX models safely, in memory near one copy of the weights a pass touches.
 
 * ``load`` accepts a ``.onnx`` file or an exported folder (``DIR/model.onnx``), refuses
   anything that is not a readable ONNX protobuf with one clear line, and refuses external-data
   locations that are absolute, contain ``..`` or resolve (through symlinks) outside the model's
   folder — a known attack on ONNX loaders that would read arbitrary files. Weights in external
-  data stay on disk until used (onnx-ir lazy tensors).
+  data stay on disk until used, and are read afresh at each use instead of staying mapped
+  (:class:`DiskTensor`): memory holds the weights a pass is working on, not all it has read.
+* A single-file model above ``SPILL_THRESHOLD`` is never parsed whole (protobuf would hold the
+  file's bytes and the parsed message together, twice the model): ``spill`` walks its wire format
+  field by field, copies every main-graph initializer's ``raw_data`` straight from the file into a
+  data file in a temporary folder (page-aligned, in chunks) and keeps the rest — the graph without
+  its weights — as a small protobuf whose initializers point at that file. The model then loads
+  like one with external data; the folder lives as long as a model or session uses it and is
+  deleted after (``external_folder(path)`` tells a session where the data of ``path`` lies).
+  ``load_proto(path)`` (the graph, for validating and inspecting) reads the same skeleton
+  without copying anything.
 * ``save`` writes atomically: everything goes to a temporary folder beside the output, is
   checked there, and is renamed into place only when complete. Models over 2 GB (protobuf's limit)
-  or on request are written with external data (``OUT.onnx.data``).
+  or on request are written with external data (``OUT.onnx.data``); single files are written one
+  initializer at a time. Either way a memory-mapped weight is unmapped once written.
 """
 
 from __future__ import annotations
@@ -15,10 +26,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -98,32 +111,369 @@ def external_locations(proto: onnx.ModelProto) -> set[str]:
     return out
 
 
-def load_proto(path: str | os.PathLike) -> tuple[onnx.ModelProto, Path]:
-    """The ModelProto (external data not loaded, locations checked) and its file path."""
-    p = resolve_model_path(path)
+# ------------------------------------------------------------------------------------------
+# Spilling a single-file model's weights into a data file, one field at a time
+# ------------------------------------------------------------------------------------------
+
+SPILL_THRESHOLD = int(float(os.environ.get("LRC_SPILL_MB", 256)) * 1024**2)
+SPILL_DATA = "model.onnx.data"  # the data file's name inside a spill folder
+_INLINE = 1024  # tensors of at most this many bytes stay inside the protobuf
+_ALIGN = 4096  # data offsets are page-aligned, so runtimes can map them
+_CHUNK = 16 * 1024**2
+# field numbers of onnx.proto3 (ModelProto.graph, GraphProto.initializer, TensorProto.*)
+_MODEL_GRAPH, _GRAPH_INIT, _T_RAW = 7, 5, 9
+
+
+class _Wire:
+    """Reads protobuf wire format from a file without holding more than one field."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def varint(self) -> tuple[int, bytes]:
+        value, shift, raw = 0, 0, bytearray()
+        while True:
+            b = self.f.read(1)
+            if not b or shift > 63:
+                raise ValueError("truncated or malformed varint")
+            raw += b
+            value |= (b[0] & 0x7F) << shift
+            shift += 7
+            if b[0] < 0x80:
+                return value, bytes(raw)
+
+    def payload(self, wire_type: int) -> bytes:
+        """The bytes of a field's value (with its length prefix for length-delimited fields)."""
+        if wire_type == 0:
+            return self.varint()[1]
+        if wire_type in (1, 5):
+            n = 8 if wire_type == 1 else 4
+            b = self.f.read(n)
+            if len(b) != n:
+                raise ValueError("truncated fixed-width field")
+            return b
+        if wire_type == 2:
+            n, raw = self.varint()
+            b = self.f.read(n)
+            if len(b) != n:
+                raise ValueError("truncated length-delimited field")
+            return raw + b
+        raise ValueError(f"unsupported wire type {wire_type}")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _scan(src: Path, data=None) -> onnx.ModelProto:
+    """The ModelProto of ``src`` without its main-graph initializers' bytes: written to the open
+    file ``data`` (page-aligned; the tensors then point at it as ``SPILL_DATA``), or, with
+    ``data=None``, skipped (the tensors keep name, type and shape only). Repeated ``graph``
+    fields are merged as protobuf merges them (``_write_streaming`` writes such files)."""
+    skeleton = bytearray()
+    inits: list[onnx.TensorProto] = []
+    size = src.stat().st_size
+    with open(src, "rb", buffering=1 << 20) as f:
+        w = _Wire(f)
+        while w.tell() < size:
+            tag, tag_raw = w.varint()
+            if tag >> 3 == _MODEL_GRAPH and tag & 7 == 2:
+                n, _ = w.varint()
+                end = w.tell() + n
+                graph = bytearray()
+                while w.tell() < end:
+                    gtag, gtag_raw = w.varint()
+                    if gtag >> 3 == _GRAPH_INIT and gtag & 7 == 2:
+                        tn, _ = w.varint()
+                        inits.append(_scan_tensor(w, w.tell() + tn, data))
+                    else:
+                        graph += gtag_raw + w.payload(gtag & 7)
+                if w.tell() != end:
+                    raise ValueError("graph field overruns its length")
+                skeleton += _field(_MODEL_GRAPH, bytes(graph))
+            else:
+                skeleton += tag_raw + w.payload(tag & 7)
+    proto = onnx.ModelProto.FromString(bytes(skeleton))
+    proto.graph.initializer.extend(inits)
+    return proto
+
+
+def _scan_tensor(w: _Wire, end: int, data) -> onnx.TensorProto:
+    """One initializer: its ``raw_data`` copied to ``data`` (or skipped), the rest parsed."""
+    rest, raw_at = bytearray(), None
+    while w.tell() < end:
+        tag, tag_raw = w.varint()
+        if tag >> 3 == _T_RAW and tag & 7 == 2:
+            n, n_raw = w.varint()
+            if n <= _INLINE:
+                rest += tag_raw + n_raw + w.f.read(n)
+                continue
+            if data is None:
+                w.f.seek(n, os.SEEK_CUR)
+                raw_at = (0, n)
+                continue
+            pad = (-data.tell()) % _ALIGN
+            data.write(b"\0" * pad)
+            raw_at = (data.tell(), n)
+            left = n
+            while left:
+                chunk = w.f.read(min(left, _CHUNK))
+                if not chunk:
+                    raise ValueError("truncated raw_data")
+                data.write(chunk)
+                left -= len(chunk)
+        else:
+            rest += tag_raw + w.payload(tag & 7)
+    if w.tell() != end:
+        raise ValueError("initializer overruns its length")
+    t = onnx.TensorProto.FromString(bytes(rest))
+    if raw_at is not None and data is not None:
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", SPILL_DATA), ("offset", str(raw_at[0])),
+                     ("length", str(raw_at[1]))):
+            t.external_data.add(key=k, value=v)
+    return t
+
+
+class Spill:
+    """A temporary folder holding a single-file model's weights as external data; deleted when
+    the last model or session using it lets it go (or at exit)."""
+
+    def __init__(self, src: Path):
+        import weakref
+
+        self.src = src
+        _sweep_stale()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"lrc-weights-{os.getpid()}-"))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
+        try:
+            with open(self.dir / SPILL_DATA, "wb") as data:
+                self.proto = _scan(src, data)
+        except BaseException:
+            self.remove()
+            raise
+        self.stamp = _stamp(src)
+        # a file that also has external data of its own keeps it beside the source
+        self.mixed = any(loc != SPILL_DATA for loc in external_locations(self.proto))
+
+    @property
+    def alive(self) -> bool:
+        return self._finalizer.alive
+
+    def __copy__(self):  # a copied model shares the folder (and keeps it alive)
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def remove(self) -> None:
+        self._finalizer()
+
+
+def _sweep_stale() -> None:
+    """Remove the spill folders of processes that no longer run (killed before they could
+    clean up: ``lrc-weights-PID-*``)."""
+    for d in Path(tempfile.gettempdir()).glob("lrc-weights-*-*"):
+        try:
+            pid = int(d.name.split("-")[2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError, OSError):
+            continue
+
+
+def _stamp(p: Path) -> tuple:
+    st = p.stat()
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+_SPILLS: dict[str, object] = {}  # resolved source path -> weakref to its live Spill
+
+
+def spill(path: str | os.PathLike) -> Spill:
+    """The live :class:`Spill` of the single-file model ``path`` (made now, or reused while the
+    file is unchanged and a model or session still holds the previous one). Its ``proto`` is a
+    fresh copy each call's caller may edit."""
+    import weakref
+
+    p = Path(path)
+    key = str(p.resolve())
+    ref = _SPILLS.get(key)
+    sp = ref() if ref is not None else None
+    if sp is not None and sp.alive and sp.stamp == _stamp(p):
+        return sp
     try:
-        proto = onnx.load_model(str(p), load_external_data=False)
-    except Exception as e:  # DecodeError, RuntimeWarning-ish errors from protobuf
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LrcError(f"{p}: not a valid ONNX model (protobuf parse failed: {msg})")
+        sp = Spill(p)
+    except OSError as e:
+        raise LrcError(f"{p}: could not write its weights to a temporary folder ({e.strerror or e}); "
+                       "set TMPDIR to a folder with room for the model")
+    _SPILLS[key] = weakref.ref(sp)
+    return sp
+
+
+def external_folder(path: str | os.PathLike) -> Path:
+    """Where the external data of the model file ``path`` lies: its folder, or the live spill
+    folder of ``path`` when it was spilled (a session built from the spilled protobuf's bytes
+    reads its weights there)."""
+    p = Path(path)
+    ref = _SPILLS.get(str(p.resolve())) if p.exists() else None
+    sp = ref() if ref is not None else None
+    return sp.dir if sp is not None and sp.alive else p.parent
+
+
+def _parse_error(p: Path, e: Exception) -> LrcError:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return LrcError(f"{p}: not a valid ONNX model (protobuf parse failed: {msg})")
+
+
+def _validate(proto: onnx.ModelProto, p: Path, base: Path) -> None:
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise LrcError(f"{p}: not an ONNX model (no graph in the protobuf)")
     if proto.ir_version <= 0 or not proto.opset_import:
         raise LrcError(f"{p}: not a valid ONNX model (missing ir_version/opset_import)")
-    _check_external_locations(proto, p.parent)
+    _check_external_locations(proto, base)
+
+
+def load_proto(path: str | os.PathLike, *, weights: bool = False) -> tuple[onnx.ModelProto, Path]:
+    """The ModelProto (external data not loaded, locations checked) and its file path: the
+    graph, for validating and inspecting a model (names, shapes, inputs, outputs).
+
+    A single-file model above ``SPILL_THRESHOLD`` is read without the bytes of its main-graph
+    initializers (they keep name, type and shape) instead of holding the file's bytes and the
+    parsed message together; ``weights=True`` reads them too (the weights in memory are
+    :func:`load`'s job: lazily, one at a time)."""
+    p = resolve_model_path(path)
+    try:
+        if not weights and p.stat().st_size > SPILL_THRESHOLD:
+            try:
+                proto = _scan(p, None)
+            except (ValueError, OSError):  # not our format: the full parse says why
+                proto = onnx.load_model(str(p), load_external_data=False)
+        else:
+            proto = onnx.load_model(str(p), load_external_data=False)
+    except Exception as e:  # DecodeError, RuntimeWarning-ish errors from protobuf
+        raise _parse_error(p, e)
+    _validate(proto, p, p.parent)
     return proto, p
 
 
+def spilled_proto(p: Path) -> tuple[onnx.ModelProto, Spill] | None:
+    """A copy of the spilled skeleton of ``p`` and its Spill, or None when ``p`` is not spilled
+    (small, already with external data, or not parseable field by field)."""
+    if p.stat().st_size <= SPILL_THRESHOLD:
+        return None
+    try:
+        sp = spill(p)
+    except LrcError:
+        raise
+    except (ValueError, OSError):
+        return None  # the full parse gives the error
+    if sp.mixed:
+        return None
+    proto = onnx.ModelProto()
+    proto.CopyFrom(sp.proto)
+    try:
+        _validate(proto, p, sp.dir)
+    except LrcError as e:  # locations are checked against the source's folder
+        raise LrcError(str(e).replace(str(sp.dir), str(p.parent))) from None
+    return proto, sp
+
+
 def load(path: str | os.PathLike) -> ir.Model:
-    """Load an ONNX model (file or folder) into onnx-ir, weights in external data left lazy."""
-    proto, p = load_proto(path)
+    """Load an ONNX model (file or folder) into onnx-ir, weights in external data left lazy; a
+    single file above ``SPILL_THRESHOLD`` is spilled first, so that its weights are lazy too."""
+    p = resolve_model_path(path)
+    spilled = spilled_proto(p)
+    if spilled is not None:
+        proto, sp = spilled
+        base = sp.dir
+    else:
+        proto, p = load_proto(p, weights=True)
+        sp, base = None, p.parent
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:
         raise LrcError(f"{p}: could not read the ONNX graph ({type(e).__name__}: {e})")
-    ir.external_data.set_base_dir(model.graph, str(p.parent))
+    del proto
+    ir.external_data.set_base_dir(model.graph, str(base))
+    _read_on_use(model)
     model.meta["lrc.source_path"] = str(p)
+    if sp is not None:
+        model.meta["lrc.spill"] = sp  # keeps the folder alive as long as the model
     return model
+
+
+class DiskTensor(ir.ExternalTensor):
+    """An external tensor read from its file each time it is used, never kept mapped.
+
+    onnx-ir's ``ExternalTensor`` maps its file and keeps the mapping (and every page read
+    through it, resident) for as long as the tensor lives — and a pass's plan keeps the tensors
+    of every weight it rewrote alive, so a pass over all the weights ends holding them all.
+    Here ``numpy()`` and ``tobytes()`` return a copy and unmap at once: a weight occupies memory
+    only while its reader holds the array."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, t: ir.ExternalTensor) -> DiskTensor:
+        return cls(t.location, t.offset, t.length, t.dtype, shape=t.shape, name=t.name,
+                   doc_string=t.doc_string, metadata_props=dict(t.metadata_props),
+                   base_dir=t.base_dir)
+
+    def numpy(self) -> np.ndarray:
+        if self._array is not None:  # mapped by someone else: keep onnx-ir's behaviour
+            return self._array
+        self._load()
+        try:
+            return np.array(self._array, copy=True)
+        finally:
+            self.release()
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self.numpy()
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def tobytes(self) -> bytes:
+        self._check_validity()
+        mapped = self.raw is not None
+        if not mapped:
+            self._load()
+        try:
+            offset = self._offset or 0
+            return bytes(self.raw[offset:offset + (self._length or self.nbytes)])
+        finally:
+            if not mapped:
+                self.release()
+
+
+def _read_on_use(model: ir.Model) -> None:
+    """Every external initializer (subgraphs too) becomes a :class:`DiskTensor`."""
+    for g in model.graphs():
+        for v in g.initializers.values():
+            t = v.const_value
+            if isinstance(t, ir.ExternalTensor) and not isinstance(t, DiskTensor):
+                v.const_value = DiskTensor.of(t)
+
+
+def spilled(model: ir.Model) -> Spill | None:
+    """The :class:`Spill` whose folder holds ``model``'s weights, if it was loaded by spilling."""
+    sp = model.meta.get("lrc.spill") if hasattr(model, "meta") else None
+    return sp if isinstance(sp, Spill) else None
 
 
 def as_model(model_or_path) -> ir.Model:
@@ -144,8 +494,15 @@ def tensor_bytes(model: ir.Model) -> int:
 
 
 def external_files(path: str | os.PathLike) -> set[str]:
-    """Locations (relative to the model's folder) of the external data files a model file uses."""
-    return external_locations(onnx.load_model(str(path), load_external_data=False))
+    """Locations (relative to the model's folder) of the external data files a model file uses
+    (read without the bytes of a large single file's weights)."""
+    p = Path(path)
+    if p.stat().st_size > SPILL_THRESHOLD:
+        try:
+            return external_locations(_scan(p, None))
+        except ValueError:
+            pass
+    return external_locations(onnx.load_model(str(p), load_external_data=False))
 
 
 def file_size(path: str | os.PathLike) -> int:
@@ -193,32 +550,63 @@ class Staged:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _own_external(model: ir.Model) -> bool:
+    """Whether the model has weights in external data of its own (not in a spill folder: a
+    spilled single file is written back as a single file)."""
+    sp = spilled(model)
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if isinstance(t, ir.ExternalTensor):
+            if sp is None or Path(t.base_dir).resolve() != sp.dir.resolve():
+                return True
+    return False
+
+
 def stage(model: ir.Model, out: str | os.PathLike, *, external_data: bool | None = None,
           force: bool = False) -> Staged:
     """Write ``model`` into a temporary folder beside ``out``; ``commit()`` moves it into place.
 
     ``external_data``: True forces ``OUT.data`` beside the model, None keeps the source's layout
-    (external if it had external data, or if the weights exceed protobuf's 2 GB)."""
+    (external if it had external data, or if the weights exceed protobuf's 2 GB). Weights are
+    written one at a time, and a memory-mapped weight is unmapped once written (it maps again
+    if the model is used after)."""
     out = Path(out)
     check_output(out, force)
-    has_external = any(isinstance(v.const_value, ir.ExternalTensor)
-                       for v in model.graph.initializers.values())
     if external_data is None:
-        external_data = has_external or tensor_bytes(model) > PROTOBUF_LIMIT
+        external_data = _own_external(model) or tensor_bytes(model) > PROTOBUF_LIMIT
     data_name = out.name + ".data" if external_data else None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tmp_model = tmp / out.name
         if external_data:
-            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
+            _save_external(model, tmp_model, data_name)
         else:
-            if has_external:  # read the source's external tensors in before writing one file
-                ir.external_data.load_to_model(model)
             _write_streaming(model, tmp_model)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Staged(tmp, tmp_model, out, data_name)
+
+
+def _save_external(model: ir.Model, path: Path, data_name: str) -> None:
+    """``ir.save`` with external data, unmapping each memory-mapped source weight as soon as
+    the next one is written (onnx-ir's writer otherwise keeps every page it read resident)."""
+    last: list = []
+
+    def release(tensor, info) -> None:  # called before each tensor is written
+        while last:
+            t = last.pop()
+            if isinstance(t, ir.ExternalTensor):
+                t.release()
+        last.append(tensor)
+
+    try:
+        ir.save(model, path, external_data=data_name, size_threshold_bytes=1024,
+                callback=release, alignment=_ALIGN)  # page-aligned: runtimes map the weights
+    finally:
+        for t in last:
+            if isinstance(t, ir.ExternalTensor):
+                t.release()
 
 
 def save(model: ir.Model, out: str | os.PathLike, *, external_data: bool | None = None,
@@ -241,8 +629,11 @@ def _write_streaming(model: ir.Model, path: Path) -> None:
     Protobuf merges concatenated messages and appends repeated fields, so the bytes of the model
     without its main-graph initializers followed by ``ModelProto(graph=GraphProto(initializer=[t]))``
     for each tensor parse as the complete model — without ever holding a second serialized copy
-    of all the weights (``serialize_model`` + ``SerializeToString`` would hold two)."""
+    of all the weights (``serialize_model`` + ``SerializeToString`` would hold two). Each chunk is
+    framed by hand around the tensor's bytes, so one tensor is held once (its ``tobytes``); a
+    memory-mapped (external) weight is unmapped after it is written."""
     graph = model.graph
+    _inline_subgraph_external(model)
     saved = list(graph.initializers.values())
     graph.initializers.clear()
     try:
@@ -258,10 +649,44 @@ def _write_streaming(model: ir.Model, path: Path) -> None:
         f.write(skeleton.SerializeToString())
         del skeleton
         for v in saved:
-            tp = ir.serde.serialize_tensor(v.const_value)
-            tp.name = v.name
-            chunk = onnx.ModelProto(graph=onnx.GraphProto(initializer=[tp]))
-            f.write(chunk.SerializeToString())
+            _write_initializer(f, v.name, v.const_value)
+
+
+def _write_initializer(f, name: str, t) -> None:
+    """``ModelProto(graph=GraphProto(initializer=[t]))`` in wire format, its raw bytes written
+    from the tensor's own buffer."""
+    if t.dtype == ir.DataType.STRING or isinstance(t, ir.StringTensor):
+        tp = ir.serde.serialize_tensor(t)
+        tp.name = name
+        f.write(onnx.ModelProto(graph=onnx.GraphProto(initializer=[tp])).SerializeToString())
+        return
+    raw = t.tobytes()
+    head = onnx.TensorProto(name=name, data_type=int(t.dtype),
+                            dims=[int(d) for d in t.shape]).SerializeToString()
+    if t.doc_string:
+        head += onnx.TensorProto(doc_string=t.doc_string).SerializeToString()
+    tensor_len = len(head) + 1 + len(_varint(len(raw))) + len(raw)
+    init_field = _varint(_GRAPH_INIT << 3 | 2) + _varint(tensor_len)
+    graph_len = len(init_field) + tensor_len
+    f.write(_varint(_MODEL_GRAPH << 3 | 2) + _varint(graph_len) + init_field + head
+            + _varint(_T_RAW << 3 | 2) + _varint(len(raw)))
+    f.write(raw)
+    del raw
+    if isinstance(t, ir.ExternalTensor):
+        t.release()
+
+
+def _inline_subgraph_external(model: ir.Model) -> None:
+    """Read the external weights of subgraphs (``If`` branches) into memory: only the main
+    graph's initializers are streamed by ``_write_streaming``."""
+    for sub in model.graphs():
+        if sub is model.graph:
+            continue
+        for v in sub.initializers.values():
+            t = v.const_value
+            if isinstance(t, ir.ExternalTensor):
+                v.const_value = ir.Tensor(t.numpy().copy(), name=t.name)
+                t.release()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -277,11 +702,37 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+@contextmanager
+def graph_file(path: str | os.PathLike) -> Iterator[Path]:
+    """``path``, or — a single file above ``SPILL_THRESHOLD`` — its graph written into the spill
+    folder of its weights (external data there): what the onnx checker reads without holding
+    the weights (protobuf would parse the whole file, and shape inference copy it)."""
+    p = Path(path)
+    sp = None
+    if p.stat().st_size > SPILL_THRESHOLD:
+        try:
+            sp = spill(p)
+        except (ValueError, OSError):
+            sp = None  # not parseable field by field: the full check says why
+    if sp is None or sp.mixed:
+        yield p
+        return
+    fd, name = tempfile.mkstemp(prefix="graph-", suffix=".onnx", dir=sp.dir)
+    with os.fdopen(fd, "wb") as f:
+        f.write(sp.proto.SerializeToString())
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
 def structural_check(path: Path) -> dict:
     """Full onnx checker and strict shape inference (whether a runtime loads the file is
-    :func:`lrc.runtime.session.check_loads`)."""
+    :func:`lrc.runtime.session.check_loads`); a large single file is checked as its graph with
+    the weights in external data (:func:`graph_file`), the same checks without two copies."""
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        with graph_file(path) as g:
+            onnx.checker.check_model(str(g), full_check=True)
     except Exception as e:
         raise LrcError(f"onnx checker rejected the model: {str(e).strip().splitlines()[0]}")
     return {"checker": "ok", "shape_inference": "ok"}

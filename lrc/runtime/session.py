@@ -8,7 +8,8 @@ checks, tune) opens its sessions here, so every session gets the same rules:
   impossible 6.5x speedups with spinning on);
 * a model given as a path is resolved by :func:`lrc.graph.model.resolve_model_path` (the same
   folder rules as every command); given as bytes or a ``ModelProto``, its external data is found
-  beside ``path`` (the file it came from);
+  beside ``path`` (the file it came from), or in the folder ``path``'s weights were spilled to
+  (:func:`lrc.graph.model.external_folder`: a large single file loaded by ``lrc.graph.model``);
 * a provider is named by alias or ORT name (:mod:`lrc.runtime.providers`); a GPU provider gets the
   CPU EP behind it for unsupported nodes, and ``strict`` refuses a session that silently fell
   back to the CPU for everything (missing CUDA libraries);
@@ -49,9 +50,12 @@ def numpy_dtype(ort_type: str, default=np.float32) -> np.dtype:
 
 def options(threads: int | None = None, *, inter_op: int | None = None,
             optimization: str | None = None, profile_prefix: str | None = None,
-            external_folder: str | os.PathLike | None = None, log_severity: int | None = None):
+            external_folder: str | os.PathLike | None = None, log_severity: int | None = None,
+            prepack: bool = True):
     """``SessionOptions`` with spinning off. ``optimization``: None (ORT's default, all),
-    "disable", "basic", "extended" or "all"."""
+    "disable", "basic", "extended" or "all". ``prepack=False``: weights are not copied into
+    ORT's packed layouts (a session that is only loaded, never timed, then keeps memory-mapped
+    external weights mapped instead of holding a second copy)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -69,6 +73,8 @@ def options(threads: int | None = None, *, inter_op: int | None = None,
         so.graph_optimization_level = levels[optimization]
     if log_severity is not None:
         so.log_severity_level = int(log_severity)
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = str(profile_prefix)
@@ -82,7 +88,8 @@ def options(threads: int | None = None, *, inter_op: int | None = None,
 def open_session(model, *, threads: int | None = None, provider: str = "cpu",
                  inter_op: int | None = None, optimization: str | None = None,
                  profile_prefix: str | None = None, log_severity: int | None = None,
-                 path: str | os.PathLike | None = None, strict: bool = False, what: str = ""):
+                 path: str | os.PathLike | None = None, strict: bool = False, what: str = "",
+                 prepack: bool = True):
     """An ``onnxruntime.InferenceSession`` for ``model``: a .onnx file or a model folder, the
     serialized bytes of a model, or an ``onnx.ModelProto``. ``path`` names the file bytes came
     from (external data and config.json are found beside it). The session remembers its file as
@@ -98,10 +105,14 @@ def open_session(model, *, threads: int | None = None, provider: str = "cpu",
         from lrc.graph.model import resolve_model_path
 
         path = resolve_model_path(model)
-    external = Path(path).parent if (data is not None and path is not None) else None
+    external = None
+    if data is not None and path is not None:
+        from lrc.graph.model import external_folder
+
+        external = external_folder(path)  # beside the file, or where its weights were spilled
     so = options(threads, inter_op=inter_op, optimization=optimization,
                  profile_prefix=profile_prefix, external_folder=external,
-                 log_severity=log_severity)
+                 log_severity=log_severity, prepack=prepack)
     prov = lookup(provider).name
     providers = [prov] if prov == "CPUExecutionProvider" else [prov, "CPUExecutionProvider"]
     label = str(path) if path is not None else "the model"
@@ -119,6 +130,20 @@ def open_session(model, *, threads: int | None = None, provider: str = "cpu",
 
 
 def check_loads(path: str | os.PathLike) -> dict:
-    """Can ONNX Runtime's CPU EP load the file (no graph optimisation, one thread)?"""
-    open_session(path, threads=1, optimization="disable", log_severity=3)
+    """Can ONNX Runtime's CPU EP load the file (no graph optimisation, no weight prepacking, one
+    thread)? A large single file is loaded as its graph with the weights in the spill folder
+    (:func:`lrc.graph.model.spill`): ORT then maps them instead of copying the file's weights
+    into memory next to the parsed protobuf."""
+    from lrc.graph.model import resolve_model_path, spilled_proto
+
+    p = resolve_model_path(path)
+    spilled = spilled_proto(p)
+    if spilled is not None:
+        proto, _keep = spilled  # _keep: the spill folder, alive while the session loads
+        data = proto.SerializeToString()
+        del proto
+        open_session(data, path=p, threads=1, optimization="disable", log_severity=3,
+                     prepack=False)
+    else:
+        open_session(p, threads=1, optimization="disable", log_severity=3, prepack=False)
     return {"ort_cpu_session": "ok"}

@@ -1,0 +1,348 @@
+#!/usr/bin/env python3
+"""Peak memory of ``lrc compress``, against the size of the model it reads.
+
+    python benchmarks/memory.py                 # SmolLM2 (4 configurations) + a >2 GB synthetic model
+    python benchmarks/memory.py --only svd,int8 --no-large      # a subset
+    python benchmarks/memory.py --write         # also write the section of BENCHMARKS.md
+
+What it does:
+
+1. takes the dense SmolLM2-135M export (``lrc export smollm2-135m``; an export benchmarks/run.py
+   or quant.py already made under bench-out/ is reused: the export is deterministic);
+2. runs each configuration of ``CONFIGS`` as ``lrc compress DENSE -o TMP/OUT`` in a fresh
+   subprocess (what users run), with an empty calibration cache (a cached run would skip the
+   calibration, and its memory), and records the child's peak resident set size from the kernel
+   (``os.wait4``'s ``ru_maxrss``: every page the process had resident at its peak, file-backed
+   pages of memory-mapped weights included) next to the model's size on disk
+   (:func:`lrc.graph.model.file_size`: the .onnx plus its external data); with ``--trace`` the
+   child's RSS is also sampled every 50 ms (psutil) into OUT/trace-KEY.json, to see which phase
+   the peak falls in;
+3. writes a synthetic transformer-shaped model above 2 GB (``LARGE``: residual MLP blocks
+   ``x + down(relu(up(x)))`` with LLaMA-style node names, fp32 weights in external data, written
+   one tensor at a time) into a temporary folder, compresses it end to end with the configurations
+   of ``LARGE_CONFIGS``, records the same numbers, and deletes it;
+4. prints a Markdown table, saves OUT/results.json and, with ``--write`` only, replaces the text
+   between ``<!-- memory:begin -->`` and ``<!-- memory:end -->`` of BENCHMARKS.md (appended when
+   absent).
+
+Every number is measured in the run; a configuration that fails is reported with its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+import run as R  # noqa: E402  (benchmarks/run.py: export, logging, section writer)
+
+log = R.log
+MARK_BEGIN, MARK_END = "<!-- memory:begin -->", "<!-- memory:end -->"
+MB = 1e6
+
+# (key, label, lrc compress arguments). Edit here.
+CONFIGS: list[tuple[str, str, list[str]]] = [
+    ("svd", "plain SVD, ratio 0.5", ["--ratio", "0.5", "--method", "svd"]),
+    ("svd-llm", "SVD-LLM (whitened by calibration), ratio 0.8",
+     ["--ratio", "0.8", "--method", "svd-llm"]),
+    ("int4-c32", "int4 + rank-32 whitened correction", ["--quantize", "int4", "--correct-rank", "32"]),
+    ("int8", "int8 (DynamicQuantizeMatMul)", ["--quantize", "int8"]),
+]
+DATA_AWARE = {"svd-llm", "int4-c32"}  # the configurations that calibrate (--calib-tokens)
+LARGE_CONFIGS: list[tuple[str, str, list[str]]] = [
+    ("large-svd", "plain SVD, rank 64", ["--rank", "64", "--method", "svd"]),
+    ("large-int4", "int4 (no correction)", ["--quantize", "int4"]),
+]
+# the synthetic model: LAYERS blocks of up [D, F] and down [F, D] fp32 weights (2 x 16 MiB each)
+LARGE = {"d": 1024, "ff": 4096, "layers": 72}
+
+
+# --------------------------------------------------------------------------------------------
+# measuring one run
+# --------------------------------------------------------------------------------------------
+
+
+def peak_run(args: list[str], log_path: Path, trace: bool = False, env: dict | None = None) -> dict:
+    """Run ``python -m lrc.cli ARGS`` in a fresh process; its peak RSS (bytes, from the kernel),
+    exit code, wall time and, with ``trace``, ``(seconds, rss bytes)`` samples every 50 ms."""
+    cmd = [sys.executable, "-m", "lrc.cli", *args]
+    samples: list[tuple[float, int]] = []
+    t0 = time.perf_counter()
+    with open(log_path, "w") as out:
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+        stop = threading.Event()
+
+        def sample() -> None:
+            import psutil
+
+            try:
+                proc = psutil.Process(p.pid)
+                while not stop.is_set():
+                    samples.append((round(time.perf_counter() - t0, 2), proc.memory_info().rss))
+                    stop.wait(0.05)
+            except psutil.Error:
+                pass
+
+        th = threading.Thread(target=sample, daemon=True) if trace else None
+        if th:
+            th.start()
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        stop.set()
+        if th:
+            th.join()
+    wall = time.perf_counter() - t0
+    res = {"cmd": ["lrc", *args], "rc": p.returncode, "peak_rss": usage.ru_maxrss * 1024,
+           "wall_s": round(wall, 1)}
+    if p.returncode != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()
+        res["error"] = tail[-1][:300] if tail else f"exit {p.returncode}"
+    if trace:
+        res["trace"] = samples
+    return res
+
+
+def measure(key: str, label: str, model: Path, extra: list[str], work: Path, out: Path,
+            trace: bool) -> dict:
+    """Compress ``model`` with ``extra`` into ``work`` (deleted after) with an empty calibration
+    cache; the record of :func:`peak_run` plus sizes."""
+    from lrc.graph.model import file_size, resolve_model_path
+
+    size = file_size(resolve_model_path(model))
+    dst = work / f"{key}-out"
+    cache = work / f"{key}-cache"
+    log(f"{key}: lrc compress {model.name} {' '.join(extra)}")
+    try:
+        # single-threaded BLAS when the machine is busy (benchmarks/run.py: busy-waiting OpenBLAS
+        # threads make SVDs 10x slower); it changes the time, not what is held in memory
+        env = {"LRC_CACHE_DIR": str(cache), **R.blas_env()}
+        r = peak_run(["compress", str(model), "-o", str(dst), "--force", *extra],
+                     out / f"{key}.log", trace, env=env)
+        if r["rc"] == 0:
+            written = resolve_model_path(dst)
+            r["output_size"] = file_size(written)
+    finally:
+        shutil.rmtree(dst, ignore_errors=True)
+        if dst.with_name(dst.name + ".lrc.json").exists():
+            dst.with_name(dst.name + ".lrc.json").unlink()
+        shutil.rmtree(cache, ignore_errors=True)
+    r.update(key=key, label=label, model_size=size, ratio=round(r["peak_rss"] / size, 3))
+    if trace and r.get("trace"):
+        (out / f"trace-{key}.json").write_text(json.dumps(r.pop("trace")))
+    log(f"{key}: peak RSS {r['peak_rss'] / MB:,.0f} MB = {r['ratio']:.2f}x the {size / MB:,.0f} MB "
+        f"model, {r['wall_s']:.0f} s" + (f"; FAILED: {r['error']}" if r["rc"] else ""))
+    return r
+
+
+def baseline_rss() -> int:
+    """Peak RSS of a process that only imports lrc's CLI (what every run pays before any model)."""
+    code = "import lrc.cli, onnxruntime, onnx_ir, numpy"
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    _, _, usage = os.wait4(p.pid, 0)
+    return usage.ru_maxrss * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# the synthetic model above 2 GB
+# --------------------------------------------------------------------------------------------
+
+
+def write_large(folder: Path, d: int, ff: int, layers: int, seed: int = 0) -> Path:
+    """``folder/model.onnx`` + ``model.onnx.data``: ``layers`` residual blocks
+    ``x = x + MatMul(Relu(MatMul(x, up)), down)`` on ``x [batch, seq, d]``, weights N(0, 0.02)
+    written to the data file one at a time (never all in memory)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data_name = "model.onnx.data"
+    rng = np.random.default_rng(seed)
+    inits, nodes, offset = [], [], 0
+    x = "x"
+    with open(folder / data_name, "wb") as f:
+        for i in range(layers):
+            names = []
+            for proj, shape in (("up_proj", (d, ff)), ("down_proj", (ff, d))):
+                w = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+                raw = w.tobytes()
+                name = f"model.layers.{i}.mlp.{proj}.weight"
+                t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(shape),
+                                data_location=TensorProto.EXTERNAL)
+                for k, v in (("location", data_name), ("offset", str(offset)),
+                             ("length", str(len(raw)))):
+                    t.external_data.add(key=k, value=v)
+                f.write(raw)
+                offset += len(raw)
+                pad = (-offset) % 4096
+                f.write(b"\0" * pad)
+                offset += pad
+                inits.append(t)
+                names.append(name)
+                del w, raw
+            pre = f"/model/layers.{i}/mlp"
+            nodes += [
+                helper.make_node("MatMul", [x, names[0]], [f"{pre}/up"], name=f"{pre}/up_proj/MatMul"),
+                helper.make_node("Relu", [f"{pre}/up"], [f"{pre}/act"], name=f"{pre}/act/Relu"),
+                helper.make_node("MatMul", [f"{pre}/act", names[1]], [f"{pre}/down"],
+                                 name=f"{pre}/down_proj/MatMul"),
+                helper.make_node("Add", [x, f"{pre}/down"], [f"{pre}/out"], name=f"{pre}/Add"),
+            ]
+            x = f"{pre}/out"
+    nodes.append(helper.make_node("Identity", [x], ["y"], name="/model/out/Identity"))
+    graph = helper.make_graph(
+        nodes, "large_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", d])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save_model(model, str(folder / "model.onnx"))
+    return folder / "model.onnx"
+
+
+# --------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------
+
+
+def table_md(rows: list[dict]) -> str:
+    L = ["| model | configuration | peak RSS | x model file | output | time |",
+         "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["rc"]:
+            L.append(f"| {r['model']} | {r['label']} (`{' '.join(r['cmd'][6:])}`) | failed: "
+                     f"{r.get('error', '')} | | | {r['wall_s']:.0f} s |")
+            continue
+        L.append(f"| {r['model']} ({r['model_size'] / MB:,.0f} MB) | {r['label']} "
+                 f"(`{' '.join(r['cmd'][6:])}`) | {r['peak_rss'] / MB:,.0f} MB | "
+                 f"**{r['ratio']:.2f}x** | {r.get('output_size', 0) / MB:,.0f} MB | "
+                 f"{r['wall_s']:.0f} s |")
+    return "\n".join(L)
+
+
+def section_md(res: dict) -> str:
+    m = res["machine"]
+    L = [MARK_BEGIN, "## Memory of `lrc compress`", "",
+         f"`python benchmarks/memory.py --write`, {res['date']}, {m['cpu']} "
+         f"({m['logical_cores']} cores), {m.get('ram_gb', '?')} GB RAM, ONNX Runtime "
+         f"{m['onnxruntime']}. Peak resident set size of the `lrc compress` process (the "
+         f"kernel's `ru_maxrss`: file-backed pages of memory-mapped weights count too), each "
+         f"configuration in a fresh process with an empty calibration cache (so data-aware runs "
+         f"include their calibration), against the model's size on disk (.onnx plus external "
+         f"data). A process that only imports lrc peaks at {res['baseline_rss'] / MB:,.0f} MB.", "",
+         table_md(res["rows"]), ""]
+    if res.get("large"):
+        g = res["large"]
+        L += [f"The >2 GB model is synthetic (written by the script, deleted after): {g['layers']} "
+              f"residual MLP blocks `x + down(relu(up(x)))`, d={g['d']}, ff={g['ff']}, fp32 "
+              f"weights in external data ({g['size'] / MB:,.0f} MB).", ""]
+    L.append(MARK_END)
+    return "\n".join(L)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("bench-out/memory"),
+                    help="logs, traces and results.json (default bench-out/memory)")
+    ap.add_argument("--dense", type=Path, default=None,
+                    help="the SmolLM2 export folder (default: reuse one under bench-out/, else export)")
+    ap.add_argument("--only", default=None, metavar="KEYS",
+                    help=f"comma-separated keys of {[k for k, _, _ in CONFIGS + LARGE_CONFIGS]}")
+    ap.add_argument("--no-large", action="store_true", help="skip the >2 GB synthetic model")
+    ap.add_argument("--calib-tokens", type=int, default=None,
+                    help="calibration tokens of the data-aware runs (default: lrc's own)")
+    ap.add_argument("--trace", action="store_true", help="also sample RSS every 50 ms (OUT/trace-KEY.json)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="where outputs and the synthetic model are written (deleted after; "
+                         "default: a temporary folder)")
+    ap.add_argument("--write", action="store_true", help="write the section of BENCHMARKS.md")
+    ap.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    keys = [k for k, _, _ in CONFIGS + LARGE_CONFIGS]
+    only = [k.strip() for k in (args.only or "").split(",") if k.strip()] or keys
+    bad = [k for k in only if k not in keys]
+    if bad:
+        ap.error(f"unknown --only key(s) {bad}; choose from {keys}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from lrc.measure.machine import machine_info
+
+    mach = machine_info()
+    try:
+        mach["ram_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
+    except (ValueError, OSError):
+        pass
+    res = {"date": _dt.date.today().isoformat(), "machine": mach, "baseline_rss": baseline_rss(),
+           "rows": []}
+    extra_calib = ["--calib-tokens", str(args.calib_tokens)] if args.calib_tokens else []
+    work = Path(tempfile.mkdtemp(prefix="lrc-memory-", dir=args.work))
+    try:
+        small = [c for c in CONFIGS if c[0] in only]
+        if small:
+            if args.dense is not None:
+                dense = args.dense
+            else:
+                dense = None
+                for c in (args.out / "dense", ROOT / "bench-out" / "models" / "smollm2" / "dense",
+                          ROOT / "bench-out" / "quant" / "models" / "smollm2" / "dense"):
+                    if (c / "model.onnx").is_file():
+                        dense = c
+                        break
+                if dense is None:
+                    dense = R.export_dense("smollm2", args.out, reuse=False)[0]
+            log(f"SmolLM2 export: {dense}")
+            for key, label, extra in small:
+                calib = extra_calib if key in DATA_AWARE else []
+                r = measure(key, label, dense, [*extra, *calib], work, args.out, args.trace)
+                r["model"] = "SmolLM2-135M"
+                res["rows"].append(r)
+        large = [c for c in LARGE_CONFIGS if c[0] in only]
+        if large and not args.no_large:
+            t = time.perf_counter()
+            path = write_large(work / "large", **LARGE)
+            from lrc.graph.model import file_size
+
+            res["large"] = {**LARGE, "size": file_size(path)}
+            log(f"synthetic model {file_size(path) / MB:,.0f} MB written in "
+                f"{time.perf_counter() - t:.0f} s")
+            for key, label, extra in large:
+                r = measure(key, label, path, extra, work, args.out, args.trace)
+                r["model"] = "synthetic MLP"
+                res["rows"].append(r)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    (args.out / "results.json").write_text(json.dumps(res, indent=1))
+    print(table_md(res["rows"]))
+    if args.write:
+        _write_section(args.markdown, section_md(res))
+        log(f"wrote the memory section of {args.markdown}")
+    return 1 if any(r["rc"] for r in res["rows"]) else 0
+
+
+def _write_section(md_path: Path, section: str) -> None:
+    """Replace the text between the markers (inclusive), or append the section at the end."""
+    old = md_path.read_text() if md_path.is_file() else ""
+    b, e = old.find(MARK_BEGIN), old.find(MARK_END)
+    if 0 <= b < e:
+        new = old[:b] + section + old[e + len(MARK_END):]
+    else:
+        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + section + "\n"
+    md_path.write_text(new)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Bounded memory: a large single-file model is spilled to external data and loaded lazily; the
+outputs, statistics and written files are the same as without; the temporary folder goes.
+
+Tiny synthetic graphs with the spill threshold lowered to 0 (every file counts as large), so
+these run in seconds; benchmarks/memory.py measures the real peak RSS on SmolLM2."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from graphs import matmul_chain, run
+
+from lrc.errors import LrcError
+from lrc.graph import model as M
+
+
+@pytest.fixture
+def spill_all(monkeypatch):
+    monkeypatch.setattr(M, "SPILL_THRESHOLD", 0)
+
+
+def _feeds(d=64, seed=0):
+    return {"x": np.random.default_rng(seed).standard_normal((2, 5, d)).astype(np.float32)}
+
+
+@pytest.fixture
+def chain(tmp_path):
+    p = tmp_path / "m" / "model.onnx"
+    p.parent.mkdir()
+    onnx.save_model(matmul_chain(d=64, hidden=128), str(p))
+    return p
+
+
+def _spill_dir(model: ir.Model):
+    sp = M.spilled(model)
+    assert sp is not None, "the model was not spilled"
+    return sp.dir
+
+
+def test_large_single_file_loads_lazily_from_a_spill_folder(chain, spill_all):
+    m = M.load(chain)
+    folder = _spill_dir(m)
+    assert (folder / M.SPILL_DATA).is_file()
+    kinds = {v.name: v.const_value for v in m.graph.initializers.values()}
+    big = {k: t for k, t in kinds.items() if t.nbytes > 1024}
+    assert big and all(isinstance(t, ir.ExternalTensor) for t in big.values())
+    # nothing was read into memory: no array materialised, no file mapped
+    assert all(t._array is None and t.raw is None for t in big.values())
+    assert not isinstance(kinds["bias"], ir.ExternalTensor)  # 512 bytes: stays inline
+    # offsets are page-aligned (runtimes may map them) and the values are the file's
+    ref = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(chain)).graph.initializer}
+    for k, t in big.items():
+        assert t.offset % 4096 == 0
+        np.testing.assert_array_equal(t.numpy(), ref[k])
+    assert m.meta["lrc.source_path"] == str(chain)
+    # a weight read is a copy; the file is not left mapped (its pages would stay resident)
+    t = big["model.layers.0.mlp.up_proj.weight"]
+    a, b = t.numpy(), np.asarray(t)
+    assert t.raw is None and t._array is None and a is not b
+    np.testing.assert_array_equal(a, b)
+    assert t.tobytes() == a.tobytes() and t.raw is None
+
+
+def test_external_data_model_is_read_on_use(chain, tmp_path):
+    """A model that already has external data is not spilled, but read the same way."""
+    out = M.save(M.load(chain), tmp_path / "ext.onnx", external_data=True)
+    m = M.load(out)
+    assert M.spilled(m) is None
+    t = m.graph.initializers["model.layers.0.mlp.down_proj.weight"].const_value
+    assert isinstance(t, M.DiskTensor)
+    t.numpy()
+    assert t.raw is None
+    np.testing.assert_array_equal(run(str(M.save(m, tmp_path / "back.onnx")), _feeds())[0],
+                                  run(str(chain), _feeds())[0])
+
+
+def test_small_file_is_not_spilled(chain):
+    m = M.load(chain)  # default threshold: 256 MB
+    assert M.spilled(m) is None
+    assert not any(isinstance(v.const_value, ir.ExternalTensor)
+                   for v in m.graph.initializers.values())
+
+
+def test_spill_folder_removed_when_the_model_goes(chain, spill_all):
+    m = M.load(chain)
+    folder = _spill_dir(m)
+    assert folder.is_dir()
+    del m
+    gc.collect()
+    assert not folder.exists()
+
+
+def test_two_loads_share_one_spill_until_the_file_changes(chain, spill_all):
+    a, b = M.load(chain), M.load(chain)
+    assert M.spilled(a) is M.spilled(b)
+    assert M.external_folder(chain) == _spill_dir(a)
+    onnx.save_model(matmul_chain(d=64, hidden=128, seed=7), str(chain))
+    c = M.load(chain)
+    assert M.spilled(c) is not M.spilled(a)
+    np.testing.assert_array_equal(
+        c.graph.initializers["model.layers.0.mlp.up_proj.weight"].const_value.numpy(),
+        onnx.numpy_helper.to_array(next(t for t in onnx.load(str(chain)).graph.initializer
+                                        if t.name == "model.layers.0.mlp.up_proj.weight")))
+    del a, b, c
+    gc.collect()
+    assert M.external_folder(chain) == chain.parent
+
+
+def test_saved_output_stays_one_file_and_runs_the_same(chain, spill_all, tmp_path):
+    want = run(str(chain), _feeds())
+    m = M.load(chain)
+    out = M.save(m, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx.data").exists()  # the source was one file: so is the output
+    assert not M.external_files(out)
+    got = run(str(out), _feeds())
+    np.testing.assert_array_equal(got[0], want[0])
+    # every written weight was unmapped again
+    assert all(v.const_value.raw is None for v in m.graph.initializers.values()
+               if isinstance(v.const_value, ir.ExternalTensor))
+    # and the model still reads after it (maps again)
+    w = m.graph.initializers["model.layers.0.mlp.up_proj.weight"].const_value.numpy()
+    assert w.shape == (64, 128)
+
+
+def test_saved_with_external_data_runs_the_same(chain, spill_all, tmp_path):
+    want = run(str(chain), _feeds())
+    m = M.load(chain)
+    out = M.save(m, tmp_path / "out.onnx", external_data=True)
+    assert M.external_files(out) == {"out.onnx.data"}
+    np.testing.assert_array_equal(run(str(out), _feeds())[0], want[0])
+    assert all(v.const_value.raw is None for v in m.graph.initializers.values()
+               if isinstance(v.const_value, ir.ExternalTensor) and
+               str(_spill_dir(m)) in str(v.const_value.base_dir))
+
+
+def test_streamed_file_spills_again(chain, spill_all, tmp_path):
+    """``_write_streaming`` writes one graph field per initializer; the spill merges them."""
+    out = M.save(M.load(chain), tmp_path / "out.onnx")
+    again = M.load(out)
+    names = [v.name for v in again.graph.initializers.values()]
+    assert names == [t.name for t in onnx.load(str(chain)).graph.initializer]
+    np.testing.assert_array_equal(
+        run(str(M.save(again, tmp_path / "again.onnx")), _feeds())[0], run(str(chain), _feeds())[0])
+
+
+def test_header_read_skips_weights(chain, spill_all):
+    proto, p = M.load_proto(chain)
+    assert p == chain
+    w = {t.name: t for t in proto.graph.initializer}["model.layers.0.mlp.up_proj.weight"]
+    assert list(w.dims) == [64, 128] and not w.raw_data and w.data_type == onnx.TensorProto.FLOAT
+    assert M.external_files(chain) == set()
+
+
+def test_truncated_large_file_is_one_clear_error(chain, spill_all, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(chain.read_bytes()[:-100])
+    with pytest.raises(LrcError, match="not a valid ONNX model"):
+        M.load(bad)
+    assert not list(tmp_path.glob("lrc-weights-*"))
+
+
+def test_session_finds_spilled_weights(chain, spill_all):
+    from lrc.runtime.session import open_session
+
+    m = M.load(chain)
+    data = ir.serde.serialize_model(m).SerializeToString()  # external references only
+    assert len(data) < 4096
+    sess = open_session(data, path=chain)
+    np.testing.assert_array_equal(sess.run(None, _feeds())[0], run(str(chain), _feeds())[0])
+
+
+def test_calibration_statistics_identical_with_the_spill(chain, monkeypatch):
+    from lrc.calibration.stats import collect_stats
+
+    names = ["h0", "h3"]  # inputs of up_proj and down_proj: computed by the session
+    batches = [_feeds(seed=i) for i in range(3)]
+    want = collect_stats(chain, names, batches)
+    monkeypatch.setattr(M, "SPILL_THRESHOLD", 0)
+    spills = []
+    real = M.spilled_proto
+    monkeypatch.setattr(M, "spilled_proto", lambda p: spills.append(p) or real(p))
+    got = collect_stats(chain, names, batches)
+    assert spills, "calibration did not go through the spill"
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(got[k].xtx, want[k].xtx, rtol=1e-12)
+        assert got[k].n == want[k].n
+    gc.collect()
+    assert M.external_folder(chain) == chain.parent  # the spill made for calibration is gone
+
+
+def test_checks_read_the_graph_without_its_weights(chain, spill_all, tmp_path, monkeypatch):
+    from lrc.runtime.session import check_loads
+
+    parsed = []
+    real = onnx.checker.check_model
+    monkeypatch.setattr(onnx.checker, "check_model",
+                        lambda p, **kw: parsed.append(p) or real(p, **kw))
+    assert M.structural_check(chain) == {"checker": "ok", "shape_inference": "ok"}
+    assert parsed and parsed[0] != str(chain) and "lrc-weights-" in parsed[0]
+    assert check_loads(chain) == {"ort_cpu_session": "ok"}
+    gc.collect()
+    assert M.external_folder(chain) == chain.parent
+    bad = tmp_path / "bad.onnx"  # the error names the user's file, not the spill folder
+    m = onnx.load(str(chain))
+    m.graph.node[0].op_type = "NoSuchOp"
+    onnx.save_model(m, str(bad))
+    with pytest.raises(LrcError, match="bad.onnx"):
+        check_loads(bad)
+
+
+def test_if_branches_round_trip_through_the_spill(tmp_path, spill_all):
+    """Weights inside ``If`` branches (merged decoders) stay in the graph; outer weights spill."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    r = np.random.default_rng(3)
+    w = numpy_helper.from_array(r.standard_normal((64, 64)).astype(np.float32), "w_outer")
+    wb = numpy_helper.from_array(r.standard_normal((64, 64)).astype(np.float32), "w_branch")
+
+    def branch(name, weight_inits, weight):
+        return helper.make_graph([helper.make_node("MatMul", ["x", weight], [f"{name}_y"])],
+                                 name, [], [helper.make_tensor_value_info(f"{name}_y",
+                                                                          TensorProto.FLOAT, None)],
+                                 weight_inits)
+
+    node = helper.make_node("If", ["c"], ["y"], then_branch=branch("then", [wb], "w_branch"),
+                            else_branch=branch("else", [], "w_outer"))
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]),
+                                        helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])], [w])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 9
+    src = tmp_path / "if.onnx"
+    onnx.save_model(proto, str(src))
+    x = r.standard_normal((2, 64)).astype(np.float32)
+    m = M.load(src)
+    assert isinstance(m.graph.initializers["w_outer"].const_value, ir.ExternalTensor)
+    out = M.save(m, tmp_path / "out.onnx")
+    for c in (True, False):
+        feeds = {"x": x, "c": np.array(c)}
+        np.testing.assert_array_equal(run(str(out), feeds)[0], run(str(src), feeds)[0])
+
+
+def test_spill_folders_of_dead_processes_are_swept(chain, spill_all, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    stale = tmp_path / f"lrc-weights-{p.pid}-abc"
+    stale.mkdir()
+    (stale / M.SPILL_DATA).write_bytes(b"x")
+    mine = tmp_path / f"lrc-weights-{__import__('os').getpid()}-keep"
+    mine.mkdir()
+    m = M.load(chain)
+    assert _spill_dir(m).parent == tmp_path
+    assert not stale.exists() and mine.exists()
