@@ -36,6 +36,7 @@ from collections import Counter
 from pathlib import Path
 
 from lrc.errors import LrcError
+from lrc.graph.model import staging_dir
 from lrc.graph import folder
 from lrc.graph.locate import FACTOR_META, weight_matmul_nodes
 from lrc.graph.model import resolve_model_path
@@ -180,7 +181,7 @@ def quantize(model, out, mode: str = "int8", *, targets: str = "rest", per_chann
 def _quantize_to_file(src: Path, out: Path, transform, force: bool) -> dict:
     """One file: staged in a temporary folder beside ``out``, moved into place when complete."""
     folder.check_output(src, out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out)  # .OUT.tmp-PID-*: a killed run's is removed by the next
     try:
         dst = tmp / out.name
         report = transform(src, dst)

@@ -52,7 +52,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from lrc.errors import LrcError  # noqa: E402
+from lrc.errors import LrcError
+from lrc.graph.model import staging_dir  # noqa: E402
 from lrc.graph import genai  # noqa: E402
 from lrc.graph.folder import replace  # noqa: E402
 from lrc.exporters.gguf_tokenizer import GGUFVocab, check_tokenizer, prepare  # noqa: E402
@@ -319,7 +320,7 @@ def _quiet(enabled: bool):
 def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | None,
             exporter: str, validate: bool) -> ExportResult:
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out)  # .OUT.tmp-PID-*: a killed run's is removed by the next
     scratch: tempfile.TemporaryDirectory | None = None
     try:
         vocab = tokenizer_note = None

@@ -24,7 +24,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,9 @@ from lrc.graph import genai, model
 from lrc.graph.model import external_files, load_proto
 
 Transform = Callable[[Path, Path], dict]  # (source model file, where to write it) -> report
+# what a killed lrc leaves beside an output (``stage``'s and ``replace``'s temporary names):
+# never copied into a new folder
+_LEFTOVERS = (".*.tmp-*", ".*.old-*")
 
 
 def model_files(folder: str | os.PathLike) -> list[Path]:
@@ -47,10 +49,17 @@ def model_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def check_output(src: Path, out: Path, force: bool) -> None:
-    """The output may be written: absent (or ``force``), its parent exists, not the input."""
-    model.check_output(out, force)
-    if out.resolve() == src.resolve():
+    """The output may be written: absent (or ``force``), its parent exists, neither the input
+    nor inside it (it would be copied into later outputs), nor a folder holding the input
+    (``--force`` would delete the input with it)."""
+    s, o = src.resolve(), out.resolve()
+    if o == s:
         raise LrcError("output must differ from the input")
+    if s in o.parents:
+        raise LrcError(f"output {out} lies inside the input folder {src}: write it elsewhere")
+    if o in s.parents:
+        raise LrcError(f"output {out} holds the input folder {src}: write it elsewhere")
+    model.check_output(out, force)
 
 
 def copy_aux(src_dir: Path, dst: Path, *, skip: tuple[str, ...] = ()) -> None:
@@ -64,7 +73,7 @@ def copy_aux(src_dir: Path, dst: Path, *, skip: tuple[str, ...] = ()) -> None:
         data |= external_files(f)
     for item in sorted(src_dir.iterdir()):
         if (item.suffix == ".onnx" or item.name in data or item.name.endswith(".onnx.data")
-                or any(fnmatch.fnmatchcase(item.name, pat) for pat in skip)):
+                or any(fnmatch.fnmatchcase(item.name, pat) for pat in skip + _LEFTOVERS)):
             continue
         if item.is_dir():
             shutil.copytree(item, dst / item.name)
@@ -110,7 +119,7 @@ def staged_folder(src: str | os.PathLike, out: str | os.PathLike, *, force: bool
     check_output(src, out, force)
     for f in models:  # validate all before writing anything (the graphs: weights not read)
         load_proto(f)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = model.staging_dir(out)
     try:
         copy_aux(src, tmp, skip=skip)
         yield FolderStage(src, out, tmp, models)

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -69,7 +70,7 @@ def _check_external_locations(proto: onnx.ModelProto, base: Path) -> None:
             continue
         info = {e.key: e.value for e in tensor.external_data}
         loc = info.get("location", "")
-        bad = (not loc or os.path.isabs(loc) or loc.startswith(("/", "\\"))
+        bad = (not loc or "\0" in loc or os.path.isabs(loc) or loc.startswith(("/", "\\"))
                or ".." in Path(loc).parts or ":" in loc)
         target = (base / loc).resolve() if not bad else None
         if target is not None and base_real not in target.parents:
@@ -80,10 +81,92 @@ def _check_external_locations(proto: onnx.ModelProto, base: Path) -> None:
         if not target.is_file():
             raise LrcError(f"external data file {loc!r} of tensor {tensor.name!r} is missing")
         size = target.stat().st_size
-        off, length = int(info.get("offset", 0) or 0), int(info.get("length", 0) or 0)
-        if off < 0 or length < 0 or off + length > size:
+        try:
+            off, length = int(info.get("offset") or 0), info.get("length")
+            length = int(length) if length not in (None, "") else None
+        except ValueError:
+            raise LrcError(f"external data of tensor {tensor.name!r}: offset and length must be "
+                           f"integers, got {info.get('offset')!r} and {info.get('length')!r}")
+        need = _data_bytes(tensor)
+        if length is not None and need is not None and length != need:
+            raise LrcError(f"external data of tensor {tensor.name!r}: length {length} does not "
+                           f"match its shape {list(tensor.dims)} ({need} bytes)")
+        end = off + (length if length is not None else need or 0)
+        if off < 0 or (length or 0) < 0 or end > size:
             raise LrcError(f"external data of tensor {tensor.name!r} lies past the end of "
                            f"{loc!r} (truncated file?)")
+
+
+_PACKED = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}  # two values per byte
+for _name in ("FLOAT4E2M1", "INT2", "UINT2"):
+    if hasattr(onnx.TensorProto, _name):
+        _PACKED.add(getattr(onnx.TensorProto, _name))
+
+
+def _data_bytes(t: onnx.TensorProto) -> int | None:
+    """Bytes a tensor of this type and shape holds in ``raw_data``, or None when that is not
+    fixed (strings, unknown types, negative dims: refused by ``_check_model_fields``)."""
+    if t.data_type == onnx.TensorProto.STRING or any(d < 0 for d in t.dims):
+        return None
+    n = 1
+    for d in t.dims:
+        n *= d
+    if t.data_type in _PACKED:
+        bits = 2 if "INT2" in onnx.TensorProto.DataType.Name(t.data_type) else 4
+        return (n * bits + 7) // 8
+    try:
+        return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except Exception:  # UNDEFINED, a type this onnx does not know
+        return None
+
+
+def _check_model_fields(proto: onnx.ModelProto) -> None:
+    """What protobuf's parser lets through and onnx-ir or ONNX Runtime fail on later: text
+    fields that are not UTF-8, tensors whose bytes do not match their shape, node inputs no
+    node, initializer or graph input defines, a graph without outputs."""
+    if not proto.graph.output:
+        raise LrcError("the graph declares no outputs")
+    defined = set()
+    nodes = []
+
+    def walk(g: onnx.GraphProto) -> None:
+        for v in (*g.input, *g.output, *g.value_info):
+            if not isinstance(v.name, str):
+                raise LrcError(f"a value name is not valid UTF-8 ({v.name[:40]!r})")
+        defined.update(v.name for v in g.input)
+        defined.update(t.name for t in g.initializer)
+        defined.update(t.values.name for t in g.sparse_initializer)
+        for node in g.node:
+            nodes.append(node)
+            defined.update(node.output)
+            for a in node.attribute:
+                if a.HasField("g"):
+                    walk(a.g)
+                for sub in a.graphs:
+                    walk(sub)
+
+    walk(proto.graph)
+    for node in nodes:
+        for field in (node.op_type, node.domain, node.name, *node.input, *node.output,
+                      *(a.name for a in node.attribute)):
+            if not isinstance(field, str):
+                raise LrcError(f"a node's name, op type or value name is not valid UTF-8 "
+                               f"({field[:40]!r})")
+        for x in node.input:
+            if x and x not in defined:
+                raise LrcError(f"input {x!r} of node {node.name or node.op_type!r} is not "
+                               "defined by any node, initializer or graph input")
+    for t in all_tensors(proto.graph):
+        if not isinstance(t.name, str):
+            raise LrcError(f"a tensor name is not valid UTF-8 ({t.name[:40]!r})")
+        if any(d < 0 for d in t.dims):
+            raise LrcError(f"tensor {t.name!r} has a negative dimension {list(t.dims)}")
+        if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
+            continue
+        need = _data_bytes(t)
+        if need is not None and len(t.raw_data) != need:
+            raise LrcError(f"tensor {t.name!r} holds {len(t.raw_data)} bytes, its shape "
+                           f"{list(t.dims)} needs {need}")
 
 
 def all_tensors(graph: onnx.GraphProto):
@@ -129,6 +212,15 @@ class _Wire:
 
     def __init__(self, f):
         self.f = f
+        self.size = os.fstat(f.fileno()).st_size
+
+    def length(self) -> tuple[int, bytes]:
+        """A length prefix, refused when it runs past the end of the file (a corrupt file
+        would otherwise make ``read(n)`` allocate ``n`` bytes)."""
+        n, raw = self.varint()
+        if n > self.size - self.tell():
+            raise ValueError("a field runs past the end of the file")
+        return n, raw
 
     def tell(self) -> int:
         return self.f.tell()
@@ -156,7 +248,7 @@ class _Wire:
                 raise ValueError("truncated fixed-width field")
             return b
         if wire_type == 2:
-            n, raw = self.varint()
+            n, raw = self.length()
             b = self.f.read(n)
             if len(b) != n:
                 raise ValueError("truncated length-delimited field")
@@ -192,13 +284,13 @@ def _scan(src: Path, data=None) -> onnx.ModelProto:
         while w.tell() < size:
             tag, tag_raw = w.varint()
             if tag >> 3 == _MODEL_GRAPH and tag & 7 == 2:
-                n, _ = w.varint()
+                n, _ = w.length()
                 end = w.tell() + n
                 graph = bytearray()
                 while w.tell() < end:
                     gtag, gtag_raw = w.varint()
                     if gtag >> 3 == _GRAPH_INIT and gtag & 7 == 2:
-                        tn, _ = w.varint()
+                        tn, _ = w.length()
                         inits.append(_scan_tensor(w, w.tell() + tn, data))
                     else:
                         graph += gtag_raw + w.payload(gtag & 7)
@@ -207,9 +299,19 @@ def _scan(src: Path, data=None) -> onnx.ModelProto:
                 skeleton += _field(_MODEL_GRAPH, bytes(graph))
             else:
                 skeleton += tag_raw + w.payload(tag & 7)
-    proto = onnx.ModelProto.FromString(bytes(skeleton))
+    proto = _parse(onnx.ModelProto, bytes(skeleton))
     proto.graph.initializer.extend(inits)
     return proto
+
+
+def _parse(cls, data: bytes):
+    """``cls.FromString(data)``, protobuf's DecodeError (not a ValueError) as ValueError."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        return cls.FromString(data)
+    except DecodeError as e:
+        raise ValueError(f"protobuf parse failed: {e}") from None
 
 
 def _scan_tensor(w: _Wire, end: int, data) -> onnx.TensorProto:
@@ -218,7 +320,7 @@ def _scan_tensor(w: _Wire, end: int, data) -> onnx.TensorProto:
     while w.tell() < end:
         tag, tag_raw = w.varint()
         if tag >> 3 == _T_RAW and tag & 7 == 2:
-            n, n_raw = w.varint()
+            n, n_raw = w.length()
             if n <= _INLINE:
                 rest += tag_raw + n_raw + w.f.read(n)
                 continue
@@ -240,7 +342,7 @@ def _scan_tensor(w: _Wire, end: int, data) -> onnx.TensorProto:
             rest += tag_raw + w.payload(tag & 7)
     if w.tell() != end:
         raise ValueError("initializer overruns its length")
-    t = onnx.TensorProto.FromString(bytes(rest))
+    t = _parse(onnx.TensorProto, bytes(rest))
     if raw_at is not None and data is not None:
         t.data_location = onnx.TensorProto.EXTERNAL
         for k, v in (("location", SPILL_DATA), ("offset", str(raw_at[0])),
@@ -346,6 +448,10 @@ def _validate(proto: onnx.ModelProto, p: Path, base: Path) -> None:
         raise LrcError(f"{p}: not an ONNX model (no graph in the protobuf)")
     if proto.ir_version <= 0 or not proto.opset_import:
         raise LrcError(f"{p}: not a valid ONNX model (missing ir_version/opset_import)")
+    try:
+        _check_model_fields(proto)
+    except LrcError as e:
+        raise LrcError(f"{p}: not a valid ONNX model ({e})") from None
     _check_external_locations(proto, base)
 
 
@@ -405,10 +511,16 @@ def load(path: str | os.PathLike) -> ir.Model:
     else:
         proto, p = load_proto(p, weights=True)
         sp, base = None, p.parent
+    serde_log = logging.getLogger("onnx_ir.serde")
+    level = serde_log.level
+    serde_log.setLevel(logging.ERROR)  # "... cannot be found in any scope" on stderr: no
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:
-        raise LrcError(f"{p}: could not read the ONNX graph ({type(e).__name__}: {e})")
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise LrcError(f"{p}: could not read the ONNX graph ({type(e).__name__}: {msg})")
+    finally:
+        serde_log.setLevel(level)
     del proto
     ir.external_data.set_base_dir(model.graph, str(base))
     _read_on_use(model)
@@ -562,6 +674,52 @@ def _own_external(model: ir.Model) -> bool:
     return False
 
 
+def staging_dir(out: Path) -> Path:
+    """A new temporary folder beside ``out`` (``.OUT.tmp-PID-*``) to build it in; first removes
+    the ones runs that no longer exist left there (a SIGKILL cannot be cleaned up after)."""
+    clean_leftovers(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would become the output folder's mode
+    return tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def clean_leftovers(out: Path) -> list[Path]:
+    """Remove the ``.OUT.tmp-PID-*`` folders and files beside ``out`` whose process is gone;
+    those of live processes (another lrc writing the same output) and unnamed ones stay."""
+    removed = []
+    prefix = f".{out.name}.tmp-"
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        pid = p.name[len(prefix):].split("-", 1)[0] if p.name.startswith(prefix) else ""
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        try:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def stage(model: ir.Model, out: str | os.PathLike, *, external_data: bool | None = None,
           force: bool = False) -> Staged:
     """Write ``model`` into a temporary folder beside ``out``; ``commit()`` moves it into place.
@@ -575,7 +733,7 @@ def stage(model: ir.Model, out: str | os.PathLike, *, external_data: bool | None
     if external_data is None:
         external_data = _own_external(model) or tensor_bytes(model) > PROTOBUF_LIMIT
     data_name = out.name + ".data" if external_data else None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         tmp_model = tmp / out.name
         if external_data:
@@ -691,7 +849,9 @@ def _inline_subgraph_external(model: ir.Model) -> None:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    clean_leftovers(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # a plain file's mode, not mkstemp's 0600
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lrc.errors import LrcError
-from lrc.graph.model import resolve_model_path, structural_check
+from lrc.graph.model import load_proto, structural_check
 from lrc.measure.drift import compare_arrays
 from lrc.runtime.runtimes import load as load_on
 from lrc.runtime.session import open_session
@@ -45,7 +45,9 @@ def verify(orig, new, inputs: str | Path | dict | None = None, dims: dict | None
     Runtime) on the same inputs."""
     from lrc.runtime import feeds as F
 
-    po, pn = resolve_model_path(orig), resolve_model_path(new)
+    # lrc's loader checks both (external data locations, tensor sizes, ...) before the onnx
+    # checker and the runtimes read them
+    po, pn = load_proto(orig, weights=False)[1], load_proto(new, weights=False)[1]
     result: dict = {"orig": str(po), "new": str(pn)}
     if structural:
         result["structure"] = structural_check(pn)

@@ -71,8 +71,10 @@ def options(threads: int | None = None, *, inter_op: int | None = None,
                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
         so.graph_optimization_level = levels[optimization]
-    if log_severity is not None:
-        so.log_severity_level = int(log_severity)
+    # ORT logs a failed session's error on stderr before raising it (as LrcError's one line):
+    # only fatal messages, unless asked
+    so.log_severity_level = int(log_severity) if log_severity is not None else (
+        2 if os.environ.get("LRC_DEBUG") else 4)
     if not prepack:
         so.add_session_config_entry("session.disable_prepacking", "1")
     if profile_prefix:
