@@ -391,9 +391,9 @@ def _gather_vocab(path: Path | None) -> dict[str, int]:
     if path is None or not Path(path).is_file():
         return {}
     try:
-        import onnx
+        from lrc.graph.model import load_proto
 
-        model = onnx.load(str(path), load_external_data=False)
+        model = load_proto(path)[0]  # the graph: a large single file's weights are not read
     except Exception:
         return {}
     g = model.graph
