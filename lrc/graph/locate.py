@@ -2,7 +2,10 @@
 
 A *target* is a ``MatMul(X, W)`` or ``Gemm(X, W, C)`` in the main graph whose weight ``W`` is a
 constant: an initializer, possibly reached through ``Transpose(perm=[1, 0])`` (tied lm_heads,
-``nn.Linear`` exported without folding). Every such node is returned; the ones that cannot be
+``nn.Linear`` exported without folding) and/or one float-to-float ``Cast`` (fp16 weights a
+float32 node reads: ``convert_float_to_float16(op_block_list=..., force_fp16_initializers=True)``
+writes ``Cast(W_fp16, to=float)``; ``Target.cast_to`` then says what the node computes in).
+Every such node is returned; the ones that cannot be
 rewritten carry ``skip`` — a reason in words (3-D weight, constant on the left, Gemm transA,
 weight overridable as a graph input, ...). Matrix products of two activations (attention scores)
 are not targets and are not listed.
@@ -73,6 +76,15 @@ class Target:
     shared_with: list[str] = field(default_factory=list)  # other targets using the same weight
     tied: bool = False  # weight also used by a non-projection node (e.g. embedding Gather)
     n_blocks: int | None = None  # blocks in the model (highest block index + 1) when known
+    cast_to: ir.DataType | None = None  # the weight reaches the node through Cast(to=this)
+
+    @property
+    def compute_dtype(self) -> ir.DataType | None:
+        """The element type the node multiplies in: the Cast's target, else the weight's."""
+        if self.cast_to is not None:
+            return self.cast_to
+        w = self.weight.const_value if self.weight is not None else None
+        return w.dtype if w is not None else None
 
     @property
     def eligible(self) -> bool:
@@ -196,27 +208,43 @@ def node_path(node: ir.Node, weight: ir.Value | None) -> tuple[str, str, int | N
     return first, role, block
 
 
-def _const_weight(v: ir.Value | None) -> tuple[ir.Value | None, bool, str | None]:
-    """(initializer value, transposed, why-not) for a MatMul/Gemm operand."""
-    if v is None:
-        return None, False, None
-    if v.const_value is not None and v.is_initializer():
-        return v, False, None
-    prod = v.producer()
-    if prod is None:
-        return None, False, None
-    if prod.op_type == "Transpose" and prod.domain in ("", "ai.onnx"):
-        src = prod.inputs[0]
-        if src is not None and src.const_value is not None and src.is_initializer():
+def _const_weight(v: ir.Value | None) -> tuple[ir.Value | None, bool, str | None,
+                                                 ir.DataType | None]:
+    """(initializer value, transposed, why-not, cast-to) for a MatMul/Gemm operand: an
+    initializer, reached through at most one ``Transpose`` and at most one float-to-float
+    ``Cast`` (in either order)."""
+    transposed, cast_to, why = False, None, None
+    for _ in range(3):
+        if v is None:
+            return None, False, None, None
+        if v.const_value is not None and v.is_initializer():
+            dims = len(v.const_value.shape)
+            if (transposed or cast_to is not None) and why is None and dims != 2:
+                why = f"weight reached through Transpose/Cast of a {dims}-D initializer"
+            if cast_to is not None and why is None and v.const_value.dtype not in FLOAT_TYPES:
+                why = f"weight is Cast from {v.const_value.dtype.name.lower()} (not a float)"
+            return v, transposed, why, cast_to
+        prod = v.producer()
+        if prod is None or prod.domain not in ("", "ai.onnx"):
+            return None, False, None, None
+        if prod.op_type == "Transpose" and not transposed:
             perm = prod.attributes.get("perm")
             perm = list(perm.as_ints()) if perm is not None else None
-            if len(src.const_value.shape) == 2 and perm in (None, [1, 0]):
-                return src, True, None
-            return src, True, f"weight reached through Transpose(perm={perm}) of a "\
-                              f"{len(src.const_value.shape)}-D initializer"
-    if prod.op_type == "Constant":
-        return None, False, "weight is a Constant node (lift it to an initializer first)"
-    return None, False, None
+            if perm not in (None, [1, 0]):
+                why = f"weight reached through Transpose(perm={perm})"
+            transposed = True
+        elif prod.op_type == "Cast" and cast_to is None:
+            to = prod.attributes.get("to")
+            to = ir.DataType(to.as_int()) if to is not None else None
+            if to not in FLOAT_TYPES:
+                return None, False, None, None
+            cast_to = to
+        elif prod.op_type == "Constant" and not transposed and cast_to is None:
+            return None, False, "weight is a Constant node (lift it to an initializer first)", None
+        else:
+            return None, False, None, None
+        v = prod.inputs[0] if prod.inputs else None
+    return None, False, None, None
 
 
 def locate(model: ir.Model) -> list[Target]:
@@ -244,10 +272,10 @@ def _make_target(node: ir.Node) -> Target | None:
     name = node.name or (node.outputs[0].name if node.outputs else "")
     x = node.inputs[0] if node.inputs else None
     w_in = node.inputs[1] if len(node.inputs) > 1 else None
-    weight, transposed, why = _const_weight(w_in)
+    weight, transposed, why, cast_to = _const_weight(w_in)
     skip = why
     if weight is None:
-        left, _, _ = _const_weight(x)
+        left, _, _, _ = _const_weight(x)
         if left is not None and node.op_type == "MatMul":
             skip = "constant is on the left (W·X); only X·W is rewritten"
             weight = left
@@ -280,7 +308,9 @@ def _make_target(node: ir.Node) -> Target | None:
     path, role, block = node_path(node, weight)
     return Target(node=node, name=name, path=path, role=role, block=block, op=node.op_type,
                   weight=weight, transposed=transposed, shape=shape, dtype=dtype, skip=skip,
-                  role_source="name" if role != "other" else "none")
+                  role_source="name" if role != "other" else "none",
+                  cast_to=cast_to if weight is not None and cast_to is not None
+                  and cast_to != weight.const_value.dtype else None)
 
 
 def _mark_sharing(targets: list[Target]) -> None:
@@ -294,17 +324,22 @@ def _mark_sharing(targets: list[Target]) -> None:
         w = group[0].weight
         other_users = []
         for user, _ in w.uses():
-            if id(user) in target_nodes:
-                continue
-            if user.op_type == "Transpose" and all(id(u) in target_nodes
-                                                   for u, _ in user.outputs[0].uses()):
-                continue
-            other_users.append(user)
+            if not _feeds_only(user, target_nodes):
+                other_users.append(user)
         for t in group:
             t.shared_with = [n for n in names if n != t.name]
             t.tied = bool(other_users)
             if t.tied and t.role == "other" and any(u.op_type == "Gather" for u in other_users):
                 t.role, t.role_source = "head", "structure"
+
+
+def _feeds_only(node: ir.Node, target_nodes: set[int], depth: int = 2) -> bool:
+    """``node`` is a target, or a Transpose / Cast whose output reaches targets only."""
+    if id(node) in target_nodes:
+        return True
+    if depth == 0 or node.op_type not in ("Transpose", "Cast") or node.outputs[0].is_graph_output():
+        return False
+    return all(_feeds_only(u, target_nodes, depth - 1) for u, _ in node.outputs[0].uses())
 
 
 _ACTIVATIONS = {"Sigmoid", "Relu", "Gelu", "Tanh", "Erf", "Softplus", "HardSigmoid", "Elu",

@@ -522,6 +522,11 @@ def load(path: str | os.PathLike) -> ir.Model:
     finally:
         serde_log.setLevel(level)
     del proto
+    if not _is_sorted(model.graph):  # ONNX Runtime runs graphs whose nodes are out of order
+        try:  # (onnxruntime's fp16 converter writes them with keep_io_types=True); the
+            model.graph.sort()  # onnx checker, and so lrc's output check, does not
+        except Exception as e:
+            raise LrcError(f"{p}: the ONNX graph has a cycle or an undefined input ({e})")
     ir.external_data.set_base_dir(model.graph, str(base))
     _read_on_use(model)
     model.meta["lrc.source_path"] = str(p)
@@ -586,6 +591,17 @@ def spilled(model: ir.Model) -> Spill | None:
     """The :class:`Spill` whose folder holds ``model``'s weights, if it was loaded by spilling."""
     sp = model.meta.get("lrc.spill") if hasattr(model, "meta") else None
     return sp if isinstance(sp, Spill) else None
+
+
+def _is_sorted(graph: ir.Graph) -> bool:
+    """Does every node of the main graph come after the nodes producing its inputs?"""
+    seen = set()
+    for node in graph:
+        for v in node.inputs:
+            if v is not None and v.producer() is not None and v.producer() not in seen:
+                return False
+        seen.add(node)
+    return True
 
 
 def as_model(model_or_path) -> ir.Model:

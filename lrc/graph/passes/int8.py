@@ -55,6 +55,13 @@ class Int8FactorsPass(ir.passes.InPlacePass):
         self.record: dict = {}
 
     def requires(self, model: ir.Model) -> None:
+        if not factor_matmuls(model.graph) and any(
+                n.op_type == "MatMul" and n.metadata_props.get(FACTOR_META)
+                for n in ir.traversal.RecursiveGraphIterator(model.graph)):
+            raise LrcError("--int8 on a float16 model: its factors are float16 and the int8 "
+                           "forms (DynamicQuantizeLinear, MatMulInteger) take float32 "
+                           "activations; use --quantize int4 or int8-weight (MatMulNBits runs "
+                           "float16) or compress the float32 export")
         if not factor_matmuls(model.graph):
             raise ir.passes.PreconditionError(
                 "Int8FactorsPass needs the low-rank pass's float factors (MatMuls with node "

@@ -15,6 +15,11 @@ a ratio setting (Q/K/V after one norm, gate/up after another) are factored *join
 ``[W_1 W_2 ...]`` gives one ``A [in, r]`` computed once and one ``B_i [r, out_i]`` per projection.
 At equal parameters the joint rank is higher than each separate rank, and ``X·A`` runs once.
 
+Float16 weights: the factors are computed in float32 (float64 for data-aware methods) and
+stored once in the weight's dtype, so an fp16 model's factors are fp16 and its file halves with
+the parameters. A weight the node reads through ``Cast`` (fp16 storage, float32 compute) gets
+its factors through the same ``Cast``, one per factor, at the top of the main graph.
+
 Because the original node keeps its output value, the output tensor name, its consumers and any
 graph output are untouched. A·B is never folded back. A weight shared by several targets is
 factored once and the factors are shared. Each weight is read, factored and released one at a
@@ -187,10 +192,14 @@ class LowRankPass(ir.passes.InPlacePass):
                 f"(tied embedding): that weight stays, so the file grows by the factors while "
                 f"compute shrinks ({n:,} parameters kept; --exclude head avoids it).")
         if any(t.dtype == "float16" for t, *_ in items):
+            cast = any(t.cast_to is not None for t, *_ in items)
             self.record.notes.append(
-                "float16 weights: factors are stored as float16 like the weights they replace; "
-                "ONNX Runtime's CPU EP runs them through fp32 casts it inserts itself, CUDA runs "
-                "them natively.")
+                "float16 weights: factors are computed in float32 and stored as float16 like "
+                "the weights they replace"
+                + ("; weights the graph casts to float32 keep that Cast for their factors"
+                   if cast else
+                   "; ONNX Runtime's CPU EP runs fp16 MatMuls through fp32 casts it inserts "
+                   "itself, CUDA runs them natively") + ".")
         return ir.passes.PassResult(model, modified=bool(items))
 
     def _record(self, t: Target, f: Factors, setting: str, note: str | None, before: int,
@@ -213,7 +222,8 @@ class LowRankPass(ir.passes.InPlacePass):
         m = t0.shape[0]
         n_all = sum(it[0].shape[1] for it in unit.items)
         base = t0.weight.name or t0.name
-        a_val = add_initializer(graph, f"{base}.lrc_Ajoint{f.rank}", f.a)
+        a_val = self._computed(graph, t0, add_initializer(graph, f"{base}.lrc_Ajoint{f.rank}",
+                                                          f.a))
         mid = ir.Value(name=unique_name(graph, f"{t0.name}/lrc_Ajoint_out"))
         meta = dict(t0.node.metadata_props)
         meta[FACTOR_META] = "A"
@@ -224,8 +234,8 @@ class LowRankPass(ir.passes.InPlacePass):
         a_left = f.rank * m
         for i, ((t, r, setting, note), sl) in enumerate(zip(unit.items, unit.b_slices())):
             wb = t.weight.name or t.name
-            b_val = add_initializer(graph, f"{wb}{'_T' if t.transposed else ''}.lrc_B{f.rank}",
-                                f.b[:, sl])
+            b_val = self._computed(graph, t, add_initializer(
+                graph, f"{wb}{'_T' if t.transposed else ''}.lrc_B{f.rank}", f.b[:, sl]))
             _become_b(t.node, mid, b_val, f.rank)
             n = t.shape[1]
             # A's parameters are shared: each member carries its share (the last the rest)
@@ -242,8 +252,21 @@ class LowRankPass(ir.passes.InPlacePass):
     def _factor_values(self, graph: ir.Graph, t: Target, f: Factors):
         base = t.weight.name or t.name
         suffix = "_T" if t.transposed else ""
-        return [add_initializer(graph, f"{base}{suffix}.lrc_{tag}{f.rank}", arr)
+        return [self._computed(graph, t, add_initializer(
+                    graph, f"{base}{suffix}.lrc_{tag}{f.rank}", arr))
                 for tag, arr in (("A", f.a), ("B", f.b))]
+
+    def _computed(self, graph: ir.Graph, t: Target, val: ir.Value) -> ir.Value:
+        """``val`` as the node multiplies it: through ``Cast(to=t.cast_to)`` when the weight
+        reached the node through a Cast (fp16 storage, float32 compute), else as it is."""
+        if t.cast_to is None:
+            return val
+        out = ir.Value(name=unique_name(graph, f"{val.name}_cast"), shape=val.shape,
+                       type=ir.TensorType(t.cast_to))
+        graph.insert_before(graph[0], ir.Node("", "Cast", [val], outputs=[out],
+                                              attributes=[ir.AttrInt64("to", t.cast_to)],
+                                              name=f"{val.name}/lrc_cast"))
+        return out
 
     def _rewire(self, graph: ir.Graph, t: Target, a_val, b_val, f: Factors) -> None:
         node = t.node

@@ -28,6 +28,14 @@ gate/up) share one ``A``: their errors are corrected jointly, ``X·A`` runs once
   4-bit decode gain, and so do we: BENCHMARKS.md). ``int8`` always uses it: a per-tensor
   activation scale shared by ``X`` and ``T`` would crush ``T``.
 
+Float16 models: a node that multiplies in float16 gets ``MatMulNBits`` with float16 scales
+(ORT's CPU and CUDA kernels take float16 ``A``) and float16 correction factors; codes and
+corrections are computed in float32 as for float32 weights, the scales rounded to float16 once
+(a relative 2^-11, far below the 4-bit step). ``int8`` (``DynamicQuantizeMatMul`` takes float32
+activations only) and the standard forms of the other target runtimes are refused on such
+nodes in one line. Embedding tables of float16 become ``GatherBlockQuantized`` with float16
+scales (ORT); for other runtimes they stay float16.
+
 The pass never touches files; ``self.record`` lists every node with what was done to it.
 """
 
@@ -305,8 +313,9 @@ def quant_targets(model: ir.Model, select: Callable[[Target], bool] | None = Non
         why = None if (t.eligible or (factor and t.skip.startswith("already"))) else t.skip
         if why is None and t.op != "MatMul":
             why = "Gemm: not quantised (MatMulNBits replaces MatMul only)"
-        if why is None and t.dtype != "float":
-            why = f"weight dtype {t.dtype}: only float32 weights are quantised"
+        if why is None and (t.dtype not in ("float", "float16")
+                            or t.compute_dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16)):
+            why = f"weight dtype {t.dtype}: only float32 / float16 weights are quantised"
         if why is None and select is not None and not select(t):
             why = "excluded"
         if why is not None:
@@ -340,6 +349,7 @@ class QuantizePass(ir.passes.InPlacePass):
     def requires(self, model: ir.Model) -> None:
         if self.spec.any_rank and self.corrector is None:
             raise ir.passes.PreconditionError("QuantizePass: correct_rank > 0 needs a corrector")
+        check_fp16(self.spec, quant_targets(model, self.select)[0])
 
     def ensures(self, model: ir.Model) -> None:
         def dequantized(v):  # a standard form's weight: DequantizeLinear's output
@@ -402,8 +412,16 @@ class QuantizePass(ir.passes.InPlacePass):
                 continue
             table = node.inputs[0]
             tv = None if table is None else table.const_value
-            if tv is None or len(tv.shape) != 2 or tv.dtype != ir.DataType.FLOAT:
+            if tv is None or len(tv.shape) != 2 or tv.dtype not in (ir.DataType.FLOAT,
+                                                                      ir.DataType.FLOAT16):
                 continue
+            if tv.dtype != ir.DataType.FLOAT and standard:
+                note = (f"float16 embedding table {table.name!r} stays float16 (the standard "
+                        f"form's per-row int8 is written for float32 tables only)")
+                if note not in self.record.notes:
+                    self.record.notes.append(note)
+                continue
+            fdt = np.float16 if tv.dtype == ir.DataType.FLOAT16 else np.float32
             v, k = (int(d) for d in tv.shape)
             axis = node.attributes.get("axis")
             if v * k < EMBED_MIN or k % bs or (axis is not None and axis.as_int() != 0):
@@ -426,15 +444,24 @@ class QuantizePass(ir.passes.InPlacePass):
                 node.replace_input_with(0, out)
                 self.record.embeddings.append({
                     "name": node.name, "table": table.name, "shape": [v, k], "bits": 8,
-                    "block_size": None, "bytes_before": v * k * 4, "bytes_after": int(nbytes)})
+                    "block_size": None, "bytes_before": int(tv.nbytes),
+                    "bytes_after": int(nbytes)})
                 self._drop_table(graph, table)
                 continue
             if id(table) not in done:  # one quantised table for every Gather of it
-                bq = quantize_blockwise(tv.numpy().T, bits, bs)  # table rows = columns of W
-                done[id(table)] = (add_initializer(graph, f"{table.name}_gbq{bits}",
-                                                   bq.packed.reshape(v, -1)),
-                                   add_initializer(graph, f"{table.name}_gbq_scales",
-                                                   bq.scales), bq.nbytes)
+                # rows are independent: quantise 4096 at a time (a 262k-row vocabulary would
+                # otherwise hold several float copies of the whole table at once)
+                tab = tv.numpy()
+                parts = [quantize_blockwise(np.ascontiguousarray(tab[i:i + 4096].T,
+                                                                 dtype=np.float32), bits, bs)
+                         for i in range(0, v, 4096)]
+                del tab
+                packed = np.concatenate([p.packed.reshape(p.n, -1) for p in parts])
+                scales = np.concatenate([p.scales for p in parts]).astype(fdt)
+                del parts
+                done[id(table)] = (add_initializer(graph, f"{table.name}_gbq{bits}", packed),
+                                   add_initializer(graph, f"{table.name}_gbq_scales", scales),
+                                   packed.nbytes + scales.nbytes)
             dv, sv, nbytes = done[id(table)]
             new = ir.Node(MS, "GatherBlockQuantized", [dv, node.inputs[1], sv],
                           attributes=[ir.AttrInt64("bits", bits),
@@ -445,7 +472,7 @@ class QuantizePass(ir.passes.InPlacePass):
             _replace(node, new)
             self.record.embeddings.append({
                 "name": node.name, "table": table.name, "shape": [v, k], "bits": bits,
-                "block_size": bs, "bytes_before": v * k * 4, "bytes_after": int(nbytes)})
+                "block_size": bs, "bytes_before": int(tv.nbytes), "bytes_after": int(nbytes)})
             self._drop_table(graph, table)
 
     @staticmethod
@@ -614,7 +641,7 @@ class QuantizePass(ir.passes.InPlacePass):
                         t_val = self._a_product(graph, t, f.a.astype(np.float32))
                     after += self._add_branch(graph, t, t_val, b.astype(np.float32))
             if f is not None and i == len(group) - 1:
-                after += f.a.nbytes if form == "add" else a_pad.nbytes
+                after += (f.a.size if form == "add" else a_pad.size) * _itemsize(t)
             werr_b = info.get("werr_before", [None] * len(group))[i]
             werr_a = info.get("werr_after", [None] * len(group))[i]
             if form == "concat" and info.get("gram") is not None:
@@ -626,7 +653,8 @@ class QuantizePass(ir.passes.InPlacePass):
                 rank=0 if f is None else f.rank, form=form,
                 werr_before=None if werr_b is None else round(werr_b, 6),
                 werr_after=None if werr_a is None else round(werr_a, 6),
-                weight_bytes_before=w.nbytes, weight_bytes_after=int(after),
+                weight_bytes_before=w.size * t.weight.const_value.dtype.itemsize,
+                weight_bytes_after=int(after),
                 joint_with=[n for n in names if n != t.name] if f is not None else []))
         for t in group:  # written: the fitted target (sequential correction) is not needed again
             self.weights.pop(t.name, None)
@@ -635,14 +663,15 @@ class QuantizePass(ir.passes.InPlacePass):
     def _nbits_node(self, graph, t: Target, x: ir.Value, bq) -> tuple[ir.Node, int]:
         """``MatMulNBits(x, bq)``; accuracy_level is the pass's (one for every node)."""
         pv = add_initializer(graph, f"{t.weight.name}_Q{bq.bits}", bq.packed)
-        sv = add_initializer(graph, f"{t.weight.name}_scales", bq.scales.reshape(-1))
+        sv = add_initializer(graph, f"{t.weight.name}_scales",
+                             bq.scales.reshape(-1).astype(_float(t)))
         attrs = [ir.AttrInt64("K", bq.k), ir.AttrInt64("N", bq.n), ir.AttrInt64("bits", bq.bits),
                  ir.AttrInt64("block_size", bq.block_size)]
         if self.spec.accuracy_level:
             attrs.append(ir.AttrInt64("accuracy_level", self.spec.accuracy_level))
         node = ir.Node(MS, "MatMulNBits", [x, pv, sv], attributes=attrs, num_outputs=1,
                        name=t.name)
-        return node, bq.nbytes
+        return node, bq.packed.nbytes + bq.scales.size * _itemsize(t)
 
     def _emit(self, graph, t: Target, qz, spec: QuantSpec) -> int:
         """Replace ``t``'s MatMul by the spec's form (same input, same output)."""
@@ -679,6 +708,7 @@ class QuantizePass(ir.passes.InPlacePass):
         return ir.Node("", "MatMul", [x, w], num_outputs=1, name=t.name), bq.nbytes
 
     def _a_product(self, graph, t: Target, a: np.ndarray) -> ir.Value:
+        a = a.astype(_float(t), copy=False)
         av = add_initializer(graph, f"{t.weight.name}.lrc_corrA{a.shape[1]}", a)
         out = ir.Value(name=unique_name(graph, f"{t.name}/lrc_corrA_out"))
         node = ir.Node("", "MatMul", [t.node.inputs[0], av], outputs=[out],
@@ -689,7 +719,7 @@ class QuantizePass(ir.passes.InPlacePass):
     def _add_branch(self, graph, t: Target, t_val: ir.Value, b: np.ndarray) -> int:
         """``Y = Q(X) + T·B``: the quantised node keeps computing Q(X) into a new value."""
         node = t.node
-        y = node.outputs[0]
+        b = b.astype(_float(t), copy=False)
         bv = add_initializer(graph, f"{t.weight.name}.lrc_corrB{b.shape[0]}", b)
         c = ir.Value(name=unique_name(graph, f"{t.name}/lrc_corrB_out"))
         mb = ir.Node("", "MatMul", [t_val, bv], outputs=[c], name=f"{t.name}/lrc_corrB")
@@ -775,6 +805,31 @@ def _block_factors(f: Factors, block_size: int) -> tuple[np.ndarray, Factors]:
     return a, Factors(a, b, f.rank, f.energy, f.rel_error, f.method, f.output_energy)
 
 
+def _float(t: Target):
+    """numpy dtype of what ``t``'s node multiplies in: float16 or float32."""
+    return np.float16 if t.compute_dtype == ir.DataType.FLOAT16 else np.float32
+
+
+def _itemsize(t: Target) -> int:
+    return np.dtype(_float(t)).itemsize
+
+
+def check_fp16(spec: QuantSpec, targets: list[Target]) -> None:
+    """LrcError (one line) when a node that multiplies in float16 would get a form that has no
+    float16 input: only ONNX Runtime's ``MatMulNBits`` (``int4`` / ``int8-weight``) takes one."""
+    for t in targets:
+        if t.compute_dtype != ir.DataType.FLOAT16:
+            continue
+        s = spec.for_target(t)
+        if s.form != "nbits":
+            what = ("DynamicQuantizeMatMul takes float32 activations only" if s.form == "dqmatmul"
+                    else f"lrc writes the --target-runtime {s.target} form for float32 only")
+            raise LrcError(
+                f"--quantize {s.scheme} on a float16 model ({t.name} multiplies in float16): "
+                f"{what}; use --quantize int4 or int8-weight (MatMulNBits runs float16) or "
+                f"quantise the float32 export")
+
+
 def _replace(old: ir.Node, new: ir.Node) -> None:
     """Put ``new`` where ``old`` is: ``new``'s output takes over ``old``'s output value's uses,
     graph outputs and name; ``old`` is removed."""
@@ -788,4 +843,4 @@ def _replace(old: ir.Node, new: ir.Node) -> None:
 
 
 __all__ = ["CORRECT_FORMS", "EMBEDDING", "parse_spec", "Corrector", "QuantNode", "QuantRecord",
-           "QuantSpec", "QuantizePass", "SCHEMES", "Solved", "quant_targets"]
+           "QuantSpec", "QuantizePass", "SCHEMES", "Solved", "check_fp16", "quant_targets"]
