@@ -515,9 +515,12 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
             no_decode: dict[str, str] = {}
             for batch in batch_sizes:
                 for seq in seq_lens:
-                    log(f"[{ep_key}] batch {batch} seq {seq}: preparing inputs")
+                    log(f"[{ep_key}] preparing inputs (batch {batch}; seq {seq} if the "
+                        "model reads a sequence)")
                     for r in runners:
                         r.prepare(batch, seq, decode_tokens)
+                    shape = getattr(runners[0], "input_shape", "") if runners else ""
+                    what = f"input {shape}" if shape else f"batch {batch} seq {seq}"
                     runners = _trial_round(runners, target, no_decode, notes, log)
                     for w in range(warmup):
                         for r in runners:
@@ -531,7 +534,7 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
                             if d is not None:
                                 dec[r.name].append(d)
                         if progress and (k + 1) % max(1, runs // 5) == 0:
-                            log(f"[{ep_key}] batch {batch} seq {seq}: {k + 1}/{runs} rounds")
+                            log(f"[{ep_key}] {what}: {k + 1}/{runs} rounds")
                     rows = []
                     for r in runners:
                         ph = "prefill" if r.is_decoder else "encoder"
