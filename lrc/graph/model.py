@@ -523,7 +523,7 @@ def load(path: str | os.PathLike) -> ir.Model:
         serde_log.setLevel(level)
     del proto
     if not _is_sorted(model.graph):  # ONNX Runtime runs graphs whose nodes are out of order
-        try:  # (onnxruntime's fp16 converter writes them with keep_io_types=True); the
+        try:  # (ONNX Runtime's fp16 converter writes them with keep_io_types=True); the
             model.graph.sort()  # onnx checker, and so lrc's output check, does not
         except Exception as e:
             raise LrcError(f"{p}: the ONNX graph has a cycle or an undefined input ({e})")
