@@ -328,20 +328,11 @@ def main(argv=None) -> int:
     (args.out / "results.json").write_text(json.dumps(res, indent=1))
     print(table_md(res["rows"]))
     if args.write:
-        _write_section(args.markdown, section_md(res))
+        from quant import write_section  # benchmarks/quant.py: one marker-section writer
+
+        write_section(args.markdown, section_md(res), MARK_BEGIN, MARK_END)
         log(f"wrote the memory section of {args.markdown}")
     return 1 if any(r["rc"] for r in res["rows"]) else 0
-
-
-def _write_section(md_path: Path, section: str) -> None:
-    """Replace the text between the markers (inclusive), or append the section at the end."""
-    old = md_path.read_text() if md_path.is_file() else ""
-    b, e = old.find(MARK_BEGIN), old.find(MARK_END)
-    if 0 <= b < e:
-        new = old[:b] + section + old[e + len(MARK_END):]
-    else:
-        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + section + "\n"
-    md_path.write_text(new)
 
 
 if __name__ == "__main__":

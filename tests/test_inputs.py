@@ -2,35 +2,17 @@
 transformer with no text at all, and a text model fed token ids from a file."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
 
+from clirun import lrc, one_line_error as _one_line_error
+
 from lrc.errors import LrcError
 from lrc.runtime.feeds import InputSpec, describe_batch, graph_input_specs, load_inputs
 
 torch = pytest.importorskip("torch")
-
-LRC = [sys.executable, "-m", "lrc.cli"]
-
-
-def lrc(*args):
-    env = dict(os.environ, COLUMNS="200", OPENBLAS_NUM_THREADS="1")
-    return subprocess.run([*LRC, *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=300)
-
-
-def _one_line_error(r):
-    assert r.returncode != 0, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr + r.stdout
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("lrc: error:"), r.stderr
-    return lines[0]
-
 
 class _Block(torch.nn.Module):
     def __init__(self, d=64, heads=4):
@@ -194,7 +176,8 @@ def test_token_ids_file_calibrates_a_text_model(tmp_path):
     r = lrc("compress", model, "-o", out, "--ratio", "0.5",
             *(a for i in range(3) for a in ("--calib-inputs", tmp_path / f"ids{i}.npz")))
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "c.onnx.lrc.json").read_text())["method"] == "svd-llm"
+    # the default recipe: svd-llm with the joint update, run on the files' token ids
+    assert json.loads((tmp_path / "c.onnx.lrc.json").read_text())["method"] == "svd-llm+update"
     r = lrc("eval", model, out, "--inputs", tmp_path / "ids0.npz", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)["results"][0]

@@ -661,6 +661,13 @@ class _Agree:
                 "values": self.values}
 
 
+def _run_batch(sess, feeds: dict, i: int, path: Path) -> list:
+    try:
+        return sess.run(None, feeds)
+    except Exception as e:
+        raise LrcError(f"input batch {i} failed on {path.name}: {str(e).splitlines()[0]}") from e
+
+
 def agreement(orig, news, inputs, threads: int | None = None) -> dict:
     """How closely each model in ``news`` reproduces ``orig``'s outputs on ``inputs``: batches
     from :func:`lrc.runtime.feeds.load_inputs` (files of named input tensors; any model, text
@@ -686,15 +693,9 @@ def agreement(orig, news, inputs, threads: int | None = None) -> dict:
     sums = [{n: _Agree() for n in names} for _ in paths]
     for i, batch in enumerate(batches):
         feeds = _agreement_batch(so, batch)
-        try:
-            ref = so.run(None, feeds)
-        except Exception as e:
-            raise LrcError(f"input batch {i} failed on {fo.name}: {str(e).splitlines()[0]}") from e
+        ref = _run_batch(so, feeds, i, fo)
         for p, s, acc in zip(paths, sessions, sums):
-            try:
-                outs = s.run(None, feeds)
-            except Exception as e:
-                raise LrcError(f"input batch {i} failed on {p.name}: {str(e).splitlines()[0]}") from e
+            outs = _run_batch(s, feeds, i, p)
             for n, o, x in zip(names, ref, outs):
                 if np.issubdtype(np.asarray(o).dtype, np.floating):
                     acc[n].add(np.asarray(o), np.asarray(x))
