@@ -215,11 +215,11 @@ def compress_model(model_or_path, config: CompressConfig, *, progress: Progress 
     config.build_policy()  # bad options fail before any work
     spec = config.quant_spec()
     path = _file_of(model_or_path)
-    base, method_note = _resolve_method(model_or_path, path, config, update=False)
+    base, method_note = _resolve_method(model_or_path, path, config)
     model = M.as_model(model_or_path)
     config, recipe = _apply_recipe(config, model, base)
     pol = config.build_policy()
-    method, method_note = _resolve_method(model_or_path, path, config)
+    method = methods.get(methods.with_update(base.name)) if config.update else base
     form = get_form(config.int8_form) if config.int8_form else None
     if not config.lowrank:
         return _quantize_only(model_or_path, model, path, pol, spec, method, method_note,
@@ -430,10 +430,9 @@ def _home_of(model_or_path, path: Path | None) -> Path | None:
     return None
 
 
-def _resolve_method(model_or_path, path: Path | None, config: CompressConfig,
-                    update: bool | None = None):
-    """(Method, note): ``auto`` resolved for this input, ``--update`` applied (``update``:
-    instead of ``config.update``)."""
+def _resolve_method(model_or_path, path: Path | None, config: CompressConfig):
+    """(Method, note): ``auto`` resolved for this input (``--update`` is applied after the
+    recipe, in :func:`compress_model`)."""
     name = config.method
     if name != methods.AUTO:
         methods.get(name)
@@ -443,8 +442,6 @@ def _resolve_method(model_or_path, path: Path | None, config: CompressConfig,
         name, note = methods.resolve(name, home=_home_of(model_or_path, path),
                                      in_memory=path is None, rank=config.rank,
                                      tokenizer=config.tokenizer)
-    if config.update if update is None else update:
-        name = methods.with_update(name)
     return methods.get(name), note
 
 

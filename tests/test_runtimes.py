@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -20,26 +17,10 @@ from lrc.measure import bench as B
 from lrc.measure.verify import verify
 from lrc.runtime import feeds as F
 from lrc.runtime import runtimes as RT
+from clirun import lrc, one_line_error as _one_line_error
 from test_bench import make_chain, make_decoder
 
 OTHERS = ("openvino", "tract")  # both installed in the dev environment: nothing here skips
-LRC = [sys.executable, "-m", "lrc.cli"]
-
-
-def lrc(*args):
-    env = dict(os.environ, COLUMNS="200", HF_HUB_OFFLINE="1")
-    return subprocess.run([*LRC, *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=300)
-
-
-def _one_line_error(r, code=2) -> str:
-    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr + r.stdout
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("lrc: error:"), r.stderr
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("runtimes")
