@@ -19,6 +19,7 @@ from rich.table import Table
 from lrc.errors import LrcError
 from lrc.graph.passes.int8 import forms_help
 from lrc.methods import method_help
+from lrc.sysmem import prefer_mmap
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Low-rank compression of transformer models at the ONNX graph level.")
@@ -780,6 +781,7 @@ def tune(model: Path = typer.Argument(..., help="Exported folder (model.onnx + t
 def main() -> None:
     """Entry point: user errors become one line on stderr."""
     debug = os.environ.get("LRC_DEBUG")
+    prefer_mmap()  # large blocks are returned to the system when freed (lrc.sysmem)
     try:
         rc = app(standalone_mode=False)
         if isinstance(rc, int) and rc:

@@ -53,6 +53,7 @@ import numpy as np
 from lrc.errors import LrcError
 
 __all__ = [
+    "release",
     "list_texts",
     "load_text",
     "text_info",
@@ -320,6 +321,21 @@ def calibration_texts(n_tokens: int = 32768, tokenizer=None, domains=_CALIB_DOMA
         raise LrcError(f"only ~{total} calibration tokens available from {', '.join(domains)} "
                        f"(asked {n_tokens})")
     return out
+
+
+def release() -> None:
+    """Drop the corpora and n-gram sets this module keeps in memory (about 100 MB once the
+    calibration set was drawn: the evaluation texts' 16-grams, the wiki dump...), and hand the
+    freed heap back to the system; the next call reads them again."""
+    import gc
+
+    for f in list(globals().values()):
+        if callable(f) and hasattr(f, "cache_clear") and getattr(f, "__module__", "") == __name__:
+            f.cache_clear()
+    gc.collect()
+    from lrc.sysmem import trim
+
+    trim()  # glibc keeps the freed small blocks in its heap otherwise
 
 
 def lee_similarity() -> tuple[list[str], np.ndarray]:

@@ -122,7 +122,10 @@ def _activation_method(name: str, factor: Callable) -> MakeFactoriser:
         names = plan.calibration_inputs()
         if not names:
             return None, None
-        stats = statistics(c, names)
+        # read in the order the pass factors them (graph order), so slices are computed once
+        order = [u.first.node.inputs[0].name for u in plan.units]
+        widths = {u.first.node.inputs[0].name: u.first.shape[0] for u in plan.units}
+        stats = statistics(c, order, widths=widths)
         info = {"method": name, **c.describe(), "inputs": len(names)}
 
         def factoriser(t, w, rank):
@@ -136,18 +139,30 @@ def _activation_method(name: str, factor: Callable) -> MakeFactoriser:
     return make
 
 
-def statistics(c: Calibration, names: list[str]) -> dict:
-    """Activation statistics of the tensors ``names`` (one ONNX Runtime pass over the
-    calibration text, cached on disk)."""
-    from lrc.calibration.stats import cached_stats, collect_stats
+def statistics(c: Calibration, names: list[str], *, widths: dict[str, int] | None = None):
+    """Activation statistics of the tensors ``names`` (an ONNX Runtime pass over the
+    calibration text, cached on disk): ``{name: ActStats}``. With ``widths`` (each input's
+    width) and more float64 Grams than :func:`lrc.calibration.stats.gram_budget`, a
+    :class:`~lrc.calibration.stats.SlicedStats` computing them a slice of ``names`` (in that
+    order: the order they are read) at a time."""
+    from lrc.calibration.stats import SlicedStats, cached_stats, collect_stats, gram_budget, slices
 
     in_memory = isinstance(c.source, ir.Model)
-    if c.inputs is not None:  # files given by the user: one pass, not cached
-        return collect_stats(c.source if in_memory else str(c.source), names, c.inputs,
-                             progress=c.progress, **({"path": c.file} if in_memory else {}))
-    return cached_stats(c.source if in_memory else str(c.source), names, c.texts,
-                        n_tokens=c.n_tokens, seq_len=c.seq_len, tokenizer=c.tokenizer,
-                        progress=c.progress, **({"path": c.file} if in_memory else {}))
+
+    def compute(part: list[str]) -> dict:
+        if c.inputs is not None:  # files given by the user: not cached
+            return collect_stats(c.source if in_memory else str(c.source), part, c.inputs,
+                                 progress=c.progress, **({"path": c.file} if in_memory else {}))
+        return cached_stats(c.source if in_memory else str(c.source), part, c.texts,
+                            n_tokens=c.n_tokens, seq_len=c.seq_len, tokenizer=c.tokenizer,
+                            progress=c.progress, **({"path": c.file} if in_memory else {}))
+
+    names = list(dict.fromkeys(names))
+    if widths:
+        parts = slices(names, widths, gram_budget())
+        if len(parts) > 1:
+            return SlicedStats(compute, parts)
+    return compute(names)
 
 
 def _sequential(model: ir.Model, plan: Plan, c: Calibration):
@@ -262,7 +277,10 @@ def calibration_texts(calib=None, *, n_tokens: int = 16384,
     if use_default or not texts:
         from lrc.data import calibration_texts as bundled
 
+        from lrc.data import release
+
         texts.extend(bundled(n_tokens=int(n_tokens * 1.2)))
+        release()  # the corpora it drew from: ~100 MB a compression does not need again
         sources.append("bundled mix: news (Lee corpus, calibration half), wiki markup, forum posts, "
                        "Python code")
     return texts, sources
@@ -305,7 +323,7 @@ def make_calibration(source, *, calib=None, n_tokens: int = 16384, seq_len: int 
 
 
 def make_corrector(input_names: list[str], c: Calibration | None = None, *, stats=None,
-                   rescaled: dict | None = None):
+                   rescaled: dict | None = None, widths: dict[str, int] | None = None):
     """``(corrector, info)`` for :class:`~lrc.graph.passes.quant.QuantizePass`: the whitened
     closed-form correction of quantisation error (QERA / EoRA / L2QER; :mod:`lrc.quantmath`),
     from the Gram matrices of the quantised projections' inputs ``input_names``.
@@ -316,7 +334,9 @@ def make_corrector(input_names: list[str], c: Calibration | None = None, *, stat
     of ``SᵀE``, ``G = SSᵀ``), and the norms put back into ``B``. ``rank`` 0 only measures.
     Returns ``(Factors | None, {"werr_before": [...], "werr_after": [...]})`` — per member the
     relative whitened error ``‖X·E_i‖/‖X·W_i‖`` before and after the correction, and the Gram.
-    ``stats``: ready statistics ``{input name: ActStats}`` instead of calibrating on ``c``.
+    ``stats``: ready statistics ``{input name: ActStats}`` instead of calibrating on ``c``
+    (``input_names`` in the order the pass corrects them, ``widths`` their widths: statistics
+    computed a slice at a time, see :func:`statistics`).
     ``rescaled``: ``{input name: s}`` for inputs a smoothing pass divided by ``s`` (read when the
     corrector runs): their Gram becomes ``diag(s)⁻¹ G diag(s)⁻¹``."""
     import numpy as np
@@ -324,7 +344,7 @@ def make_corrector(input_names: list[str], c: Calibration | None = None, *, stat
     from lrc.quantmath import correction_factors, whitened_norm2, whitened_spectrum
 
     if stats is None:
-        stats = statistics(c, sorted(set(input_names)))
+        stats = statistics(c, list(input_names), widths=widths)
 
     def setup(targets, w_cat):
         """``(stats, G, member slices, ‖X·W_i‖)`` of one group (G rescaled after smoothing;
@@ -347,10 +367,10 @@ def make_corrector(input_names: list[str], c: Calibration | None = None, *, stat
             return None, {"werr_before": before, "gram": None if st is None else g}
         scaled = np.concatenate([e_cat[:, p] / n for p, n in zip(parts, norms)], axis=1)
         f = correction_factors(scaled, g, rank)
+        del scaled
         for p, n in zip(parts, norms):
             f.b[:, p] *= n
-        ab = f.a.astype(np.float64) @ f.b.astype(np.float64)
-        after = [np.sqrt(whitened_norm2(e_cat[:, p] - ab[:, p], g)) / n
+        after = [np.sqrt(whitened_norm2(e_cat[:, p], g, minus=(f.a, f.b[:, p]))) / n
                  for p, n in zip(parts, norms)]
         f.method = "whitened-correction" if st is not None else "svd-correction"
         return f, {"werr_before": before, "werr_after": after,

@@ -312,9 +312,11 @@ def _quant_passes(model_or_path, model: ir.Model, path: Path | None, spec: Quant
             info = {"method": "plain SVD of the quantisation error (--method svd)"}
     elif spec.any_rank or config.smooth or sequential:
         targets, _ = quant_targets(model, select)
-        names = sorted({t.node.inputs[0].name for t in targets})
+        names = list(dict.fromkeys(t.node.inputs[0].name for t in targets))  # graph order
+        widths = {t.node.inputs[0].name: t.shape[0] for t in targets}
         c = _calibration(model_or_path, model, path, "correction", config, calib_progress)
-        stats = methods.statistics(c, names) if config.smooth or not sequential else None
+        stats = (methods.statistics(c, names, widths=widths)
+                 if config.smooth or not sequential else None)
         if config.smooth:
             import numpy as np
 

@@ -128,11 +128,26 @@ def quantize_columns(w: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.nda
     return q, scale
 
 
-def whitened_norm2(m: np.ndarray, xtx: np.ndarray) -> float:
+COLUMNS = 4096  # column block of the float64 products below: an lm_head is 49152 wide
+
+
+def _blocks(n: int):
+    for j in range(0, n, COLUMNS):
+        yield slice(j, min(n, j + COLUMNS))
+
+
+def whitened_norm2(m: np.ndarray, xtx: np.ndarray, minus=None) -> float:
     """``‖X·M‖_F² = tr(Mᵀ G M)`` from the Gram matrix ``G = XᵀX`` (never below 0: a Gram
-    summed in float32 may be a hair indefinite)."""
-    m64 = np.asarray(m, dtype=np.float64)
-    return max(float(np.sum((np.asarray(xtx, dtype=np.float64) @ m64) * m64)), 0.0)
+    summed in float32 may be a hair indefinite). ``minus=(A, B)``: of ``M - A·B``. Computed
+    ``COLUMNS`` columns at a time, so no float64 copy of a wide matrix is made."""
+    g = np.asarray(xtx, dtype=np.float64)
+    total = 0.0
+    for sl in _blocks(m.shape[1]):
+        m64 = np.asarray(m[:, sl], dtype=np.float64)
+        if minus is not None:
+            m64 = m64 - np.asarray(minus[0], np.float64) @ np.asarray(minus[1][:, sl], np.float64)
+        total += float(np.sum((g @ m64) * m64))
+    return max(total, 0.0)
 
 
 def whitened_error(w: np.ndarray, w_hat: np.ndarray, xtx: np.ndarray) -> float:
@@ -140,8 +155,12 @@ def whitened_error(w: np.ndarray, w_hat: np.ndarray, xtx: np.ndarray) -> float:
     total = whitened_norm2(w, xtx)
     if total <= 0:
         return 0.0
-    diff = np.asarray(w, dtype=np.float64) - np.asarray(w_hat, dtype=np.float64)
-    return float(np.sqrt(max(whitened_norm2(diff, xtx), 0.0) / total))
+    g = np.asarray(xtx, dtype=np.float64)
+    err = 0.0
+    for sl in _blocks(w.shape[1]):
+        diff = np.asarray(w[:, sl], dtype=np.float64) - np.asarray(w_hat[:, sl], dtype=np.float64)
+        err += float(np.sum((g @ diff) * diff))
+    return float(np.sqrt(max(err, 0.0) / total))
 
 
 def correction_factors(e: np.ndarray, xtx: np.ndarray, rank: int) -> Factors:
@@ -152,22 +171,45 @@ def correction_factors(e: np.ndarray, xtx: np.ndarray, rank: int) -> Factors:
     of the smaller of ``MMᵀ`` / ``MᵀM`` (one BLAS-3 product and a small symmetric
     eigenproblem) instead of a full SVD: an lm_head's error is 576 x 49152 and only the top
     ``r`` directions are kept, whose accuracy squaring the matrix does not hurt."""
-    e64 = np.asarray(e, dtype=np.float64)
     s = cholesky_damped(xtx)
-    m = s.T @ e64
-    k, n = m.shape
+    k, n = e.shape
     r = max(1, min(rank, k, n))
-    if k <= n:
-        lam, u = np.linalg.eigh(m @ m.T)
+    if k <= n:  # wide (a head): M's columns a block at a time, never all of it in float64
+        mmt = np.zeros((k, k))
+        total = e_tot = 0.0
+        for sl in _blocks(n):
+            e64 = np.asarray(e[:, sl], dtype=np.float64)
+            m = s.T @ e64
+            mmt += m @ m.T
+            total += float(np.sum(m * m))
+            e_tot += float(np.sum(e64 * e64))
+        lam, u = np.linalg.eigh(mmt)
         lam, u = lam[::-1][:r], u[:, ::-1][:, :r]
         sig = np.sqrt(np.maximum(lam, 0.0))
-        vt = (u.T @ m) / np.where(sig > 0, sig, 1.0)[:, None]
-    else:
-        lam, v = np.linalg.eigh(m.T @ m)
-        lam, v = lam[::-1][:r], v[:, ::-1][:, :r]
-        sig = np.sqrt(np.maximum(lam, 0.0))
-        u = (m @ v) / np.where(sig > 0, sig, 1.0)[None, :]
-        vt = v.T
+        vt = np.empty((r, n))
+        for sl in _blocks(n):
+            vt[:, sl] = (u.T @ (s.T @ np.asarray(e[:, sl], dtype=np.float64))) \
+                / np.where(sig > 0, sig, 1.0)[:, None]
+        root = np.sqrt(sig)
+        a = solve_lower_t(s, u * root)
+        b = root[:, None] * vt
+        del vt
+        left = 0.0
+        for sl in _blocks(n):
+            d = np.asarray(e[:, sl], dtype=np.float64) - a @ b[:, sl]
+            left += float(np.sum(d * d))
+        kept = float(np.sum(sig ** 2))
+        rel = float(np.sqrt(left / e_tot)) if e_tot > 0 else 0.0
+        return Factors(a.astype(np.float32), b.astype(np.float32), r,
+                       min(1.0, kept / total) if total > 0 else 1.0, rel, "whitened-correction",
+                       output_energy=min(1.0, kept / total) if total > 0 else 1.0)
+    e64 = np.asarray(e, dtype=np.float64)  # tall: n < k, small
+    m = s.T @ e64
+    lam, v = np.linalg.eigh(m.T @ m)
+    lam, v = lam[::-1][:r], v[:, ::-1][:, :r]
+    sig = np.sqrt(np.maximum(lam, 0.0))
+    u = (m @ v) / np.where(sig > 0, sig, 1.0)[None, :]
+    vt = v.T
     root = np.sqrt(sig)
     a = solve_lower_t(s, u * root)
     b = root[:, None] * vt

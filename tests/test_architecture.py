@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1] / "lrc"
 
 # lowest first; a module may import from its own layer or any layer before it
 LAYERS = [
-    ("foundations", ["lrc.errors", "lrc.factorize", "lrc.quantmath", "lrc.data"]),
+    ("foundations", ["lrc.errors", "lrc.factorize", "lrc.quantmath", "lrc.data", "lrc.sysmem"]),
     ("graph", ["lrc.graph"]),
     ("export", ["lrc.exporters"]),
     ("runtime", ["lrc.runtime"]),

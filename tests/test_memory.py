@@ -261,3 +261,170 @@ def test_spill_folders_of_dead_processes_are_swept(chain, spill_all, tmp_path, m
     m = M.load(chain)
     assert _spill_dir(m).parent == tmp_path
     assert not stale.exists() and mine.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# New weights on disk (Store), sliced statistics, the update's memory
+# --------------------------------------------------------------------------------------------
+
+
+def _npz_batches(folder, n=3, d=64):
+    folder.mkdir()
+    for i in range(n):
+        np.savez(folder / f"b{i}.npz", **_feeds(d=d, seed=10 + i))
+    return folder
+
+
+def _compress(src, out, **kw):
+    from lrc.pipeline import CompressConfig, compress_model
+
+    model, report = compress_model(src, CompressConfig(**kw))
+    M.save(model, out)
+    return model, report
+
+
+def test_new_factors_wait_on_disk_and_write_the_same_file(chain, tmp_path, monkeypatch):
+    """A loaded model's factors go to its Store as they are made (DiskTensors), the written
+    file is byte for byte the one an in-memory run writes, single file, and the store's folder
+    goes with the model."""
+    monkeypatch.setattr(M, "STORE_MIN_BYTES", 0)
+    model, _ = _compress(chain, tmp_path / "disk.onnx", ratio=0.5, method="svd")
+    stored = [v.const_value for v in model.graph.initializers.values()
+              if M.is_stored(v.const_value)]
+    assert len(stored) >= 6 and all(isinstance(t, M.DiskTensor) for t in stored)
+    folder = model.graph.meta["lrc.store"].dir
+    assert (folder / M.STORE_DATA).is_file()
+    assert all(t.offset % 4096 == 0 and t.raw is None for t in stored)  # read on use only
+    assert not (tmp_path / "disk.onnx.data").exists()  # stored tensors are not "external"
+    monkeypatch.setattr(M, "STORE_MIN_BYTES", 1 << 60)  # nothing stored: all in memory
+    mem, _ = _compress(chain, tmp_path / "mem.onnx", ratio=0.5, method="svd")
+    assert not any(M.is_stored(v.const_value) for v in mem.graph.initializers.values())
+    assert (tmp_path / "disk.onnx").read_bytes() == (tmp_path / "mem.onnx").read_bytes()
+    del model, stored
+    gc.collect()
+    assert not folder.exists()
+
+
+def test_update_factors_kept_on_disk_give_the_same_model(chain, tmp_path, monkeypatch):
+    """The update keeps each unit's factors in the Store until the pass writes them, and
+    releases each rewrite once its segment is built: the same file as with all in memory."""
+    batches = _npz_batches(tmp_path / "in")
+    kw = dict(ratio=0.5, method="svd-llm", update=True, calib_inputs=[batches],
+              dense_edges=False)
+    monkeypatch.setattr(M, "STORE_MIN_BYTES", 0)
+    model, report = _compress(chain, tmp_path / "disk.onnx", **kw)
+    assert report["method"] == "svd-llm+update" and "fallback" not in report["calibration"]
+    monkeypatch.setattr(M, "STORE_MIN_BYTES", 1 << 60)
+    _compress(chain, tmp_path / "mem.onnx", **kw)
+    assert (tmp_path / "disk.onnx").read_bytes() == (tmp_path / "mem.onnx").read_bytes()
+
+
+def test_segments_inline_stored_weights(chain, monkeypatch):
+    """A graph handed to ONNX Runtime never points at a store's file (the session reads the
+    model's own folder): cut segments and calibration bytes carry those weights inline."""
+    from lrc.calibration.stats import _serialized
+    from lrc.graph.expose import cut_segment, layout
+
+    monkeypatch.setattr(M, "STORE_MIN_BYTES", 0)
+    m = M.load(chain)
+    v = m.graph.initializers["model.layers.0.mlp.up_proj.weight"]
+    w = v.const_value.numpy()
+    v.const_value = M.new_tensor(m.graph, w * 2, v.name)
+    assert M.is_stored(v.const_value)
+    proto = onnx.ModelProto.FromString(_serialized(m))
+    t = {i.name: i for i in proto.graph.initializer}[v.name]
+    assert t.data_location == onnx.TensorProto.DEFAULT
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), w * 2)
+    lay = layout(m.graph)
+    seg = cut_segment(m, lay, 0, len(lay.nodes), list(m.graph.outputs), {"x": np.float32})
+    t = {i.name: i for i in seg.proto.graph.initializer}[v.name]
+    assert t.data_location == onnx.TensorProto.DEFAULT and not t.external_data
+
+
+def test_statistics_in_slices_are_the_statistics(chain, tmp_path, monkeypatch):
+    """Past the Gram budget, statistics are computed a slice of the inputs at a time (one pass
+    each, in the order they are read) and the factors are those of one pass."""
+    from lrc.calibration import stats as S
+
+    assert S.slices(["a", "b", "c", "d"], {"a": 4, "b": 4, "c": 8, "d": 2}, 300) == \
+        [["a", "b"], ["c"], ["d"]]  # 128 + 128 bytes fit 300; c's 512 alone; a run of one
+    batches = _npz_batches(tmp_path / "in")
+    kw = dict(ratio=0.5, method="svd-llm", update=False, calib_inputs=[batches])
+    _compress(chain, tmp_path / "one.onnx", **kw)
+    computed = []
+    real = S.collect_stats
+    monkeypatch.setattr(S, "collect_stats", lambda m, names, *a, **k:
+                        computed.append(list(names)) or real(m, names, *a, **k))
+    monkeypatch.setenv("LRC_GRAM_MB", str(64 * 64 * 8 / 1024**2))  # one 64-wide Gram per slice
+    _, report = _compress(chain, tmp_path / "sliced.onnx", **kw)
+    assert len(computed) >= 2 and all(len(p) == 1 for p in computed)
+    assert len({n for p in computed for n in p}) == len(computed)  # each slice computed once
+    np.testing.assert_allclose(run(str(tmp_path / "sliced.onnx"), _feeds())[0],
+                               run(str(tmp_path / "one.onnx"), _feeds())[0], rtol=1e-5, atol=1e-6)
+
+
+def test_sliced_statistics_read_out_of_order_recompute():
+    from lrc.calibration.stats import SlicedStats
+
+    calls = []
+
+    def compute(part):
+        calls.append(tuple(part))
+        return {n: f"stats of {n}" for n in part}
+
+    s = SlicedStats(compute, [["a", "b"], ["c"]])
+    assert s["a"] == "stats of a" and s["b"] == "stats of b" and s["c"] == "stats of c"
+    assert calls == [("a", "b"), ("c",)] and s.passes == 2
+    assert s.get("zzz") is None and len(s) == 3 and set(s) == {"a", "b", "c"}
+    assert s["a"] == "stats of a" and s.passes == 3  # back to the first slice: computed again
+
+
+def test_bad_gram_budget_is_one_line(monkeypatch):
+    from lrc.calibration.stats import gram_budget
+
+    monkeypatch.setenv("LRC_GRAM_MB", "lots")
+    with pytest.raises(LrcError, match="LRC_GRAM_MB"):
+        gram_budget()
+
+
+def test_data_release_drops_cached_corpora():
+    pytest.importorskip("gensim")
+    from lrc import data
+
+    data.calibration_texts(n_tokens=2000)
+    assert data._eval_ngrams.cache_info().currsize == 1
+    data.release()
+    assert data._eval_ngrams.cache_info().currsize == 0
+    assert data.calibration_texts(n_tokens=2000)  # read again on the next call
+
+
+def test_prefer_mmap_is_harmless():
+    from lrc.sysmem import prefer_mmap, trim
+
+    assert isinstance(prefer_mmap(), bool)
+    trim()
+    assert np.ones(1 << 20).sum() == 1 << 20
+
+
+def test_wide_correction_by_column_blocks_is_the_same(monkeypatch):
+    """A head's correction (and the whitened norms around it) is computed a block of columns
+    at a time: the same factors and errors as in one piece."""
+    from lrc import quantmath as Q
+
+    r = np.random.default_rng(0)
+    x = r.standard_normal((200, 24))
+    g = x.T @ x
+    e = r.standard_normal((24, 300)).astype(np.float32)
+    want = Q.correction_factors(e, g, 5)
+    w_norm, w_err = Q.whitened_norm2(e, g), Q.whitened_error(e, e * 0.9, g)
+    w_left = Q.whitened_norm2(e, g, minus=(want.a, want.b))
+    monkeypatch.setattr(Q, "COLUMNS", 7)
+    got = Q.correction_factors(e, g, 5)
+    np.testing.assert_allclose(got.a @ got.b, want.a @ want.b, rtol=1e-4, atol=1e-5)
+    assert got.rel_error == pytest.approx(want.rel_error, rel=1e-9)
+    assert got.energy == pytest.approx(want.energy, rel=1e-9)
+    assert Q.whitened_norm2(e, g) == pytest.approx(w_norm, rel=1e-12)
+    assert Q.whitened_error(e, e * 0.9, g) == pytest.approx(w_err, rel=1e-12)
+    assert Q.whitened_norm2(e, g, minus=(want.a, want.b)) == pytest.approx(w_left, rel=1e-9)
+    d = e.astype(np.float64) - want.a.astype(np.float64) @ want.b.astype(np.float64)
+    assert w_left == pytest.approx(float(np.sum((g @ d) * d)), rel=1e-9)

@@ -177,7 +177,7 @@ class _Segment:
             try:
                 self.session = open_session(seg.proto.SerializeToString(), threads=threads,
                                             inter_op=1 if threads else None,
-                                            optimization="all", path=path,
+                                            optimization="all", path=path, arena=False,
                                             what=" (a segment for the update)")
             except LrcError as e:
                 raise SegmentError(f"{self.where} cannot be loaded as a segment: "
@@ -447,11 +447,14 @@ def run_sequential(model: ir.Model, jobs: list[Job], batches: Iterable, *, model
             nxt = cuts[si + 1].cut
             wanted = lay.crossing(nxt)
             wnames = [v.name for v in wanted]
-            here = {id(n): rewrites[id(n)] for n in lay.nodes[stage.cut:nxt] if id(n) in rewrites}
+            # each node lies in one segment: its rewrite is not needed once that one is built
+            here = {id(n): rewrites.pop(id(n)) for n in lay.nodes[stage.cut:nxt]
+                    if id(n) in rewrites}
             seg_o = _Segment(model, lay, stage.cut, nxt, wanted, dtypes, threads=threads,
                              path=model_path)
             seg_c = _Segment(model, lay, stage.cut, nxt, wanted, dtypes, rewrites=here,
                              threads=threads, path=model_path)
+            del here
             st.segments_nodes += seg_o.n_nodes
             t0 = time.perf_counter()
             for i in range(len(feeds)):
@@ -498,7 +501,8 @@ def sequential_factors(model: ir.Model, policy: Policy, batches: Iterable, *,
 
         def solve(c, m, e, shift, u=u):
             f_raw = joint_factor(u.weight(), c, m, u.rank, damp=damp, e=e)
-            factors[u.key()] = f_raw  # what LowRankPass's factoriser returns (it unscales)
+            # what LowRankPass's factoriser returns (it unscales), on disk until then
+            factors[u.key()] = _kept(model, f_raw, u.key())
             f = u.unscale(f_raw)
             mine = {id(it[0].node) for it in u.items}
             for it in u.items:
@@ -520,6 +524,21 @@ def sequential_factors(model: ir.Model, policy: Policy, batches: Iterable, *,
                    threads=threads, progress=progress, precision=precision, residual=residual,
                    st=st)
     return factors, st
+
+
+def _kept(model: ir.Model, f: Factors, key: tuple) -> Factors:
+    """``f`` with its arrays in the model's :class:`~lrc.graph.model.Store` (when lrc loaded
+    it from a file): the factors of every projection wait there, not in memory, for the pass
+    that writes them (:func:`lookup_factorizer` reads them back one unit at a time)."""
+    import dataclasses
+
+    from lrc.graph.model import Store
+
+    store = model.graph.meta.get("lrc.store")
+    if not isinstance(store, Store):
+        return f
+    name = "/".join(str(k) for k in key)
+    return dataclasses.replace(f, a=store.put(f.a, name + "/A"), b=store.put(f.b, name + "/B"))
 
 
 def sequential_quant(model: ir.Model, qpass, grams: dict, batches: Iterable, *,
@@ -609,11 +628,15 @@ def lookup_factorizer(factors: dict[tuple, Factors], fallback=None):
     """A LowRankPass factoriser returning precomputed factors (``fallback`` for others)."""
 
     def factor(t: Target, w: np.ndarray, rank: int) -> Factors:
+        import dataclasses
+
         f = factors.get((*t.weight_key, rank))
         if f is None:
             if fallback is None:
                 raise LrcError(f"no precomputed factors for {t.name} at rank {rank}")
             return fallback(t, w, rank)
+        if not isinstance(f.a, np.ndarray):  # kept on disk (_kept): read back
+            f = dataclasses.replace(f, a=np.asarray(f.a), b=np.asarray(f.b))
         return f
 
     return factor

@@ -36,7 +36,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +55,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ActStats",
+    "GRAM_BUDGET",
     "Gram",
+    "SlicedStats",
     "cache_dir_default",
     "cached_stats",
     "collect_stats",
@@ -63,6 +65,7 @@ __all__ = [
     "model_fingerprint",
     "row_mask",
     "save_stats",
+    "slices",
     "stats_cache_key",
 ]
 
@@ -285,6 +288,76 @@ def row_mask(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
 
 
 # --------------------------------------------------------------------------------------------
+# Slices: statistics of many inputs in bounded memory
+# --------------------------------------------------------------------------------------------
+
+GRAM_BUDGET = 160 * 1024**2  # float64 Gram bytes held at once (LRC_GRAM_MB overrides)
+
+
+def gram_budget() -> int:
+    env = os.environ.get("LRC_GRAM_MB")
+    try:
+        return int(float(env) * 1024**2) if env else GRAM_BUDGET
+    except ValueError:
+        raise LrcError(f"LRC_GRAM_MB must be a number of megabytes, not {env!r}") from None
+
+
+def slices(names: Sequence[str], widths: dict[str, int], budget: int) -> list[list[str]]:
+    """``names`` (in the order they will be used) cut into consecutive runs whose float64
+    Grams (``d² x 8`` bytes each) fit ``budget``; a run holds one name at least."""
+    out: list[list[str]] = []
+    used = 0
+    for n in dict.fromkeys(names):
+        size = widths.get(n, 0) ** 2 * 8
+        if not out or used + size > budget:
+            out.append([])
+            used = 0
+        out[-1].append(n)
+        used += size
+    return out
+
+
+class SlicedStats(Mapping):
+    """``{name: ActStats}`` computed a slice at a time: asking for a name of another slice
+    drops the statistics held and computes (or loads from the cache) that slice's —
+    ``compute(names)`` is one ONNX Runtime pass over the calibration data, pruned after the
+    slice's last input. Read in the order of ``slices`` (graph order), every slice is computed
+    once and memory holds one slice's Grams: SmolLM2's 805 MB of float64 Grams become five
+    passes of at most ``GRAM_BUDGET`` each. ``passes`` counts the computations."""
+
+    def __init__(self, compute: Callable[[list[str]], dict], parts: list[list[str]]):
+        self._compute = compute
+        self._parts = parts
+        self._where = {n: i for i, p in enumerate(parts) for n in p}
+        self._cur = -1
+        self._held: dict = {}
+        self.passes = 0
+
+    def __getitem__(self, name: str) -> ActStats:
+        i = self._where[name]  # KeyError: not calibrated (the caller's .get gives None)
+        if i != self._cur:
+            self._held, self._cur = {}, -1  # release before computing the next
+            from lrc.sysmem import trim
+
+            trim()
+            self._held = self._compute(self._parts[i])
+            self._cur = i
+            self.passes += 1
+            if self.passes > len(self._parts):
+                log.info("calibration slice %d computed again (statistics read out of order)", i)
+        return self._held[name]
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def release(self) -> None:
+        self._held, self._cur = {}, -1
+
+
+# --------------------------------------------------------------------------------------------
 # Collection
 # --------------------------------------------------------------------------------------------
 
@@ -309,7 +382,11 @@ def _serialized(model) -> bytes:
     if isinstance(model, (bytes, bytearray)):
         return bytes(model)
     if isinstance(model, ir.Model):
-        return ir.serde.serialize_model(model).SerializeToString()
+        from lrc.graph.model import inline_stored
+
+        proto = ir.serde.serialize_model(model)
+        inline_stored(proto, model)  # new weights a pass kept in a temporary file
+        return proto.SerializeToString()
     return model.SerializeToString()
 
 
@@ -372,7 +449,8 @@ def collect_stats(
     data = proto.SerializeToString()
     del proto
     sess = open_session(data, threads=threads, inter_op=1 if threads else None,
-                        optimization="all", path=path, what=" for calibration") if fetch else None
+                        optimization="all", path=path, arena=False,
+                        what=" for calibration") if fetch else None
     del data
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     for i, batch in enumerate(batches):

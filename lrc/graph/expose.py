@@ -17,6 +17,7 @@ import onnx_ir as ir
 from onnx import helper
 
 from lrc.errors import LrcError
+from lrc.graph.model import is_stored
 
 __all__ = ["Layout", "Segment", "cut_segment", "expose", "layout", "node_reads", "value_reads"]
 
@@ -249,7 +250,10 @@ def cut_segment(model: ir.Model, lay: Layout, start: int, stop: int, wanted: Seq
     init_protos = []
     for name, v in inits.items():
         if name in used:
-            tp = ir.serde.serialize_tensor(v.const_value)
+            if is_stored(v.const_value):  # a pass's new weight in a temporary file: inline
+                tp = onnx.numpy_helper.from_array(v.const_value.numpy(), name)
+            else:
+                tp = ir.serde.serialize_tensor(v.const_value)
             tp.name = name
             init_protos.append(tp)
     init_protos.extend(extra_inits)

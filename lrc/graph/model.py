@@ -530,6 +530,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     ir.external_data.set_base_dir(model.graph, str(base))
     _read_on_use(model)
     model.meta["lrc.source_path"] = str(p)
+    model.graph.meta["lrc.store"] = Store()  # new weights of passes go to disk (new_tensor)
     if sp is not None:
         model.meta["lrc.spill"] = sp  # keeps the folder alive as long as the model
     return model
@@ -576,6 +577,89 @@ class DiskTensor(ir.ExternalTensor):
         finally:
             if not mapped:
                 self.release()
+
+
+STORE_DATA = "lrc-store.data"  # the data file's name inside a store folder
+STORE_MIN_BYTES = 1 << 18  # smaller new tensors stay in memory
+
+
+class Store:
+    """Where the new tensors of a model lrc loaded from a file live until it is written: the
+    factors, codes and corrections a pass makes are appended (page-aligned) to one data file in
+    a temporary folder and handed back as :class:`DiskTensor` s, read at each use. So a pass
+    over every projection of a model holds one unit's arrays at a time, not the new weights of
+    the whole model. The folder is made on the first tensor and removed with the model (at the
+    latest at exit; a killed run's by the next run, like a spill folder)."""
+
+    def __init__(self):
+        self.dir: Path | None = None
+        self.size = 0
+        self._finalizer = None
+
+    def put(self, arr: np.ndarray, name: str) -> DiskTensor:
+        import weakref
+
+        arr = np.ascontiguousarray(arr)
+        if self.dir is None:
+            _sweep_stale()
+            try:
+                self.dir = Path(tempfile.mkdtemp(prefix=f"lrc-weights-{os.getpid()}-"))
+            except OSError as e:
+                raise LrcError(f"could not make a temporary folder for the new weights "
+                               f"({e.strerror or e}); set TMPDIR to a folder with room")
+            self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
+        offset, n = self.size, arr.nbytes
+        pad = (-(offset + n)) % _ALIGN
+        try:
+            with open(self.dir / STORE_DATA, "ab") as f:
+                f.write(arr.reshape(-1).view(np.uint8).data if n else b"")
+                f.write(b"\0" * pad)
+        except OSError as e:
+            raise LrcError(f"could not write new weights to {self.dir} ({e.strerror or e}); "
+                           "set TMPDIR to a folder with room")
+        self.size = offset + n + pad
+        return DiskTensor(STORE_DATA, offset, n, ir.DataType.from_numpy(arr.dtype),
+                          shape=ir.Shape(arr.shape), name=name, base_dir=str(self.dir))
+
+    def holds(self, t) -> bool:
+        """Is ``t`` a tensor of this store?"""
+        return (self.dir is not None and isinstance(t, ir.ExternalTensor)
+                and Path(t.base_dir) == self.dir)
+
+    def remove(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+
+
+def new_tensor(graph: ir.Graph, arr: np.ndarray, name: str):
+    """A tensor of ``arr`` for a new initializer of ``graph``: kept in the :class:`Store` of a
+    model lrc loaded from a file (``load``), when it is not small; in memory otherwise."""
+    store = graph.meta.get("lrc.store")
+    if isinstance(store, Store) and np.asarray(arr).nbytes >= STORE_MIN_BYTES:
+        return store.put(arr, name)
+    return ir.tensor(np.ascontiguousarray(arr), name=name)
+
+
+def is_stored(t) -> bool:
+    """Is ``t`` a tensor kept in some model's :class:`Store` (a temporary file no session built
+    from the model's own folder can see: inline it when a graph is handed to a runtime)?"""
+    return (isinstance(t, ir.ExternalTensor) and t.location == STORE_DATA
+            and Path(t.base_dir or ".").name.startswith("lrc-weights-"))
+
+
+def inline_stored(proto: onnx.ModelProto, model: ir.Model) -> None:
+    """Replace, in ``proto`` (serialized from ``model``), the references to ``model``'s stored
+    tensors by their bytes."""
+    stored = {n: v.const_value for g in model.graphs() for n, v in g.initializers.items()
+              if is_stored(v.const_value)}
+    if not stored:
+        return
+    for t in all_tensors(proto.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL and t.name in stored:
+            src = stored[t.name]
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+            t.raw_data = src.tobytes()
 
 
 def _read_on_use(model: ir.Model) -> None:
@@ -684,7 +768,7 @@ def _own_external(model: ir.Model) -> bool:
     sp = spilled(model)
     for v in model.graph.initializers.values():
         t = v.const_value
-        if isinstance(t, ir.ExternalTensor):
+        if isinstance(t, ir.ExternalTensor) and not is_stored(t):
             if sp is None or Path(t.base_dir).resolve() != sp.dir.resolve():
                 return True
     return False

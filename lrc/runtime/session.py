@@ -51,11 +51,14 @@ def numpy_dtype(ort_type: str, default=np.float32) -> np.dtype:
 def options(threads: int | None = None, *, inter_op: int | None = None,
             optimization: str | None = None, profile_prefix: str | None = None,
             external_folder: str | os.PathLike | None = None, log_severity: int | None = None,
-            prepack: bool = True):
+            prepack: bool = True, arena: bool = True):
     """``SessionOptions`` with spinning off. ``optimization``: None (ORT's default, all),
     "disable", "basic", "extended" or "all". ``prepack=False``: weights are not copied into
     ORT's packed layouts (a session that is only loaded, never timed, then keeps memory-mapped
-    external weights mapped instead of holding a second copy)."""
+    external weights mapped instead of holding a second copy). ``arena=False``: no CPU memory
+    arena (each tensor malloc'd and freed; for sessions that run a few batches and are closed,
+    like calibration's and the update's segments: an arena per session kept ~500 MB resident
+    over SmolLM2's update, benchmarks/memory.py)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -77,6 +80,9 @@ def options(threads: int | None = None, *, inter_op: int | None = None,
         2 if os.environ.get("LRC_DEBUG") else 4)
     if not prepack:
         so.add_session_config_entry("session.disable_prepacking", "1")
+    if not arena:
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = str(profile_prefix)
@@ -91,7 +97,7 @@ def open_session(model, *, threads: int | None = None, provider: str = "cpu",
                  inter_op: int | None = None, optimization: str | None = None,
                  profile_prefix: str | None = None, log_severity: int | None = None,
                  path: str | os.PathLike | None = None, strict: bool = False, what: str = "",
-                 prepack: bool = True):
+                 prepack: bool = True, arena: bool = True):
     """An ``onnxruntime.InferenceSession`` for ``model``: a .onnx file or a model folder, the
     serialized bytes of a model, or an ``onnx.ModelProto``. ``path`` names the file bytes came
     from (external data and config.json are found beside it). The session remembers its file as
@@ -114,7 +120,7 @@ def open_session(model, *, threads: int | None = None, provider: str = "cpu",
         external = external_folder(path)  # beside the file, or where its weights were spilled
     so = options(threads, inter_op=inter_op, optimization=optimization,
                  profile_prefix=profile_prefix, external_folder=external,
-                 log_severity=log_severity, prepack=prepack)
+                 log_severity=log_severity, prepack=prepack, arena=arena)
     prov = lookup(provider).name
     providers = [prov] if prov == "CPUExecutionProvider" else [prov, "CPUExecutionProvider"]
     label = str(path) if path is not None else "the model"

@@ -39,6 +39,7 @@ from lrc.factorize import Factors, factorize
 from lrc.graph.locate import FACTOR_META, Target
 from lrc.graph.plan import Plan, Unit, make_plan
 from lrc.graph.policy import Policy
+from lrc.graph.model import new_tensor
 
 Factorizer = Callable[[Target, np.ndarray, int], Factors]
 Progress = Callable[[int, int, str], None]
@@ -300,9 +301,10 @@ def _drop_if_unused(graph: ir.Graph, weight: ir.Value) -> None:
 
 
 def add_initializer(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
-    """Register ``arr`` as a new initializer under a name no value of ``graph`` has."""
+    """Register ``arr`` as a new initializer under a name no value of ``graph`` has (kept on
+    disk until the model is written when lrc loaded the model: :func:`lrc.graph.model.new_tensor`)."""
     name = unique_name(graph, name)
-    v = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(arr), name=name))
+    v = ir.Value(name=name, const_value=new_tensor(graph, arr, name))
     v.shape = ir.Shape(arr.shape)
     v.dtype = v.const_value.dtype
     graph.register_initializer(v)
