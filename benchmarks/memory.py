@@ -53,13 +53,14 @@ MB = 1e6
 
 # (key, label, lrc compress arguments). Edit here.
 CONFIGS: list[tuple[str, str, list[str]]] = [
+    ("default", "the default (auto: SVD-LLM + update, recipe best), ratio 0.8", ["--ratio", "0.8"]),
+    ("svd-llm", "one-shot SVD-LLM (whitened by calibration), ratio 0.8",
+     ["--ratio", "0.8", "--method", "svd-llm", "--no-update"]),
     ("svd", "plain SVD, ratio 0.5", ["--ratio", "0.5", "--method", "svd"]),
-    ("svd-llm", "SVD-LLM (whitened by calibration), ratio 0.8",
-     ["--ratio", "0.8", "--method", "svd-llm"]),
     ("int4-c32", "int4 + rank-32 whitened correction", ["--quantize", "int4", "--correct-rank", "32"]),
     ("int8", "int8 (DynamicQuantizeMatMul)", ["--quantize", "int8"]),
 ]
-DATA_AWARE = {"svd-llm", "int4-c32"}  # the configurations that calibrate (--calib-tokens)
+DATA_AWARE = {"default", "svd-llm", "int4-c32"}  # the configurations that calibrate
 LARGE_CONFIGS: list[tuple[str, str, list[str]]] = [
     ("large-svd", "plain SVD, rank 64", ["--rank", "64", "--method", "svd"]),
     ("large-int4", "int4 (no correction)", ["--quantize", "int4"]),

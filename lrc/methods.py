@@ -144,23 +144,55 @@ def statistics(c: Calibration, names: list[str], *, widths: dict[str, int] | Non
     calibration text, cached on disk): ``{name: ActStats}``. With ``widths`` (each input's
     width) and more float64 Grams than :func:`lrc.calibration.stats.gram_budget`, a
     :class:`~lrc.calibration.stats.SlicedStats` computing them a slice of ``names`` (in that
-    order: the order they are read) at a time."""
+    order: the order they are read) at a time. The slices of a model file are gathered by
+    running a fresh load of it segment by segment, resuming where the last slice stopped
+    (:class:`~lrc.calibration.sequential.SegmentStats`: one segment's weights in memory, not
+    the model's), or in one session when the graph cannot be cut. (A model in memory is the
+    one being rewritten: its statistics are all gathered first, in one session.)"""
+    import logging
+
+    from lrc.calibration.sequential import SegmentError, SegmentStats
     from lrc.calibration.stats import SlicedStats, cached_stats, collect_stats, gram_budget, slices
 
     in_memory = isinstance(c.source, ir.Model)
+    runner: list = []
+
+    def collector(part, batches):
+        try:
+            return runner[0](part, batches)
+        except SegmentError as e:
+            logging.getLogger(__name__).info("statistics in one session: %s", e)
+            runner.clear()
+            return collect_stats(c.source if in_memory else str(c.source), part, batches,
+                                 progress=c.progress, **({"path": c.file} if in_memory else {}))
 
     def compute(part: list[str]) -> dict:
+        segmented = collector if runner else None
         if c.inputs is not None:  # files given by the user: not cached
+            if segmented:
+                return segmented(part, c.inputs)
             return collect_stats(c.source if in_memory else str(c.source), part, c.inputs,
                                  progress=c.progress, **({"path": c.file} if in_memory else {}))
         return cached_stats(c.source if in_memory else str(c.source), part, c.texts,
                             n_tokens=c.n_tokens, seq_len=c.seq_len, tokenizer=c.tokenizer,
-                            progress=c.progress, **({"path": c.file} if in_memory else {}))
+                            progress=c.progress, collector=segmented,
+                            **({"path": c.file} if in_memory else {}))
 
     names = list(dict.fromkeys(names))
     if widths:
         parts = slices(names, widths, gram_budget())
-        if len(parts) > 1:
+        if len(parts) > 1 and not in_memory:
+            from lrc.graph.locate import locate
+            from lrc.graph.model import load
+
+            original = load(c.source)  # the graph only: weights stay on disk until a segment
+            readers = {t.node.inputs[0].name: t for t in locate(original)}
+            if set(names) <= set(readers):
+                try:
+                    runner.append(SegmentStats(original, {n: readers[n] for n in names},
+                                               model_path=c.source))
+                except SegmentError as e:
+                    logging.getLogger(__name__).info("statistics in one session: %s", e)
             return SlicedStats(compute, parts)
     return compute(names)
 
@@ -328,7 +360,8 @@ def make_corrector(input_names: list[str], c: Calibration | None = None, *, stat
     closed-form correction of quantisation error (QERA / EoRA / L2QER; :mod:`lrc.quantmath`),
     from the Gram matrices of the quantised projections' inputs ``input_names``.
 
-    ``corrector(targets, W_cat, E_cat, rank)``: the members' errors ``E_i`` (side by side; one
+    ``corrector(targets, W_cat, E_cat, rank)`` (``E_cat`` is scaled in place: pass a
+    temporary): the members' errors ``E_i`` (side by side; one
     input, so one Gram ``G``) are each divided by ``‖X·W_i‖`` so that the joint truncation
     balances relative output errors, factored by :func:`~lrc.factorize.whiten_factor` (the SVD
     of ``SᵀE``, ``G = SSᵀ``), and the norms put back into ``B``. ``rank`` 0 only measures.
@@ -365,13 +398,18 @@ def make_corrector(input_names: list[str], c: Calibration | None = None, *, stat
         before = [np.sqrt(whitened_norm2(e_cat[:, p], g)) / n for p, n in zip(parts, norms)]
         if not rank:
             return None, {"werr_before": before, "gram": None if st is None else g}
-        scaled = np.concatenate([e_cat[:, p] / n for p, n in zip(parts, norms)], axis=1)
+        scaled = e_cat  # scaled in place: the caller's error is not read again
+        if scaled.dtype not in (np.float32, np.float64) or not scaled.flags.writeable:
+            scaled = np.array(scaled, dtype=np.float32)
+        for p, n in zip(parts, norms):
+            scaled[:, p] /= n
         f = correction_factors(scaled, g, rank)
+        # ‖X(E_i - A·B_i)‖ / ‖X·W_i‖, from the scaled error and B before its norms go back
+        after = [np.sqrt(whitened_norm2(scaled[:, p], g, minus=(f.a, f.b[:, p])))
+                 for p in parts]
         del scaled
         for p, n in zip(parts, norms):
             f.b[:, p] *= n
-        after = [np.sqrt(whitened_norm2(e_cat[:, p], g, minus=(f.a, f.b[:, p]))) / n
-                 for p, n in zip(parts, norms)]
         f.method = "whitened-correction" if st is not None else "svd-correction"
         return f, {"werr_before": before, "werr_after": after,
                    "gram": None if st is None else g}

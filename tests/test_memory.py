@@ -342,8 +342,11 @@ def test_segments_inline_stored_weights(chain, monkeypatch):
 
 
 def test_statistics_in_slices_are_the_statistics(chain, tmp_path, monkeypatch):
-    """Past the Gram budget, statistics are computed a slice of the inputs at a time (one pass
-    each, in the order they are read) and the factors are those of one pass."""
+    """Past the Gram budget, statistics are computed a slice of the inputs at a time, in the
+    order they are read: by segments of a fresh load of the file (one walk through the graph,
+    resumed slice after slice), or in one session per slice when the graph cannot be cut; the
+    factors are those of one pass either way."""
+    from lrc.calibration import sequential as Q
     from lrc.calibration import stats as S
 
     assert S.slices(["a", "b", "c", "d"], {"a": 4, "b": 4, "c": 8, "d": 2}, 300) == \
@@ -351,16 +354,37 @@ def test_statistics_in_slices_are_the_statistics(chain, tmp_path, monkeypatch):
     batches = _npz_batches(tmp_path / "in")
     kw = dict(ratio=0.5, method="svd-llm", update=False, calib_inputs=[batches])
     _compress(chain, tmp_path / "one.onnx", **kw)
+    want = run(str(tmp_path / "one.onnx"), _feeds())[0]
+    monkeypatch.setenv("LRC_GRAM_MB", str(64 * 64 * 8 / 1024**2))  # one 64-wide Gram per slice
+    seen, runners = [], []
+    real_call, real_init = Q.SegmentStats.__call__, Q.SegmentStats.__init__
+
+    def call(self, names, b):
+        seen.append(list(names))
+        return real_call(self, names, b)
+
+    monkeypatch.setattr(Q.SegmentStats, "__call__", call)
+    monkeypatch.setattr(Q.SegmentStats, "__init__",
+                        lambda self, *a, **k: runners.append(self) or real_init(self, *a, **k))
+    _compress(chain, tmp_path / "seg.onnx", **kw)
+    assert len(seen) >= 2 and all(len(p) == 1 for p in seen)
+    assert len({n for p in seen for n in p}) == len(seen)  # each slice computed once
+    assert runners[0].passes == 1  # resumed, never restarted from the inputs
+    np.testing.assert_allclose(run(str(tmp_path / "seg.onnx"), _feeds())[0], want,
+                               rtol=1e-5, atol=1e-6)
+    # a graph that cannot be cut: one session per slice
+    def refuse(self, *a, **k):
+        raise Q.SegmentError("cannot cut")
+
+    monkeypatch.setattr(Q.SegmentStats, "__init__", refuse)
     computed = []
     real = S.collect_stats
     monkeypatch.setattr(S, "collect_stats", lambda m, names, *a, **k:
                         computed.append(list(names)) or real(m, names, *a, **k))
-    monkeypatch.setenv("LRC_GRAM_MB", str(64 * 64 * 8 / 1024**2))  # one 64-wide Gram per slice
-    _, report = _compress(chain, tmp_path / "sliced.onnx", **kw)
+    _compress(chain, tmp_path / "sliced.onnx", **kw)
     assert len(computed) >= 2 and all(len(p) == 1 for p in computed)
-    assert len({n for p in computed for n in p}) == len(computed)  # each slice computed once
-    np.testing.assert_allclose(run(str(tmp_path / "sliced.onnx"), _feeds())[0],
-                               run(str(tmp_path / "one.onnx"), _feeds())[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run(str(tmp_path / "sliced.onnx"), _feeds())[0], want,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_sliced_statistics_read_out_of_order_recompute():

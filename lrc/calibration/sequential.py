@@ -83,7 +83,7 @@ from lrc.runtime.session import open_session
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Job", "SegmentError", "Stage", "joint_target", "plan_targets", "run_sequential",
+__all__ = ["Job", "SegmentError", "SegmentStats", "Stage", "joint_target", "plan_targets", "run_sequential",
            "sequential_factors", "sequential_factorizer", "sequential_quant", "sequential_update",
            "stages", "UpdateStats"]
 
@@ -399,8 +399,8 @@ def run_sequential(model: ir.Model, jobs: list[Job], batches: Iterable, *, model
             acc = None
             num = den = 0.0
             for so, sc, m in zip(state_o, state_c, masks):
-                xo = _rows(np.asarray(so[name]), m).astype(work)
-                xc = _rows(np.asarray(sc[name]), m).astype(work)
+                xo = _rows(np.asarray(so[name]), m).astype(work, copy=False)
+                xc = _rows(np.asarray(sc[name]), m).astype(work, copy=False)
                 blk = (np.ascontiguousarray(xc.T) @ np.concatenate([xc, xo], axis=1))
                 blk = blk.astype(np.float64, copy=False)
                 acc = blk if acc is None else acc + blk
@@ -603,6 +603,92 @@ def sequential_quant(model: ir.Model, qpass, grams: dict, batches: Iterable, *,
         st = UpdateStats(fallback=note)
         st.tokens = max((g.n for g in grams.values()), default=0)
         return st
+
+
+class SegmentStats:
+    """Activation statistics (:class:`~lrc.calibration.stats.ActStats`) of projection inputs,
+    gathered by running the graph segment by segment (the stage runner above, original model
+    only) instead of in one session: memory holds one segment's weights and the state at one
+    cut, never the whole model in ONNX Runtime. ``collector(names, batches)`` is called with
+    slices of names in graph order (:class:`~lrc.calibration.stats.SlicedStats`) and resumes
+    where the last call stopped; a name of a stage already passed restarts from the graph's
+    inputs. ``targets``: ``{input name: a Target reading it}``."""
+
+    def __init__(self, model: ir.Model, targets: dict[str, Target], *, model_path=None,
+                 batch_windows: int = 8, threads: int | None = None):
+        self.model = model
+        self.path = model_path if model_path is not None else model.meta.get("lrc.source_path")
+        self.lay = layout(model.graph)
+        self.cuts = stages(self.lay, [(t, 0) for t in targets.values()])
+        self.stage_of = {t.node.inputs[0].name: i for i, s in enumerate(self.cuts)
+                         for t, _ in s.targets}
+        self.batch_windows, self.threads = batch_windows, threads
+        self.feeds: list[dict] | None = None
+        self.states: list[dict] | None = None
+        self.at = -1  # the stage whose cut the states are at
+        self.passes = 0  # how many times the graph was entered from its inputs
+
+    def _start(self, batches) -> None:
+        if self.feeds is None:
+            self.feeds = _batch_feeds(self.model, self.path, batches, self.batch_windows)
+            if not self.feeds:
+                raise LrcError("no calibration batches")
+        self.dtypes: dict[str, np.dtype] = {}
+        for f in self.feeds:
+            for k, v in f.items():
+                self.dtypes.setdefault(k, np.asarray(v).dtype)
+        first = self.cuts[0].cut
+        wanted = self.lay.crossing(first)
+        prefix = _Segment(self.model, self.lay, 0, first, wanted, self.dtypes,
+                          threads=self.threads, path=self.path)
+        states = []
+        for f in self.feeds:
+            s = {v.name: f[v.name] for v in wanted if v.name in f}
+            s.update(prefix.run(f))
+            states.append(s)
+        for k, v in states[0].items():
+            self.dtypes.setdefault(k, np.asarray(v).dtype)
+        self.states, self.at = states, 0
+        self.passes += 1
+
+    def _advance(self) -> None:
+        """States to the next stage's cut."""
+        here, nxt = self.cuts[self.at].cut, self.cuts[self.at + 1].cut
+        wanted = self.lay.crossing(nxt)
+        seg = _Segment(self.model, self.lay, here, nxt, wanted, self.dtypes,
+                       threads=self.threads, path=self.path)
+        for i, s in enumerate(self.states):
+            new = seg.run(s)
+            for k, v in new.items():
+                self.dtypes.setdefault(k, np.asarray(v).dtype)
+            lost = [v.name for v in wanted if v.name not in new and v.name not in s]
+            if lost:
+                raise SegmentError(f"{lost[0]!r}, needed after {seg.where}, is neither "
+                                   f"computed there nor carried from the cut before")
+            self.states[i] = {v.name: (new[v.name] if v.name in new else s[v.name])
+                              for v in wanted}
+        self.at += 1
+
+    def __call__(self, names: Sequence[str], batches) -> dict:
+        from lrc.calibration.stats import Gram, _Accumulator
+
+        unknown = [n for n in names if n not in self.stage_of]
+        if unknown:
+            raise LrcError(f"no projection reads {unknown[0]!r}: cannot gather its statistics "
+                           "by segments")
+        need = sorted({self.stage_of[n] for n in names})
+        if self.states is None or need[0] < self.at:
+            self._start(batches)
+        gram = Gram("float64", self.threads)
+        accs = {n: _Accumulator(n, gram) for n in names}
+        masks = [f.get("attention_mask") for f in self.feeds]
+        for si in need:
+            while self.at < si:
+                self._advance()
+            for n in (n for n in names if self.stage_of[n] == si):
+                for s, m in zip(self.states, masks):
+                    accs[n].add(_rows(np.asarray(s[n]), None if m is None else np.asarray(m)))
+        return {n: a.result() for n, a in accs.items()}
 
 
 def _residual_input(t: Target, state: dict) -> str | None:

@@ -340,7 +340,10 @@ class SlicedStats(Mapping):
             from lrc.sysmem import trim
 
             trim()
-            self._held = self._compute(self._parts[i])
+            try:
+                self._held = self._compute(self._parts[i])
+            except KeyError as e:  # not "no statistics" (Mapping.get would hide it): a bug
+                raise LrcError(f"calibration slice {i} failed: missing {e}") from e
             self._cur = i
             self.passes += 1
             if self.passes > len(self._parts):
@@ -603,8 +606,11 @@ def cached_stats(
     progress: Callable[[int, int | None], None] | None = None,
     precision: str = "float64",
     path: str | os.PathLike | None = None,
+    collector: Callable | None = None,
 ) -> dict[str, ActStats]:
-    """``token_batches`` + ``collect_stats``, cached on disk.
+    """``token_batches`` + ``collect_stats`` (or ``collector(names, batches)``: the same
+    statistics gathered another way, e.g. :class:`lrc.calibration.sequential.SegmentStats`),
+    cached on disk.
 
     ``model`` and ``path`` as for ``collect_stats`` (an in-memory model is serialized once: its
     bytes are both hashed for the key and run). ``tokenizer`` defaults to tokenizer.json beside
@@ -631,8 +637,11 @@ def cached_stats(
                 return {t: stats[t] for t in names}
     t0 = time.perf_counter()
     batches = token_batches(tok, texts, n_tokens=n_tokens, seq_len=seq_len, bos=bos)
-    stats = collect_stats(model, names, batches, threads=threads, progress=progress,
-                          precision=precision, path=path)
+    if collector is not None:
+        stats = collector(names, batches)
+    else:
+        stats = collect_stats(model, names, batches, threads=threads, progress=progress,
+                              precision=precision, path=path)
     source = model if not _in_memory(model) else path
     meta = {
         "model": str(Path(source).resolve()) if source is not None else "in memory",

@@ -592,10 +592,11 @@ class QuantizePass(ir.passes.InPlacePass):
         factor_node = bool(group[0].node.metadata_props.get(FACTOR_META))
         rank = spec.correct_rank
         f, info = None, {}
-        if rank:
-            w_cat = np.concatenate(ws, axis=1)
-            e_cat = w_cat - np.concatenate(hats, axis=1)
-            f, info = self.corrector(group, w_cat, e_cat, rank)
+        if rank:  # (one member: no concatenated copies of a head-sized matrix)
+            w_cat = ws[0] if len(ws) == 1 else np.concatenate(ws, axis=1)
+            e_cat = (ws[0] - hats[0] if len(ws) == 1
+                     else np.concatenate([w - h for w, h in zip(ws, hats)], axis=1))
+            f, info = self.corrector(group, w_cat, e_cat, rank)  # may overwrite e_cat
             del w_cat, e_cat
         elif self.corrector is not None and not factor_node:
             _, info = self.corrector(group, np.concatenate(ws, axis=1),
