@@ -30,7 +30,9 @@ import numpy as np
 
 from lrc.factorize import Factors, cholesky_damped, solve_lower_t
 
-__all__ = ["BlockQuant", "correction_factors", "whitened_spectrum", "dequantize", "quantize_blockwise", "quantize_columns",
+COLUMNS = 4096  # wide matrices (an lm_head: 49152) are processed this many columns at a time
+
+__all__ = ["BlockQuant", "COLUMNS", "columns", "correction_factors", "whitened_spectrum", "dequantize", "quantize_blockwise", "quantize_columns",
            "whitened_error", "whitened_norm2", "valid_block_size"]
 
 
@@ -83,6 +85,12 @@ def quantize_blockwise(w: np.ndarray, bits: int = 4, block_size: int = 32) -> Bl
     if not valid_block_size(block_size):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
     k, n = np.shape(w)
+    if n > COLUMNS:  # columns are independent: a block of them at a time (a head's
+        # temporaries would otherwise be ten float copies of it)
+        parts = [quantize_blockwise(w[:, j:j + COLUMNS], bits, block_size)
+                 for j in range(0, n, COLUMNS)]
+        return BlockQuant(np.concatenate([p.packed for p in parts]),
+                          np.concatenate([p.scales for p in parts]), bits, block_size, k, n)
     q, scale = _codes(w, bits, block_size)
     if bits == 4:
         q = q.reshape(n, q.shape[1], block_size // 2, 2)
@@ -90,6 +98,12 @@ def quantize_blockwise(w: np.ndarray, bits: int = 4, block_size: int = 32) -> Bl
     else:
         packed = q.astype(np.uint8)
     return BlockQuant(packed, scale, bits, block_size, k, n)
+
+
+def columns(bq: BlockQuant, sl: slice) -> BlockQuant:
+    """The columns ``sl`` of ``bq`` (its blocks run along K, so columns are independent)."""
+    packed, scales = bq.packed[sl], bq.scales[sl]
+    return BlockQuant(packed, scales, bq.bits, bq.block_size, bq.k, packed.shape[0])
 
 
 def _unpacked(bq: BlockQuant) -> np.ndarray:
@@ -104,6 +118,12 @@ def _unpacked(bq: BlockQuant) -> np.ndarray:
 
 def dequantize(bq: BlockQuant) -> np.ndarray:
     """``deq(Q(W))`` as ``[K, N]`` float32: what ``MatMulNBits`` multiplies by."""
+    if bq.n > COLUMNS:  # a block of columns at a time: one float copy, not four
+        out = np.empty((bq.k, bq.n), dtype=np.float32)
+        for j in range(0, bq.n, COLUMNS):
+            sl = slice(j, min(bq.n, j + COLUMNS))
+            out[:, sl] = dequantize(columns(bq, sl))
+        return out
     w = _unpacked(bq).astype(np.float32) * bq.scales[..., None]
     return np.ascontiguousarray(w.reshape(bq.n, -1)[:, :bq.k].T)
 
@@ -128,7 +148,6 @@ def quantize_columns(w: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.nda
     return q, scale
 
 
-COLUMNS = 4096  # column block of the float64 products below: an lm_head is 49152 wide
 
 
 def _blocks(n: int):

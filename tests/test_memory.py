@@ -452,3 +452,29 @@ def test_wide_correction_by_column_blocks_is_the_same(monkeypatch):
     assert Q.whitened_norm2(e, g, minus=(want.a, want.b)) == pytest.approx(w_left, rel=1e-9)
     d = e.astype(np.float64) - want.a.astype(np.float64) @ want.b.astype(np.float64)
     assert w_left == pytest.approx(float(np.sum((g @ d) * d)), rel=1e-9)
+
+
+def test_wide_quantisation_by_column_blocks_is_the_same(monkeypatch):
+    from lrc import quantmath as Q
+
+    w = np.random.default_rng(1).standard_normal((64, 50)).astype(np.float32)
+    for bits in (4, 8):
+        want = Q.quantize_blockwise(w, bits, 32)
+        monkeypatch.setattr(Q, "COLUMNS", 7)
+        got = Q.quantize_blockwise(w, bits, 32)
+        monkeypatch.setattr(Q, "COLUMNS", 4096)
+        np.testing.assert_array_equal(got.packed, want.packed)
+        np.testing.assert_array_equal(got.scales, want.scales)
+        assert (got.k, got.n) == (want.k, want.n)
+        np.testing.assert_array_equal(Q.dequantize(Q.columns(want, slice(3, 9))),
+                                      Q.dequantize(want)[:, 3:9])
+
+
+def test_wide_dequantisation_by_column_blocks_is_the_same(monkeypatch):
+    from lrc import quantmath as Q
+
+    w = np.random.default_rng(2).standard_normal((64, 50)).astype(np.float32)
+    bq = Q.quantize_blockwise(w, 4, 32)
+    want = Q.dequantize(bq)
+    monkeypatch.setattr(Q, "COLUMNS", 7)
+    np.testing.assert_array_equal(Q.dequantize(bq), want)

@@ -291,7 +291,7 @@ def row_mask(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
 # Slices: statistics of many inputs in bounded memory
 # --------------------------------------------------------------------------------------------
 
-GRAM_BUDGET = 160 * 1024**2  # float64 Gram bytes held at once (LRC_GRAM_MB overrides)
+GRAM_BUDGET = 64 * 1024**2  # float64 Gram bytes held at once (LRC_GRAM_MB overrides)
 
 
 def gram_budget() -> int:
@@ -322,8 +322,8 @@ class SlicedStats(Mapping):
     drops the statistics held and computes (or loads from the cache) that slice's —
     ``compute(names)`` is one ONNX Runtime pass over the calibration data, pruned after the
     slice's last input. Read in the order of ``slices`` (graph order), every slice is computed
-    once and memory holds one slice's Grams: SmolLM2's 805 MB of float64 Grams become five
-    passes of at most ``GRAM_BUDGET`` each. ``passes`` counts the computations."""
+    once and memory holds one slice's Grams: SmolLM2's 805 MB of float64 Grams become 14
+    slices of at most ``GRAM_BUDGET`` each (gathered by segments, the graph is walked once). ``passes`` counts the computations."""
 
     def __init__(self, compute: Callable[[list[str]], dict], parts: list[list[str]]):
         self._compute = compute

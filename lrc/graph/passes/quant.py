@@ -41,7 +41,6 @@ The pass never touches files; ``self.record`` lists every node with what was don
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
@@ -54,8 +53,8 @@ from lrc.graph.locate import FACTOR_META, Target, locate
 from lrc.graph.passes.lowrank import add_initializer, unique_name
 from lrc.graph.policy import check_selector, selector_matches
 from lrc.graph.plan import effective_weight
-from lrc.quantmath import (BlockQuant, dequantize, quantize_blockwise, quantize_columns,
-                           signed_codes, valid_block_size, whitened_error)
+from lrc.quantmath import (BlockQuant, columns, dequantize, quantize_blockwise,
+                           quantize_columns, signed_codes, valid_block_size, whitened_norm2)
 
 MS = "com.microsoft"
 SCHEMES = {"int4": 4, "int8-weight": 8, "int8": 8}
@@ -592,12 +591,20 @@ class QuantizePass(ir.passes.InPlacePass):
         factor_node = bool(group[0].node.metadata_props.get(FACTOR_META))
         rank = spec.correct_rank
         f, info = None, {}
+        concat = (spec.correct_form == "concat" and not spec.column
+                  and not ws[0].shape[0] % spec.block_size)
         if rank:  # (one member: no concatenated copies of a head-sized matrix)
             w_cat = ws[0] if len(ws) == 1 else np.concatenate(ws, axis=1)
-            e_cat = (ws[0] - hats[0] if len(ws) == 1
-                     else np.concatenate([w - h for w, h in zip(ws, hats)], axis=1))
+            if len(ws) == 1:
+                e_cat = np.subtract(ws[0], hats[0], out=hats[0] if concat else None)
+            else:
+                e_cat = np.concatenate([w - h for w, h in zip(ws, hats)], axis=1)
+            if concat:  # written from the codes of [W; B]: the float copies are not needed
+                hats = None
             f, info = self.corrector(group, w_cat, e_cat, rank)  # may overwrite e_cat
             del w_cat, e_cat
+            if f is None and hats is None:  # no correction after all: the plain form's floats
+                hats = [dequantize(q) for q in quants]
         elif self.corrector is not None and not factor_node:
             _, info = self.corrector(group, np.concatenate(ws, axis=1),
                                      np.concatenate([w - h for w, h in zip(ws, hats)], axis=1), 0)
@@ -646,7 +653,7 @@ class QuantizePass(ir.passes.InPlacePass):
             werr_b = info.get("werr_before", [None] * len(group))[i]
             werr_a = info.get("werr_after", [None] * len(group))[i]
             if form == "concat" and info.get("gram") is not None:
-                werr_a = whitened_error(w, sv.effective(i), info["gram"])
+                werr_a = sv.whitened_error(i, info["gram"])
             self.record.nodes.append(QuantNode(
                 name=t.name, role=t.role, block=t.block, shape=list(w.shape),
                 scheme=spec.scheme, bits=spec.bits,
@@ -772,16 +779,35 @@ class Solved:
     a_pad: np.ndarray | None
     bs: list
 
-    def effective(self, i: int) -> np.ndarray:
+    def effective(self, i: int, cols: slice = slice(None)) -> np.ndarray:
         """The ``[K, N]`` matrix member ``i``'s nodes compute with: ``deq(W) + A·B``, with
-        ``B`` quantised in the concat form (``deq([W; B])`` split at ``K``)."""
+        ``B`` quantised in the concat form (``deq([W; B])`` split at ``K``); ``cols``: only
+        those columns."""
         if self.form == "concat":
-            d = dequantize(self.quants[i])
+            d = dequantize(columns(self.quants[i], cols))
             k = self.ws[i].shape[0]
             return d[:k] + self.a_pad @ d[k:]
         if self.f is None:
-            return self.hats[i]
-        return self.hats[i] + self.f.a.astype(np.float32) @ self.bs[i].astype(np.float32)
+            return self.hats[i][:, cols]
+        return (self.hats[i][:, cols]
+                + self.f.a.astype(np.float32) @ self.bs[i][:, cols].astype(np.float32))
+
+    def whitened_error(self, i: int, g: np.ndarray) -> float:
+        """:func:`~lrc.quantmath.whitened_error` of member ``i``'s weight and
+        :meth:`effective`, a block of columns at a time (a head is 49152 wide)."""
+        from lrc.quantmath import COLUMNS
+
+        w = self.ws[i]
+        total = whitened_norm2(w, g)
+        if total <= 0:
+            return 0.0
+        g64 = np.asarray(g, dtype=np.float64)
+        err = 0.0
+        for j in range(0, w.shape[1], COLUMNS):
+            sl = slice(j, min(w.shape[1], j + COLUMNS))
+            d = np.asarray(w[:, sl], np.float64) - self.effective(i, sl).astype(np.float64)
+            err += float(np.sum((g64 @ d) * d))
+        return float(np.sqrt(max(err, 0.0) / total))
 
 
 def _stack(wq: BlockQuant, bb: BlockQuant) -> BlockQuant:
