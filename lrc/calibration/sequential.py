@@ -279,6 +279,24 @@ def _batch_feeds(model: ir.Model, model_path, batches, batch_windows: int) -> li
     return out
 
 
+def _shared(state: dict) -> dict:
+    """``state`` with tensors equal to another of it replaced by that one (an export's
+    ``Cast`` to the dtype a tensor already has is a copy ONNX Runtime returns separately: the
+    state would carry both over every batch)."""
+    seen: dict[tuple, list] = {}
+    for k, v in state.items():
+        if not isinstance(v, np.ndarray) or v.nbytes < (1 << 20):
+            continue
+        same = seen.setdefault((v.shape, v.dtype.str), [])
+        for other in same:
+            if np.array_equal(v, other):
+                state[k] = other
+                break
+        else:
+            same.append(v)
+    return state
+
+
 def _rows(x: np.ndarray, mask) -> np.ndarray:
     sel = row_mask(x, mask)
     r = x.reshape(-1, x.shape[-1])
@@ -465,7 +483,7 @@ def run_sequential(model: ir.Model, jobs: list[Job], batches: Iterable, *, model
                     if lost:
                         raise SegmentError(f"{lost[0]!r}, needed after {seg.where}, is neither "
                                            f"computed there nor carried from the cut before")
-                    states[i] = {k: (new[k] if k in new else s[k]) for k in wnames}
+                    states[i] = _shared({k: (new[k] if k in new else s[k]) for k in wnames})
             st.seconds_forward += time.perf_counter() - t0
             note_dtypes(state_o[:1])
             del seg_o, seg_c
@@ -665,8 +683,8 @@ class SegmentStats:
             if lost:
                 raise SegmentError(f"{lost[0]!r}, needed after {seg.where}, is neither "
                                    f"computed there nor carried from the cut before")
-            self.states[i] = {v.name: (new[v.name] if v.name in new else s[v.name])
-                              for v in wanted}
+            self.states[i] = _shared({v.name: (new[v.name] if v.name in new else s[v.name])
+                                      for v in wanted})
         self.at += 1
 
     def __call__(self, names: Sequence[str], batches) -> dict:
