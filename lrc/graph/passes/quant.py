@@ -54,7 +54,7 @@ from lrc.graph.passes.lowrank import add_initializer, unique_name
 from lrc.graph.policy import check_selector, selector_matches
 from lrc.graph.plan import effective_weight
 from lrc.quantmath import (BlockQuant, columns, dequantize, quantize_blockwise,
-                           quantize_columns, signed_codes, valid_block_size, whitened_norm2)
+                           quantize_columns, signed_codes, valid_block_size, whitened_error)
 
 MS = "com.microsoft"
 SCHEMES = {"int4": 4, "int8-weight": 8, "int8": 8}
@@ -794,20 +794,8 @@ class Solved:
 
     def whitened_error(self, i: int, g: np.ndarray) -> float:
         """:func:`~lrc.quantmath.whitened_error` of member ``i``'s weight and
-        :meth:`effective`, a block of columns at a time (a head is 49152 wide)."""
-        from lrc.quantmath import COLUMNS
-
-        w = self.ws[i]
-        total = whitened_norm2(w, g)
-        if total <= 0:
-            return 0.0
-        g64 = np.asarray(g, dtype=np.float64)
-        err = 0.0
-        for j in range(0, w.shape[1], COLUMNS):
-            sl = slice(j, min(w.shape[1], j + COLUMNS))
-            d = np.asarray(w[:, sl], np.float64) - self.effective(i, sl).astype(np.float64)
-            err += float(np.sum((g64 @ d) * d))
-        return float(np.sqrt(max(err, 0.0) / total))
+        :meth:`effective`, made a block of columns at a time (a head is 49152 wide)."""
+        return whitened_error(self.ws[i], lambda cols: self.effective(i, cols), g)
 
 
 def _stack(wq: BlockQuant, bb: BlockQuant) -> BlockQuant:
