@@ -7,6 +7,7 @@ traceback (set ``LRC_DEBUG=1`` to see one for an internal error).
 from __future__ import annotations
 
 import json
+import time
 import os
 import sys
 from pathlib import Path
@@ -440,14 +441,27 @@ def export(source: str = typer.Argument(..., help="HF model folder, .gguf file, 
            task: Optional[str] = typer.Option(None, "--task", help="text-generation-with-past, "
                                               "text-generation, feature-extraction, ... (from config if not given)"),
            opset: Optional[int] = typer.Option(None, "--opset"),
+           dtype: str = typer.Option("float32", "--dtype", help="float32, or float16 (ONNX "
+                                     "Runtime's converter after the export; inputs and outputs "
+                                     "stay float32)."),
            force: bool = typer.Option(False, "--force", help="Overwrite a non-empty OUT.")):
     """Export a PyTorch / Hugging Face / GGUF model to an ONNX folder (needs lrc[export])."""
+    if dtype not in ("float32", "float16", "fp32", "fp16"):
+        raise LrcError(f"--dtype must be float32 or float16, got {dtype!r}")
     try:
         from lrc.exporters import export as run
     except ImportError as e:
         raise LrcError(f"exporting needs the export extra ({e.name} missing): pip install 'lrc[export]'")
     res = run(source, out, task=task, opset=opset, force=force)
     from lrc.graph.model import file_size
+
+    if dtype in ("float16", "fp16"):
+        from lrc.quantize import to_float16
+
+        t0 = time.perf_counter()
+        to_float16([f for f in res.files if str(f).endswith(".onnx")])
+        console.print(f"converted to float16 (ONNX Runtime's converter, float32 inputs and "
+                      f"outputs kept) in {time.perf_counter() - t0:.1f} s")
 
     console.print(f"exported {source} ({res.task}) with {res.exporter} in {res.seconds:.1f} s -> "
                   f"{res.out_dir} ({_mb(sum(file_size(f) for f in res.files))})")

@@ -242,5 +242,38 @@ def summary_line(r: dict) -> str:
             f"{r['size_before'] / 1e6:.1f} -> {r['size_after'] / 1e6:.1f} MB")
 
 
-__all__ = ["MODES", "TARGETS", "factor_node_names", "op_counts", "quantize", "quantize_rest",
+def to_float16(files: list, *, keep_io_types: bool = True) -> list[Path]:
+    """Convert exported ``.onnx`` files to float16 in place (ONNX Runtime's converter,
+    :func:`lrc.runtime.quantizers.float16`): each is written beside itself and renamed over it
+    when complete; its float32 external data, if any, is removed after. The float32 weights
+    must fit protobuf's 2 GB once loaded (the converter works on one message)."""
+    from lrc.graph.model import PROTOBUF_LIMIT, external_files, file_size
+    from lrc.runtime.quantizers import float16, quiet
+
+    done = []
+    for f in [Path(x) for x in files]:
+        if file_size(f) > 2 * PROTOBUF_LIMIT:
+            raise LrcError(f"{f.name}: {file_size(f) / 1e9:.1f} GB of float32 weights is more "
+                           "than ONNX Runtime's float16 converter reads in one message; export "
+                           "float32 and convert the layers yourself")
+        data = [f.parent / loc for loc in external_files(f)]
+        fd, tmp = tempfile.mkstemp(prefix=f".{f.name}.", suffix=".fp16.tmp", dir=f.parent)
+        os.close(fd)
+        try:
+            with quiet():
+                float16(f, tmp, keep_io_types=keep_io_types)
+            os.replace(tmp, f)
+        except Exception as e:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, LrcError):
+                raise
+            raise LrcError(f"{f.name}: float16 conversion failed ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        for d in data:
+            d.unlink(missing_ok=True)
+        done.append(f)
+    return done
+
+
+__all__ = ["MODES", "TARGETS", "factor_node_names", "op_counts", "quantize", "quantize_rest", "to_float16",
            "quantize_rest_inplace", "summary_line"]

@@ -300,3 +300,28 @@ def test_quantize_fp16_embedding_table_becomes_gbq_with_fp16_scales():
     assert emb["bytes_before"] == vocab * d * 2
     got = run(p, {"ids": ids})[0]
     assert got.dtype == np.float16 and _rel(ref, got) < 0.2
+
+
+def test_export_dtype_float16(tiny_llama, tmp_path):
+    """``lrc export --dtype float16``: the folder's weights are float16, its inputs and outputs
+    float32 (feeds and KV caches as for the float32 export), the logits close to float32's; it
+    compresses data-aware with float16 factors."""
+    _, f32 = tiny_llama
+    hf = f32.parent / "hf"
+    out = tmp_path / "e16"
+    r = lrc_cli("export", hf, "-o", out, "--dtype", "float16")
+    assert r.returncode == 0, r.stderr
+    assert "float16" in r.stdout
+    m = onnx.load(out / "model.onnx")
+    big = [t for t in m.graph.initializer if np.prod(t.dims) >= 256]
+    assert big and {t.data_type for t in big} == {TensorProto.FLOAT16}
+    assert {i.type.tensor_type.elem_type for i in m.graph.input
+            if i.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16)} \
+        <= {TensorProto.FLOAT}
+    y32, y16 = _logits(f32 / "model.onnx"), _logits(out / "model.onnx")
+    assert _rel(y32, y16) < 1e-2, _rel(y32, y16)
+    r = lrc_cli("compress", out, "-o", tmp_path / "c16", "--ratio", "0.6", "--calib-tokens", "1024")
+    assert r.returncode == 0, r.stderr
+    assert set(_lrc_inits(onnx.load(tmp_path / "c16" / "model.onnx")).values()) == \
+        {TensorProto.FLOAT16}
+    assert one_line_error(lrc_cli("export", hf, "-o", tmp_path / "x", "--dtype", "int3"))

@@ -706,6 +706,8 @@ class SegmentStats:
             for n in (n for n in names if self.stage_of[n] == si):
                 for s, m in zip(self.states, masks):
                     accs[n].add(_rows(np.asarray(s[n]), None if m is None else np.asarray(m)))
+        if self.at == len(self.cuts) - 1:  # the last stage: nothing further to walk to
+            self.states = None  # (a later call for an earlier name starts again)
         return {n: a.result() for n, a in accs.items()}
 
 

@@ -90,3 +90,19 @@ def transformer_optimized(model, dst, *, model_type: str, num_heads: int = 0,
                        hidden_size=hidden_size, use_gpu=use_gpu)
     m.save_model_to_file(str(dst), use_external_data_format=external)
     return Path(dst)
+
+
+def float16(model, dst, *, keep_io_types: bool = True) -> Path:
+    """ONNX Runtime's float16 converter (``onnxruntime.transformers.float16``): weights and
+    compute in float16; with ``keep_io_types`` the graph's inputs and outputs stay float32
+    behind Casts (feeds and KV caches are built as for the float32 model). ``model``: a path
+    (its external data is read) or an ``onnx.ModelProto``; written to ``dst`` as one file
+    (the float16 model is half the size: one file up to 4 GB of float32 weights)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = onnx.load(str(model)) if not hasattr(model, "graph") else model
+    m16 = convert_float_to_float16(proto, keep_io_types=keep_io_types)
+    del proto
+    onnx.save_model(m16, str(dst))
+    return Path(dst)
