@@ -6,6 +6,7 @@
     python benchmarks/memory.py --gemma         # also Gemma-3-270M: its export and the default command
     python benchmarks/memory.py --write         # also write the section of BENCHMARKS.md
     python benchmarks/memory.py --render bench-out/memory/results.json   # the section from a run
+    python benchmarks/memory.py --only default --no-large --merge --write # rerun one row
 
 What it does:
 
@@ -291,6 +292,10 @@ def section_md(res: dict) -> str:
         L += [f"The >2 GB model is synthetic (written by the script, deleted after): {g['layers']} "
               f"residual MLP blocks `x + down(relu(up(x)))`, d={g['d']}, ff={g['ff']}, fp32 "
               f"weights in external data ({g['size'] / MB:,.0f} MB).", ""]
+    if res.get("merged"):
+        L += [f"Rows {', '.join(f'`{k}`' for k in res['merged'])} are kept from an earlier run of "
+              "the script on the same machine (`--merge`); this run re-measured the others after "
+              "a change that does not touch them.", ""]
     calib = res.get("calib_tokens")
     L += ["How it is bounded (what each row pays for):", "",
           "- Weights are read per use: a single file above 256 MB is spilled to external data "
@@ -340,6 +345,9 @@ def main(argv=None) -> int:
                          "default: a temporary folder)")
     ap.add_argument("--write", action="store_true", help="write the section of BENCHMARKS.md")
     ap.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of OUT/results.json this run does not measure (a rerun "
+                         "of some configurations after a change)")
     ap.add_argument("--render", type=Path, default=None, metavar="RESULTS",
                     help="only write the section of BENCHMARKS.md from a results.json of a run")
     args = ap.parse_args(argv)
@@ -406,6 +414,17 @@ def main(argv=None) -> int:
                 res["rows"].append(r)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if args.merge and (args.out / "results.json").is_file():
+        old = json.loads((args.out / "results.json").read_text())
+        new = {r["key"]: r for r in res["rows"]}
+        order = [r["key"] for r in old["rows"]] + [k for k in new if k not in
+                                                   {r["key"] for r in old["rows"]}]
+        kept = {r["key"]: r for r in old["rows"]}
+        res["rows"] = [new.get(k) or kept[k] for k in order]
+        res["merged"] = sorted(set(kept) - set(new))
+        for k in ("large", "calib_tokens"):
+            if k in old and k not in res:
+                res[k] = old[k]
     (args.out / "results.json").write_text(json.dumps(res, indent=1))
     print(table_md(res["rows"]))
     if args.write:

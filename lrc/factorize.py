@@ -174,16 +174,17 @@ def solve_lower_t(s: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def whiten_factor(w: np.ndarray, xtx: np.ndarray, rank: int, out_dtype=None,
-                  w_target: np.ndarray | None = None) -> Factors:
+                  w_target: np.ndarray | None = None, chol: np.ndarray | None = None) -> Factors:
     """SVD-LLM truncation-aware whitening.
 
     ``G = XᵀX = S Sᵀ``; SVD of ``Sᵀ W* = U Σ Vᵀ``; ``A = S⁻ᵀ U_r Σ_r^½``, ``B = Σ_r^½ V_rᵀ``.
     ``W*`` is ``W`` unless ``w_target`` is given (the joint-update form passes ``C⁻¹ M W`` there).
-    ``output_energy`` is the fraction of ``‖X W*‖²`` kept on the calibration data."""
+    ``output_energy`` is the fraction of ``‖X W*‖²`` kept on the calibration data. ``chol``:
+    ``S`` when the caller has it already (``G`` is then not factored again)."""
     out_dtype = out_dtype or w.dtype
     w64 = np.asarray(w, dtype=np.float64)
     target = w64 if w_target is None else np.asarray(w_target, dtype=np.float64)
-    s = cholesky_damped(xtx)
+    s = chol if chol is not None else cholesky_damped(xtx)
     m = s.T @ target
     u, sig, vt = np.linalg.svd(m, full_matrices=False)
     r = min(rank, len(sig))

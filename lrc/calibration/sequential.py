@@ -310,28 +310,41 @@ def joint_target(w: np.ndarray, c: np.ndarray, m: np.ndarray, damp: float = 0.1,
     ``C_d = C + λI``, ``λ = damp·mean(diag C)``. With ``e = X_cᵀ(h_o - h_c)`` the target is
     ``X_o W + h_o - h_c`` instead: the projection also makes up the error the residual stream
     ``h`` it is added to already carries."""
-    c = 0.5 * (c + c.T)
-    lam = damp * max(float(np.mean(np.diag(c))), 1e-12)
-    cd = c + lam * np.eye(len(c))
-    w64 = np.asarray(w, dtype=np.float64)
-    rhs = m @ w64 + lam * w64
-    if e is not None:
-        rhs = rhs + e
-    try:
-        from scipy.linalg import cho_factor, cho_solve
-
-        w_star = cho_solve(cho_factor(cd, lower=True), rhs)
-    except Exception:  # no scipy, or not PD: a general solve
-        w_star = np.linalg.solve(cd, rhs)
+    w_star, cd, _ = _joint(w, c, m, damp, e)
     return w_star, cd
+
+
+def _joint(w, c, m, damp, e):
+    """:func:`joint_target` and the lower Cholesky factor of ``C_d`` (None when it is not
+    positive definite), with no more float64 ``[d, d]`` copies than those three: a
+    down_proj's are 1536 x 1536, held while the state at its cut is."""
+    cd = np.asarray(c, dtype=np.float64) + np.asarray(c, dtype=np.float64).T
+    cd *= 0.5
+    lam = damp * max(float(np.mean(np.diag(cd))), 1e-12)
+    cd.flat[::len(cd) + 1] += lam
+    w64 = np.asarray(w, dtype=np.float64)
+    rhs = m @ w64
+    rhs += lam * w64
+    if e is not None:
+        rhs += e
+    try:
+        from scipy.linalg import solve_triangular
+
+        chol = np.linalg.cholesky(cd)
+        w_star = solve_triangular(chol, solve_triangular(chol, rhs, lower=True), lower=True,
+                                  trans="T")
+    except Exception:  # no scipy, or not PD: a general solve
+        chol = None
+        w_star = np.linalg.solve(cd, rhs)
+    return w_star, cd, chol
 
 
 def joint_factor(w: np.ndarray, c: np.ndarray, m: np.ndarray, rank: int,
                  damp: float = 0.1, e: np.ndarray | None = None) -> Factors:
     """Best rank-``rank`` ``A B`` for ``||X_c A B - X_o W||`` (the whitened truncated SVD of
     :func:`joint_target`'s ``W*`` under ``C_d``)."""
-    w_star, cd = joint_target(w, c, m, damp, e)
-    f = whiten_factor(w, cd, rank, w_target=w_star)
+    w_star, cd, chol = _joint(w, c, m, damp, e)
+    f = whiten_factor(w, cd, rank, w_target=w_star, chol=chol)
     f.method = "svd-llm+update"
     return f
 
@@ -419,11 +432,17 @@ def run_sequential(model: ir.Model, jobs: list[Job], batches: Iterable, *, model
             for so, sc, m in zip(state_o, state_c, masks):
                 xo = _rows(np.asarray(so[name]), m).astype(work, copy=False)
                 xc = _rows(np.asarray(sc[name]), m).astype(work, copy=False)
-                blk = (np.ascontiguousarray(xc.T) @ np.concatenate([xc, xo], axis=1))
-                blk = blk.astype(np.float64, copy=False)
-                acc = blk if acc is None else acc + blk
-                num += float(np.sum((xc - xo).astype(np.float64) ** 2))
-                den += float(np.sum(xo.astype(np.float64) ** 2))
+                d = xc.shape[1]
+                if acc is None:
+                    acc = np.zeros((d, 2 * d))
+                xct = np.ascontiguousarray(xc.T)  # (faster than the strided view)
+                acc[:, :d] += xct @ xc  # summed in place: no [X_c X_o] or float64 copies
+                acc[:, d:] += xct @ xo
+                del xct
+                diff = xc - xo
+                num += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
+                den += float(np.einsum("ij,ij->", xo, xo, dtype=np.float64))
+                del diff
             sums[name] = acc
             shift[name] = (num / den) ** 0.5 if den > 0 else 0.0
         # E = X_cᵀ(h_o - h_c) for a projection whose output is added to a residual stream h
