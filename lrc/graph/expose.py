@@ -138,8 +138,19 @@ class Layout:
                 if p < cut <= self.last_use.get(k, -2) and k not in self.static]
 
 
+_NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                 "Multinomial", "Bernoulli", "Dropout"}
+
+
+def _is_initializer(graph: ir.Graph, v: ir.Value) -> bool:
+    return v.is_initializer() or (v.name in graph.initializers and graph.initializers[v.name] is v)
+
+
 def layout(graph: ir.Graph) -> Layout:
-    """The Layout of ``graph``'s main nodes, in their (topological) order."""
+    """The Layout of ``graph``'s main nodes, in their (topological) order. ``static``: values
+    that do not depend on the inputs (Constant nodes, and nodes reading only initializers and
+    static values, like an exporter's ``Transpose`` of a tied embedding): a segment recomputes
+    them instead of the state carrying one copy per batch (a 49152 x 576 table per batch)."""
     nodes = list(graph)
     pos = {id(n): i for i, n in enumerate(nodes)}
     prod: dict[int, int] = {}
@@ -149,10 +160,17 @@ def layout(graph: ir.Graph) -> Layout:
         prod[id(v)] = -1
         values[id(v)] = v
     for i, n in enumerate(nodes):
+        reads = value_reads(n)
+        folds = (n.op_type not in _NOT_FOLDABLE and n.domain in ("", "ai.onnx")
+                 and not _subgraph_reads(n) and not any(
+                     a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                     for a in n.attributes.values())
+                 and all(id(v) in static or (id(v) not in prod and _is_initializer(graph, v))
+                         for v in reads))
         for v in n.outputs:
             prod[id(v)] = i
             values[id(v)] = v
-            if n.op_type == "Constant" and not n.inputs:
+            if folds:
                 static.add(id(v))
     last_use: dict[int, int] = {}
     for i, n in enumerate(nodes):
@@ -210,16 +228,30 @@ def cut_segment(model: ir.Model, lay: Layout, start: int, stop: int, wanted: Seq
     inputs: list[str] = []
     inits: dict[str, ir.Value] = {}
     seen_in: set[str] = set()
+    g = model.graph
+
+    def add_static(v: ir.Value) -> None:
+        """Copy in the nodes computing a static value (and the initializers they read)."""
+        at = lay.prod[id(v)]
+        if at in consts:
+            return
+        node = v.producer()
+        consts[at] = node
+        for u in value_reads(node):
+            if id(u) in lay.static:
+                add_static(u)
+            elif _is_initializer(g, u):
+                inits[u.name] = u
+
     for k in need:
-        if k in produced or k not in lay.values:
+        if k in produced or k not in lay.values:  # computed in the range: its node is kept
             continue
         v = lay.values[k]
         if k in lay.static:
-            consts[lay.prod[k]] = v.producer()
+            add_static(v)
         elif v.name not in seen_in:
             seen_in.add(v.name)
             inputs.append(v.name)
-    g = model.graph
     for n in keep:
         for v in value_reads(n):
             if v.is_initializer() or (v.name in g.initializers and g.initializers[v.name] is v):
