@@ -315,10 +315,11 @@ def section_md(res: dict) -> str:
           "fixes glibc's mmap threshold at 1 MiB (`lrc.sysmem`: freed blocks go back to the "
           "system instead of staying in the heap) and the bundled corpora the calibration set "
           "is drawn from are released once it is drawn.",
-          "- Wide matrices (the 49152-wide tied head) are quantised, dequantised and corrected "
-          "4096 columns at a time. What remains of `--quantize int4 --correct-rank` above the "
-          "others is the head: its float weight, its error and its codes are held together "
-          "for the correction.", ""]
+          "- Values that do not depend on the inputs (an exporter's `Transpose` of the tied "
+          "embedding for the head) are recomputed inside the segment that reads them, not "
+          "carried per calibration window; wide matrices (the 49152-wide tied head) are "
+          "quantised, dequantised and corrected 4096 columns at a time (the head's float weight "
+          "and its error are still held whole while it is corrected).", ""]
     L.append(MARK_END)
     return "\n".join(L)
 

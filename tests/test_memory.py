@@ -478,3 +478,42 @@ def test_wide_dequantisation_by_column_blocks_is_the_same(monkeypatch):
     want = Q.dequantize(bq)
     monkeypatch.setattr(Q, "COLUMNS", 7)
     np.testing.assert_array_equal(Q.dequantize(bq), want)
+
+
+def test_values_that_do_not_depend_on_inputs_are_recomputed_not_carried(tmp_path):
+    """An exporter's Transpose of a (tied) table is static: no cut carries it (a copy per
+    calibration batch), the segment that reads it recomputes it, and the statistics gathered
+    by segments are those of one session."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lrc.calibration.sequential import SegmentStats
+    from lrc.calibration.stats import collect_stats
+    from lrc.graph.expose import layout
+    from lrc.graph.locate import locate
+
+    r = np.random.default_rng(0)
+    w = numpy_helper.from_array(r.standard_normal((16, 16)).astype(np.float32), "model.layers.0.mlp.up_proj.weight")
+    e = numpy_helper.from_array(r.standard_normal((40, 16)).astype(np.float32), "model.embed_tokens.weight")
+    nodes = [helper.make_node("Transpose", ["model.embed_tokens.weight"], ["emb_t"], perm=[1, 0],
+                              name="/t/Transpose"),
+             helper.make_node("MatMul", ["x", "model.layers.0.mlp.up_proj.weight"], ["h"],
+                              name="/model/layers.0/mlp/up_proj/MatMul"),
+             helper.make_node("Relu", ["h"], ["a"], name="/model/layers.0/act/Relu"),
+             helper.make_node("MatMul", ["a", "emb_t"], ["logits"], name="/lm_head/MatMul")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 16])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 5, 40])],
+                          [w, e])
+    p = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    m = M.load(p)
+    lay = layout(m.graph)
+    t_out = next(v for v in lay.values.values() if v.name == "emb_t")
+    assert id(t_out) in lay.static
+    assert all("emb_t" not in [v.name for v in lay.crossing(c)] for c in range(len(lay.nodes) + 1))
+    readers = {t.node.inputs[0].name: t for t in locate(m)}
+    assert set(readers) >= {"x", "a"}
+    batches = [_feeds(d=16, seed=i) for i in range(3)]
+    got = SegmentStats(m, {n: readers[n] for n in ("x", "a")}, model_path=p)(["x", "a"], batches)
+    want = collect_stats(p, ["x", "a"], batches)
+    for n in ("x", "a"):
+        np.testing.assert_allclose(got[n].xtx, want[n].xtx, rtol=1e-6)
