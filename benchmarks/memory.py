@@ -285,7 +285,9 @@ def section_md(res: dict) -> str:
          f"kernel's `ru_maxrss`: file-backed pages of memory-mapped weights count too), each "
          f"configuration in a fresh process with an empty calibration cache (so data-aware runs "
          f"include their calibration), against the model's size on disk (.onnx plus external "
-         f"data). A process that only imports lrc peaks at {res['baseline_rss'] / MB:,.0f} MB.", "",
+         f"data). A process that only imports lrc peaks at {res['baseline_rss'] / MB:,.0f} MB. "
+         f"Times are wall times on a machine that may be running other jobs (peak RSS does not "
+         f"depend on load).", "",
          table_md(res["rows"]), ""]
     if res.get("large"):
         g = res["large"]

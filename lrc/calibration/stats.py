@@ -17,8 +17,12 @@ requested intermediate tensors become graph outputs, nodes that do not lead to t
 (e.g. the lm_head and the KV-cache outputs of a decoder), and ONNX Runtime runs that graph once
 per batch. Each X is reshaped to [rows, d]; rows whose attention mask is 0 are dropped (when the
 mask can be mapped onto X's leading dimensions); ``X^T X`` is accumulated in float64 in one
-streaming pass. Memory is bounded by (number of distinct inputs) x d^2 x 8 bytes, plus one
-batch's activations (SmolLM2-135M, all 210 projections -> 120 distinct inputs: 768 MB).
+streaming pass. That holds (number of distinct inputs) x d^2 x 8 bytes (SmolLM2-135M: 120
+distinct inputs, 805 MB) and the model in ONNX Runtime, so the methods ask for statistics in
+slices (:class:`SlicedStats`, at most ``GRAM_BUDGET`` of Grams each, in the order they are read)
+gathered by walking the graph segment by segment
+(:class:`lrc.calibration.sequential.SegmentStats`: one segment's weights at a time); this
+one-session collector is what a slice falls back to when the graph cannot be cut.
 The per-batch products X^T X (not the ORT forward pass) dominate the time; they run in a small
 ORT graph, in float64 by default (``precision="float32"``: faster, ~1e-6 relative per batch).
 
