@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 import memory  # noqa: E402  (peak_run)
 import run as R  # noqa: E402  (export, logging)
+from recipe import lrc as _lrc  # noqa: E402  (the CLI in a subprocess, failing in one line)
 
 log = R.log
 MARK_BEGIN, MARK_END = "<!-- fp16:begin -->", "<!-- fp16:end -->"
@@ -44,14 +43,8 @@ MB = 1e6
 FLAGS = ["--ratio", "0.8"]
 
 
-def lrc(*args: str) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "lrc.cli", *map(str, args)], capture_output=True,
-                       text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1",
-                                                 "COLUMNS": "200"})
-    if r.returncode != 0:
-        raise SystemExit(f"lrc {' '.join(map(str, args[:3]))} ... failed: "
-                         f"{(r.stderr or r.stdout).strip()[-800:]}")
-    return r
+def lrc(*args):
+    return _lrc(*map(str, args))
 
 
 def dense32(out: Path) -> Path:
