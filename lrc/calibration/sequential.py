@@ -73,7 +73,7 @@ from lrc.calibration.stats import row_mask
 from lrc.calibration.tokens import token_batches, tokenizer_path
 from lrc.errors import LrcError
 from lrc.factorize import Factors, whiten_factor
-from lrc.graph.expose import Layout, cut_segment, layout
+from lrc.graph.expose import Layout, ancestors, cut_segment, layout
 from lrc.graph.locate import Target, locate
 from lrc.graph.passes.lowrank import LowRankPass
 from lrc.graph.plan import Unit, plan_items
@@ -279,6 +279,17 @@ def _batch_feeds(model: ir.Model, model_path, batches, batch_windows: int) -> li
     return out
 
 
+def _roots(graph: ir.Graph, targets: list[Target]) -> list[ir.Node]:
+    """The projections' nodes and the nodes reading their outputs (the residual ``Add`` after
+    an o_proj / down_proj reads the stream the update's residual target needs)."""
+    out = []
+    for t in targets:
+        out.append(t.node)
+        for v in t.node.outputs:
+            out.extend(u.node for u in v.uses() if u.node.graph is graph)
+    return out
+
+
 def _shared(state: dict) -> dict:
     """``state`` with tensors equal to another of it replaced by that one (an export's
     ``Cast`` to the dtype a tensor already has is a copy ONNX Runtime returns separately: the
@@ -381,7 +392,9 @@ def run_sequential(model: ir.Model, jobs: list[Job], batches: Iterable, *, model
         return st
     if model_path is None:
         model_path = model.meta.get("lrc.source_path")
-    lay = layout(model.graph)
+    # only what leads to a planned projection: a converted model's casts of its KV-cache
+    # outputs at the graph's end would otherwise keep every layer's cache in the state
+    lay = layout(model.graph, ancestors(model.graph, _roots(model.graph, [t for t, _ in plan])))
     cuts = stages(lay, plan)
     st.stages = len(cuts)
     feeds = _batch_feeds(model, model_path, batches, batch_windows)
@@ -655,7 +668,8 @@ class SegmentStats:
                  batch_windows: int = 8, threads: int | None = None):
         self.model = model
         self.path = model_path if model_path is not None else model.meta.get("lrc.source_path")
-        self.lay = layout(model.graph)
+        self.lay = layout(model.graph, ancestors(model.graph, _roots(model.graph,
+                                                                     list(targets.values()))))
         self.cuts = stages(self.lay, [(t, 0) for t in targets.values()])
         self.stage_of = {t.node.inputs[0].name: i for i, s in enumerate(self.cuts)
                          for t, _ in s.targets}

@@ -146,12 +146,30 @@ def _is_initializer(graph: ir.Graph, v: ir.Value) -> bool:
     return v.is_initializer() or (v.name in graph.initializers and graph.initializers[v.name] is v)
 
 
-def layout(graph: ir.Graph) -> Layout:
-    """The Layout of ``graph``'s main nodes, in their (topological) order. ``static``: values
+def ancestors(graph: ir.Graph, nodes) -> set[int]:
+    """ids of ``nodes`` and of every main-graph node whose outputs they need, directly or not
+    (what a walk up to the last of them has to compute; nothing that only feeds graph outputs
+    after it, like the float32 casts of a converted model's KV-cache outputs)."""
+    keep = {id(n) for n in nodes}
+    todo = list(nodes)
+    while todo:
+        n = todo.pop()
+        for v in value_reads(n):
+            p = v.producer()
+            if p is not None and p.graph is graph and id(p) not in keep:
+                keep.add(id(p))
+                todo.append(p)
+    return keep
+
+
+def layout(graph: ir.Graph, keep: set[int] | None = None) -> Layout:
+    """The Layout of ``graph``'s main nodes, in their (topological) order; with ``keep`` (ids,
+    e.g. :func:`ancestors` of some nodes) only those nodes: a value read by nothing kept is not
+    carried past its producer. ``static``: values
     that do not depend on the inputs (Constant nodes, and nodes reading only initializers and
     static values, like an exporter's ``Transpose`` of a tied embedding): a segment recomputes
     them instead of the state carrying one copy per batch (a 49152 x 576 table per batch)."""
-    nodes = list(graph)
+    nodes = [n for n in graph if keep is None or id(n) in keep]
     pos = {id(n): i for i, n in enumerate(nodes)}
     prod: dict[int, int] = {}
     values: dict[int, ir.Value] = {}
