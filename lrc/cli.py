@@ -6,7 +6,11 @@ traceback (set ``LRC_DEBUG=1`` to see one for an internal error).
 
 from __future__ import annotations
 
-import json
+from lrc.sysmem import quiet_blas
+
+quiet_blas()  # before anything imports numpy (lrc.sysmem)
+
+import json  # noqa: E402
 import time
 import os
 import sys

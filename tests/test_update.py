@@ -276,6 +276,43 @@ def test_carried_inputs_match_the_final_model():
     assert abs(got - shift) < 1e-4 * shift
 
 
+def test_sums_pair_each_batch_at_one_cut(monkeypatch):
+    """The original model runs one cut ahead of the compressed one (only the compressed state
+    is held across a solve): each stage is still solved from ``C = X_cᵀX_c``, ``M = X_cᵀX_o``
+    and ``E = X_cᵀ(h_o - h_c)`` of the same tokens at the same cut, X_c and h_c being what the
+    final model computes."""
+    import onnx_ir as ir
+
+    from lrc.calibration import sequential as S
+
+    seen = []
+    real = S.joint_factor
+    monkeypatch.setattr(S, "joint_factor", lambda w, c, m, rank, damp=0.1, e=None:
+                        seen.append((c.copy(), m.copy(), None if e is None else e.copy()))
+                        or real(w, c, m, rank, damp=damp, e=e))
+    proto = residual_mlp()
+    batches = calib_batches(n=3)
+    upd, _, _ = compress_update(proto, Policy(default=make_setting(rank=5)), batches)
+    assert len(seen) == 2 * BLOCKS
+    b = BLOCKS - 1
+    x, h = f"/model/layers.{b}/mlp/act", f"/model/layers.{b - 1}/out"
+
+    def tensors(p):
+        p = onnx.ModelProto.FromString(p.SerializeToString())
+        p.graph.output.extend([onnx.ValueInfoProto(name=x), onnx.ValueInfoProto(name=h)])
+        s = ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
+        outs = [s.run([x, h], f) for f in batches]
+        return [np.concatenate([o[i].reshape(-1, o[i].shape[-1]) for o in outs]).astype(np.float64)
+                for i in (0, 1)]
+
+    xc, hc = tensors(ir.serde.serialize_model(upd))
+    xo, ho = tensors(proto)
+    c, m, e = seen[-1]  # the last block's down_proj
+    for got, want in ((c, xc.T @ xc), (m, xc.T @ xo), (e, xc.T @ (ho - hc))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert not np.allclose(m, xc.T @ xc, rtol=1e-3)  # the two models differ there
+
+
 def test_group_inputs_update_carries_the_joint_rewrite():
     """--group-inputs with --update: gate/up share one A; the inputs carried through the
     segments are what the final (joint) model computes, and the fit beats joint whitening."""

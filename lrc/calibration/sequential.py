@@ -36,7 +36,7 @@ How it runs (about two forward passes over the calibration set, not one per bloc
   (``X_o``), factor the stage's projections, and run the segment up to the next cut twice — the
   original segment on the original state, and the segment rewritten with the new factors on the
   compressed state — each as its own small ONNX Runtime session, keeping only the next cut's
-  state. So every projection sees inputs produced by the model with *all* earlier projections
+  state (the original's is run one stage ahead: see Memory below). So every projection sees inputs produced by the model with *all* earlier projections
   (including earlier ones of its own block) already compressed.
 * The factors are then written into the model by :class:`lrc.passes.lowrank.LowRankPass` (a
   factoriser that looks them up), so the result uses exactly lrc's rewrite; the segments
@@ -53,8 +53,12 @@ at any calibration length. A segment ONNX Runtime cannot load or run on its own 
 falls back to the one-shot method (whitening, the one-shot correction) and says so in the
 report's ``calibration.fallback``.
 
-Memory: the state at one cut for both models (SmolLM2-135M at 16k tokens: ~80 MB per model)
-plus one stage's ``C`` and ``[C M]`` sums. Nothing in here knows about a particular model family:
+Memory: the original model runs one cut ahead of the compressed one. Each batch's original
+state at a cut is summed into that stage's ``C``, ``M`` (and ``E``) as soon as the compressed
+state is there, then advanced to the next cut at once; so across a stage's solve only the
+compressed model holds its state at that cut for every batch, the original its state one cut
+later (at SmolLM2's down_proj cut, 1536 + 576 wide against 2 x 576), plus one stage's sums;
+at the last cut neither is kept past its sums. Nothing in here knows about a particular model family:
 stages come from the graph, roles and blocks from :func:`lrc.passes.locate.locate`.
 """
 
@@ -360,6 +364,82 @@ def joint_factor(w: np.ndarray, c: np.ndarray, m: np.ndarray, rank: int,
     return f
 
 
+def _first_met(cuts: list[Stage]) -> list[dict[int, str]]:
+    """For each stage, ``{job index: the input it is fitted on}`` of the jobs met there first
+    (a job's projections share one input; it is solved at the first stage that reads it)."""
+    seen: set[int] = set()
+    out = []
+    for stage in cuts:
+        todo: dict[int, str] = {}
+        for t, ji in stage.targets:
+            if ji not in seen and ji not in todo:
+                todo[ji] = t.node.inputs[0].name
+        seen.update(todo)
+        out.append(todo)
+    return out
+
+
+class _Sums:
+    """What the jobs first met at one stage are solved from, summed one batch at a time: for
+    each input, ``[C M] = X_cᵀ[X_c X_o]`` (float64, in place: no ``[X_c X_o]`` copy) and the
+    relative shift ``‖X_c - X_o‖ / ‖X_o‖``; for a residual job, ``E = X_cᵀ(h_o - h_c)``."""
+
+    def __init__(self, jobs: list[Job], todo: dict[int, str], work: np.dtype, residual: bool):
+        self.jobs, self.todo, self.work = jobs, todo, work
+        self.acc: dict[str, np.ndarray] = {}
+        self.num = dict.fromkeys(todo.values(), 0.0)
+        self.den = dict.fromkeys(todo.values(), 0.0)
+        # residual jobs still in the running: {job index: the stream h (None until seen)}
+        self.resid: dict[int, str | None] = {
+            ji: None for ji in todo
+            if residual and jobs[ji].residual and len(jobs[ji].targets) == 1}
+        self.e: dict[int, np.ndarray] = {}
+
+    def add(self, so: dict, sc: dict, m) -> None:
+        work = self.work
+        for name in self.num:
+            xo = _rows(np.asarray(so[name]), m).astype(work, copy=False)
+            xc = _rows(np.asarray(sc[name]), m).astype(work, copy=False)
+            d = xc.shape[1]
+            acc = self.acc.get(name)
+            if acc is None:
+                acc = self.acc[name] = np.zeros((d, 2 * d))
+            xct = np.ascontiguousarray(xc.T)  # (faster than the strided view)
+            acc[:, :d] += xct @ xc
+            acc[:, d:] += xct @ xo
+            diff = xc - xo
+            self.num[name] += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
+            self.den[name] += float(np.einsum("ij,ij->", xo, xo, dtype=np.float64))
+            del diff, xo
+            # E for a projection whose output is added to a residual stream h the state
+            # carries (attention o_proj, MLP down_proj): see joint_target
+            for ji in [ji for ji in self.resid if self.todo[ji] == name]:
+                t = self.jobs[ji].targets[0]
+                h = self.resid[ji] = self.resid[ji] or _residual_input(t, so)
+                ho = np.asarray(so[h]) if h is not None else None
+                if ho is None or ho.shape[:-1] != np.asarray(sc[name]).shape[:-1]:
+                    # no stream, or not one row per token (a broadcast): the plain target
+                    del self.resid[ji]
+                    self.e.pop(ji, None)
+                    continue
+                dh = _rows(ho, m).astype(work) - _rows(np.asarray(sc[h]), m).astype(work)
+                blk = (xct @ dh).astype(np.float64, copy=False)
+                if ji in self.e:
+                    self.e[ji] += blk
+                else:
+                    self.e[ji] = blk
+            del xct, xc
+
+    def result(self, ji: int) -> tuple:
+        """``(C, M, E or None, shift)`` for job ``ji``."""
+        name = self.todo[ji]
+        acc = self.acc[name]
+        d = acc.shape[0]
+        den = self.den[name]
+        shift = (self.num[name] / den) ** 0.5 if den > 0 else 0.0
+        return acc[:, :d], acc[:, d:], self.e.get(ji) if ji in self.resid else None, shift
+
+
 @dataclass
 class Job:
     """One fit of the sequential pass: projections reading one input, solved together at the
@@ -409,114 +489,94 @@ def run_sequential(model: ir.Model, jobs: list[Job], batches: Iterable, *, model
             for k, v in s.items():
                 dtypes.setdefault(k, np.asarray(v).dtype)
 
+    todo_at = _first_met(cuts)
+
+    def advance(seg: _Segment, s: dict, wnames: list[str]) -> dict:
+        new = seg.run(s)
+        lost = [k for k in wnames if k not in new and k not in s]
+        if lost:
+            raise SegmentError(f"{lost[0]!r}, needed after {seg.where}, is neither "
+                               f"computed there nor carried from the cut before")
+        return _shared({k: (new[k] if k in new else s[k]) for k in wnames})
+
+    def original(si: int) -> tuple[_Segment | None, list[str]]:
+        """The original model's segment from cut ``si`` to the next (None at the last)."""
+        if si + 1 >= len(cuts):
+            return None, []
+        wanted = lay.crossing(cuts[si + 1].cut)
+        seg = _Segment(model, lay, cuts[si].cut, cuts[si + 1].cut, wanted, dtypes,
+                       threads=threads, path=model_path)
+        st.segments_nodes += seg.n_nodes
+        return seg, [v.name for v in wanted]
+
+    # The original model runs one cut ahead: each batch's original state at a cut is summed
+    # into the stage's C and M as soon as the compressed one is there, then advanced at once,
+    # so only the compressed model's state is held (all batches) across a stage's solve.
     # Prefix: graph inputs -> state at the first cut (identical for both models).
     first = cuts[0].cut
     wanted = lay.crossing(first)
     note_dtypes(feeds)
     prefix = _Segment(model, lay, 0, first, wanted, dtypes, threads=threads, path=model_path)
-    t0 = time.perf_counter()
-    state_o = []
-    for f in feeds:
+    sums = _Sums(jobs, todo_at[0], work, residual)
+    state_o: list[dict] = []
+    state_c: list[dict] = []
+    seg_o = wnames_o = None
+    for i, (f, m) in enumerate(zip(feeds, masks)):
+        t0 = time.perf_counter()
         s = {v.name: f[v.name] for v in wanted if v.name in f}
         s.update(prefix.run(f))
-        state_o.append(s)
-    st.seconds_forward += time.perf_counter() - t0
-    del prefix
-    state_c = [dict(s) for s in state_o]
-    note_dtypes(state_o)
-    st.tokens = int(sum(_rows(s[cuts[0].targets[0][0].node.inputs[0].name], m).shape[0]
-                        for s, m in zip(state_o, masks)))
+        if i == 0:
+            note_dtypes([s])
+            seg_o, wnames_o = original(0)
+        st.seconds_forward += time.perf_counter() - t0
+        st.tokens += int(_rows(s[cuts[0].targets[0][0].node.inputs[0].name], m).shape[0])
+        t0 = time.perf_counter()
+        sums.add(s, s, m)
+        st.seconds_gram += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        # (one stage only: nothing runs after its cut, no state is kept)
+        state_c.append(s if seg_o is not None else {})
+        state_o.append(advance(seg_o, s, wnames_o) if seg_o is not None else {})
+        st.seconds_forward += time.perf_counter() - t0
+    del prefix, seg_o
+    note_dtypes(state_o[:1])
 
     rewrites: dict[int, Rewrite] = {}
-    solved: set[int] = set()
     n_done = 0
     for si, stage in enumerate(cuts):
-        # 1. C = X_cᵀX_c and M = X_cᵀX_o for the input of each job first met here.
-        todo: dict[int, str] = {}  # job index -> the input it is fitted on
-        for t, ji in stage.targets:
-            if ji not in solved and ji not in todo:
-                todo[ji] = t.node.inputs[0].name
+        # 1. Solve the jobs first met here from C = X_cᵀX_c and M = X_cᵀX_o (and E).
         t0 = time.perf_counter()
-        sums: dict[str, np.ndarray] = {}
-        shift: dict[str, float] = {}
-        for name in dict.fromkeys(todo.values()):
-            acc = None
-            num = den = 0.0
-            for so, sc, m in zip(state_o, state_c, masks):
-                xo = _rows(np.asarray(so[name]), m).astype(work, copy=False)
-                xc = _rows(np.asarray(sc[name]), m).astype(work, copy=False)
-                d = xc.shape[1]
-                if acc is None:
-                    acc = np.zeros((d, 2 * d))
-                xct = np.ascontiguousarray(xc.T)  # (faster than the strided view)
-                acc[:, :d] += xct @ xc  # summed in place: no [X_c X_o] or float64 copies
-                acc[:, d:] += xct @ xo
-                del xct
-                diff = xc - xo
-                num += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
-                den += float(np.einsum("ij,ij->", xo, xo, dtype=np.float64))
-                del diff
-            sums[name] = acc
-            shift[name] = (num / den) ** 0.5 if den > 0 else 0.0
-        # E = X_cᵀ(h_o - h_c) for a projection whose output is added to a residual stream h
-        # that the state carries (attention o_proj, MLP down_proj): see joint_target.
-        resid: dict[int, np.ndarray] = {}
-        for ji in todo if residual else ():
-            job = jobs[ji]
-            if not job.residual or len(job.targets) != 1:
-                continue
-            t = job.targets[0]
-            h = _residual_input(t, state_o[0])
-            if h is None:
-                continue
-            e = None
-            for so, sc, m in zip(state_o, state_c, masks):
-                xc = _rows(np.asarray(sc[t.node.inputs[0].name]), m).astype(work)
-                ho, hc = np.asarray(so[h]), np.asarray(sc[h])
-                if ho.shape[:-1] != np.asarray(sc[t.node.inputs[0].name]).shape[:-1]:
-                    e = None  # not one row per token (a broadcast): leave the plain target
-                    break
-                dh = _rows(ho, m).astype(work) - _rows(hc, m).astype(work)
-                blk = (np.ascontiguousarray(xc.T) @ dh).astype(np.float64, copy=False)
-                e = blk if e is None else e + blk
-            if e is not None:
-                resid[ji] = e
-        st.seconds_gram += time.perf_counter() - t0
-        # 2. Solve.
-        t0 = time.perf_counter()
-        for ji, name in todo.items():
-            d = sums[name].shape[0]
-            rewrites.update(jobs[ji].solve(sums[name][:, :d], sums[name][:, d:], resid.get(ji),
-                                           shift[name]))
-            solved.add(ji)
+        for ji in todo_at[si]:
+            rewrites.update(jobs[ji].solve(*sums.result(ji)))
         del sums
         st.seconds_factor += time.perf_counter() - t0
         n_done += len(stage.targets)
-        # 3. Advance both states to the next cut.
+        # 2. Advance the compressed state to the next cut, sum the next stage's C and M
+        #    batch by batch, and take the original state one cut further.
         if si + 1 < len(cuts):
             nxt = cuts[si + 1].cut
-            wanted = lay.crossing(nxt)
-            wnames = [v.name for v in wanted]
+            wnames = [v.name for v in lay.crossing(nxt)]
             # each node lies in one segment: its rewrite is not needed once that one is built
             here = {id(n): rewrites.pop(id(n)) for n in lay.nodes[stage.cut:nxt]
                     if id(n) in rewrites}
-            seg_o = _Segment(model, lay, stage.cut, nxt, wanted, dtypes, threads=threads,
-                             path=model_path)
-            seg_c = _Segment(model, lay, stage.cut, nxt, wanted, dtypes, rewrites=here,
-                             threads=threads, path=model_path)
+            seg_c = _Segment(model, lay, stage.cut, nxt, lay.crossing(nxt), dtypes,
+                             rewrites=here, threads=threads, path=model_path)
             del here
-            st.segments_nodes += seg_o.n_nodes
-            t0 = time.perf_counter()
-            for i in range(len(feeds)):
-                for states, seg in ((state_o, seg_o), (state_c, seg_c)):
-                    s = states[i]
-                    new = seg.run(s)
-                    lost = [k for k in wnames if k not in new and k not in s]
-                    if lost:
-                        raise SegmentError(f"{lost[0]!r}, needed after {seg.where}, is neither "
-                                           f"computed there nor carried from the cut before")
-                    states[i] = _shared({k: (new[k] if k in new else s[k]) for k in wnames})
-            st.seconds_forward += time.perf_counter() - t0
+            seg_o, wnames_o = original(si + 1)
+            sums = _Sums(jobs, todo_at[si + 1], work, residual)
+            for i, m in enumerate(masks):
+                t0 = time.perf_counter()
+                state_c[i] = advance(seg_c, state_c[i], wnames)
+                t1 = time.perf_counter()
+                sums.add(state_o[i], state_c[i], m)
+                t2 = time.perf_counter()
+                if seg_o is not None:
+                    state_o[i] = advance(seg_o, state_o[i], wnames_o)
+                else:  # the last cut: nothing runs after it, both states are done
+                    state_o[i] = state_c[i] = {}
+                st.seconds_forward += (t1 - t0) + (time.perf_counter() - t2)
+                st.seconds_gram += t2 - t1
+            note_dtypes(state_c[:1])
             note_dtypes(state_o[:1])
             del seg_o, seg_c
         if progress:
