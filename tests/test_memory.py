@@ -517,3 +517,24 @@ def test_values_that_do_not_depend_on_inputs_are_recomputed_not_carried(tmp_path
     want = collect_stats(p, ["x", "a"], batches)
     for n in ("x", "a"):
         np.testing.assert_allclose(got[n].xtx, want[n].xtx, rtol=1e-6)
+
+
+def test_disk_tensors_are_read_and_copied_without_a_mapping(tmp_path, monkeypatch):
+    """A weight on disk is written by copying its file a chunk at a time (the single-file
+    writer never holds it whole), and ``tobytes`` reads it instead of mapping it."""
+    store = M.Store()
+    a = np.arange(3 * 1000, dtype=np.float32).reshape(3, 1000)
+    t = store.put(a, "w")
+    assert t.tobytes() == a.tobytes() and t.raw is None
+    with open(tmp_path / "copy", "wb") as f:
+        assert t.write_to(f, chunk=4096) == a.nbytes  # 3 chunks
+    assert (tmp_path / "copy").read_bytes() == a.tobytes()
+    # the writer streams it: same file as the in-memory tensor's, tobytes never called
+    g = ir.Graph([], [], nodes=[], initializers=[ir.Value(name="w", const_value=t)], name="g",
+                 opset_imports={"": 18})
+    m = ir.Model(g, ir_version=9)
+    monkeypatch.setattr(M.DiskTensor, "tobytes", lambda self: pytest.fail("held whole"))
+    M._write_streaming(m, tmp_path / "disk.onnx")
+    g.initializers["w"].const_value = ir.tensor(a, name="w")
+    M._write_streaming(m, tmp_path / "mem.onnx")
+    assert (tmp_path / "disk.onnx").read_bytes() == (tmp_path / "mem.onnx").read_bytes()

@@ -568,15 +568,36 @@ class DiskTensor(ir.ExternalTensor):
 
     def tobytes(self) -> bytes:
         self._check_validity()
-        mapped = self.raw is not None
-        if not mapped:
-            self._load()
-        try:
-            offset = self._offset or 0
-            return bytes(self.raw[offset:offset + (self._length or self.nbytes)])
-        finally:
-            if not mapped:
-                self.release()
+        offset, n = self._offset or 0, self._length or self.nbytes
+        if self.raw is not None:  # mapped by someone else
+            return bytes(self.raw[offset:offset + n])
+        # read, not mapped: a mapping would keep a second copy's pages resident while the
+        # bytes are in use (a writer holding a 671 MB embedding's bytes held 1.3 GB)
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            data = f.read(n)
+        if len(data) != n:
+            raise LrcError(f"tensor {self.name!r}: {self.path} ends before its {n} bytes")
+        return data
+
+    def write_to(self, out, chunk: int = 1 << 24) -> int:
+        """Copy this tensor's bytes from its file into the open file ``out``, ``chunk`` bytes
+        at a time (never the whole tensor in memory); the number of bytes written."""
+        self._check_validity()
+        offset, n = self._offset or 0, self._length or self.nbytes
+        buf = bytearray(min(chunk, max(n, 1)))
+        view = memoryview(buf)
+        done = 0
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            while done < n:
+                got = f.readinto(view[:min(len(buf), n - done)])
+                if not got:
+                    raise LrcError(f"tensor {self.name!r}: {self.path} ends before its "
+                                   f"{n} bytes")
+                out.write(view[:got])
+                done += got
+        return done
 
 
 STORE_DATA = "lrc-store.data"  # the data file's name inside a store folder
@@ -918,17 +939,23 @@ def _write_initializer(f, name: str, t) -> None:
         tp.name = name
         f.write(onnx.ModelProto(graph=onnx.GraphProto(initializer=[tp])).SerializeToString())
         return
-    raw = t.tobytes()
+    # a weight on disk is copied from its file a chunk at a time, never held whole
+    streamed = isinstance(t, DiskTensor) and t.raw is None
+    raw = None if streamed else t.tobytes()
+    n = (t.length or t.nbytes) if streamed else len(raw)
     head = onnx.TensorProto(name=name, data_type=int(t.dtype),
                             dims=[int(d) for d in t.shape]).SerializeToString()
     if t.doc_string:
         head += onnx.TensorProto(doc_string=t.doc_string).SerializeToString()
-    tensor_len = len(head) + 1 + len(_varint(len(raw))) + len(raw)
+    tensor_len = len(head) + 1 + len(_varint(n)) + n
     init_field = _varint(_GRAPH_INIT << 3 | 2) + _varint(tensor_len)
     graph_len = len(init_field) + tensor_len
     f.write(_varint(_MODEL_GRAPH << 3 | 2) + _varint(graph_len) + init_field + head
-            + _varint(_T_RAW << 3 | 2) + _varint(len(raw)))
-    f.write(raw)
+            + _varint(_T_RAW << 3 | 2) + _varint(n))
+    if streamed:
+        t.write_to(f)
+    else:
+        f.write(raw)
     del raw
     if isinstance(t, ir.ExternalTensor):
         t.release()
