@@ -310,18 +310,27 @@ def section_md(res: dict) -> str:
           "segment (`lrc.calibration.sequential`: one segment's weights at a time), carrying "
           "the activations at one cut for every calibration window — so that part grows with "
           "`--calib-tokens` (" + (f"{calib} here" if calib else "lrc's default 16384 here")
-          + "; the update carries two models' activations, the original's and the compressed "
-          "one's). Gram matrices are held a slice of at most 64 MB at a time (`LRC_GRAM_MB`), "
+          + "; the update runs two models, the original one cut ahead of the compressed one: "
+          "each window's original activations are summed into the stage's Grams as soon as the "
+          "compressed ones reach the cut, then advanced, so only the compressed model's are "
+          "held across a solve). Gram matrices are held a slice of at most 64 MB at a time (`LRC_GRAM_MB`), "
           "in graph order, the walk through the graph resumed slice after slice.",
           "- Calibration and segment sessions run without ONNX Runtime's memory arena, the CLI "
           "fixes glibc's mmap threshold at 1 MiB (`lrc.sysmem`: freed blocks go back to the "
           "system instead of staying in the heap) and the bundled corpora the calibration set "
-          "is drawn from are released once it is drawn.",
+          "is drawn from are released once it is drawn. (The CLI also lets OpenBLAS's idle "
+          "threads sleep at once: that changes the time column, not memory.)",
           "- Values that do not depend on the inputs (an exporter's `Transpose` of the tied "
           "embedding for the head) are recomputed inside the segment that reads them, not "
           "carried per calibration window; wide matrices (the 49152-wide tied head) are "
           "quantised, dequantised and corrected 4096 columns at a time (the head's float weight "
           "and its error are still held whole while it is corrected).", ""]
+    if any(r.get("model") == "Gemma-3-270M" for r in res["rows"]):
+        L[-1:-1] = [
+            "- Gemma-3-270M's export is transformers and torch at work (the GGUF dequantised to "
+            "float32 in memory, then traced), not lrc's passes; lrc's own share is the compress "
+            "row. Its peak there is the prefix (the 671 MB embedding table, memory-mapped, read "
+            "row by row by the first segment; the kernel maps pages around each row it reads)."]
     L.append(MARK_END)
     return "\n".join(L)
 

@@ -142,6 +142,12 @@ def token_batches(
             break
     if not windows:
         raise LrcError("no calibration tokens: the texts are empty")
+    # a large vocabulary's tokenizer (Gemma-3's 262k) takes ~300 MB of small blocks that stay
+    # in the heap once freed: hand them back before the calibration runs
+    del it, tok
+    from lrc.sysmem import trim
+
+    trim()
     got = sum(w.shape[1] for w in windows)
     if got < n_tokens:
         log.warning("calibration texts ran out: %d of %d tokens", got, n_tokens)
