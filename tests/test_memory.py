@@ -155,6 +155,19 @@ def test_header_read_skips_weights(chain, spill_all):
     assert M.external_files(chain) == set()
 
 
+def test_header_read_skips_weights_below_the_spill_threshold(chain, monkeypatch):
+    """A file too small to spill but above SCAN_MIN_BYTES is still read for its graph without
+    its weights (bytes and parsed message would be two copies); weights=True reads them."""
+    monkeypatch.setattr(M, "SCAN_MIN_BYTES", 1024)
+    assert chain.stat().st_size < M.SPILL_THRESHOLD
+    w = {t.name: t for t in M.load_proto(chain)[0].graph.initializer}
+    assert list(w["model.layers.0.mlp.up_proj.weight"].dims) == [64, 128]
+    big = [n for n, t in w.items() if "proj.weight" in n]
+    assert big and not any(w[n].raw_data for n in big)
+    full = {t.name: t for t in M.load_proto(chain, weights=True)[0].graph.initializer}
+    assert all(full[n].raw_data for n in big)
+
+
 def test_truncated_large_file_is_one_clear_error(chain, spill_all, tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(chain.read_bytes()[:-100])

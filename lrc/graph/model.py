@@ -199,6 +199,7 @@ def external_locations(proto: onnx.ModelProto) -> set[str]:
 # ------------------------------------------------------------------------------------------
 
 SPILL_THRESHOLD = int(float(os.environ.get("LRC_SPILL_MB", 256)) * 1024**2)
+SCAN_MIN_BYTES = 1 << 25  # load_proto reads the graph of a larger file without its weights
 SPILL_DATA = "model.onnx.data"  # the data file's name inside a spill folder
 _INLINE = 1024  # tensors of at most this many bytes stay inside the protobuf
 _ALIGN = 4096  # data offsets are page-aligned, so runtimes can map them
@@ -459,13 +460,14 @@ def load_proto(path: str | os.PathLike, *, weights: bool = False) -> tuple[onnx.
     """The ModelProto (external data not loaded, locations checked) and its file path: the
     graph, for validating and inspecting a model (names, shapes, inputs, outputs).
 
-    A single-file model above ``SPILL_THRESHOLD`` is read without the bytes of its main-graph
-    initializers (they keep name, type and shape) instead of holding the file's bytes and the
-    parsed message together; ``weights=True`` reads them too (the weights in memory are
+    A single-file model above ``SCAN_MIN_BYTES`` (or ``SPILL_THRESHOLD`` when lower) is read
+    without the bytes of its main-graph initializers (they keep name, type and shape) instead
+    of holding the file's bytes and the parsed message together (a 231 MB float16 output read
+    for its inputs and outputs held 460 MB); ``weights=True`` reads them too (the weights in memory are
     :func:`load`'s job: lazily, one at a time)."""
     p = resolve_model_path(path)
     try:
-        if not weights and p.stat().st_size > SPILL_THRESHOLD:
+        if not weights and p.stat().st_size > min(SPILL_THRESHOLD, SCAN_MIN_BYTES):
             try:
                 proto = _scan(p, None)
             except (ValueError, OSError):  # not our format: the full parse says why
