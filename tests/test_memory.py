@@ -166,6 +166,14 @@ def test_header_read_skips_weights_below_the_spill_threshold(chain, monkeypatch)
     assert big and not any(w[n].raw_data for n in big)
     full = {t.name: t for t in M.load_proto(chain, weights=True)[0].graph.initializer}
     assert all(full[n].raw_data for n in big)
+    # the size and the onnx checker read it the same way (its graph, weights left on disk)
+    scans = []
+    real = M._scan
+    monkeypatch.setattr(M, "_scan", lambda *a, **k: scans.append(a[0]) or real(*a, **k))
+    assert M.file_size(chain) == chain.stat().st_size and scans
+    with M.graph_file(chain) as g:
+        assert g != chain and g.stat().st_size < chain.stat().st_size / 10
+    assert M.structural_check(chain)["checker"] == "ok"
 
 
 def test_truncated_large_file_is_one_clear_error(chain, spill_all, tmp_path):

@@ -199,7 +199,13 @@ def external_locations(proto: onnx.ModelProto) -> set[str]:
 # ------------------------------------------------------------------------------------------
 
 SPILL_THRESHOLD = int(float(os.environ.get("LRC_SPILL_MB", 256)) * 1024**2)
-SCAN_MIN_BYTES = 1 << 25  # load_proto reads the graph of a larger file without its weights
+SCAN_MIN_BYTES = 1 << 25  # the graph of a larger file is read without its weights
+
+
+def _scanned(p: Path) -> bool:
+    """Is ``p`` large enough to be read without its weights (field by field) when only its
+    graph is wanted? Parsing it whole holds its bytes and the parsed message together."""
+    return p.stat().st_size > min(SPILL_THRESHOLD, SCAN_MIN_BYTES)
 SPILL_DATA = "model.onnx.data"  # the data file's name inside a spill folder
 _INLINE = 1024  # tensors of at most this many bytes stay inside the protobuf
 _ALIGN = 4096  # data offsets are page-aligned, so runtimes can map them
@@ -467,7 +473,7 @@ def load_proto(path: str | os.PathLike, *, weights: bool = False) -> tuple[onnx.
     :func:`load`'s job: lazily, one at a time)."""
     p = resolve_model_path(path)
     try:
-        if not weights and p.stat().st_size > min(SPILL_THRESHOLD, SCAN_MIN_BYTES):
+        if not weights and _scanned(p):
             try:
                 proto = _scan(p, None)
             except (ValueError, OSError):  # not our format: the full parse says why
@@ -732,7 +738,7 @@ def external_files(path: str | os.PathLike) -> set[str]:
     """Locations (relative to the model's folder) of the external data files a model file uses
     (read without the bytes of a large single file's weights)."""
     p = Path(path)
-    if p.stat().st_size > SPILL_THRESHOLD:
+    if _scanned(p):
         try:
             return external_locations(_scan(p, None))
         except ValueError:
@@ -993,12 +999,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 @contextmanager
 def graph_file(path: str | os.PathLike) -> Iterator[Path]:
-    """``path``, or — a single file above ``SPILL_THRESHOLD`` — its graph written into the spill
-    folder of its weights (external data there): what the onnx checker reads without holding
+    """``path``, or — a single file above 32 MB (:func:`_scanned`) — its graph written into the
+    spill folder of its weights (external data there): what the onnx checker reads without holding
     the weights (protobuf would parse the whole file, and shape inference copy it)."""
     p = Path(path)
     sp = None
-    if p.stat().st_size > SPILL_THRESHOLD:
+    if _scanned(p):
         try:
             sp = spill(p)
         except (ValueError, OSError):
