@@ -312,6 +312,17 @@ def _shared(state: dict) -> dict:
     return state
 
 
+def _advance(seg: _Segment, s: dict, wnames: Sequence[str]) -> dict:
+    """The state ``s`` taken across ``seg``: the tensors ``wnames`` crossing its end cut, each
+    computed there or carried from ``s``."""
+    new = seg.run(s)
+    lost = [k for k in wnames if k not in new and k not in s]
+    if lost:
+        raise SegmentError(f"{lost[0]!r}, needed after {seg.where}, is neither "
+                           f"computed there nor carried from the cut before")
+    return _shared({k: (new[k] if k in new else s[k]) for k in wnames})
+
+
 def _rows(x: np.ndarray, mask) -> np.ndarray:
     sel = row_mask(x, mask)
     r = x.reshape(-1, x.shape[-1])
@@ -491,14 +502,6 @@ def run_sequential(model: ir.Model, jobs: list[Job], batches: Iterable, *, model
 
     todo_at = _first_met(cuts)
 
-    def advance(seg: _Segment, s: dict, wnames: list[str]) -> dict:
-        new = seg.run(s)
-        lost = [k for k in wnames if k not in new and k not in s]
-        if lost:
-            raise SegmentError(f"{lost[0]!r}, needed after {seg.where}, is neither "
-                               f"computed there nor carried from the cut before")
-        return _shared({k: (new[k] if k in new else s[k]) for k in wnames})
-
     def original(si: int) -> tuple[_Segment | None, list[str]]:
         """The original model's segment from cut ``si`` to the next (None at the last)."""
         if si + 1 >= len(cuts):
@@ -536,7 +539,7 @@ def run_sequential(model: ir.Model, jobs: list[Job], batches: Iterable, *, model
         t0 = time.perf_counter()
         # (one stage only: nothing runs after its cut, no state is kept)
         state_c.append(s if seg_o is not None else {})
-        state_o.append(advance(seg_o, s, wnames_o) if seg_o is not None else {})
+        state_o.append(_advance(seg_o, s, wnames_o) if seg_o is not None else {})
         st.seconds_forward += time.perf_counter() - t0
     del prefix, seg_o
     note_dtypes(state_o[:1])
@@ -566,12 +569,12 @@ def run_sequential(model: ir.Model, jobs: list[Job], batches: Iterable, *, model
             sums = _Sums(jobs, todo_at[si + 1], work, residual)
             for i, m in enumerate(masks):
                 t0 = time.perf_counter()
-                state_c[i] = advance(seg_c, state_c[i], wnames)
+                state_c[i] = _advance(seg_c, state_c[i], wnames)
                 t1 = time.perf_counter()
                 sums.add(state_o[i], state_c[i], m)
                 t2 = time.perf_counter()
                 if seg_o is not None:
-                    state_o[i] = advance(seg_o, state_o[i], wnames_o)
+                    state_o[i] = _advance(seg_o, state_o[i], wnames_o)
                 else:  # the last cut: nothing runs after it, both states are done
                     state_o[i] = state_c[i] = {}
                 st.seconds_forward += (t1 - t0) + (time.perf_counter() - t2)
@@ -768,16 +771,11 @@ class SegmentStats:
         wanted = self.lay.crossing(nxt)
         seg = _Segment(self.model, self.lay, here, nxt, wanted, self.dtypes,
                        threads=self.threads, path=self.path)
+        names = [v.name for v in wanted]
         for i, s in enumerate(self.states):
-            new = seg.run(s)
-            for k, v in new.items():
+            self.states[i] = _advance(seg, s, names)
+            for k, v in self.states[i].items():
                 self.dtypes.setdefault(k, np.asarray(v).dtype)
-            lost = [v.name for v in wanted if v.name not in new and v.name not in s]
-            if lost:
-                raise SegmentError(f"{lost[0]!r}, needed after {seg.where}, is neither "
-                                   f"computed there nor carried from the cut before")
-            self.states[i] = _shared({v.name: (new[v.name] if v.name in new else s[v.name])
-                                      for v in wanted})
         self.at += 1
 
     def __call__(self, names: Sequence[str], batches) -> dict:
