@@ -89,7 +89,7 @@ def agreement(dense: Path, form: Path, threads: int) -> dict:
     last hidden state) from the dense model's on ORT (``vs_dense``; ORT's own is the yardstick:
     a runtime that computes a quantised op differently can be as close to dense as ORT or not)."""
     from lrc.errors import LrcError
-    from lrc.measure.drift import compare_arrays
+    from lrc.measure.metrics import compare_tensors as compare_arrays
     from lrc.runtime import feeds as F
     from lrc.runtime import runtimes as RT
 
@@ -97,7 +97,7 @@ def agreement(dense: Path, form: Path, threads: int) -> dict:
     feeds = F.random_feeds(ref.sess, seed=0)
     want = ref.run(feeds)
     on_ort = RT.load(form, "ort", threads=threads).run(feeds)
-    out = {"ort": {"runs": True, "vs_dense": compare_arrays(want[0], on_ort[0])["rel"]}}
+    out = {"ort": {"runs": True, "vs_dense": compare_arrays(want[0], on_ort[0])["rel_error"]}}
     for rt in RUNTIMES[1:]:
         try:
             got = RT.load(form, rt, threads=threads).run(feeds)
@@ -105,9 +105,9 @@ def agreement(dense: Path, form: Path, threads: int) -> dict:
             out[rt] = {"runs": False, "error": str(exc)}
             continue
         cmp = [compare_arrays(a, b) for a, b in zip(on_ort, got)]
-        out[rt] = {"runs": True, "rel": max(c["rel"] for c in cmp),
+        out[rt] = {"runs": True, "rel_error": max(c["rel_error"] for c in cmp),
                    "max_abs": max(c["max_abs"] for c in cmp), "cosine": cmp[0]["cosine"],
-                   "vs_dense": compare_arrays(want[0], got[0])["rel"]}
+                   "vs_dense": compare_arrays(want[0], got[0])["rel_error"]}
     return out
 
 
@@ -134,7 +134,7 @@ def run_model(name: str, args) -> dict:
         f["agreement"] = {} if "error" in f else agreement(dense, Path(f["path"]), args.threads)
         for rt, a in f["agreement"].items():
             log(f"  {f['key']} on {rt}: " + (f"vs dense {a['vs_dense']:.2g}" + (
-                f", vs ORT {a['rel']:.2g}" if "rel" in a else "") if a["runs"] else a["error"][:160]))
+                f", vs ORT {a['rel_error']:.2g}" if "rel_error" in a else "") if a["runs"] else a["error"][:160]))
     t_agree = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -188,7 +188,7 @@ def _not_measured(m: dict, key: str, name: str) -> str | None:
 def _err(a: dict, ort: dict) -> str:
     """"exact" / "close" to ORT on the same file; otherwise whether the runtime's result is as
     near the dense model as ORT's (a different rounding of a quantised op) or further."""
-    rel = a["rel"]
+    rel = a["rel_error"]
     if rel < CLOSE:
         return f"{'exact' if rel < EXACT else 'close'} (rel {rel:.1g})"
     worse = a["vs_dense"] > 1.25 * ort["vs_dense"] + EXACT
@@ -239,7 +239,7 @@ def runtime_table_md(m: dict) -> list[str]:
         ag = []
         for rt in RUNTIMES[1:]:
             a = f["agreement"][rt]
-            ag.append(f"max {a['max_abs']:.2g}, rel {a['rel']:.2g}, cos {a['cosine']:.6f}"
+            ag.append(f"max {a['max_abs']:.2g}, rel {a['rel_error']:.2g}, cos {a['cosine']:.6f}"
                       if a["runs"] else "does not run")
         ag += [f"{f['agreement'][rt]['vs_dense']:.2g}" if f["agreement"][rt]["runs"] else "-"
                for rt in RUNTIMES]
@@ -257,9 +257,9 @@ def observations(m: dict) -> list[str]:
         fails = [f["key"] for f in m["forms"] if "error" not in f and not f["agreement"][rt]["runs"]]
         ok = [(f, f["agreement"][rt], f["agreement"]["ort"]) for f in m["forms"]
               if "error" not in f and f["agreement"][rt]["runs"]]
-        differs = [f"{f['key']} (rel {a['rel']:.2g})" for f, a, o in ok if a["rel"] >= CLOSE]
+        differs = [f"{f['key']} (rel {a['rel_error']:.2g})" for f, a, o in ok if a["rel_error"] >= CLOSE]
         worse = [f"{f['key']} ({a['vs_dense']:.2g} from dense against ORT's {o['vs_dense']:.2g})"
-                 for f, a, o in ok if a["rel"] >= CLOSE and a["vs_dense"] > 1.25 * o["vs_dense"] + EXACT]
+                 for f, a, o in ok if a["rel_error"] >= CLOSE and a["vs_dense"] > 1.25 * o["vs_dense"] + EXACT]
         if fails:
             out.append(f"{R_TITLES[rt]} does not run: {', '.join(fails)}.")
         if differs:

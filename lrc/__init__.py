@@ -1,8 +1,7 @@
 """lrc: low-rank compression of transformer models at the ONNX graph level."""
 
-__version__ = "0.1.0"
-
-from lrc.errors import LrcError  # noqa: E402
+from lrc.errors import LrcError
+from lrc.version import __version__
 
 __all__ = ["LrcError", "__version__", "analyse", "compress", "quantize_rest", "verify"]
 

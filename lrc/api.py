@@ -2,22 +2,29 @@
 
     model, report = lrc.compress("model.onnx", rank=64, include=["ffn"])
     lrc.model.save(model, "small.onnx")
+
+``lrc.compress`` takes every option of ``lrc compress`` by name (:mod:`lrc.config`); so does
+``lrc.analyse`` for the low-rank ones.
 """
 
 from __future__ import annotations
 
-from lrc.pipeline import compress
+from lrc.config import LowRankConfig
 from lrc.factorize import break_even_rank, energy_ranks, singular_values
 from lrc.graph.locate import ROLES, locate
-from lrc.graph.model import as_model
-from lrc.graph.plan import build_policy
+from lrc.modelref import resolve
+from lrc.pipeline import compress
 
 
 def analyse(model_or_path, *, rank=None, energy=None, ratio=None, include=(), exclude=(),
             policy=None, align: int = 1, allow_larger: bool = False, spectrum: bool = False):
     """Every projection with its spectrum summary and what the setting would do to it."""
-    pol = build_policy(rank, energy, ratio, include, exclude, policy, align, allow_larger)
-    model = as_model(model_or_path)
+    cfg = LowRankConfig(rank=rank, energy=energy, ratio=ratio, include=list(include or []),
+                        exclude=list(exclude or []), policy=policy, align=align,
+                        allow_larger=allow_larger)
+    cfg.validate()
+    pol = cfg.build()
+    model = resolve(model_or_path).load()
     rows = []
     sigmas: dict = {}
     for t in locate(model):
@@ -79,12 +86,4 @@ def quantize_rest(model_path, out, mode: str = "int8", exclude_factors: bool = T
                per_channel=per_channel, block_size=block_size, **kw)
 
 
-def tune(model, **kw) -> dict:
-    """Measure INT8, 4-bit and low-rank candidates (alone and stacked) and write the fastest
-    (or smallest) within the quality budget. See lrc.tune.tune for the arguments."""
-    from lrc.tune import tune as run
-
-    return run(model, **kw)
-
-
-__all__ = ["analyse", "compress", "quantize_rest", "tune"]
+__all__ = ["analyse", "compress", "quantize_rest"]

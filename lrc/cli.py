@@ -21,13 +21,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lrc.errors import LrcError
-from lrc.graph.passes.int8 import forms_help
-from lrc.methods import method_help
+from lrc.errors import LrcError, set_option_style
 from lrc.sysmem import prefer_mmap
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Low-rank compression of transformer models at the ONNX graph level.")
+
+
+@app.callback()
+def _options_as_flags(ctx: typer.Context) -> None:
+    """While a command runs, messages name options as its flags (``--calib-tokens``); the
+    Python style comes back when it ends."""
+    set_option_style(_flag)
+    ctx.call_on_close(lambda: set_option_style(None))
 console = Console()
 err = Console(stderr=True)
 
@@ -50,12 +56,17 @@ def _split(values: Optional[List[str]]) -> list[str]:
 
 def _tok(path: Optional[Path]) -> Optional[Path]:
     """``--tokenizer``: a tokenizer.json, or a folder holding one (LrcError otherwise)."""
-    if path is None:
-        return None
-    f = path / "tokenizer.json" if path.is_dir() else path
-    if not f.is_file():
-        raise LrcError(f"--tokenizer {str(path)!r}: no tokenizer.json there")
-    return f
+    from lrc.modelref import tokenizer_file
+
+    return None if path is None else tokenizer_file(path)
+
+
+def _flag(name: str, value: str | None) -> str:
+    """A config field as the command line writes it (errors.set_option_style): its flag from
+    :data:`lrc.config.FLAGS`, the one table."""
+    from lrc.config import cli_style
+
+    return cli_style(name, value)
 
 
 def _fmt_int(n) -> str:
@@ -127,168 +138,102 @@ def _progress_bar():
                     transient=True, disable=not err.is_terminal)
 
 
+def _options(fn):
+    """``fn`` (``(model, as_json, **options)``) with one typer option per config field
+    (:func:`lrc.config.leaves`): the command line is generated from the config, so a new
+    option is a field there. Flags come from :data:`lrc.config.FLAGS`, the one table."""
+    import inspect
+
+    from lrc import config as C
+
+    kinds = {"int": int, "float": float, "str": str, "path": Path}
+    params = [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                default=typer.Argument(..., help="ONNX file or exported folder"),
+                                annotation=Path)]
+    for name, _, f in C.leaves():
+        md = f.metadata
+        if not md or not md.get("cli", True):
+            continue
+        flag, default = C.FLAGS[name], C.default_of(f)
+        decls = [flag] + ([md["short"]] if md.get("short") else [])
+        helptext = md["help"]
+        if md.get("choices") and md["kind"] != "bool" and "one of" not in helptext:
+            helptext += f" One of: {', '.join(md['choices']())}."
+        if md["kind"] == "bool":
+            if md.get("negatable"):
+                decls = [f"{flag}/--no-{flag[2:]}"]
+                ann = bool if default is not None else Optional[bool]
+            else:
+                ann = bool
+        else:
+            typ = kinds[md["kind"]]
+            if md.get("multiple"):
+                ann, default = Optional[List[typ]], None
+            else:
+                ann = Optional[typ] if default is None else typ
+        params.append(inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, annotation=ann,
+            default=typer.Option(default, *decls, help=helptext, metavar=md.get("metavar"))))
+    params.append(inspect.Parameter(
+        "as_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+        default=typer.Option(False, "--json", help="Print the summary as JSON.")))
+    fn.__signature__ = inspect.Signature(params)
+    fn.__annotations__ = {p.name: p.annotation for p in params}
+    return fn
+
+
 @app.command()
-def compress(model: Path = typer.Argument(..., help="ONNX file or exported folder"),
-             out: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .onnx (or folder)."),
-             rank: Optional[str] = RankOpt, energy: Optional[float] = EnergyOpt,
-             ratio: Optional[float] = RatioOpt, include: Optional[List[str]] = IncludeOpt,
-             exclude: Optional[List[str]] = ExcludeOpt, policy: Optional[Path] = PolicyOpt,
-             align: int = AlignOpt,
-             allow_larger: bool = typer.Option(False, "--allow-larger",
-                                               help="Rewrite even when the factors do not shrink a matrix."),
-             group_inputs: Optional[bool] = typer.Option(
-                 None, "--group-inputs/--no-group-inputs", help="Factor projections that read "
-                 "the same tensor (Q/K/V, gate/up) jointly: one shared A, one B each; higher rank "
-                 "at the same parameters. Default: on for data-aware methods (--recipe best)."),
-             dense_edges: Optional[bool] = typer.Option(
-                 None, "--dense-edges/--no-dense-edges", help="Leave the first and last "
-                 "transformer blocks dense (at the same total parameters this beat a uniform ratio "
-                 "on both bundled models: benchmarks/allocation.md). With --target-params the cut "
-                 "goes to the other blocks; with --ratio the others keep that ratio and the total "
-                 "grows. Default: on for data-aware methods on models of 6+ blocks (--recipe best)."),
-             recipe: str = typer.Option(
-                 "best", "--recipe", help="Defaults for the options above, --update and the tied "
-                 "head: best (data-aware methods: grouped, edge blocks dense, the joint update; a "
-                 "head tied to the embedding left dense) or plain (none of it). Flags given "
-                 "explicitly win."),
-             int8: bool = typer.Option(False, "--int8", help="Store the factors as INT8 (per-channel)."),
-             int8_form: str = typer.Option("dynamic", "--int8-form", help=forms_help()),
-             target_params: Optional[float] = typer.Option(
-                 None, "--target-params", help="Keep this fraction of all projection parameters, "
-                 "ranks spread uniformly over the selected ones."),
-             target_size: Optional[float] = typer.Option(None, "--target-size",
-                                                         help="Target weight size in MB."),
-             target_speedup: Optional[float] = typer.Option(
-                 None, "--target-speedup", help="Keep the projection parameters an ORT-profiled "
-                 "Amdahl model says give this speedup (an upper estimate)."),
-             ep: str = typer.Option("cpu", "--ep", help="EP for --target-speedup's profile."),
-             method: str = typer.Option("auto", "--method", help=method_help()),
-             update: Optional[bool] = typer.Option(None, "--update/--no-update", help="svd-llm "
-                                         "only (default on with --recipe best): fit each "
-                                         "projection to the inputs the already-compressed model "
-                                         "produces (two forward passes over the calibration "
-                                         "text; see BENCHMARKS.md for what it buys). With "
-                                         "--quantize (no --rank): the sequential correction, "
-                                         "quantised and corrected stage by stage."),
-             calib: Optional[List[Path]] = typer.Option(None, "--calib", help="Your own calibration "
-                                                        "text file(s), added to the bundled mix."),
-             calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Calibration tokens."),
-             tokenizer: Optional[Path] = typer.Option(
-                 None, "--tokenizer", help="tokenizer.json (or its folder) for calibration when "
-                 "none is beside MODEL."),
-             calib_only: bool = typer.Option(False, "--calib-only", help="Calibrate on --calib "
-                                             "files only (no bundled mix)."),
-             calib_inputs: Optional[List[Path]] = typer.Option(
-                 None, "--calib-inputs", help="Calibrate on these .npz files (or folders of "
-                 "them) of named input tensors instead of text: any model, e.g. pixel_values "
-                 "1x3x224x224 for a vision transformer. One batch per file (numpy.savez); "
-                 "repeat the flag for several."),
-             quantize_rest: Optional[str] = typer.Option(
-                 None, "--quantize-rest", help="Then quantise the projections left dense with "
-                 "ONNX Runtime: int8 (quantize_dynamic, per-channel; fastest on the CPU EP) or "
-                 "int4 (MatMulNBits, block 32; CPU and CUDA). lrc's factors are left as they are "
-                 "(add --int8 to store them as int8 too)."),
-             quantize: Optional[str] = typer.Option(
-                 None, "--quantize", help="Quantise the weight MatMuls (all, or those --include / "
-                 "--exclude select) into ONNX Runtime's own forms: int4 (MatMulNBits 4-bit, "
-                 "block-wise), int8-weight (MatMulNBits 8-bit) or int8 (DynamicQuantizeMatMul); "
-                 "per-node overrides after a comma: int4,head=int8-weight. Without "
-                 "--rank/--ratio/--energy no low rank is applied."),
-             block_size: int = typer.Option(32, "--block-size", help="MatMulNBits block size "
-                                            "(a power of two >= 16)."),
-             accuracy_level: int = typer.Option(
-                 4, "--accuracy-level", help="MatMulNBits accuracy_level: 4 = int8 compute "
-                 "(fast CPU path), 0 = float compute."),
-             correct_rank: str = typer.Option(
-                 "0", "--correct-rank", help="Rank of the whitened low-rank correction of the "
-                 "quantisation error (0: none); Q/K/V and gate/up share one. Per-node overrides "
-                 "after a comma: 32,head=128,ffn.down=64 (roles, groups or name globs). 'auto': "
-                 "ranks in whole blocks where the whitened error spectrum gains most per byte, "
-                 "under --correct-budget (so far worse than uniform: BENCHMARKS.md)."),
-             correct_budget: Optional[float] = typer.Option(
-                 None, "--correct-budget", help="MB the correction may add with --correct-rank "
-                 "auto (default: what a uniform rank 32 costs)."),
-             correct_form: str = typer.Option(
-                 "concat", "--correct-form", help="concat: the correction rides inside each "
-                 "MatMulNBits (fast); add: a float branch added to its output (reference)."),
-             smooth: float = typer.Option(
-                 0.0, "--smooth", help="With --quantize: SmoothQuant's alpha (e.g. 0.5): move "
-                 "activation outliers into the weights, folded into the norms / up projections "
-                 "(no node added). Helps int8 (per-tensor activations); 0 = off."),
-             embedding: str = typer.Option(
-                 "int8", "--embedding", help="With --quantize: store large embedding tables as "
-                 "int8 or int4 (GatherBlockQuantized, rows in blocks), or keep them float."),
-             target_runtime: str = typer.Option(
-                 "ort", "--target-runtime", help="The runtime OUT is for: ort (ONNX Runtime's "
-                 "own quantised ops), openvino (standard DequantizeLinear, block-wise int4/int8 "
-                 "at opset 21), tract or any (standard ONNX every runtime lrc knows runs: "
-                 "per-column int8 weights, MatMulInteger; no 4-bit). What the target cannot run "
-                 "is refused; OUT is loaded on it when it is installed."),
-             external_data: bool = typer.Option(False, "--external-data",
-                                                help="Write weights to OUT.data (automatic above 2 GB)."),
-             force: bool = typer.Option(False, "--force", help="Overwrite OUT."),
-             check: bool = typer.Option(True, "--check/--no-check",
-                                        help="Run the onnx checker and an ORT session on the output."),
-             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
+@_options
+def compress(model: Path, as_json: bool = False, **options):
     """Rewrite projections as thin low-rank MatMul pairs and/or quantise them (+ correction).
 
-    Low rank: a truncated (whitened) SVD per projection. --quantize: ONNX Runtime's own
-    quantised forms, with a whitened low-rank correction of the quantisation error."""
-    from lrc import methods
-    from lrc.pipeline import CompressConfig, compress_path
-    from lrc.graph.passes.int8 import FORMS
+    Low rank: a truncated (whitened) SVD per projection. --quantize: the target runtime's
+    quantised forms, with a whitened low-rank correction of the quantisation error. Every option
+    is also a keyword of lrc.compress (lrc.config.CompressConfig)."""
+    from lrc.config import CompressConfig
+    from lrc.pipeline import compress_path, dry_run
 
-    config = CompressConfig(rank=rank, energy=energy, ratio=ratio, include=_split(include),
-                            exclude=_split(exclude), policy=policy, align=align,
-                            allow_larger=allow_larger, group_inputs=group_inputs,
-                            dense_edges=dense_edges, recipe=recipe)
-    config.build_policy()  # validate options before any work
-    methods.check(method)
-    if calib_tokens <= 0:
-        raise LrcError("--calib-tokens must be positive")
-    if calib_only and not calib:
-        raise LrcError("--calib-only needs at least one --calib FILE")
-    for f in calib or []:
-        if not f.is_file():
-            raise LrcError(f"calibration file {str(f)!r} not found")
-    config.target_params, config.target_size_mb = target_params, target_size
-    config.target_speedup, config.ep = target_speedup, ep
-    methods.check(method, update=bool(update))
-    config.method, config.update = method, update
-    config.calib, config.calib_tokens = list(calib or []), calib_tokens
-    config.calib_default = not calib_only
-    if calib_inputs and (calib or tokenizer):
-        raise LrcError("--calib-inputs replaces the calibration text: not with --calib or "
-                       "--tokenizer")
-    config.tokenizer = _tok(tokenizer)
-    config.calib_inputs = list(calib_inputs or []) or None
-    if int8_form not in FORMS:
-        raise LrcError(f"--int8-form must be {' or '.join(FORMS)}, got {int8_form!r}")
-    if quantize_rest not in (None, "int8", "int4"):
-        raise LrcError(f"--quantize-rest must be int8 or int4, got {quantize_rest!r}")
-    config.int8 = int8_form if int8 else False
-    config.quantize, config.block_size, config.accuracy_level = quantize, block_size, accuracy_level
-    config.correct_rank, config.correct_form = correct_rank, correct_form
-    config.correct_budget = correct_budget
-    config.embedding, config.smooth = embedding, smooth
-    config.target_runtime = target_runtime
-    if quantize_rest and target_runtime != "ort":
-        raise LrcError(f"--quantize-rest writes ONNX Runtime's own ops: not for "
-                       f"--target-runtime {target_runtime} (use --quantize int8-weight or int8)")
-    if quantize and (quantize_rest or int8):
-        raise LrcError("--quantize quantises every weight MatMul, lrc's factors included: "
-                       f"drop {'--quantize-rest' if quantize_rest else '--int8'}")
-    config.quant_spec()  # validate before any work
+    config = CompressConfig.of(**options).validate()  # every check before any work
+    if config.output.dry_run:
+        res = dry_run(model, config)
+        if as_json:
+            print(json.dumps(res, indent=1))
+            return
+        _print_plan(res)
+        return
     with _progress_bar() as bar:
-        report, summary_path = compress_path(model, out, config, external_data=external_data,
-                                             force=force, check=check,
-                                             quantize_rest=quantize_rest, **_progress(bar))
+        report, summary_path = compress_path(model, config.output.out, config, **_progress(bar))
     if as_json:
         print(json.dumps(report, indent=1))
         return
     _print_compress(report, summary_path)
-    if quantize_rest:
+    if report.get("quantize_rest"):
         console.print(f"quantize-rest: {report['quantize_rest']['summary']}")
+
+
+def _print_plan(res: dict) -> None:
+    """``lrc compress --dry-run``: the model, method, modifiers and what each projection gets."""
+    m = res["model"]
+    console.print(f"model: {m['file'] or 'in memory'} ({m['format']}); tokenizer: "
+                  f"{m['tokenizer'] or 'none'}")
+    console.print(f"method: {res['method_note']}")
+    applied = res["recipe"]["applied"]
+    if applied:
+        console.print(f"recipe {res['recipe']['name']}: " + "; ".join(
+            str(v) if not isinstance(v, bool) else k for k, v in applied.items()))
+    console.print("modifiers: " + ", ".join(f"{x['name']} (statistics: {x['statistics']})"
+                                            for x in res["modifiers"]))
+    if res.get("quantize"):
+        console.print(f"quantize: {res['quantize']}")
+    if res.get("plan"):
+        t = Table(title="planned", header_style="bold")
+        for col in ("node", "role", "blk", "shape", "rank"):
+            t.add_column(col, justify="left" if col in ("node", "role", "shape") else "right")
+        for x in res["plan"]:
+            t.add_row(x["name"], x["role"], str(x["block"] if x["block"] is not None else "-"),
+                      "x".join(map(str, x["shape"])), str(x["rank"]))
+        console.print(t)
+    console.print(f"[bold]{res['summary']}[/bold]")
 
 
 def _progress(bar) -> dict:
@@ -418,19 +363,22 @@ def verify(orig: Path = typer.Argument(..., help="Original ONNX file or folder")
         if res.get("runtimes"):
             console.print(f"runtimes: ORIG on {res['runtimes']['orig']}, NEW on {res['runtimes']['new']}")
         console.print(f"inputs: {res['inputs']}")
+        from lrc.measure.metrics import TENSOR_METRICS
+
         t = Table(header_style="bold")
-        for col in ("output", "max abs", "mean abs", "rel err", "cosine"):
-            t.add_column(col, justify="left" if col == "output" else "right")
+        t.add_column("output")
+        for m in TENSOR_METRICS.values():
+            t.add_column(m.label, justify="right")
         for name, v in res["outputs"].items():
-            if "rel" in v:
-                t.add_row(name, f"{v['max_abs']:.3g}", f"{v['mean_abs']:.3g}", f"{v['rel']:.3g}",
-                          f"{v['cosine']:.6f}")
+            if "rel_error" in v:
+                t.add_row(name, *(f"{v[k]:.6f}" if k == "cosine" else f"{v[k]:.3g}"
+                                  for k in TENSOR_METRICS))
             else:
                 t.add_row(name, "[red]" + ("missing in NEW" if v.get("missing_in_new")
                                            else f"shape {v.get('shape_mismatch')}") + "[/red]",
                           "", "", "")
         console.print(t)
-    bad = any("rel" not in v for v in res["outputs"].values())
+    bad = any("rel_error" not in v for v in res["outputs"].values())
     if bad or (rtol is not None and (res["worst_rel"] or 0) > rtol):
         err.print(f"lrc: outputs differ beyond --rtol {rtol}" if not bad else
                   "lrc: some outputs are missing or have a different shape")
@@ -752,7 +700,7 @@ def tune(model: Path = typer.Argument(..., help="Exported folder (model.onnx + t
                                                  help="Also write the result JSON here."),
          as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
     """Try INT8, 4-bit and low rank (alone and stacked), measure all, keep the best in budget."""
-    from lrc.graph.model import resolve_model_path
+    from lrc.modelref import pick_file
     from lrc.present.tune import format_tables
     from lrc.tune import OBJECTIVES
     from lrc.tune import tune as run
@@ -776,7 +724,7 @@ def tune(model: Path = typer.Argument(..., help="Exported folder (model.onnx + t
     if out is None:
         if not model.exists():
             raise LrcError(f"{model}: no such file or folder")
-        src = resolve_model_path(model)
+        src = pick_file(model)
         out = (model.with_name(model.name.rstrip("/") + "-tuned") if model.is_dir()
                else src.with_name(src.stem + "-tuned.onnx"))
     res = run(model, max_quality_loss=budget, budget_kind=kind, objective=objective, ep=ep,
@@ -805,7 +753,8 @@ def main() -> None:
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except LrcError as e:
-        err.print(f"lrc: error: {e}", highlight=False, markup=False, soft_wrap=True)
+        err.print(f"lrc: error: {e.render(_flag)}", highlight=False, markup=False,
+                  soft_wrap=True)
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)

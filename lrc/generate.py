@@ -24,7 +24,6 @@ Batch size is 1.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lrc.errors import LrcError
-from lrc.graph.model import resolve_model_path
+from lrc.errors import LrcError, opt
+from lrc.modelref import ModelRef, model_files, resolve
 from lrc.runtime.feeds import empty_past, past_names, present_to_past, text_feeds
 from lrc.runtime.session import open_session
 
@@ -74,10 +73,6 @@ class GenerationComparison(NamedTuple):
         return n
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def _as_id_list(value) -> list[int]:
     if value is None:
         return []
@@ -99,40 +94,28 @@ class OnnxCausalLM:
 
     def __init__(self, model_dir: str | Path, threads: int | None = None, provider: str = "cpu",
                  tokenizer: str | Path | None = None):
-        from tokenizers import Tokenizer
-
-        path = Path(model_dir)
-        folder = path.parent if path.is_file() else path
-        if path.is_dir() and not (folder / "model.onnx").is_file():
-            if (folder / "encoder_model.onnx").is_file():
-                raise LrcError(f"{folder} is an encoder-decoder export; lrc generates only with decoder-only models")
-            if not any(folder.glob("*.onnx")):
-                raise LrcError(f"{folder} has no model.onnx; export a text-generation model there first")
-        model_file = resolve_model_path(path)
-        tok_file = folder / "tokenizer.json"
-        if tokenizer is not None:
-            t = Path(tokenizer)
-            tok_file = t / "tokenizer.json" if t.is_dir() else t
-            if not tok_file.is_file():
-                raise LrcError(f"--tokenizer {str(tokenizer)!r}: no tokenizer.json there")
-        elif not tok_file.is_file():
+        path = Path(model_dir) if not isinstance(model_dir, ModelRef) else model_dir.folder
+        if isinstance(model_dir, (str, Path)) and path.is_dir() and not (
+                path / "model.onnx").is_file():
+            if (path / "encoder_model.onnx").is_file():
+                raise LrcError(f"{path} is an encoder-decoder export; lrc generates only with decoder-only models")
+            if not model_files(path):
+                raise LrcError(f"{path} has no model.onnx; export a text-generation model there first")
+        ref = resolve(model_dir, tokenizer=tokenizer)
+        model_file = ref.need_file("generation")
+        folder = ref.folder
+        if ref.tokenizer is None:
             raise LrcError(f"{folder} has no tokenizer.json; generation needs the model's "
-                           "tokenizer: pass --tokenizer PATH")
+                           f"tokenizer: pass {opt('tokenizer')}")
 
         self.folder = folder
-        self.config = _read_json(folder / "config.json")
-        self.generation_config = _read_json(folder / "generation_config.json")
-        tok_config = folder / "tokenizer_config.json"
-        if not tok_config.is_file():
-            tok_config = tok_file.parent / "tokenizer_config.json"
-        self.tokenizer_config = _read_json(tok_config)
-        try:
-            self.tokenizer = Tokenizer.from_file(str(tok_file))
-        except Exception as e:
-            raise LrcError(f"{tok_file}: not a tokenizers tokenizer.json "
-                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        self.ref = ref
+        self.config = ref.config
+        self.generation_config = ref.generation_config
+        self.tokenizer_config = ref.tokenizer_config
+        self.tokenizer = ref.load_tokenizer()
 
-        self.session = open_session(model_file, threads=threads, provider=provider,
+        self.session = open_session(ref, threads=threads, provider=provider,
                                     inter_op=1 if threads else None)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -22,11 +22,14 @@ from typing import Callable
 
 import onnx_ir as ir
 
-from lrc.errors import LrcError
+from lrc.errors import LrcError, opt, render
 from lrc.factorize import asvd_factor, whiten_factor
+from lrc.fields import option
 from lrc.graph.passes.lowrank import plain_svd
 from lrc.graph.plan import Plan, make_plan
 from lrc.graph.policy import Policy
+from lrc.modelref import ModelRef
+from lrc.modelref import resolve as resolve_model
 
 Factoriser = Callable  # (Target, W [in, out], rank) -> Factors
 STATISTICS = ("none", "gram", "abs_mean", "sequential")
@@ -35,30 +38,35 @@ AUTO = "auto"
 
 @dataclass
 class Calibration:
-    """What a data-aware method calibrates on: ``source`` is what ONNX Runtime runs — the
-    model's file, or the in-memory model itself (before compression) with ``path`` the file it
-    came from, if any (tokenizer.json and config.json beside it) — and ``texts`` the text."""
+    """What a data-aware method calibrates on: ``ref`` is the model ONNX Runtime runs — its
+    file, or the in-memory model itself (before compression), whose tokenizer and configs the
+    reference knows — and ``texts`` the text."""
 
-    source: Path | ir.Model
+    ref: ModelRef
     texts: list[str]
     sources: list[str]  # where the texts came from, for the report
     n_tokens: int = 16384
     seq_len: int = 256
-    tokenizer: str | Path | None = None
     alpha: float = 0.5  # asvd's exponent
     damp: float = 0.1  # the update's damping
     progress: Callable | None = None
-    path: Path | None = None
     # batches read from --calib-inputs files (feeds dicts, or token-id arrays): used instead
     # of the texts, for any model, text or not
     inputs: list | None = None
 
     @property
+    def source(self):
+        """What ONNX Runtime runs: the model in memory, else its file."""
+        return self.ref.source
+
+    @property
     def file(self) -> str | None:
         """The model's file (the source's, or the one an in-memory source came from)."""
-        if isinstance(self.source, ir.Model):
-            return None if self.path is None else str(self.path)
-        return str(self.source)
+        return None if self.ref.file is None else str(self.ref.file)
+
+    @property
+    def tokenizer(self) -> Path | None:
+        return self.ref.tokenizer
 
     def batches(self) -> list:
         """What the model runs on: the ``inputs`` batches, else the texts tokenised into
@@ -67,7 +75,7 @@ class Calibration:
             return self.inputs
         from lrc.calibration.tokens import token_batches, tokenizer_path
 
-        tok = tokenizer_path(self.file, self.tokenizer)
+        tok = tokenizer_path(self.ref)
         return token_batches(tok, list(self.texts), n_tokens=self.n_tokens,
                              seq_len=self.seq_len, bos=True)
 
@@ -85,18 +93,37 @@ MakeFactoriser = Callable[[ir.Model, Plan, Calibration], "tuple[Factoriser | Non
 class Method:
     """``statistics``: one of ``STATISTICS``. ``make_factoriser(model, plan, calibration)``
     returns ``(factoriser, calibration info)``; ``(None, None)`` when nothing needs one (plain
-    SVD is used). ``update_of``: this method is ``--update`` applied to that one (not listed
-    under ``--method``)."""
+    SVD is used). ``update_of``: this method is the update applied to that one (not listed
+    under the method option). ``settings``: the method's own settings class (a dataclass of
+    :func:`lrc.fields.option` fields; each becomes an option of ``lrc compress``)."""
 
     name: str
     help: str
     statistics: str
     make_factoriser: MakeFactoriser
     update_of: str | None = None
+    settings: type | None = None
 
     @property
     def data_aware(self) -> bool:
         return self.statistics != "none"
+
+
+@dataclass
+class AsvdSettings:
+    """ASVD's knob: rows of W scaled by ``mean|x|^alpha`` before the SVD."""
+
+    alpha: float = option(0.5, kind="float", help="asvd: the exponent of the activation "
+                          "scale mean|x|^alpha.")
+
+
+@dataclass
+class UpdateSettings:
+    """The sequential update's knob: its fitted targets damped towards the weights."""
+
+    update_damp: float = option(0.1, kind="float", help="The update's damping of its fitted "
+                                "targets towards the weights (lambda = damp * mean diag of "
+                                "the compressed inputs' Gram).")
 
 
 METHODS: dict[str, Method] = {}
@@ -154,7 +181,7 @@ def statistics(c: Calibration, names: list[str], *, widths: dict[str, int] | Non
     from lrc.calibration.sequential import SegmentError, SegmentStats
     from lrc.calibration.stats import SlicedStats, cached_stats, collect_stats, gram_budget, slices
 
-    in_memory = isinstance(c.source, ir.Model)
+    in_memory = c.ref.in_memory
     runner: list = []
 
     def collector(part, batches):
@@ -163,34 +190,29 @@ def statistics(c: Calibration, names: list[str], *, widths: dict[str, int] | Non
         except SegmentError as e:
             logging.getLogger(__name__).info("statistics in one session: %s", e)
             runner.clear()
-            return collect_stats(c.source if in_memory else str(c.source), part, batches,
-                                 progress=c.progress, **({"path": c.file} if in_memory else {}))
+            return collect_stats(c.ref, part, batches, progress=c.progress)
 
     def compute(part: list[str]) -> dict:
         segmented = collector if runner else None
         if c.inputs is not None:  # files given by the user: not cached
             if segmented:
                 return segmented(part, c.inputs)
-            return collect_stats(c.source if in_memory else str(c.source), part, c.inputs,
-                                 progress=c.progress, **({"path": c.file} if in_memory else {}))
-        return cached_stats(c.source if in_memory else str(c.source), part, c.texts,
-                            n_tokens=c.n_tokens, seq_len=c.seq_len, tokenizer=c.tokenizer,
-                            progress=c.progress, collector=segmented,
-                            **({"path": c.file} if in_memory else {}))
+            return collect_stats(c.ref, part, c.inputs, progress=c.progress)
+        return cached_stats(c.ref, part, c.texts, n_tokens=c.n_tokens, seq_len=c.seq_len,
+                            progress=c.progress, collector=segmented)
 
     names = list(dict.fromkeys(names))
     if widths:
         parts = slices(names, widths, gram_budget())
         if len(parts) > 1 and not in_memory:
             from lrc.graph.locate import locate
-            from lrc.graph.model import load
 
-            original = load(c.source)  # the graph only: weights stay on disk until a segment
+            original = c.ref.load()  # the graph only: weights stay on disk until a segment
             readers = {t.node.inputs[0].name: t for t in locate(original)}
             if set(names) <= set(readers):
                 try:
                     runner.append(SegmentStats(original, {n: readers[n] for n in names},
-                                               model_path=c.source))
+                                               model_path=c.ref))
                 except SegmentError as e:
                     logging.getLogger(__name__).info("statistics in one session: %s", e)
             return SlicedStats(compute, parts)
@@ -201,9 +223,9 @@ def _sequential(model: ir.Model, plan: Plan, c: Calibration):
     """The joint update (two forward passes over the text); see lrc.calibration.sequential."""
     from lrc.calibration.sequential import sequential_factorizer
 
-    factoriser, info = sequential_factorizer(model, c.file, plan.policy, c.texts,
+    factoriser, info = sequential_factorizer(model, c.ref, plan.policy, c.texts,
                                              n_tokens=c.n_tokens, seq_len=c.seq_len,
-                                             tokenizer=c.tokenizer, damp=c.damp,
+                                             damp=c.damp,
                                              progress=c.progress, batches=c.inputs)
     if info is not None:
         info["sources"] = c.sources
@@ -212,14 +234,20 @@ def _sequential(model: ir.Model, plan: Plan, c: Calibration):
 
 register(Method("svd", "plain", "none", _plain))
 register(Method("asvd", "activation-scaled", "abs_mean", _activation_method(
-    "asvd", lambda w, st, rank, c: asvd_factor(w, st.abs_mean, rank, alpha=c.alpha))))
+    "asvd", lambda w, st, rank, c: asvd_factor(w, st.abs_mean, rank, alpha=c.alpha)),
+    settings=AsvdSettings))
 register(Method("svd-llm", "whitened by calibration activations", "gram", _activation_method(
     "svd-llm", lambda w, st, rank, c: whiten_factor(w, st.xtx, rank))))
 register(Method("svd-llm+update", "svd-llm fitted to the compressed model's own inputs",
-                "sequential", _sequential, update_of="svd-llm"))
+                "sequential", _sequential, update_of="svd-llm", settings=UpdateSettings))
 
 AUTO_HELP = "svd-llm when a tokenizer is at hand, else svd"
 AUTO_BEST = "svd-llm"
+
+
+def settings_classes() -> dict[str, type]:
+    """``{method name: its settings class}`` for the methods that have one."""
+    return {m.name: m.settings for m in METHODS.values() if m.settings is not None}
 
 
 def choices() -> list[str]:
@@ -243,45 +271,38 @@ def get(name: str) -> Method:
 
 
 def check(name: str, update: bool = False) -> None:
-    """Validate ``--method`` / ``--update`` before any work (``auto`` is resolved later)."""
+    """Validate the method and the update before any work (``auto`` is resolved later)."""
     if name != AUTO and name not in choices():
-        raise LrcError(f"--method must be one of {', '.join(choices())}, got {name!r}")
+        raise LrcError(f"{opt('method')} must be one of {', '.join(choices())}, got {name!r}")
     if update and name != AUTO:
         with_update(name)
 
 
 def with_update(name: str) -> str:
-    """The ``--update`` form of method ``name``."""
+    """The update's form of method ``name``."""
     for m in METHODS.values():
         if m.update_of == name:
             return m.name
     bases = [m.update_of for m in METHODS.values() if m.update_of]
-    raise LrcError(f"--update needs --method {' or '.join(bases)}")
+    raise LrcError(f"{opt('update')} needs {' or '.join(opt('method', b) for b in bases)}")
 
 
-def resolve(name: str, *, home: Path | None, in_memory: bool = False, rank=None,
-            tokenizer=None) -> tuple[str, str]:
+def resolve(name: str, ref: ModelRef | None = None, *, rank=None) -> tuple[str, str]:
     """``auto`` -> the best measured method the input allows: ``svd-llm`` (whitening by
     calibration activations; orders of magnitude better than plain SVD on every model we
-    measured) when a tokenizer (``tokenizer``, or tokenizer.json beside the model file ``home``)
-    and the packaged calibration text are at hand; plain ``svd`` otherwise, and for
+    measured) when the model reference has a tokenizer (given, or tokenizer.json beside the
+    model) and the packaged calibration text is at hand; plain ``svd`` otherwise, and for
     ``--rank full`` (a verification of the rewrite itself). Returns ``(method, why)``."""
     if name != AUTO:
         get(name)
         return name, f"{name} (requested)"
     if rank == "full":
-        return "svd", "svd: --rank full verifies the rewrite itself"
-    if tokenizer:
-        tok = Path(tokenizer)
-        tok = tok / "tokenizer.json" if tok.is_dir() else tok
-    elif home is not None:
-        tok = home.parent / "tokenizer.json"
-    else:
-        return "svd", "svd: no model file to calibrate on (in-memory model; pass tokenizer= to " \
-                      "calibrate on it)"
-    if not tok.is_file():
-        where = f"beside {home.name}" if home is not None and not tokenizer else f"at {tok}"
-        return "svd", f"svd: no tokenizer.json {where} for calibration text"
+        return "svd", render(f"svd: {opt('rank')} full verifies the rewrite itself")
+    if ref is None or (ref.file is None and ref.tokenizer is None):
+        return "svd", render("svd: no model file to calibrate on (in-memory model; pass "
+                             f"{opt('tokenizer')} to calibrate on it)")
+    if ref.tokenizer is None:
+        return "svd", f"svd: no tokenizer.json beside {ref.file.name} for calibration text"
     try:
         from lrc.data import calibration_texts
 
@@ -289,7 +310,7 @@ def resolve(name: str, *, home: Path | None, in_memory: bool = False, rank=None,
     except LrcError as e:
         return "svd", f"svd: calibration text unavailable ({e})"
     return AUTO_BEST, (f"{AUTO_BEST}: best measured; calibrated on the packaged mixed-domain text"
-                       + (" (on the in-memory model)" if in_memory else ""))
+                       + (" (on the in-memory model)" if ref.in_memory else ""))
 
 
 def calibration_texts(calib=None, *, n_tokens: int = 16384,
@@ -324,23 +345,22 @@ def make_factoriser(name: str, model: ir.Model, policy: Policy | Plan, source, *
                     path=None):
     """``(factoriser, info)`` of method ``name`` for ``model`` (planned with ``policy``, or a
     ready :class:`Plan`), calibrated by running ``source`` in ONNX Runtime on the calibration
-    text (see :func:`calibration_texts`). ``source``: the model's file (the same model,
-    unchanged), or ``model`` itself when it is in memory (``path``: the file it came from, if
-    any; without one ``tokenizer`` is needed)."""
+    text (see :func:`calibration_texts`). ``source``: the model's reference or file (the same
+    model, unchanged), or ``model`` itself when it is in memory (``path``: the file it came
+    from, if any; without one ``tokenizer`` is needed)."""
     method = get(name)
     plan = policy if isinstance(policy, Plan) else make_plan(model, policy)
     if not method.data_aware:
         return method.make_factoriser(model, plan, None)
-    c = make_calibration(source, calib=calib, n_tokens=n_tokens, seq_len=seq_len,
-                         use_default=use_default, tokenizer=tokenizer, alpha=alpha, damp=damp,
-                         progress=progress, path=path)
+    c = make_calibration(resolve_model(source, tokenizer=tokenizer, origin=path), calib=calib,
+                         n_tokens=n_tokens, seq_len=seq_len, use_default=use_default,
+                         alpha=alpha, damp=damp, progress=progress)
     return method.make_factoriser(model, plan, c)
 
 
-def make_calibration(source, *, calib=None, n_tokens: int = 16384, seq_len: int = 256,
-                     use_default: bool = True, tokenizer=None, alpha: float = 0.5,
-                     damp: float = 0.1, progress=None, path=None, inputs=None,
-                     input_sources=None) -> Calibration:
+def make_calibration(ref: ModelRef, *, calib=None, n_tokens: int = 16384, seq_len: int = 256,
+                     use_default: bool = True, alpha: float = 0.5, damp: float = 0.1,
+                     progress=None, inputs=None, input_sources=None) -> Calibration:
     """The :class:`Calibration` a data-aware step runs on: texts from
     :func:`calibration_texts`, or ``inputs`` (batches read by
     :func:`lrc.runtime.feeds.load_inputs`; ``input_sources`` their files) instead."""
@@ -348,10 +368,8 @@ def make_calibration(source, *, calib=None, n_tokens: int = 16384, seq_len: int 
         texts, sources = [], [str(s) for s in (input_sources or [])]
     else:
         texts, sources = calibration_texts(calib, n_tokens=n_tokens, use_default=use_default)
-    return Calibration(source if isinstance(source, ir.Model) else Path(source), texts, sources,
-                       n_tokens=n_tokens, seq_len=seq_len, tokenizer=tokenizer, alpha=alpha,
-                       damp=damp, progress=progress, path=None if path is None else Path(path),
-                       inputs=inputs)
+    return Calibration(ref, texts, sources, n_tokens=n_tokens, seq_len=seq_len, alpha=alpha,
+                       damp=damp, progress=progress, inputs=inputs)
 
 
 def make_corrector(input_names: list[str], c: Calibration | None = None, *, stats=None,
@@ -442,7 +460,7 @@ def sequential_correction(model: ir.Model, spec, c: Calibration, select=None, *,
     grams: dict = {}
     corrector, info = make_corrector([], stats=grams)
     qpass = QuantizePass(spec, corrector, select=select, weights={})
-    st = sequential_quant(model, qpass, grams, c.batches(), model_path=c.file, damp=c.damp,
+    st = sequential_quant(model, qpass, grams, c.batches(), model_path=c.ref, damp=c.damp,
                           progress=progress)
     info = {"method": "sequential whitened correction (quantised and corrected stage by stage "
                       "on the quantised model's own inputs)",
@@ -452,7 +470,8 @@ def sequential_correction(model: ir.Model, spec, c: Calibration, select=None, *,
     return qpass, info
 
 
-__all__ = ["AUTO", "METHODS", "STATISTICS", "Calibration", "Method", "calibration_texts",
+__all__ = ["AUTO", "METHODS", "STATISTICS", "AsvdSettings", "Calibration", "Method",
+           "UpdateSettings", "calibration_texts", "settings_classes",
            "check", "choices", "get", "make_calibration", "make_corrector", "make_factoriser",
            "method_help", "register", "resolve", "sequential_correction", "statistics",
            "with_update"]

@@ -39,7 +39,7 @@ from lrc.errors import LrcError
 from lrc.graph.model import staging_dir
 from lrc.graph import folder
 from lrc.graph.locate import FACTOR_META, weight_matmul_nodes
-from lrc.graph.model import resolve_model_path
+from lrc.modelref import pick_file
 from lrc.runtime import quantizers
 from lrc.runtime.session import check_loads
 
@@ -77,10 +77,6 @@ def _const_matmuls(proto) -> list[str]:
     """MatMuls whose weight (second input) is an initializer: what ORT's quantisers rewrite."""
     return [w.name for w in weight_matmul_nodes(proto)
             if w.op == "MatMul" and w.direct and w.weight_index == 1]
-
-
-def _second_inputs(proto, name: str) -> set[str]:
-    return {n.input[1] for n in proto.graph.node if n.name == name and len(n.input) > 1}
 
 
 def op_counts(path) -> dict[str, int]:
@@ -167,7 +163,7 @@ def quantize(model, out, mode: str = "int8", *, targets: str = "rest", per_chann
     if src.is_dir():
         reports = folder.transform_folder(src, out, transform, force=force)
     else:
-        reports = {out.name: _quantize_to_file(resolve_model_path(src), out, transform, force)}
+        reports = {out.name: _quantize_to_file(pick_file(src), out, transform, force)}
     first = next(iter(reports.values()))
     report = dict(first)
     if len(reports) > 1:

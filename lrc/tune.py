@@ -46,6 +46,8 @@ nothing is chosen. When nothing is chosen, ``out`` is not written and the result
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import hashlib
 import json
 import math
@@ -57,28 +59,78 @@ from pathlib import Path
 from typing import Callable
 
 from lrc.pipeline import compress
-from lrc.errors import LrcError
+from lrc.errors import LrcError, opt
 from lrc.graph import folder
 from lrc.graph import model as M
-from lrc.graph.model import file_size, resolve_model_path
+from lrc.graph.model import file_size
 from lrc.graph.passes.int8 import Int8FactorsPass
 from lrc.graph.plan import build_policy
 from lrc.methods import make_factoriser
+from lrc.modelref import resolve
 from lrc.quantize import quantize
 from lrc.runtime.providers import lookup, resolve_ep
 
 METHOD = "svd-llm"  # the low-rank method tune searches (lrc.methods); --update adds the fit
 
-# lrc's quantisation with a whitened low-rank correction (lrc.graph.passes.quant): the setting
-# BENCHMARKS.md measured fastest within x1.10 perplexity, and the higher-quality rank 64
-CORRECTED = [
-    {"name": "int4+corr", "family": "corrected", "quant": "int4", "correct_rank": "32,head=128"},
-    {"name": "int4+corr64", "family": "corrected", "quant": "int4", "correct_rank": "64"},
-]
-
 OBJECTIVES = ("latency", "size")
 RATIOS = (0.9, 0.8, 0.7)
 SCOPES = {"mlp": ["ffn"], "all": ["attn", "ffn"]}
+# the modifiers that rewrite a model lrc already wrote (lrc.modifiers), as candidate names say
+# them: its factors stored as int8 in the provider's form, ONNX Runtime's quantiser on the rest
+THEN = {"int8-factors": "i8f", "quantize-rest": "rest8"}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model tune builds, as a composition of lrc's techniques (:mod:`lrc.modifiers`):
+
+    * ``options``: ``lrc.compress`` options, which select its modifiers (low rank at a ratio
+      over a scope; ``quantize`` + ``correct_rank``: quantisation with a whitened correction);
+    * ``ort``: ONNX Runtime's own quantiser on every weight MatMul instead (``int8`` /
+      ``int4``): the plain baseline low rank must beat;
+    * ``parent`` and ``then``: modifiers that rewrite a written model, applied in order to the
+      parent candidate's output (``int8-factors``, ``quantize-rest``).
+
+    Nothing names a combination: ``family`` (what the tables and the choice call it) is read off
+    the composition."""
+
+    name: str
+    options: dict = field(default_factory=dict)
+    ort: str | None = None
+    parent: str | None = None
+    then: tuple = ()
+
+    @property
+    def family(self) -> str:
+        if self.ort:
+            return "quantized"
+        return "corrected" if "quantize" in self.options else "low-rank"
+
+    @property
+    def ratio(self) -> float | None:
+        return self.options.get("ratio")
+
+    @property
+    def scope(self) -> str | None:
+        return next((k for k, v in SCOPES.items() if v == self.options.get("include")), None)
+
+
+# lrc's quantisation with a whitened low-rank correction (lrc.graph.passes.quant): the setting
+# BENCHMARKS.md measured fastest within x1.10 perplexity, and the higher-quality rank 64
+CORRECTED = [
+    Candidate("int4+corr", {"quantize": "int4", "correct_rank": "32,head=128"}),
+    Candidate("int4+corr64", {"quantize": "int4", "correct_rank": "64"}),
+]
+
+
+def _low_rank(scope: str, ratio: float) -> Candidate:
+    return Candidate(f"lr-{scope}-{ratio:g}", {"ratio": ratio, "include": SCOPES[scope],
+                                               "method": METHOD})
+
+
+def _then(parent: Candidate, then: tuple) -> Candidate:
+    return Candidate(parent.name + "".join(f"+{THEN[t]}" for t in then), parent.options,
+                     parent=parent.name, then=then)
 DEFAULT_LOSS = {"causal-lm": 0.10, "encoder": 0.01}
 LM_TEXTS = ("news", "docs")
 _OWN_FILES = ("lrc.json", "tune.json", "*.lrc.json")  # summaries of earlier jobs: not copied
@@ -98,7 +150,7 @@ def _dir_size(path: Path) -> int:
 
 
 def _cache_file(src: Path, kind: str, settings: dict) -> Path:
-    from lrc import __version__
+    from lrc.version import __version__
     from lrc.calibration.stats import cache_dir_default
 
     st = src.stat()
@@ -173,28 +225,22 @@ class Quality:
 # ----------------------------------------------------------------------------- candidates
 
 
-def plan_candidates(quick: bool, ratios, scopes) -> list[dict]:
-    """Recipes in build order; low-rank variants follow their float parent."""
+def plan_candidates(quick: bool, ratios, scopes) -> list[Candidate]:
+    """Candidates in build order; compositions on a low-rank model follow their parent."""
+    both = ("int8-factors", "quantize-rest")
     if quick:
-        return [{"name": "int8", "family": "quantized", "quant": "int8"}, CORRECTED[0],
-                {"name": "lr-mlp-0.8", "family": "low-rank", "scope": "mlp", "ratio": 0.8},
-                {"name": "lr-mlp-0.8+i8f+rest8", "family": "low-rank", "scope": "mlp",
-                 "ratio": 0.8, "i8f": True, "rest8": True, "parent": "lr-mlp-0.8"}]
-    plan = [{"name": "int8", "family": "quantized", "quant": "int8"},
-            {"name": "int4", "family": "quantized", "quant": "int4"},
-            *CORRECTED]
+        base = _low_rank("mlp", 0.8)
+        return [Candidate("int8", ort="int8"), CORRECTED[0], base, _then(base, both)]
+    plan = [Candidate("int8", ort="int8"), Candidate("int4", ort="int4"), *CORRECTED]
     for scope in scopes:
         for r in ratios:
-            base = f"lr-{scope}-{r:g}"
-            plan.append({"name": base, "family": "low-rank", "scope": scope, "ratio": r})
-            for i8f, rest8 in ((True, False), (False, True), (True, True)):
-                name = base + ("+i8f" if i8f else "") + ("+rest8" if rest8 else "")
-                plan.append({"name": name, "family": "low-rank", "scope": scope, "ratio": r,
-                             "i8f": i8f, "rest8": rest8, "parent": base})
+            base = _low_rank(scope, r)
+            plan.append(base)
+            plan.extend(_then(base, then) for then in (both[:1], both[1:], both))
     return plan
 
 
-def pruned_reason(rec: dict, built: dict[str, dict], budget: float) -> str | None:
+def pruned_reason(rec: Candidate, built: dict[str, dict], budget: float) -> str | None:
     """Why ``rec`` cannot stay within budget, judged on measured candidates, or None.
 
     Low rank keeps the leading directions of each whitened weight, so a smaller ratio of the
@@ -202,39 +248,39 @@ def pruned_reason(rec: dict, built: dict[str, dict], budget: float) -> str | Non
     adds error on top of the float low-rank model. Neither is a theorem on held-out text (a
     stacked variant measured within +-0.001 of its parent on MiniLM), so only parents already
     over budget by a clear factor (loss > 1.5 x budget, and > budget + 0.005) prune."""
-    if rec["family"] != "low-rank":
+    if rec.family != "low-rank":
         return None
 
     def over(c):
         return (c is not None and c.get("loss") is not None
                 and c["loss"] > max(1.5 * budget, budget + 0.005))
 
-    parent = built.get(rec.get("parent") or "")
+    parent = built.get(rec.parent or "")
     if over(parent):
         return f"its float parent {parent['name']} is over budget (loss {parent['loss']:+.4f})"
     for name, c in built.items():
-        if (name.startswith(f"lr-{rec['scope']}-") and "+" not in name and over(c)
-                and c["name"] != rec["name"] and float(name.rsplit("-", 1)[1]) > rec["ratio"]):
+        if (name.startswith(f"lr-{rec.scope}-") and "+" not in name and over(c)
+                and c["name"] != rec.name and float(name.rsplit("-", 1)[1]) > rec.ratio):
             return (f"{name} keeps more of every weight and is already over budget "
                     f"(loss {c['loss']:+.4f})")
     return None
 
 
-def _describe(rec: dict, weight_only: bool) -> str:
-    if rec["family"] == "quantized":
-        if rec["quant"] == "int8":
+def _describe(rec: Candidate, weight_only: bool, update: bool) -> str:
+    if rec.family == "quantized":
+        if rec.ort == "int8":
             return ("MatMulNBits 8-bit weight-only, all weight MatMuls" if weight_only else
                     "ORT INT8 dynamic, per-channel, all weight MatMuls")
         return "MatMulNBits 4-bit, block 32, all weight MatMuls"
-    if rec["family"] == "corrected":
-        return (f"lrc {rec['quant']} (+ int8 embedding), whitened low-rank correction of the "
-                f"quantisation error, rank {rec['correct_rank']}")
-    d = (f"SVD-LLM{' + group + update' if rec.get('update') else ''} "
-         f"{'MLP' if rec['scope'] == 'mlp' else 'MLP + attention'} projections, "
-         f"ratio {rec['ratio']:g}")
-    if rec.get("i8f"):
+    if rec.family == "corrected":
+        return (f"lrc {rec.options['quantize']} (+ int8 embedding), whitened low-rank correction "
+                f"of the quantisation error, rank {rec.options['correct_rank']}")
+    d = (f"SVD-LLM{' + group + update' if update else ''} "
+         f"{'MLP' if rec.scope == 'mlp' else 'MLP + attention'} projections, "
+         f"ratio {rec.ratio:g}")
+    if "int8-factors" in rec.then:
         d += ", int8 factors"
-    if rec.get("rest8"):
+    if "quantize-rest" in rec.then:
         d += ", rest INT8" + (" (MatMulNBits 8-bit)" if weight_only else " (ORT dynamic)")
     return d
 
@@ -314,76 +360,79 @@ class _Builder:
             self._factorizer = TruncatingFactorizer(fac, self.max_ratio)
         return self._factorizer
 
-    def build(self, rec: dict, built: dict[str, dict]) -> dict:
-        out = self.folder(rec["name"])
+    def build(self, rec: Candidate, built: dict[str, dict]) -> dict:
+        out = self.folder(rec.name)
         info: dict = {}
-        if rec["family"] == "quantized":
-            mode = "int4" if rec["quant"] == "int4" else ("int8-weight" if self.weight_only
-                                                          else "int8")
+        if rec.ort:  # ONNX Runtime's quantiser alone: the plain baseline
+            mode = "int4" if rec.ort == "int4" else ("int8-weight" if self.weight_only
+                                                     else "int8")
             r = quantize(self.src, out / "model.onnx", mode, targets="all",
                          accuracy_level=self.accuracy_level, check=False)
             info["quantize"] = r["summary"]
             return info
-        if rec["family"] == "corrected":
-            quant = rec["quant"]
-            if quant == "int8" and self.weight_only:
-                quant = "int8-weight"
-            m, report = compress(str(self.src), quantize=quant, correct_rank=rec["correct_rank"],
-                                 accuracy_level=self.accuracy_level or 0,
-                                 calib_tokens=self.calib_tokens, tokenizer=self.tokenizer)
+        if rec.parent is not None:
+            return self._then(rec, out, built)
+        options = dict(rec.options, calib_tokens=self.calib_tokens, tokenizer=self.tokenizer)
+        if rec.family == "corrected":
+            if options["quantize"] == "int8" and self.weight_only:
+                options["quantize"] = "int8-weight"
+            m, report = compress(str(self.src), accuracy_level=self.accuracy_level or 0,
+                                 **options)
             M.save(m, out / "model.onnx", force=True)
             (out / "lrc.json").write_text(json.dumps(report, indent=1))
             info["quantize"] = report["summary"]
             return info
-        parent = built.get(rec.get("parent") or "")
-        if rec.get("parent") and parent is None:
+        step = {"next": 0.25}
+
+        def progress(done, total, _name):  # factorising is the slow part: say where it is
+            if total and done / total >= step["next"]:
+                self.log(f"  {rec.name}: factorised {done}/{total} projections")
+                step["next"] += 0.25
+
+        if self.update:  # one sequential fit per candidate (its ratios shape the inputs)
+            self.log(f"  {rec.name}: grouped + update ({self.calib_tokens} calibration tokens)")
+            m, report = compress(str(self.src), group_inputs=True, update=True,
+                                 progress=progress, **options)
+            if self.calibration is None:
+                self.calibration = report.get("calibration")
+        else:
+            options = {k: v for k, v in options.items() if k not in ("calib_tokens", "tokenizer")}
+            m, report = compress(M.load(self.src), factorizer=self.factorizer(),
+                                 progress=progress, **options)
+        M.save(m, out / "model.onnx", force=True)
+        (out / "lrc.json").write_text(json.dumps(report, indent=1))
+        info["params_ratio"] = report["totals"]["params_ratio"]
+        info["compress"] = report["summary"]
+        return info
+
+    def _then(self, rec: Candidate, out: Path, built: dict[str, dict]) -> dict:
+        """The parent's output rewritten by ``rec.then``'s modifiers, in order."""
+        parent = built.get(rec.parent)
+        if parent is None:
             shutil.rmtree(out, ignore_errors=True)
-            raise LrcError(f"not built: {rec['parent']} failed")
-        if parent is None:  # the float low-rank model
-            step = {"next": 0.25}
-
-            def progress(done, total, _name):  # factorising is the slow part: say where it is
-                if total and done / total >= step["next"]:
-                    self.log(f"  {rec['name']}: factorised {done}/{total} projections")
-                    step["next"] += 0.25
-
-            if self.update:  # one sequential fit per candidate (its ratios shape the inputs)
-                self.log(f"  {rec['name']}: grouped + update ({self.calib_tokens} calibration "
-                         "tokens)")
-                m, report = compress(str(self.src), ratio=rec["ratio"],
-                                     include=SCOPES[rec["scope"]], method=METHOD,
-                                     group_inputs=True, update=True,
-                                     calib_tokens=self.calib_tokens, tokenizer=self.tokenizer,
-                                     progress=progress)
-                if self.calibration is None:
-                    self.calibration = report.get("calibration")
-            else:
-                m, report = compress(M.load(self.src), ratio=rec["ratio"],
-                                     include=SCOPES[rec["scope"]], method=METHOD,
-                                     factorizer=self.factorizer(), progress=progress)
-            M.save(m, out / "model.onnx", force=True)
-            (out / "lrc.json").write_text(json.dumps(report, indent=1))
-            info["params_ratio"] = report["totals"]["params_ratio"]
-            info["compress"] = report["summary"]
-            return info
-        info["params_ratio"] = parent.get("params_ratio")
+            raise LrcError(f"not built: {rec.parent} failed")
+        info = {"params_ratio": parent.get("params_ratio")}
         src = Path(parent["path"])
-        if rec.get("i8f"):
-            m = M.load(src / "model.onnx")
-            q = Int8FactorsPass(self.provider.int8_form)
-            q(m)
-            M.save(m, out / "model.onnx", force=True)
-            info["int8_factors"] = q.record["summary"]
-            src = out
-        if rec.get("rest8"):
-            tmp = out / "rest8.onnx"
-            r = quantize(src / "model.onnx", tmp, "int8-weight" if self.weight_only else "int8",
-                         targets="rest", accuracy_level=self.accuracy_level, check=False)
-            if r["quantized"] == 0:
-                shutil.rmtree(out)
-                raise _Duplicate("nothing left dense to quantise")
-            os.replace(tmp, out / "model.onnx")
-            info["quantize_rest"] = r["summary"]
+        for step in rec.then:
+            if step == "int8-factors":
+                m = M.load(src / "model.onnx")
+                q = Int8FactorsPass(self.provider.int8_form)
+                q(m)
+                M.save(m, out / "model.onnx", force=True)
+                info["int8_factors"] = q.record["summary"]
+                src = out
+            elif step == "quantize-rest":
+                tmp = out / "rest8.onnx"
+                r = quantize(src / "model.onnx", tmp, "int8-weight" if self.weight_only
+                             else "int8", targets="rest", accuracy_level=self.accuracy_level,
+                             check=False)
+                if r["quantized"] == 0:
+                    shutil.rmtree(out)
+                    raise _Duplicate("nothing left dense to quantise")
+                os.replace(tmp, out / "model.onnx")
+                info["quantize_rest"] = r["summary"]
+            else:
+                raise LrcError(f"tune: unknown step {step!r}")
         return info
 
 
@@ -438,24 +487,23 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
     resolve_ep(ep)
     log = _log(progress)
     t_start = time.perf_counter()
-    src_in = Path(model)
-    src = resolve_model_path(src_in)
-    if src_in.is_dir() and len(list(src_in.glob("*.onnx"))) > 1:
-        raise LrcError(f"{src_in}: tune takes one model; this folder holds several .onnx files")
+    ref = resolve(model, tokenizer=tokenizer)
+    src = ref.need_file("tune")
+    if len(ref.files) > 1:
+        raise LrcError(f"{model}: tune takes one model; this folder holds several .onnx files")
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         M.check_output(out_path, force)
-    tok_file = Path(tokenizer) if tokenizer is not None else src.parent / "tokenizer.json"
-    tok_file = tok_file / "tokenizer.json" if tok_file.is_dir() else tok_file
-    if not tok_file.is_file():
+    if ref.tokenizer is None:
         raise LrcError(f"tune needs a tokenizer (quality is measured on text): none at "
-                       f"{tok_file}; pass --tokenizer PATH")
+                       f"{ref.folder / 'tokenizer.json'}; pass {opt('tokenizer')}")
+    tok_file = ref.tokenizer
     probe = E.load_model(src, threads=threads)
     kind = "causal-lm" if probe.is_lm else "encoder"
     del probe
     if budget_kind is not None and budget_kind != kind:
-        hint = {"causal-lm": "a perplexity budget (--max-ppl-increase)",
-                "encoder": "a Pearson budget (--max-pearson-drop)"}
+        hint = {"causal-lm": f"a perplexity budget ({opt('max_ppl_increase')})",
+                "encoder": f"a Pearson budget ({opt('max_pearson_drop')})"}
         raise LrcError(f"{src} is {'a causal LM' if kind == 'causal-lm' else 'an encoder'}: "
                        f"give {hint[kind]}, not {hint.get(budget_kind, budget_kind)}")
     budget = DEFAULT_LOSS[kind] if max_quality_loss is None else float(max_quality_loss)
@@ -471,16 +519,15 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
     builder = _Builder(src, work, ep, calib_tokens, str(tok_file), log,
                        max(ratios) if not quick else 0.8, update=update)
     plan = plan_candidates(quick, ratios, scopes)
-    for rec in plan:
-        if rec["family"] == "low-rank":
-            rec["update"] = update
-    parents = {p["parent"] for p in plan if p.get("parent")}
+    parents = {p.parent for p in plan if p.parent}
     cands: list[dict] = []
     built: dict[str, dict] = {}
     try:
         for i, rec in enumerate(plan, 1):
-            c = {"name": rec["name"], "family": rec["family"],
-                 "recipe": _describe(rec, builder.weight_only)}
+            c = {"name": rec.name, "family": rec.family,
+                 "recipe": _describe(rec, builder.weight_only, update and rec.family == "low-rank"),
+                 "compose": {"options": rec.options, "ort": rec.ort, "parent": rec.parent,
+                             "then": list(rec.then)}}
             why = pruned_reason(rec, built, budget) if prune else None
             if why:
                 log(f"[{i}/{len(plan)}] {c['name']}: skipped ({why})")
@@ -498,12 +545,12 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 msg = msg if isinstance(e, LrcError) else f"{type(e).__name__}: {msg}"
                 log(f"[{i}/{len(plan)}] {c['name']}: failed: {msg}")
-                shutil.rmtree(work / rec["name"], ignore_errors=True)
+                shutil.rmtree(work / rec.name, ignore_errors=True)
                 c.update(error=msg, within_budget=False)
                 cands.append(c)
                 continue
             c["build_s"] = round(time.perf_counter() - t0, 1)
-            path = work / rec["name"]
+            path = work / rec.name
             c["path"] = str(path)
             c["size_bytes"] = _dir_size(path)
             t0 = time.perf_counter()
@@ -514,9 +561,9 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
             c["within_budget"] = bool(c["loss"] <= budget + 1e-12)
             log(f"[{i}/{len(plan)}] {c['name']}: loss {c['loss']:+.4f} "
                 f"({'within' if c['within_budget'] else 'over'} budget {budget:g})")
-            built[rec["name"]] = c
+            built[rec.name] = c
             cands.append(c)
-            if not c["within_budget"] and rec["name"] not in parents and not keep_workdir:
+            if not c["within_budget"] and rec.name not in parents and not keep_workdir:
                 shutil.rmtree(path, ignore_errors=True)  # not timed: free the disk now
         for c in cands:  # candidates over budget are not timed: free their disk now
             if not c.get("within_budget") and c.get("path") and not keep_workdir:
@@ -585,7 +632,7 @@ def tune(model, *, max_quality_loss: float | None = None, objective: str = "late
                       "machine": bench_res["machine"]} if bench_res else None,
         }
         if chosen is not None and out_path is not None:
-            result["output"] = str(_write_out(Path(chosen["path"]), src_in, out_path, force))
+            result["output"] = str(_write_out(Path(chosen["path"]), Path(model), out_path, force))
         result["seconds"] = round(time.perf_counter() - t_start, 1)
         if result["output"]:
             from lrc.graph.model import write_text_atomic

@@ -20,18 +20,19 @@ ROOT = Path(__file__).resolve().parents[1] / "lrc"
 
 # lowest first; a module may import from its own layer or any layer before it
 LAYERS = [
-    ("foundations", ["lrc.errors", "lrc.factorize", "lrc.quantmath", "lrc.data", "lrc.sysmem"]),
-    ("graph", ["lrc.graph"]),
+    ("foundations", ["lrc.errors", "lrc.factorize", "lrc.quantmath", "lrc.data", "lrc.sysmem",
+                     "lrc.version", "lrc.fields"]),
+    ("graph", ["lrc.graph", "lrc.modelref"]),
     ("export", ["lrc.exporters"]),
     ("runtime", ["lrc.runtime"]),
     ("calibration", ["lrc.calibration"]),
     ("methods", ["lrc.methods"]),
-    ("compress", ["lrc.pipeline", "lrc.quantize"]),
+    ("compress", ["lrc.config", "lrc.modifiers", "lrc.pipeline", "lrc.quantize"]),
     ("measure", ["lrc.measure"]),
     ("generate", ["lrc.generate"]),
     ("tune", ["lrc.tune"]),
     ("present", ["lrc.present"]),
-    ("api", ["lrc.api", "lrc.model"]),
+    ("api", ["lrc.api", "lrc.model", "lrc"]),
     ("cli", ["lrc.cli"]),
 ]
 
@@ -51,21 +52,26 @@ MODULES = _modules()
 
 
 def layer_of(module: str) -> int | None:
+    if module == "lrc":  # the package: its lazy public names (lrc.compress, ...) sit on top
+        return next(i for i, (name, _) in enumerate(LAYERS) if name == "api")
     for i, (_, prefixes) in enumerate(LAYERS):
-        if any(module == p or module.startswith(p + ".") for p in prefixes):
+        if any(module == p or (p != "lrc" and module.startswith(p + ".")) for p in prefixes):
             return i
     return None
 
 
 def _resolve(name: str) -> str | None:
-    """The lrc module an import names (``lrc.graph.model`` for ``from lrc.graph import model``)."""
+    """The lrc module an import names (``lrc.graph.model`` for ``from lrc.graph import model``;
+    ``lrc`` for a name the package itself holds)."""
     while name and name not in MODULES:
         name = name.rpartition(".")[0]
     return name or None
 
 
 def imports_of(module: str) -> set[str]:
-    """lrc modules imported anywhere in ``module`` (top level or inside functions)."""
+    """lrc modules imported anywhere in ``module`` (top level or inside functions: a lazy
+    import is a dependency too); ``lrc`` itself when the package is imported (``import lrc``,
+    ``from lrc import __version__``), not when a submodule is (``from lrc import methods``)."""
     tree = ast.parse(MODULES[module].read_text())
     pkg = module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
     found = set()
@@ -78,17 +84,19 @@ def imports_of(module: str) -> set[str]:
             if node.level:
                 up = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
                 base = ".".join(up + ([base] if base else []))
-            names = [f"{base}.{a.name}" for a in node.names] + [base]
+            names = [f"{base}.{a.name}" for a in node.names]
+            if base != "lrc":
+                names.append(base)
         for n in names:
-            if n == "lrc" or not n.startswith("lrc."):
-                continue  # the package itself holds only __version__ and lazy public names
+            if n != "lrc" and not n.startswith("lrc."):
+                continue
             m = _resolve(n)
-            if m and m != module and m != "lrc":
+            if m and m != module:
                 found.add(m)
     return found
 
 
-GRAPH = {m: imports_of(m) for m in MODULES if m != "lrc"}
+GRAPH = {m: imports_of(m) for m in MODULES}
 
 
 def test_every_module_has_a_layer():
@@ -134,6 +142,17 @@ def _sources_with(text: str) -> list[str]:
 ])
 def test_one_home(needle, home):
     assert _sources_with(needle) == home
+
+
+def test_the_package_is_seen_and_its_lazy_names_resolve():
+    """The package is a module of the graph (a layer below importing ``lrc`` itself would be an
+    upward import and a cycle through its lazy names); each public name resolves."""
+    import lrc
+
+    assert "lrc" in GRAPH and layer_of("lrc") is not None
+    assert {"lrc.api", "lrc.measure.verify", "lrc.errors", "lrc.version"} <= GRAPH["lrc"]
+    for name in lrc.__all__:
+        assert getattr(lrc, name) is not None
 
 
 def test_graph_layer_has_no_onnxruntime():

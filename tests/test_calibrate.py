@@ -163,7 +163,7 @@ def test_graph_input_and_errors(tiny):
         collect_stats(tiny, ["W1"], [feeds])
     with pytest.raises(LrcError, match="not produced"):
         collect_stats(tiny, ["nope"], [feeds])
-    with pytest.raises(LrcError, match="not found"):
+    with pytest.raises(LrcError, match="no such file"):
         collect_stats(tiny.parent / "missing.onnx", ["h"], [feeds])
 
 

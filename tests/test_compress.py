@@ -15,7 +15,8 @@ import lrc
 import lrc.pipeline
 from graphs import matmul_chain, run, to_proto
 from lrc.cli import app
-from lrc.pipeline import CompressConfig, compress_model, run_passes
+from lrc.graph.passes.run import run_passes
+from lrc.pipeline import CompressConfig, compress_model
 from lrc.errors import LrcError
 from lrc.graph import folder
 from lrc.graph.model import as_model, load
@@ -30,7 +31,7 @@ def _cli(*args):
 
 
 def test_config_pipeline_equals_the_api_wrapper():
-    m1, r1 = compress_model(matmul_chain(), CompressConfig(rank=3, method="svd"))
+    m1, r1 = compress_model(matmul_chain(), CompressConfig.of(rank=3, method="svd"))
     m2, r2 = lrc.compress(matmul_chain(), rank=3, method="svd")
     x = np.random.default_rng(0).standard_normal((2, 4, 16)).astype(np.float32)
     assert np.array_equal(run(to_proto(m1), {"x": x})[0], run(to_proto(m2), {"x": x})[0])
@@ -54,8 +55,10 @@ def test_int8_pass_requires_factors_and_forms_registry():
     with pytest.raises(LrcError, match="int8 form must be dynamic or qdq"):
         get_form("int4")
     assert list(FORMS) == ["dynamic", "qdq"]
-    with pytest.raises(LrcError, match="int8 form"):
+    with pytest.raises(LrcError, match="int8 must be true or false"):
         lrc.compress(matmul_chain(), rank=3, int8="int4")
+    with pytest.raises(LrcError, match="int8_form must be one of dynamic, qdq"):
+        lrc.compress(matmul_chain(), rank=3, int8=True, int8_form="int4")
     # nothing rewritten: the int8 pass is not composed (no precondition error)
     _, rep = lrc.compress(matmul_chain(), rank=3, int8=True, exclude=["ffn", "attn"])
     assert "int8" not in rep and rep["totals"]["rewritten"] == 0
@@ -71,9 +74,9 @@ def test_user_errors_inside_passes_are_not_wrapped():
 
 def test_in_memory_model_never_falls_back_silently(tmp_path):
     # explicit data-aware method, nothing to find a tokenizer by: one clear error
-    with pytest.raises(LrcError, match="in-memory model needs tokenizer="):
+    with pytest.raises(LrcError, match="in-memory model needs tokenizer"):
         lrc.compress(matmul_chain(), rank=3, method="svd-llm")
-    with pytest.raises(LrcError, match="in-memory model needs tokenizer="):
+    with pytest.raises(LrcError, match="in-memory model needs tokenizer"):
         lrc.compress(matmul_chain(), rank=3, method="svd-llm", update=True)
     # auto says why it chose plain SVD
     _, rep = lrc.compress(matmul_chain(), rank=3)
@@ -91,18 +94,18 @@ def test_in_memory_model_is_calibrated_as_it_is(tmp_path, monkeypatch):
     m = load(p)
     seen = {}
 
-    def fake(model, names, texts, *a, **kw):
-        seen["model"], seen["path"] = model, kw.get("path")
+    def fake(ref, names, texts, *a, **kw):  # the model reference calibration runs
+        seen["model"], seen["path"] = ref.source, ref.file
         return {}
 
     monkeypatch.setattr(S, "cached_stats", fake)
-    _, rep = lrc.compress(m, rank=3, method="svd-llm", update=False, calib_default=False,
+    _, rep = lrc.compress(m, rank=3, method="svd-llm", update=False, calib_only=True,
                           calib=[_text(tmp_path)])
     assert seen["model"] is m and str(seen["path"]) == str(p)
     assert rep["method"] == "svd-llm"
     # given a path, calibration runs the file
-    lrc.compress(p, rank=3, method="asvd", calib_default=False, calib=[_text(tmp_path)])
-    assert seen["model"] == str(p)
+    lrc.compress(p, rank=3, method="asvd", calib_only=True, calib=[_text(tmp_path)])
+    assert seen["model"] == p
 
 
 def _text(tmp_path):
@@ -171,7 +174,7 @@ def test_decoder_model_merged_folder_through_every_command(merged_folder, tmp_pa
     assert rep["checks"] == {"checker": "ok", "shape_inference": "ok", "ort_cpu_session": "ok"}
     r = _cli("verify", merged_folder, out, "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["outputs"]["y"]["rel"] > 0
+    assert json.loads(r.output)["outputs"]["y"]["rel_error"] > 0
     r = _cli("analyse", out, "--json")
     assert r.exit_code == 0, r.output
     # quantize: --quantize-rest on the folder, and lrc.quantize on the folder

@@ -47,7 +47,7 @@ def _placed(path, tmp_path, feeds, provider="cuda"):
 @pytest.mark.parametrize("form,falls_back", [("qdq", False), ("dynamic", True)])
 def test_int8_forms_on_cuda(tmp_path, form, falls_back):
     """qdq factors run entirely on CUDA; the dynamic form needs the CPU (ORT #7745, #12229)."""
-    new, _ = lrc.compress(matmul_chain(d=64, hidden=256), rank=16, int8=form)
+    new, _ = lrc.compress(matmul_chain(d=64, hidden=256), rank=16, int8=True, int8_form=form)
     p = tmp_path / "q.onnx"
     lrc.model.save(new, p)
     so = ort.SessionOptions()
@@ -68,7 +68,7 @@ QUANT_FORMS = {
     "int4-correct32": dict(quantize="int4", correct_rank=32, method="svd"),
     "int4-correct32-add": dict(quantize="int4", correct_rank=32, correct_form="add", method="svd"),
     "int8-weight": dict(quantize="int8-weight"),
-    "lowrank-int8-qdq": dict(rank=16, int8="qdq"),
+    "lowrank-int8-qdq": dict(rank=16, int8=True, int8_form="qdq"),
 }
 
 

@@ -8,7 +8,8 @@ import pytest
 from test_evaluate import lm, write_lm  # noqa: F401 (lm: fixture)
 
 from lrc.errors import LrcError
-from lrc.measure.drift import compare_arrays, default_drift_tensors, layer_drift
+from lrc.measure.drift import default_drift_tensors, layer_drift
+from lrc.measure.metrics import compare_tensors as compare_arrays
 from lrc.present.quality import format_table
 
 
@@ -16,14 +17,14 @@ def test_compare_arrays_metrics():
     a = np.array([[3.0, 4.0]], np.float32)
     m = compare_arrays(a, np.array([[3.0, 4.5]], np.float32))
     assert m["max_abs"] == 0.5 and m["mean_abs"] == 0.25
-    assert m["rel"] == pytest.approx(0.1)
+    assert m["rel_error"] == pytest.approx(0.1)
     assert m["cosine"] == pytest.approx((9 + 18) / (5 * np.hypot(3, 4.5)))
-    assert compare_arrays(a, a) == {"max_abs": 0.0, "mean_abs": 0.0, "rel": 0.0, "cosine": 1.0}
+    assert compare_arrays(a, a) == {"max_abs": 0.0, "mean_abs": 0.0, "rel_error": 0.0, "cosine": 1.0}
     # a zero reference: relative error 0 when both are zero, else 1
     z = np.zeros(3)
-    assert compare_arrays(z, z)["rel"] == 0.0 and compare_arrays(z, z)["cosine"] == 1.0
-    assert compare_arrays(z, np.ones(3))["rel"] == 1.0
-    assert compare_arrays(a, a.reshape(2, 1))["rel"] == 0.0  # element by element
+    assert compare_arrays(z, z)["rel_error"] == 0.0 and compare_arrays(z, z)["cosine"] == 1.0
+    assert compare_arrays(z, np.ones(3))["rel_error"] == 1.0
+    assert compare_arrays(a, a.reshape(2, 1))["rel_error"] == 0.0  # element by element
     assert compare_arrays(a, np.zeros(3)) == {"shape_mismatch": [[1, 2], [3]]}
 
 
@@ -33,12 +34,12 @@ def test_layer_drift_finds_perturbed_tensor(lm, tmp_path):  # noqa: F811
     bad = write_lm(tmp_path / "bad", w2)
     names = ["h", "a", "l1_out", "t", "logits"]
     rows = layer_drift(folder, bad, names)
-    assert rows[0]["tensor"] == "logits" and rows[0]["rel_norm"] > 0.1
+    assert rows[0]["tensor"] == "logits" and rows[0]["rel_error"] > 0.1
     for r in rows[1:]:
-        assert r["rel_norm"] == pytest.approx(0.0, abs=1e-6) and r["cosine"] == pytest.approx(1.0)
-    assert set(rows[0]) == {"tensor", "cosine", "rel_norm", "max_abs", "shape"}
+        assert r["rel_error"] == pytest.approx(0.0, abs=1e-6) and r["cosine"] == pytest.approx(1.0)
+    assert set(rows[0]) == {"tensor", "cosine", "rel_error", "max_abs", "shape"}
     # a graph input is compared too (from the feeds)
-    assert layer_drift(folder, bad, ["input_ids"])[0]["rel_norm"] == 0.0
+    assert layer_drift(folder, bad, ["input_ids"])[0]["rel_error"] == 0.0
 
 
 def test_layer_drift_default_tensors_on_low_rank(lm, tmp_path):  # noqa: F811
@@ -49,8 +50,8 @@ def test_layer_drift_default_tensors_on_low_rank(lm, tmp_path):  # noqa: F811
     rows = layer_drift(folder, new)  # default: MatMul outputs in both, default feeds
     names = [r["tensor"] for r in rows]
     assert set(names) == {"l1_out", "logits", "k"}
-    assert names[-1] == "k" and rows[-1]["rel_norm"] == pytest.approx(0.0, abs=1e-6)
-    assert rows[0]["rel_norm"] > 0.01
+    assert names[-1] == "k" and rows[-1]["rel_error"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[0]["rel_error"] > 0.01
     table = format_table(rows)
     assert table.row_count == 3
 

@@ -99,6 +99,7 @@ def test_text_feeds_symbolic_cache_dims_use_config(tmp_path):
         F.text_feeds(s, np.array([[1, 2]]))
     (tmp_path / "config.json").write_text(json.dumps(
         {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 48}))
+    s = open_session(path)  # the model's reference (and its config) is read when it is opened
     f = F.text_feeds(s, np.array([[1, 2]]))
     assert f["past_key_values.0.key"].shape == (1, 3, 0, 8)
     f = F.text_feeds(s, np.array([[1, 2]]), config={"num_key_value_heads": 1, "head_dim": 2})

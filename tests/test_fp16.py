@@ -203,8 +203,8 @@ def test_tiny_llama_fp16_svd_llm(llama16, tmp_path):
     f32, f16 = llama16
     cfg = dict(ratio=0.6, method="svd-llm", calib_tokens=2048)
     c32, c16 = tmp_path / "c32.onnx", tmp_path / "c16.onnx"
-    s32 = compress_file(f32, c32, CompressConfig(**cfg))
-    s16 = compress_file(f16, c16, CompressConfig(**cfg))
+    s32 = compress_file(f32, c32, CompressConfig.of(**cfg))
+    s16 = compress_file(f16, c16, CompressConfig.of(**cfg))
     assert s16["totals"]["rewritten"] == s32["totals"]["rewritten"] > 0
     assert {r["method"] for r in s16["rewritten"]} == {r["method"] for r in s32["rewritten"]}
     assert all(r["method"].startswith("svd-llm") for r in s16["rewritten"])

@@ -148,7 +148,7 @@ def test_int8_factors(form):
     x = np.random.default_rng(5).standard_normal((2, 8, 32)).astype(np.float32)
     fp, _ = lrc.compress(matmul_chain(d=32, hidden=64), rank=12)
     ref = run(to_proto(fp), {"x": x})[0]
-    new, rep = lrc.compress(m, rank=12, int8=form)
+    new, rep = lrc.compress(m, rank=12, int8=True, int8_form=form)
     p = to_proto(new)
     onnx.checker.check_model(p, full_check=True)
     ops = _ops(p)

@@ -299,7 +299,7 @@ def _npz_batches(folder, n=3, d=64):
 def _compress(src, out, **kw):
     from lrc.pipeline import CompressConfig, compress_model
 
-    model, report = compress_model(src, CompressConfig(**kw))
+    model, report = compress_model(src, CompressConfig.of(**kw))
     M.save(model, out)
     return model, report
 

@@ -1,5 +1,6 @@
-"""The LM metric registry (lrc.measure.quality.LM_METRICS): every metric reaches compare_lm's
-result and eval's table; top-5 agreement (the registry's newest entry) checked against numpy."""
+"""The metric registry (lrc.measure.metrics): every LM metric reaches compare_lm's result and
+eval's table; top-5 agreement checked against numpy; the tensor metrics are verify's,
+layer drift's and agreement's, under one name each."""
 
 import numpy as np
 import pytest
@@ -41,8 +42,10 @@ def test_top5_agreement_matches_numpy(lm, tmp_path):
 
 def test_a_new_metric_is_one_registry_entry(lm, monkeypatch):
     _, folder = lm
-    entropy = E.LMMetric("new_entropy", "entropy of new", lambda lp_o, lp_n, lo, ln:
-                         -(np.exp(lp_n) * lp_n).sum(-1, dtype=np.float64))
+    from lrc.measure.metrics import Metric
+
+    entropy = Metric("new_entropy", "entropy of new", "distribution", lambda lp_o, lp_n, lo, ln:
+                     -(np.exp(lp_n) * lp_n).sum(-1, dtype=np.float64))
     monkeypatch.setitem(E.LM_METRICS, entropy.key, entropy)
     res = E.compare_lm(folder, folder, _text(), context=32, max_tokens=300)
     assert res["new_entropy"] > 0

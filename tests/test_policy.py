@@ -90,19 +90,20 @@ def test_global_budget_uniform_over_selection():
 
 def test_auto_method_resolution(tmp_path):
     from lrc.methods import resolve
+    from lrc.modelref import resolve as ref_of
 
     # in memory without a tokenizer: nothing to calibrate on
-    assert resolve("auto", home=None, in_memory=True)[0] == "svd"
+    assert resolve("auto", ref_of(matmul_chain()))[0] == "svd"
     import onnx
 
     p = tmp_path / "m.onnx"
     onnx.save(matmul_chain(), p)
-    method, why = resolve("auto", home=p)
+    method, why = resolve("auto", ref_of(p))
     assert method == "svd" and "tokenizer" in why
-    assert resolve("auto", home=p, rank="full")[0] == "svd"
-    assert resolve("asvd", home=p)[0] == "asvd"
+    assert resolve("auto", ref_of(p), rank="full")[0] == "svd"
+    assert resolve("asvd", ref_of(p))[0] == "asvd"
     with pytest.raises(LrcError, match="unknown method"):
-        resolve("nope", home=p)
+        resolve("nope", ref_of(p))
 
 
 def test_target_speedup_from_ort_profile(tmp_path):
@@ -130,11 +131,12 @@ def test_auto_method_sees_the_file_behind_a_loaded_model(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     m = load(p)  # an in-memory model that knows the folder its tokenizer is in
     # --rank full resolves auto to svd before any calibration: only the note is checked here
-    _, rep = compress_model(m, CompressConfig(rank="full"))
+    _, rep = compress_model(m, CompressConfig.of(rank="full"))
     assert rep["method"] == "svd"
     from lrc.methods import resolve
+    from lrc.modelref import resolve as ref_of
 
-    method, why = resolve("auto", home=p, in_memory=True)
+    method, why = resolve("auto", ref_of(m))
     assert method in ("svd-llm", "svd") and "no model file" not in why
 
 

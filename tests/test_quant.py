@@ -11,8 +11,10 @@ import pytest
 from graphs import run, shared_input, tied_head
 from lrc.factorize import whiten_factor
 from lrc.errors import LrcError
+from lrc.graph.passes.embedding import EmbeddingPass
 from lrc.graph.passes.quant import QuantizePass, QuantSpec
-from lrc.pipeline import run_passes
+from lrc.graph.passes.run import run_passes
+from lrc.runtime.runtimes import target_forms
 from lrc.quantmath import (correction_factors, dequantize, quantize_blockwise, quantize_columns,
                            whitened_error, whitened_norm2)
 
@@ -80,7 +82,7 @@ def test_correction_error_is_the_dropped_whitened_spectrum():
 def _apply(model_proto, spec, corrector=None):
     m = ir.serde.deserialize_model(model_proto)
     p = QuantizePass(spec, corrector)
-    run_passes([p], m)
+    run_passes([p, EmbeddingPass(spec, p.record)], m)
     return ir.serde.serialize_model(m), p.record
 
 
@@ -348,13 +350,13 @@ def test_auto_ranks_spend_the_budget_where_the_error_is():
     budget = sum(n.weight_bytes_after for n in rec_u.nodes) - base  # uniform rank 16's bytes
     auto, rec_a = _apply(proto, parse_spec("int4", "auto", block_size=16, accuracy_level=0,
                                            embedding="float", budget_mb=budget / 1e6), corr)
-    assert any("--correct-rank auto" in n for n in rec_a.notes)
+    assert any("correct_rank=auto" in n for n in rec_a.notes)
     ranks = {n.role: n.rank for n in rec_a.nodes}
     assert all(r % 16 == 0 for r in ranks.values()) and max(ranks.values()) > 0
     assert sum(n.weight_bytes_after for n in rec_a.nodes) - base <= budget + 1
     err = {k: sum(n.werr_after ** 2 for n in r.nodes) for k, r in (("u", rec_u), ("a", rec_a))}
     assert err["a"] <= err["u"] * 1.02, err
-    with pytest.raises(LrcError, match="goes with --correct-rank auto"):
+    with pytest.raises(LrcError, match="goes with correct_rank=auto"):
         parse_spec("int4", "16", budget_mb=1.0)
 
 
@@ -448,7 +450,7 @@ def test_openvino_target_is_standard_block_dequantize(tmp_path):
     feeds = {"x2d": x, "z": RNG.standard_normal((50, 32)).astype(np.float32)}
     corr = _gram_corrector(x.T.astype(np.float64) @ x)
     ort_q, _ = _apply(proto, QuantSpec("int4", 16, 0, 16, embedding="float"), corr)
-    std, rec = _apply(proto, QuantSpec("int4", 16, 0, 16, embedding="float", target="openvino"),
+    std, rec = _apply(proto, QuantSpec("int4", 16, 0, 16, embedding="float", target="openvino", forms=target_forms("openvino")),
                       corr)
     ops = [n.op_type for n in std.graph.node]
     assert ops.count("DequantizeLinear") == 4 and "MatMulNBits" not in ops
@@ -472,7 +474,7 @@ def test_tract_target_is_per_column_int8(tmp_path):
     q8, s8 = quantize_columns(e.T, 127)  # the table's rows = the head's columns: one code set
     deq = q8.astype(np.float32) * s8
     for scheme, op in (("int8-weight", "DequantizeLinear"), ("int8", "MatMulInteger")):
-        q, rec = _apply(proto, QuantSpec(scheme, target="tract"))
+        q, rec = _apply(proto, QuantSpec(scheme, target="tract", forms=target_forms("tract")))
         ops = [n.op_type for n in q.graph.node]
         assert op in ops and "Gather" in ops and not any(
             o.domain == "com.microsoft" for o in q.opset_import), ops
@@ -486,6 +488,6 @@ def test_tract_target_is_per_column_int8(tmp_path):
         ref = e[ids] @ e.T
         assert np.linalg.norm(got - ref) < 0.05 * np.linalg.norm(ref)
     with pytest.raises(LrcError, match="tract.*4-bit"):
-        QuantSpec("int4", target="tract")
-    with pytest.raises(LrcError, match="GatherBlockQuantized"):
-        QuantSpec("int8", embedding="int4", target="any")
+        QuantSpec("int4", target="tract", forms=target_forms("tract"))
+    with pytest.raises(LrcError, match="per-row DequantizeLinear.*use int8 or float"):
+        QuantSpec("int8", embedding="int4", target="any", forms=target_forms("any"))

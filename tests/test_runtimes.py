@@ -170,7 +170,7 @@ def test_bench_skips_what_a_runtime_cannot_run(files):
     with pytest.raises(LrcError, match="nothing could be measured"):
         B.bench([files["inverse"]], runtimes=("openvino",), runs=1, warmup=0, memory=False,
                 amdahl=False)
-    with pytest.raises(LrcError, match="add ort to --runtime"):
+    with pytest.raises(LrcError, match="add ort to runtime"):
         B.bench([files["big"]], eps=("cuda",), runtimes=("tract",))
 
 

@@ -24,15 +24,21 @@ DENSE = _c("dense", "dense", 1.0, 0.0, 500)
 
 def test_plan_full_and_quick():
     full = plan_candidates(False, (0.9, 0.8, 0.7), ("mlp", "all"))
-    names = [p["name"] for p in full]
+    names = [p.name for p in full]
     assert names[:2] == ["int8", "int4"]
     assert len(names) == len(set(names)) == 2 + len(CORRECTED) + 6 * 4
     assert "int4+corr" in names  # quantisation with a whitened low-rank correction
     assert "lr-all-0.7+i8f+rest8" in names and "lr-mlp-0.9+i8f" in names
     # every variant comes after its float parent
     for i, p in enumerate(full):
-        if p.get("parent"):
-            assert p["parent"] in names[:i]
+        if p.parent:
+            assert p.parent in names[:i]
+    # candidates are compositions of techniques; their family is read off them
+    by = {p.name: p for p in full}
+    assert by["int8"].family == "quantized" and by["int4+corr"].family == "corrected"
+    assert by["lr-all-0.7+i8f+rest8"].then == ("int8-factors", "quantize-rest")
+    assert by["lr-all-0.7+i8f+rest8"].options == {"ratio": 0.7, "include": ["attn", "ffn"],
+                                                  "method": "svd-llm"}
     quick = plan_candidates(True, (0.9,), ("mlp",))
     assert 2 <= len(quick) <= 4
 
@@ -67,7 +73,7 @@ def test_choice_prefers_plain_quantization_when_low_rank_is_within_noise():
 def test_pruning_only_below_a_clearly_failing_measured_parent():
     from lrc.tune import pruned_reason
 
-    plan = {p["name"]: p for p in plan_candidates(False, (0.9, 0.8, 0.7), ("mlp", "all"))}
+    plan = {p.name: p for p in plan_candidates(False, (0.9, 0.8, 0.7), ("mlp", "all"))}
     built = {"lr-mlp-0.9": {"name": "lr-mlp-0.9", "loss": 0.5},
              "lr-all-0.9": {"name": "lr-all-0.9", "loss": 0.12}}
     assert pruned_reason(plan["int8"], built, 0.1) is None
@@ -114,9 +120,9 @@ def test_bad_arguments(tmp_path):
 
     bare = tmp_path / "bare.onnx"
     onnx.save(matmul_chain(), bare)
-    with pytest.raises(LrcError, match="--tokenizer"):
+    with pytest.raises(LrcError, match="pass tokenizer"):
         tune(bare)
-    with pytest.raises(LrcError, match="none at .*nowhere"):
+    with pytest.raises(LrcError, match="nowhere.*no tokenizer.json"):
         tune(bare, tokenizer=tmp_path / "nowhere")
 
 

@@ -80,7 +80,7 @@ def _err(got, ref) -> float:
 def _compress(folder, calib, **kw):
     from lrc.pipeline import compress
 
-    return compress(folder / "model.onnx", calib=[calib], calib_default=False,
+    return compress(folder / "model.onnx", calib=[calib], calib_only=True,
                     calib_tokens=CALIB_TOKENS, calib_seq=CALIB_SEQ, **kw)
 
 
@@ -134,13 +134,13 @@ def test_a_segment_that_cannot_run_falls_back_to_one_shot(exported, monkeypatch)
     monkeypatch.setattr(seq._Segment, "run", broken)
     fb, rep = _compress(folder, calib, update=True, **opts)
     note = rep["calibration"]["fallback"]
-    assert note.startswith("--update fell back to one-shot svd-llm: nodes ") and "\n" not in note
+    assert note.startswith("update fell back to one-shot svd-llm: nodes ") and "\n" not in note
     assert all(r["method"] == "svd-llm" for r in rep["rewritten"])
     np.testing.assert_allclose(_logits(fb, feeds), _logits(one, feeds), rtol=1e-4, atol=1e-5)
 
     q, rep = _compress(folder, calib, quantize="int4", block_size=16, correct_rank=8,
                        update=True)
-    assert rep["calibration"]["fallback"].startswith("--update fell back to one-shot whitened")
+    assert rep["calibration"]["fallback"].startswith("update fell back to one-shot whitened")
     q1, _ = _compress(folder, calib, quantize="int4", block_size=16, correct_rank=8)
     np.testing.assert_allclose(_logits(q, feeds), _logits(q1, feeds), rtol=1e-4, atol=1e-5)
 

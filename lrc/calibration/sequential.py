@@ -75,7 +75,7 @@ import onnx_ir as ir
 
 from lrc.calibration.stats import row_mask
 from lrc.calibration.tokens import token_batches, tokenizer_path
-from lrc.errors import LrcError
+from lrc.errors import LrcError, opt, render
 from lrc.factorize import Factors, whiten_factor
 from lrc.graph.expose import Layout, ancestors, cut_segment, layout
 from lrc.graph.locate import Target, locate
@@ -217,9 +217,10 @@ class _Inputs:
             self.type = f"tensor({elem})"
             self.shape = [d if isinstance(d, int) else str(d) for d in (v.shape or [])]
 
-    def __init__(self, model: ir.Model, path: str | None):
+    def __init__(self, model: ir.Model, ref):
         self._inputs = [self._Arg(v) for v in model.graph.inputs]
-        self.lrc_path = path  # config.json beside it gives the KV-cache dims
+        self.lrc_ref = ref  # its configuration gives the KV-cache dims
+        self.lrc_path = str(ref.file) if ref is not None and ref.file is not None else None
 
     def get_inputs(self):
         return self._inputs
@@ -256,13 +257,23 @@ class UpdateStats:
         return d
 
 
-def _batch_feeds(model: ir.Model, model_path, batches, batch_windows: int) -> list[dict]:
+def _model_ref(model: ir.Model, model_path):
+    """The reference of the model the stages cut: ``model_path`` (a ModelRef, or the file the
+    model was read from), else the one :func:`lrc.modelref.resolve` knows for ``model``."""
+    from lrc.modelref import ModelRef, resolve
+
+    if isinstance(model_path, ModelRef):
+        return model_path
+    return resolve(model, origin=model_path)
+
+
+def _batch_feeds(model: ir.Model, ref, batches, batch_windows: int) -> list[dict]:
     """Feeds dicts: dicts pass through; token-id windows of one length are stacked
     ``batch_windows`` at a time and turned into feeds by ``lrc.feeds.text_feeds``."""
     from lrc.runtime.feeds import text_feeds
 
     out: list[dict] = []
-    shim = _Inputs(model, str(model_path) if model_path else None)
+    shim = _Inputs(model, ref)
     pending: dict[int, list[np.ndarray]] = {}
 
     def flush(length):
@@ -481,14 +492,14 @@ def run_sequential(model: ir.Model, jobs: list[Job], batches: Iterable, *, model
     plan = [(t, ji) for ji, job in enumerate(jobs) for t in job.targets]
     if not plan:
         return st
-    if model_path is None:
-        model_path = model.meta.get("lrc.source_path")
+    ref = _model_ref(model, model_path)
+    model_path = ref.file
     # only what leads to a planned projection: a converted model's casts of its KV-cache
     # outputs at the graph's end would otherwise keep every layer's cache in the state
     lay = layout(model.graph, ancestors(model.graph, _roots(model.graph, [t for t, _ in plan])))
     cuts = stages(lay, plan)
     st.stages = len(cuts)
-    feeds = _batch_feeds(model, model_path, batches, batch_windows)
+    feeds = _batch_feeds(model, ref, batches, batch_windows)
     if not feeds:
         raise LrcError("no calibration batches")
     st.batches = len(feeds)
@@ -681,7 +692,8 @@ def sequential_quant(model: ir.Model, qpass, grams: dict, batches: Iterable, *,
     from lrc.graph.plan import effective_weight
 
     if qpass.spec.auto:
-        raise LrcError("--correct-rank auto with --update is not supported: give the ranks")
+        raise LrcError(f"{opt('correct_rank', 'auto')} with {opt('update')} is not supported: "
+                       "give the ranks")
     targets, _ = quant_targets(model, qpass.select)
     jobs = []
     for spec, group in qpass.groups(targets):
@@ -730,7 +742,8 @@ class SegmentStats:
     def __init__(self, model: ir.Model, targets: dict[str, Target], *, model_path=None,
                  batch_windows: int = 8, threads: int | None = None):
         self.model = model
-        self.path = model_path if model_path is not None else model.meta.get("lrc.source_path")
+        self.ref = _model_ref(model, model_path)
+        self.path = self.ref.file
         self.lay = layout(model.graph, ancestors(model.graph, _roots(model.graph,
                                                                      list(targets.values()))))
         self.cuts = stages(self.lay, [(t, 0) for t in targets.values()])
@@ -744,7 +757,7 @@ class SegmentStats:
 
     def _start(self, batches) -> None:
         if self.feeds is None:
-            self.feeds = _batch_feeds(self.model, self.path, batches, self.batch_windows)
+            self.feeds = _batch_feeds(self.model, self.ref, batches, self.batch_windows)
             if not self.feeds:
                 raise LrcError("no calibration batches")
         self.dtypes: dict[str, np.dtype] = {}
@@ -847,15 +860,15 @@ def sequential_factorizer(model: ir.Model, model_path, policy: Policy, texts: Se
     on ``texts`` (tokenised like ``lrc.calibration.stats.cached_stats`` does), or on
     ``batches`` (feeds dicts or token-id arrays, e.g. from ``--calib-inputs``) when given.
 
-    ``model_path``: the model's file (tokenizer.json, config.json and external data beside it);
-    None: the file ``model`` was loaded from, if any; an in-memory model without one needs
-    ``tokenizer``."""
-    if model_path is None:
-        model_path = model.meta.get("lrc.source_path")
+    ``model_path``: the model's reference or file (tokenizer.json, config.json and external
+    data beside it); None: the file ``model`` was loaded from, if any; an in-memory model
+    without one needs ``tokenizer``."""
+    ref = _model_ref(model, model_path)
+    model_path = ref
     if batches is not None:
         windows = list(batches)
     else:
-        tok = tokenizer_path(model_path, tokenizer)
+        tok = tokenizer_path(ref, tokenizer)
         windows = token_batches(tok, list(texts), n_tokens=n_tokens, seq_len=seq_len, bos=True)
     try:
         factors, st = sequential_factors(model, policy, windows, model_path=model_path,
@@ -871,13 +884,14 @@ def sequential_factorizer(model: ir.Model, model_path, policy: Policy, texts: Se
 
 def fallback_note(reason: str, method: str) -> str:
     """The one line a report carries when the update could not run in segments."""
-    return f"--update fell back to one-shot {method}: {reason}"
+    return render(f"{opt('update')} fell back to one-shot {method}: {reason}")
 
 
 def _input_stats(model: ir.Model, model_path, names, windows, threads) -> dict:
     from lrc.calibration.stats import collect_stats
 
-    return collect_stats(model, sorted(set(names)), windows, threads=threads, path=model_path)
+    return collect_stats(model, sorted(set(names)), windows, threads=threads,
+                         path=_model_ref(model, model_path).file)
 
 
 def _whitening_fallback(model: ir.Model, model_path, policy: Policy, windows, reason: str, *,
@@ -915,15 +929,11 @@ def sequential_update(model, policy: Policy, *, calib_texts: Sequence[str],
     Returns ``(ir.Model, report)`` like ``lrc.compress``."""
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-    from lrc.graph.model import as_model, load, resolve_model_path
+    from lrc.modelref import resolve
 
-    if isinstance(model, (ir.Model, onnx.ModelProto)):
-        model = as_model(model)
-        path = model.meta.get("lrc.source_path")
-    else:
-        path = resolve_model_path(model)
-        model = load(path)
-    factorizer, info = sequential_factorizer(model, path, policy, calib_texts, n_tokens=n_tokens,
+    ref = resolve(model)
+    model = ref.load()
+    factorizer, info = sequential_factorizer(model, ref, policy, calib_texts, n_tokens=n_tokens,
                                              seq_len=seq_len, tokenizer=tokenizer, damp=damp,
                                              threads=threads, progress=progress)
     lr = LowRankPass(policy, factorizer=factorizer)

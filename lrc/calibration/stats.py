@@ -52,6 +52,7 @@ from lrc.calibration.tokens import token_batches, tokenizer_path
 from lrc.errors import LrcError
 from lrc.graph.expose import expose
 from lrc.graph.model import external_files, external_locations
+from lrc.modelref import ModelRef, resolve
 from lrc.runtime.feeds import text_feeds
 from lrc.runtime.session import open_session
 
@@ -368,20 +369,33 @@ class SlicedStats(Mapping):
 # Collection
 # --------------------------------------------------------------------------------------------
 
-# What collect_stats / cached_stats take as a model: a file, or one in memory.
-ModelSource = str | os.PathLike | onnx.ModelProto | ir.Model | bytes
+# What collect_stats / cached_stats take as a model: a ModelRef, a file, or one in memory
+# (serialized bytes too: cached_stats serializes an in-memory model once).
+ModelSource = ModelRef | str | os.PathLike | onnx.ModelProto | ir.Model | bytes
+
+
+def _source(model, path) -> tuple[object, ModelRef | None]:
+    """``(what ONNX Runtime runs: a file or a model in memory, its reference)``: the model
+    resolved once (:func:`lrc.modelref.resolve`; ``path`` is an in-memory model's origin);
+    serialized bytes keep their bytes, with the reference of ``path`` when given."""
+    if isinstance(model, (bytes, bytearray, onnx.ModelProto)):  # run (and hashed) as they are
+        data = bytes(model) if isinstance(model, (bytes, bytearray)) else model
+        return data, (resolve(path) if path is not None else None)
+    ref = resolve(model, origin=path)
+    if ref.in_memory:
+        return ref.model, ref
+    if not ref.file.is_file():
+        raise LrcError(f"model file not found: {ref.file}")
+    return ref.file, ref
 
 
 def _in_memory(model) -> bool:
     return isinstance(model, (onnx.ModelProto, ir.Model, bytes, bytearray))
 
 
-def _default_path(model, path) -> Path | None:
-    """The file an in-memory model's external data and config.json are found beside: ``path``,
-    else the file an ``onnx_ir.Model`` was loaded from (``lrc.graph.model.load``)."""
-    if path is None and isinstance(model, ir.Model):
-        path = model.meta.get("lrc.source_path")
-    return Path(path) if path is not None else None
+def _origin(ref: ModelRef | None) -> Path | None:
+    """The file beside which external data and configs are found."""
+    return ref.file if ref is not None else None
 
 
 def _serialized(model) -> bytes:
@@ -438,12 +452,8 @@ def collect_stats(
     not computed). ``precision="float32"`` forms each batch's X^T X in float32 (see ``Gram``);
     the sums over batches are float64 either way.
     """
-    if _in_memory(model):
-        path = _default_path(model, path)
-    else:
-        path = Path(model)
-        if not path.is_file():
-            raise LrcError(f"model file not found: {path}")
+    model, ref = _source(model, path)
+    path = _origin(ref)
     names = list(dict.fromkeys(tensor_names))  # Q/K/V share one input: deduplicate, keep order
     if not names:
         return {}
@@ -456,7 +466,7 @@ def collect_stats(
     data = proto.SerializeToString()
     del proto
     sess = open_session(data, threads=threads, inter_op=1 if threads else None,
-                        optimization="all", path=path, arena=False,
+                        optimization="all", path=path, arena=False, ref=ref,
                         what=" for calibration") if fetch else None
     del data
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
@@ -532,15 +542,15 @@ def _scan_external(model: onnx.ModelProto, model_path: Path | None) -> list[Path
 def model_fingerprint(model: ModelSource, *, path: str | os.PathLike | None = None) -> str:
     """sha256 over the model file and its external-data files (read in 4 MB chunks). An
     in-memory model is hashed as its serialized bytes (the same fingerprint as a file holding
-    those bytes), its external data found beside ``path``."""
+    those bytes), its external data found beside ``path`` (or the file it came from)."""
+    model, ref = _source(model, path)
     if _in_memory(model):
         data = _serialized(model)
         h = hashlib.sha256(hashlib.sha256(data).hexdigest().encode())
-        files = _scan_external(onnx.ModelProto.FromString(data), _default_path(model, path))
+        files = _scan_external(onnx.ModelProto.FromString(data), _origin(ref))
     else:
-        model_path = Path(model)
-        h = hashlib.sha256(_file_sha256(model_path).encode())
-        files = _external_files(model_path)
+        h = hashlib.sha256(_file_sha256(model).encode())
+        files = _external_files(model)
     for f in files:
         if not f.is_file():
             raise LrcError(f"external data file missing: {f}")
@@ -562,11 +572,6 @@ def cache_dir_default() -> Path:
     return Path(env).expanduser() / "calib" if env else Path.home() / ".cache" / "lrc" / "calib"
 
 
-def _model_file(model, path) -> Path | None:
-    """The file beside which the tokenizer is looked for."""
-    return _default_path(model, path) if _in_memory(model) else Path(model)
-
-
 def stats_cache_key(
     model: ModelSource,
     tensor_names: Sequence[str],
@@ -581,7 +586,8 @@ def stats_cache_key(
 ) -> str:
     """The hex key ``cached_stats`` files its result under (``model`` and ``path`` as for
     ``collect_stats``; the tokenizer defaults to tokenizer.json beside the model's file)."""
-    tok = tokenizer_path(_model_file(model, path), tokenizer)
+    model, ref = _source(model, path)
+    tok = tokenizer_path(ref, tokenizer)
     parts = {
         "version": CACHE_VERSION,
         "model": model_fingerprint(model, path=path),
@@ -622,11 +628,12 @@ def cached_stats(
     ``<cache_dir>/<key>.npz`` (key: see ``stats_cache_key``); a second call with the same
     arguments loads it instead of running the model.
     """
+    model, ref = _source(model, path)
+    path = _origin(ref)
     if _in_memory(model):
-        path = _default_path(model, path)
         model = _serialized(model)
     names = list(dict.fromkeys(tensor_names))
-    tok = tokenizer_path(_model_file(model, path), tokenizer)
+    tok = tokenizer_path(ref, tokenizer)
     key = stats_cache_key(model, names, texts, n_tokens, seq_len, tok, bos, precision, path=path)
     folder = Path(cache_dir).expanduser() if cache_dir is not None else cache_dir_default()
     cache = folder / f"{key}.npz"

@@ -3,7 +3,8 @@
 * ``load_tokenizer`` / ``plain_tokenizer``: a ``tokenizers.Tokenizer`` with padding and
   truncation off (lrc cuts windows itself; exported tokenizer.json files often pad and truncate
   to 128, which silently shortens texts and, with an all-ones mask, pollutes mean pooling).
-* ``tokenizer_path``: tokenizer.json given, or beside the model; an error when there is none.
+* ``tokenizer_path``: tokenizer.json given, or the model reference's; an error when there is
+  none.
 * ``token_batches``: calibration text cut into int64 windows framed the way the tokenizer frames
   a single text (``special_frame``).
 
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lrc.errors import LrcError
+from lrc.errors import LrcError, opt
+from lrc.modelref import resolve, tokenizer_file
 
 log = logging.getLogger(__name__)
 
@@ -38,40 +40,35 @@ def plain_tokenizer(tok):
     return tok
 
 
-def load_tokenizer(tokenizer=None, model_file: str | os.PathLike | None = None):
-    """A plain ``tokenizers.Tokenizer``: ``tokenizer`` itself, a tokenizer.json file or a folder
-    holding one, else tokenizer.json beside ``model_file`` (None when there is none)."""
+def load_tokenizer(tokenizer=None, model=None):
+    """A plain ``tokenizers.Tokenizer``: ``tokenizer`` itself (an object, a tokenizer.json file
+    or a folder holding one), else the model's (a :class:`~lrc.modelref.ModelRef`, or anything
+    :func:`lrc.modelref.resolve` takes; None when it has none)."""
     from tokenizers import Tokenizer
 
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return plain_tokenizer(tokenizer)
     if tokenizer is not None:
-        p = Path(tokenizer)
-        p = p / "tokenizer.json" if p.is_dir() else p
-    elif model_file is not None:
-        p = Path(model_file).parent / "tokenizer.json"
-        if not p.is_file():
-            return None
-    else:
+        return plain_tokenizer(Tokenizer.from_file(str(tokenizer_file(tokenizer))))
+    if model is None:
         return None
-    if not p.is_file():
-        raise LrcError(f"no tokenizer.json at {p}")
-    return plain_tokenizer(Tokenizer.from_file(str(p)))
+    return resolve(model).load_tokenizer()
 
 
-def tokenizer_path(model_path: str | os.PathLike | None, tokenizer=None) -> Path:
-    """tokenizer.json: ``tokenizer`` (a file or a folder) or, without it, beside the model file.
-    An in-memory model (``model_path`` None) needs ``tokenizer``."""
-    if tokenizer is None and model_path is None:
-        raise LrcError("no tokenizer: an in-memory model has no folder to find tokenizer.json in; "
-                       "pass --tokenizer PATH (tokenizer= in Python)")
-    p = Path(tokenizer) if tokenizer is not None else Path(model_path).parent / "tokenizer.json"
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.is_file():
-        raise LrcError(f"tokenizer.json not found at {p}; pass --tokenizer PATH (tokenizer= in "
-                       f"Python)")
-    return p
+def tokenizer_path(model=None, tokenizer=None) -> Path:
+    """tokenizer.json: ``tokenizer`` (a file or a folder), else the model's (a
+    :class:`~lrc.modelref.ModelRef`, or anything :func:`lrc.modelref.resolve` takes). A model
+    in memory with no file of origin needs ``tokenizer``."""
+    if tokenizer is not None:
+        return tokenizer_file(tokenizer)
+    ref = resolve(model) if model is not None else None
+    if ref is None or (ref.file is None and ref.tokenizer is None):
+        raise LrcError("no tokenizer: an in-memory model has no folder to find tokenizer.json "
+                       f"in; pass {opt('tokenizer')}")
+    if ref.tokenizer is None:
+        raise LrcError(f"tokenizer.json not found at {ref.folder / 'tokenizer.json'}; pass "
+                       f"{opt('tokenizer')}")
+    return ref.tokenizer
 
 
 def special_frame(tok, bos: bool | str) -> tuple[list[int], list[int]]:

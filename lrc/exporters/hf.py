@@ -52,10 +52,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from lrc.errors import LrcError
+from lrc.errors import LrcError, opt
 from lrc.graph.model import staging_dir  # noqa: E402
 from lrc.graph import genai  # noqa: E402
 from lrc.graph.folder import replace  # noqa: E402
+from lrc.modelref import model_files, pick_file  # noqa: E402
 from lrc.exporters.gguf_tokenizer import GGUFVocab, check_tokenizer, prepare  # noqa: E402
 from lrc.exporters.sources import KIND_GGUF, read_config, resolve_source  # noqa: E402
 
@@ -107,10 +108,9 @@ class ExportResult:
 
 
 def find_onnx_files(directory: str | Path) -> list[Path]:
-    """The ``.onnx`` files directly inside ``directory``; ``model.onnx`` first, then by name."""
-    d = Path(directory)
-    files = sorted(p for p in d.glob("*.onnx") if p.is_file())
-    return sorted(files, key=lambda p: (p.name != "model.onnx", p.name))
+    """The ``.onnx`` files directly inside ``directory`` (:func:`lrc.modelref.model_files`);
+    ``model.onnx`` first, then by name."""
+    return sorted(model_files(directory), key=lambda p: (p.name != "model.onnx", p.name))
 
 
 def infer_task(config: dict) -> str:
@@ -132,7 +132,7 @@ def _check_out_dir(out: Path, force: bool) -> None:
         if not out.is_dir():
             raise LrcError(f"{out} exists and is not a folder")
         if any(out.iterdir()) and not force:
-            raise LrcError(f"{out} exists and is not empty; pass force (--force) to replace it")
+            raise LrcError(f"{out} exists and is not empty; pass {opt('force')} to replace it")
 
 
 def _gguf_to_hf_folder(gguf: Path, dest: Path) -> tuple[GGUFVocab, str]:
@@ -381,7 +381,7 @@ def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | Non
     files = find_onnx_files(out)
     return ExportResult(
         out_dir=out,
-        model_path=_main_file(files),
+        model_path=pick_file(out),
         task=task,
         exporter=used,
         seconds=time.perf_counter() - t0,
@@ -434,14 +434,6 @@ def _write_record(folder: Path, **what) -> None:
 
     what["source"] = str(what["source"])
     write_text_atomic(folder / RECORD, json.dumps({"export": what}, indent=1))
-
-
-def _main_file(files: list[Path]) -> Path:
-    names = {p.name: p for p in files}
-    for name in ("model.onnx", "decoder_model_merged.onnx", "decoder_model.onnx"):
-        if name in names:
-            return names[name]
-    return files[0]
 
 
 def _one_line(e: BaseException) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from lrc.errors import LrcError
+from lrc import modelref
 from lrc.graph import genai, model
 from lrc.graph.model import external_files, load_proto
 
@@ -40,9 +41,9 @@ _LEFTOVERS = (".*.tmp-*", ".*.old-*")
 
 
 def model_files(folder: str | os.PathLike) -> list[Path]:
-    """Every ``*.onnx`` in ``folder``, sorted; LrcError if there is none."""
-    folder = Path(folder)
-    files = sorted(folder.glob("*.onnx"))
+    """Every ``*.onnx`` in ``folder`` (:func:`lrc.modelref.model_files`); LrcError if there is
+    none."""
+    files = modelref.model_files(folder)
     if not files:
         raise LrcError(f"{folder}: folder holds no .onnx model")
     return files
@@ -67,7 +68,7 @@ def copy_aux(src_dir: Path, dst: Path, *, skip: tuple[str, ...] = ()) -> None:
     a pattern in ``skip`` (a job's own summary files, e.g. ``"*.lrc.json"``) into ``dst``
     (created); sub-folders are copied whole."""
     dst.mkdir(parents=True, exist_ok=True)
-    models = sorted(src_dir.glob("*.onnx"))
+    models = modelref.model_files(src_dir)
     data = set()
     for f in models:
         data |= external_files(f)

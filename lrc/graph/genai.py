@@ -42,9 +42,9 @@ import re
 from pathlib import Path
 
 from lrc.errors import LrcError
-from lrc.graph.model import load_proto, write_text_atomic
-
-CONFIG = "genai_config.json"
+from lrc.graph.model import write_text_atomic
+from lrc.modelref import GENAI_CONFIG as CONFIG
+from lrc.modelref import TOKENIZER, cache_templates, model_files, resolve
 
 #: The inputs GenAI feeds besides the KV cache, by their key in the config's ``inputs``.
 FED_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -69,50 +69,17 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _io(values) -> dict[str, list]:
-    """name -> declared dims (ints, symbol names, or None) of graph inputs or outputs."""
-    out = {}
-    for v in values:
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                for d in v.type.tensor_type.shape.dim]
-        out[v.name] = dims
-    return out
-
-
-def _templates(names) -> dict[str, list[int]]:
-    """``past_key_values.%d.key`` -> the layer numbers its names carry, for names with one
-    number in them."""
-    found: dict[str, list[int]] = {}
-    for n in names:
-        nums = re.findall(r"\d+", n)
-        if len(nums) == 1:
-            found.setdefault(re.sub(r"\d+", "%d", n.replace("%", "%%")), []).append(int(nums[0]))
-    return found
-
-
 def _cache(names, side: str) -> tuple[str, str, int]:
-    """(key template, value template, layers) of the cache among ``names``: two templates that
-    differ only in their last ``key`` / ``value`` and number the same layers 0..L-1."""
-    temps = _templates(names)
-    pairs = []
-    for key in temps:
-        value = "value".join(key.rsplit("key", 1))
-        if "key" in key and value in temps:
-            pairs.append((key, value))
-    if not pairs:
-        raise Undescribed(f"no KV-cache {side}s (key / value {side}s numbered by layer); "
-                          "ONNX Runtime GenAI needs a KV cache")
-    if len(pairs) > 1:
-        raise Undescribed(f"several KV-cache {side} names: {pairs}")
-    key, value = pairs[0]
-    layers = sorted(temps[key])
-    if layers != list(range(len(layers))) or sorted(temps[value]) != layers:
-        raise Undescribed(f"the KV-cache {side}s do not number the layers 0, 1, ... alike")
-    return key, value, len(layers)
+    """(key template, value template, layers) of the cache among ``names``
+    (:func:`lrc.modelref.cache_templates`, the one parser of cache names)."""
+    try:
+        return cache_templates(names, side)
+    except ValueError as e:
+        raise Undescribed(str(e)) from None
 
 
 def _model_file(folder: Path) -> Path:
-    files = sorted(folder.glob("*.onnx"))
+    files = model_files(folder)
     names = [f.name for f in files]
     if not files:
         raise Undescribed("the folder holds no .onnx model")
@@ -161,20 +128,18 @@ def describe(folder: str | Path) -> dict:
     """The ``genai_config.json`` content for ``folder``'s decoder. Raises :class:`Undescribed`
     with the reason when the folder is not a decoder lrc can describe."""
     folder = Path(folder)
-    path = _model_file(folder)
     try:
-        proto, _ = load_proto(path)
+        ref = resolve(_model_file(folder))
+        inputs, outputs = ref.io
     except LrcError as e:
         raise Undescribed(str(e)) from e
-    inputs, outputs = _io(proto.graph.input), _io(proto.graph.output)
     logits = outputs.get("logits")
     if "input_ids" not in inputs or logits is None or len(logits) != 3:
         raise Undescribed("not a causal LM (needs an input_ids input and a rank-3 logits output)")
-    config_path = folder / "config.json"
-    if not config_path.is_file():
+    if not (folder / "config.json").is_file():
         raise Undescribed("no config.json beside the model")
-    config = _read_json(config_path)
-    generation = _read_json(folder / "generation_config.json")
+    config = ref.hf_config
+    generation = ref.generation_config
 
     past_key, past_value, layers = _cache([n for n in inputs if n not in FED_INPUTS], "input")
     present_key, present_value, out_layers = _cache([n for n in outputs if n != "logits"], "output")
@@ -217,7 +182,7 @@ def describe(folder: str | Path) -> dict:
             "context_length": context,
             "decoder": {
                 "session_options": {"log_id": "lrc", "provider_options": []},
-                "filename": path.name,
+                "filename": ref.file.name,
                 "head_size": head_size,
                 "hidden_size": hidden,
                 "inputs": {**names, "past_key_names": past_key, "past_value_names": past_value},
@@ -266,7 +231,7 @@ def write_config(folder: str | Path) -> dict:
         config = _merge(existing, config)
     write_text_atomic(path, json.dumps(config, indent=4) + "\n")
     report = {"file": CONFIG, "model": config["model"]["decoder"]["filename"]}
-    if byte_level_decoder(_read_json(folder / "tokenizer.json")) is not None:
+    if byte_level_decoder(_read_json(folder / TOKENIZER)) is not None:
         report["tokenizer"] = ("tokenizer.json's decoder has SentencePiece steps that ONNX Runtime "
                                "GenAI's tokenizer misreads; feed token ids, or re-export")
     return report

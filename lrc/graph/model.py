@@ -36,10 +36,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from lrc.errors import LrcError
+from lrc.errors import LrcError, opt
 
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # stay clear of the 2 GiB protobuf limit
 ONNX_NAMES = ("model.onnx", "decoder_model_merged.onnx", "decoder_model.onnx")
+SOURCE_META = "lrc.source_path"  # the file load() read a model from (lrc.modelref reads it)
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
@@ -537,7 +538,7 @@ def load(path: str | os.PathLike) -> ir.Model:
             raise LrcError(f"{p}: the ONNX graph has a cycle or an undefined input ({e})")
     ir.external_data.set_base_dir(model.graph, str(base))
     _read_on_use(model)
-    model.meta["lrc.source_path"] = str(p)
+    model.meta[SOURCE_META] = str(p)
     model.graph.meta["lrc.store"] = Store()  # new weights of passes go to disk (new_tensor)
     if sp is not None:
         model.meta["lrc.spill"] = sp  # keeps the folder alive as long as the model
@@ -760,7 +761,7 @@ def file_size(path: str | os.PathLike) -> int:
 
 def check_output(out: Path, force: bool) -> None:
     if out.exists() and not force:
-        raise LrcError(f"{out} exists; pass --force to overwrite")
+        raise LrcError(f"{out} exists; pass {opt('force')} to overwrite")
     if not out.parent.exists():
         raise LrcError(f"output folder {out.parent} does not exist")
 

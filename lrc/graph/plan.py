@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from lrc.errors import LrcError
+from lrc.errors import LrcError, opt
 from lrc.factorize import Factors, break_even_rank, rank_for_ratio, singular_values
 from lrc.graph.locate import Target, locate
 from lrc.graph.policy import Policy, Setting, load_policy, make_setting
@@ -82,7 +82,7 @@ def solve_budget(model: ir.Model, pol: Policy, target_params=None, target_size_m
         raise LrcError("the budget selects no eligible projection")
     if target_params is not None:
         if not 0 < target_params <= 1:
-            raise LrcError(f"--target-params must be in (0, 1], got {target_params}")
+            raise LrcError(f"{opt('target_params')} must be in (0, 1], got {target_params}")
         ratio = (target_params * total - (total - chosen)) / chosen
         want = f"{target_params:g} of {total:,} projection parameters"
     else:

@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lrc.errors import LrcError
+from lrc.errors import LrcError, opt, render
 from lrc.factorize import break_even_rank, rank_for_energy, rank_for_ratio
 from lrc.graph.locate import ROLE_GROUPS, ROLES, Target, is_role_token, role_matches
 
@@ -64,7 +64,8 @@ def make_setting(rank=None, energy=None, ratio=None, where: str = "") -> Setting
     given = [k for k, v in (("rank", rank), ("energy", energy), ("ratio", ratio)) if v is not None]
     at = f" in {where}" if where else ""
     if len(given) > 1:
-        raise LrcError(f"give only one of --rank, --energy, --ratio{at} (got {', '.join(given)})")
+        raise LrcError(f"give only one of {opt('rank')}, {opt('energy')}, {opt('ratio')}{at} "
+                       f"(got {', '.join(given)})")
     if rank is not None:
         if isinstance(rank, str):
             if rank.strip().lower() == "full":
@@ -188,7 +189,7 @@ class Policy:
     def setting_for(self, t: Target) -> tuple[Setting | None, str | None]:
         """(setting, None) or (None, why excluded)."""
         if self.include and not any(selector_matches(s, t) for s in self.include):
-            return None, f"not selected by --include {','.join(self.include)}"
+            return None, render(f"not selected by {opt('include', ','.join(self.include))}")
         for s in self.exclude:
             if selector_matches(s, t):
                 return None, f"excluded by {s!r}"

@@ -119,17 +119,19 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnx
 
-from lrc.errors import LrcError
+from lrc.errors import LrcError, opt
 from lrc.graph.locate import bytes_read_per_token, weight_matmul_nodes, weight_matmuls
 
 # weight MatMuls whose weights are stored quantised: Amdahl on parameters says nothing about
 # them; the bytes-read bound does
 _QUANTIZED = {"MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat",
               "QGemm", "QLinearMatMul", "MatMulFpQ4", "MatMulBnb4"}
-from lrc.graph.model import ONNX_NAMES, file_size, resolve_model_path
+from lrc.graph.model import ONNX_NAMES, file_size
+from lrc.modelref import resolve
 from lrc.measure.machine import machine_info, measure_memory
 from lrc.runtime import quantizers
-from lrc.runtime.feeds import is_past, model_config
+from lrc.modelref import is_past
+from lrc.runtime.feeds import model_config
 from lrc.runtime.profile import amdahl_bound, profile_matmul_fraction
 from lrc.runtime.providers import device_of, lookup, resolve_ep
 from lrc.runtime.runner import Runner
@@ -291,10 +293,11 @@ def copy_side_files(model_file: Path, out_dir: Path) -> list[Path]:
     ``*.txt``, ``*.model``, ``*.jinja``) into ``out_dir``, when ``model_file`` sits in an
     exported folder (a ``config.json`` or ``tokenizer.json`` beside it); ONNX files and their
     external data are never copied. Returns the copies."""
-    src = Path(model_file).parent
+    ref = resolve(model_file)
+    src = ref.folder
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not ((src / "config.json").is_file() or (src / "tokenizer.json").is_file()):
+    if not ref.has_side_files:
         return []
     if src.resolve() == out_dir.resolve():
         return []
@@ -314,7 +317,8 @@ def _targets(eps: Sequence[str], runtimes: Sequence[str], precision: str) -> lis
     is not installed or an EP this ORT build lacks, before any work."""
     names = list(dict.fromkeys(str(r).strip().lower() for r in runtimes if str(r).strip())) or ["ort"]
     if "ort" not in names and [str(e).lower() for e in eps] not in ([], ["cpu"]):
-        raise LrcError(f"--ep {','.join(eps)} names ONNX Runtime providers: add ort to --runtime")
+        raise LrcError(f"{opt('ep', ','.join(eps))} names ONNX Runtime providers: add ort to "
+                       f"{opt('runtime')}")
     out: list[dict] = []
     for name in names:
         rt = resolve_runtime(name, precision)
@@ -398,7 +402,7 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
     log = progress or (lambda _m: None)
     targets = _targets(eps, runtimes, precision)  # fail fast, before any work
     providers = [t["provider"] for t in targets if t["runtime"] == "ort"]
-    paths = [resolve_model_path(m) for m in models]
+    paths = [resolve(m).need_file("bench") for m in models]
 
     machine = machine_info()  # before the work: was the machine busy with something else?
     busy = machine.get("loadavg_1min")

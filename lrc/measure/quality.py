@@ -38,18 +38,19 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from lrc.calibration.tokens import load_tokenizer
 from lrc.errors import LrcError
-from lrc.graph.model import resolve_model_path
+from lrc.measure.metrics import LM_METRICS, cosine_rows
+from lrc.modelref import ModelRef, resolve
 from lrc.runtime import feeds as _feeds
 from lrc.runtime.session import open_session
 
 __all__ = [
     "EncoderReference",
+    "LM_METRICS",
     "LMReference",
     "Model",
     "bos_convention",
@@ -72,12 +73,14 @@ __all__ = [
 
 @dataclass
 class Model:
-    """An ONNX model ready to run: file, session, tokenizer (or None) and config.json."""
+    """An ONNX model ready to run: file, session, tokenizer (or None), its configuration and
+    its reference (:class:`lrc.modelref.ModelRef`: tokenizer_config.json and the rest)."""
 
     path: Path
     session: object
     tokenizer: object
     config: dict
+    ref: ModelRef | None = None
 
     @property
     def is_lm(self) -> bool:
@@ -85,13 +88,16 @@ class Model:
 
 
 def load_model(model, tokenizer=None, threads: int | None = None) -> Model:
-    """Open a .onnx file or a model folder (model.onnx or decoder_model_merged.onnx ... with
-    tokenizer.json and config.json beside it: :func:`lrc.graph.model.resolve_model_path`)."""
+    """Open a model reference, a .onnx file or a model folder (model.onnx or
+    decoder_model_merged.onnx ... with tokenizer.json and config.json beside it:
+    :func:`lrc.modelref.resolve`). ``tokenizer``: a ``tokenizers.Tokenizer``, or the path of
+    one, instead of the model's."""
     if isinstance(model, Model):
         return model
-    f = resolve_model_path(model)
-    sess = open_session(f, threads=threads)
-    return Model(f, sess, load_tokenizer(tokenizer, f), _feeds.model_config(f))
+    ref = resolve(model)
+    sess = open_session(ref, threads=threads)
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else ref.load_tokenizer()
+    return Model(ref.need_file("evaluating"), sess, tok, ref.config, ref)
 
 
 def _need_tokenizer(m: Model):
@@ -115,11 +121,7 @@ def _resolve_text(text) -> tuple[str, str]:
 
 
 def _tokenizer_config(m: Model) -> dict:
-    p = m.path.parent / "tokenizer_config.json"
-    try:
-        return _json.loads(p.read_text()) if p.is_file() else {}
-    except ValueError:
-        return {}
+    return m.ref.tokenizer_config if m.ref is not None else {}
 
 
 def bos_convention(m: Model, bos="auto") -> tuple[int | None, str]:
@@ -243,51 +245,6 @@ def perplexity(model, text="news", tokenizer=None, context: int = 256, stride: i
 # ----------------------------------------------------------------------------- LM metrics
 
 
-@dataclass(frozen=True)
-class LMMetric:
-    """A comparison of the new model's next-token distributions with the original's.
-
-    ``per_position(lp_o, lp_n, lo, ln)`` gets the log-softmax and the logits of both models on
-    one window's scored positions ([positions, vocab], float32) and returns one value per
-    position; ``compare_lm`` reports the mean over every scored token as ``key``, and
-    ``lrc eval`` shows it as ``label``. A new metric is one entry in ``LM_METRICS`` (and its
-    test): eval, the benchmarks and the tables read the registry."""
-
-    key: str
-    label: str
-    per_position: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-
-
-def _kl(lp_o, lp_n, lo, ln):  # float32 math, float64 sums
-    return (np.exp(lp_o) * (lp_o - lp_n)).sum(axis=-1, dtype=np.float64)
-
-
-def _top1(lp_o, lp_n, lo, ln):
-    return lo.argmax(-1) == ln.argmax(-1)
-
-
-def _top5(lp_o, lp_n, lo, ln):
-    """The original's next token is among the new model's five most likely."""
-    k = min(5, ln.shape[-1])
-    top = np.argpartition(-ln, k - 1, axis=-1)[:, :k]
-    return (top == lo.argmax(-1)[:, None]).any(axis=-1)
-
-
-def _cosine(lp_o, lp_n, lo, ln):
-    dot = np.einsum("ij,ij->i", lo, ln, dtype=np.float64)
-    norms = np.sqrt(np.einsum("ij,ij->i", lo, lo, dtype=np.float64)
-                    * np.einsum("ij,ij->i", ln, ln, dtype=np.float64))
-    return dot / (norms + 1e-30)
-
-
-LM_METRICS: dict[str, LMMetric] = {m.key: m for m in (
-    LMMetric("kl", "KL(orig||new)", _kl),
-    LMMetric("top1_agreement", "top-1 agreement", _top1),
-    LMMetric("top5_agreement", "top-5 agreement", _top5),
-    LMMetric("logits_cosine", "logits cosine", _cosine),
-)}
-
-
 def _target_nll(lp: np.ndarray, row: np.ndarray, first: int) -> float:
     """Negative log-likelihood summed over a window's scored tokens (``lp``: their rows)."""
     tgt = row[first:]
@@ -383,7 +340,7 @@ class LMReference:
                 nll_o -= _target_nll(lp_o, row, first)
             nll_n -= _target_nll(lp_n, row, first)
             for k, metric in LM_METRICS.items():
-                acc[k] += float(metric.per_position(lp_o, lp_n, lo, ln).sum())
+                acc[k] += float(metric.fn(lp_o, lp_n, lo, ln).sum())
         if r.nll is None:
             r.nll = nll_o
         n = w.scored_tokens
@@ -425,12 +382,11 @@ def _hidden_output(m: Model) -> str:
 def _max_length(m: Model, max_length: int | None) -> int:
     if max_length:
         return int(max_length)
-    st = m.path.parent / "sentence_bert_config.json"  # sentence-transformers' own limit
-    if st.is_file():
-        try:
-            return int(_json.loads(st.read_text())["max_seq_length"])
-        except (ValueError, KeyError, TypeError):
-            pass
+    st = m.ref.sentence_config if m.ref is not None else {}  # sentence-transformers' own limit
+    try:
+        return int(st["max_seq_length"])
+    except (ValueError, KeyError, TypeError):
+        pass
     return int(m.config.get("max_position_embeddings") or 512)
 
 
@@ -455,10 +411,6 @@ def embed(model, sentences: list[str], tokenizer=None, max_length: int | None = 
         h = m.session.run([out_name], f)[0][0].astype(np.float64)
         rows.append(h.mean(axis=0))
     return np.stack(rows)
-
-
-def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)
 
 
 def _pearson_with_human(emb: np.ndarray, human: np.ndarray) -> float:
@@ -519,7 +471,7 @@ class EncoderReference:
         """``compare_encoder``'s result for ``new`` (a path or a loaded Model)."""
         mn = load_model(new, self.model.tokenizer, self.threads)
         en = embed(mn, self.sentences, max_length=self.max_length)
-        cos = _cosine_rows(self.embeddings, en)
+        cos = cosine_rows(self.embeddings, en)
         res = {"orig": {"model": str(self.model.path)}, "new": {"model": str(mn.path)},
                "text": self.label, "sentences": len(self.sentences),
                "max_length": _max_length(self.model, self.max_length),
@@ -642,7 +594,7 @@ class _Agree:
         o64, n64 = o.astype(np.float64), n.astype(np.float64)
         rows_o = o64.reshape(o64.shape[0], -1) if o64.ndim >= 2 else o64.reshape(1, -1)
         rows_n = n64.reshape(rows_o.shape)
-        self.cos.append(_cosine_rows(rows_o, rows_n))
+        self.cos.append(cosine_rows(rows_o, rows_n))
         d = o64 - n64
         self.err2 += float((d * d).sum())
         self.ref2 += float((o64 * o64).sum())
@@ -657,7 +609,7 @@ class _Agree:
         return {"text": name, "cosine": float(cos.mean()), "cosine_min": float(cos.min()),
                 "rel_error": float(np.sqrt(self.err2 / self.ref2)) if self.ref2 else float("nan"),
                 "max_abs": self.max_abs,
-                "top1": self.top1_hits / self.top1_n if self.top1_n else None,
+                "top1_agreement": self.top1_hits / self.top1_n if self.top1_n else None,
                 "values": self.values}
 
 
@@ -678,10 +630,12 @@ def agreement(orig, news, inputs, threads: int | None = None) -> dict:
     "inputs", "results": [{"kind": "agreement", OUTPUT: {...}, ...} per new model]}``."""
     if isinstance(news, (str, os.PathLike)):
         news = [news]
-    fo = resolve_model_path(orig)
-    so = open_session(fo, threads=threads)
-    paths = [resolve_model_path(n) for n in news]
-    sessions = [open_session(p, threads=threads) for p in paths]
+    ro = resolve(orig)
+    fo = ro.need_file("agreement")
+    so = open_session(ro, threads=threads)
+    refs = [resolve(n) for n in news]
+    paths = [r.need_file("agreement") for r in refs]
+    sessions = [open_session(r, threads=threads) for r in refs]
     names = [o.name for o in so.get_outputs()]
     for p, s in zip(paths, sessions):
         if [o.name for o in s.get_outputs()] != names:

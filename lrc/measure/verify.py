@@ -4,7 +4,7 @@ Structure: the full onnx checker (with strict shape inference) and an ONNX Runti
 Numbers: both models run on the same inputs — random ones of the right dtypes and shapes by
 default (token ids within the vocabulary, masks of ones), or the user's arrays from an ``.npz`` —
 and every output common to both is compared: max/mean absolute error, relative error
-``‖a−b‖/‖a‖`` and cosine similarity (:func:`lrc.measure.drift.compare_arrays`, the metrics
+``‖a−b‖/‖a‖`` and cosine similarity (:func:`lrc.measure.metrics.compare_tensors`, the metrics
 ``lrc eval --layers`` reports too).
 
 ``runtime``: NEW runs on that runtime (:mod:`lrc.runtime.runtimes`: ``openvino``, ``tract``, pinned
@@ -22,7 +22,7 @@ import numpy as np
 
 from lrc.errors import LrcError
 from lrc.graph.model import load_proto, structural_check
-from lrc.measure.drift import compare_arrays
+from lrc.measure.metrics import compare_tensors
 from lrc.runtime.runtimes import load as load_on
 from lrc.runtime.session import open_session
 
@@ -92,11 +92,11 @@ def verify(orig, new, inputs: str | Path | dict | None = None, dims: dict | None
     outputs = {}
     for name, a in zip(o_names, out_o):
         if name in n_map:
-            outputs[name] = compare_arrays(a, n_map[name])
+            outputs[name] = compare_tensors(a, n_map[name])
         else:
             outputs[name] = {"missing_in_new": True}
     result["outputs"] = outputs
-    rels = [v["rel"] for v in outputs.values() if "rel" in v]
+    rels = [v["rel_error"] for v in outputs.values() if "rel_error" in v]
     result["worst_rel"] = max(rels) if rels else None
     return result
 

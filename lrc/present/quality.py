@@ -11,7 +11,7 @@ import json as _json
 
 import numpy as np
 
-from lrc.measure.quality import LM_METRICS
+from lrc.measure.metrics import LM_METRICS, METRICS
 
 __all__ = ["format_table", "short_names"]
 
@@ -101,7 +101,7 @@ def _evaluate_table(results: list[dict], title: str | None, names: list[str] | N
 
 AGREEMENT = (("cosine", "cosine (mean)"), ("cosine_min", "cosine (min)"),
              ("rel_error", "relative error"), ("max_abs", "max abs error"),
-             ("top1", "top-1 agreement"))
+             ("top1_agreement", "top-1 agreement"))
 
 
 def _agreement_table(result: dict, title: str | None):
@@ -118,7 +118,7 @@ def _agreement_table(result: dict, title: str | None):
             continue
         label = out
         for key, name in AGREEMENT:
-            if key == "top1" and first.get("top1") is None:
+            if key == "top1_agreement" and first.get("top1_agreement") is None:
                 continue
             t.add_row(label, name, *(_fmt((r.get(out) or {}).get(key)) for r in results))
             label = ""
@@ -131,11 +131,11 @@ def _drift_table(rows: list[dict], title: str | None, limit: int = 20):
 
     t = Table(title=title or "layer drift (worst first)")
     t.add_column("tensor")
-    t.add_column("cosine", justify="right")
-    t.add_column("rel norm", justify="right")
-    t.add_column("max abs", justify="right")
+    keys = ("cosine", "rel_error", "max_abs")
+    for k in keys:
+        t.add_column(METRICS[k].label, justify="right")
     for r in rows[:limit]:
-        t.add_row(r["tensor"], _fmt(r["cosine"], 6), _fmt(r["rel_norm"]), _fmt(r["max_abs"]))
+        t.add_row(r["tensor"], *(_fmt(r[k], 6 if k == "cosine" else 4) for k in keys))
     if len(rows) > limit:
         t.caption = f"{len(rows) - limit} more tensors"
     return t

@@ -21,8 +21,10 @@ graphs).  This module inspects a session's declared inputs and builds feeds for 
   model, text or not.
 * ``has_past`` / ``past_names`` / ``present_to_past`` / ``cache_dims`` / ``empty_past``: the one
   decoder (KV-cache) detection of lrc. Cache inputs are ``past_key_values.N.key|value`` (optimum),
-  ``past.N.key|value`` or ``past_key.N`` / ``past_value.N``; eval, bench, calibration, the
-  update and generate all read them through these functions.
+  ``past.N.key|value`` or ``past_key.N`` / ``past_value.N`` (:func:`lrc.modelref.is_past`, the one
+  parser of cache names); eval, bench, calibration, the update and generate all read them
+  through these functions. Cache dims the graph leaves symbolic come from the model's
+  configuration (:attr:`lrc.modelref.ModelRef.config`: config.json or genai_config.json).
 
 Sessions come from :mod:`lrc.runtime.session`.
 
@@ -32,7 +34,6 @@ Only numpy, onnx and onnxruntime are used.
 from __future__ import annotations
 
 import ast
-import json
 import operator
 import re
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from lrc.errors import LrcError
+from lrc.modelref import is_past
 from lrc.runtime.session import numpy_dtype
 
 __all__ = [
@@ -58,17 +60,12 @@ __all__ = [
     "random_token_feeds",
     "vocab_size",
     "model_config",
+    "model_ref",
     "graph_input_specs",
     "input_files",
     "load_inputs",
     "describe_batch",
 ]
-
-# Decoder KV-cache inputs, in the layouts exporters write: optimum's ``past_key_values.N.key``,
-# ``past_key_values_N_value``, older ``past.N.key`` and ``past_key.N`` / ``past_value_N``.
-_PAST_RE = re.compile(r"^(?:past_key_values|past)[._](\d+)[._](key|value)$"
-                      r"|^past_(key|value)[._](\d+)$")
-
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -90,11 +87,6 @@ def input_specs(sess) -> list[InputSpec]:
 def _names(sess, which="inputs") -> list[str]:
     items = sess.get_inputs() if which == "inputs" else sess.get_outputs()
     return [i.name for i in items]
-
-
-def is_past(name: str) -> bool:
-    """Is ``name`` a KV-cache input (``past_key_values.N.key``, ``past.N.value``, ...)?"""
-    return _PAST_RE.match(name) is not None
 
 
 def past_names(sess) -> list[str]:
@@ -149,19 +141,27 @@ def _model_path(sess) -> Path | None:
     return Path(p) if p else None
 
 
+def model_ref(sess_or_ref):
+    """The :class:`~lrc.modelref.ModelRef` a session was opened on (``session.lrc_ref``), or
+    the reference of its file; None when there is neither (a model from bytes)."""
+    from lrc.modelref import ModelRef, resolve
+
+    if isinstance(sess_or_ref, ModelRef):
+        return sess_or_ref
+    if isinstance(sess_or_ref, (str, Path)):
+        return resolve(sess_or_ref)
+    ref = getattr(sess_or_ref, "lrc_ref", None)
+    if ref is not None:
+        return ref
+    p = _model_path(sess_or_ref)
+    return resolve(p) if p is not None and p.is_file() else None
+
+
 def model_config(sess_or_path) -> dict:
-    """config.json beside the model (empty dict when there is none)."""
-    p = sess_or_path if isinstance(sess_or_path, (str, Path)) else _model_path(sess_or_path)
-    if p is None:
-        return {}
-    p = Path(p)
-    cfg = (p if p.is_dir() else p.parent) / "config.json"
-    if not cfg.is_file():
-        return {}
-    try:
-        return json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return {}
+    """The model's configuration (:attr:`lrc.modelref.ModelRef.config`: config.json, with
+    genai_config.json's fields where it is silent; an empty dict when there is none)."""
+    ref = model_ref(sess_or_path)
+    return ref.config if ref is not None else {}
 
 
 def cache_dims(sess, config: dict | None = None) -> tuple[int, int]:
@@ -187,7 +187,7 @@ def cache_dims(sess, config: dict | None = None) -> tuple[int, int]:
             head_dim = hidden // n_heads
     if not heads or not head_dim:
         raise LrcError(f"{_model_path(sess) or 'model'}: cannot tell the KV cache shape "
-                       "(symbolic dims and no config.json beside the model)")
+                       "(symbolic dims, and no config.json or genai_config.json beside the model)")
     return int(heads), int(head_dim)
 
 

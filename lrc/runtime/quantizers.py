@@ -48,7 +48,7 @@ def quiet():
 def int8_dynamic(model, dst, *, per_channel: bool = True, nodes=None, exclude=None,
                  matmul_only: bool = False, external: bool = False) -> Path:
     """ORT's ``quantize_dynamic`` (QInt8 weights). ``matmul_only``: quantise only MatMuls with a
-    constant weight (lrc's --quantize-rest); otherwise ORT's default op list (the embedding
+    constant weight (lrc's quantize_rest); otherwise ORT's default op list (the embedding
     Gather too, as a user running ``quantize_dynamic`` gets: the baseline)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -41,19 +41,20 @@ import importlib.util
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from lrc.errors import LrcError
-from lrc.runtime.feeds import is_past
+from lrc.errors import LrcError, opt
+from lrc.modelref import is_past
 from lrc.runtime.providers import lookup
 from lrc.runtime.runner import Runner, timing_session
 from lrc.runtime.session import open_session
 
-__all__ = ["RUNTIMES", "Runtime", "Loaded", "get_runtime", "resolve_runtime", "runtime_names",
+__all__ = ["ANY", "RUNTIMES", "Runtime", "Loaded", "get_runtime", "resolve_runtime",
+           "runtime_names", "target_forms", "target_names",
            "load", "contrib_ops", "runtime_error"]
 
 PRECISIONS = ("f32", "f16", "bf16")
@@ -72,6 +73,9 @@ class Runtime:
     precisions: tuple[str, ...]
     loader: Callable[..., "Loaded"]   # loader(path, *, threads, precision, provider, timing)
     device: str = "CPU"
+    # the quantised node forms it runs (lrc.graph.passes.qforms), per scheme (int4,
+    # int8-weight, int8) and for embedding tables, the one lrc writes for it first
+    forms: dict = field(default_factory=dict)
 
     @property
     def install(self) -> str:
@@ -398,14 +402,50 @@ def _loader(cls) -> Callable[..., Loaded]:
     return load_on
 
 
+# The quantised forms each runtime runs (lrc.graph.passes.qforms), the one lrc writes for it
+# first. Measured (benchmarks/runtimes.py, OpenVINO 2026.4, tract 0.23): OpenVINO runs
+# block-wise DequantizeLinear int4/int8 at opset 21 (and ORT's own ops, rounding differently);
+# tract runs per-axis int8 DequantizeLinear and MatMulInteger but neither int4 nor block-wise
+# DequantizeLinear, nor GatherBlockQuantized at 8 bits.
 RUNTIMES: tuple[Runtime, ...] = (
     Runtime("ort", "ONNX Runtime", "onnxruntime", "onnxruntime", "", ("f32",),
-            _loader(_Ort)),
+            _loader(_Ort), forms={"int4": ("nbits", "dq-block"),
+                                  "int8-weight": ("nbits", "dq-block", "dq-column"),
+                                  "int8": ("dqmatmul", "dynamic"),
+                                  "embedding": ("gbq", "dq-row")}),
     Runtime("openvino", "OpenVINO", "openvino", "openvino", "openvino", ("f32", "bf16", "f16"),
-            _loader(_OpenVINO)),
-    Runtime("tract", "tract", "tract", "tract", "tract", ("f32",), _loader(_Tract)),
+            _loader(_OpenVINO), forms={"int4": ("dq-block",),
+                                       "int8-weight": ("dq-block", "dq-column"),
+                                       "int8": ("dynamic",), "embedding": ("dq-row",)}),
+    Runtime("tract", "tract", "tract", "tract", "tract", ("f32",), _loader(_Tract),
+            forms={"int4": (), "int8-weight": ("dq-column",), "int8": ("dynamic",),
+                   "embedding": ("dq-row",)}),
 )
 _BY_NAME = {r.name: r for r in RUNTIMES}
+ANY = "any"  # a target: what every runtime lrc knows runs
+
+
+def target_names() -> list[str]:
+    """What the target-runtime option takes: every runtime, and ``any``."""
+    return [*runtime_names(), ANY]
+
+
+def target_forms(name: str) -> dict[str, str | None]:
+    """The form lrc writes for each scheme (and embedding tables) on target ``name``: the
+    runtime's first; for ``any``, the first form (in :data:`lrc.graph.passes.qforms.FORMS`'
+    order) every runtime runs. None: no form of that scheme runs there."""
+    from lrc.graph.passes.qforms import EMBEDDING_FORMS
+    from lrc.graph.passes.qforms import FORMS as QFORMS
+
+    if name != ANY:
+        rt = get_runtime(name)
+        return {k: (v[0] if v else None) for k, v in rt.forms.items()}
+    out: dict[str, str | None] = {}
+    for key in RUNTIMES[0].forms:
+        order = EMBEDDING_FORMS if key == "embedding" else QFORMS
+        common = [f for f in order if all(f in rt.forms.get(key, ()) for rt in RUNTIMES)]
+        out[key] = common[0] if common else None
+    return out
 
 
 def runtime_names() -> list[str]:
@@ -432,12 +472,12 @@ def load(model, runtime: str = "ort", *, threads: int | None = None, precision: 
     """``model`` (a .onnx file or an exported folder) loaded on ``runtime``. ``provider`` is the
     ORT execution provider (``ort`` only); ``timing`` opens ORT's timing session (one inter-op
     thread, warnings off)."""
-    from lrc.graph.model import resolve_model_path
+    from lrc.modelref import resolve
 
     rt = resolve_runtime(runtime, precision)
     if rt.name != "ort" and str(provider).lower() not in ("cpu", "cpuexecutionprovider"):
-        raise LrcError(f"--ep {provider} is an ONNX Runtime provider; runtime {rt.name!r} runs "
+        raise LrcError(f"{opt('ep', provider)} is an ONNX Runtime provider; runtime {rt.name!r} runs "
                        f"on its own {rt.device} device")
-    path = resolve_model_path(model)
+    path = resolve(model).need_file("a runtime")
     return rt.loader(rt, path, threads=threads, precision=precision, provider=provider,
                      timing=timing)

@@ -6,10 +6,12 @@ checks, tune) opens its sessions here, so every session gets the same rules:
 * intra- and inter-op thread spinning off: with several sessions alive in one process, the idle
   spinning threads of one session otherwise steal the cores of the next (a prototype measured
   impossible 6.5x speedups with spinning on);
-* a model given as a path is resolved by :func:`lrc.graph.model.resolve_model_path` (the same
-  folder rules as every command); given as bytes or a ``ModelProto``, its external data is found
-  beside ``path`` (the file it came from), or in the folder ``path``'s weights were spilled to
-  (:func:`lrc.graph.model.external_folder`: a large single file loaded by ``lrc.graph.model``);
+* a model given as a :class:`~lrc.modelref.ModelRef` or a path is run from the reference's file
+  (:func:`lrc.modelref.resolve`: the same folder rules as every command); given as bytes or a
+  ``ModelProto``, its external data is found beside ``path`` (the file it came from), or in the
+  folder ``path``'s weights were spilled to (:func:`lrc.graph.model.external_folder`: a large
+  single file loaded by ``lrc.graph.model``); the session keeps the reference
+  (``session.lrc_ref``): feeds read the model's configuration from it;
 * a provider is named by alias or ORT name (:mod:`lrc.runtime.providers`); a GPU provider gets the
   CPU EP behind it for unsupported nodes, and ``strict`` refuses a session that silently fell
   back to the CPU for everything (missing CUDA libraries);
@@ -97,11 +99,12 @@ def open_session(model, *, threads: int | None = None, provider: str = "cpu",
                  inter_op: int | None = None, optimization: str | None = None,
                  profile_prefix: str | None = None, log_severity: int | None = None,
                  path: str | os.PathLike | None = None, strict: bool = False, what: str = "",
-                 prepack: bool = True, arena: bool = True):
-    """An ``onnxruntime.InferenceSession`` for ``model``: a .onnx file or a model folder, the
-    serialized bytes of a model, or an ``onnx.ModelProto``. ``path`` names the file bytes came
-    from (external data and config.json are found beside it). The session remembers its file as
-    ``session.lrc_path`` (None for bytes without ``path``)."""
+                 prepack: bool = True, arena: bool = True, ref=None):
+    """An ``onnxruntime.InferenceSession`` for ``model``: a model reference, a .onnx file or a
+    model folder, the serialized bytes of a model, or an ``onnx.ModelProto``. ``path`` names the
+    file bytes came from (external data beside it), ``ref`` the reference they belong to (the
+    model's configuration). The session remembers its file as ``session.lrc_path`` (None for
+    bytes without ``path``) and its reference as ``session.lrc_ref``."""
     import onnxruntime as ort
 
     data = None
@@ -110,9 +113,10 @@ def open_session(model, *, threads: int | None = None, provider: str = "cpu",
     elif hasattr(model, "SerializeToString"):
         data = model.SerializeToString()
     else:
-        from lrc.graph.model import resolve_model_path
+        from lrc.modelref import resolve
 
-        path = resolve_model_path(model)
+        ref = resolve(model)
+        path = ref.need_file("a session")
     external = None
     if data is not None and path is not None:
         from lrc.graph.model import external_folder
@@ -134,6 +138,7 @@ def open_session(model, *, threads: int | None = None, provider: str = "cpu",
         raise LrcError(f"{label}: {prov} is listed as available but the session fell back to "
                        f"{sess.get_providers()} (missing CUDA/cuDNN libraries?)")
     sess.lrc_path = str(path) if path is not None else None
+    sess.lrc_ref = ref
     return sess
 
 
@@ -142,9 +147,10 @@ def check_loads(path: str | os.PathLike) -> dict:
     thread)? A large single file is loaded as its graph with the weights in the spill folder
     (:func:`lrc.graph.model.spill`): ORT then maps them instead of copying the file's weights
     into memory next to the parsed protobuf."""
-    from lrc.graph.model import resolve_model_path, spilled_proto
+    from lrc.graph.model import spilled_proto
+    from lrc.modelref import resolve
 
-    p = resolve_model_path(path)
+    p = resolve(path).need_file("a session")
     spilled = spilled_proto(p)
     if spilled is not None:
         proto, _keep = spilled  # _keep: the spill folder, alive while the session loads

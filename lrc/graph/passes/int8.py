@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from lrc.errors import LrcError
+from lrc.errors import LrcError, opt
 from lrc.graph.locate import FACTOR_META
 from lrc.graph.passes.lowrank import add_initializer, unique_name
 from lrc.quantmath import quantize_columns
@@ -58,9 +58,10 @@ class Int8FactorsPass(ir.passes.InPlacePass):
         if not factor_matmuls(model.graph) and any(
                 n.op_type == "MatMul" and n.metadata_props.get(FACTOR_META)
                 for n in ir.traversal.RecursiveGraphIterator(model.graph)):
-            raise LrcError("--int8 on a float16 model: its factors are float16 and the int8 "
-                           "forms (DynamicQuantizeLinear, MatMulInteger) take float32 "
-                           "activations; use --quantize int4 or int8-weight (MatMulNBits runs "
+            raise LrcError(f"{opt('int8')} on a float16 model: its factors are float16 and the "
+                           "int8 forms (DynamicQuantizeLinear, MatMulInteger) take float32 "
+                           f"activations; use {opt('quantize', 'int4')} or int8-weight "
+                           "(MatMulNBits runs "
                            "float16) or compress the float32 export")
         if not factor_matmuls(model.graph):
             raise ir.passes.PreconditionError(

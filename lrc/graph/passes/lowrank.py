@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
+from lrc.errors import opt, render
 from lrc.factorize import Factors, factorize
 from lrc.graph.locate import FACTOR_META, Target
 from lrc.graph.plan import Plan, Unit, make_plan
@@ -191,7 +192,8 @@ class LowRankPass(ir.passes.InPlacePass):
             self.record.notes.append(
                 f"{len(tied)} rewritten projection(s) share their weight with another node "
                 f"(tied embedding): that weight stays, so the file grows by the factors while "
-                f"compute shrinks ({n:,} parameters kept; --exclude head avoids it).")
+                + render(f"compute shrinks ({n:,} parameters kept; {opt('exclude', 'head')} "
+                         f"avoids it)."))
         if any(t.dtype == "float16" for t, *_ in items):
             cast = any(t.cast_to is not None for t, *_ in items)
             self.record.notes.append(

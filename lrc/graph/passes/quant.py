@@ -47,44 +47,25 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from lrc.errors import LrcError
+from lrc.errors import LrcError, opt, render
 from lrc.factorize import Factors
 from lrc.graph.locate import FACTOR_META, Target, locate
 from lrc.graph.passes.lowrank import add_initializer, unique_name
+from lrc.graph.passes.qforms import (EMBEDDING_FORMS, MS, EmbeddingForm, QForm, default_forms,
+                                     replace_node)
+from lrc.graph.passes.qforms import FORMS as QFORMS
 from lrc.graph.policy import check_selector, selector_matches
 from lrc.graph.plan import effective_weight
 from lrc.quantmath import (BlockQuant, columns, dequantize, quantize_blockwise,
-                           quantize_columns, signed_codes, valid_block_size, whitened_error)
+                           quantize_columns, valid_block_size, whitened_error)
 
-MS = "com.microsoft"
 SCHEMES = {"int4": 4, "int8-weight": 8, "int8": 8}
 CORRECT_FORMS = ("concat", "add")
 EMBEDDING = {"int8": 8, "int4": 4, "float": 0}
 EMBED_MIN = 1 << 20  # tables with fewer elements stay float (positions, token types)
-INT8_QMAX = 63
-AUTO_RANK = 32  # --correct-rank auto spends by default what this uniform rank costs
-AUTO_MAX_BLOCKS = 8  # at most 8 blocks of rank per group  # u8·s8 safe on CPUs without VNNI (see lrc.graph.passes.int8._U8S8_SAFE)
-
-# What each target runtime executes (--target-runtime), per scheme: ``nbits``
-# (com.microsoft.MatMulNBits), ``dqmatmul`` (com.microsoft.DynamicQuantizeMatMul), ``dq-block``
-# (MatMul on DequantizeLinear of block-wise int4/int8 codes: standard ONNX at opset 21),
-# ``dq-column`` (MatMul on DequantizeLinear of per-column int8: opset 13), ``dynamic``
-# (DynamicQuantizeLinear + MatMulInteger: opset 10); None: the runtime has no such form, the
-# pass refuses. Embedding tables: ``gbq`` (com.microsoft.GatherBlockQuantized), ``dq-row``
-# (Gather of DequantizeLinear of per-row int8). Measured (benchmarks/runtimes.py, OpenVINO
-# 2026.4, tract 0.23): OpenVINO runs block-wise DequantizeLinear int4/int8 at opset 21 (and
-# ORT's own ops, rounding differently); tract runs per-axis int8 DequantizeLinear and
-# MatMulInteger but neither int4 nor block-wise DequantizeLinear, nor GatherBlockQuantized at 8
-# bits. ``any``: what every runtime lrc knows runs.
-TARGETS: dict[str, dict[str, str | None]] = {
-    "ort": {"int4": "nbits", "int8-weight": "nbits", "int8": "dqmatmul", "embedding": "gbq"},
-    "openvino": {"int4": "dq-block", "int8-weight": "dq-block", "int8": "dynamic",
-                 "embedding": "dq-row"},
-    "tract": {"int4": None, "int8-weight": "dq-column", "int8": "dynamic",
-              "embedding": "dq-row"},
-    "any": {"int4": None, "int8-weight": "dq-column", "int8": "dynamic", "embedding": "dq-row"},
-}
-DQ_BLOCK_OPSET = 21  # DequantizeLinear's block_size and int4 arrived in opset 21
+INT8_QMAX = 63  # u8·s8 safe on CPUs without VNNI (see lrc.graph.passes.int8._U8S8_SAFE)
+AUTO_RANK = 32  # correct_rank auto spends by default what this uniform rank costs
+AUTO_MAX_BLOCKS = 8  # at most 8 blocks of rank per group
 
 # corrector(targets, W_cat [K, sum N], E_cat [K, sum N], rank) -> (Factors | None, info);
 # info: {"werr_before": [...], "werr_after": [...]} per target (relative whitened errors).
@@ -100,50 +81,64 @@ class QuantSpec:
     correct_form: str = "concat"
     embedding: str = "int8"  # embedding tables (Gather of a large constant): int8 | int4 | float
     # per-node overrides, later ones win: ((selector, scheme or None, rank or None), ...) with
-    # selector a role, a group or a name glob (as --include takes)
+    # selector a role, a group or a name glob (as include takes)
     overrides: tuple = ()
-    # --correct-rank auto: ranks (whole blocks) allocated where the whitened error spectrum
+    # correct_rank auto: ranks (whole blocks) allocated where the whitened error spectrum
     # gains most per byte, under budget_mb extra MB (None: what a uniform AUTO_RANK costs)
     auto: bool = False
     budget_mb: float | None = None
-    target: str = "ort"  # the runtime the forms are for (TARGETS)
+    target: str = "ort"  # the runtime the forms are for (its name, for messages)
+    # scheme (and "embedding") -> the form written for it (lrc.graph.passes.qforms), as the
+    # target runtime declares them (lrc.runtime.runtimes); None: ONNX Runtime's own ops
+    forms: dict | None = None
 
     def __post_init__(self):
-        if self.target not in TARGETS:
-            raise LrcError(f"--target-runtime must be one of {', '.join(TARGETS)}, got "
-                           f"{self.target!r}")
+        forms = self.all_forms
         for scheme in {self.scheme, *(sch for _, sch, _ in self.overrides if sch)}:
-            if scheme in SCHEMES and TARGETS[self.target][scheme] is None:
+            if scheme in SCHEMES and forms.get(scheme) is None:
                 raise LrcError(
-                    f"--quantize {scheme} cannot be expressed for --target-runtime "
-                    f"{self.target}: it runs no 4-bit weights (no int4 or block-wise "
-                    f"DequantizeLinear); use --quantize int8-weight or int8 there, or "
-                    f"--target-runtime ort / openvino")
-        if self.embedding == "int4" and self.target != "ort":
-            raise LrcError(f"--embedding int4 is ONNX Runtime's GatherBlockQuantized: not for "
-                           f"--target-runtime {self.target} (use int8 or float)")
+                    f"{opt('quantize', scheme)} cannot be expressed for "
+                    f"{opt('target_runtime', self.target)}: it runs no 4-bit weights (no int4 "
+                    f"or block-wise DequantizeLinear); use {opt('quantize', 'int8-weight')} or "
+                    f"int8 there, or a runtime that runs them")
+        emb = EMBEDDING_FORMS.get(forms.get("embedding"))
+        if EMBEDDING.get(self.embedding) and (emb is None or EMBEDDING[self.embedding]
+                                              not in emb.bits):
+            have = "no embedding form" if emb is None else (
+                f"{emb.title} ({' or '.join(f'{b}-bit' for b in emb.bits)})")
+            raise LrcError(f"{opt('embedding', self.embedding)}: "
+                           f"{opt('target_runtime', self.target)} runs {have}; use "
+                           f"{' or '.join(k for k, b in EMBEDDING.items() if not b or emb and b in emb.bits)}")
         for sel, scheme, rank in self.overrides:
             check_selector(sel)
             if scheme is not None and scheme not in SCHEMES:
-                raise LrcError(f"--quantize {sel}=: must be one of {', '.join(SCHEMES)}, "
-                               f"got {scheme!r}")
+                raise LrcError(f"{opt('quantize', sel + '=')}: must be one of "
+                               f"{', '.join(SCHEMES)}, got {scheme!r}")
             if rank is not None and rank < 0:
-                raise LrcError(f"--correct-rank {sel}= must be >= 0, got {rank}")
+                raise LrcError(f"{opt('correct_rank', sel + '=')} must be >= 0, got {rank}")
         if self.budget_mb is not None and not self.budget_mb > 0:
-            raise LrcError(f"--correct-budget must be > 0 MB, got {self.budget_mb}")
+            raise LrcError(f"{opt('correct_budget')} must be > 0 MB, got {self.budget_mb}")
         if self.scheme not in SCHEMES:
-            raise LrcError(f"--quantize must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+            raise LrcError(f"{opt('quantize')} must be one of {', '.join(SCHEMES)}, got "
+                           f"{self.scheme!r}")
         if self.scheme != "int8" and not valid_block_size(self.block_size):
-            raise LrcError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+            raise LrcError(f"{opt('block_size')} must be a power of two >= 16, got "
+                           f"{self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise LrcError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
+            raise LrcError(f"{opt('accuracy_level')} must be 0-4, got {self.accuracy_level}")
         if self.correct_rank < 0:
-            raise LrcError(f"--correct-rank must be >= 0, got {self.correct_rank}")
+            raise LrcError(f"{opt('correct_rank')} must be >= 0, got {self.correct_rank}")
         if self.embedding not in EMBEDDING:
-            raise LrcError(f"--embedding must be {' or '.join(EMBEDDING)}, got {self.embedding!r}")
+            raise LrcError(f"{opt('embedding')} must be {' or '.join(EMBEDDING)}, got "
+                           f"{self.embedding!r}")
         if self.correct_form not in CORRECT_FORMS:
-            raise LrcError(f"--correct-form must be {' or '.join(CORRECT_FORMS)}, "
+            raise LrcError(f"{opt('correct_form')} must be {' or '.join(CORRECT_FORMS)}, "
                            f"got {self.correct_form!r}")
+
+    @property
+    def all_forms(self) -> dict:
+        """scheme -> form name (None: the target runs none), embedding -> form name."""
+        return self.forms if self.forms is not None else default_forms()
 
     @property
     def bits(self) -> int:
@@ -151,13 +146,21 @@ class QuantSpec:
 
     @property
     def form(self) -> str:
-        """The node form this spec's scheme takes on its target (TARGETS)."""
-        return TARGETS[self.target][self.scheme]
+        """The node form this spec's scheme takes on its target."""
+        return self.all_forms[self.scheme]
+
+    @property
+    def qform(self) -> QForm:
+        return QFORMS[self.form]
 
     @property
     def column(self) -> bool:
-        """Per-column int8 weights (no blocks): ``int8`` and the ``dq-column`` form."""
-        return self.scheme == "int8" or self.form == "dq-column"
+        """Per-column int8 weights (no blocks): forms that are not block-wise."""
+        return not self.qform.blockwise
+
+    @property
+    def embedding_form(self) -> EmbeddingForm | None:
+        return EMBEDDING_FORMS.get(self.all_forms.get("embedding"))
 
     @property
     def any_rank(self) -> bool:
@@ -175,22 +178,11 @@ class QuantSpec:
         return replace(self, scheme=scheme, correct_rank=rank, overrides=())
 
     def describe(self) -> str:
-        what = {
-            "dqmatmul": "INT8 dynamic (DynamicQuantizeMatMul, 7-bit per-column weights)",
-            "dynamic": "INT8 dynamic (DynamicQuantizeLinear + MatMulInteger, 7-bit per-column "
-                       "weights)",
-            "nbits": f"{self.bits}-bit MatMulNBits, block {self.block_size}, "
-                     f"accuracy_level {self.accuracy_level}",
-            "dq-block": f"{self.bits}-bit DequantizeLinear, block {self.block_size} (opset "
-                        f"{DQ_BLOCK_OPSET}) + MatMul",
-            "dq-column": "8-bit per-column DequantizeLinear + MatMul",
-        }[self.form]
-        if self.target != "ort":
+        what = self.qform.title(self.bits, self)
+        if self.forms is not None and self.target != "ort":
             what += f" for {self.target}"
         if self.embedding != "float":
-            what += (f"; embedding tables {self.embedding} ("
-                     + ("GatherBlockQuantized" if self.target == "ort" else
-                        "per-row DequantizeLinear + Gather") + ")")
+            what += f"; embedding tables {self.embedding} ({self.embedding_form.title})"
         if self.auto:
             form = "add" if self.column else self.correct_form
             budget = (f"{self.budget_mb:g} MB" if self.budget_mb is not None else
@@ -206,7 +198,7 @@ class QuantSpec:
 
 
 def parse_spec(quantize: str, correct_rank="0", **kw) -> QuantSpec:
-    """``--quantize int4,head=int8-weight`` and ``--correct-rank 32,head=128,ffn.down=64``: a
+    """``quantize="int4,head=int8-weight"`` and ``correct_rank="32,head=128,ffn.down=64"``: a
     default and ``SELECTOR=VALUE`` overrides (a role, a group or a name glob)."""
     def split(value, what):
         default, over = None, []
@@ -228,15 +220,16 @@ def parse_spec(quantize: str, correct_rank="0", **kw) -> QuantSpec:
         try:
             return int(v)
         except ValueError:
-            raise LrcError(f"--correct-rank{where} must be an integer, got {v!r}") from None
+            raise LrcError(f"{opt('correct_rank', where)} must be an integer, got {v!r}") \
+                from None
 
-    scheme, s_over = split(quantize, "--quantize")
-    rank, r_over = split(correct_rank if correct_rank is not None else "0", "--correct-rank")
+    scheme, s_over = split(quantize, opt("quantize"))
+    rank, r_over = split(correct_rank if correct_rank is not None else "0", opt("correct_rank"))
     overrides = tuple([(sel, v, None) for sel, v in s_over]
-                      + [(sel, None, rank_of(v, f" {sel}=")) for sel, v in r_over])
+                      + [(sel, None, rank_of(v, f"{sel}=")) for sel, v in r_over])
     auto = rank == "auto"
     if not auto and kw.get("budget_mb") is not None:
-        raise LrcError("--correct-budget goes with --correct-rank auto")
+        raise LrcError(f"{opt('correct_budget')} goes with {opt('correct_rank', 'auto')}")
     return QuantSpec(scheme or "int4", correct_rank=AUTO_RANK if auto else rank_of(rank or "0", ""),
                      overrides=overrides, auto=auto, **kw)
 
@@ -370,17 +363,18 @@ class QuantizePass(ir.passes.InPlacePass):
         self._names = [t.name for t in targets]
         groups = self.groups(targets)
         self._shared: dict = {}  # the dynamic form's quantised inputs, one per input
-        forms = {spec.form for spec, _ in groups}
-        if forms & {"nbits", "dqmatmul"} or (self.spec.target == "ort"
-                                             and self.spec.embedding != "float"):
+        forms = [QFORMS[spec.form] for spec, _ in groups]
+        emb = self.spec.embedding_form if self.spec.embedding != "float" else None
+        if any(f.ms for f in forms) or (emb is not None and emb.ms):
             model.opset_imports.setdefault(MS, 1)
-        if "dq-block" in forms and model.opset_imports.get("", 1) < DQ_BLOCK_OPSET:
+        need = max((f for f in forms if f.opset), key=lambda f: f.opset, default=None)
+        if need is not None and model.opset_imports.get("", 1) < need.opset:
             # Standard ops changed from opset 18 to 21 only by new types (int4, float8...) and
             # backward-compatible attributes; checker, shape inference and a session check the
             # written file (lrc.pipeline).
             self.record.notes.append(f"opset {model.opset_imports.get('', 1)} -> "
-                                     f"{DQ_BLOCK_OPSET} for block-wise DequantizeLinear")
-            model.opset_imports[""] = DQ_BLOCK_OPSET
+                                     f"{need.opset} for {need.help.split(' (')[0]}")
+            model.opset_imports[""] = need.opset
         if self.spec.auto:
             groups = self._allocate(groups)
         done = 0
@@ -393,96 +387,7 @@ class QuantizePass(ir.passes.InPlacePass):
         for w in weights.values():
             if not w.uses() and not w.is_graph_output() and graph.initializers.get(w.name) is w:
                 del graph.initializers[w.name]
-        if self.spec.embedding != "float":
-            self._embeddings(graph)
         return ir.passes.PassResult(model, modified=True)
-
-    def _embeddings(self, graph: ir.Graph) -> None:
-        """``Gather(table, ids)`` on a large float table -> ``GatherBlockQuantized`` with the
-        table quantised along its rows (blocks of ``block_size``), when nothing but Gathers
-        (and Transposes no one reads any more) uses the table. Other targets than ORT:
-        ``Gather(DequantizeLinear(int8 table, one scale per row, axis=0), ids)``."""
-        bits = EMBEDDING[self.spec.embedding]
-        standard = TARGETS[self.spec.target]["embedding"] == "dq-row"
-        bs = self.spec.block_size if valid_block_size(self.spec.block_size) else 32
-        done: dict = {}
-        for node in list(ir.traversal.RecursiveGraphIterator(graph)):
-            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
-                continue
-            table = node.inputs[0]
-            tv = None if table is None else table.const_value
-            if tv is None or len(tv.shape) != 2 or tv.dtype not in (ir.DataType.FLOAT,
-                                                                      ir.DataType.FLOAT16):
-                continue
-            if tv.dtype != ir.DataType.FLOAT and standard:
-                note = (f"float16 embedding table {table.name!r} stays float16 (the standard "
-                        f"form's per-row int8 is written for float32 tables only)")
-                if note not in self.record.notes:
-                    self.record.notes.append(note)
-                continue
-            fdt = np.float16 if tv.dtype == ir.DataType.FLOAT16 else np.float32
-            v, k = (int(d) for d in tv.shape)
-            axis = node.attributes.get("axis")
-            if v * k < EMBED_MIN or k % bs or (axis is not None and axis.as_int() != 0):
-                continue
-            users = [u for u, _ in table.uses()]
-            if any(u.op_type != "Gather" and not (u.op_type == "Transpose"
-                                                 and not u.outputs[0].uses()) for u in users):
-                continue
-            if standard:
-                if id(table) not in done:
-                    q, s = quantize_columns(tv.numpy().T, 127)  # per row of the table
-                    qv = add_initializer(graph, f"{table.name}_q8", np.ascontiguousarray(q.T))
-                    sv = add_initializer(graph, f"{table.name}_rowscale", s)
-                    out = ir.Value(name=unique_name(graph, f"{table.name}_dq"))
-                    graph.insert_before(graph[0], ir.Node(
-                        "", "DequantizeLinear", [qv, sv], outputs=[out],
-                        attributes=[ir.AttrInt64("axis", 0)], name=f"{table.name}/lrc_dq"))
-                    done[id(table)] = (out, q.nbytes + s.nbytes)
-                out, nbytes = done[id(table)]
-                node.replace_input_with(0, out)
-                self.record.embeddings.append({
-                    "name": node.name, "table": table.name, "shape": [v, k], "bits": 8,
-                    "block_size": None, "bytes_before": int(tv.nbytes),
-                    "bytes_after": int(nbytes)})
-                self._drop_table(graph, table)
-                continue
-            if id(table) not in done:  # one quantised table for every Gather of it
-                # rows are independent: quantise 4096 at a time (a 262k-row vocabulary would
-                # otherwise hold several float copies of the whole table at once)
-                tab = tv.numpy()
-                parts = [quantize_blockwise(np.ascontiguousarray(tab[i:i + 4096].T,
-                                                                 dtype=np.float32), bits, bs)
-                         for i in range(0, v, 4096)]
-                del tab
-                packed = np.concatenate([p.packed.reshape(p.n, -1) for p in parts])
-                scales = np.concatenate([p.scales for p in parts]).astype(fdt)
-                del parts
-                done[id(table)] = (add_initializer(graph, f"{table.name}_gbq{bits}", packed),
-                                   add_initializer(graph, f"{table.name}_gbq_scales", scales),
-                                   packed.nbytes + scales.nbytes)
-            dv, sv, nbytes = done[id(table)]
-            new = ir.Node(MS, "GatherBlockQuantized", [dv, node.inputs[1], sv],
-                          attributes=[ir.AttrInt64("bits", bits),
-                                      ir.AttrInt64("block_size", bs),
-                                      ir.AttrInt64("gather_axis", 0),
-                                      ir.AttrInt64("quantize_axis", 1)],
-                          num_outputs=1, name=node.name)
-            _replace(node, new)
-            self.record.embeddings.append({
-                "name": node.name, "table": table.name, "shape": [v, k], "bits": bits,
-                "block_size": bs, "bytes_before": int(tv.nbytes), "bytes_after": int(nbytes)})
-            self._drop_table(graph, table)
-
-    @staticmethod
-    def _drop_table(graph: ir.Graph, table: ir.Value) -> None:
-        """The float table, once no Gather reads it (nor the quantised head's old Transpose)."""
-        for u, _ in list(table.uses()):
-            if u.op_type == "Transpose" and not u.outputs[0].uses() \
-                    and not u.outputs[0].is_graph_output():
-                u.graph.remove(u, safe=True)
-        if not table.uses() and graph.initializers.get(table.name) is table:
-            del graph.initializers[table.name]
 
     def groups(self, targets: list[Target]) -> list[tuple[QuantSpec, list[Target]]]:
         """``(spec, members)``: targets that read one tensor with one scheme and rank are
@@ -522,7 +427,7 @@ class QuantizePass(ir.passes.InPlacePass):
         return ws, hats, quants
 
     def _allocate(self, groups: list) -> list:
-        """``--correct-rank auto``: every correctable group's whitened error spectrum (the
+        """``correct_rank`` auto: every correctable group's whitened error spectrum (the
         ``σ²`` of ``SᵀE``, each member's error relative to its output ``‖X·W_i‖``), then
         whole blocks of rank handed out greedily where a block removes most relative squared
         error per byte it costs, until the budget is spent. Groups whose rank an override
@@ -531,8 +436,8 @@ class QuantizePass(ir.passes.InPlacePass):
 
         spectrum = getattr(self.corrector, "spectrum", None)
         if spectrum is None:
-            raise LrcError("--correct-rank auto needs calibration statistics (the whitened "
-                           "error spectrum): not with --method svd")
+            raise LrcError(f"{opt('correct_rank', 'auto')} needs calibration statistics (the "
+                           f"whitened error spectrum): not with {opt('method', 'svd')}")
         fixed = {sel for sel, _, r in self.spec.overrides if r is not None}
         cands, costs = [], []
         for gi, (spec, group) in enumerate(groups):
@@ -578,8 +483,8 @@ class QuantizePass(ir.passes.InPlacePass):
             out.append((spec, group))
         ranks = [blocks[gi] * info[gi][0] for gi in blocks]
         self.record.notes.append(
-            f"--correct-rank auto: {spent / 1e6:.1f} of {budget / 1e6:.1f} MB spent on the "
-            f"correction; ranks over {len(ranks)} groups: "
+            render(f"{opt('correct_rank', 'auto')}: ") + f"{spent / 1e6:.1f} of "
+            f"{budget / 1e6:.1f} MB spent on the correction; ranks over {len(ranks)} groups: "
             + ", ".join(f"{r}: {ranks.count(r)}" for r in sorted(set(ranks))))
         return out
 
@@ -630,10 +535,10 @@ class QuantizePass(ir.passes.InPlacePass):
         f, info, form, a_pad = sv.f, sv.info, sv.form, sv.a_pad
         names = [t.name for t in group]
         if form == "concat" and f.rank < a_pad.shape[1]:
-            note = (f"--correct-rank {f.rank} is padded to {a_pad.shape[1]} in the concat "
-                    f"form (whole blocks of {spec.block_size}): the same bytes and time as "
-                    f"rank {a_pad.shape[1]}, less correction; use a multiple of "
-                    f"{spec.block_size}")
+            note = render(f"{opt('correct_rank', f.rank)} is padded to {a_pad.shape[1]} in the "
+                          f"concat form (whole blocks of {spec.block_size}): the same bytes and "
+                          f"time as rank {a_pad.shape[1]}, less correction; use a multiple of "
+                          f"{spec.block_size}")
             if note not in self.record.notes:
                 self.record.notes.append(note)
         t_val = None
@@ -668,52 +573,9 @@ class QuantizePass(ir.passes.InPlacePass):
             self.weights.pop(t.name, None)
 
     # -------------------------------------------------------------------------- node builders
-    def _nbits_node(self, graph, t: Target, x: ir.Value, bq) -> tuple[ir.Node, int]:
-        """``MatMulNBits(x, bq)``; accuracy_level is the pass's (one for every node)."""
-        pv = add_initializer(graph, f"{t.weight.name}_Q{bq.bits}", bq.packed)
-        sv = add_initializer(graph, f"{t.weight.name}_scales",
-                             bq.scales.reshape(-1).astype(_float(t)))
-        attrs = [ir.AttrInt64("K", bq.k), ir.AttrInt64("N", bq.n), ir.AttrInt64("bits", bq.bits),
-                 ir.AttrInt64("block_size", bq.block_size)]
-        if self.spec.accuracy_level:
-            attrs.append(ir.AttrInt64("accuracy_level", self.spec.accuracy_level))
-        node = ir.Node(MS, "MatMulNBits", [x, pv, sv], attributes=attrs, num_outputs=1,
-                       name=t.name)
-        return node, bq.packed.nbytes + bq.scales.size * _itemsize(t)
-
     def _emit(self, graph, t: Target, qz, spec: QuantSpec) -> int:
         """Replace ``t``'s MatMul by the spec's form (same input, same output)."""
-        from lrc.graph.passes.int8 import FORMS
-
-        x = t.node.inputs[0]
-        form = spec.form
-        if form not in ("dynamic", "dq-column", "dqmatmul"):  # block-wise codes
-            return self._block_node(graph, t, qz, x, spec)
-        q, s = qz
-        qv = add_initializer(graph, f"{t.weight.name}_q8", q)
-        sv = add_initializer(graph, f"{t.weight.name}_scale", s)
-        if form == "dqmatmul":
-            node = ir.Node(MS, "DynamicQuantizeMatMul", [x, qv, sv], num_outputs=1, name=t.name)
-            _replace(t.node, node)
-            t.node = node
-        else:  # lrc.graph.passes.int8's standard forms rewrite a plain MatMul
-            mm = ir.Node("", "MatMul", [x, qv], num_outputs=1, name=t.name)
-            _replace(t.node, mm)
-            t.node = FORMS["dynamic" if form == "dynamic" else "qdq"].rewrite(
-                graph, mm, qv, sv, self._shared)
-        return q.nbytes + s.nbytes
-
-    def _dq_block_node(self, graph, t: Target, x: ir.Value, bq: BlockQuant) -> tuple[ir.Node, int]:
-        """``MatMul(x, DequantizeLinear(codes [K, N], scales [K/block, N], axis=0,
-        block_size))``: the standard form of MatMulNBits' math (symmetric, zero point 0)."""
-        cv = add_initializer(graph, f"{t.weight.name}_i{bq.bits}", signed_codes(bq))
-        sv = add_initializer(graph, f"{t.weight.name}_scales", np.ascontiguousarray(bq.scales.T))
-        w = ir.Value(name=unique_name(graph, f"{t.name}/lrc_dq_out"))
-        dq = ir.Node("", "DequantizeLinear", [cv, sv], outputs=[w], name=f"{t.name}/lrc_dq",
-                     attributes=[ir.AttrInt64("axis", 0),
-                                 ir.AttrInt64("block_size", bq.block_size)])
-        t.node.graph.insert_before(t.node, dq)
-        return ir.Node("", "MatMul", [x, w], num_outputs=1, name=t.name), bq.nbytes
+        return self._block_node(graph, t, qz, t.node.inputs[0], spec)
 
     def _a_product(self, graph, t: Target, a: np.ndarray) -> ir.Value:
         a = a.astype(_float(t), copy=False)
@@ -737,7 +599,7 @@ class QuantizePass(ir.passes.InPlacePass):
                        name=f"{t.name}/lrc_q")
         node.graph.insert_before(node, [newq, mb])
         add = ir.Node("", "Add", [q, c], num_outputs=1, name=t.name)
-        _replace(node, add)
+        replace_node(node, add)
         t.node = add
         return b.nbytes
 
@@ -750,16 +612,15 @@ class QuantizePass(ir.passes.InPlacePass):
         t.node.graph.insert_before(t.node, cat)
         return xt
 
-    def _block_node(self, graph, t: Target, bq: BlockQuant, x: ir.Value,
-                    spec: QuantSpec) -> int:
-        """Replace ``t``'s MatMul by one block-quantised MatMul of ``x`` (``X``, or
-        ``Concat([X, T])`` with the weight ``[W; B]``) in the spec's form."""
-        if spec.form == "dq-block":
-            node, nbytes = self._dq_block_node(graph, t, x, bq)
-        else:
-            node, nbytes = self._nbits_node(graph, t, x, bq)
-        _replace(t.node, node)
-        t.node = node
+    def _block_node(self, graph, t: Target, codes, x: ir.Value, spec: QuantSpec) -> int:
+        """Replace ``t``'s MatMul by one quantised MatMul of ``x`` (``X``, or ``Concat([X, T])``
+        with the weight ``[W; B]``) in the spec's form (:data:`lrc.graph.passes.qforms.FORMS`)."""
+        node, nbytes = spec.qform.emit(graph, t, codes, x, {
+            "accuracy_level": self.spec.accuracy_level, "float": _float(t),
+            "shared": self._shared})
+        if node is not None:
+            replace_node(t.node, node)
+            t.node = node
         return nbytes
 
 
@@ -836,25 +697,14 @@ def check_fp16(spec: QuantSpec, targets: list[Target]) -> None:
         if t.compute_dtype != ir.DataType.FLOAT16:
             continue
         s = spec.for_target(t)
-        if s.form != "nbits":
-            what = ("DynamicQuantizeMatMul takes float32 activations only" if s.form == "dqmatmul"
-                    else f"lrc writes the --target-runtime {s.target} form for float32 only")
+        if not s.qform.float16:
+            what = (f"{s.qform.help.split(',')[0]} takes float32 activations only" if s.qform.ms
+                    else f"lrc writes the {opt('target_runtime', s.target)} form for float32 "
+                         f"only")
             raise LrcError(
-                f"--quantize {s.scheme} on a float16 model ({t.name} multiplies in float16): "
-                f"{what}; use --quantize int4 or int8-weight (MatMulNBits runs float16) or "
-                f"quantise the float32 export")
-
-
-def _replace(old: ir.Node, new: ir.Node) -> None:
-    """Put ``new`` where ``old`` is: ``new``'s output takes over ``old``'s output value's uses,
-    graph outputs and name; ``old`` is removed."""
-    out = old.outputs[0]
-    old.graph.insert_before(old, new)
-    nv = new.outputs[0]
-    nv.type, nv.shape = out.type, out.shape
-    out.replace_all_uses_with(nv, replace_graph_outputs=True)
-    old.graph.remove(old, safe=True)
-    nv.name = out.name
+                f"{opt('quantize', s.scheme)} on a float16 model ({t.name} multiplies in "
+                f"float16): {what}; use {opt('quantize', 'int4')} or int8-weight (MatMulNBits "
+                f"runs float16) or quantise the float32 export")
 
 
 __all__ = ["CORRECT_FORMS", "EMBEDDING", "parse_spec", "Corrector", "QuantNode", "QuantRecord",

@@ -1,0 +1,128 @@
+"""Embedding tables stored quantised: ``Gather(table, ids)`` on a large float table.
+
+In the form the target runtime declares for embeddings (:mod:`lrc.graph.passes.qforms`):
+
+* ``gbq``: ``com.microsoft.GatherBlockQuantized`` with the table quantised along its rows in
+  blocks of ``block_size`` (4 or 8 bits, symmetric: :func:`lrc.quantmath.quantize_blockwise`),
+  one table for every Gather of it;
+* ``dq-row``: ``Gather(DequantizeLinear(int8 table, one scale per row, axis=0), ids)``
+  (float32 tables; a float16 one stays float16, with a note).
+
+A table is quantised only when nothing but Gathers (and Transposes no one reads any more: a
+tied head the quantisation pass already replaced) uses it, and holds at least ``EMBED_MIN``
+values (positions and token types stay float). Rows are independent, so a 262k-row
+vocabulary is quantised 4096 rows at a time. What was done goes into the quantisation's record
+(``QuantRecord.embeddings``): the pass runs right after :class:`~lrc.graph.passes.quant.QuantizePass`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from lrc.graph.passes.lowrank import add_initializer, unique_name
+from lrc.graph.passes.qforms import MS, replace_node
+from lrc.graph.passes.quant import EMBED_MIN, EMBEDDING, QuantRecord, QuantSpec
+from lrc.quantmath import quantize_blockwise, quantize_columns, valid_block_size
+
+
+class EmbeddingPass(ir.passes.InPlacePass):
+    """Quantise the large embedding tables (``spec.embedding`` bits, ``spec.block_size`` rows
+    per block), recording each into ``record.embeddings``."""
+
+    def __init__(self, spec: QuantSpec, record: QuantRecord):
+        super().__init__()
+        self.spec = spec
+        self.record = record
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = len(self.record.embeddings)
+        if self.spec.embedding != "float":
+            self._embeddings(model.graph)
+        return ir.passes.PassResult(model, modified=len(self.record.embeddings) > before)
+
+    def _embeddings(self, graph: ir.Graph) -> None:
+        bits = EMBEDDING[self.spec.embedding]
+        standard = self.spec.embedding_form.name == "dq-row"
+        bs = self.spec.block_size if valid_block_size(self.spec.block_size) else 32
+        done: dict = {}
+        for node in list(ir.traversal.RecursiveGraphIterator(graph)):
+            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+                continue
+            table = node.inputs[0]
+            tv = None if table is None else table.const_value
+            if tv is None or len(tv.shape) != 2 or tv.dtype not in (ir.DataType.FLOAT,
+                                                                      ir.DataType.FLOAT16):
+                continue
+            if tv.dtype != ir.DataType.FLOAT and standard:
+                note = (f"float16 embedding table {table.name!r} stays float16 (the standard "
+                        f"form's per-row int8 is written for float32 tables only)")
+                if note not in self.record.notes:
+                    self.record.notes.append(note)
+                continue
+            fdt = np.float16 if tv.dtype == ir.DataType.FLOAT16 else np.float32
+            v, k = (int(d) for d in tv.shape)
+            axis = node.attributes.get("axis")
+            if v * k < EMBED_MIN or k % bs or (axis is not None and axis.as_int() != 0):
+                continue
+            users = [u for u, _ in table.uses()]
+            if any(u.op_type != "Gather" and not (u.op_type == "Transpose"
+                                                 and not u.outputs[0].uses()) for u in users):
+                continue
+            if standard:
+                if id(table) not in done:
+                    q, s = quantize_columns(tv.numpy().T, 127)  # per row of the table
+                    qv = add_initializer(graph, f"{table.name}_q8", np.ascontiguousarray(q.T))
+                    sv = add_initializer(graph, f"{table.name}_rowscale", s)
+                    out = ir.Value(name=unique_name(graph, f"{table.name}_dq"))
+                    graph.insert_before(graph[0], ir.Node(
+                        "", "DequantizeLinear", [qv, sv], outputs=[out],
+                        attributes=[ir.AttrInt64("axis", 0)], name=f"{table.name}/lrc_dq"))
+                    done[id(table)] = (out, q.nbytes + s.nbytes)
+                out, nbytes = done[id(table)]
+                node.replace_input_with(0, out)
+                self.record.embeddings.append({
+                    "name": node.name, "table": table.name, "shape": [v, k], "bits": 8,
+                    "block_size": None, "bytes_before": int(tv.nbytes),
+                    "bytes_after": int(nbytes)})
+                self._drop_table(graph, table)
+                continue
+            if id(table) not in done:  # one quantised table for every Gather of it
+                # rows are independent: quantise 4096 at a time (a 262k-row vocabulary would
+                # otherwise hold several float copies of the whole table at once)
+                tab = tv.numpy()
+                parts = [quantize_blockwise(np.ascontiguousarray(tab[i:i + 4096].T,
+                                                                 dtype=np.float32), bits, bs)
+                         for i in range(0, v, 4096)]
+                del tab
+                packed = np.concatenate([p.packed.reshape(p.n, -1) for p in parts])
+                scales = np.concatenate([p.scales for p in parts]).astype(fdt)
+                del parts
+                done[id(table)] = (add_initializer(graph, f"{table.name}_gbq{bits}", packed),
+                                   add_initializer(graph, f"{table.name}_gbq_scales", scales),
+                                   packed.nbytes + scales.nbytes)
+            dv, sv, nbytes = done[id(table)]
+            new = ir.Node(MS, "GatherBlockQuantized", [dv, node.inputs[1], sv],
+                          attributes=[ir.AttrInt64("bits", bits),
+                                      ir.AttrInt64("block_size", bs),
+                                      ir.AttrInt64("gather_axis", 0),
+                                      ir.AttrInt64("quantize_axis", 1)],
+                          num_outputs=1, name=node.name)
+            replace_node(node, new)
+            self.record.embeddings.append({
+                "name": node.name, "table": table.name, "shape": [v, k], "bits": bits,
+                "block_size": bs, "bytes_before": int(tv.nbytes), "bytes_after": int(nbytes)})
+            self._drop_table(graph, table)
+
+    @staticmethod
+    def _drop_table(graph: ir.Graph, table: ir.Value) -> None:
+        """The float table, once no Gather reads it (nor the quantised head's old Transpose)."""
+        for u, _ in list(table.uses()):
+            if u.op_type == "Transpose" and not u.outputs[0].uses() \
+                    and not u.outputs[0].is_graph_output():
+                u.graph.remove(u, safe=True)
+        if not table.uses() and graph.initializers.get(table.name) is table:
+            del graph.initializers[table.name]
+
+
+__all__ = ["EmbeddingPass"]
