@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lrc-installed
 
-.PHONY: test demo bench bench-quant bench-runtimes bench-allocation bench-tune cuda-check cuda-prepare clean
+.PHONY: test test-fast golden demo bench bench-quant bench-runtimes bench-allocation bench-tune cuda-check cuda-prepare clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,14 @@ $(STAMP): pyproject.toml Makefile
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# the tests that take under 5 s each (a few minutes on 2 cores): what to run while editing
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -x -m "not slow"
+
+# a behaviour-preserving change: every compression path's output bytes against main's
+golden: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/golden.py --against main
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 PATH="$(CURDIR)/$(BIN):$$PATH" bash benchmarks/demo.sh

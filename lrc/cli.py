@@ -69,6 +69,21 @@ def _flag(name: str, value: str | None) -> str:
     return cli_style(name, value)
 
 
+def _runtimes() -> list[str]:
+    """The runtimes lrc knows (lrc.runtime.runtimes.RUNTIMES), for help lines."""
+    from lrc.runtime.runtimes import runtime_names
+
+    return runtime_names()
+
+
+def _precisions() -> str:
+    from lrc.runtime.runtimes import RUNTIMES
+
+    extra = [f"{r.name} also {'/'.join(p for p in r.precisions if p != 'f32')}"
+             for r in RUNTIMES if len(r.precisions) > 1]
+    return "f32 (default)" + ("; " + "; ".join(extra) if extra else "")
+
+
 def _fmt_int(n) -> str:
     return f"{n:,}" if isinstance(n, int) else str(n)
 
@@ -338,10 +353,11 @@ def verify(orig: Path = typer.Argument(..., help="Original ONNX file or folder")
            seed: int = typer.Option(0, "--seed"),
            rtol: Optional[float] = typer.Option(None, "--rtol", help="Exit 1 if any output's "
                                                 "relative error exceeds this."),
-           runtime: str = typer.Option("ort", "--runtime", help="Run NEW on this runtime (ort, "
-                                       "openvino, tract); ORIG always runs on ONNX Runtime."),
+           runtime: str = typer.Option("ort", "--runtime", help="Run NEW on this runtime ("
+                                       f"{', '.join(_runtimes())}); ORIG always runs on ONNX "
+                                       "Runtime."),
            precision: str = typer.Option("f32", "--precision", help="NEW's runtime pinned to "
-                                         "this: f32 (default); openvino also bf16/f16."),
+                                         f"this: {_precisions()}."),
            as_json: bool = typer.Option(False, "--json")):
     """Check NEW (onnx checker, shape inference, ORT or --runtime) and compare its outputs with
     ORIG's on ONNX Runtime, on the same inputs."""
@@ -564,11 +580,10 @@ def _emit_json(res: dict, out_json: Optional[Path], as_json: bool) -> bool:
 @app.command()
 def bench(models: List[Path] = typer.Argument(..., help="First = reference; .onnx files or folders"),
           ep: str = typer.Option("cpu", "--ep", help="Comma-separated: cpu, cuda, tensorrt, ..."),
-          runtime: str = typer.Option("ort", "--runtime", help="Comma-separated runtimes: ort "
-                                      "(on each --ep), openvino, tract."),
+          runtime: str = typer.Option("ort", "--runtime", help="Comma-separated runtimes: "
+                                      f"{', '.join(_runtimes())} (ort on each --ep)."),
           precision: str = typer.Option("f32", "--precision", help="What every runtime is pinned "
-                                        "to: f32 (default); openvino also bf16/f16 where the "
-                                        "CPU has them."),
+                                        f"to: {_precisions()}, where the CPU has them."),
           threads: Optional[int] = typer.Option(None, "--threads"),
           batch: str = typer.Option("1", "--batch", help="Comma-separated batch sizes."),
           seq: str = typer.Option("128", "--seq", help="Comma-separated sequence lengths."),

@@ -42,16 +42,13 @@ from lrc.fields import option
 from lrc.graph.policy import Policy
 
 
-def _check_files(name: str, files) -> None:
+def _check_files(name: str, files, *, folders: bool = False) -> None:
+    """Each of ``files`` exists (a file; or a folder too, with ``folders``)."""
     for f in files:
-        if not Path(f).is_file():
-            raise ConfigError(f"{opt(name, repr(str(f)))}: file not found", name)
-
-
-def _check_paths(name: str, files) -> None:
-    for f in files:
-        if not Path(f).exists():
-            raise ConfigError(f"{opt(name, repr(str(f)))}: no such file or folder", name)
+        if not (Path(f).exists() if folders else Path(f).is_file()):
+            raise ConfigError(f"{opt(name, repr(str(f)))}: "
+                              f"{'no such file or folder' if folders else 'file not found'}",
+                              name)
 
 
 def _one_of(name: str, value, choices) -> None:
@@ -257,7 +254,7 @@ class CalibrationConfig:
         if self.calib_inputs and (self.calib or self.tokenizer is not None):
             raise ConfigError(f"{opt('calib_inputs')} replaces the calibration text: not with "
                               f"{opt('calib')} or {opt('tokenizer')}", "calib_inputs")
-        _check_paths("calib_inputs", self.calib_inputs)
+        _check_files("calib_inputs", self.calib_inputs, folders=True)
         if self.tokenizer is not None:
             from lrc.modelref import tokenizer_file
 
@@ -334,12 +331,10 @@ class QuantConfig:
                            "norms / up projections (no node added). Helps int8 (per-tensor "
                            "activations); 0 = off.")
     target_runtime: str = option(
-        "ort", choices=_targets, help="The runtime OUT is for; each runtime declares the "
-        "quantised forms it runs (lrc.runtime.runtimes): ort (ONNX Runtime's own quantised "
-        "ops), openvino (standard DequantizeLinear, block-wise int4/int8 at opset 21), tract "
-        "or any (standard ONNX every runtime lrc knows runs: per-column int8 weights, "
-        "MatMulInteger; no 4-bit). What the target cannot run is refused; OUT is loaded on "
-        "it when it is installed.")
+        "ort", choices=_targets, help="The runtime OUT is for, or any (what every runtime lrc "
+        "knows runs): each runtime declares the quantised forms it runs "
+        "(lrc.runtime.runtimes), those are written; what the target cannot run is refused, "
+        "and OUT is loaded on it when it is installed.")
 
     def validate(self) -> None:
         _one_of("target_runtime", self.target_runtime, _targets())

@@ -144,6 +144,7 @@ def _check_stats(row):
     assert row["mean_ms"] > 0
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_encoders_interleaved(models):
     res = B.bench([models["big"], models["lowrank"], models["small"]], threads=1, seq_lens=(64,),
                   warmup=3, runs=25)
@@ -242,6 +243,7 @@ def test_missing_model_is_lrc_error(tmp_path):
         B.bench([tmp_path / "nope.onnx"])
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_baselines_run(models, tmp_path):
     res = B.bench([models["big"]], threads=1, seq_lens=(32,), warmup=1, runs=3, baselines=True,
                   workdir=tmp_path, amdahl=False)

@@ -36,6 +36,7 @@ def _one_line_error(r, code=2):
     return lines[0]
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_analyse_compress_verify_roundtrip(model_file, tmp_path):
     r = lrc("analyse", model_file, "--rank", "4")
     assert r.returncode == 0, r.stderr
@@ -56,6 +57,7 @@ def test_analyse_compress_verify_roundtrip(model_file, tmp_path):
     assert lrc("compress", model_file, "--rank", "2", "-o", out, "--force").returncode == 0
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_full_rank_verifies_exactly(model_file, tmp_path):
     out = tmp_path / "full.onnx"
     assert lrc("compress", model_file, "--rank", "full", "-o", out).returncode == 0
@@ -63,6 +65,7 @@ def test_full_rank_verifies_exactly(model_file, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_verify_rtol_fails_when_outputs_differ(model_file, tmp_path):
     out = tmp_path / "r1.onnx"
     assert lrc("compress", model_file, "--rank", "1", "-o", out).returncode == 0
@@ -122,6 +125,7 @@ def test_bad_options(model_file, tmp_path, args, msg):
     assert not (tmp_path / "o.onnx").exists()
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_bad_policy_file(model_file, tmp_path):
     p = tmp_path / "p.yaml"
     p.write_text("roles: [1, 2")
@@ -130,6 +134,7 @@ def test_bad_policy_file(model_file, tmp_path):
                                              tmp_path / "q.yml"))
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_external_data_outside_folder_refused(tmp_path):
     secret = tmp_path / "secret.bin"
     secret.write_bytes(np.ones(16 * 64, np.float32).tobytes())
@@ -153,6 +158,7 @@ def test_external_data_outside_folder_refused(tmp_path):
     assert not list(d.glob("*-lrc*"))
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_external_data_roundtrip(model_file, tmp_path):
     out = tmp_path / "ext.onnx"
     r = lrc("compress", model_file, "--rank", "full", "-o", out, "--external-data")

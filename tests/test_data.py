@@ -82,6 +82,7 @@ def _minilm_tokenizer():
     return tok
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 @needs_gensim
 def test_calibration_shares_no_32gram_with_eval_texts():
     calib = data.calibration_texts(32_768)

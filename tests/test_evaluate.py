@@ -261,6 +261,7 @@ def test_evaluate_lm_json_and_table(lm, tmp_path):
     assert format_table(E.perplexity(folder, text, context=32, max_tokens=200)).row_count > 3
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_eval_cli_several_models(lm, tmp_path):
     """``lrc eval ORIG A B``: one column per model, the same numbers as one ``evaluate`` per
     model; with one NEW the saved JSON keeps its shape."""

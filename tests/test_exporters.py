@@ -17,6 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 
 
 # --------------------------------------------------------------------------- families
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_export_matches_torch(family, tmp_path):
     model = save_tiny(family, tmp_path / "hf")
@@ -79,6 +80,7 @@ def test_decoder_kv_cache_step_matches_full_run(tmp_path):
     assert rel_err(step, want) < 1e-3
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_fallback_to_torch_dynamo_when_optimum_fails(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise ValueError("optimum has no ONNX config for this architecture")

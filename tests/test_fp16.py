@@ -158,6 +158,7 @@ def test_quantize_int8_on_fp16_is_refused():
 
 
 # ------------------------------------------------------------------ the CLI, one line of error
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_cli_fp16_compress_and_int8_refusal(tmp_path):
     src = tmp_path / "m16.onnx"
     onnx.save(to_fp16(matmul_chain(d=32, hidden=64), "fp16"), src)
@@ -197,6 +198,7 @@ def _logits(path, seq=12):
     return s.run(["logits"], f)[0].astype(np.float32)
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_tiny_llama_fp16_svd_llm(llama16, tmp_path):
     """Calibration runs the fp16 graph (fp16 activations, statistics in float64); the factors
     are fp16 and the compressed model is close to the fp32 one compressed the same way."""
@@ -221,6 +223,7 @@ def _weight_bytes(path) -> int:
     return sum(onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(path).graph.initializer)
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_tiny_llama_fp16_eval_and_bench(llama16, tmp_path):
     f32, f16 = llama16
     r = lrc_cli("compress", f16, "--rank", "full", "--method", "svd", "-o", tmp_path / "full")
@@ -302,6 +305,7 @@ def test_quantize_fp16_embedding_table_becomes_gbq_with_fp16_scales():
     assert got.dtype == np.float16 and _rel(ref, got) < 0.2
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_export_dtype_float16(tiny_llama, tmp_path):
     """``lrc export --dtype float16``: the folder's weights are float16, its inputs and outputs
     float32 (feeds and KV caches as for the float32 export), the logits close to float32's; it

@@ -157,6 +157,7 @@ def _commands(model: Path, good: Path, out: Path, n: int) -> list:
     return cmds[n % len(cmds)]
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_mutated_protobufs(run, tmp_path, monkeypatch):
     """Byte flips, truncations, insertions, ... of a valid model file, through analyse,
     compress (low rank, int8), verify (either side), and a few through bench; half of
@@ -453,6 +454,7 @@ def _wait_for_staging(p: subprocess.Popen, folder: Path, seen: set) -> Path | No
     return None
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_compress_killed_mid_write(tmp_path):
     """SIGKILL ``lrc compress --force`` at random moments while it writes (and checks) its
     staged output over a previous output: the output path always holds a complete model (the

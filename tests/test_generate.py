@@ -90,6 +90,7 @@ def test_chat_template_is_rendered(tiny_llama, tmp_path):
     assert lm.generate("w5 w6", max_new_tokens=3, chat=True).prompt_tokens == 6
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_model_without_kv_cache(tmp_path):
     """A torch-dynamo export (no past_key_values, no position_ids) decodes the same tokens."""
     from lrc.exporters import export
@@ -144,6 +145,7 @@ def test_smollm2_says_paris(smollm2_dir):
     assert np.isfinite(res.tokens_per_s)
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_smollm2_compressed_full_rank_keeps_greedy_tokens(smollm2_dir, tmp_path):
     """Folder in, folder out; the KV-cache decoder at full rank reproduces the greedy tokens."""
     import subprocess

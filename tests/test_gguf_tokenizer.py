@@ -270,6 +270,7 @@ def write_gemma3_gguf(path: Path, pieces, seed: int = 0):
     return model
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_gemma3_gguf_export_end_to_end(spm_pieces, tmp_path, monkeypatch):
     """``lrc export`` of a Gemma-3 GGUF: lrc's tokenizer.json (checked), logits equal to the
     torch model's, the tied embedding stored once (optimum writes the head as a second copy,

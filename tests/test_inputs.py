@@ -76,6 +76,7 @@ def vit(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_vision_model_calibrates_from_files_and_eval_reports_agreement(vit, tmp_path):
     calibrated, plain = tmp_path / "w.onnx", tmp_path / "p.onnx"
     r = lrc("compress", vit / "vit.onnx", "-o", calibrated, "--ratio", "0.5",
@@ -102,6 +103,7 @@ def test_vision_model_calibrates_from_files_and_eval_reports_agreement(vit, tmp_
     assert r.returncode == 0 and "pixel_values 8x3x16x16" in r.stdout and "top-1" in r.stdout
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_quantisation_correction_and_update_calibrate_from_files(vit, tmp_path):
     q = tmp_path / "q.onnx"
     r = lrc("compress", vit / "vit.onnx", "-o", q, "--quantize", "int4", "--block-size", "16",
@@ -119,6 +121,7 @@ def test_quantisation_correction_and_update_calibrate_from_files(vit, tmp_path):
     assert qres["cosine"] > 0.99 and ures["cosine"] > 0.9
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_calib_inputs_refusals(vit, tmp_path):
     line = _one_line_error(lrc("compress", vit / "vit.onnx", "-o", tmp_path / "x.onnx",
                                "--ratio", "0.5", "--calib-inputs", vit / "calib",
@@ -160,6 +163,7 @@ def test_load_inputs_checks_names_dtypes_shapes(tmp_path):
         load_inputs([tmp_path / "empty"], specs)
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_token_ids_file_calibrates_a_text_model(tmp_path):
     from fixtures_export import save_tiny
     from lrc.exporters import export

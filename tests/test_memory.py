@@ -432,6 +432,7 @@ def test_bad_gram_budget_is_one_line(monkeypatch):
         gram_budget()
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_data_release_drops_cached_corpora():
     pytest.importorskip("gensim")
     from lrc import data

@@ -153,6 +153,7 @@ def test_bench_on_every_runtime(files):
     assert "Latency (OpenVINO" in text and "Latency (tract" in text and "f32" in text
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_bench_decoder_decode_on_every_runtime(files):
     res = B.bench([files["dec_dir"]], runtimes=("ort", "openvino", "tract"), threads=1,
                   seq_lens=(8,), decode_tokens=3, warmup=0, runs=2, memory=False, amdahl=False)
@@ -161,6 +162,7 @@ def test_bench_decoder_decode_on_every_runtime(files):
     assert not [n for n in res["notes"] if "not measured" in n]
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_bench_skips_what_a_runtime_cannot_run(files):
     res = B.bench([files["big"], files["inverse"]], runtimes=("tract",), threads=1,
                   seq_lens=(4,), warmup=0, runs=2, memory=False, amdahl=False)
@@ -174,6 +176,7 @@ def test_bench_skips_what_a_runtime_cannot_run(files):
         B.bench([files["big"]], eps=("cuda",), runtimes=("tract",))
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_cli_bench_and_verify_with_runtime(files, tmp_path):
     out = tmp_path / "b.json"
     r = lrc("bench", files["big"], files["low"], "--runtime", "ort,openvino,tract", "--runs", "3",

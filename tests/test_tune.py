@@ -169,6 +169,7 @@ def _check_result(r, out):
     assert format_tables(r)
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_quick_tune_causal_lm(tiny_llama_dir, tmp_path):
     out = tmp_path / "tuned"
     msgs = []
@@ -195,6 +196,7 @@ def test_quick_tune_causal_lm(tiny_llama_dir, tmp_path):
         tune(tiny_llama_dir, quick=True, out=out)
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_quick_tune_without_update_shares_one_factorisation(tiny_llama_dir, tmp_path,
                                                             monkeypatch):
     import lrc.tune as T
@@ -208,6 +210,7 @@ def test_quick_tune_without_update_shares_one_factorisation(tiny_llama_dir, tmp_
     assert lr and all("update" not in c["recipe"] and "error" not in c for c in lr)
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_nothing_within_budget_writes_nothing(tiny_llama_dir, tmp_path, monkeypatch):
     import lrc.tune as T
 

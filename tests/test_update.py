@@ -376,6 +376,7 @@ def test_residual_target_is_used_for_projections_added_to_the_stream():
     assert rel_err(run(upd, batches), ref) < rel_err(run(plain, batches), ref)
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_quantize_with_update_is_the_sequential_correction(tiny_llama):
     """``lrc.compress(..., quantize="int4", correct_rank=R, update=True)`` on the real optimum
     layout: the correction is computed stage by stage (recorded as such), the graph is
@@ -398,6 +399,7 @@ def test_quantize_with_update_is_the_sequential_correction(tiny_llama):
         compress(folder / "model.onnx", quantize="int4", correct_rank="auto", update=True)
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_auto_refuses_plain_svd_on_a_language_model(tiny_llama, tmp_path):
     """A decoder's model.onnx without its tokenizer: ``--method auto`` stops with what to pass
     (plain SVD destroys LMs) instead of falling back quietly; ``--method svd`` is accepted."""

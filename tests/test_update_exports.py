@@ -84,6 +84,7 @@ def _compress(folder, calib, **kw):
                     calib_tokens=CALIB_TOKENS, calib_seq=CALIB_SEQ, **kw)
 
 
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_update_beats_one_shot_whitening_on_every_export(exported):
     """On the text it was fitted to the update is closer to the original than one-shot SVD-LLM
     at the same ranks (as on SmolLM2); on held-out text of these tiny random models it is

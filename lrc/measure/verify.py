@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from lrc.errors import LrcError
-from lrc.graph.model import load_proto, structural_check
+from lrc.graph.model import structural_check
 from lrc.measure.metrics import compare_tensors
+from lrc.modelref import resolve
 from lrc.runtime.runtimes import load as load_on
 from lrc.runtime.session import open_session
 
@@ -47,14 +48,16 @@ def verify(orig, new, inputs: str | Path | dict | None = None, dims: dict | None
 
     # lrc's loader checks both (external data locations, tensor sizes, ...) before the onnx
     # checker and the runtimes read them
-    po, pn = load_proto(orig, weights=False)[1], load_proto(new, weights=False)[1]
+    ro, rn = resolve(orig), resolve(new)
+    po, pn = ro.need_file("verify"), rn.need_file("verify")
+    ro.graph, rn.graph  # noqa: B018 - read (and so validated) now
     result: dict = {"orig": str(po), "new": str(pn)}
     if structural:
         result["structure"] = structural_check(pn)
     try:
-        so = open_session(po, threads=threads)
+        so = open_session(ro, threads=threads)
         if runtime == "ort" and precision == "f32":
-            sn = open_session(pn, threads=threads)
+            sn = open_session(rn, threads=threads)
             result.setdefault("structure", {})["ort_cpu_session"] = "ok"
         else:
             sn = load_on(pn, runtime, threads=threads, precision=precision)
