@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lrc import methods
-from lrc.errors import ConfigError, opt
+from lrc.errors import ConfigError, LrcError, opt
 from lrc.fields import option
 from lrc.graph.policy import Policy
+from lrc.quantmath import BASE_QUANTIZERS
 
 
 def _check_files(name: str, files, *, folders: bool = False) -> None:
@@ -136,9 +137,11 @@ class LowRankConfig:
         exclude = list(self.exclude or [])
         if self.tied_head == "dense" and "head" not in exclude:
             exclude.append("head")
-        return build_policy(self.rank, self.energy, self.ratio, self.include, exclude,
-                            self.policy, self.align, self.allow_larger, bool(self.group_inputs),
-                            bool(self.dense_edges))
+        return build_policy(rank=self.rank, energy=self.energy, ratio=self.ratio,
+                            include=self.include, exclude=exclude, policy=self.policy,
+                            align=self.align, allow_larger=self.allow_larger,
+                            group_inputs=bool(self.group_inputs),
+                            dense_edges=bool(self.dense_edges))
 
     @property
     def given(self) -> bool:
@@ -290,6 +293,10 @@ def _schemes() -> list[str]:
     return list(SCHEMES)
 
 
+def _base_quantizers() -> dict:
+    return BASE_QUANTIZERS
+
+
 def _targets() -> list[str]:
     from lrc.runtime.runtimes import target_names
 
@@ -317,6 +324,11 @@ class QuantConfig:
         "comma: 32,head=128,ffn.down=64 (roles, groups or name globs). 'auto': ranks in whole "
         "blocks where the whitened error spectrum gains most per byte, under correct-budget "
         "(so far worse than uniform: BENCHMARKS.md).")
+    base_quant: str = option("rtn", choices=lambda: list(_base_quantizers()),
+                             help="How the block-wise codes are chosen before the correction "
+                                  "corrects them: " + "; ".join(
+                                      f"{q.name} ({q.help})"
+                                      for q in BASE_QUANTIZERS.values()) + ".")
     correct_form: str = option("concat", choices=lambda: ["concat", "add"], help="concat: the "
                                "correction rides inside each quantised MatMul (fast); add: a "
                                "float branch added to its output (reference).")
@@ -339,6 +351,7 @@ class QuantConfig:
     def validate(self) -> None:
         _one_of("target_runtime", self.target_runtime, _targets())
         _one_of("correct_form", self.correct_form, ["concat", "add"])
+        _one_of("base_quant", self.base_quant, list(_base_quantizers()))
         _one_of("embedding", self.embedding, ["int8", "int4", "float"])
         from lrc.quantmath import valid_block_size
 
@@ -363,13 +376,54 @@ class QuantConfig:
         """The pass's :class:`~lrc.graph.passes.quant.QuantSpec` (None without quantize)."""
         if self.quantize is None:
             return None
-        from lrc.graph.passes.quant import parse_spec
         from lrc.runtime.runtimes import target_forms
 
         return parse_spec(self.quantize, self.correct_rank, block_size=self.block_size,
                           accuracy_level=self.accuracy_level, correct_form=self.correct_form,
                           embedding=self.embedding, budget_mb=self.correct_budget,
-                          target=self.target_runtime, forms=target_forms(self.target_runtime))
+                          target=self.target_runtime, forms=target_forms(self.target_runtime),
+                          base=self.base_quant)
+
+
+def parse_spec(quantize: str, correct_rank="0", **kw):
+    """The pass's :class:`~lrc.graph.passes.quant.QuantSpec` from the options as written:
+    ``quantize="int4,head=int8-weight"`` and ``correct_rank="32,head=128,ffn.down=64"``, a
+    default and ``SELECTOR=VALUE`` overrides (a role, a group or a name glob); the pass gets
+    them parsed (schemes, integer ranks, the overrides as tuples)."""
+    def split(value, what):
+        default, over = None, []
+        for part in str(value).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" in part:
+                sel, _, v = part.partition("=")
+                over.append((sel.strip(), v.strip()))
+            elif default is None:
+                default = part
+            else:
+                raise LrcError(f"{what}: one default value and SELECTOR=VALUE overrides, "
+                               f"got {value!r}")
+        return default, over
+
+    def rank_of(v, where):
+        try:
+            return int(v)
+        except ValueError:
+            raise LrcError(f"{opt('correct_rank', where)} must be an integer, got {v!r}") \
+                from None
+
+    scheme, s_over = split(quantize, opt("quantize"))
+    rank, r_over = split(correct_rank if correct_rank is not None else "0", opt("correct_rank"))
+    overrides = tuple([(sel, v, None) for sel, v in s_over]
+                      + [(sel, None, rank_of(v, f"{sel}=")) for sel, v in r_over])
+    auto = rank == "auto"
+    if not auto and kw.get("budget_mb") is not None:
+        raise LrcError(f"{opt('correct_budget')} goes with {opt('correct_rank', 'auto')}")
+    from lrc.graph.passes.quant import AUTO_RANK, QuantSpec
+
+    return QuantSpec(scheme or "int4", correct_rank=AUTO_RANK if auto else rank_of(rank or "0", ""),
+                     overrides=overrides, auto=auto, **kw)
 
 
 @dataclass
@@ -603,4 +657,5 @@ def default_of(f) -> Any:
 
 __all__ = ["BudgetConfig", "CalibrationConfig", "CompressConfig", "FLAGS", "FIELDS",
            "FactorsConfig", "LowRankConfig", "MethodConfig", "OutputConfig", "QuantConfig",
-           "RECIPES", "cli_style", "copy_config", "default_of", "flag_of", "leaves", "option"]
+           "RECIPES", "cli_style", "copy_config", "default_of", "flag_of", "leaves", "option",
+           "parse_spec"]

@@ -439,7 +439,18 @@ def make_corrector(input_names: list[str], c: Calibration | None = None, *, stat
         return whitened_spectrum(np.concatenate([e_cat[:, p] / n for p, n in zip(parts, norms)],
                                                 axis=1), g)
 
+    def gram(targets):
+        """The Gram the group's correction is whitened by (None where calibration never reached
+        its input): what a data-aware base quantiser chooses its codes with."""
+        name = targets[0].node.inputs[0].name
+        st = stats.get(name)
+        if st is None:
+            return None
+        s = (rescaled or {}).get(name)
+        return st.xtx if s is None else st.xtx / np.outer(s, s)
+
     corrector.spectrum = spectrum
+    corrector.gram = gram
     info = {"method": "whitened correction of the quantisation error",
             "inputs": len(set(input_names))}
     if c is not None:

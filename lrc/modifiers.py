@@ -45,6 +45,7 @@ from lrc.errors import LrcError, opt, render
 from lrc.graph.plan import Plan
 from lrc.graph.policy import Policy
 from lrc.modelref import ModelRef
+from lrc.quantmath import BASE_QUANTIZERS
 
 
 @dataclass
@@ -251,7 +252,8 @@ class Quantize(Modifier):
             return "none"
         if _sequential_quant(run):
             return "sequential"
-        return "gram" if spec.any_rank or run.config.quant.smooth else "none"
+        return ("gram" if spec.any_rank or run.config.quant.smooth
+                or BASE_QUANTIZERS[spec.base].needs_gram else "none")
 
     def passes(self, run):
         from lrc.graph.passes.quant import QuantizePass
@@ -271,7 +273,8 @@ class Quantize(Modifier):
 
                 self.info = {"method": render("plain SVD of the quantisation error "
                                               f"({opt('method', 'svd')})")}
-        elif spec.any_rank or smooth is not None or _sequential_quant(run):
+        elif (spec.any_rank or smooth is not None or _sequential_quant(run)
+              or BASE_QUANTIZERS[spec.base].needs_gram):
             names, widths = _quant_inputs(run)
             c = run.calibration("correction")
             if _sequential_quant(run):

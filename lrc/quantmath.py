@@ -25,6 +25,7 @@ dropped ``σ²`` (:func:`whitened_error`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -32,8 +33,9 @@ from lrc.factorize import Factors, cholesky_damped, solve_lower_t
 
 COLUMNS = 4096  # wide matrices (an lm_head: 49152) are processed this many columns at a time
 
-__all__ = ["BlockQuant", "COLUMNS", "columns", "correction_factors", "whitened_spectrum", "dequantize", "quantize_blockwise", "quantize_columns",
-           "whitened_error", "whitened_norm2", "valid_block_size"]
+__all__ = ["BASE_QUANTIZERS", "BaseQuantizer", "BlockQuant", "COLUMNS", "columns",
+           "correction_factors", "whitened_spectrum", "dequantize", "quantize_blockwise",
+           "quantize_columns", "whitened_error", "whitened_norm2", "valid_block_size"]
 
 
 def valid_block_size(block_size: int) -> bool:
@@ -98,6 +100,31 @@ def quantize_blockwise(w: np.ndarray, bits: int = 4, block_size: int = 32) -> Bl
     else:
         packed = q.astype(np.uint8)
     return BlockQuant(packed, scale, bits, block_size, k, n)
+
+
+@dataclass(frozen=True)
+class BaseQuantizer:
+    """How the block-wise codes of a weight are chosen — what the low-rank correction then
+    corrects. ``quantize(w [K, N] float32, bits, block_size, gram)`` returns the
+    :class:`BlockQuant` (``dequantize`` reads any of them: symmetric codes, one scale per
+    block); ``gram`` is the input's ``XᵀX`` ([K, K], float64, from the calibration the
+    correction uses) when ``needs_gram``, else None. A new base quantiser (data-aware scaling,
+    scale search against the whitened error, error-feedback rounding) is one entry in
+    :data:`BASE_QUANTIZERS` and its test; the ``base_quant`` option lists the registry."""
+
+    name: str
+    help: str
+    quantize: Callable[..., BlockQuant]
+    needs_gram: bool = False
+
+
+def _rtn(w: np.ndarray, bits: int, block_size: int, gram=None) -> BlockQuant:
+    return quantize_blockwise(w, bits, block_size)
+
+
+BASE_QUANTIZERS: dict[str, BaseQuantizer] = {q.name: q for q in (
+    BaseQuantizer("rtn", "round to nearest per block (ONNX Runtime's own codes)", _rtn),
+)}
 
 
 def columns(bq: BlockQuant, sl: slice) -> BlockQuant:

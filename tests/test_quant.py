@@ -238,7 +238,7 @@ def test_cli_quantize_writes_record(tmp_path):
 def test_per_node_overrides():
     """``--quantize int4,attn.o=int8-weight --correct-rank 4,attn.k=0``: the selector's nodes
     get their own scheme and rank; a different rank splits the joint group."""
-    from lrc.graph.passes.quant import parse_spec
+    from lrc.config import parse_spec
 
     spec = parse_spec("int4,attn.o=int8-weight", "4,attn.k=0", block_size=16, accuracy_level=0,
                       embedding="float")
@@ -259,7 +259,7 @@ def test_per_node_overrides():
 ])
 def test_bad_overrides(q, r, msg):
     from lrc.errors import LrcError
-    from lrc.graph.passes.quant import parse_spec
+    from lrc.config import parse_spec
 
     with pytest.raises(LrcError, match=msg):
         parse_spec(q, r)
@@ -337,7 +337,7 @@ def test_auto_ranks_spend_the_budget_where_the_error_is():
     """``--correct-rank auto``: whole blocks go where the whitened error spectrum gains most
     per byte, within the budget (default: a uniform rank 32's bytes); a projection with far
     more error gets more rank, and the total error falls at least as far as uniform's."""
-    from lrc.graph.passes.quant import parse_spec
+    from lrc.config import parse_spec
 
     proto = shared_input(d=64, outs=(64, 32, 32))
     # the o_proj's weight gets much larger error: scale it up, its input an outlier mix
@@ -491,3 +491,29 @@ def test_tract_target_is_per_column_int8(tmp_path):
         QuantSpec("int4", target="tract", forms=target_forms("tract"))
     with pytest.raises(LrcError, match="per-row DequantizeLinear.*use int8 or float"):
         QuantSpec("int8", embedding="int4", target="any", forms=target_forms("any"))
+
+
+def test_a_base_quantiser_is_one_registry_entry(monkeypatch):
+    """A data-aware base quantiser registered in lrc.quantmath.BASE_QUANTIZERS chooses the codes
+    the correction corrects, given the Gram of each group's input; RTN (the default) is
+    ONNX Runtime's own codes."""
+    from lrc.quantmath import BASE_QUANTIZERS, BaseQuantizer, quantize_blockwise
+
+    seen = []
+
+    def halved(w, bits, block_size, gram):  # a toy: RTN of the weight, recording the Gram
+        seen.append(None if gram is None else gram.shape)
+        return quantize_blockwise(w, bits, block_size)
+
+    monkeypatch.setitem(BASE_QUANTIZERS, "toy", BaseQuantizer("toy", "a test", halved, True))
+    proto = shared_input(d=64, outs=(64, 32, 32))
+    x = RNG.standard_normal((200, 64)).astype(np.float32)
+    corr = _gram_corrector(x.T.astype(np.float64) @ x)
+    rtn, rec_r = _apply(proto, QuantSpec("int4", 16, 0, 8, embedding="float"), corr)
+    toy, rec_t = _apply(proto, QuantSpec("int4", 16, 0, 8, embedding="float", base="toy"), corr)
+    assert seen and all(s == (64, 64) for s in seen)
+    assert [n.werr_after for n in rec_t.nodes] == [n.werr_after for n in rec_r.nodes]
+    with pytest.raises(LrcError, match="needs calibration statistics"):
+        _apply(proto, QuantSpec("int4", 16, 0, 0, embedding="float", base="toy"))
+    with pytest.raises(LrcError, match="base_quant must be one of"):
+        QuantSpec("int4", base="nope")

@@ -30,7 +30,7 @@ EDGE_BLOCKS = {0, -1}
 PlanItem = tuple  # (Target, rank, setting description, note)
 
 
-def build_policy(rank=None, energy=None, ratio=None, include=(), exclude=(), policy=None,
+def build_policy(*, rank=None, energy=None, ratio=None, include=(), exclude=(), policy=None,
                  align: int = 1, allow_larger: bool = False, group_inputs: bool = False,
                  dense_edges: bool = False) -> Policy:
     """CLI/API options -> Policy. With nothing given the default is ``ratio 0.8``.

@@ -56,7 +56,7 @@ from lrc.graph.passes.qforms import (EMBEDDING_FORMS, MS, EmbeddingForm, QForm, 
 from lrc.graph.passes.qforms import FORMS as QFORMS
 from lrc.graph.policy import check_selector, selector_matches
 from lrc.graph.plan import effective_weight
-from lrc.quantmath import (BlockQuant, columns, dequantize, quantize_blockwise,
+from lrc.quantmath import (BASE_QUANTIZERS, BlockQuant, columns, dequantize, quantize_blockwise,
                            quantize_columns, valid_block_size, whitened_error)
 
 SCHEMES = {"int4": 4, "int8-weight": 8, "int8": 8}
@@ -88,6 +88,7 @@ class QuantSpec:
     auto: bool = False
     budget_mb: float | None = None
     target: str = "ort"  # the runtime the forms are for (its name, for messages)
+    base: str = "rtn"  # how block-wise codes are chosen (lrc.quantmath.BASE_QUANTIZERS)
     # scheme (and "embedding") -> the form written for it (lrc.graph.passes.qforms), as the
     # target runtime declares them (lrc.runtime.runtimes); None: ONNX Runtime's own ops
     forms: dict | None = None
@@ -131,6 +132,9 @@ class QuantSpec:
         if self.embedding not in EMBEDDING:
             raise LrcError(f"{opt('embedding')} must be {' or '.join(EMBEDDING)}, got "
                            f"{self.embedding!r}")
+        if self.base not in BASE_QUANTIZERS:
+            raise LrcError(f"{opt('base_quant')} must be one of {', '.join(BASE_QUANTIZERS)}, "
+                           f"got {self.base!r}")
         if self.correct_form not in CORRECT_FORMS:
             raise LrcError(f"{opt('correct_form')} must be {' or '.join(CORRECT_FORMS)}, "
                            f"got {self.correct_form!r}")
@@ -195,43 +199,6 @@ class QuantSpec:
             what += f"; {sel}: " + ", ".join(x for x in (
                 scheme, None if rank is None else f"rank {rank}") if x)
         return what
-
-
-def parse_spec(quantize: str, correct_rank="0", **kw) -> QuantSpec:
-    """``quantize="int4,head=int8-weight"`` and ``correct_rank="32,head=128,ffn.down=64"``: a
-    default and ``SELECTOR=VALUE`` overrides (a role, a group or a name glob)."""
-    def split(value, what):
-        default, over = None, []
-        for part in str(value).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "=" in part:
-                sel, _, v = part.partition("=")
-                over.append((sel.strip(), v.strip()))
-            elif default is None:
-                default = part
-            else:
-                raise LrcError(f"{what}: one default value and SELECTOR=VALUE overrides, "
-                               f"got {value!r}")
-        return default, over
-
-    def rank_of(v, where):
-        try:
-            return int(v)
-        except ValueError:
-            raise LrcError(f"{opt('correct_rank', where)} must be an integer, got {v!r}") \
-                from None
-
-    scheme, s_over = split(quantize, opt("quantize"))
-    rank, r_over = split(correct_rank if correct_rank is not None else "0", opt("correct_rank"))
-    overrides = tuple([(sel, v, None) for sel, v in s_over]
-                      + [(sel, None, rank_of(v, f"{sel}=")) for sel, v in r_over])
-    auto = rank == "auto"
-    if not auto and kw.get("budget_mb") is not None:
-        raise LrcError(f"{opt('correct_budget')} goes with {opt('correct_rank', 'auto')}")
-    return QuantSpec(scheme or "int4", correct_rank=AUTO_RANK if auto else rank_of(rank or "0", ""),
-                     overrides=overrides, auto=auto, **kw)
 
 
 @dataclass
@@ -414,6 +381,12 @@ class QuantizePass(ir.passes.InPlacePass):
         """``(weights, dequantised weights, quantised forms)`` of a group's members."""
         ws = [np.asarray(self.weights[t.name] if t.name in self.weights else effective_weight(t),
                          dtype=np.float32) for t in group]
+        base, gram = BASE_QUANTIZERS[spec.base], None
+        if base.needs_gram and not spec.column:
+            gram = getattr(self.corrector, "gram", lambda ts: None)(group)
+            if gram is None:
+                raise LrcError(f"{opt('base_quant', spec.base)} needs calibration statistics "
+                               f"of {group[0].name}'s input: not with {opt('method', 'svd')}")
         hats, quants = [], []
         for w in ws:
             if spec.column:
@@ -421,7 +394,7 @@ class QuantizePass(ir.passes.InPlacePass):
                 quants.append((q, s))
                 hats.append(q.astype(np.float32) * s)
             else:
-                bq = quantize_blockwise(w, spec.bits, spec.block_size)
+                bq = base.quantize(w, spec.bits, spec.block_size, gram)
                 quants.append(bq)
                 hats.append(dequantize(bq))
         return ws, hats, quants
@@ -707,5 +680,5 @@ def check_fp16(spec: QuantSpec, targets: list[Target]) -> None:
                 f"runs float16) or quantise the float32 export")
 
 
-__all__ = ["CORRECT_FORMS", "EMBEDDING", "parse_spec", "Corrector", "QuantNode", "QuantRecord",
+__all__ = ["AUTO_RANK", "CORRECT_FORMS", "EMBEDDING", "Corrector", "QuantNode", "QuantRecord",
            "QuantSpec", "QuantizePass", "SCHEMES", "Solved", "check_fp16", "quant_targets"]
