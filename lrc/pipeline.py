@@ -332,9 +332,12 @@ def compress_file(src: Path, out: Path, config: CompressConfig, *, external_data
                   calib_progress=None) -> dict:
     """Compress the model file ``src`` to ``out`` (staged beside it, checked, then moved into
     place). ``check``: the onnx checker and an ONNX Runtime CPU load of the staged file."""
-    from lrc.runtime.session import check_loads
+    from lrc.runtime.session import check_loads, onnx_domain_ops
 
     t0 = time.perf_counter()
+    level, weaker = "full", ""
+    if check:  # the output is held to what its input meets, known before the work
+        level, weaker = M.check_level(src, onnx_domain_ops())
     m, report = compress_model(src, config, progress=progress, calib_progress=calib_progress)
     t1 = time.perf_counter()
     staged = M.stage(m, out, external_data=True if external_data else None, force=force)
@@ -343,7 +346,10 @@ def compress_file(src: Path, out: Path, config: CompressConfig, *, external_data
     checks: dict = {}
     try:
         if check:
-            checks.update(M.structural_check(staged.path))
+            checks.update(M.structural_check(staged.path, onnx_domain_ops(), level))
+            if weaker:
+                checks["checker_level"] = (f"{level}: the input itself fails the stronger "
+                                           f"check ({weaker})")
             checks.update(check_loads(staged.path))
             checks.update(_check_target(staged.path, config.quant.target_runtime))
     except BaseException:

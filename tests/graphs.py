@@ -147,3 +147,33 @@ def to_proto(ir_model) -> onnx.ModelProto:
     import onnx_ir as ir
 
     return ir.serde.serialize_model(ir_model)
+
+
+def builder_tied(vocab=32768, d=32, hidden=64, seed=6, opset=22):
+    """The tied layout of ONNX Runtime GenAI's model builder: the embedding is
+    ``Gather(Transpose(lm_head.MatMul.weight), ids)`` of the head's ``[d, vocab]`` weight,
+    a ``SimplifiedLayerNormalization`` (ONNX Runtime's own op, registered in the ONNX domain)
+    before an MLP, the head ``MatMul(h, lm_head.MatMul.weight)``."""
+    r = rng(seed)
+    head = (r.standard_normal((d, vocab)) / np.sqrt(d)).astype(np.float32)
+    up = (r.standard_normal((d, hidden)) / np.sqrt(d)).astype(np.float32)
+    down = (r.standard_normal((hidden, d)) / np.sqrt(hidden)).astype(np.float32)
+    nodes = [
+        helper.make_node("Transpose", ["lm_head.MatMul.weight"], ["table"],
+                         name="/model/embed_tokens/Transpose"),
+        helper.make_node("Gather", ["table", "input_ids"], ["e"], name="/model/embed_tokens/Gather"),
+        helper.make_node("SimplifiedLayerNormalization", ["e", "norm.weight"], ["n"],
+                         name="/model/layers.0/input_layernorm/LayerNorm", axis=-1, epsilon=1e-5),
+        helper.make_node("MatMul", ["n", "model.layers.0.mlp.up_proj.MatMul.weight"], ["u"],
+                         name="/model/layers.0/mlp/up_proj/MatMul"),
+        helper.make_node("Relu", ["u"], ["a"]),
+        helper.make_node("MatMul", ["a", "model.layers.0.mlp.down_proj.MatMul.weight"], ["h"],
+                         name="/model/layers.0/mlp/down_proj/MatMul"),
+        helper.make_node("MatMul", ["h", "lm_head.MatMul.weight"], ["logits"],
+                         name="/lm_head/MatMul"),
+    ]
+    inits = [init("lm_head.MatMul.weight", head), init("norm.weight", np.ones(d, np.float32)),
+             init("model.layers.0.mlp.up_proj.MatMul.weight", up),
+             init("model.layers.0.mlp.down_proj.MatMul.weight", down)]
+    return _model(nodes, [vin("input_ids", ["batch", "seq"], TensorProto.INT64)],
+                  [vin("logits", ["batch", "seq", vocab])], inits, opset=opset)

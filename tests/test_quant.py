@@ -517,3 +517,56 @@ def test_a_base_quantiser_is_one_registry_entry(monkeypatch):
         _apply(proto, QuantSpec("int4", 16, 0, 0, embedding="float", base="toy"))
     with pytest.raises(LrcError, match="base_quant must be one of"):
         QuantSpec("int4", base="nope")
+
+
+def test_builder_tied_layout_embedding_and_checks(tmp_path):
+    """ONNX Runtime GenAI's model builder ties embedding and head through Transpose of the
+    head's weight, and uses ONNX Runtime's own SimplifiedLayerNormalization in the ONNX domain:
+    lrc quantises the head, then the embedding from the transposed table (the float weight is
+    gone), and checks the output with the onnx checker for everything but that op, which the
+    ONNX Runtime load checks."""
+    from graphs import builder_tied
+
+    import lrc
+
+    src = tmp_path / "m.onnx"
+    onnx.save(builder_tied(), src)
+    with pytest.raises(Exception, match="SimplifiedLayerNormalization"):
+        onnx.checker.check_model(str(src), full_check=True)
+    out = tmp_path / "q.onnx"
+    path, rep = lrc.compress(src, out=out, quantize="int4", method="svd", embedding="int4")
+    q = onnx.load(str(out))
+    ops = [n.op_type for n in q.graph.node]
+    assert "GatherBlockQuantized" in ops and "Transpose" not in ops
+    assert "lm_head.MatMul.weight" not in {t.name for t in q.graph.initializer}
+    assert rep["quantize"]["embeddings"][0]["shape"] == [32768, 32]  # the table, not the weight
+    assert "SimplifiedLayerNormalization" in rep["checks"]["runtime_ops"]
+    ids = np.array([[3, 500, 32767]], np.int64)
+    want = run(builder_tied(), {"input_ids": ids})[0]
+    got = run(q, {"input_ids": ids})[0]
+    assert np.corrcoef(want.ravel(), got.ravel())[0, 1] > 0.98  # 4-bit everywhere, close
+
+
+def test_output_held_to_the_check_its_input_passes(tmp_path):
+    """A graph that fails strict shape inference on its own (the model builder's declares a
+    Constant's shape wrongly) is checked without it — decided before the work, said in the
+    report — instead of failing after the work for what lrc did not do."""
+    from graphs import builder_tied
+
+    import lrc
+
+    m = builder_tied()
+    # a Constant of shape [1] declared of rank 0, as the builder writes its constants
+    m.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["one"], value=onnx.helper.
+                                                 make_tensor("v", onnx.TensorProto.FLOAT, [1],
+                                                             [1.0])))
+    m.graph.value_info.append(onnx.helper.make_tensor_value_info("one", onnx.TensorProto.FLOAT,
+                                                                 []))
+    head = next(n for n in m.graph.node if n.name == "/lm_head/MatMul")
+    head.input[0] = "h1"
+    m.graph.node.insert(len(m.graph.node) - 1, onnx.helper.make_node("Mul", ["h", "one"], ["h1"]))
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    _, rep = lrc.compress(src, out=tmp_path / "q.onnx", quantize="int4", method="svd")
+    assert rep["checks"]["checker"] == "ok" and rep["checks"]["shape_inference"] == "skipped"
+    assert rep["checks"]["checker_level"].startswith("checker: the input itself fails")

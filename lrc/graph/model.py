@@ -999,10 +999,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 @contextmanager
-def graph_file(path: str | os.PathLike) -> Iterator[Path]:
+def graph_file(path: str | os.PathLike,
+               patch: Callable[[onnx.ModelProto], bool] | None = None) -> Iterator[Path]:
     """``path``, or — a single file above 32 MB (:func:`_scanned`) — its graph written into the
     spill folder of its weights (external data there): what the onnx checker reads without holding
-    the weights (protobuf would parse the whole file, and shape inference copy it)."""
+    the weights (protobuf would parse the whole file, and shape inference copy it). ``patch``
+    edits the graph in place first (True: it changed something; the edited copy is then what
+    is read, written beside the weights it refers to)."""
     p = Path(path)
     sp = None
     if _scanned(p):
@@ -1011,24 +1014,100 @@ def graph_file(path: str | os.PathLike) -> Iterator[Path]:
         except (ValueError, OSError):
             sp = None  # not parseable field by field: the full check says why
     if sp is None or sp.mixed:
-        yield p
-        return
-    fd, name = tempfile.mkstemp(prefix="graph-", suffix=".onnx", dir=sp.dir)
+        proto = None
+        if patch is not None:
+            proto = onnx.load_model(str(p), load_external_data=False)
+        if proto is None or not patch(proto):
+            yield p
+            return
+        where = p.parent
+    else:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(sp.proto)
+        if patch is not None:
+            patch(proto)
+        where = sp.dir
+    fd, name = tempfile.mkstemp(prefix=".graph-", suffix=".onnx", dir=where)
     with os.fdopen(fd, "wb") as f:
-        f.write(sp.proto.SerializeToString())
+        f.write(proto.SerializeToString())
     try:
         yield Path(name)
     finally:
         Path(name).unlink(missing_ok=True)
 
 
-def structural_check(path: Path) -> dict:
-    """Full onnx checker and strict shape inference (whether a runtime loads the file is
-    :func:`lrc.runtime.session.check_loads`); a large single file is checked as its graph with
-    the weights in external data (:func:`graph_file`), the same checks without two copies."""
+RUNTIME_DOMAIN = "lrc.runtime-registered"  # where the checker's copy puts a runtime's own ops
+
+
+def _unknown_onnx_ops(proto: onnx.ModelProto, runtime_ops: set[str]) -> set[str]:
+    """Move the nodes of ``runtime_ops`` that onnx has no schema for at the model's opset out
+    of the ONNX domain (the checker skips domains it does not know); their names."""
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    moved = set()
+
+    def walk(g: onnx.GraphProto) -> None:
+        for n in g.node:
+            if n.domain in ("", "ai.onnx") and n.op_type in runtime_ops:
+                try:
+                    onnx.defs.get_schema(n.op_type, opset, "")
+                except Exception:  # SchemaError: onnx does not know it there
+                    n.domain = RUNTIME_DOMAIN
+                    moved.add(n.op_type)
+            for a in n.attribute:
+                if a.HasField("g"):
+                    walk(a.g)
+                for sub in a.graphs:
+                    walk(sub)
+
+    walk(proto.graph)
+    if moved and not any(o.domain == RUNTIME_DOMAIN for o in proto.opset_import):
+        proto.opset_import.add(domain=RUNTIME_DOMAIN, version=1)
+    return moved
+
+
+CHECK_LEVELS = ("full", "checker", "none")  # strongest first
+
+
+def structural_check(path: Path, runtime_ops: set[str] | frozenset = frozenset(),
+                     level: str = "full") -> dict:
+    """The onnx checker on the file (whether a runtime loads it is
+    :func:`lrc.runtime.session.check_loads`): ``level`` "full" with strict shape inference,
+    "checker" without it, "none" (nothing: a runtime's load is the check); a large single file
+    is checked as its graph with the weights in external data (:func:`graph_file`), the same
+    checks without two copies. ``runtime_ops``: operators the runtime that will run the file
+    registers in the ONNX domain although onnx has no schema for them (ONNX Runtime's
+    ``SimplifiedLayerNormalization``, in the graphs of ONNX Runtime GenAI's model builder):
+    the checker checks everything else and leaves those to the runtime's load."""
+    if level == "none":
+        return {"checker": "skipped"}
+    moved: set[str] = set()
+
+    def patch(proto: onnx.ModelProto) -> bool:
+        moved.update(_unknown_onnx_ops(proto, set(runtime_ops)))
+        return bool(moved)
+
     try:
-        with graph_file(path) as g:
-            onnx.checker.check_model(str(g), full_check=True)
+        with graph_file(path, patch if runtime_ops else None) as g:
+            onnx.checker.check_model(str(g), full_check=level == "full")
     except Exception as e:
         raise LrcError(f"onnx checker rejected the model: {str(e).strip().splitlines()[0]}")
-    return {"checker": "ok", "shape_inference": "ok"}
+    out = {"checker": "ok", "shape_inference": "ok" if level == "full" else "skipped"}
+    if moved:
+        out["runtime_ops"] = (f"{', '.join(sorted(moved))}: the runtime's own, in the ONNX "
+                              f"domain; checked by loading the file in it")
+    return out
+
+
+def check_level(path: Path, runtime_ops: set[str] | frozenset = frozenset()) -> tuple[str, str]:
+    """``(level, why)``: the strongest :data:`CHECK_LEVELS` the input file itself passes, so an
+    output is held to what its input can meet (a model builder's graph fails strict shape
+    inference on its own: lrc's rewrite is not to blame), with the input's failure as the
+    reason ("" at full)."""
+    why = ""
+    for level in CHECK_LEVELS[:-1]:
+        try:
+            structural_check(path, runtime_ops, level)
+            return level, why
+        except LrcError as e:
+            why = why or str(e).replace("onnx checker rejected the model: ", "")
+    return "none", why

@@ -53,7 +53,9 @@ def verify(orig, new, inputs: str | Path | dict | None = None, dims: dict | None
     ro.graph, rn.graph  # noqa: B018 - read (and so validated) now
     result: dict = {"orig": str(po), "new": str(pn)}
     if structural:
-        result["structure"] = structural_check(pn)
+        from lrc.runtime.session import onnx_domain_ops
+
+        result["structure"] = structural_check(pn, onnx_domain_ops())
     try:
         so = open_session(ro, threads=threads)
         if runtime == "ort" and precision == "f32":

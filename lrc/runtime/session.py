@@ -142,6 +142,21 @@ def open_session(model, *, threads: int | None = None, provider: str = "cpu",
     return sess
 
 
+_ONNX_DOMAIN_OPS: set[str] = set()
+
+
+def onnx_domain_ops() -> frozenset[str]:
+    """The operators ONNX Runtime registers in the ONNX domain (its own among them:
+    ``SimplifiedLayerNormalization``, ``RotaryEmbedding`` ...): what the onnx checker may not
+    know and a session will run (:func:`lrc.graph.model.structural_check`)."""
+    if not _ONNX_DOMAIN_OPS:
+        from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+        _ONNX_DOMAIN_OPS.update(s.name for s in C.get_all_operator_schema()
+                                if s.domain in ("", "ai.onnx"))
+    return frozenset(_ONNX_DOMAIN_OPS)
+
+
 def check_loads(path: str | os.PathLike) -> dict:
     """Can ONNX Runtime's CPU EP load the file (no graph optimisation, no weight prepacking, one
     thread)? A large single file is loaded as its graph with the weights in the spill folder

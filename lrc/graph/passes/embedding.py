@@ -8,9 +8,11 @@ In the form the target runtime declares for embeddings (:mod:`lrc.graph.passes.q
 * ``dq-row``: ``Gather(DequantizeLinear(int8 table, one scale per row, axis=0), ids)``
   (float32 tables; a float16 one stays float16, with a note).
 
-A table is quantised only when nothing but Gathers (and Transposes no one reads any more: a
-tied head the quantisation pass already replaced) uses it, and holds at least ``EMBED_MIN``
-values (positions and token types stay float). Rows are independent, so a 262k-row
+The table is a constant initializer, or — the tied layout of ONNX Runtime GenAI's model
+builder, whose embedding reads ``Transpose`` of the head's ``[hidden, vocab]`` weight — the
+transpose of one. It is quantised only when nothing but Gathers (and Transposes no one reads any
+more: a tied head the quantisation pass already replaced) uses it, and holds at least
+``EMBED_MIN`` values (positions and token types stay float). Rows are independent, so a 262k-row
 vocabulary is quantised 4096 rows at a time. What was done goes into the quantisation's record
 (``QuantRecord.embeddings``): the pass runs right after :class:`~lrc.graph.passes.quant.QuantizePass`.
 """
@@ -49,11 +51,10 @@ class EmbeddingPass(ir.passes.InPlacePass):
         for node in list(ir.traversal.RecursiveGraphIterator(graph)):
             if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
                 continue
-            table = node.inputs[0]
-            tv = None if table is None else table.const_value
-            if tv is None or len(tv.shape) != 2 or tv.dtype not in (ir.DataType.FLOAT,
-                                                                      ir.DataType.FLOAT16):
+            tab = _table(node)
+            if tab is None:
                 continue
+            table, tv = tab.value, tab.tensor
             if tv.dtype != ir.DataType.FLOAT and standard:
                 note = (f"float16 embedding table {table.name!r} stays float16 (the standard "
                         f"form's per-row int8 is written for float32 tables only)")
@@ -61,17 +62,15 @@ class EmbeddingPass(ir.passes.InPlacePass):
                     self.record.notes.append(note)
                 continue
             fdt = np.float16 if tv.dtype == ir.DataType.FLOAT16 else np.float32
-            v, k = (int(d) for d in tv.shape)
+            v, k = tab.shape
             axis = node.attributes.get("axis")
             if v * k < EMBED_MIN or k % bs or (axis is not None and axis.as_int() != 0):
                 continue
-            users = [u for u, _ in table.uses()]
-            if any(u.op_type != "Gather" and not (u.op_type == "Transpose"
-                                                 and not u.outputs[0].uses()) for u in users):
+            if not tab.only_gathers():
                 continue
             if standard:
                 if id(table) not in done:
-                    q, s = quantize_columns(tv.numpy().T, 127)  # per row of the table
+                    q, s = quantize_columns(tab.rows().T, 127)  # per row of the table
                     qv = add_initializer(graph, f"{table.name}_q8", np.ascontiguousarray(q.T))
                     sv = add_initializer(graph, f"{table.name}_rowscale", s)
                     out = ir.Value(name=unique_name(graph, f"{table.name}_dq"))
@@ -85,16 +84,16 @@ class EmbeddingPass(ir.passes.InPlacePass):
                     "name": node.name, "table": table.name, "shape": [v, k], "bits": 8,
                     "block_size": None, "bytes_before": int(tv.nbytes),
                     "bytes_after": int(nbytes)})
-                self._drop_table(graph, table)
+                tab.drop(graph)
                 continue
             if id(table) not in done:  # one quantised table for every Gather of it
                 # rows are independent: quantise 4096 at a time (a 262k-row vocabulary would
                 # otherwise hold several float copies of the whole table at once)
-                tab = tv.numpy()
-                parts = [quantize_blockwise(np.ascontiguousarray(tab[i:i + 4096].T,
+                rows = tab.rows()
+                parts = [quantize_blockwise(np.ascontiguousarray(rows[i:i + 4096].T,
                                                                  dtype=np.float32), bits, bs)
                          for i in range(0, v, 4096)]
-                del tab
+                del rows
                 packed = np.concatenate([p.packed.reshape(p.n, -1) for p in parts])
                 scales = np.concatenate([p.scales for p in parts]).astype(fdt)
                 del parts
@@ -112,17 +111,64 @@ class EmbeddingPass(ir.passes.InPlacePass):
             self.record.embeddings.append({
                 "name": node.name, "table": table.name, "shape": [v, k], "bits": bits,
                 "block_size": bs, "bytes_before": int(tv.nbytes), "bytes_after": int(nbytes)})
-            self._drop_table(graph, table)
+            tab.drop(graph)
 
-    @staticmethod
-    def _drop_table(graph: ir.Graph, table: ir.Value) -> None:
+
+class _Table:
+    """A Gather's table: a constant ``[V, K]`` initializer, or — the tied layout of ONNX Runtime
+    GenAI's model builder — ``Transpose`` of the head's ``[K, V]`` weight, once the head
+    MatMul no longer reads it (quantised). ``value`` is the initializer either way."""
+
+    def __init__(self, value: ir.Value, transpose: ir.Node | None):
+        self.value, self.transpose = value, transpose
+        self.tensor = value.const_value
+        d = [int(x) for x in self.tensor.shape]
+        self.shape = (d[1], d[0]) if transpose is not None else (d[0], d[1])
+
+    def rows(self) -> np.ndarray:
+        """The table, ``[V, K]``."""
+        a = self.tensor.numpy()
+        return np.ascontiguousarray(a.T) if self.transpose is not None else a
+
+    def only_gathers(self) -> bool:
+        """Nothing but Gathers (and Transposes no one reads any more) reads the table."""
+        if self.transpose is None:
+            return all(u.op_type == "Gather" or (u.op_type == "Transpose"
+                                                 and not u.outputs[0].uses())
+                       for u, _ in self.value.uses())
+        out = self.transpose.outputs[0]
+        return (not out.is_graph_output() and all(u.op_type == "Gather" for u, _ in out.uses())
+                and all(u.op_type == "Transpose" for u, _ in self.value.uses()))
+
+    def drop(self, graph: ir.Graph) -> None:
         """The float table, once no Gather reads it (nor the quantised head's old Transpose)."""
-        for u, _ in list(table.uses()):
+        for u, _ in list(self.value.uses()):
             if u.op_type == "Transpose" and not u.outputs[0].uses() \
                     and not u.outputs[0].is_graph_output():
                 u.graph.remove(u, safe=True)
-        if not table.uses() and graph.initializers.get(table.name) is table:
-            del graph.initializers[table.name]
+        if not self.value.uses() and graph.initializers.get(self.value.name) is self.value:
+            del graph.initializers[self.value.name]
+
+
+def _table(node: ir.Node) -> _Table | None:
+    """The float table ``node`` (a Gather) reads, direct or through a Transpose of a constant;
+    None for anything else."""
+    table = node.inputs[0]
+    if table is None:
+        return None
+    transpose = None
+    if table.const_value is None:
+        tp = table.producer()
+        perm = tp.attributes.get("perm") if tp is not None else None
+        if (tp is None or tp.op_type != "Transpose" or tp.domain not in ("", "ai.onnx")
+                or tp.inputs[0] is None or tp.inputs[0].const_value is None
+                or (perm is not None and list(perm.as_ints()) != [1, 0])):
+            return None
+        table, transpose = tp.inputs[0], tp
+    tv = table.const_value
+    if len(tv.shape) != 2 or tv.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+        return None
+    return _Table(table, transpose)
 
 
 __all__ = ["EmbeddingPass"]
