@@ -329,6 +329,11 @@ class QuantConfig:
                                   "corrects them: " + "; ".join(
                                       f"{q.name} ({q.help})"
                                       for q in BASE_QUANTIZERS.values()) + ".")
+    correct_a_bits: int = option(32, kind="int", choices=lambda: ["32", "8", "4"],
+                                 help="The concat form's A factor (X·A, once per input): 32 "
+                                      "(float), or 8 / 4 (a quantised MatMul in the target's "
+                                      "form, B refitted to it by least squares on the whitened "
+                                      "error): a rank-32 float A is ~10 MB of SmolLM2's 104.")
     correct_form: str = option("concat", choices=lambda: ["concat", "add"], help="concat: the "
                                "correction rides inside each quantised MatMul (fast); add: a "
                                "float branch added to its output (reference).")
@@ -382,7 +387,7 @@ class QuantConfig:
                           accuracy_level=self.accuracy_level, correct_form=self.correct_form,
                           embedding=self.embedding, budget_mb=self.correct_budget,
                           target=self.target_runtime, forms=target_forms(self.target_runtime),
-                          base=self.base_quant)
+                          base=self.base_quant, correct_a_bits=self.correct_a_bits)
 
 
 def parse_spec(quantize: str, correct_rank="0", **kw):

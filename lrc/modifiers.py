@@ -313,7 +313,7 @@ class Embedding(Modifier):
         from lrc.graph.passes.embedding import EmbeddingPass
 
         quant = next(m for m in run.shared["modifiers"] if isinstance(m, Quantize))
-        return [EmbeddingPass(quant.pass_.spec, quant.pass_.record)]
+        return [EmbeddingPass(quant.pass_.spec, quant.pass_.record, quant.pass_.tied_codes)]
 
 
 class QuantizeRest(Modifier):

@@ -75,6 +75,8 @@ CASES = {
     "correct_rank": ({"quantize": "int4", "correct_rank": "8,head=16"}, {"correct_rank": "8"}),
     "correct_form": ({"quantize": "int4", "correct_form": "add"}, {"correct_form": "mul"}),
     "base_quant": ({"quantize": "int4", "base_quant": "rtn"}, {"base_quant": "gptq-typo"}),
+    "correct_a_bits": ({"quantize": "int4", "correct_rank": "32", "correct_a_bits": 4},
+                       {"quantize": "int4", "correct_a_bits": 3}),
     "correct_budget": ({"quantize": "int4", "correct_rank": "auto", "correct_budget": 1.0},
                        {"quantize": "int4", "correct_rank": "8", "correct_budget": 1.0}),
     "embedding": ({"quantize": "int4", "embedding": "float"}, {"embedding": "int2"}),

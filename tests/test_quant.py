@@ -570,3 +570,63 @@ def test_output_held_to_the_check_its_input_passes(tmp_path):
     _, rep = lrc.compress(src, out=tmp_path / "q.onnx", quantize="int4", method="svd")
     assert rep["checks"]["checker"] == "ok" and rep["checks"]["shape_inference"] == "skipped"
     assert rep["checks"]["checker_level"].startswith("checker: the input itself fails")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantised_correction_factor_a(bits):
+    """The concat form's A stored in block codes (a MatMulNBits of X·A), B refitted to the
+    quantised A: the correction keeps most of its gain, in far fewer bytes of A."""
+    proto = shared_input(d=64, outs=(64, 32, 32))
+    x = RNG.standard_normal((400, 64)).astype(np.float32) * np.linspace(3, 0.2, 64).astype(np.float32)
+    corr = _gram_corrector(x.T.astype(np.float64) @ x)
+    flt, rec_f = _apply(proto, QuantSpec("int4", 16, 0, 16, embedding="float"), corr)
+    q, rec_q = _apply(proto, QuantSpec("int4", 16, 0, 16, embedding="float", correct_a_bits=bits),
+                      corr)
+    ops = [n.op_type for n in q.graph.node]
+    corrected_inputs = 2  # Q/K/V's shared input, and z
+    assert ops.count("MatMulNBits") == len(rec_q.nodes) + corrected_inputs  # X·A is one too
+    assert "MatMul" not in ops
+    err = lambda rec: np.sqrt(np.mean([n.werr_after ** 2 for n in rec.nodes]))  # noqa: E731
+    before = np.sqrt(np.mean([n.werr_before ** 2 for n in rec_q.nodes]))
+    assert err(rec_q) < before * 0.8 and err(rec_q) < err(rec_f) * (1.3 if bits == 4 else 1.05)
+    size = lambda rec: sum(n.weight_bytes_after for n in rec.nodes)  # noqa: E731
+    assert size(rec_q) < size(rec_f)
+    feeds = {"x2d": x[:8], "z": x[8:16]}
+    want = run(proto, feeds)
+    got = run(q, feeds)
+    for a, b in zip(want, got):  # what the record says is what the graph computes
+        assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.2
+
+
+@pytest.mark.parametrize("layout,rank,form", [("builder", 0, "concat"), ("builder", 16, "concat"),
+                                              ("optimum", 16, "concat"), ("builder", 16, "add")])
+def test_int4_embedding_shares_the_tied_heads_codes(tmp_path, layout, rank, form):
+    """With the embedding in the head's bits, the table is the tied head's own MatMulNBits
+    codes (the first K/block blocks of each row, a concat correction's after them): no second
+    copy on disk, the lookup of the table's own RTN codes."""
+    from graphs import builder_tied
+
+    import lrc
+    from lrc.graph.expose import expose
+    from lrc.quantmath import dequantize, quantize_blockwise
+
+    m = builder_tied() if layout == "builder" else tied_head(vocab=32768, d=32)
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    _, rep = lrc.compress(src, out=tmp_path / "q.onnx", embedding="int4", quantize="int4",
+                          method="svd", block_size=16, correct_rank=str(rank), correct_form=form)
+    emb = rep["quantize"]["embeddings"][0]
+    assert emb["bytes_after"] == 0 and emb["shared_with"].startswith("/lm_head/MatMul")
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    names = {t.name for t in q.graph.initializer}
+    assert not any("gbq" in n for n in names)  # no table of its own
+    table = (onnx.numpy_helper.to_array(next(t for t in m.graph.initializer
+                                             if "weight" in t.name and t.dims[0] in (32, 32768))))
+    rows = table.T if layout == "builder" else table  # [V, d]
+    ids = np.array([[3, 500, 32767, 7]], np.int64)
+    want = dequantize(quantize_blockwise(np.ascontiguousarray(rows[ids[0]].T), 4, 16)).T
+    gbq = next(n for n in q.graph.node if n.op_type == "GatherBlockQuantized")
+    fetch = expose(q, [gbq.output[0]], prune=True)
+    got = run(q, {"input_ids" if layout == "builder" else "ids": ids})
+    got = got[[o.name for o in q.graph.output].index(fetch[0])]
+    np.testing.assert_allclose(got[0], want, rtol=1e-6, atol=1e-6)

@@ -32,10 +32,12 @@ class EmbeddingPass(ir.passes.InPlacePass):
     """Quantise the large embedding tables (``spec.embedding`` bits, ``spec.block_size`` rows
     per block), recording each into ``record.embeddings``."""
 
-    def __init__(self, spec: QuantSpec, record: QuantRecord):
+    def __init__(self, spec: QuantSpec, record: QuantRecord, tied_codes: dict | None = None):
         super().__init__()
         self.spec = spec
         self.record = record
+        # QuantizePass.tied_codes (filled when that pass runs): a tied head's codes
+        self.tied_codes = tied_codes if tied_codes is not None else {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = len(self.record.embeddings)
@@ -67,6 +69,22 @@ class EmbeddingPass(ir.passes.InPlacePass):
             if v * k < EMBED_MIN or k % bs or (axis is not None and axis.as_int() != 0):
                 continue
             if not tab.only_gathers():
+                continue
+            head = self.tied_codes.get(id(table))
+            if head is not None and not standard and self._shares(head, bits, bs, k, tv):
+                dv, sv = self._shared_table(graph, table, head, v, k, bits, bs)
+                new = ir.Node(MS, "GatherBlockQuantized", [dv, node.inputs[1], sv],
+                              attributes=[ir.AttrInt64("bits", bits),
+                                          ir.AttrInt64("block_size", bs),
+                                          ir.AttrInt64("gather_axis", 0),
+                                          ir.AttrInt64("quantize_axis", 1)],
+                              num_outputs=1, name=node.name)
+                replace_node(node, new)
+                self.record.embeddings.append({
+                    "name": node.name, "table": table.name, "shape": [v, k], "bits": bits,
+                    "block_size": bs, "bytes_before": int(tv.nbytes), "bytes_after": 0,
+                    "shared_with": head[0].name})
+                tab.drop(graph)
                 continue
             if standard:
                 if id(table) not in done:
@@ -112,6 +130,51 @@ class EmbeddingPass(ir.passes.InPlacePass):
                 "name": node.name, "table": table.name, "shape": [v, k], "bits": bits,
                 "block_size": bs, "bytes_before": int(tv.nbytes), "bytes_after": int(nbytes)})
             tab.drop(graph)
+
+
+    @staticmethod
+    def _shares(head, bits: int, bs: int, k: int, tv) -> bool:
+        """The tied head's MatMulNBits holds the table's codes: same bits, block size, width
+        (its K is the table's, or the table's plus a concat correction's rows)."""
+        node, k_w = head
+        attr = {a.name: a.as_int() for a in node.attributes.values()
+                if a.name in ("bits", "block_size", "K")}
+        return (attr.get("bits") == bits and attr.get("block_size") == bs and k_w == k
+                and attr.get("K", 0) >= k and not k % bs
+                and node.inputs[2].const_value.dtype == tv.dtype)
+
+    def _shared_table(self, graph: ir.Graph, table: ir.Value, head, v: int, k: int, bits: int,
+                      bs: int) -> tuple[ir.Value, ir.Value]:
+        """The head's packed codes ``[V, K'/bs, bs·bits/8]`` and scales ``[V·K'/bs]`` as a
+        GatherBlockQuantized table ``[V, K·bits/8]`` with scales ``[V, K/bs]``: the first
+        ``K/bs`` blocks of each row (the rest, when there are, are the concat correction's
+        ``B``), sliced and reshaped in the graph — one copy of the codes on disk."""
+        node, _ = head
+        packed, scales = node.inputs[1], node.inputs[2]
+        nb = int(packed.const_value.shape[1])
+        kb = k // bs
+
+        nodes: list[ir.Node] = []
+
+        def const(name, arr):
+            return add_initializer(graph, f"{table.name}_{name}", np.asarray(arr, np.int64))
+
+        def op(kind, inputs, name):
+            out = ir.Value(name=unique_name(graph, f"{table.name}/lrc_shared_{name}"))
+            nodes.append(ir.Node("", kind, inputs, outputs=[out],
+                                 name=f"{table.name}/lrc_shared_{name}"))
+            return out
+
+        data = packed
+        if nb != kb:
+            data = op("Slice", [packed, const("s0", [0, 0, 0]),
+                                const("s1", [v, kb, bs * bits // 8])], "codes_slice")
+        data = op("Reshape", [data, const("shape", [v, k * bits // 8])], "codes")
+        sc = op("Reshape", [scales, const("sshape", [v, nb])], "scales_rows")
+        if nb != kb:
+            sc = op("Slice", [sc, const("t0", [0, 0]), const("t1", [v, kb])], "scales")
+        graph.insert_before(graph[0], nodes)
+        return data, sc
 
 
 class _Table:

@@ -56,7 +56,8 @@ from lrc.graph.passes.qforms import (EMBEDDING_FORMS, MS, EmbeddingForm, QForm, 
 from lrc.graph.passes.qforms import FORMS as QFORMS
 from lrc.graph.policy import check_selector, selector_matches
 from lrc.graph.plan import effective_weight
-from lrc.quantmath import (BASE_QUANTIZERS, BlockQuant, columns, dequantize, quantize_blockwise,
+from lrc.quantmath import (BASE_QUANTIZERS, COLUMNS, BlockQuant, columns, dequantize,
+                           quantize_blockwise,
                            quantize_columns, valid_block_size, whitened_error)
 
 SCHEMES = {"int4": 4, "int8-weight": 8, "int8": 8}
@@ -89,6 +90,7 @@ class QuantSpec:
     budget_mb: float | None = None
     target: str = "ort"  # the runtime the forms are for (its name, for messages)
     base: str = "rtn"  # how block-wise codes are chosen (lrc.quantmath.BASE_QUANTIZERS)
+    correct_a_bits: int = 32  # the concat form's A: float (32), or block codes of 8 / 4 bits
     # scheme (and "embedding") -> the form written for it (lrc.graph.passes.qforms), as the
     # target runtime declares them (lrc.runtime.runtimes); None: ONNX Runtime's own ops
     forms: dict | None = None
@@ -132,6 +134,9 @@ class QuantSpec:
         if self.embedding not in EMBEDDING:
             raise LrcError(f"{opt('embedding')} must be {' or '.join(EMBEDDING)}, got "
                            f"{self.embedding!r}")
+        if self.correct_a_bits not in (32, 8, 4):
+            raise LrcError(f"{opt('correct_a_bits')} must be 32, 8 or 4, got "
+                           f"{self.correct_a_bits!r}")
         if self.base not in BASE_QUANTIZERS:
             raise LrcError(f"{opt('base_quant')} must be one of {', '.join(BASE_QUANTIZERS)}, "
                            f"got {self.base!r}")
@@ -303,6 +308,9 @@ class QuantizePass(ir.passes.InPlacePass):
         self.select = select
         self.progress = progress
         self.record = QuantRecord({**asdict(spec), "describe": spec.describe()})
+        # {id(float weight): (MatMulNBits node, K of the weight)} for tied heads: the embedding
+        # pass reads its codes (lrc.graph.passes.embedding) instead of storing the table again
+        self.tied_codes: dict = {}
         self._names: list[str] = []
 
     def requires(self, model: ir.Model) -> None:
@@ -494,14 +502,24 @@ class QuantizePass(ir.passes.InPlacePass):
                 form = "add"
         offsets = np.cumsum([0] + [w.shape[1] for w in ws])
         bs = [None if f is None else f.b[:, offsets[i]:offsets[i + 1]] for i in range(len(ws))]
+        a_codes = None
         if form == "concat":
             a_pad, f = _block_factors(f, spec.block_size)
+            if spec.correct_a_bits < 32:  # A in the scheme's block codes, B refitted to it
+                a_codes = quantize_blockwise(a_pad, spec.correct_a_bits, spec.block_size)
+                a_pad = dequantize(a_codes)
+                f = _refit(f, a_pad, ws, quants, self._gram(group))
             bs = [f.b[:, offsets[i]:offsets[i + 1]] for i in range(len(ws))]
             # [W; B] quantised: K is whole blocks, so its blocks are W's (already quantised)
             # followed by B's — W's codes are reused, not quantised twice
             quants = [_stack(wq, quantize_blockwise(b, spec.bits, spec.block_size))
                       for wq, b in zip(quants, bs)]
-        return Solved(ws, hats, quants, f, info, form, a_pad, bs)
+        return Solved(ws, hats, quants, f, info, form, a_pad, bs, a_codes)
+
+    def _gram(self, group: list[Target]):
+        """The Gram the group's correction is whitened by (None: plain SVD of the error)."""
+        gram = getattr(self.corrector, "gram", None)
+        return gram(group) if gram is not None else None
 
     def _quantize_group(self, graph: ir.Graph, group: list[Target], spec: QuantSpec) -> None:
         sv = self.solved.pop(tuple(t.name for t in group), None) or self.solve(group, spec)
@@ -518,7 +536,7 @@ class QuantizePass(ir.passes.InPlacePass):
         for i, (t, w, qz, b) in enumerate(zip(group, sv.ws, sv.quants, sv.bs)):
             if form == "concat":
                 if t_val is None:
-                    t_val = self._concat_input(graph, t, a_pad)
+                    t_val = self._concat_input(graph, t, a_pad, sv.a_codes, spec)
                 after = self._block_node(graph, t, qz, t_val, spec)
             else:
                 after = self._emit(graph, t, qz, spec)
@@ -526,8 +544,12 @@ class QuantizePass(ir.passes.InPlacePass):
                     if t_val is None:
                         t_val = self._a_product(graph, t, f.a.astype(np.float32))
                     after += self._add_branch(graph, t, t_val, b.astype(np.float32))
+            if t.tied and spec.form == "nbits":  # its codes can serve the embedding too
+                node = t.node if t.node.op_type == "MatMulNBits" else t.node.inputs[0].producer()
+                self.tied_codes[id(t.weight)] = (node, w.shape[0])
             if f is not None and i == len(group) - 1:
-                after += (f.a.size if form == "add" else a_pad.size) * _itemsize(t)
+                after += (sv.a_codes.nbytes if sv.a_codes is not None else
+                          (f.a.size if form == "add" else a_pad.size) * _itemsize(t))
             werr_b = info.get("werr_before", [None] * len(group))[i]
             werr_a = info.get("werr_after", [None] * len(group))[i]
             if form == "concat" and info.get("gram") is not None:
@@ -576,9 +598,24 @@ class QuantizePass(ir.passes.InPlacePass):
         t.node = add
         return b.nbytes
 
-    def _concat_input(self, graph, t: Target, a_pad: np.ndarray) -> ir.Value:
-        """``Concat([X, X·A], axis=-1)``, built once per input before its first reader."""
-        t_val = self._a_product(graph, t, a_pad)
+    def _concat_input(self, graph, t: Target, a_pad: np.ndarray, a_codes=None,
+                      spec: QuantSpec | None = None) -> ir.Value:
+        """``Concat([X, X·A], axis=-1)``, built once per input before its first reader; with
+        ``a_codes`` the ``X·A`` product is itself a quantised MatMul in the spec's form."""
+        if a_codes is None:
+            t_val = self._a_product(graph, t, a_pad)
+        else:
+            from types import SimpleNamespace
+
+            a_node = SimpleNamespace(name=f"{t.name}/lrc_corrA", node=t.node,
+                                     weight=SimpleNamespace(name=f"{t.weight.name}.lrc_corrA"))
+            node, _ = spec.qform.emit(graph, a_node, a_codes, t.node.inputs[0], {
+                "accuracy_level": self.spec.accuracy_level, "float": _float(t),
+                "shared": self._shared})
+            node.name = f"{t.name}/lrc_corrA"
+            t.node.graph.insert_before(t.node, node)
+            t_val = node.outputs[0]
+            t_val.name = unique_name(graph, f"{t.name}/lrc_corrA_out")
         xt = ir.Value(name=unique_name(graph, f"{t.name}/lrc_corr_cat"))
         cat = ir.Node("", "Concat", [t.node.inputs[0], t_val], outputs=[xt],
                       attributes=[ir.AttrInt64("axis", -1)], name=f"{t.name}/lrc_corr_cat")
@@ -612,6 +649,7 @@ class Solved:
     form: str | None
     a_pad: np.ndarray | None
     bs: list
+    a_codes: BlockQuant | None = None  # A's codes when A is quantised (a_pad: deq of them)
 
     def effective(self, i: int, cols: slice = slice(None)) -> np.ndarray:
         """The ``[K, N]`` matrix member ``i``'s nodes compute with: ``deq(W) + A·B``, with
@@ -637,6 +675,30 @@ def _stack(wq: BlockQuant, bb: BlockQuant) -> BlockQuant:
     return BlockQuant(np.concatenate([wq.packed, bb.packed], axis=1),
                       np.concatenate([wq.scales, bb.scales], axis=1), wq.bits, wq.block_size,
                       wq.k + bb.k, wq.n)
+
+
+def _refit(f: Factors, a_hat: np.ndarray, ws: list, quants: list, g) -> Factors:
+    """``B`` refitted to the quantised ``Â`` (its first ``f.rank`` columns; the padding stays
+    zero): per member ``B_i = argmin ‖Sᵀ(E_i − Â·B_i)‖ = (ÂᵀGÂ)⁻¹ÂᵀG·E_i`` with ``G = SSᵀ``
+    the input's Gram (the identity without one), ``E_i = W_i − deq(Q(W_i))`` made a block of
+    columns at a time. Column-separable, so each member's own fit, whatever the joint
+    weighting chose ``A`` with."""
+    r = f.rank
+    a = a_hat[:, :r].astype(np.float64)
+    ga = a if g is None else g @ a
+    lhs = a.T @ ga
+    lhs += np.eye(r) * (1e-10 * max(float(np.trace(lhs)) / r, 1e-30))
+    b = np.zeros_like(f.b)
+    off = 0
+    for w, wq in zip(ws, quants):
+        n = w.shape[1]
+        for c in range(0, n, COLUMNS):
+            cols = slice(c, min(c + COLUMNS, n))
+            e = w[:, cols].astype(np.float64) - dequantize(columns(wq, cols))
+            b[:r, off + c:off + cols.stop] = np.linalg.solve(lhs, ga.T @ e)
+        off += n
+    return Factors(a_hat, b.astype(np.float32), f.rank, f.energy, f.rel_error, f.method,
+                   f.output_energy)
 
 
 def _block_factors(f: Factors, block_size: int) -> tuple[np.ndarray, Factors]:
