@@ -431,9 +431,12 @@ class QuantizePass(ir.passes.InPlacePass):
             k, n = ws[0].shape[0], sum(w.shape[1] for w in ws)
             bs = spec.block_size if not spec.column else AUTO_RANK
             concat = not spec.column and spec.correct_form == "concat" and not k % bs
-            # bytes of one block of rank: A's columns (fp32) and B's rows (the scheme's bits
-            # and one scale per column in the concat form; fp32 in the add form)
-            cost = k * bs * 4 + (n * bs * spec.bits // 8 + n * 4 if concat else n * bs * 4)
+            # bytes of one block of rank: A's columns (fp32, or block codes and one scale per
+            # block of K) and B's rows (the scheme's bits and one scale per column in the concat
+            # form; fp32 in the add form)
+            a_cost = (k * bs * spec.correct_a_bits // 8 + (k // spec.block_size) * bs * 4
+                      if concat and spec.correct_a_bits < 32 else k * bs * 4)
+            cost = a_cost + (n * bs * spec.bits // 8 + n * 4 if concat else n * bs * 4)
             gains = [float(np.sum(sig2[b * bs:(b + 1) * bs]))
                      for b in range(min(AUTO_MAX_BLOCKS, -(-len(sig2) // bs)))]
             cands.append((gi, bs, cost, gains))

@@ -1,0 +1,188 @@
+"""lrc on ONNX Runtime GenAI's model-builder graphs, against the builder's own int4, in one run.
+
+What a user deploys to a device is the model builder's fused graph (GroupQueryAttention,
+SkipSimplifiedLayerNormalization, packed QKV, the tied embedding and head shared in int4). This
+script
+
+1. makes the builder's fp32 and int4 folders of the bundled LM (benchmarks/builder.py: an
+   environment of its own, transformers >= 5) and lrc's own dense export (optimum's graph);
+2. compresses the builder's fp32 folder with lrc (each of ``VARIANTS``: quantised to int4 with
+   the whitened low-rank correction, in the builder's fused graph);
+3. evaluates every model against the dense export on both texts (news, in the calibration's
+   domain; Python docs, absent from it: lrc's protocol, windows of 256, ``--max-tokens``);
+4. times them in one interleaved ``lrc bench`` run (prefill of 128 tokens, decode per token);
+5. prints a markdown table (ratios to dense perplexity, speed relative to the builder's int4,
+   folder bytes relative to the builder's int4) with the CPU's flags, and with ``--write`` puts
+   it into BENCHMARKS.md between ``<!-- genai-builder:begin -->`` and ``<!-- genai-builder:end -->``.
+
+    python benchmarks/genai_builder.py --write        # ~30 min on 2 cores (builder env once)
+
+The reference weights are SmolLM2's dequantised Q4_1 GGUF (asymmetric, block 32); every int4
+here is symmetric round-to-nearest (ONNX Runtime's grid and lrc's), so none lands on the
+source's grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from quant import isa_flags, machine_line, write_section  # noqa: E402
+
+MARK_BEGIN, MARK_END = "<!-- genai-builder:begin -->", "<!-- genai-builder:end -->"
+QUANT = ["--quantize", "int4"]
+# key -> (label, lrc compress flags on the builder's fp32 folder)
+VARIANTS = {
+    "lrc-q4c": ("lrc int4 + rank-32 correction, head 128 (float A, int8 embedding: the default "
+                "quantisation recipe of BENCHMARKS.md)",
+                [*QUANT, "--correct-rank", "32,head=128"]),
+    "lrc-q4c-compact": ("lrc int4 + rank-32 correction, head 64, 4-bit A, int4 embedding shared "
+                        "with the head (`--correct-rank 32,head=64 --correct-a-bits 4 "
+                        "--embedding int4`)",
+                        [*QUANT, "--correct-rank", "32,head=64", "--correct-a-bits", "4",
+                         "--embedding", "int4"]),
+    "lrc-q4c-matched": ("lrc int4 at the builder's bytes: the correction's ranks allocated under "
+                        "1.5 MB (`--correct-rank auto --correct-budget 1.5 --correct-a-bits 4 "
+                        "--embedding int4`)",
+                        [*QUANT, "--correct-rank", "auto", "--correct-budget", "1.5",
+                         "--correct-a-bits", "4", "--embedding", "int4"]),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[genai-builder {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def lrc(*args: str) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    r = subprocess.run([sys.executable, "-m", "lrc.cli", *args], capture_output=True, text=True,
+                       env=env)
+    if r.returncode:
+        raise SystemExit(f"lrc {' '.join(args[:3])} ... failed: {(r.stderr or r.stdout)[-600:]}")
+    return r.stdout
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "genai-builder")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--max-tokens", type=int, default=2048)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--reuse", action="store_true", help="keep compressed folders already there")
+    ap.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    import builder
+
+    if builder.main(["smollm2", "--precision", "fp32", "int4", "--out", str(args.out)]):
+        raise SystemExit("the model builder failed")
+    fp32, int4 = args.out / "smollm2-fp32", args.out / "smollm2-int4"
+    dense = args.out / "dense"
+    if not (dense / "model.onnx").is_file():
+        log("lrc export smollm2-135m (optimum's graph: the dense reference)")
+        lrc("export", "smollm2-135m", "-o", str(dense), "--force")
+    keys = [k for k in args.variants.split(",") if k]
+    compress_s = {}
+    for key in keys:
+        out = args.out / key
+        if args.reuse and (out / "model.onnx").is_file():
+            continue
+        log(f"lrc compress {fp32.name} {' '.join(VARIANTS[key][1])}")
+        t = time.perf_counter()
+        lrc("compress", str(fp32), *VARIANTS[key][1], "--calib-tokens", str(args.calib_tokens),
+            "-o", str(out), "--force")
+        compress_s[key] = round(time.perf_counter() - t, 1)
+    models = {"builder-fp32": fp32, "builder-int4": int4, **{k: args.out / k for k in keys}}
+    log("lrc eval (news, docs)")
+    ev = json.loads(lrc("eval", str(dense), *map(str, models.values()), "--max-tokens",
+                        str(args.max_tokens), "--threads", "2", "--json"))
+    log("lrc bench (interleaved)")
+    bench = json.loads(lrc("bench", str(dense), *map(str, models.values()), "--seq", "128",
+                           "--decode-tokens", "32", "--runs", str(args.runs), "--warmup", "3",
+                           "--threads", "2", "--json"))
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": bench["machine"], "isa": isa_flags(),
+               "eval": ev, "bench": bench, "compress_s": compress_s,
+               "sizes": {k: folder_bytes(v) for k, v in {"dense": dense, **models}.items()},
+               "args": vars(args) | {"out": str(args.out)},
+               "seconds": round(time.perf_counter() - t0)}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    section = render(results, list(models))
+    print(section)
+    if args.write:
+        write_section(ROOT / "BENCHMARKS.md", section, MARK_BEGIN, MARK_END)
+        log("BENCHMARKS.md updated")
+    return 0
+
+
+def _speed(bench: dict, name: str) -> dict:
+    """p50 ms per phase of one model of the bench result."""
+    return {r["phase"]: r["p50_ms"] for r in bench["runs"] if r["model"] == name}
+
+
+def render(results: dict, names: list[str]) -> str:
+    ev, bench = results["eval"], results["bench"]
+    labels = {"builder-fp32": "ORT GenAI builder fp32 (the same weights, fused)",
+              "builder-int4": "ORT GenAI builder int4 (RTN, block 32, accuracy_level 4, "
+                              "embedding shared int4)",
+              **{k: v[0] for k, v in VARIANTS.items()}}
+    bnames = [m["name"] for m in bench["models"]]
+    ref = _speed(bench, bnames[2])  # the builder's int4 (after dense and its fp32)
+    dense_q = ev["results"][0]
+    d_news = dense_q["in_domain"]["orig"]["perplexity"]
+    d_docs = dense_q["out_of_domain"]["orig"]["perplexity"]
+    size_ref = results["sizes"]["builder-int4"]
+    rows = [f"| dense (lrc export, optimum's graph) | {d_news:.2f} / {d_docs:.2f} | - | - | - | "
+            f"{results['sizes']['dense'] / 1e6:.0f} MB |"]
+    for i, name in enumerate(names):
+        r = ev["results"][i]
+        n = r["in_domain"]["new"]["perplexity"] / d_news
+        d = r["out_of_domain"]["new"]["perplexity"] / d_docs
+        sp = _speed(bench, bnames[i + 1])
+        pre = ref.get("prefill") / sp["prefill"] if sp.get("prefill") else None
+        dec = ref.get("decode") / sp["decode"] if sp.get("decode") else None
+        size = results["sizes"][name]
+        rows.append(f"| {labels.get(name, name)} | x{n:.3f} / x{d:.3f} | "
+                    f"{r['in_domain']['kl']:.3f} | {pre:.2f} | {dec:.2f} | "
+                    f"{size / 1e6:.1f} MB ({size / size_ref:.2f}x) |")
+    ref_ms = f"{ref.get('prefill', 0):.0f} ms prefill, {ref.get('decode', 0):.1f} ms per decoded token"
+    s = results["bench"]["settings"]
+    return "\n".join([
+        MARK_BEGIN, "",
+        "## ONNX Runtime GenAI's model builder: its graphs, compressed by lrc",
+        "",
+        f"`python benchmarks/genai_builder.py` ({results['date']}, {results['seconds'] // 60} min). "
+        f"SmolLM2-135M (a dequantised Q4_1 GGUF: every int4 here is symmetric RTN, none can land "
+        f"on the source's asymmetric grid); lrc compresses the builder's fp32 folder "
+        f"({results['args']['calib_tokens']} calibration tokens) and keeps its fused graph "
+        f"(GroupQueryAttention, skip-norms, packed QKV); perplexity on "
+        f"{results['args']['max_tokens']} tokens of news and of Python docs (a domain absent "
+        f"from calibration) as a ratio to the dense export's; KL(dense‖new) on news; speed from "
+        f"one interleaved `lrc bench` (medians of {s.get('runs')} runs, {s.get('threads')} "
+        f"threads), relative to the builder's int4 ({ref_ms}); sizes of the folders.",
+        "",
+        f"- Machine: {machine_line(results['machine'], results['isa'])}",
+        "",
+        "| model | ppl news / docs (x dense) | KL news | prefill s128 (x builder int4) | "
+        "decode (x builder int4) | folder |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        MARK_END,
+    ])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
