@@ -123,6 +123,8 @@ def plan(model_or_path, config: CompressConfig, *, progress: Progress | None = N
     method = (methods.get(methods.with_update(base.name)) if config.algorithm.update else base)
     run = Run(ref, model, config, method, method_note, pol, progress=progress,
               calib_progress=calib_progress)
+    if config.quant.quantize is not None:
+        _check_quantisable(model, ref)
     if not config.lowrank_asked:
         spec = config.quant.spec()
         if spec.any_rank and not method.data_aware and config.algorithm.method == methods.AUTO:
@@ -141,6 +143,27 @@ def plan(model_or_path, config: CompressConfig, *, progress: Progress | None = N
     run.shared["budget"] = _budget(model, ref, pol, config)
     run.plan = make_plan(model, pol)
     return run, recipe
+
+
+def _check_quantisable(model: ir.Model, ref: ModelRef) -> None:
+    """A model whose weight MatMuls are all quantised already (ONNX Runtime GenAI's int4 build,
+    ORT's own quantisers' output) has no float weights to quantise or to correct: one line
+    before any work, naming what to give instead."""
+    from lrc.graph.passes.quant import quant_targets
+
+    if quant_targets(model)[0]:
+        return
+    done = {}
+    for n in ir.traversal.RecursiveGraphIterator(model.graph):
+        if n.op_type in ("MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger",
+                         "GatherBlockQuantized"):
+            done[n.op_type] = done.get(n.op_type, 0) + 1
+    if done:
+        raise LrcError(f"{ref.label} is quantised already ("
+                       + ", ".join(f"{k} x{v}" for k, v in sorted(done.items()))
+                       + f"): no float weights to quantise or correct; give the float model "
+                       f"{'(the builder' + chr(39) + 's fp32 folder)' if ref.format == 'genai-builder' else ''}"
+                       .rstrip() + " instead")
 
 
 def _budget(model: ir.Model, ref: ModelRef, pol, config: CompressConfig) -> dict | None:

@@ -630,3 +630,49 @@ def test_int4_embedding_shares_the_tied_heads_codes(tmp_path, layout, rank, form
     got = run(q, {"input_ids" if layout == "builder" else "ids": ids})
     got = got[[o.name for o in q.graph.output].index(fetch[0])]
     np.testing.assert_allclose(got[0], want, rtol=1e-6, atol=1e-6)
+
+
+def test_an_already_quantised_model_is_refused_before_any_work(tmp_path):
+    """ONNX Runtime GenAI's int4 build (every MatMul a MatMulNBits) given to quantize: one line
+    naming what to give instead, before calibration."""
+    from graphs import builder_tied
+
+    import lrc
+
+    src = tmp_path / "m.onnx"
+    onnx.save(builder_tied(), src)
+    lrc.compress(src, out=tmp_path / "q.onnx", quantize="int4", method="svd", embedding="int4")
+    with pytest.raises(LrcError, match=r"quantised already \(GatherBlockQuantized x1, "
+                                       r"MatMulNBits x3\): no float weights"):
+        lrc.compress(tmp_path / "q.onnx", quantize="int4", correct_rank="32")
+
+
+def test_attribute_tensors_in_external_data_are_carried(tmp_path):
+    """A Constant whose value lives in the input's external data (a 0.5B export's did) is
+    written into the output, which the checker and ONNX Runtime then read."""
+    import lrc
+    from lrc.graph.model import structural_check
+
+    m = onnx.load_model_from_string(shared_input(d=32, outs=(32, 16, 16)).SerializeToString())
+    big = onnx.helper.make_tensor("big", onnx.TensorProto.FLOAT, [32, 32],
+                                  RNG.standard_normal(32 * 32).astype(np.float32).tobytes(),
+                                  raw=True)
+    m.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["c"], value=big))
+    first = next(n for n in m.graph.node if n.op_type in ("MatMul", "Gemm"))
+    m.graph.node.insert(1, onnx.helper.make_node("Add", [first.input[0], "c"], ["xc"]))
+    first.input[0] = "xc"
+    d = tmp_path / "in"
+    d.mkdir()
+    onnx.save_model(m, str(d / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data",
+                    size_threshold=0, convert_attribute=True)
+    src = onnx.load(str(d / "model.onnx"), load_external_data=False)
+    const = next(n for n in src.graph.node if n.op_type == "Constant")
+    assert const.attribute[0].t.data_location == onnx.TensorProto.EXTERNAL
+    for name, kw in (("single.onnx", {}), ("ext.onnx", {"external_data": True})):
+        out = tmp_path / name
+        lrc.compress(d / "model.onnx", out=out, rank=8, method="svd", **kw)
+        structural_check(out)
+        q = onnx.load(str(out), load_external_data=False)
+        c = next(n for n in q.graph.node if n.op_type == "Constant")
+        assert c.attribute[0].t.data_location != onnx.TensorProto.EXTERNAL
