@@ -82,8 +82,19 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--reuse", action="store_true", help="keep compressed folders already there")
     ap.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
+    ap.add_argument("--render-only", action="store_true",
+                    help="render the section from OUT/results.json (nothing run)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.render_only:
+        results = json.loads((args.out / "results.json").read_text())
+        names = ["builder-fp32", "builder-int4",
+                 *[k for k in results["args"]["variants"].split(",") if k]]
+        section = render(results, names)
+        print(section)
+        if args.write:
+            write_section(ROOT / "BENCHMARKS.md", section, MARK_BEGIN, MARK_END)
+        return 0
     t0 = time.perf_counter()
     import builder
 
