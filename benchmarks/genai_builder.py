@@ -16,10 +16,12 @@ script
    it into BENCHMARKS.md between ``<!-- genai-builder:begin -->`` and ``<!-- genai-builder:end -->``.
 
     python benchmarks/genai_builder.py --write        # ~30 min on 2 cores (builder env once)
+    python benchmarks/genai_builder.py --model gemma3 --write   # Gemma-3-270M, its own section
 
-The reference weights are SmolLM2's dequantised Q4_1 GGUF (asymmetric, block 32); every int4
-here is symmetric round-to-nearest (ONNX Runtime's grid and lrc's), so none lands on the
-source's grid.
+The reference weights are dequantised GGUFs (SmolLM2 from Q4_1: asymmetric, block 32; Gemma-3
+from Q4_K_M: 6-bit scales and mins per 32 inside 256-blocks); every int4 here is symmetric
+round-to-nearest on blocks of 32 (ONNX Runtime's grid and lrc's), so none lands on the source's
+grid.
 """
 
 from __future__ import annotations
@@ -36,7 +38,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from quant import isa_flags, machine_line, write_section  # noqa: E402
 
-MARK_BEGIN, MARK_END = "<!-- genai-builder:begin -->", "<!-- genai-builder:end -->"
+# model -> (name, the source GGUF in words, the dense export's source for `lrc export`, marker)
+MODELS = {
+    "smollm2": ("SmolLM2-135M", "a dequantised Q4_1 GGUF", "smollm2-135m", "genai-builder"),
+    "gemma3": ("Gemma-3-270M", "a dequantised Q4_K_M GGUF", None, "genai-builder-gemma3"),
+}
+
+
+def markers(model: str) -> tuple[str, str]:
+    tag = MODELS[model][3]
+    return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
 QUANT = ["--quantize", "int4"]
 # key -> (label, lrc compress flags on the builder's fp32 folder)
 VARIANTS = {
@@ -75,7 +86,9 @@ def folder_bytes(path: Path) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "genai-builder")
+    ap.add_argument("--model", choices=list(MODELS), default="smollm2")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default bench-out/genai-builder (SmolLM2), bench-out/genai-builder-MODEL")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--max-tokens", type=int, default=2048)
@@ -85,7 +98,11 @@ def main(argv=None) -> int:
     ap.add_argument("--render-only", action="store_true",
                     help="render the section from OUT/results.json (nothing run)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = ROOT / "bench-out" / ("genai-builder" if args.model == "smollm2"
+                                         else f"genai-builder-{args.model}")
     args.out.mkdir(parents=True, exist_ok=True)
+    mark_begin, mark_end = markers(args.model)
     if args.render_only:
         results = json.loads((args.out / "results.json").read_text())
         names = ["builder-fp32", "builder-int4",
@@ -93,18 +110,20 @@ def main(argv=None) -> int:
         section = render(results, names)
         print(section)
         if args.write:
-            write_section(ROOT / "BENCHMARKS.md", section, MARK_BEGIN, MARK_END)
+            write_section(ROOT / "BENCHMARKS.md", section, mark_begin, mark_end)
         return 0
     t0 = time.perf_counter()
     import builder
 
-    if builder.main(["smollm2", "--precision", "fp32", "int4", "--out", str(args.out)]):
+    m = args.model
+    if builder.main([m, "--precision", "fp32", "int4", "--out", str(args.out)]):
         raise SystemExit("the model builder failed")
-    fp32, int4 = args.out / "smollm2-fp32", args.out / "smollm2-int4"
+    fp32, int4 = args.out / f"{m}-fp32", args.out / f"{m}-int4"
     dense = args.out / "dense"
     if not (dense / "model.onnx").is_file():
-        log("lrc export smollm2-135m (optimum's graph: the dense reference)")
-        lrc("export", "smollm2-135m", "-o", str(dense), "--force")
+        source = MODELS[m][2] or str(builder.gguf_of(m))
+        log(f"lrc export {Path(source).name} (optimum's graph: the dense reference)")
+        lrc("export", source, "-o", str(dense), "--force")
     keys = [k for k in args.variants.split(",") if k]
     compress_s = {}
     for key in keys:
@@ -124,7 +143,7 @@ def main(argv=None) -> int:
     bench = json.loads(lrc("bench", str(dense), *map(str, models.values()), "--seq", "128",
                            "--decode-tokens", "32", "--runs", str(args.runs), "--warmup", "3",
                            "--threads", "2", "--json"))
-    results = {"date": time.strftime("%Y-%m-%d"), "machine": bench["machine"], "isa": isa_flags(),
+    results = {"model": m, "date": time.strftime("%Y-%m-%d"), "machine": bench["machine"], "isa": isa_flags(),
                "eval": ev, "bench": bench, "compress_s": compress_s,
                "sizes": {k: folder_bytes(v) for k, v in {"dense": dense, **models}.items()},
                "args": vars(args) | {"out": str(args.out)},
@@ -133,7 +152,7 @@ def main(argv=None) -> int:
     section = render(results, list(models))
     print(section)
     if args.write:
-        write_section(ROOT / "BENCHMARKS.md", section, MARK_BEGIN, MARK_END)
+        write_section(ROOT / "BENCHMARKS.md", section, mark_begin, mark_end)
         log("BENCHMARKS.md updated")
     return 0
 
@@ -170,13 +189,19 @@ def render(results: dict, names: list[str]) -> str:
                     f"{size / 1e6:.1f} MB ({size / size_ref:.2f}x) |")
     ref_ms = f"{ref.get('prefill', 0):.0f} ms prefill, {ref.get('decode', 0):.1f} ms per decoded token"
     s = results["bench"]["settings"]
+    model = results.get("model", "smollm2")
+    name, source = MODELS[model][:2]
+    mark_begin, mark_end = markers(model)
+    flag = "" if model == "smollm2" else f" --model {model}"
+    title = ("" if model == "smollm2" else f", {name}")
     return "\n".join([
-        MARK_BEGIN, "",
-        "## ONNX Runtime GenAI's model builder: its graphs, compressed by lrc",
+        mark_begin, "",
+        f"## ONNX Runtime GenAI's model builder: its graphs, compressed by lrc{title}",
         "",
-        f"`python benchmarks/genai_builder.py` ({results['date']}, {results['seconds'] // 60} min). "
-        f"SmolLM2-135M (a dequantised Q4_1 GGUF: every int4 here is symmetric RTN, none can land "
-        f"on the source's asymmetric grid); lrc compresses the builder's fp32 folder "
+        f"`python benchmarks/genai_builder.py{flag}` ({results['date']}, "
+        f"{results['seconds'] // 60} min). "
+        f"{name} ({source}: every int4 here is symmetric RTN, none can land "
+        f"on the source's grid); lrc compresses the builder's fp32 folder "
         f"({results['args']['calib_tokens']} calibration tokens) and keeps its fused graph "
         f"(GroupQueryAttention, skip-norms, packed QKV); perplexity on "
         f"{results['args']['max_tokens']} tokens of news and of Python docs (a domain absent "
@@ -191,7 +216,7 @@ def render(results: dict, names: list[str]) -> str:
         "|---|---|---|---|---|---|",
         *rows,
         "",
-        MARK_END,
+        mark_end,
     ])
 
 

@@ -455,7 +455,10 @@ def generate(model: Path = typer.Argument(..., help="Exported text-generation fo
              compare: Optional[Path] = typer.Option(None, "--compare", help="Second folder to run side by side."),
              tokenizer: Optional[Path] = typer.Option(
                  None, "--tokenizer", help="tokenizer.json (or its folder) when none is beside MODEL."),
-             threads: Optional[int] = typer.Option(None, "--threads")):
+             threads: Optional[int] = typer.Option(None, "--threads"),
+             genai: bool = typer.Option(
+                 False, "--genai", help="Also run each model greedily in ONNX Runtime GenAI from "
+                 "the same prompt ids and say whether its tokens are ONNX Runtime's.")):
     """Generate text with ONNX Runtime and the KV cache (no torch), optionally side by side."""
     from lrc import generate as G
 
@@ -463,8 +466,21 @@ def generate(model: Path = typer.Argument(..., help="Exported text-generation fo
               top_k=top_k, seed=seed, chat=chat, threads=threads, tokenizer=_tok(tokenizer))
     if max_new_tokens <= 0:
         raise LrcError("--max-new-tokens must be positive")
+    if genai and sample:
+        raise LrcError("--genai compares greedy tokens: drop --sample")
     results = ([(str(model), G.generate(model, prompt, **kw))] if compare is None else
                list(zip((str(model), str(compare)), G.generate_compare(model, compare, prompt, **kw))))
+    agree = []
+    if genai:
+        for name, r in list(results):
+            g = G.genai_generate(name, r.prompt_ids, max_new_tokens=max_new_tokens,
+                                 tokenizer=kw["tokenizer"])
+            results.append((f"{name} (ORT GenAI)", g))
+            same = G.GenerationComparison(r, g).matching_tokens
+            agree.append(f"{name}: ORT GenAI's greedy tokens "
+                         + ("identical to ONNX Runtime's" if r.new_token_ids == g.new_token_ids
+                            else f"differ from ONNX Runtime's after {same}")
+                         + f" ({len(g.new_token_ids)} tokens)")
     t = Table(header_style="bold", show_lines=True)
     t.add_column("model")
     t.add_column("continuation")
@@ -473,6 +489,10 @@ def generate(model: Path = typer.Argument(..., help="Exported text-generation fo
         t.add_row(name, prompt + "[bold]" + r.text.replace("[", "\\[") + "[/bold]",
                   f"{r.tokens_per_s:.1f}")
     console.print(t)
+    for line in agree:
+        console.print(line)
+    if genai:
+        results = results[:len(results) // 2]
     if compare is not None:
         a, b = results[0][1], results[1][1]
         same = 0

@@ -20,12 +20,16 @@ decoder's ``use_cache_branch`` is set, and a model exported without a cache (lrc
 torch-dynamo fallback) is run on the whole sequence at each step.  Generation stops at
 ``max_new_tokens`` or at an eos id from generation_config.json / config.json.
 Batch size is 1.
+
+:func:`genai_generate` runs the same folder greedily in ONNX Runtime GenAI (its
+``genai_config.json``, its own loop and cache) from the same prompt ids: the check that what lrc
+writes runs where such models are deployed, with the same tokens.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -54,6 +58,7 @@ class GenerationResult:
     prefill_s: float
     decode_s: float
     tokens_per_s: float
+    prompt_ids: list[int] = field(default_factory=list)
 
 
 class GenerationComparison(NamedTuple):
@@ -197,6 +202,7 @@ class OnnxCausalLM:
             prefill_s=prefill_s,
             decode_s=decode_s,
             tokens_per_s=rate,
+            prompt_ids=list(ids),
         )
 
 
@@ -301,3 +307,43 @@ def generate_compare(
         ))
         del model
     return GenerationComparison(*results)
+
+
+def genai_generate(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int = 32,
+                   tokenizer: str | Path | None = None) -> GenerationResult:
+    """Greedy generation of ``max_new_tokens`` after ``prompt_ids`` in ONNX Runtime GenAI (the
+    folder's ``genai_config.json``: what lrc export and compress write, or the model builder's).
+    ``prefill_s`` covers the prompt and the first token, ``tokens_per_s`` the rest."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise LrcError("ONNX Runtime GenAI is not installed: pip install onnxruntime-genai") from None
+    ref = resolve(model_dir, tokenizer=tokenizer)
+    folder = ref.folder
+    if folder is None or not (folder / "genai_config.json").is_file():
+        raise LrcError(f"{folder or model_dir} has no genai_config.json (lrc export and lrc "
+                       f"compress write one beside a decoder's model.onnx)")
+    if not prompt_ids or max_new_tokens < 1:
+        raise LrcError("ORT GenAI needs prompt ids and max_new_tokens of at least 1")
+    try:
+        model = og.Model(str(folder))
+    except Exception as e:  # its messages are one line: the config or the graph it refused
+        raise LrcError(f"ONNX Runtime GenAI cannot load {folder}: {str(e).splitlines()[0]}") from None
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + max_new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(list(prompt_ids))
+    gen.generate_next_token()
+    t_first = time.perf_counter()
+    while not gen.is_done():
+        gen.generate_next_token()
+    t_end = time.perf_counter()
+    new = [int(t) for t in gen.get_sequence(0)][len(prompt_ids):]
+    steps = len(new) - 1
+    decode_s = t_end - t_first
+    rate = steps / decode_s if steps and decode_s > 0 else len(new) / max(t_end - t0, 1e-9)
+    text = ref.load_tokenizer().decode(new, skip_special_tokens=True) if ref.tokenizer else ""
+    return GenerationResult(text=text, new_token_ids=new, prompt_tokens=len(prompt_ids),
+                            new_tokens=len(new), prefill_s=t_first - t0, decode_s=decode_s,
+                            tokens_per_s=rate, prompt_ids=list(prompt_ids))

@@ -253,3 +253,35 @@ def test_genai_greedy_tokens_equal_lrc_generate_on_compressed_smollm2(smollm2_di
     assert [int(t) for t in text] == ids[1:] and ids[0] == json.loads(
         (q4 / "genai_config.json").read_text())["model"]["bos_token_id"]
     assert "tokenizer" not in json.loads((q4 / "lrc.json").read_text())["genai"]
+
+
+@pytest.mark.slow
+def test_generate_genai_flag_runs_ort_genai_and_compares_tokens(tmp_path):
+    """``lrc generate --genai``: each model also runs in ORT GenAI from the same prompt ids, and
+    the command says whether the greedy tokens are ONNX Runtime's; refusals are one line."""
+    pytest.importorskip("onnxruntime_genai")
+    if save_tiny is None:
+        pytest.skip(_no_export)
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from lrc.cli import app
+    from lrc.exporters import export
+
+    save_tiny("llama", tmp_path / "hf", seed=1, tokenizer=True)
+    out = export(tmp_path / "hf", tmp_path / "onnx", validate=False).out_dir
+    run = CliRunner().invoke
+    r = run(app, ["generate", str(out), "hello world", "--max-new-tokens", "5", "--genai"],
+            env={"COLUMNS": "300"})
+    assert r.exit_code == 0, r.output
+    assert "(ORT GenAI)" in r.output
+    assert "ORT GenAI's greedy tokens identical to ONNX Runtime's (5 tokens)" in r.output
+    from clirun import lrc, one_line_error
+
+    assert "drop --sample" in one_line_error(lrc("generate", out, "hi", "--genai", "--sample"))
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare)
+    (bare / "genai_config.json").unlink()
+    err = one_line_error(lrc("generate", bare, "hi", "--genai", "--max-new-tokens", "2"))
+    assert "no genai_config.json" in err
