@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: lrc end to end on the two bundled models, from export to report.
-# Everything lands in demo-out/. A few minutes on 2 cores once .venv exists.
+# Everything lands in demo-out/. About half an hour on 2 cores once .venv exists (step 6 makes
+# the model builder's environment once, bench-out/builder-venv, from the package registry).
 set -euo pipefail
 OUT=${DEMO_OUT:-demo-out}
 # step 5: lrc's quantisation with a whitened low-rank correction (see `lrc compress --help`)
@@ -33,17 +34,32 @@ step "5. quantise with a low-rank correction: lrc compress $QARGS"
 # shellcheck disable=SC2086  # QARGS is a list of options
 lrc compress "$OUT/smollm2" $QARGS -o "$OUT/smollm2-q4c" | tail -n 5
 
-step "6. speed: interleaved A/B on the CPU EP, with ORT INT8 / 4-bit / optimized baselines (kept)"
-lrc bench "$OUT/smollm2" "$OUT/smollm2-lrc" "$OUT/smollm2-q4c" --seq 128 --decode-tokens 16 \
-    --runs 10 --warmup 2 --keep-baselines "$OUT/ort-baselines" --save "$OUT/bench.json"
+step "6. ONNX Runtime GenAI's model builder (its own environment, made once by benchmarks/builder.py): its fused fp32 graph compressed by lrc, run in ORT GenAI beside the builder's own int4"
+BUILDER=()  # the builder's int4 and lrc's compression of its fp32, when the builder could run
+if python benchmarks/builder.py smollm2 --precision fp32 int4 --out "$OUT/builder" \
+        >"$OUT/builder.log" 2>&1; then
+    lrc compress "$OUT/builder/smollm2-fp32" --quantize int4 --correct-rank 32,head=64 \
+        --correct-a-bits 4 --embedding int4 --calib-tokens 8192 -o "$OUT/builder-lrc" | tail -n 5
+    lrc generate "$OUT/builder-lrc" "The capital of France is" --compare "$OUT/builder/smollm2-int4" \
+        --genai --max-new-tokens 16
+    BUILDER=("$OUT/builder/smollm2-int4" "$OUT/builder-lrc")
+else
+    echo "skipped: the builder's environment could not be made (last lines of $OUT/builder.log:)"
+    tail -n 3 "$OUT/builder.log"
+fi
 
-step "7. quality of all of them against dense: perplexity on news (in domain) and Python docs (out of domain), KL, top-1"
+step "7. speed: interleaved A/B on the CPU EP, with ORT INT8 / 4-bit / optimized baselines (kept)"
+lrc bench "$OUT/smollm2" "$OUT/smollm2-lrc" "$OUT/smollm2-q4c" "${BUILDER[@]}" --seq 128 \
+    --decode-tokens 16 --runs 10 --warmup 2 --keep-baselines "$OUT/ort-baselines" \
+    --save "$OUT/bench.json"
+
+step "8. quality of all of them against dense: perplexity on news (in domain) and Python docs (out of domain), KL, top-1"
 shopt -s nullglob
 BASELINES=("$OUT"/ort-baselines/*.onnx)  # the files just timed (a baseline that failed is absent)
-lrc eval "$OUT/smollm2" "$OUT/smollm2-lrc" "$OUT/smollm2-q4c" "${BASELINES[@]}" \
+lrc eval "$OUT/smollm2" "$OUT/smollm2-lrc" "$OUT/smollm2-q4c" "${BUILDER[@]}" "${BASELINES[@]}" \
     --max-tokens 1024 --save "$OUT/eval.json"
 
-step "8. report: speed and size against quality (bench joined with eval), spectra and ranks"
+step "9. report: speed and size against quality (bench joined with eval), spectra and ranks"
 lrc report "$OUT/bench.json" "$OUT/eval.json" "$OUT/smollm2-lrc/lrc.json" -o "$OUT/report.html"
 du -sh "$OUT/smollm2" "$OUT/smollm2-lrc" "$OUT/smollm2-q4c" "$OUT/minilm" "$OUT/minilm-r64"
 echo "done: $OUT/report.html"
