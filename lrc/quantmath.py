@@ -94,12 +94,19 @@ def quantize_blockwise(w: np.ndarray, bits: int = 4, block_size: int = 32) -> Bl
         return BlockQuant(np.concatenate([p.packed for p in parts]),
                           np.concatenate([p.scales for p in parts]), bits, block_size, k, n)
     q, scale = _codes(w, bits, block_size)
+    return _pack(q, scale, bits, block_size, k, n)
+
+
+def _pack(q: np.ndarray, scale: np.ndarray, bits: int, block_size: int, k: int,
+          n: int) -> BlockQuant:
+    """Unpacked codes ``[N, blocks, block]`` (0..2^bits-1) in ``MatMulNBits``' packing."""
     if bits == 4:
         q = q.reshape(n, q.shape[1], block_size // 2, 2)
         packed = (q[..., 0] | (q[..., 1] << 4)).astype(np.uint8)
     else:
         packed = q.astype(np.uint8)
-    return BlockQuant(packed, scale, bits, block_size, k, n)
+    return BlockQuant(packed, np.ascontiguousarray(scale, dtype=np.float32), bits, block_size,
+                      k, n)
 
 
 @dataclass(frozen=True)
@@ -122,8 +129,150 @@ def _rtn(w: np.ndarray, bits: int, block_size: int, gram=None) -> BlockQuant:
     return quantize_blockwise(w, bits, block_size)
 
 
+# Scale search: each block's scale is ONNX Runtime's (signed largest magnitude -> the lowest
+# code) times the one of these factors whose codes give the least input-weighted error.
+SCALE_GRID = np.linspace(1.0, 0.70, 13, dtype=np.float32)
+
+
+def _rows_padded(x: np.ndarray, rows: int) -> np.ndarray:
+    return x if x.shape[0] == rows else np.pad(x, ((0, rows - x.shape[0]), (0, 0)))
+
+
+def _searched_scales(blk: np.ndarray, d: np.ndarray, bits: int) -> np.ndarray:
+    """Scales ``[N]`` of one block ``blk [block, N]`` whose codes minimise
+    ``Σ_r d_r (w_rn - ŵ_rn)²`` (``d``: the diagonal of the input's Gram over the block's rows,
+    the output error of each row's weight error if the inputs were uncorrelated)."""
+    mid = 1 << (bits - 1)
+    hi, lo = blk.max(axis=0), blk.min(axis=0)
+    base = np.where(np.abs(hi) > np.abs(lo), hi, lo) / np.float32(-mid)
+    best, best_err = base, None
+    for a in SCALE_GRID:
+        s = base * a
+        inv = np.divide(np.float32(1), s, out=np.zeros_like(s), where=s != 0)
+        q = np.clip(_round_half_away(blk * inv), -mid, mid - 1)
+        err = (d[:, None] * (blk - q * s) ** 2).sum(axis=0)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best = np.where(better, s, best)
+        best_err = np.where(better, err, best_err)
+    return best.astype(np.float32)
+
+
+def _search(w: np.ndarray, bits: int, block_size: int, gram=None) -> BlockQuant:
+    """Round to nearest, each block's scale searched against the input-weighted error."""
+    w = np.asarray(w, dtype=np.float32)
+    k, n = w.shape
+    if n > COLUMNS:
+        return _concat_columns([_search(w[:, j:j + COLUMNS], bits, block_size, gram)
+                                for j in range(0, n, COLUMNS)])
+    blocks, mid = -(-k // block_size), 1 << (bits - 1)
+    d = np.maximum(np.diag(np.asarray(gram, dtype=np.float64)), 0).astype(np.float32)
+    d = np.pad(d, (0, blocks * block_size - k))
+    wp = _rows_padded(w, blocks * block_size)
+    q = np.empty((n, blocks, block_size), dtype=np.int32)
+    scale = np.empty((n, blocks), dtype=np.float32)
+    for g in range(blocks):
+        rows = slice(g * block_size, (g + 1) * block_size)
+        s = _searched_scales(wp[rows], d[rows], bits)
+        inv = np.divide(np.float32(1), s, out=np.zeros_like(s), where=s != 0)
+        q[:, g] = (np.clip(_round_half_away(wp[rows] * inv), -mid, mid - 1) + mid).T
+        scale[:, g] = s
+    return _pack(q, scale, bits, block_size, k, n)
+
+
+def _concat_columns(parts: list[BlockQuant]) -> BlockQuant:
+    p0 = parts[0]
+    return BlockQuant(np.concatenate([p.packed for p in parts]),
+                      np.concatenate([p.scales for p in parts]), p0.bits, p0.block_size, p0.k,
+                      sum(p.n for p in parts))
+
+
+def _inverse_cholesky(gram: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """``U`` upper triangular with ``(G + λI)⁻¹ = UᵀU`` (``λ``: ``damp`` of the mean diagonal,
+    raised tenfold until the factorisation holds), and the rows with no input (zero diagonal)."""
+    h = np.array(gram, dtype=np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    lam = damp * float(np.mean(np.diag(h)))
+    eye = np.eye(h.shape[0])
+    for _ in range(6):
+        try:
+            hinv = np.linalg.inv(np.linalg.cholesky(h + lam * eye))
+            return np.linalg.cholesky(hinv.T @ hinv).T, dead
+        except np.linalg.LinAlgError:
+            lam *= 10
+    raise np.linalg.LinAlgError("the Gram matrix is not positive definite, even damped")
+
+
+def _gptq(w: np.ndarray, bits: int, block_size: int, gram=None, search: bool = True,
+          lazy: int = 128) -> BlockQuant:
+    """Error-feedback rounding (GPTQ, Frantar et al. 2023): rows of ``W [K, N]`` (the inputs)
+    rounded in order, each one's error, weighted by the inverse Gram's Cholesky factor, pushed
+    onto the rows not rounded yet; a block's scale is chosen when its first row comes up, from
+    the weights as updated so far (searched like :func:`_search` when ``search``). Columns are
+    independent: a wide matrix (a head) goes :data:`COLUMNS` at a time."""
+    w = np.asarray(w, dtype=np.float32)
+    k, n = w.shape
+    u, dead = _inverse_cholesky(gram)
+    if n > COLUMNS:
+        return _concat_columns([_gptq_columns(w[:, j:j + COLUMNS], bits, block_size, gram, u,
+                                              dead, search, lazy)
+                                for j in range(0, n, COLUMNS)])
+    return _gptq_columns(w, bits, block_size, gram, u, dead, search, lazy)
+
+
+def _gptq_columns(w, bits, block_size, gram, u, dead, search, lazy) -> BlockQuant:
+    k, n = w.shape
+    blocks, mid = -(-k // block_size), 1 << (bits - 1)
+    lazy = max(lazy // block_size, 1) * block_size  # whole blocks per lazy batch
+    w = _rows_padded(w, blocks * block_size).copy()
+    w[:k][dead] = 0
+    d = np.pad(np.maximum(np.diag(np.asarray(gram, dtype=np.float64)), 0),
+               (0, blocks * block_size - k)).astype(np.float32)
+    u = np.pad(u, ((0, blocks * block_size - k), (0, blocks * block_size - k)))
+    u[np.arange(k, blocks * block_size), np.arange(k, blocks * block_size)] = 1.0
+    u = u.astype(np.float32)
+    q = np.empty((blocks * block_size, n), dtype=np.int32)
+    scale = np.empty((n, blocks), dtype=np.float32)
+    inv = None
+    for i1 in range(0, blocks * block_size, lazy):
+        i2 = min(i1 + lazy, blocks * block_size)
+        w1, err = w[i1:i2], np.empty((i2 - i1, n), dtype=np.float32)
+        for i in range(i2 - i1):
+            row = i1 + i
+            if row % block_size == 0:
+                blk = w[row:row + block_size]
+                if search:
+                    s = _searched_scales(blk, d[row:row + block_size], bits)
+                else:
+                    hi, lo = blk.max(axis=0), blk.min(axis=0)
+                    s = (np.where(np.abs(hi) > np.abs(lo), hi, lo) / np.float32(-mid))
+                scale[:, row // block_size] = s
+                inv = np.divide(np.float32(1), s, out=np.zeros_like(s), where=s != 0)
+            c = np.clip(_round_half_away(w1[i] * inv), -mid, mid - 1)
+            q[row] = c
+            e = (w1[i] - c * scale[:, row // block_size]) / u[row, row]
+            w1[i + 1:] -= np.outer(u[row, row + 1:i2], e)
+            err[i] = e
+        w[i2:] -= u[i1:i2, i2:].T @ err
+    codes = (q + mid).T.reshape(n, blocks, block_size)
+    return _pack(codes, scale, bits, block_size, k, n)
+
+
+def _gptq_rtn_scales(w, bits, block_size, gram=None) -> BlockQuant:
+    return _gptq(w, bits, block_size, gram, search=False)
+
+
 BASE_QUANTIZERS: dict[str, BaseQuantizer] = {q.name: q for q in (
     BaseQuantizer("rtn", "round to nearest per block (ONNX Runtime's own codes)", _rtn),
+    BaseQuantizer("search", "round to nearest, each block's scale searched against the "
+                  "input-weighted error (the Gram's diagonal)", _search, needs_gram=True),
+    BaseQuantizer("gptq", "error-feedback rounding with the input's Gram (GPTQ), each block's "
+                  "scale searched", _gptq, needs_gram=True),
+    BaseQuantizer("gptq-rtn", "error-feedback rounding with the input's Gram (GPTQ), "
+                  "ONNX Runtime's scales", _gptq_rtn_scales, needs_gram=True),
 )}
 
 
