@@ -64,6 +64,27 @@ VARIANTS = {
                         "--embedding int4`)",
                         [*QUANT, "--correct-rank", "auto", "--correct-budget", "1.5",
                          "--correct-a-bits", "4", "--embedding", "int4"]),
+    "lrc-search": ("lrc int4, each block's scale searched against the input-weighted error, "
+                   "no correction, int4 embedding shared with the head (`--base-quant search "
+                   "--embedding int4`)",
+                   [*QUANT, "--base-quant", "search", "--embedding", "int4"]),
+    "lrc-search-compact": ("lrc int4, searched scales + rank-32 correction, head 64, 4-bit A, "
+                           "int4 embedding shared (`--base-quant search --correct-rank "
+                           "32,head=64 --correct-a-bits 4 --embedding int4`)",
+                           [*QUANT, "--base-quant", "search", "--correct-rank", "32,head=64",
+                            "--correct-a-bits", "4", "--embedding", "int4"]),
+    "lrc-search-matched": ("lrc int4, searched scales, at the builder's bytes: the correction's "
+                           "ranks allocated under 1.5 MB (`--base-quant search --correct-rank "
+                           "auto --correct-budget 1.5 --correct-a-bits 4 --embedding int4`)",
+                           [*QUANT, "--base-quant", "search", "--correct-rank", "auto",
+                            "--correct-budget", "1.5", "--correct-a-bits", "4", "--embedding",
+                            "int4"]),
+    "lrc-gptq-compact": ("lrc int4 from GPTQ's codes (error feedback with the input's Gram, "
+                         "damping 0.1, searched scales) + the compact correction "
+                         "(`--base-quant gptq --correct-rank 32,head=64 --correct-a-bits 4 "
+                         "--embedding int4`)",
+                         [*QUANT, "--base-quant", "gptq", "--correct-rank", "32,head=64",
+                          "--correct-a-bits", "4", "--embedding", "int4"]),
 }
 
 

@@ -189,7 +189,14 @@ def _concat_columns(parts: list[BlockQuant]) -> BlockQuant:
                       sum(p.n for p in parts))
 
 
-def _inverse_cholesky(gram: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+# GPTQ's damping, a fraction of the Gram's mean diagonal. GPTQ's paper uses 0.01; on SmolLM2
+# (the builder's graph, 2048 calibration tokens, rank-32 correction on top) 0.01 overfits the
+# calibration's Gram — lowest in-sample whitened error, worst perplexity (news x1.148 against
+# x1.096 for round to nearest) — and 0.1 gives x1.088 / x1.092.
+GPTQ_DAMP = 0.1
+
+
+def _inverse_cholesky(gram: np.ndarray, damp: float = GPTQ_DAMP) -> tuple[np.ndarray, np.ndarray]:
     """``U`` upper triangular with ``(G + λI)⁻¹ = UᵀU`` (``λ``: ``damp`` of the mean diagonal,
     raised tenfold until the factorisation holds), and the rows with no input (zero diagonal)."""
     h = np.array(gram, dtype=np.float64)

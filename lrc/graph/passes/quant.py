@@ -390,6 +390,14 @@ class QuantizePass(ir.passes.InPlacePass):
         ws = [np.asarray(self.weights[t.name] if t.name in self.weights else effective_weight(t),
                          dtype=np.float32) for t in group]
         base, gram = BASE_QUANTIZERS[spec.base], None
+        if base.needs_gram and any(t.tied for t in group) and self._shares_codes(spec):
+            # the embedding table will read these codes row by row: each weight's own error
+            # is what it sees, so the Gram-weighted choice would move error into it
+            base = BASE_QUANTIZERS["rtn"]
+            note = (f"tied head {group[0].name}: round-to-nearest codes ({opt('base_quant')} "
+                    f"{spec.base} elsewhere): the int4 embedding shares them")
+            if note not in self.record.notes:
+                self.record.notes.append(note)
         if base.needs_gram and not spec.column:
             gram = getattr(self.corrector, "gram", lambda ts: None)(group)
             if gram is None:
@@ -406,6 +414,12 @@ class QuantizePass(ir.passes.InPlacePass):
                 quants.append(bq)
                 hats.append(dequantize(bq))
         return ws, hats, quants
+
+    @staticmethod
+    def _shares_codes(spec: QuantSpec) -> bool:
+        """A tied head's MatMulNBits codes will also be the embedding's (EmbeddingPass)."""
+        return (spec.form == "nbits" and spec.embedding != "float"
+                and EMBEDDING.get(spec.embedding) == spec.bits)
 
     def _allocate(self, groups: list) -> list:
         """``correct_rank`` auto: every correctable group's whitened error spectrum (the
