@@ -81,6 +81,41 @@ def _hf_folder(gguf: Path, dest: Path) -> None:
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(dest)
 
 
+def _flat_rope(cfg):
+    """transformers >= 5 writes Gemma-3's RoPE per layer type (``rope_parameters:
+    {full_attention: {...}, sliding_attention: {...}}``); the builder (0.18) reads the flat
+    form (``rope_parameters.rope_type``, ``rope_theta``, ``rope_local_base_freq``) while the
+    model transformers builds for it reads the nested one: both, the same values."""
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        rp = getattr(c, "rope_parameters", None) if c is not None else None
+        if isinstance(rp, dict) and isinstance(rp.get("full_attention"), dict):
+            full = rp["full_attention"]
+            c.rope_local_base_freq = rp.get("sliding_attention", full)["rope_theta"]
+            c.rope_theta = full["rope_theta"]
+            c.rope_parameters = {**rp, **full}
+    return cfg
+
+
+def run_builder(argv: list[str]) -> None:
+    """``python -m onnxruntime_genai.models.builder ARGV`` with the configs it reads flattened
+    where transformers 5 nests them (:func:`_flat_rope`)."""
+    import runpy
+
+    import transformers
+
+    load = transformers.AutoConfig.from_pretrained.__func__
+
+    def from_pretrained(cls, *a, **kw):
+        out = load(cls, *a, **kw)
+        if isinstance(out, tuple):
+            return (_flat_rope(out[0]), *out[1:])
+        return _flat_rope(out)
+
+    transformers.AutoConfig.from_pretrained = classmethod(from_pretrained)
+    sys.argv = ["onnxruntime_genai.models.builder", *argv]
+    runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+
+
 def inner(args) -> int:
     gguf, out = Path(args.gguf), Path(args.out)
     hf = out / f"{args.model}-hf"
@@ -93,7 +128,7 @@ def inner(args) -> int:
         if (dest / "genai_config.json").is_file() and not args.force:
             print(f"{dest}: there", flush=True)
             continue
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf),
+        cmd = [sys.executable, __file__, "--run-builder", "-i", str(hf),
                "-o", str(dest), "-p", precision, "-e", "cpu", "-c", str(out / "cache")]
         if precision == "int4":
             cmd += ["--extra_options", "int4_block_size=32", "int4_accuracy_level=4"]
@@ -107,6 +142,10 @@ def inner(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--run-builder"]:  # inside the builder's venv
+        run_builder(argv[1:])
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", choices=MODELS)
     ap.add_argument("--precision", nargs="+", default=["fp32", "int4"],

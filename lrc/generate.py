@@ -37,7 +37,7 @@ import numpy as np
 
 from lrc.errors import LrcError, opt
 from lrc.modelref import ModelRef, model_files, resolve
-from lrc.runtime.feeds import empty_past, past_names, present_to_past, text_feeds
+from lrc.runtime.feeds import Past, empty_past, past_names, present_to_past, text_feeds
 from lrc.runtime.session import open_session
 
 
@@ -166,7 +166,8 @@ class OnnxCausalLM:
         tokens = list(ids)
         new: list[int] = []
         t0 = time.perf_counter()
-        past = empty_past(self.session, config=self.config) if use_cache else {}
+        past = (empty_past(self.session, config=self.config,
+                           capacity=len(tokens) + max_new_tokens) if use_cache else {})
         step_ids = np.asarray([tokens], dtype=np.int64)
         first = True
         t_first = None
@@ -184,7 +185,8 @@ class OnnxCausalLM:
                 break
             if use_cache:
                 named = dict(zip(self.output_names, outs))
-                past = {p: named[o] for o, p in self.present_to_past.items()}
+                past = Past({p: named[o] for o, p in self.present_to_past.items()},
+                            len(tokens) - 1)
                 step_ids = np.asarray([[nxt]], dtype=np.int64)
             else:
                 step_ids = np.asarray([tokens], dtype=np.int64)
@@ -330,16 +332,20 @@ def genai_generate(model_dir: str | Path, prompt_ids: list[int], max_new_tokens:
     except Exception as e:  # its messages are one line: the config or the graph it refused
         raise LrcError(f"ONNX Runtime GenAI cannot load {folder}: {str(e).splitlines()[0]}") from None
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt_ids) + max_new_tokens, do_sample=False)
+    # its cache buffer is max_length long: at least the sliding window where there is one
+    length = max(len(prompt_ids) + max_new_tokens, int(ref.config.get("lrc_kv_capacity") or 0))
+    params.set_search_options(max_length=length, do_sample=False)
     gen = og.Generator(model, params)
     t0 = time.perf_counter()
     gen.append_tokens(list(prompt_ids))
     gen.generate_next_token()
     t_first = time.perf_counter()
-    while not gen.is_done():
+    for _ in range(max_new_tokens - 1):
+        if gen.is_done():
+            break
         gen.generate_next_token()
     t_end = time.perf_counter()
-    new = [int(t) for t in gen.get_sequence(0)][len(prompt_ids):]
+    new = [int(t) for t in gen.get_sequence(0)][len(prompt_ids):][:max_new_tokens]
     steps = len(new) - 1
     decode_s = t_end - t_first
     rate = steps / decode_s if steps and decode_s > 0 else len(new) / max(t_end - t0, 1e-9)

@@ -397,6 +397,12 @@ class ModelRef:
             "eos_token_id": model.get("eos_token_id"),
             "pad_token_id": model.get("pad_token_id"),
         }
+        # The builder's sliding-window GroupQueryAttention runs on a shared past/present buffer
+        # that must hold at least the window (Gemma-3: 512) from the first step on
+        sw = dec.get("sliding_window")
+        share = (self.genai_config.get("search") or {}).get("past_present_share_buffer")
+        if share and isinstance(sw, dict) and sw.get("window_size"):
+            derived["lrc_kv_capacity"] = int(sw["window_size"])
         for k, v in derived.items():
             if v is not None and k not in cfg:
                 cfg[k] = v

@@ -74,6 +74,37 @@ def test_a_builder_folder_is_read_from_its_genai_config(tmp_path):
     assert F.cache_dims(open_session(d)) == (2, 4)
 
 
+def test_a_builder_sliding_window_cache_is_a_buffer_of_the_window(tmp_path):
+    """The builder's sliding-window attention (Gemma-3) runs on a shared past/present buffer of
+    at least the window from the first step: genai_config.json says so (a sliding window and
+    ``past_present_share_buffer``); every cache lrc makes for it is such a buffer, and the
+    attention mask and positions count the positions it holds, not its size."""
+    d = tmp_path / "builder"
+    d.mkdir()
+    _decoder(d / "model.onnx", heads="kv", head_dim="hd")
+    dec = {"filename": "model.onnx", "head_size": 4, "hidden_size": 8, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "num_hidden_layers": 2,
+           "sliding_window": {"window_size": 16, "layers": [0]}}
+    genai = {"model": {"vocab_size": 37, "decoder": dec},
+             "search": {"past_present_share_buffer": True}}
+    (d / "genai_config.json").write_text(json.dumps(genai))
+    s = open_session(resolve(d))
+    assert F.cache_capacity(s) == 16
+    f = F.text_feeds(s, np.array([[1, 2, 3]]))  # a prefill: an empty buffer of the window
+    assert f["past_key_values.1.value"].shape == (1, 2, 16, 4)
+    assert f["attention_mask"].shape == (1, 3) and f["position_ids"].tolist() == [[0, 1, 2]]
+    past = F.empty_past(s, capacity=40)  # longer than the window when the caller needs it
+    assert past.length == 0 and past["past_key_values.0.key"].shape == (1, 2, 40, 4)
+    step = F.text_feeds(s, np.array([[5]]), past=F.Past(past, 7))
+    assert step["attention_mask"].shape == (1, 8) and step["position_ids"].tolist() == [[7]]
+    # lrc's own genai_config (a cache that grows: no shared buffer) keeps the growing cache
+    genai["search"]["past_present_share_buffer"] = False
+    (d / "genai_config.json").write_text(json.dumps(genai))
+    s = open_session(resolve(d))
+    assert F.cache_capacity(s) == 0
+    assert F.text_feeds(s, np.array([[1, 2]]))["past_key_values.0.key"].shape == (1, 2, 0, 4)
+
+
 def test_kv_layout_is_the_one_parser_of_cache_names(tmp_path):
     assert is_past("past_key_values.3.key") and is_past("past.0.value")
     assert is_past("past_key.2") and not is_past("present.0.key")

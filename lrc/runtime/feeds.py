@@ -55,6 +55,8 @@ __all__ = [
     "present_to_past",
     "cache_dims",
     "empty_past",
+    "Past",
+    "cache_capacity",
     "text_feeds",
     "random_feeds",
     "random_token_feeds",
@@ -191,22 +193,45 @@ def cache_dims(sess, config: dict | None = None) -> tuple[int, int]:
     return int(heads), int(head_dim)
 
 
-def empty_past(sess, batch: int = 1, past_len: int = 0, config: dict | None = None) -> dict:
-    """Zero KV-cache inputs of ``past_len`` positions (0: an empty cache) for every cache input."""
+class Past(dict):
+    """KV-cache inputs by name, with the number of positions they hold (``length``): a shared
+    past/present buffer (the model builder's sliding-window attention) is longer than that."""
+
+    def __init__(self, arrays: dict, length: int):
+        super().__init__(arrays)
+        self.length = int(length)
+
+
+def cache_capacity(sess, config: dict | None = None) -> int:
+    """Positions a cache buffer must hold from the first step (0: a cache that grows with each
+    step): the window of the model builder's sliding-window attention on a shared buffer."""
+    cfg = config if config is not None else model_config(sess)
+    return int(cfg.get("lrc_kv_capacity") or 0)
+
+
+def empty_past(sess, batch: int = 1, past_len: int = 0, config: dict | None = None,
+               capacity: int = 0) -> Past:
+    """Zero KV-cache inputs of ``past_len`` positions (0: an empty cache) for every cache input;
+    a model that needs a shared buffer (:func:`cache_capacity`) gets one of at least that many
+    positions and ``capacity`` (the longest sequence the caller will run)."""
     specs = {s.name: s for s in input_specs(sess)}
+    need = cache_capacity(sess, config)
+    size = max(need, capacity, past_len) if need else past_len
     out = {}
     for name in past_names(sess):
         spec = specs[name]
         if len(spec.shape) != 4:
             raise LrcError(f"unsupported KV-cache layout for {name}: shape {spec.shape}")
         heads, head_dim = cache_dims(sess, config)
-        out[name] = np.zeros((batch, heads, past_len, head_dim), spec.dtype)
-    return out
+        out[name] = np.zeros((batch, heads, size, head_dim), spec.dtype)
+    return Past(out, past_len)
 
 
 def _past_len(past: dict | None) -> int:
     if not past:
         return 0
+    if isinstance(past, Past):
+        return past.length
     first = next(iter(past.values()))
     return int(first.shape[2])
 
@@ -229,8 +254,8 @@ def text_feeds(sess, input_ids, attention_mask=None, past=None, config: dict | N
     if ids.ndim == 1:
         ids = ids[None, :]
     batch, seq = ids.shape
-    past = dict(past or {})
     plen = _past_len(past) if past_len is None else int(past_len)
+    past = dict(past or {})
     mask = np.ones((batch, plen + seq), np.int64) if attention_mask is None else np.asarray(attention_mask)
     specs = {s.name: s for s in input_specs(sess)}
     feeds = {}
@@ -249,7 +274,9 @@ def text_feeds(sess, input_ids, attention_mask=None, past=None, config: dict | N
                 feeds[name] = np.asarray(past[name]).astype(spec.dtype, copy=False)
             elif past_len is None:
                 heads, head_dim = cache_dims(sess, config)
-                feeds[name] = np.zeros((batch, heads, 0, head_dim), spec.dtype)
+                need = cache_capacity(sess, config)
+                feeds[name] = np.zeros((batch, heads, max(need, seq) if need else 0, head_dim),
+                                       spec.dtype)
         elif name == "use_cache_branch":
             feeds[name] = np.array([plen > 0])
         elif fill_other is not None:
