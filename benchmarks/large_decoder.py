@@ -85,16 +85,9 @@ def hf_folder(dest: Path, shape: dict, seed: int = 0) -> None:
 
 
 def og_greedy(folder: Path) -> list[int]:
-    import onnxruntime_genai as og
+    from lrc.generate import genai_generate
 
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(PROMPT_IDS) + NEW, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(PROMPT_IDS)
-    while not gen.is_done():
-        gen.generate_next_token()
-    return [int(t) for t in gen.get_sequence(0)][len(PROMPT_IDS):]
+    return genai_generate(folder, PROMPT_IDS, max_new_tokens=NEW).new_token_ids
 
 
 def lrc_greedy(folder: Path) -> list[int]:
