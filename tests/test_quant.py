@@ -729,3 +729,20 @@ def test_base_quant_option_through_the_pass_and_the_api():
     _, rec_r = _apply(proto, QuantSpec("int4", 16, 0, 8, embedding="float"), corr)
     _, rec_g = _apply(proto, QuantSpec("int4", 16, 0, 8, embedding="float", base="gptq"), corr)
     assert sum(n.werr_after for n in rec_g.nodes) < sum(n.werr_after for n in rec_r.nodes)
+
+
+def test_a_tied_head_shared_with_the_embedding_keeps_rtn_codes(tmp_path):
+    """With a data-aware base quantiser and an int4 embedding that shares the tied head's codes,
+    the head keeps round-to-nearest codes (the table reads them row by row), said in a note
+    written for people (no option marks)."""
+    proto = tied_head()
+    g = np.eye(16) * 2.0
+    spec = QuantSpec("int4", 16, 0, 0, embedding="int4", base="search")
+    from types import SimpleNamespace
+
+    from lrc import methods
+
+    corr = methods.make_corrector(["h"], stats={"h": SimpleNamespace(xtx=g)})[0]
+    _, rec = _apply(proto, spec, corr)
+    notes = [n for n in rec.notes if "round-to-nearest" in n]
+    assert len(notes) == 1 and "\x1f" not in notes[0] and "search" in notes[0]

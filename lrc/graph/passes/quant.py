@@ -394,8 +394,9 @@ class QuantizePass(ir.passes.InPlacePass):
             # the embedding table will read these codes row by row: each weight's own error
             # is what it sees, so the Gram-weighted choice would move error into it
             base = BASE_QUANTIZERS["rtn"]
-            note = (f"tied head {group[0].name}: round-to-nearest codes ({opt('base_quant')} "
-                    f"{spec.base} elsewhere): the int4 embedding shares them")
+            note = render(f"tied head {group[0].name}: round-to-nearest codes "
+                          f"({opt('base_quant', spec.base)} elsewhere): the int4 embedding "
+                          f"shares them")
             if note not in self.record.notes:
                 self.record.notes.append(note)
         if base.needs_gram and not spec.column:
