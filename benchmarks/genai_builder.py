@@ -213,7 +213,12 @@ def render(results: dict, names: list[str]) -> str:
     model = results.get("model", "smollm2")
     name, source = MODELS[model][:2]
     mark_begin, mark_end = markers(model)
+    a = results["args"]
     flag = "" if model == "smollm2" else f" --model {model}"
+    if a.get("variants") and a["variants"] != ",".join(VARIANTS):
+        flag += f" --variants {a['variants']}"
+    if a.get("calib_tokens") != 16384:
+        flag += f" --calib-tokens {a['calib_tokens']}"
     title = ("" if model == "smollm2" else f", {name}")
     return "\n".join([
         mark_begin, "",
@@ -221,7 +226,7 @@ def render(results: dict, names: list[str]) -> str:
         "",
         f"`python benchmarks/genai_builder.py{flag}` ({results['date']}, "
         f"{results['seconds'] // 60} min). "
-        f"{name} ({source}: every int4 here is symmetric RTN, none can land "
+        f"{name} ({source}: every int4 here is symmetric, blocks of 32, none can land "
         f"on the source's grid); lrc compresses the builder's fp32 folder "
         f"({results['args']['calib_tokens']} calibration tokens) and keeps its fused graph "
         f"(GroupQueryAttention, skip-norms, packed QKV); perplexity on "
