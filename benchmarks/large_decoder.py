@@ -15,9 +15,10 @@ the size and the graph, not the text. For each exporter the script
 3. loads the output in ONNX Runtime (``lrc generate``, greedy) and in ORT GenAI (greedy from
    the same prompt ids) and checks the two give the same tokens.
 
-    python benchmarks/large_decoder.py [--exporters optimum,builder] [--calib-tokens 512]
+    python benchmarks/large_decoder.py [--exporters optimum,builder] [--calib-tokens 512] [--write]
 
-Results in OUT/results.json; one line per exporter on stdout. Needs ~10 GB of memory (optimum's
+Results in OUT/results.json; one line per exporter on stdout; ``--write`` puts a section into
+BENCHMARKS.md between ``<!-- large-decoder:begin -->`` and ``<!-- large-decoder:end -->``. Needs ~10 GB of memory (optimum's
 export peaks near 6 GB) and ~15 GB of disk.
 """
 
@@ -34,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+MARK_BEGIN, MARK_END = "<!-- large-decoder:begin -->", "<!-- large-decoder:end -->"
 
 SHAPE = dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
              num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
@@ -109,7 +111,15 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true",
                     help="a tiny model of the same family (the script's path in a minute)")
     ap.add_argument("--reuse", action="store_true", help="keep exports / outputs already there")
+    ap.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
+    ap.add_argument("--render-only", action="store_true",
+                    help="render the section from OUT/results.json (nothing run)")
     args = ap.parse_args(argv)
+    if args.render_only:
+        results = json.loads((args.out / "results.json").read_text())
+        if "machine" not in results:  # a run by an older version of this script
+            results["machine"] = _machine() + " (where the section was rendered, after the run)"
+        return _section(results, args.write)
     out = args.out / "smoke" if args.smoke else args.out
     shape = SMOKE if args.smoke else SHAPE
     out.mkdir(parents=True, exist_ok=True)
@@ -151,11 +161,60 @@ def main(argv=None) -> int:
         row["genai_tokens"] = og_greedy(q4)
         row["same_tokens"] = row["ort_tokens"] == row["genai_tokens"]
         print(json.dumps({exporter: row}), flush=True)
+    results["machine"] = _machine()
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    if not args.smoke:
+        _section(results, args.write)
     bad = [e for e, r in results["exporters"].items() if not r.get("same_tokens")]
     if bad:
         print(f"ORT and ORT GenAI disagree on {', '.join(bad)}", file=sys.stderr)
     return 1 if bad else 0
+
+
+def _machine() -> str:
+    from quant import isa_flags, machine_line
+
+    from lrc.measure.machine import machine_info
+
+    return machine_line(machine_info(), isa_flags())
+
+
+def _section(results: dict, write: bool) -> int:
+    rows = []
+    for exporter, r in results["exporters"].items():
+        rows.append(f"| {exporter} | {r.get('export_s', '-')} s | {r['input_gb']:.2f} GB | "
+                    f"{r.get('compress_s', '-')} s | {r['output_gb']:.2f} GB | "
+                    f"{r['quantized_nodes']} | {', '.join(f'{k} {v}' for k, v in (r.get('checks') or {}).items() if k in ('checker', 'shape_inference', 'ort_cpu_session'))} | "
+                    f"{'yes' if r['same_tokens'] else 'NO'} |")
+    sh = results["shape"]
+    section = "\n".join([
+        MARK_BEGIN, "",
+        "## A 0.5B decoder above 2 GB, end to end",
+        "",
+        f"`python benchmarks/large_decoder.py` ({results['date']}). A random-weight Qwen2 of the "
+        f"shape lrc once failed on after an hour (hidden {sh['hidden_size']}, "
+        f"{sh['num_hidden_layers']} layers, FFN {sh['intermediate_size']}, vocabulary "
+        f"{sh['vocab_size']}, untied head), exported by optimum (`lrc export`) and by ONNX "
+        "Runtime GenAI's model builder (fp32), each compressed with `lrc compress --quantize "
+        "int4 --correct-rank 32` (a small calibration: the weights are random); the outputs "
+        "loaded in ONNX Runtime (`lrc generate`) and in ORT GenAI, greedy from the same ids. "
+        "Times on a busy machine (other jobs beside it), for the record, not for comparison.",
+        "",
+        f"- Machine: {results.get('machine', '-')}",
+        "",
+        "| exporter | export | input | compress | output | quantised MatMuls | checks | "
+        "ORT = ORT GenAI tokens |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        MARK_END,
+    ])
+    print(section)
+    if write:
+        from quant import write_section
+
+        write_section(ROOT / "BENCHMARKS.md", section, MARK_BEGIN, MARK_END)
+    return 0
 
 
 if __name__ == "__main__":
