@@ -135,6 +135,8 @@ def side(code_dir: Path, models: dict[str, Path], work: Path, names: list[str]) 
         out = work / name
         if name in API:
             out = work / f"{name}.onnx"
+            for old in work.glob(f"{name}.onnx*"):  # the API's save refuses to overwrite
+                old.unlink()
             code = f"SMOLLM2 = {str(models['smollm2'])!r}\nOUT = {str(out)!r}\n" + API[name]
             r = run(code_dir, ["-c", code], cache)
             summary = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
