@@ -85,6 +85,18 @@ VARIANTS = {
                          "--embedding int4`)",
                          [*QUANT, "--base-quant", "gptq", "--correct-rank", "32,head=64",
                           "--correct-a-bits", "4", "--embedding", "int4"]),
+    "lrc-gptq-attn": ("lrc int4 from GPTQ's codes, the correction on attention's inputs and the "
+                      "head only (`--base-quant gptq --correct-rank 32,head=64,ffn=0 "
+                      "--correct-a-bits 4 --embedding int4`: half the X·A / Concat nodes)",
+                      [*QUANT, "--base-quant", "gptq", "--correct-rank", "32,head=64,ffn=0",
+                       "--correct-a-bits", "4", "--embedding", "int4"]),
+    "lrc-gptq-attn-down": ("lrc int4 from GPTQ's codes, the correction on attention's inputs, "
+                           "down's and the head (`--base-quant gptq --correct-rank "
+                           "32,head=64,ffn.gate=0,ffn.up=0 --correct-a-bits 4 --embedding "
+                           "int4`)",
+                           [*QUANT, "--base-quant", "gptq", "--correct-rank",
+                            "32,head=64,ffn.gate=0,ffn.up=0", "--correct-a-bits", "4",
+                            "--embedding", "int4"]),
 }
 
 
