@@ -476,11 +476,12 @@ def generate(model: Path = typer.Argument(..., help="Exported text-generation fo
             g = G.genai_generate(name, r.prompt_ids, max_new_tokens=max_new_tokens,
                                  tokenizer=kw["tokenizer"])
             results.append((f"{name} (ORT GenAI)", g))
+            ids_a, ids_b = G.without_eos(name, r.new_token_ids), G.without_eos(name, g.new_token_ids)
             same = G.GenerationComparison(r, g).matching_tokens
             agree.append(f"{name}: ORT GenAI's greedy tokens "
-                         + ("identical to ONNX Runtime's" if r.new_token_ids == g.new_token_ids
+                         + ("identical to ONNX Runtime's" if ids_a == ids_b
                             else f"differ from ONNX Runtime's after {same}")
-                         + f" ({len(g.new_token_ids)} tokens)")
+                         + f" ({len(ids_b)} tokens)")
     t = Table(header_style="bold", show_lines=True)
     t.add_column("model")
     t.add_column("continuation")

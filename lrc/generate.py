@@ -353,3 +353,15 @@ def genai_generate(model_dir: str | Path, prompt_ids: list[int], max_new_tokens:
     return GenerationResult(text=text, new_token_ids=new, prompt_tokens=len(prompt_ids),
                             new_tokens=len(new), prefill_s=t_first - t0, decode_s=decode_s,
                             tokens_per_s=rate, prompt_ids=list(prompt_ids))
+
+
+def without_eos(model_dir: str | Path, ids: list[int]) -> list[int]:
+    """``ids`` without the end-of-sequence ids they end with (lrc's loop keeps the one it stopped
+    at, ORT GenAI's sequence leaves it out): what two generations are compared on."""
+    ref = resolve(model_dir)
+    eos = set(_as_id_list(ref.generation_config.get("eos_token_id"))
+              or _as_id_list(ref.config.get("eos_token_id")))
+    out = list(ids)
+    while out and out[-1] in eos:
+        out.pop()
+    return out
