@@ -73,13 +73,7 @@ class EmbeddingPass(ir.passes.InPlacePass):
             head = self.tied_codes.get(id(table))
             if head is not None and not standard and self._shares(head, bits, bs, k, tv):
                 dv, sv = self._shared_table(graph, table, head, v, k, bits, bs)
-                new = ir.Node(MS, "GatherBlockQuantized", [dv, node.inputs[1], sv],
-                              attributes=[ir.AttrInt64("bits", bits),
-                                          ir.AttrInt64("block_size", bs),
-                                          ir.AttrInt64("gather_axis", 0),
-                                          ir.AttrInt64("quantize_axis", 1)],
-                              num_outputs=1, name=node.name)
-                replace_node(node, new)
+                _to_gbq(node, dv, sv, bits, bs)
                 self.record.embeddings.append({
                     "name": node.name, "table": table.name, "shape": [v, k], "bits": bits,
                     "block_size": bs, "bytes_before": int(tv.nbytes), "bytes_after": 0,
@@ -119,13 +113,7 @@ class EmbeddingPass(ir.passes.InPlacePass):
                                    add_initializer(graph, f"{table.name}_gbq_scales", scales),
                                    packed.nbytes + scales.nbytes)
             dv, sv, nbytes = done[id(table)]
-            new = ir.Node(MS, "GatherBlockQuantized", [dv, node.inputs[1], sv],
-                          attributes=[ir.AttrInt64("bits", bits),
-                                      ir.AttrInt64("block_size", bs),
-                                      ir.AttrInt64("gather_axis", 0),
-                                      ir.AttrInt64("quantize_axis", 1)],
-                          num_outputs=1, name=node.name)
-            replace_node(node, new)
+            _to_gbq(node, dv, sv, bits, bs)
             self.record.embeddings.append({
                 "name": node.name, "table": table.name, "shape": [v, k], "bits": bits,
                 "block_size": bs, "bytes_before": int(tv.nbytes), "bytes_after": int(nbytes)})
@@ -235,3 +223,13 @@ def _table(node: ir.Node) -> _Table | None:
 
 
 __all__ = ["EmbeddingPass"]
+
+
+def _to_gbq(node: ir.Node, codes: ir.Value, scales: ir.Value, bits: int, bs: int) -> None:
+    """``node`` (a Gather of a table) replaced by ``GatherBlockQuantized`` of the codes."""
+    replace_node(node, ir.Node(MS, "GatherBlockQuantized", [codes, node.inputs[1], scales],
+                               attributes=[ir.AttrInt64("bits", bits),
+                                           ir.AttrInt64("block_size", bs),
+                                           ir.AttrInt64("gather_axis", 0),
+                                           ir.AttrInt64("quantize_axis", 1)],
+                               num_outputs=1, name=node.name))
