@@ -314,8 +314,10 @@ class QuantConfig:
         "block-wise), int8-weight (8-bit weight-only) or int8 (INT8 dynamic); per-node "
         "overrides after a comma: int4,head=int8-weight. Without rank/ratio/energy no low "
         "rank is applied.")
-    block_size: int = option(32, kind="int", help="Block size of block-wise codes (a power of "
-                             "two >= 16).")
+    block_size: int | str = option(
+        32, metavar="B[,SEL=B]", also=(int,), parse=lambda v: int(v) if str(v).isdigit() else v,
+        help="Block size of block-wise codes (a power of two >= 16); per-node overrides after a "
+             "comma: 32,ffn.up=128 (roles, groups or name globs; a corrected group keeps one).")
     accuracy_level: int = option(4, kind="int", help="MatMulNBits accuracy_level: 4 = int8 "
                                  "compute (fast CPU path), 0 = float compute.")
     correct_rank: int | str = option(
@@ -358,11 +360,10 @@ class QuantConfig:
         _one_of("correct_form", self.correct_form, ["concat", "add"])
         _one_of("base_quant", self.base_quant, list(_base_quantizers()))
         _one_of("embedding", self.embedding, ["int8", "int4", "float"])
-        from lrc.quantmath import valid_block_size
-
-        if not valid_block_size(self.block_size):
-            raise ConfigError(f"{opt('block_size')} must be a power of two >= 16, got "
-                              f"{self.block_size}", "block_size")
+        try:  # the block sizes, given with or without quantize
+            parse_spec("int4", "0", block_size=self.block_size)
+        except LrcError as e:
+            raise ConfigError(e.args[0], "block_size") from None
         if self.quantize is None:
             if str(self.correct_rank or 0) not in ("0", ""):
                 raise ConfigError(f"{opt('correct_rank')} corrects quantisation error: give "
@@ -418,6 +419,22 @@ def parse_spec(quantize: str, correct_rank="0", **kw):
             raise LrcError(f"{opt('correct_rank', where)} must be an integer, got {v!r}") \
                 from None
 
+    def block_of(v, where):
+        from lrc.quantmath import valid_block_size
+
+        try:
+            b = int(v)
+        except ValueError:
+            b = None
+        if b is None or not valid_block_size(b):
+            what = opt("block_size", where) if where else opt("block_size")
+            raise LrcError(f"{what} must be a power of two >= 16, got {v!r}")
+        return b
+
+    if "block_size" in kw:
+        block, b_over = split(kw["block_size"], opt("block_size"))
+        kw["block_size"] = block_of(block or "32", "")
+        kw["blocks"] = tuple((sel, block_of(v, f"{sel}=")) for sel, v in b_over)
     scheme, s_over = split(quantize, opt("quantize"))
     rank, r_over = split(correct_rank if correct_rank is not None else "0", opt("correct_rank"))
     overrides = tuple([(sel, v, None) for sel, v in s_over]
@@ -526,6 +543,14 @@ class CompressConfig:
             raise ConfigError(f"{opt('quantize')} quantises every weight MatMul, lrc's factors "
                               f"included: drop {opt('quantize_rest') if rest else opt('int8')}",
                               "quantize_rest" if rest else "int8")
+        if self.size_allocated:
+            given = [k for k, v in (("correct_rank", str(self.quant.correct_rank) != "0"),
+                                    ("correct_budget", self.quant.correct_budget is not None),
+                                    ("update", bool(self.algorithm.update))) if v]
+            if given:
+                raise ConfigError(f"{opt('target_size')} with {opt('quantize')} chooses the "
+                                  f"bits, block sizes and correction ranks itself: drop "
+                                  f"{opt(given[0])}", given[0])
         if self.factorizer is not None and self.calibration.calib_inputs:
             raise ConfigError(f"{opt('factorizer')} is ready: no {opt('calib_inputs')}",
                               "factorizer")
@@ -534,8 +559,28 @@ class CompressConfig:
     @property
     def lowrank_asked(self) -> bool:
         """Whether low rank is asked for: always without quantize; with it, only when a rank,
-        energy, ratio, policy file or budget is given."""
-        return self.quant.quantize is None or self.lowrank.given or self.budget.given
+        energy, ratio, policy file or a budget other than the allocator's is given."""
+        return (self.quant.quantize is None or self.lowrank.given
+                or (self.budget.given and not self.size_allocated))
+
+    @property
+    def size_allocated(self) -> bool:
+        """quantize with target-size and no low rank: bits, block size and correction rank
+        are chosen per group to fit the size (:func:`lrc.allocate.allocate`)."""
+        return (self.quant.quantize is not None and self.budget.target_size is not None
+                and not self.lowrank.given)
+
+    def quant_spec(self):
+        """The quantisation pass's spec (None without quantize), with the allocator's budget
+        when :attr:`size_allocated`."""
+        spec = self.quant.spec()
+        if spec is None or not self.size_allocated:
+            return spec
+        from dataclasses import replace
+
+        from lrc.graph.passes.quant import AUTO_RANK
+
+        return replace(spec, target_mb=float(self.budget.target_size), correct_rank=AUTO_RANK)
 
     def to_dict(self) -> dict:
         """The options by name (JSON-ready; a ready object shown by its type)."""

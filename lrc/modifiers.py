@@ -247,7 +247,7 @@ class Quantize(Modifier):
         return config.quant.quantize is not None
 
     def statistics(self, run):
-        spec = run.config.quant.spec()
+        spec = run.config.quant_spec()
         if not run.method.data_aware:
             return "none"
         if _sequential_quant(run):
@@ -258,7 +258,7 @@ class Quantize(Modifier):
     def passes(self, run):
         from lrc.graph.passes.quant import QuantizePass
 
-        spec = run.config.quant.spec()
+        spec = run.config.quant_spec()
         self.spec, self.info = spec, None
         smooth = run.shared.get("smooth")
         corrector = None
@@ -288,7 +288,8 @@ class Quantize(Modifier):
                 names, c, stats=run.statistics(names, widths),
                 rescaled=smooth.applied if smooth is not None else None)
         self.pass_ = QuantizePass(spec, corrector, select=None if run.lowrank else run.select,
-                                  progress=None if run.lowrank else run.progress)
+                                  progress=None if run.lowrank else run.progress,
+                                  probe=_probe(run) if spec.target_mb is not None else None)
         return [self.pass_]
 
     def report(self, run, out):
@@ -299,6 +300,26 @@ class Quantize(Modifier):
             record.summary_line()
         if self.info:
             run.shared["quant_calibration"] = self.info
+
+
+#: calibration windows the allocator's sensitivity probe runs (one run per group and window)
+PROBE_WINDOWS = 2
+
+
+def _probe(run: Run):
+    """target-size's sensitivity probe, made when the pass first asks (on the model as the
+    earlier passes left it): the model's output KL with some weights replaced, on the first
+    :data:`PROBE_WINDOWS` calibration windows."""
+    def make():
+        from lrc.calibration.sensitivity import Probe
+        from lrc.graph.passes.quant import quant_targets
+
+        targets, _ = quant_targets(run.model, None if run.lowrank else run.select)
+        names = list(dict.fromkeys(t.weight.name for t in targets))
+        batches = run.calibration("correction").batches()[:PROBE_WINDOWS]
+        return Probe(run.model, names, batches, path=run.ref.file, ref=run.ref)
+
+    return make
 
 
 class Embedding(Modifier):

@@ -125,8 +125,10 @@ def plan(model_or_path, config: CompressConfig, *, progress: Progress | None = N
               calib_progress=calib_progress)
     if config.quant.quantize is not None:
         _check_quantisable(model, ref)
+    if config.size_allocated:
+        _check_size(run, config)
     if not config.lowrank_asked:
-        spec = config.quant.spec()
+        spec = config.quant_spec()
         if spec.any_rank and not method.data_aware and config.algorithm.method == methods.AUTO:
             raise LrcError(f"{opt('correct_rank')} needs calibration text to whiten the "
                            f"correction, and {method_note.split(': ', 1)[-1]}; pass "
@@ -164,6 +166,23 @@ def _check_quantisable(model: ir.Model, ref: ModelRef) -> None:
                        + f"): no float weights to quantise or correct; give the float model "
                        f"{'(the builder' + chr(39) + 's fp32 folder)' if ref.format == 'genai-builder' else ''}"
                        .rstrip() + " instead")
+
+
+def _check_size(run: Run, config: CompressConfig) -> None:
+    """target-size with quantize: one line before any work when even the smallest choice of
+    every projection (largest block, no correction) does not fit."""
+    from lrc.graph.passes.quant import smallest_bytes
+
+    fixed, least = smallest_bytes(run.model, config.quant_spec(), run.select)
+    want = config.budget.target_size
+    if (fixed + least) / 1e6 > want:
+        raise LrcError(f"{opt('target_size', f'{want:g}')}: the smallest this model can be with "
+                       f"{opt('quantize', config.quant.quantize)} and "
+                       f"{opt('embedding', config.quant.embedding)} is {(fixed + least) / 1e6:.1f}"
+                       f" MB ({fixed / 1e6:.1f} MB of it not quantised: norms, "
+                       f"embedding tables...); give a larger size"
+                       + (f" or {opt('embedding', 'int4')}" if config.quant.embedding != "int4"
+                          else ""))
 
 
 def _budget(model: ir.Model, ref: ModelRef, pol, config: CompressConfig) -> dict | None:
@@ -241,7 +260,7 @@ def compress_model(model_or_path, config: CompressConfig, *, progress: Progress 
         if run.shared.get("budget"):
             report["budget"] = run.shared["budget"]
     else:
-        any_rank = config.quant.spec().any_rank
+        any_rank = config.quant_spec().any_rank
         calib_info = run.shared.get("quant_calibration")
         report["method"] = run.method.name if any_rank else None
         report["method_note"] = run.method_note if any_rank else None
@@ -289,7 +308,7 @@ def dry_run(model_or_path, config: CompressConfig) -> dict:
         out["dense"] = [{"name": t.name, "role": t.role, "reason": why}
                         for t, why, _ in run.plan.skipped]
     if config.quant.quantize is not None:
-        out["quantize"] = config.quant.spec().describe()
+        out["quantize"] = config.quant_spec().describe()
     out["summary"] = (f"dry run: {ref.format} model, method {run.method.name}, "
                       f"{', '.join(m.name for m in mods)}"
                       + (f"; {len(run.plan.items)} projections planned, "

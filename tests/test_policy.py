@@ -209,3 +209,21 @@ def test_dense_edges_cli(tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "o.onnx.lrc.json").read_text())
     assert sorted({x["block"] for x in rep["rewritten"]}) == [1]
+
+
+def test_target_params_forced_below_itself_by_a_dense_head_is_refused():
+    """A dense head counted in target-params' total (Gemma-3: 62 % of the projection
+    parameters) would force the selected projections far below the target: one line saying
+    what the budget forces and how to accept it, before any work."""
+    from onnx import helper
+
+    from graphs import _model, init, rng, vin
+
+    r = rng(3)
+    m = _model([helper.make_node("MatMul", ["x", "up"], ["h"], name="/model/layers.0/mlp/up_proj/MatMul"),
+                helper.make_node("MatMul", ["h", "head"], ["logits"], name="/lm_head/MatMul")],
+               [vin("x", ["n", 64])], [vin("logits", ["n", 100])],
+               [init("up", r.standard_normal((64, 128)).astype("float32")),
+                init("head", r.standard_normal((128, 100)).astype("float32"))])
+    with pytest.raises(LrcError, match=r"61% of them stay dense \(head 61%\).* keep only 49%.*ratio"):
+        lrc.compress(m, target_params=0.8, exclude=["head"], method="svd")

@@ -201,6 +201,10 @@ def test_factor_matmuls_are_quantised_not_corrected():
     (["--quantize", "int4", "--target-runtime", "tract"], "cannot be expressed for"),
     (["--quantize", "int8", "--target-runtime", "tvm"], "--target-runtime must be one of"),
     (["--rank", "4", "--quantize-rest", "int4", "--target-runtime", "any"], "not for"),
+    # target-size with quantize: a budget below the smallest the model can be, before any work
+    (["--quantize", "int4", "--target-size", "0.001"], "smallest this model can be"),
+    (["--quantize", "int4", "--target-size", "1", "--correct-rank", "32"], "chooses the bits"),
+    (["--quantize", "int4", "--block-size", "32,attn.o=48"], "power of two"),
 ])
 def test_cli_bad_quantize_options(tmp_path, args, msg):
     from test_cli import _one_line_error, lrc as cli
@@ -746,3 +750,79 @@ def test_a_tied_head_shared_with_the_embedding_keeps_rtn_codes(tmp_path):
     _, rec = _apply(proto, spec, corr)
     notes = [n for n in rec.notes if "round-to-nearest" in n]
     assert len(notes) == 1 and "\x1f" not in notes[0] and "search" in notes[0]
+
+
+# ------------------------------------------------------------------ target-size allocation
+
+
+def test_allocator_spends_bytes_where_measured_loss_falls_most():
+    """lrc.allocate: every group starts at its cheapest choice; upgrades go where a byte
+    removes most sensitivity x error; the budget holds; dominated choices are never taken."""
+    from lrc.allocate import Choice, allocate
+
+    def menu(scale):
+        return [Choice(4, 128, 0, 100, 1.0 * scale), Choice(4, 32, 0, 120, 0.6 * scale),
+                Choice(4, 32, 32, 140, 0.2 * scale), Choice(8, 32, 0, 220, 0.25 * scale)]
+
+    menus = [menu(1), menu(1)]
+    lo = allocate(menus, [1.0, 10.0], 200)
+    assert lo.picks == [0, 0] and lo.nbytes == 200 == lo.min_bytes
+    mid = allocate(menus, [1.0, 10.0], 240)  # 40 bytes: both go to the sensitive group
+    assert mid.picks == [0, 2] and mid.nbytes == 240
+    big = allocate(menus, [1.0, 10.0], 10_000)
+    assert big.picks == [2, 2]  # int8 (dearer, worse than rank 32) never taken
+    assert big.loss < mid.loss < lo.loss
+    tight = allocate(menus, [1.0, 10.0], 150)
+    assert tight.min_bytes > 150  # the caller refuses such a budget
+
+
+def _probe_weighting(weights, w0):
+    """A stand-in for the ORT probe: KL = weight x squared change of each replaced weight."""
+    def make():
+        def probe(values):
+            return sum(weights.get(k, 1.0) * float(np.sum((v - w0[k]) ** 2))
+                       for k, v in values.items())
+        return probe
+    return make
+
+
+def test_target_size_allocates_bits_blocks_and_ranks_by_measured_sensitivity():
+    """QuantizePass with target_mb: the written initializers fit the budget; the group the probe
+    finds most sensitive gets the richest choice; the record lists every group's choice."""
+    proto = shared_input(d=128, outs=(128, 64, 64))
+    w0 = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    x = RNG.standard_normal((600, 128)).astype(np.float32) * np.linspace(3, 0.2, 128).astype(
+        np.float32)
+    corr = _gram_corrector(x.T.astype(np.float64) @ x)
+    total = lambda p: sum(onnx.numpy_helper.to_array(t).nbytes for t in p.graph.initializer)
+    small = total(_apply(proto, QuantSpec("int4", 128, 0, 0, embedding="float"))[0])
+    budget = small + 10_000
+    got = {}
+    for hot in ("o_proj", "q_proj"):
+        spec = QuantSpec("int4", 32, 0, 32, embedding="float", target_mb=budget / 1e6)
+        m = ir.serde.deserialize_model(proto)
+        p = QuantizePass(spec, corr, probe=_probe_weighting(
+            {f"model.layers.0.self_attn.{hot}.weight": 1e4}, w0))
+        run_passes([p], m)
+        out = ir.serde.serialize_model(m)
+        assert small < total(out) <= budget
+        assert any("target_size=" in n for n in p.record.notes)
+        got[hot] = {"o_proj" if "o_proj" in a["members"][0] else "q_proj": a["bytes"]
+                    for a in p.record.allocation}
+        assert all(np.all(np.isfinite(o)) for o in run(out, {"x2d": x[:8], "z": x[8:16]}))
+    # each group is given more bytes when the probe finds it the sensitive one
+    assert got["o_proj"]["o_proj"] > got["q_proj"]["o_proj"], got
+    assert got["q_proj"]["q_proj"] > got["o_proj"]["q_proj"], got
+
+
+def test_per_node_block_sizes():
+    """--block-size 32,SEL=B: the selected projections are written with their own blocks."""
+    from lrc.config import parse_spec
+
+    proto = shared_input(d=128, outs=(128, 64, 64))
+    out, rec = _apply(proto, parse_spec("int4", "0", block_size="32,attn.o=128",
+                                        embedding="float", accuracy_level=0))
+    blocks = {n.role: n.block_size for n in rec.nodes}
+    assert blocks["attn.o"] == 128 and blocks["attn.q"] == 32, blocks
+    with pytest.raises(LrcError, match="power of two"):
+        parse_spec("int4", "0", block_size="32,attn.o=48")

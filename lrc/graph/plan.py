@@ -62,6 +62,11 @@ def _build_policy(rank, energy, ratio, include, exclude, policy, align, allow_la
     return base
 
 
+#: target-params is refused when a dense head in its total forces the selected projections
+#: this far below it
+FORCED_CUT = 0.15
+
+
 def solve_budget(model: ir.Model, pol: Policy, target_params=None, target_size_mb=None) -> dict:
     """The uniform ratio for the selected projections that meets a global budget.
 
@@ -85,6 +90,17 @@ def solve_budget(model: ir.Model, pol: Policy, target_params=None, target_size_m
             raise LrcError(f"{opt('target_params')} must be in (0, 1], got {target_params}")
         ratio = (target_params * total - (total - chosen)) / chosen
         want = f"{target_params:g} of {total:,} projection parameters"
+        dense = sorted((t for t in seen.values() if t not in sel), key=lambda t: -t.params)
+        if 0 < ratio < target_params - FORCED_CUT and any(t.role == "head" for t in dense):
+            # a dense (tied) head counted in the total: on a large vocabulary it is most of it
+            names = ", ".join(f"{t.role or t.name} {t.params / total:.0%}" for t in dense[:2])
+            raise LrcError(
+                f"{opt('target_params', f'{target_params:g}')} counts all {total:,} projection "
+                f"parameters and {(total - chosen) / total:.0%} of them stay dense ({names}): "
+                f"the selected projections would keep only {ratio:.0%} of theirs, a cut that "
+                f"destroys language models (Gemma-3-270M this way: perplexity x44.5 on a "
+                f"held-out text); give {opt('ratio', f'{ratio:.2f}')} to accept that cut, or "
+                f"a larger target")
     else:
         itemsize = {t.weight_key: t.weight.const_value.dtype.itemsize for t in sel}
         size = sum(v.const_value.nbytes for v in model.graph.initializers.values()

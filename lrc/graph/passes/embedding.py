@@ -71,12 +71,13 @@ class EmbeddingPass(ir.passes.InPlacePass):
             if not tab.only_gathers():
                 continue
             head = self.tied_codes.get(id(table))
-            if head is not None and not standard and self._shares(head, bits, bs, k, tv):
-                dv, sv = self._shared_table(graph, table, head, v, k, bits, bs)
-                _to_gbq(node, dv, sv, bits, bs)
+            hbs = _block_of(head) if head is not None else bs  # the head's own block size
+            if head is not None and not standard and self._shares(head, bits, hbs, k, tv):
+                dv, sv = self._shared_table(graph, table, head, v, k, bits, hbs)
+                _to_gbq(node, dv, sv, bits, hbs)
                 self.record.embeddings.append({
                     "name": node.name, "table": table.name, "shape": [v, k], "bits": bits,
-                    "block_size": bs, "bytes_before": int(tv.nbytes), "bytes_after": 0,
+                    "block_size": hbs, "bytes_before": int(tv.nbytes), "bytes_after": 0,
                     "shared_with": head[0].name})
                 tab.drop(graph)
                 continue
@@ -220,6 +221,12 @@ def _table(node: ir.Node) -> _Table | None:
     if len(tv.shape) != 2 or tv.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
         return None
     return _Table(table, transpose)
+
+
+def _block_of(head) -> int:
+    """The block size a tied head's MatMulNBits was written with."""
+    a = head[0].attributes.get("block_size")
+    return a.as_int() if a is not None else 0
 
 
 __all__ = ["EmbeddingPass"]

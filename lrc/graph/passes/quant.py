@@ -67,6 +67,8 @@ EMBED_MIN = 1 << 20  # tables with fewer elements stay float (positions, token t
 INT8_QMAX = 63  # u8·s8 safe on CPUs without VNNI (see lrc.graph.passes.int8._U8S8_SAFE)
 AUTO_RANK = 32  # correct_rank auto spends by default what this uniform rank costs
 AUTO_MAX_BLOCKS = 8  # at most 8 blocks of rank per group
+ALLOC_BLOCKS = (32, 64, 128)  # target-size: the block sizes a group may take
+ALLOC_RANKS = (32, 64, 128, 256)  # target-size: correction ranks (block 32); 256 heads only
 
 # corrector(targets, W_cat [K, sum N], E_cat [K, sum N], rank) -> (Factors | None, info);
 # info: {"werr_before": [...], "werr_after": [...]} per target (relative whitened errors).
@@ -88,6 +90,11 @@ class QuantSpec:
     # gains most per byte, under budget_mb extra MB (None: what a uniform AUTO_RANK costs)
     auto: bool = False
     budget_mb: float | None = None
+    # per-node block sizes, later ones win: ((selector, block size), ...)
+    blocks: tuple = ()
+    # target-size: bits, block size and correction rank chosen per group so that all the
+    # model's initializers fit in this many MB (lrc.allocate, from measured sensitivity)
+    target_mb: float | None = None
     target: str = "ort"  # the runtime the forms are for (its name, for messages)
     base: str = "rtn"  # how block-wise codes are chosen (lrc.quantmath.BASE_QUANTIZERS)
     correct_a_bits: int = 32  # the concat form's A: float (32), or block codes of 8 / 4 bits
@@ -112,6 +119,11 @@ class QuantSpec:
             raise LrcError(f"{opt('embedding', self.embedding)}: "
                            f"{opt('target_runtime', self.target)} runs {have}; use "
                            f"{' or '.join(k for k, b in EMBEDDING.items() if not b or emb and b in emb.bits)}")
+        for sel, b in self.blocks:
+            check_selector(sel)
+            if not valid_block_size(b):
+                raise LrcError(f"{opt('block_size', sel + '=')} must be a power of two >= 16, "
+                               f"got {b}")
         for sel, scheme, rank in self.overrides:
             check_selector(sel)
             if scheme is not None and scheme not in SCHEMES:
@@ -177,14 +189,18 @@ class QuantSpec:
 
     def for_target(self, t: Target) -> "QuantSpec":
         """The spec for one node: the overrides whose selector matches it applied in order."""
-        scheme, rank = self.scheme, self.correct_rank
+        scheme, rank, block = self.scheme, self.correct_rank, self.block_size
         for sel, sch, r in self.overrides:
             if selector_matches(sel, t):
                 scheme = sch or scheme
                 rank = rank if r is None else r
-        if (scheme, rank) == (self.scheme, self.correct_rank):
+        for sel, b in self.blocks:
+            if selector_matches(sel, t):
+                block = b
+        if (scheme, rank, block) == (self.scheme, self.correct_rank, self.block_size):
             return self
-        return replace(self, scheme=scheme, correct_rank=rank, overrides=())
+        return replace(self, scheme=scheme, correct_rank=rank, block_size=block, overrides=(),
+                       blocks=())
 
     def describe(self) -> str:
         what = self.qform.title(self.bits, self)
@@ -192,6 +208,12 @@ class QuantSpec:
             what += f" for {self.target}"
         if self.embedding != "float":
             what += f"; embedding tables {self.embedding} ({self.embedding_form.title})"
+        if self.target_mb is not None:
+            return (f"{self.qform.help.split(',')[0]} in {self.target_mb:g} MB: bits (4/8), "
+                    f"block (32/64/128) and whitened-correction rank chosen per group by "
+                    f"measured sensitivity" + (
+                        f"; embedding tables {self.embedding} ({self.embedding_form.title})"
+                        if self.embedding != "float" else ""))
         if self.auto:
             form = "add" if self.column else self.correct_form
             budget = (f"{self.budget_mb:g} MB" if self.budget_mb is not None else
@@ -203,6 +225,8 @@ class QuantSpec:
         for sel, scheme, rank in self.overrides:
             what += f"; {sel}: " + ", ".join(x for x in (
                 scheme, None if rank is None else f"rank {rank}") if x)
+        for sel, b in self.blocks:
+            what += f"; {sel}: block {b}"
         return what
 
 
@@ -231,6 +255,7 @@ class QuantRecord:
     skipped: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     embeddings: list[dict] = field(default_factory=list)
+    allocation: list[dict] = field(default_factory=list)  # target-size: the choice per group
 
     def totals(self) -> dict:
         before = sum(n.weight_bytes_before for n in self.nodes)
@@ -251,7 +276,7 @@ class QuantRecord:
     def to_dict(self) -> dict:
         return {"spec": self.spec, "nodes": [asdict(n) for n in self.nodes],
                 "skipped": self.skipped, "notes": self.notes, "embeddings": self.embeddings,
-                "totals": self.totals()}
+                "allocation": self.allocation, "totals": self.totals()}
 
     def summary_line(self) -> str:
         t = self.totals()
@@ -295,7 +320,7 @@ class QuantizePass(ir.passes.InPlacePass):
 
     def __init__(self, spec: QuantSpec, corrector: Corrector | None = None,
                  select: Callable[[Target], bool] | None = None, progress=None,
-                 weights: dict[str, np.ndarray] | None = None):
+                 weights: dict[str, np.ndarray] | None = None, probe=None):
         super().__init__()
         self.spec = spec
         self.corrector = corrector
@@ -312,6 +337,12 @@ class QuantizePass(ir.passes.InPlacePass):
         # pass reads its codes (lrc.graph.passes.embedding) instead of storing the table again
         self.tied_codes: dict = {}
         self._names: list[str] = []
+        # target-size: probe() -> a callable values -> KL of the output with those weights
+        # replaced (lrc.calibration.sensitivity.Probe, made when first asked; None: the
+        # whitened error alone), and the codes computed
+        # while choosing, kept for the choices taken: {(names, bits, block): quants}
+        self.probe = probe
+        self._qcache: dict = {}
 
     def requires(self, model: ir.Model) -> None:
         if self.spec.any_rank and self.corrector is None:
@@ -350,7 +381,9 @@ class QuantizePass(ir.passes.InPlacePass):
             self.record.notes.append(f"opset {model.opset_imports.get('', 1)} -> "
                                      f"{need.opset} for {need.help.split(' (')[0]}")
             model.opset_imports[""] = need.opset
-        if self.spec.auto:
+        if self.spec.target_mb is not None:
+            groups = self._allocate_bytes(model, targets, groups)
+        elif self.spec.auto:
             groups = self._allocate(groups)
         done = 0
         for spec, group in groups:
@@ -377,7 +410,8 @@ class QuantizePass(ir.passes.InPlacePass):
             if not spec.correct_rank:
                 order.append((spec, [t]))
                 continue
-            key = (id(t.node.inputs[0]), id(t.node.graph), spec.scheme, spec.correct_rank)
+            key = (id(t.node.inputs[0]), id(t.node.graph), spec.scheme, spec.correct_rank,
+                   spec.block_size)
             if key not in by_key:
                 by_key[key] = (spec, [])
                 order.append(by_key[key])
@@ -404,6 +438,10 @@ class QuantizePass(ir.passes.InPlacePass):
             if gram is None:
                 raise LrcError(f"{opt('base_quant', spec.base)} needs calibration statistics "
                                f"of {group[0].name}'s input: not with {opt('method', 'svd')}")
+        cached = self._qcache.pop((tuple(t.name for t in group), spec.bits, spec.block_size),
+                                  None)
+        if cached is not None:
+            return ws, [dequantize(q) for q in cached], cached
         hats, quants = [], []
         for w in ws:
             if spec.column:
@@ -486,6 +524,113 @@ class QuantizePass(ir.passes.InPlacePass):
             f"{budget / 1e6:.1f} MB spent on the correction; ranks over {len(ranks)} groups: "
             + ", ".join(f"{r}: {ranks.count(r)}" for r in sorted(set(ranks))))
         return out
+
+    def _allocate_bytes(self, model: ir.Model, targets: list, groups: list) -> list:
+        """``target_mb``: per group of projections (one input) a choice of bits (4, or 8 where
+        the target runs 8-bit weights), block size (32 / 64 / 128) and correction rank (whole
+        blocks), so that every initializer of the output fits in the budget. A choice's cost
+        is its exact bytes; its loss the group's measured sensitivity (KL of the model's output
+        with that group alone at its cheapest choice, per unit of whitened error: one
+        :attr:`probe` run per group) times the whitened error it leaves (the codes' error; a
+        correction of rank r removes the error spectrum's r largest values). Choices are made
+        by :func:`lrc.allocate.allocate` (loss removed per byte)."""
+        from lrc.allocate import Choice, allocate
+
+        if self.corrector is None or getattr(self.corrector, "spectrum", None) is None:
+            raise LrcError(f"{opt('target_size')} with {opt('quantize')} needs calibration "
+                           f"statistics: not with {opt('method', 'svd')}")
+        fixed = _fixed_bytes(model, targets, self.spec)
+        budget = self.spec.target_mb * 1e6 - fixed
+        menus, sens, specs, probe_for = [], [], [], []
+        with_8 = self.spec.all_forms.get("int8-weight") is not None
+        import time
+
+        t0 = time.perf_counter()
+        probe = self.probe() if self.probe is not None else None
+        t_probe = time.perf_counter() - t0
+        t_codes = 0.0
+        for gi, (spec, group) in enumerate(groups):
+            t1 = time.perf_counter()
+            k, ns = group[0].shape[0], [t.shape[1] for t in group]
+            item = _itemsize(group[0])
+            names = tuple(t.name for t in group)
+            corrected = spec.correct_rank > 0 and not spec.column
+            shares = any(t.tied for t in group) and self._shares_codes(spec)
+            fixed_bits = spec.scheme != self.spec.scheme or spec.column
+            bits_menu = [spec.bits] if fixed_bits or shares or not with_8 else [4, 8]
+            menu, ref = [], None
+            for bits in bits_menu:
+                for block in (ALLOC_BLOCKS if bits == 4 and not spec.column else (32,)):
+                    if k % block and block != 32:
+                        continue
+                    s = replace(spec, scheme="int4" if bits == 4 else "int8-weight",
+                                block_size=block, correct_rank=0)
+                    ws, hats, quants = self._quantized(group, s)
+                    if not spec.column:
+                        self._qcache[(names, bits, block)] = quants
+                    e = [w - h for w, h in zip(ws, hats)]
+                    _, info = self.corrector(group, np.concatenate(ws, axis=1),
+                                             np.concatenate(e, axis=1), 0)
+                    err = float(np.sum(np.square(info["werr_before"])))
+                    menu.append(Choice(bits, block, 0, _choice_bytes(k, ns, bits, block, 0,
+                                                                     s, item), err))
+                    if ref is None or menu[-1].nbytes < ref[0].nbytes:
+                        ref = (menu[-1], hats)
+                    if bits == 4 and block == 32 and corrected and not k % block:
+                        sig2 = self.corrector.spectrum(group, np.concatenate(ws, axis=1),
+                                                       np.concatenate(e, axis=1))
+                        for r in ALLOC_RANKS:
+                            if r >= min(k, sum(ns)) // 2 or (r > 128 and not any(
+                                    t.role == "head" for t in group)):
+                                continue
+                            menu.append(Choice(4, 32, r, _choice_bytes(k, ns, 4, 32, r, s, item),
+                                               max(err - float(np.sum(sig2[:r])), 0.0)))
+                    del ws, hats, e
+            values = {}
+            for t, h in zip(group, ref[1]):
+                dt = np.float16 if t.weight.const_value.dtype == ir.DataType.FLOAT16 \
+                    else np.float32
+                values[t.weight.name] = np.ascontiguousarray(h.T if t.transposed else h, dt)
+            t2 = time.perf_counter()
+            t_codes += t2 - t1
+            kl = probe(values) if probe is not None else ref[0].err
+            t_probe += time.perf_counter() - t2
+            if self.progress:
+                self.progress(gi + 1, len(groups), f"measuring {group[0].name}")
+            menus.append(menu)
+            sens.append(kl / ref[0].err if ref[0].err > 0 else 0.0)
+            specs.append(spec)
+            del values, ref
+        alloc = allocate(menus, sens, budget)
+        if alloc.min_bytes > budget:
+            raise LrcError(f"{opt('target_size', f'{self.spec.target_mb:g}')}: the smallest "
+                           f"choice of every projection takes {(alloc.min_bytes + fixed) / 1e6:.1f}"
+                           f" MB ({fixed / 1e6:.1f} MB of it not quantised here); give more")
+        out, counts = [], {}
+        for (spec, group), menu, pick in zip(groups, menus, alloc.picks):
+            c = menu[pick]
+            counts[c.label()] = counts.get(c.label(), 0) + 1
+            names = tuple(t.name for t in group)
+            for key in [k for k in self._qcache if k[0] == names and k[1:] != (c.bits, c.block)]:
+                del self._qcache[key]
+            spec = replace(spec, scheme=spec.scheme if spec.column else
+                           ("int4" if c.bits == 4 else "int8-weight"), block_size=c.block,
+                           correct_rank=c.rank, auto=False, target_mb=None)
+            self.record.allocation.append({"members": list(names), "choice": c.label(),
+                                           "bytes": c.nbytes, "err": c.err,
+                                           "sensitivity": sens[len(out)]})
+            out.append((spec, group))
+        self.record.notes.append(
+            render(f"{opt('target_size', f'{self.spec.target_mb:g}')}: ") +
+            f"{(alloc.nbytes + fixed) / 1e6:.1f} MB planned ({fixed / 1e6:.1f} MB not "
+            f"quantised here, smallest choice {(alloc.min_bytes + fixed) / 1e6:.1f} MB); "
+            f"choices over {len(groups)} groups, by measured sensitivity: "
+            + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+            + f"; {t_codes:.0f} s on the choices' codes and errors, {t_probe:.0f} s on "
+            f"{len(groups) + 1 if probe is not None else 0} sensitivity runs")
+        # a corrected group is one; the uncorrected ones are written one member at a time
+        return [x for spec, group in out
+                for x in ([(spec, group)] if spec.correct_rank else [(spec, [t]) for t in group])]
 
     def solve(self, group: list[Target], spec: QuantSpec) -> "Solved":
         """The numbers of one group, no graph change: the members' quantised weights, the joint
@@ -734,6 +879,72 @@ def _block_factors(f: Factors, block_size: int) -> tuple[np.ndarray, Factors]:
     return a, Factors(a, b, f.rank, f.energy, f.rel_error, f.method, f.output_energy)
 
 
+def _choice_bytes(k: int, ns: list[int], bits: int, block: int, rank: int, spec: QuantSpec,
+                  item: int) -> int:
+    """Bytes of a group's weights ``[k, n_i]`` as ``bits``-bit codes in blocks of ``block``
+    (one float scale per block and column), with a concat correction of ``rank``: ``A``
+    (``spec.correct_a_bits`` codes or floats) and ``B``'s rows stacked under each weight."""
+    blocks = -(-k // block)
+    n = sum(ns)
+    size = n * blocks * (block * bits // 8 + item)
+    if rank:
+        a = (k * rank * spec.correct_a_bits // 8 + blocks * rank * item
+             if spec.correct_a_bits < 32 else k * rank * item)
+        size += a + n * (rank * bits // 8 + (rank // block) * item)
+    return size
+
+
+def smallest_bytes(model: ir.Model, spec: QuantSpec, select=None) -> tuple[int, int]:
+    """``(fixed, smallest)``: the bytes target-size cannot choose (:func:`_fixed_bytes`) and
+    the least its choices can take (every projection at its largest block, no correction):
+    what a budget is checked against before any work."""
+    targets, _ = quant_targets(model, select)
+    seen, least = set(), 0
+    for t in targets:
+        if id(t.weight) in seen:
+            continue
+        seen.add(id(t.weight))
+        s = spec.for_target(t)
+        k = t.shape[0]
+        block = max([b for b in ALLOC_BLOCKS if not k % b] or [32])
+        least += _choice_bytes(k, [t.shape[1]], s.bits, 32 if s.column else block, 0, s,
+                               _itemsize(t))
+    return _fixed_bytes(model, targets, spec), least
+
+
+def _fixed_bytes(model: ir.Model, targets: list, spec: QuantSpec) -> int:
+    """The bytes of the output's initializers that are not the targets' codes: everything
+    else, with the large embedding tables as the embedding pass will store them (none where
+    the int4 table shares a tied head's codes)."""
+    from lrc.graph.passes.embedding import _table
+
+    seen = {id(t.weight) for t in targets}
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                if v.const_value is not None and id(v) not in seen)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):  # tensors held in nodes
+        if node.op_type == "Constant" and "value" in node.attributes:
+            total += node.attributes["value"].as_tensor().nbytes
+    bits = EMBEDDING[spec.embedding]
+    tied = {id(t.weight) for t in targets if t.tied}
+    done = set()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type != "Gather" or not bits:
+            continue
+        tab = _table(node)
+        if tab is None or id(tab.value) in done:
+            continue
+        v, k = tab.shape
+        if v * k < EMBED_MIN or k % spec.block_size:
+            continue
+        done.add(id(tab.value))
+        shared = id(tab.value) in tied and bits == 4 and spec.form == "nbits"
+        if id(tab.value) not in seen:
+            total -= tab.tensor.nbytes
+        if not shared:
+            total += v * k * bits // 8 + v * (k // spec.block_size) * tab.tensor.dtype.itemsize
+    return int(total)
+
+
 def _float(t: Target):
     """numpy dtype of what ``t``'s node multiplies in: float16 or float32."""
     return np.float16 if t.compute_dtype == ir.DataType.FLOAT16 else np.float32
@@ -761,4 +972,5 @@ def check_fp16(spec: QuantSpec, targets: list[Target]) -> None:
 
 
 __all__ = ["AUTO_RANK", "CORRECT_FORMS", "EMBEDDING", "Corrector", "QuantNode", "QuantRecord",
-           "QuantSpec", "QuantizePass", "SCHEMES", "Solved", "check_fp16", "quant_targets"]
+           "QuantSpec", "QuantizePass", "SCHEMES", "Solved", "check_fp16", "quant_targets",
+           "smallest_bytes"]

@@ -1,0 +1,86 @@
+"""Measured sensitivity: how far the model's output moves when some weights change.
+
+:class:`Probe` opens ONE ONNX Runtime session of the model in which the named weight
+initializers are overridable (listed as graph inputs too, so a run may feed other values in
+their place), runs the dense model once on a few calibration windows, and then answers
+``probe({weight name: new value})`` with the mean KL divergence of the next-token distribution
+(the output logits) from the dense one, over the windows' tokens. The quantisation allocator
+(:mod:`lrc.allocate`) asks it once per group of projections with that group alone quantised:
+the output error each choice causes, measured, not guessed from the per-matrix error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from lrc.errors import LrcError
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32, copy=False)
+    m = x.max(axis=-1, keepdims=True)
+    z = x - m
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+class Probe:
+    """``probe(values) -> KL``: mean KL(dense || changed) of the next-token distribution over
+    ``batches`` (token-id windows) with the weights in ``values`` replaced (stored layout and
+    dtype of each initializer). ``source``: what calibration runs (a model reference's source:
+    a file or a model in memory); ``names``: the initializers a probe may replace."""
+
+    def __init__(self, source, names: list[str], batches: list, *, path=None, ref=None,
+                 threads: int | None = None):
+        from lrc.calibration.stats import _graph_proto, _origin, _source
+        from lrc.runtime.session import open_session
+
+        model, ref0 = _source(source, path)
+        ref = ref or ref0
+        path = _origin(ref0) if path is None else path
+        proto, self._keep = _graph_proto(model, path)
+        inits = {t.name: t for t in proto.graph.initializer}
+        missing = [n for n in names if n not in inits]
+        if missing:
+            raise LrcError(f"sensitivity probe: {missing[0]!r} is not an initializer")
+        have = {i.name for i in proto.graph.input}
+        for n in names:
+            if n not in have:
+                t = inits[n]
+                proto.graph.input.append(onnx.helper.make_tensor_value_info(
+                    n, t.data_type, list(t.dims)))
+        if proto.ir_version < 4:
+            proto.ir_version = 4
+        self.output = proto.graph.output[0].name
+        data = proto.SerializeToString()
+        del proto
+        self.sess = open_session(data, threads=threads, path=path, optimization="all",
+                                 ref=ref, what=" for the sensitivity probe")
+        from lrc.runtime.feeds import text_feeds
+
+        self.feeds = [b if isinstance(b, dict) else text_feeds(self.sess, np.asarray(b))
+                      for b in batches]
+        self.ref_lp = [_log_softmax(self._logits(f)) for f in self.feeds]
+        self.ref_p = [np.exp(lp) for lp in self.ref_lp]
+
+    def _logits(self, feeds: dict) -> np.ndarray:
+        try:
+            out = self.sess.run([self.output], feeds)[0]
+        except Exception as e:  # ORT raises its own types
+            raise LrcError(f"sensitivity probe failed in onnxruntime: "
+                           f"{str(e).splitlines()[0][:300]}") from e
+        if out.ndim != 3:
+            raise LrcError(f"sensitivity probe: output {self.output!r} has shape {out.shape}, "
+                           f"not [batch, sequence, vocabulary] logits")
+        return out
+
+    def __call__(self, values: dict[str, np.ndarray]) -> float:
+        kl, n = 0.0, 0
+        for feeds, lp, p in zip(self.feeds, self.ref_lp, self.ref_p):
+            q = _log_softmax(self._logits({**feeds, **values}))
+            kl += float(np.sum(p * (lp - q)))
+            n += lp.shape[0] * lp.shape[1]
+        return kl / max(n, 1)
+
+
+__all__ = ["Probe"]
