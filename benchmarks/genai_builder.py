@@ -97,6 +97,12 @@ VARIANTS = {
                            [*QUANT, "--base-quant", "gptq", "--correct-rank",
                             "32,head=64,ffn.gate=0,ffn.up=0", "--correct-a-bits", "4",
                             "--embedding", "int4"]),
+    **{f"lrc-size-{mb}": (f"lrc int4 in {mb} MB of weights: bits, blocks and correction ranks "
+                          f"allocated per group by measured sensitivity (`--base-quant gptq "
+                          f"--correct-a-bits 4 --embedding int4 --target-size {mb}`)",
+                          [*QUANT, "--base-quant", "gptq", "--correct-a-bits", "4",
+                           "--embedding", "int4", "--target-size", str(mb)])
+       for mb in (88, 97, 105)},
 }
 
 

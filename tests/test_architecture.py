@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1] / "lrc"
 
 # lowest first; a module may import from its own layer or any layer before it
 LAYERS = [
-    ("foundations", ["lrc.errors", "lrc.factorize", "lrc.quantmath", "lrc.data", "lrc.sysmem",
-                     "lrc.version", "lrc.fields"]),
+    ("foundations", ["lrc.errors", "lrc.factorize", "lrc.quantmath", "lrc.allocate", "lrc.data",
+                     "lrc.sysmem", "lrc.version", "lrc.fields"]),
     ("graph", ["lrc.graph", "lrc.modelref"]),
     ("export", ["lrc.exporters"]),
     ("runtime", ["lrc.runtime"]),

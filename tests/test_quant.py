@@ -796,7 +796,7 @@ def test_target_size_allocates_bits_blocks_and_ranks_by_measured_sensitivity():
     corr = _gram_corrector(x.T.astype(np.float64) @ x)
     total = lambda p: sum(onnx.numpy_helper.to_array(t).nbytes for t in p.graph.initializer)
     small = total(_apply(proto, QuantSpec("int4", 128, 0, 0, embedding="float"))[0])
-    budget = small + 10_000
+    budget = small + 14_000  # ~2 KB of it the graph's own bytes (names, nodes)
     got = {}
     for hot in ("o_proj", "q_proj"):
         spec = QuantSpec("int4", 32, 0, 32, embedding="float", target_mb=budget / 1e6)

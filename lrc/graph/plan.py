@@ -93,7 +93,8 @@ def solve_budget(model: ir.Model, pol: Policy, target_params=None, target_size_m
         dense = sorted((t for t in seen.values() if t not in sel), key=lambda t: -t.params)
         if 0 < ratio < target_params - FORCED_CUT and any(t.role == "head" for t in dense):
             # a dense (tied) head counted in the total: on a large vocabulary it is most of it
-            names = ", ".join(f"{t.role or t.name} {t.params / total:.0%}" for t in dense[:2])
+            names = ", ".join(f"{t.role or t.name} {t.params / total:.0%}" for t in dense[:2]
+                              if t.params >= 0.01 * total)
             raise LrcError(
                 f"{opt('target_params', f'{target_params:g}')} counts all {total:,} projection "
                 f"parameters and {(total - chosen) / total:.0%} of them stay dense ({names}): "

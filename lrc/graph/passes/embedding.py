@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lrc.graph.passes.lowrank import add_initializer, unique_name
-from lrc.graph.passes.qforms import MS, replace_node
+from lrc.graph.passes.qforms import MS, replace_node, table as _table
 from lrc.graph.passes.quant import EMBED_MIN, EMBEDDING, QuantRecord, QuantSpec
 from lrc.quantmath import quantize_blockwise, quantize_columns, valid_block_size
 
@@ -164,63 +164,6 @@ class EmbeddingPass(ir.passes.InPlacePass):
             sc = op("Slice", [sc, const("t0", [0, 0]), const("t1", [v, kb])], "scales")
         graph.insert_before(graph[0], nodes)
         return data, sc
-
-
-class _Table:
-    """A Gather's table: a constant ``[V, K]`` initializer, or — the tied layout of ONNX Runtime
-    GenAI's model builder — ``Transpose`` of the head's ``[K, V]`` weight, once the head
-    MatMul no longer reads it (quantised). ``value`` is the initializer either way."""
-
-    def __init__(self, value: ir.Value, transpose: ir.Node | None):
-        self.value, self.transpose = value, transpose
-        self.tensor = value.const_value
-        d = [int(x) for x in self.tensor.shape]
-        self.shape = (d[1], d[0]) if transpose is not None else (d[0], d[1])
-
-    def rows(self) -> np.ndarray:
-        """The table, ``[V, K]``."""
-        a = self.tensor.numpy()
-        return np.ascontiguousarray(a.T) if self.transpose is not None else a
-
-    def only_gathers(self) -> bool:
-        """Nothing but Gathers (and Transposes no one reads any more) reads the table."""
-        if self.transpose is None:
-            return all(u.op_type == "Gather" or (u.op_type == "Transpose"
-                                                 and not u.outputs[0].uses())
-                       for u, _ in self.value.uses())
-        out = self.transpose.outputs[0]
-        return (not out.is_graph_output() and all(u.op_type == "Gather" for u, _ in out.uses())
-                and all(u.op_type == "Transpose" for u, _ in self.value.uses()))
-
-    def drop(self, graph: ir.Graph) -> None:
-        """The float table, once no Gather reads it (nor the quantised head's old Transpose)."""
-        for u, _ in list(self.value.uses()):
-            if u.op_type == "Transpose" and not u.outputs[0].uses() \
-                    and not u.outputs[0].is_graph_output():
-                u.graph.remove(u, safe=True)
-        if not self.value.uses() and graph.initializers.get(self.value.name) is self.value:
-            del graph.initializers[self.value.name]
-
-
-def _table(node: ir.Node) -> _Table | None:
-    """The float table ``node`` (a Gather) reads, direct or through a Transpose of a constant;
-    None for anything else."""
-    table = node.inputs[0]
-    if table is None:
-        return None
-    transpose = None
-    if table.const_value is None:
-        tp = table.producer()
-        perm = tp.attributes.get("perm") if tp is not None else None
-        if (tp is None or tp.op_type != "Transpose" or tp.domain not in ("", "ai.onnx")
-                or tp.inputs[0] is None or tp.inputs[0].const_value is None
-                or (perm is not None and list(perm.as_ints()) != [1, 0])):
-            return None
-        table, transpose = tp.inputs[0], tp
-    tv = table.const_value
-    if len(tv.shape) != 2 or tv.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
-        return None
-    return _Table(table, transpose)
 
 
 def _block_of(head) -> int:

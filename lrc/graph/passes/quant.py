@@ -52,7 +52,7 @@ from lrc.factorize import Factors
 from lrc.graph.locate import FACTOR_META, Target, locate
 from lrc.graph.passes.lowrank import add_initializer, unique_name
 from lrc.graph.passes.qforms import (EMBEDDING_FORMS, MS, EmbeddingForm, QForm, default_forms,
-                                     replace_node)
+                                     replace_node, table)
 from lrc.graph.passes.qforms import FORMS as QFORMS
 from lrc.graph.policy import check_selector, selector_matches
 from lrc.graph.plan import effective_weight
@@ -541,7 +541,7 @@ class QuantizePass(ir.passes.InPlacePass):
                            f"statistics: not with {opt('method', 'svd')}")
         fixed = _fixed_bytes(model, targets, self.spec)
         budget = self.spec.target_mb * 1e6 - fixed
-        menus, sens, specs, probe_for = [], [], [], []
+        menus, sens, specs = [], [], []
         with_8 = self.spec.all_forms.get("int8-weight") is not None
         import time
 
@@ -559,46 +559,67 @@ class QuantizePass(ir.passes.InPlacePass):
             fixed_bits = spec.scheme != self.spec.scheme or spec.column
             bits_menu = [spec.bits] if fixed_bits or shares or not with_8 else [4, 8]
             menu, ref = [], None
+
+            def err_of(ws, hats):
+                _, info = self.corrector(group, np.concatenate(ws, axis=1), np.concatenate(
+                    [w - h for w, h in zip(ws, hats)], axis=1), 0)
+                return float(np.sum(np.square(info["werr_before"])))
+
             for bits in bits_menu:
-                for block in (ALLOC_BLOCKS if bits == 4 and not spec.column else (32,)):
-                    if k % block and block != 32:
-                        continue
-                    s = replace(spec, scheme="int4" if bits == 4 else "int8-weight",
-                                block_size=block, correct_rank=0)
-                    ws, hats, quants = self._quantized(group, s)
-                    if not spec.column:
+                scheme = "int4" if bits == 4 else "int8-weight"
+                blocks = [b for b in (ALLOC_BLOCKS if bits == 4 and not spec.column else (32,))
+                          if b == 32 or not k % b]
+                # round-to-nearest codes at every block size (cheap): their errors, and the
+                # weights the probe runs (the cheapest choice's)
+                errs = {}
+                for block in blocks:
+                    s = replace(spec, scheme=scheme, block_size=block, correct_rank=0)
+                    ws, hats, quants = self._quantized(group, replace(s, base="rtn"))
+                    errs[block] = err_of(ws, hats)
+                    if spec.base == "rtn" and not spec.column:
                         self._qcache[(names, bits, block)] = quants
-                    e = [w - h for w, h in zip(ws, hats)]
-                    _, info = self.corrector(group, np.concatenate(ws, axis=1),
-                                             np.concatenate(e, axis=1), 0)
-                    err = float(np.sum(np.square(info["werr_before"])))
-                    menu.append(Choice(bits, block, 0, _choice_bytes(k, ns, bits, block, 0,
-                                                                     s, item), err))
-                    if ref is None or menu[-1].nbytes < ref[0].nbytes:
-                        ref = (menu[-1], hats)
-                    if bits == 4 and block == 32 and corrected and not k % block:
-                        sig2 = self.corrector.spectrum(group, np.concatenate(ws, axis=1),
-                                                       np.concatenate(e, axis=1))
-                        for r in ALLOC_RANKS:
-                            if r >= min(k, sum(ns)) // 2 or (r > 128 and not any(
-                                    t.role == "head" for t in group)):
-                                continue
-                            menu.append(Choice(4, 32, r, _choice_bytes(k, ns, 4, 32, r, s, item),
-                                               max(err - float(np.sum(sig2[:r])), 0.0)))
-                    del ws, hats, e
+                    nbytes = _choice_bytes(k, ns, bits, block, 0, s, item)
+                    if ref is None or nbytes < ref[0]:
+                        ref = (nbytes, errs[block], hats)
+                    del ws, hats, quants
+                s = replace(spec, scheme=scheme, block_size=32, correct_rank=0)
+                ws, hats, quants = self._quantized(group, s)
+                if spec.base != "rtn" and bits == 4:
+                    # the base quantiser's own codes at block 32 (the corrected one); at the
+                    # other block sizes its error is estimated as round-to-nearest's times the
+                    # ratio it reaches at 32 (its codes are made only for the choices taken)
+                    if not spec.column:
+                        self._qcache[(names, bits, 32)] = quants
+                    e32 = err_of(ws, hats)
+                    errs = {b: e32 if b == 32 else e * e32 / max(errs[32], 1e-30)
+                            for b, e in errs.items()}
+                for block in blocks:
+                    menu.append(Choice(bits, block, 0,
+                                       _choice_bytes(k, ns, bits, block, 0, s, item), errs[block]))
+                if bits == 4 and corrected and not k % 32:
+                    sig2 = self.corrector.spectrum(group, np.concatenate(ws, axis=1),
+                                                   np.concatenate([w - h for w, h in
+                                                                   zip(ws, hats)], axis=1))
+                    for r in ALLOC_RANKS:
+                        if r >= min(k, sum(ns)) // 2 or (r > 128 and not any(
+                                t.role == "head" for t in group)):
+                            continue
+                        menu.append(Choice(4, 32, r, _choice_bytes(k, ns, 4, 32, r, s, item),
+                                           max(errs[32] - float(np.sum(sig2[:r])), 0.0)))
+                del ws, hats, quants
             values = {}
-            for t, h in zip(group, ref[1]):
+            for t, h in zip(group, ref[2]):
                 dt = np.float16 if t.weight.const_value.dtype == ir.DataType.FLOAT16 \
                     else np.float32
                 values[t.weight.name] = np.ascontiguousarray(h.T if t.transposed else h, dt)
             t2 = time.perf_counter()
             t_codes += t2 - t1
-            kl = probe(values) if probe is not None else ref[0].err
+            kl = probe(values) if probe is not None else ref[1]
             t_probe += time.perf_counter() - t2
             if self.progress:
                 self.progress(gi + 1, len(groups), f"measuring {group[0].name}")
             menus.append(menu)
-            sens.append(kl / ref[0].err if ref[0].err > 0 else 0.0)
+            sens.append(kl / ref[1] if ref[1] > 0 else 0.0)
             specs.append(spec)
             del values, ref
         alloc = allocate(menus, sens, budget)
@@ -916,21 +937,27 @@ def _fixed_bytes(model: ir.Model, targets: list, spec: QuantSpec) -> int:
     """The bytes of the output's initializers that are not the targets' codes: everything
     else, with the large embedding tables as the embedding pass will store them (none where
     the int4 table shares a tied head's codes)."""
-    from lrc.graph.passes.embedding import _table
-
     seen = {id(t.weight) for t in targets}
     total = sum(v.const_value.nbytes for v in model.graph.initializers.values()
                 if v.const_value is not None and id(v) not in seen)
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):  # tensors held in nodes
-        if node.op_type == "Constant" and "value" in node.attributes:
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Constant" and "value" in node.attributes:  # tensors held in nodes
             total += node.attributes["value"].as_tensor().nbytes
+        # the graph itself in the file (names, edges, attributes: ~160 bytes a node in an
+        # optimum export, 1.2 MB of SmolLM2's file), and the nodes and initializers the pass
+        # adds (a few per group, counted as one more node per target)
+        total += 24 + len(node.name or "") + len(node.op_type) + len(node.domain) + sum(
+            4 + len(v.name or "") for v in (*node.inputs, *node.outputs) if v is not None) \
+            + sum(8 + len(a.name) for a in node.attributes.values())
+    total += 200 * len(targets) + sum(32 + len(v.name or "")
+                                      for v in model.graph.initializers.values())
     bits = EMBEDDING[spec.embedding]
     tied = {id(t.weight) for t in targets if t.tied}
     done = set()
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.op_type != "Gather" or not bits:
             continue
-        tab = _table(node)
+        tab = table(node)
         if tab is None or id(tab.value) in done:
             continue
         v, k = tab.shape
