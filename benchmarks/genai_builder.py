@@ -106,6 +106,17 @@ VARIANTS = {
 }
 
 
+def variant(key: str) -> tuple[str, list[str]]:
+    """A variant by key; ``lrc-size-N`` for any N (MB) is the allocator at that size."""
+    if key not in VARIANTS and key.startswith("lrc-size-") and key[9:].isdigit():
+        mb = key[9:]
+        return (VARIANTS["lrc-size-88"][0].replace("88", mb),
+                [mb if a == "88" else a for a in VARIANTS["lrc-size-88"][1]])
+    if key not in VARIANTS:
+        raise SystemExit(f"unknown variant {key!r}: {', '.join(VARIANTS)} or lrc-size-N")
+    return VARIANTS[key]
+
+
 def log(msg: str) -> None:
     print(f"[genai-builder {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -117,6 +128,12 @@ def lrc(*args: str) -> str:
     if r.returncode:
         raise SystemExit(f"lrc {' '.join(args[:3])} ... failed: {(r.stderr or r.stdout)[-600:]}")
     return r.stdout
+
+
+def model_bytes(path: Path) -> int:
+    """The model's own files (.onnx and its external data), what --target-size counts."""
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file() and (
+        p.suffix == ".onnx" or p.name.endswith((".onnx.data", ".onnx_data", ".data"))))
 
 
 def folder_bytes(path: Path) -> int:
@@ -169,9 +186,9 @@ def main(argv=None) -> int:
         out = args.out / key
         if args.reuse and (out / "model.onnx").is_file():
             continue
-        log(f"lrc compress {fp32.name} {' '.join(VARIANTS[key][1])}")
+        log(f"lrc compress {fp32.name} {' '.join(variant(key)[1])}")
         t = time.perf_counter()
-        lrc("compress", str(fp32), *VARIANTS[key][1], "--calib-tokens", str(args.calib_tokens),
+        lrc("compress", str(fp32), *variant(key)[1], "--calib-tokens", str(args.calib_tokens),
             "-o", str(out), "--force")
         compress_s[key] = round(time.perf_counter() - t, 1)
     models = {"builder-fp32": fp32, "builder-int4": int4, **{k: args.out / k for k in keys}}
@@ -185,6 +202,7 @@ def main(argv=None) -> int:
     results = {"model": m, "date": time.strftime("%Y-%m-%d"), "machine": bench["machine"], "isa": isa_flags(),
                "eval": ev, "bench": bench, "compress_s": compress_s,
                "sizes": {k: folder_bytes(v) for k, v in {"dense": dense, **models}.items()},
+               "model_bytes": {k: model_bytes(v) for k, v in {"dense": dense, **models}.items()},
                "args": vars(args) | {"out": str(args.out)},
                "seconds": round(time.perf_counter() - t0)}
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -206,7 +224,7 @@ def render(results: dict, names: list[str]) -> str:
     labels = {"builder-fp32": "ORT GenAI builder fp32 (the same weights, fused)",
               "builder-int4": "ORT GenAI builder int4 (RTN, block 32, accuracy_level 4, "
                               "embedding shared int4)",
-              **{k: v[0] for k, v in VARIANTS.items()}}
+              **{k: variant(k)[0] for k in names if k not in ("builder-fp32", "builder-int4")}}
     bnames = [m["name"] for m in bench["models"]]
     ref = _speed(bench, bnames[2])  # the builder's int4 (after dense and its fp32)
     dense_q = ev["results"][0]
@@ -223,9 +241,16 @@ def render(results: dict, names: list[str]) -> str:
         pre = ref.get("prefill") / sp["prefill"] if sp.get("prefill") else None
         dec = ref.get("decode") / sp["decode"] if sp.get("decode") else None
         size = results["sizes"][name]
+        model_mb = results.get("model_bytes", {}).get(name)
+        folder = Path(results["args"]["out"]) / name
+        if model_mb is None and folder.is_dir():  # results written before the column existed
+            model_mb = model_bytes(folder)
+        secs = results.get("compress_s", {}).get(name)
         rows.append(f"| {labels.get(name, name)} | x{n:.3f} / x{d:.3f} | "
                     f"{r['in_domain']['kl']:.3f} | {pre:.2f} | {dec:.2f} | "
-                    f"{size / 1e6:.1f} MB ({size / size_ref:.2f}x) |")
+                    f"{size / 1e6:.1f} MB ({size / size_ref:.2f}x) | "
+                    f"{f'{model_mb / 1e6:.1f} MB' if model_mb else '-'} | "
+                    f"{f'{secs:.0f} s' if secs else '-'} |")
     ref_ms = f"{ref.get('prefill', 0):.0f} ms prefill, {ref.get('decode', 0):.1f} ms per decoded token"
     s = results["bench"]["settings"]
     model = results.get("model", "smollm2")
@@ -244,20 +269,24 @@ def render(results: dict, names: list[str]) -> str:
         "",
         f"`python benchmarks/genai_builder.py{flag}` ({results['date']}, "
         f"{results['seconds'] // 60} min). "
-        f"{name} ({source}: every int4 here is symmetric, blocks of 32, none can land "
-        f"on the source's grid); lrc compresses the builder's fp32 folder "
+        f"{name} ({source}: every code here is symmetric, 4-bit in blocks of 32 (the "
+        f"`lrc-size` rows: 4- or 8-bit in blocks of 32, 64 or 128, chosen per group), none can "
+        f"land on the source's grid); lrc compresses the builder's fp32 folder "
         f"({results['args']['calib_tokens']} calibration tokens) and keeps its fused graph "
         f"(GroupQueryAttention, skip-norms, packed QKV); perplexity on "
         f"{results['args']['max_tokens']} tokens of news and of Python docs (a domain absent "
         f"from calibration) as a ratio to the dense export's; KL(dense‖new) on news; speed from "
         f"one interleaved `lrc bench` (medians of {s.get('runs')} runs, {s.get('threads')} "
-        f"threads), relative to the builder's int4 ({ref_ms}); sizes of the folders.",
+        f"threads), relative to the builder's int4 ({ref_ms}); sizes of the folders (with "
+        f"tokenizer and configs) and of the model files alone (.onnx + external data: what "
+        f"`--target-size` counts); compression time where this run compressed (a busy "
+        f"machine's seconds).",
         "",
         f"- Machine: {machine_line(results['machine'], results['isa'])}",
         "",
         "| model | ppl news / docs (x dense) | KL news | prefill s128 (x builder int4) | "
-        "decode (x builder int4) | folder |",
-        "|---|---|---|---|---|---|",
+        "decode (x builder int4) | folder | model files | compress (this run) |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         mark_end,

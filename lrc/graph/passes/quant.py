@@ -571,7 +571,7 @@ class QuantizePass(ir.passes.InPlacePass):
                           if b == 32 or not k % b]
                 # round-to-nearest codes at every block size (cheap): their errors, and the
                 # weights the probe runs (the cheapest choice's)
-                errs = {}
+                errs, at32 = {}, None
                 for block in blocks:
                     s = replace(spec, scheme=scheme, block_size=block, correct_rank=0)
                     ws, hats, quants = self._quantized(group, replace(s, base="rtn"))
@@ -581,22 +581,27 @@ class QuantizePass(ir.passes.InPlacePass):
                     nbytes = _choice_bytes(k, ns, bits, block, 0, s, item)
                     if ref is None or nbytes < ref[0]:
                         ref = (nbytes, errs[block], hats)
+                    if block == 32:
+                        at32 = (ws, hats)
                     del ws, hats, quants
-                s = replace(spec, scheme=scheme, block_size=32, correct_rank=0)
-                ws, hats, quants = self._quantized(group, s)
-                if spec.base != "rtn" and bits == 4:
+                if spec.base != "rtn" and bits == 4 and not spec.column:
                     # the base quantiser's own codes at block 32 (the corrected one); at the
                     # other block sizes its error is estimated as round-to-nearest's times the
                     # ratio it reaches at 32 (its codes are made only for the choices taken)
-                    if not spec.column:
-                        self._qcache[(names, bits, 32)] = quants
+                    ws, hats, quants = self._quantized(group, replace(
+                        spec, scheme=scheme, block_size=32, correct_rank=0))
+                    self._qcache[(names, bits, 32)] = quants
                     e32 = err_of(ws, hats)
                     errs = {b: e32 if b == 32 else e * e32 / max(errs[32], 1e-30)
                             for b, e in errs.items()}
+                    at32 = (ws, hats)
+                    del quants
                 for block in blocks:
-                    menu.append(Choice(bits, block, 0,
-                                       _choice_bytes(k, ns, bits, block, 0, s, item), errs[block]))
+                    menu.append(Choice(bits, block, 0, _choice_bytes(
+                        k, ns, bits, block, 0, replace(spec, block_size=block), item),
+                        errs[block]))
                 if bits == 4 and corrected and not k % 32:
+                    ws, hats = at32
                     sig2 = self.corrector.spectrum(group, np.concatenate(ws, axis=1),
                                                    np.concatenate([w - h for w, h in
                                                                    zip(ws, hats)], axis=1))
@@ -604,9 +609,11 @@ class QuantizePass(ir.passes.InPlacePass):
                         if r >= min(k, sum(ns)) // 2 or (r > 128 and not any(
                                 t.role == "head" for t in group)):
                             continue
-                        menu.append(Choice(4, 32, r, _choice_bytes(k, ns, 4, 32, r, s, item),
-                                           max(errs[32] - float(np.sum(sig2[:r])), 0.0)))
-                del ws, hats, quants
+                        menu.append(Choice(4, 32, r, _choice_bytes(
+                            k, ns, 4, 32, r, replace(spec, block_size=32), item),
+                            max(errs[32] - float(np.sum(sig2[:r])), 0.0)))
+                    del ws, hats
+                del at32
             values = {}
             for t, h in zip(group, ref[2]):
                 dt = np.float16 if t.weight.const_value.dtype == ir.DataType.FLOAT16 \
