@@ -17,11 +17,13 @@ import onnx
 from lrc.errors import LrcError
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Log-probabilities of logits along the last axis (float32; the sums in float64): the
+    one used wherever lrc scores a language model (:mod:`lrc.measure.quality` too)."""
     x = x.astype(np.float32, copy=False)
     m = x.max(axis=-1, keepdims=True)
     z = x - m
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
 
 
 class Probe:
@@ -60,7 +62,7 @@ class Probe:
 
         self.feeds = [b if isinstance(b, dict) else text_feeds(self.sess, np.asarray(b))
                       for b in batches]
-        self.ref_lp = [_log_softmax(self._logits(f)) for f in self.feeds]
+        self.ref_lp = [log_softmax(self._logits(f)) for f in self.feeds]
         self.ref_p = [np.exp(lp) for lp in self.ref_lp]
 
     def _logits(self, feeds: dict) -> np.ndarray:
@@ -77,10 +79,10 @@ class Probe:
     def __call__(self, values: dict[str, np.ndarray]) -> float:
         kl, n = 0.0, 0
         for feeds, lp, p in zip(self.feeds, self.ref_lp, self.ref_p):
-            q = _log_softmax(self._logits({**feeds, **values}))
+            q = log_softmax(self._logits({**feeds, **values}))
             kl += float(np.sum(p * (lp - q)))
             n += lp.shape[0] * lp.shape[1]
         return kl / max(n, 1)
 
 
-__all__ = ["Probe"]
+__all__ = ["Probe", "log_softmax"]

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lrc.calibration.sensitivity import log_softmax as _log_softmax
 from lrc.calibration.tokens import load_tokenizer
 from lrc.errors import LrcError
 from lrc.measure.metrics import LM_METRICS, cosine_rows
@@ -191,13 +192,6 @@ def lm_windows(ids, context: int, stride: int, bos_id: int | None, bos_desc: str
         prev_end = s + span
     return Windows(np.stack(rows).astype(np.int64), np.array(firsts), context, stride,
                    int(prev_end), bos_id, bos_desc)
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32, copy=False)
-    m = x.max(axis=-1, keepdims=True)
-    z = x - m
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
 
 
 def _lm_logits(m: Model, row: np.ndarray) -> np.ndarray:
