@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: lrc end to end on the two bundled models, from export to report.
-# Everything lands in demo-out/. About half an hour on 2 cores once .venv exists (step 6 makes
+# Everything lands in demo-out/. About 45 minutes on 2 cores once .venv exists (step 6 makes
 # the model builder's environment once, bench-out/builder-venv, from the package registry).
 set -euo pipefail
 OUT=${DEMO_OUT:-demo-out}
@@ -34,12 +34,13 @@ step "5. quantise with a low-rank correction: lrc compress $QARGS"
 # shellcheck disable=SC2086  # QARGS is a list of options
 lrc compress "$OUT/smollm2" $QARGS -o "$OUT/smollm2-q4c" | tail -n 5
 
-step "6. ONNX Runtime GenAI's model builder (its own environment, made once by benchmarks/builder.py): its fused fp32 graph compressed by lrc, run in ORT GenAI beside the builder's own int4"
+step "6. ONNX Runtime GenAI's model builder (its own environment, made once by benchmarks/builder.py): its fused fp32 graph compressed by lrc into 88 MB (--target-size), run in ORT GenAI beside the builder's own int4"
 BUILDER=()  # the builder's int4 and lrc's compression of its fp32, when the builder could run
 if python benchmarks/builder.py smollm2 --precision fp32 int4 --out "$OUT/builder" \
         >"$OUT/builder.log" 2>&1; then
-    lrc compress "$OUT/builder/smollm2-fp32" --quantize int4 --correct-rank 32,head=64 \
-        --correct-a-bits 4 --embedding int4 --calib-tokens 8192 -o "$OUT/builder-lrc" | tail -n 5
+    # in 88 MB: bits, blocks and correction ranks chosen per group by measured sensitivity
+    lrc compress "$OUT/builder/smollm2-fp32" --quantize int4 --embedding int4 --base-quant gptq \
+        --correct-a-bits 4 --target-size 88 --calib-tokens 8192 -o "$OUT/builder-lrc" | tail -n 6
     lrc generate "$OUT/builder-lrc" "The capital of France is" --compare "$OUT/builder/smollm2-int4" \
         --genai --max-new-tokens 16
     BUILDER=("$OUT/builder/smollm2-int4" "$OUT/builder-lrc")
