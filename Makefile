@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lrc-installed
 
-.PHONY: test test-fast golden demo bench bench-quant bench-runtimes bench-allocation bench-tune cuda-check cuda-prepare clean
+.PHONY: test test-fast golden demo bench bench-peers bench-quant bench-runtimes bench-allocation bench-tune cuda-check cuda-prepare clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py
+
+# peers on the same weights and texts (NNCF on OpenVINO, llama.cpp; their environment made once
+# under bench-out/peers), then lrc's and theirs on one perplexity-against-bytes plot
+bench-peers: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/peers.py --json benchmarks/peers-smollm2.json
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/pareto.py --write
 
 bench-quant: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/quant.py

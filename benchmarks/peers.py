@@ -1,0 +1,640 @@
+"""Peer 4-bit toolchains on the same dense weights, texts and perplexity protocol as lrc.
+
+The peers (NNCF on OpenVINO, llama.cpp) only provide logits per window: the texts, their
+tokenisation, the windows (256 tokens, stride 256, BOS '<|im_start|>' first, the first
+``--max-tokens`` text tokens) and the scoring are lrc's own (``lrc.measure.quality``). Every
+harness first runs its own float model on those windows and must reproduce the perplexity lrc's
+eval gives on lrc's dense export (SmolLM2-135M, 2048 tokens: 34.86 news / 19.21 docs) within
+``DENSE_TOL`` before its quantised rows are measured; the check is printed and kept in the JSON.
+
+Rows (``--peers``, comma-separated):
+
+* ``nncf``: ``nncf.compress_weights`` INT4_SYM, group 32, ratio 1.0 on the OpenVINO IR of a
+  stateless torch wrapper (input_ids -> logits): data-free, then ``awq=True,
+  scale_estimation=True`` calibrated on 128 windows of 256 tokens of lrc's default calibration
+  texts (``lrc.methods.calibration_texts`` + ``token_batches``: what ``lrc compress`` sees).
+  Perplexity with ``INFERENCE_PRECISION_HINT f32``. Bytes: the IR (.xml + .bin).
+* ``nncf-lora``: the same + ``lora_correction=True`` (slow: > 28 min on a busy 2-core machine;
+  opt-in; without it a row says it was not run).
+* ``llamacpp``: llama.cpp built from the ``llama-cpp-python`` sdist (cmake, AVX2, no AMX /
+  AVX-512, no native tuning), ``convert_hf_to_gguf.py --outtype f32`` of the float HF folder,
+  ``llama_model_quantize`` to Q4_0 / Q4_K_M / Q8_0 (no importance matrix), logits of every token
+  of each window through the bindings (``logits_all``). Bytes: the .gguf.
+
+Everything lives under ``bench-out/peers`` (ignored by git): an environment layered on the
+repo's venv (``venv``: a ``.pth`` adds ``.venv``'s site-packages, so lrc, torch 2.13, OpenVINO
+and transformers 4.57 are the repo's; nncf and llama-cpp-python are installed into the layer
+only), made once, like benchmarks/builder.py; the llama-cpp-python sources (``src``, kept for
+``convert_hf_to_gguf.py``); per model the float HF folder (lrc's own GGUF -> HF conversion,
+``lrc.exporters.hf._gguf_to_hf_folder``: what ``lrc export`` converts), lrc's dense ONNX export,
+and each peer's artifacts. No network after the environment is made (package registry only).
+
+    python benchmarks/peers.py                                 # smollm2, nncf + llamacpp
+    python benchmarks/peers.py --peers nncf --json OUT.json
+    python benchmarks/peers.py --peers nncf-lora --json OUT.json --update   # the slow LoRA
+                                                               # row alone, into OUT.json
+
+Caveat printed under the table: SmolLM2's reference weights are a dequantised Q4_1 (asymmetric,
+block 32); llama.cpp's K-quants (asymmetric 32-wide sub-blocks) can land close to that grid, so
+Q4_K_M's figure flatters it here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "bench-out" / "peers"
+VENV = CACHE / "venv"
+SRC = CACHE / "src"
+NNCF_PKG = "nncf==3.4.0"
+LLAMACPP_VERSION = "0.3.36"
+# no -march=native: AMX code compiled natively faults on these VMs (ldtilecfg); AVX2 + FMA only
+CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+              "-DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "
+              "-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
+              "-DLLAMA_BUILD_SERVER=OFF")
+BUILD_TIMEOUT_S = 25 * 60
+DENSE_TOL = 0.002  # relative perplexity difference a harness's float model may show
+TEXTS = ("news", "docs")
+MODELS = {"smollm2": "smollm2-135m"}  # --model -> lrc's source alias
+PEERS = ("nncf", "nncf-lora", "llamacpp")
+ARGS_MODEL = ["smollm2"]  # the model being measured (set by inner)
+LLAMACPP_TYPES = (("Q4_0", 2), ("Q4_K_M", 15), ("Q8_0", 7))  # llama_ftype values
+CAVEAT = ("SmolLM2's reference weights are a dequantised Q4_1 (asymmetric, block 32): "
+          "llama.cpp's K-quants (asymmetric 32-wide sub-blocks with 6-bit scales and mins) can "
+          "land near that grid, so Q4_K_M's figure flatters it here; every NNCF row is "
+          "symmetric and cannot.")
+
+
+def log(msg: str) -> None:
+    print(f"[peers {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ the environment (outside)
+
+def _main_site() -> Path:
+    venv = ROOT / ".venv"
+    found = sorted(venv.glob("lib/python3*/site-packages"))
+    if found:
+        return found[0]
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["purelib"])
+
+
+def _venv_ok(py: Path, module: str) -> bool:
+    return subprocess.run([str(py), "-c", f"import {module}"], check=False,
+                          capture_output=True).returncode == 0
+
+
+def make_venv() -> Path:
+    """``bench-out/peers/venv``: a venv whose site-packages see the repo venv's (a .pth runs
+    ``site.addsitedir`` on it, so its editable lrc is found too)."""
+    py = VENV / "bin" / "python"
+    if not py.is_file():
+        base = ROOT / ".venv" / "bin" / "python"
+        log(f"making {VENV} (layered on {_main_site()})")
+        subprocess.run([str(base if base.is_file() else sys.executable), "-m", "venv", str(VENV)],
+                       check=True)
+    site = sorted(VENV.glob("lib/python3*/site-packages"))[0]
+    pth = site / "_lrc_main_venv.pth"
+    if not pth.is_file():
+        pth.write_text(f"import site; site.addsitedir({str(_main_site())!r})\n")
+    return py
+
+
+def ensure_nncf(py: Path) -> str | None:
+    """None when nncf imports in the layer (installed once), else why not."""
+    if _venv_ok(py, "nncf"):
+        return None
+    log(f"pip install {NNCF_PKG} into {VENV} (once)")
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", NNCF_PKG], check=False,
+                       capture_output=True, text=True)
+    if r.returncode or not _venv_ok(py, "nncf"):
+        return f"pip install {NNCF_PKG} failed: {(r.stderr or r.stdout).strip()[-300:]}"
+    return None
+
+
+def llamacpp_src() -> Path:
+    return SRC / f"llama_cpp_python-{LLAMACPP_VERSION}"
+
+
+def ensure_llamacpp(py: Path) -> str | None:
+    """None when llama_cpp imports in the layer (built from the sdist once: ~15-25 min on 2
+    cores), else why not. A failed build leaves ``llamacpp-build.failed`` (not retried: delete
+    it to retry)."""
+    failed = CACHE / "llamacpp-build.failed"
+    if not _venv_ok(py, "sentencepiece"):  # convert_hf_to_gguf.py imports it for any Llama
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "sentencepiece"], check=False)
+    if _venv_ok(py, "llama_cpp") and (llamacpp_src() / "vendor/llama.cpp/convert_hf_to_gguf.py").is_file():
+        return None
+    if failed.is_file():
+        return failed.read_text().strip()
+    SRC.mkdir(parents=True, exist_ok=True)
+    tgz = SRC / f"llama_cpp_python-{LLAMACPP_VERSION}.tar.gz"
+    if not tgz.is_file():
+        log(f"pip download llama-cpp-python=={LLAMACPP_VERSION} (sdist)")
+        r = subprocess.run([str(py), "-m", "pip", "download", "-q", "--no-binary", ":all:",
+                            "--no-deps", f"llama-cpp-python=={LLAMACPP_VERSION}", "-d", str(SRC)],
+                           check=False, capture_output=True, text=True)
+        if r.returncode or not tgz.is_file():
+            return f"pip download of the llama-cpp-python sdist failed: {r.stderr.strip()[-300:]}"
+    if not llamacpp_src().is_dir():
+        with tarfile.open(tgz) as t:
+            t.extractall(SRC, filter="data")
+    log(f"building llama-cpp-python {LLAMACPP_VERSION} from source (once; cmake {CMAKE_ARGS}; "
+        f"log {CACHE / 'llamacpp-build.log'})")
+    env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+    t = time.perf_counter()
+    with open(CACHE / "llamacpp-build.log", "w") as out:
+        try:
+            r = subprocess.run(["nice", "-n", "10", str(py), "-m", "pip", "install", "-v",
+                                str(llamacpp_src())], stdout=out, stderr=subprocess.STDOUT,
+                               env=env, timeout=BUILD_TIMEOUT_S, check=False)
+            rc = r.returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    if rc is None:
+        why = f"llama.cpp build gave up after {BUILD_TIMEOUT_S // 60} min (2 cores)"
+    elif rc or not _venv_ok(py, "llama_cpp"):
+        tail = (CACHE / "llamacpp-build.log").read_text(errors="replace").strip().splitlines()[-3:]
+        why = f"llama.cpp build failed (rc {rc}): {' | '.join(tail)[-300:]}"
+    else:
+        log(f"llama-cpp-python built ({time.perf_counter() - t:.0f} s)")
+        return None
+    failed.write_text(why)
+    return why
+
+
+# ------------------------------------------------------------------ lrc's side (inside)
+
+class Protocol:
+    """lrc's windows of each text and its dense perplexity (lrc's eval on lrc's export)."""
+
+    def __init__(self, dense: Path, max_tokens: int, context: int = 256):
+        from lrc import data
+        from lrc.measure.quality import bos_convention, lm_windows, load_model, perplexity
+
+        self.model = load_model(dense, threads=2)
+        bid, desc = bos_convention(self.model, "auto")
+        self.bos = desc
+        self.windows, self.dense = {}, {}
+        for text in TEXTS:
+            ids = self.model.tokenizer.encode(data.load_text(text), add_special_tokens=False).ids
+            self.windows[text] = lm_windows(ids[:max_tokens], context, context, bid, desc)
+            self.dense[text] = perplexity(self.model, text, context=context, stride=context,
+                                          max_tokens=max_tokens)["perplexity"]
+
+    def score(self, logits_of) -> dict:
+        """Perplexity per text, ``logits_of(row)`` giving (L, vocab) logits of one window: the
+        formula and float order of ``lrc.measure.quality.perplexity``."""
+        import numpy as np
+
+        from lrc.measure.quality import _log_softmax
+
+        out = {}
+        for text, w in self.windows.items():
+            nll = 0.0
+            for row, first in zip(w.inputs, w.first_scored):
+                lp = _log_softmax(np.asarray(logits_of(row)))
+                tgt = row[first:]
+                nll -= float(lp[np.arange(first - 1, len(row) - 1), tgt].astype(np.float64).sum())
+            out[text] = math.exp(nll / w.scored_tokens)
+        return out
+
+    def check(self, name: str, ppl: dict) -> tuple[bool, str]:
+        """Does a harness's float model reproduce lrc's dense perplexity?"""
+        ok = all(abs(ppl[t] / self.dense[t] - 1) <= DENSE_TOL for t in TEXTS)
+        line = (f"dense reproduction, {name}: " + ", ".join(
+            f"{t} {ppl[t]:.3f} (lrc {self.dense[t]:.3f}, {ppl[t] / self.dense[t] - 1:+.4%})"
+            for t in TEXTS) + (" OK" if ok else f" FAILED (tolerance {DENSE_TOL:.1%})"))
+        log(line)
+        return ok, line
+
+
+def row(name, ppl=None, proto=None, nbytes=None, seconds=None, why=None, **extra) -> dict:
+    r = {"name": name, "ppl_news": None, "ppl_docs": None, "x_news": None, "x_docs": None,
+         "bytes": nbytes, "compress_s": None if seconds is None else round(seconds, 1),
+         "why": why, **extra}
+    if ppl:
+        r.update(ppl_news=ppl["news"], ppl_docs=ppl["docs"],
+                 x_news=ppl["news"] / proto.dense["news"], x_docs=ppl["docs"] / proto.dense["docs"])
+    if ppl or why:
+        log(f"{name}: " + (f"x{r['x_news']:.3f} / x{r['x_docs']:.3f}" if ppl else why))
+    return r
+
+
+def prepare(model: str, work: Path) -> tuple[Path, Path, dict]:
+    """lrc's float HF folder of the model's GGUF and lrc's dense ONNX export (once)."""
+    from lrc.exporters.hf import _gguf_to_hf_folder
+    from lrc.exporters.sources import resolve_source
+
+    gguf, _ = resolve_source(MODELS[model])
+    hf, dense, times = work / "hf", work / "dense", {}
+    if not (hf / "config.json").is_file():
+        t = time.perf_counter()
+        tmp = work / "hf.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _gguf_to_hf_folder(gguf, tmp)
+        tmp.rename(hf)
+        times["hf_s"] = round(time.perf_counter() - t, 1)
+        log(f"float HF folder {hf} ({times['hf_s']} s)")
+    if not (dense / "model.onnx").is_file():
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "lrc.cli", "export", MODELS[model], "-o", str(dense),
+                        "--force"], check=True, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        times["export_s"] = round(time.perf_counter() - t, 1)
+        log(f"lrc export {dense} ({times['export_s']} s)")
+    return hf, dense, times
+
+
+# ------------------------------------------------------------------ NNCF
+
+def calibration_windows(dense: Path, n: int = 128, seq_len: int = 256) -> list:
+    """What ``lrc compress`` calibrates on: lrc's default texts, BOS-framed windows."""
+    from lrc.calibration.tokens import token_batches, tokenizer_path
+    from lrc.methods import calibration_texts
+
+    texts, _ = calibration_texts(n_tokens=n * seq_len)
+    return token_batches(tokenizer_path(dense), texts, n_tokens=n * seq_len, seq_len=seq_len,
+                         bos=True)
+
+
+def _with_limit(seconds: int, fn):
+    """``fn()``, or TimeoutError after ``seconds`` (SIGALRM; 0: no limit)."""
+    import signal
+
+    if not seconds:
+        return fn()
+
+    def alarm(*_):
+        raise TimeoutError
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        return fn()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def run_nncf(proto: Protocol, hf: Path, dense: Path, work: Path, lora: bool, only_lora: bool,
+             checks: list, lora_limit_min: float = 40) -> list:
+    import nncf
+    import openvino as ov
+    import torch
+    from nncf import CompressWeightsMode
+    from transformers import AutoModelForCausalLM
+
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    core = ov.Core()
+    fp32 = work / "fp32.xml"
+    if not fp32.is_file():
+        t = time.perf_counter()
+        lm = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+        lm.config.use_cache = False
+
+        class Logits(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids):
+                # an explicit 4-D causal mask and positions: transformers' own mask (vmap in
+                # sdpa_mask) cannot be traced by torch.jit, which convert_model uses
+                n = input_ids.shape[1]
+                pos = torch.arange(n, dtype=torch.int64)
+                mask = (pos[None, :] > pos[:, None]).to(torch.float32) * torch.finfo(torch.float32).min
+                return self.inner(input_ids=input_ids, attention_mask=mask[None, None],
+                                  position_ids=pos[None, :], use_cache=False).logits
+
+        with torch.no_grad():
+            m = ov.convert_model(Logits(lm).eval(),
+                                 example_input={"input_ids": torch.ones(1, 256, dtype=torch.int64)},
+                                 input=[("input_ids", [1, -1], torch.int64)])
+        ov.save_model(m, fp32, compress_to_fp16=False)
+        del lm, m
+        log(f"OpenVINO IR of the float model {fp32} ({time.perf_counter() - t:.0f} s)")
+
+    def perplexities(model) -> dict:
+        c = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                              "INFERENCE_NUM_THREADS": 2})
+        req = c.create_infer_request()
+        return proto.score(lambda r: req.infer({"input_ids": r[None, :]})[0][0])
+
+    ok, line = proto.check("OpenVINO f32 (convert_model of the torch float model)",
+                           perplexities(core.read_model(fp32)))
+    checks.append(line)
+    base = {"mode": CompressWeightsMode.INT4_SYM, "group_size": 32, "ratio": 1.0}
+    variants = [("NNCF INT4_SYM g32, data-free (embedding/head int8 by default)", "int4-df", {}),
+                ("NNCF INT4_SYM g32 + awq + scale_estimation (128 x 256-token lrc calibration "
+                 "windows)", "int4-awq-se", {"awq": True, "scale_estimation": True}),
+                ("NNCF INT4_SYM g32 + awq + scale_estimation + lora_correction", "int4-awq-se-lora",
+                 {"awq": True, "scale_estimation": True, "lora_correction": True})]
+    if only_lora:
+        variants = variants[2:]
+    rows, data = [], None
+    for name, key, kw in variants:
+        if not ok:
+            rows.append(row(name, why="the OpenVINO float model did not reproduce lrc's dense "
+                                      "perplexity: " + line))
+            continue
+        if kw.get("lora_correction") and not lora:
+            rows.append(row(name, why="not run (opt in with --peers nncf-lora: did not finish "
+                                      "in 28 min on a busy 2-core machine before)"))
+            continue
+        if kw and data is None:
+            wins = calibration_windows(dense)
+            data = nncf.Dataset([{"input_ids": w} for w in wins])
+            log(f"calibration: {len(wins)} windows, {sum(w.size for w in wins)} tokens")
+        log(f"{name}: compressing")
+        t = time.perf_counter()
+        limit = int(lora_limit_min * 60) if kw.get("lora_correction") else 0
+        try:
+            m = _with_limit(limit, lambda: nncf.compress_weights(
+                core.read_model(fp32), **base, **kw, **({"dataset": data} if kw else {})))
+        except TimeoutError:
+            rows.append(row(name, seconds=time.perf_counter() - t,
+                            why=f"did not finish in {lora_limit_min:g} min (--lora-limit) on "
+                                "2 shared cores; stopped"))
+            continue
+        out = work / f"{key}.xml"
+        ov.save_model(m, out, compress_to_fp16=False)
+        secs = time.perf_counter() - t
+        nbytes = out.stat().st_size + out.with_suffix(".bin").stat().st_size
+        rows.append(row(name, perplexities(m), proto, nbytes, secs,
+                        settings={"mode": "INT4_SYM", "group_size": 32, "ratio": 1.0,
+                                  **{k: v for k, v in kw.items()}}))
+        del m
+    return rows
+
+
+# ------------------------------------------------------------------ llama.cpp
+
+def source_pre() -> str:
+    """The llama.cpp pre-tokenizer the model's own GGUF names (SmolLM2: 'smollm')."""
+    import gguf
+
+    from lrc.exporters.sources import resolve_source
+
+    path, _ = resolve_source(MODELS[ARGS_MODEL[0]])
+    field = gguf.GGUFReader(str(path)).fields["tokenizer.ggml.pre"]
+    return str(field.contents())
+
+
+def run_convert(argv: list[str]) -> None:
+    """``convert_hf_to_gguf.py ARGV[1:]`` with the pre-tokenizer set to ``ARGV[0]``.
+
+    The script recognises a BPE pre-tokenizer by hashing what the HF tokenizer makes of a test
+    string; the tokenizer.json of lrc's GGUF -> HF conversion (transformers 4.57's GGUF
+    tokenizer, ByteLevel decoder) hashes to no entry of its table, so it stops with "BPE
+    pre-tokenizer was not recognized". The name is taken from the source GGUF instead. It only
+    governs llama.cpp's own tokenisation of text, which is not used here: the windows are lrc's
+    token ids."""
+    import runpy
+
+    conv = llamacpp_src() / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+    sys.path[:0] = [str(conv.parent), str(conv.parent / "gguf-py")]
+    from conversion import base
+
+    pre = argv[0]
+    base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+    sys.argv = [str(conv), *argv[1:]]
+    runpy.run_path(str(conv), run_name="__main__")
+
+
+def run_llamacpp(proto: Protocol, hf: Path, work: Path, checks: list, why: str | None) -> list:
+    notes = {"Q4_0": " (no importance matrix)",
+             "Q4_K_M": " (no importance matrix; 576-wide rows are not a multiple of 256, so "
+                       "most tensors fall back to q5_0 / q8_0: see bits_per_weight)"}
+    names = [f"llama.cpp {q}{notes.get(q, '')}" for q, _ in LLAMACPP_TYPES]
+    if why:
+        return [row(n, why=why) for n in names]
+    import llama_cpp
+    import numpy as np
+
+    work.mkdir(parents=True, exist_ok=True)
+    f32 = work / "f32.gguf"
+    if not f32.is_file():
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, __file__, "--run-convert", source_pre(), str(hf),
+                            "--outtype", "f32", "--outfile", str(f32)], check=False,
+                           capture_output=True, text=True)
+        if r.returncode or not f32.is_file():
+            why = f"convert_hf_to_gguf.py failed: {(r.stderr or r.stdout).strip()[-300:]}"
+            return [row(n, why=why) for n in names]
+        log(f"convert_hf_to_gguf.py --outtype f32: {f32} ({time.perf_counter() - t:.0f} s)")
+
+    def perplexities(path: Path) -> dict:
+        llm = llama_cpp.Llama(str(path), n_ctx=256, n_batch=256, n_ubatch=256, logits_all=True,
+                              n_threads=2, n_threads_batch=2, verbose=False)
+        vocab = llm.n_vocab()
+
+        def logits(r):
+            llm.reset()
+            llm.eval([int(x) for x in r])
+            return np.array(llm.scores[:len(r), :vocab], copy=True)
+
+        try:
+            return proto.score(logits)
+        finally:
+            llm.close()
+
+    ok, line = proto.check("llama.cpp f32 GGUF (convert_hf_to_gguf.py of the float model)",
+                           perplexities(f32))
+    checks.append(line)
+    import gguf
+
+    n_params = sum(int(t.n_elements) for t in gguf.GGUFReader(str(f32)).tensors)
+    rows = []
+    for (q, ftype), name in zip(LLAMACPP_TYPES, names):
+        if not ok:
+            rows.append(row(name, why="the f32 GGUF did not reproduce lrc's dense perplexity: "
+                                      + line))
+            continue
+        out = work / f"{q}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.nthread = 2
+        t = time.perf_counter()
+        rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params)
+        secs = time.perf_counter() - t
+        if rc != 0:
+            rows.append(row(name, why=f"llama_model_quantize returned {rc}"))
+            continue
+        nbytes = out.stat().st_size
+        rows.append(row(name, perplexities(out), proto, nbytes, secs, ftype=q,
+                        bits_per_weight=round(8 * nbytes / n_params, 2)))
+    return rows
+
+
+# ------------------------------------------------------------------ table
+
+def machine() -> str:
+    """CPU model, cores and the ISA flags that matter for these kernels."""
+    name, flags = platform.machine(), set()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    for line in info.splitlines():
+        if line.startswith("model name") and name == platform.machine():
+            name = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")
+           if f in flags]
+    return f"{name}, {os.cpu_count()} cores, {' '.join(isa) or 'no AVX2'}"
+
+
+def mb(n) -> str:
+    return "" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def render(res: dict) -> str:
+    d = res["dense"]
+    lines = [f"peers on {res['model']} ({res['max_tokens']} tokens per text, windows of 256, "
+             f"{res['bos']}); lrc dense {d['news']:.2f} news / {d['docs']:.2f} docs",
+             *[f"  {c}" for c in res["checks"]], "",
+             "| toolchain, setting | ppl news | ppl docs | x dense news / docs | bytes | compress s |",
+             "|---|---|---|---|---|---|",
+             f"| lrc dense export (the reference) | {d['news']:.2f} | {d['docs']:.2f} | x1.000 / "
+             f"x1.000 | {mb(res.get('dense_bytes'))} | |"]
+    for r in res["rows"]:
+        if r["ppl_news"] is None:
+            lines.append(f"| {r['name']} | | | {r['why']} | | |")
+            continue
+        lines.append(f"| {r['name']} | {r['ppl_news']:.2f} | {r['ppl_docs']:.2f} | "
+                     f"x{r['x_news']:.3f} / x{r['x_docs']:.3f} | {mb(r['bytes'])} | "
+                     f"{r['compress_s']:.0f} |")
+    lines += ["", f"Caveat: {CAVEAT}",
+              "compress s: nncf.compress_weights + saving the IR / llama_model_quantize from the "
+              "f32 GGUF; one-off steps (IR conversion, convert_hf_to_gguf) excluded. "
+              f"Machine: {res['machine']}; 2 threads, nice 10, shared with other runs."]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ main
+
+def merged(old: dict, new: dict) -> dict:
+    """``old`` (a previous --json) with ``new``'s rows in place of those of the same name (a
+    separate slow run, e.g. ``--peers nncf-lora``, fills its row in); the rest kept."""
+    if (old.get("model"), old.get("max_tokens")) != (new["model"], new["max_tokens"]):
+        raise SystemExit("--update: the JSON is of another model or --max-tokens")
+    fresh = {r["name"]: r for r in new["rows"]}
+    rows = [fresh.pop(r["name"], r) for r in old["rows"]] + list(fresh.values())
+    checks = list(dict.fromkeys(old.get("checks", []) + new["checks"]))
+    steps = {**old.get("steps_s", {}), **new["steps_s"]}
+    return {**new, "rows": rows, "checks": checks, "steps_s": steps,
+            "seconds": old.get("seconds", 0) + new["seconds"]}
+
+
+def inner(args) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+    t0 = time.perf_counter()
+    ARGS_MODEL[0] = args.model
+    work = CACHE / args.model
+    work.mkdir(parents=True, exist_ok=True)
+    hf, dense, times = prepare(args.model, work)
+    proto = Protocol(dense, args.max_tokens)
+    log(f"lrc dense perplexity (lrc.measure.quality.perplexity on {dense.name}): "
+        f"news {proto.dense['news']:.3f} / docs {proto.dense['docs']:.3f}")
+    peers = [p for p in args.peers.split(",") if p]
+    checks, rows, steps = [], [], dict(times)
+    if "nncf" in peers or "nncf-lora" in peers:
+        t = time.perf_counter()
+        rows += run_nncf(proto, hf, dense, work / "nncf", lora="nncf-lora" in peers,
+                         only_lora="nncf" not in peers, checks=checks,
+                         lora_limit_min=args.lora_limit)
+        steps["nncf_s" if "nncf" in peers else "nncf_lora_s"] = round(time.perf_counter() - t)
+    if "llamacpp" in peers:
+        t = time.perf_counter()
+        rows += run_llamacpp(proto, hf, work / "llamacpp", checks, args.llamacpp_why)
+        steps["llamacpp_s"] = round(time.perf_counter() - t)
+    versions = {}
+    for mod in ("nncf", "openvino", "llama_cpp", "torch", "transformers"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - absent or not built
+            pass
+    res = {"model": args.model, "date": time.strftime("%Y-%m-%d"), "max_tokens": args.max_tokens,
+           "machine": machine(), "bos": proto.bos,
+           "dense": proto.dense, "dense_bytes": (dense / "model.onnx").stat().st_size,
+           "dense_check_tolerance": DENSE_TOL, "checks": checks, "rows": rows,
+           "versions": versions, "steps_s": steps, "seconds": round(time.perf_counter() - t0),
+           "caveat": CAVEAT, "llamacpp_cmake_args": CMAKE_ARGS}
+    if args.json and args.update and Path(args.json).is_file():
+        res = merged(json.loads(Path(args.json).read_text()), res)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+        log(f"wrote {args.json}")
+    print(render(res))
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--run-convert":  # in the layer's Python: the GGUF converter
+        run_convert(argv[1:])
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=list(MODELS), default="smollm2")
+    ap.add_argument("--peers", default="nncf,llamacpp",
+                    help=f"comma-separated, of {', '.join(PEERS)}")
+    ap.add_argument("--json", help="write the rows (and the dense check) here")
+    ap.add_argument("--max-tokens", type=int, default=2048)
+    ap.add_argument("--lora-limit", type=float, default=40,
+                    help="minutes the lora_correction compression may take (then a row says so)")
+    ap.add_argument("--update", action="store_true",
+                    help="with --json FILE already there: replace its rows of the same name, "
+                         "keep the others (fill in a slow row run on its own)")
+    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--llamacpp-why", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    bad = {p for p in args.peers.split(",") if p} - set(PEERS)
+    if bad:
+        ap.error(f"unknown peers {sorted(bad)}: choose from {', '.join(PEERS)}")
+    if args.inner:
+        return inner(args)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    py = make_venv()
+    peers = args.peers.split(",")
+    cmd = [str(py), __file__, "--inner", "--model", args.model, "--peers", args.peers,
+           "--max-tokens", str(args.max_tokens), "--lora-limit", str(args.lora_limit)]
+    if "nncf" in peers or "nncf-lora" in peers:
+        why = ensure_nncf(py)
+        if why:
+            raise SystemExit(why)
+    if "llamacpp" in peers:
+        why = ensure_llamacpp(py)
+        if why:
+            cmd += ["--llamacpp-why", why]
+    if args.json:
+        cmd += ["--json", str(Path(args.json).resolve())] + (["--update"] if args.update else [])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_WAIT_POLICY": "PASSIVE"}
+    return subprocess.run(cmd, env=env, check=False).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
