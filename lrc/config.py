@@ -293,6 +293,16 @@ def _schemes() -> list[str]:
     return list(SCHEMES)
 
 
+def _alpha(v):
+    """smooth's value: a number, or the word auto."""
+    if isinstance(v, str) and v.strip() != "auto":
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v.strip() if isinstance(v, str) else v
+
+
 def _base_quantizers() -> dict:
     return BASE_QUANTIZERS
 
@@ -326,29 +336,33 @@ class QuantConfig:
         "comma: 32,head=128,ffn.down=64 (roles, groups or name globs). 'auto': ranks in whole "
         "blocks where the whitened error spectrum gains most per byte, under correct-budget "
         "(so far worse than uniform: BENCHMARKS.md).")
-    base_quant: str = option("rtn", choices=lambda: list(_base_quantizers()),
-                             help="How the block-wise codes are chosen before the correction "
-                                  "corrects them: " + "; ".join(
-                                      f"{q.name} ({q.help})"
-                                      for q in BASE_QUANTIZERS.values()) + ".")
-    correct_a_bits: int = option(32, kind="int", choices=lambda: ["32", "8", "4"],
-                                 help="The concat form's A factor (X·A, once per input): 32 "
-                                      "(float), or 8 / 4 (a quantised MatMul in the target's "
-                                      "form, B refitted to it by least squares on the whitened "
-                                      "error): a rank-32 float A is ~10 MB of SmolLM2's 104.")
+    base_quant: str | None = option(
+        choices=lambda: list(_base_quantizers()),
+        help="How the block-wise codes are chosen before the correction corrects them "
+             "(default rtn; gptq with target-size): " + "; ".join(
+                 f"{q.name} ({q.help})" for q in BASE_QUANTIZERS.values()) + ".")
+    correct_a_bits: int | None = option(
+        kind="int", choices=lambda: ["32", "8", "4"],
+        help="The concat form's A factor (X·A, once per input): 32 (float), or 8 / 4 (a "
+             "quantised MatMul in the target's form, B refitted to it by least squares on the "
+             "whitened error): a rank-32 float A is ~10 MB of SmolLM2's 104 (default 32; 4 "
+             "with target-size).")
     correct_form: str = option("concat", choices=lambda: ["concat", "add"], help="concat: the "
                                "correction rides inside each quantised MatMul (fast); add: a "
                                "float branch added to its output (reference).")
     correct_budget: float | None = option(
         kind="float", metavar="MB", help="MB the correction may add with correct-rank auto "
         "(default: what a uniform rank 32 costs).")
-    embedding: str = option("int8", choices=lambda: ["int8", "int4", "float"], help="With "
-                            "quantize: store large embedding tables as int8 or int4 (rows in "
-                            "blocks), or keep them float.")
-    smooth: float = option(0.0, kind="float", help="With quantize: SmoothQuant's alpha (e.g. "
-                           "0.5): move activation outliers into the weights, folded into the "
-                           "norms / up projections (no node added). Helps int8 (per-tensor "
-                           "activations); 0 = off.")
+    embedding: str | None = option(
+        choices=lambda: ["int8", "int4", "float"], help="With quantize: store large embedding "
+        "tables as int8 or int4 (rows in blocks; a tied head's int4 table shares its codes), "
+        "or keep them float (default int8; int4 with target-size).")
+    smooth: float | str = option(
+        0.0, metavar="ALPHA|auto", also=(int, float), parse=_alpha, help="With quantize: "
+        "SmoothQuant's alpha (e.g. 0.5): move activation outliers into the weights, folded into "
+        "the norms / up projections (no node added). Helps int8 (per-tensor activations); 0 = "
+        "off. auto: AWQ, the exponent searched per input on the output error of the weight "
+        "codes (int4 / int8-weight).")
     target_runtime: str = option(
         "ort", choices=_targets, help="The runtime OUT is for, or any (what every runtime lrc "
         "knows runs): each runtime declares the quantised forms it runs "
@@ -358,8 +372,12 @@ class QuantConfig:
     def validate(self) -> None:
         _one_of("target_runtime", self.target_runtime, _targets())
         _one_of("correct_form", self.correct_form, ["concat", "add"])
-        _one_of("base_quant", self.base_quant, list(_base_quantizers()))
-        _one_of("embedding", self.embedding, ["int8", "int4", "float"])
+        for name, value, choices in (
+                ("base_quant", self.base_quant, list(_base_quantizers())),
+                ("embedding", self.embedding, ["int8", "int4", "float"]),
+                ("correct_a_bits", self.correct_a_bits, [32, 8, 4])):
+            if value is not None:
+                _one_of(name, value, choices)
         try:  # the block sizes, given with or without quantize
             parse_spec("int4", "0", block_size=self.block_size)
         except LrcError as e:
@@ -373,22 +391,38 @@ class QuantConfig:
             if self.correct_budget is not None:
                 raise ConfigError(f"{opt('correct_budget')} goes with {opt('quantize')} and "
                                   f"{opt('correct_rank', 'auto')}", "correct_budget")
-        if self.smooth and not (isinstance(self.smooth, (int, float)) and 0 < self.smooth < 1):
+        if self.smooth == "auto":
+            if self.quantize is not None and "int8" in self.quantize.replace("=", ",").split(","):
+                raise ConfigError(f"{opt('smooth', 'auto')} searches the weight codes' error: "
+                                  f"not for int8 (dynamic: give {opt('smooth')} an alpha)",
+                                  "smooth")
+        elif self.smooth and not (isinstance(self.smooth, (int, float)) and 0 < self.smooth < 1):
             raise ConfigError(f"{opt('smooth')} must be between 0 and 1 (SmoothQuant's alpha), "
                               f"got {self.smooth}", "smooth")
         self.spec()
 
-    def spec(self):
-        """The pass's :class:`~lrc.graph.passes.quant.QuantSpec` (None without quantize)."""
+    def resolved(self, sized: bool = False) -> dict:
+        """The options left unset, filled: the plain recipe's defaults, or with ``sized``
+        (target-size's allocator) the ones that win at small sizes, measured on the builder's
+        SmolLM2 (BENCHMARKS.md): GPTQ's codes, a 4-bit A, the int4 embedding sharing the tied
+        head's codes (an int8 table alone is 28 of SmolLM2's 88 MB)."""
+        return {"base_quant": self.base_quant or ("gptq" if sized else "rtn"),
+                "correct_a_bits": self.correct_a_bits or (4 if sized else 32),
+                "embedding": self.embedding or ("int4" if sized else "int8")}
+
+    def spec(self, sized: bool = False):
+        """The pass's :class:`~lrc.graph.passes.quant.QuantSpec` (None without quantize);
+        ``sized``: for target-size's allocator (:meth:`resolved`)."""
         if self.quantize is None:
             return None
         from lrc.runtime.runtimes import target_forms
 
+        r = self.resolved(sized)
         return parse_spec(self.quantize, self.correct_rank, block_size=self.block_size,
                           accuracy_level=self.accuracy_level, correct_form=self.correct_form,
-                          embedding=self.embedding, budget_mb=self.correct_budget,
+                          embedding=r["embedding"], budget_mb=self.correct_budget,
                           target=self.target_runtime, forms=target_forms(self.target_runtime),
-                          base=self.base_quant, correct_a_bits=self.correct_a_bits)
+                          base=r["base_quant"], correct_a_bits=r["correct_a_bits"])
 
 
 def parse_spec(quantize: str, correct_rank="0", **kw):
@@ -573,7 +607,7 @@ class CompressConfig:
     def quant_spec(self):
         """The quantisation pass's spec (None without quantize), with the allocator's budget
         when :attr:`size_allocated`."""
-        spec = self.quant.spec()
+        spec = self.quant.spec(sized=self.size_allocated)
         if spec is None or not self.size_allocated:
             return spec
         from dataclasses import replace

@@ -201,6 +201,17 @@ def _sequential_quant(run: Run) -> bool:
     return not run.lowrank and bool(run.config.algorithm.update)
 
 
+class _Grams:
+    """``XᵀX`` by input name, read from the statistics when asked (they may be computed a
+    slice of the inputs at a time)."""
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def get(self, name):
+        return self.stats[name].xtx if name in self.stats else None
+
+
 class Smooth(Modifier):
     """SmoothQuant: activation outliers moved into the weights, folded into the norms."""
 
@@ -210,7 +221,7 @@ class Smooth(Modifier):
         return config.quant.quantize is not None and bool(config.quant.smooth)
 
     def statistics(self, run):
-        return "sq_mean"
+        return "gram" if run.config.quant.smooth == "auto" else "sq_mean"
 
     def passes(self, run):
         import numpy as np
@@ -222,8 +233,12 @@ class Smooth(Modifier):
                            f"{opt('method', 'svd')}")
         names, widths = _quant_inputs(run)
         stats = run.statistics(names, widths)
+        alpha, spec = run.config.quant.smooth, run.config.quant_spec()
+        grams = _Grams(stats) if alpha == "auto" else None
         self.pass_ = SmoothPass({n: np.sqrt(st.sq_mean) for n, st in stats.items()},
-                                run.config.quant.smooth, None if run.lowrank else run.select)
+                                alpha, None if run.lowrank else run.select, grams=grams,
+                                bits=8 if spec.scheme == "int8-weight" else 4,
+                                block_size=spec.block_size)
         run.shared["smooth"] = self.pass_
         if _sequential_quant(run):
             # the sequential correction runs on the smoothed model: smooth it now
@@ -328,7 +343,7 @@ class Embedding(Modifier):
     name = "embedding"
 
     def applies(self, config):
-        return config.quant.quantize is not None and config.quant.embedding != "float"
+        return config.quant.quantize is not None and config.quant_spec().embedding != "float"
 
     def passes(self, run):
         from lrc.graph.passes.embedding import EmbeddingPass

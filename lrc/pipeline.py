@@ -173,15 +173,16 @@ def _check_size(run: Run, config: CompressConfig) -> None:
     every projection (largest block, no correction) does not fit."""
     from lrc.graph.passes.quant import smallest_bytes
 
-    fixed, least = smallest_bytes(run.model, config.quant_spec(), run.select)
+    spec = config.quant_spec()
+    fixed, least = smallest_bytes(run.model, spec, run.select)
     want = config.budget.target_size
     if (fixed + least) / 1e6 > want:
         raise LrcError(f"{opt('target_size', f'{want:g}')}: the smallest this model can be with "
                        f"{opt('quantize', config.quant.quantize)} and "
-                       f"{opt('embedding', config.quant.embedding)} is {(fixed + least) / 1e6:.1f}"
+                       f"{opt('embedding', spec.embedding)} is {(fixed + least) / 1e6:.1f}"
                        f" MB ({fixed / 1e6:.1f} MB of it not quantised: norms, "
                        f"embedding tables...); give a larger size"
-                       + (f" or {opt('embedding', 'int4')}" if config.quant.embedding != "int4"
+                       + (f" or {opt('embedding', 'int4')}" if spec.embedding != "int4"
                           else ""))
 
 

@@ -33,7 +33,7 @@ from lrc.factorize import Factors, cholesky_damped, solve_lower_t
 
 COLUMNS = 4096  # wide matrices (an lm_head: 49152) are processed this many columns at a time
 
-__all__ = ["BASE_QUANTIZERS", "BaseQuantizer", "BlockQuant", "COLUMNS", "columns",
+__all__ = ["AWQ_GRID", "BASE_QUANTIZERS", "BaseQuantizer", "BlockQuant", "COLUMNS", "awq_scales", "columns",
            "correction_factors", "whitened_spectrum", "dequantize", "quantize_blockwise",
            "quantize_columns", "whitened_error", "whitened_norm2", "valid_block_size"]
 
@@ -211,6 +211,48 @@ def _inverse_cholesky(gram: np.ndarray, damp: float = GPTQ_DAMP) -> tuple[np.nda
         except np.linalg.LinAlgError:
             lam *= 10
     raise np.linalg.LinAlgError("the Gram matrix is not positive definite, even damped")
+
+
+#: AWQ's grid: the exponents α of ``s = a^α`` tried per input (α = 0: no scaling)
+AWQ_GRID = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
+
+
+def _rtn_error(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """``Q(w) - w`` of round-to-nearest block codes (``w [K, N]``, blocks along K)."""
+    k, n = w.shape
+    q, scale = _codes(w, bits, block_size)
+    deq = ((q - (1 << (bits - 1))).astype(np.float32) * scale[..., None]).reshape(n, -1).T[:k]
+    return deq - w
+
+
+def awq_scales(act: np.ndarray, w: np.ndarray, gram: np.ndarray, bits: int = 4,
+               block_size: int = 32, grid=AWQ_GRID) -> tuple[np.ndarray, float, float, float]:
+    """Activation-aware scaling (AWQ, Lin et al., MLSys 2024) of the input channels of ``w
+    [K, N]`` (the readers of one input, side by side): ``s = a^α`` (``a``: the channels'
+    activation scale; geometric mean 1, clipped to 100 either side), the input divided by ``s``
+    and ``w``'s rows multiplied by it, so the product is unchanged and the codes spend their
+    levels where the activations are large. ``α`` is searched on AWQ's own objective, the
+    output error of round-to-nearest codes, measured with the input's Gram ``XᵀX``:
+    ``tr(Dᵀ G D)`` with ``D = Q(diag(s)·w)/s - w``. Returns ``(s, α, error at α = 0,
+    error at α)``; ``α = 0`` (``s = 1``) when no scaling lowers it."""
+    a = np.maximum(np.asarray(act, np.float64), 1e-8)
+    w = np.asarray(w, np.float32)
+    g = np.asarray(gram, np.float32)
+    best = None
+    base = None
+    for alpha in grid:
+        s = a ** float(alpha)
+        s = np.clip(s / np.exp(np.mean(np.log(s))), 1e-2, 1e2).astype(np.float32)
+        d = _rtn_error(w * s[:, None], bits, block_size) / s[:, None]
+        err = float(np.sum(d * (g @ d)))
+        if base is None and alpha == 0:
+            base = err
+        if best is None or err < best[2]:
+            best = (s, float(alpha), err)
+    s, alpha, err = best
+    if alpha == 0:
+        s = np.ones_like(s)
+    return s, alpha, base if base is not None else err, err
 
 
 def _gptq(w: np.ndarray, bits: int, block_size: int, gram=None, search: bool = True,

@@ -177,6 +177,34 @@ def test_messages_name_options_as_the_reader_writes_them(files):
     assert line == "lrc: error: --correct-budget goes with --correct-rank auto"
 
 
+def test_target_size_fills_unset_quant_options_with_what_wins_small():
+    """Left unset, base-quant / correct-a-bits / embedding are the plain recipe's (rtn, float A,
+    int8 table); with target-size the ones measured to win at small sizes (gptq, 4-bit A, the
+    int4 table sharing the tied head's codes); what the user gives is kept either way."""
+    plain = C.CompressConfig.of(quantize="int4", correct_rank="32").quant_spec()
+    assert (plain.base, plain.correct_a_bits, plain.embedding) == ("rtn", 32, "int8")
+    sized = C.CompressConfig.of(quantize="int4", target_size=88).quant_spec()
+    assert (sized.base, sized.correct_a_bits, sized.embedding) == ("gptq", 4, "int4")
+    assert sized.target_mb == 88
+    mine = C.CompressConfig.of(quantize="int4", target_size=88, base_quant="rtn",
+                               correct_a_bits=32, embedding="int8").quant_spec()
+    assert (mine.base, mine.correct_a_bits, mine.embedding) == ("rtn", 32, "int8")
+    # a size with low rank is not the allocator's: the plain defaults
+    lowrank = C.CompressConfig.of(quantize="int4", target_size=88, rank=8).quant_spec()
+    assert (lowrank.base, lowrank.embedding) == ("rtn", "int8")
+
+
+def test_smooth_takes_an_alpha_or_auto():
+    """--smooth 0.5 is SmoothQuant's alpha, --smooth auto AWQ's search (weight-only codes
+    only: refused for int8 dynamic, in one line, through both the API and the command line)."""
+    assert C.CompressConfig.of(quantize="int4", smooth="auto").quant.smooth == "auto"
+    assert C.CompressConfig.of(quantize="int8", smooth="0.5").quant.smooth == 0.5
+    with pytest.raises(ConfigError, match="not for int8"):
+        C.CompressConfig.of(quantize="int4,head=int8", smooth="auto").validate()
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        C.CompressConfig.of(quantize="int8", smooth="much").validate()
+
+
 def test_config_is_nested_and_copies_are_independent():
     c = C.CompressConfig.of(rank=8, quantize="int4", include="ffn,attn")
     assert c.lowrank.rank == 8 and c.quant.quantize == "int4"

@@ -337,6 +337,124 @@ def test_smoothquant_folding_keeps_the_float_model():
     assert e_smooth < 0.7 * e_plain, (e_smooth, e_plain)
 
 
+def test_awq_scales_lower_the_codes_output_error_on_outlier_channels():
+    """AWQ's search: with outlier input channels some α > 0 lowers tr(DᵀGD) of the 4-bit
+    codes well below α = 0's; the returned error is never above α = 0's; with nothing to gain
+    (equal channels) it may stay at α = 0, which means no scaling (s = 1)."""
+    from lrc.quantmath import awq_scales
+
+    w = (RNG.standard_normal((128, 96)) * 0.1).astype(np.float32)
+    a = np.ones(128)
+    a[[3, 40, 77]] = 30.0  # outlier channels, as LLM norms produce
+    x = RNG.standard_normal((800, 128)) * a
+    s, alpha, before, after = awq_scales(a, w, x.T @ x, 4, 32)
+    assert alpha > 0 and after < 0.7 * before, (alpha, after / before)
+    assert s[3] > s[0]  # the outliers' rows are scaled up
+    flat = RNG.standard_normal((800, 128))
+    s, alpha, before, after = awq_scales(np.ones(128), w, flat.T @ flat, 4, 32)
+    assert after <= before and (alpha > 0 or np.all(s == 1))
+
+
+def test_awq_folding_keeps_the_float_model_and_lowers_the_int4_error():
+    """SmoothPass(alpha="auto"): the float model is unchanged, each smoothed tensor records its
+    searched α, and the 4-bit model is closer to the float one than without the scaling."""
+    from lrc.graph.passes.smooth import SmoothPass
+
+    proto = _llama_like(d=64, f=128)
+    x = RNG.standard_normal((256, 64)).astype(np.float32)
+    x[:, [3, 17]] *= 40
+    ref = run(proto, {"xn": x})
+    h = x * onnx.numpy_helper.to_array(proto.graph.initializer[0])
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    mm = sig(h @ w["gate_proj"]) * (h @ w["up_proj"])
+    grams = {"h": h.T.astype(np.float64) @ h, "m": mm.T.astype(np.float64) @ mm}
+    acts = {"h": np.sqrt(np.mean(h ** 2, axis=0)), "m": np.sqrt(np.mean(mm ** 2, axis=0))}
+    m = ir.serde.deserialize_model(proto)
+    sp = SmoothPass(acts, "auto", grams=grams, bits=4, block_size=16)
+    run_passes([sp], m)
+    smoothed = ir.serde.serialize_model(m)
+    done = {r["tensor"]: r for r in sp.record["smoothed"]}
+    assert "h" in done and done["h"]["alpha"] > 0 and done["h"]["error_ratio"] < 1, sp.record
+    for a, b in zip(run(smoothed, {"xn": x})[:3], ref[:3]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+    spec = QuantSpec("int4", 16, 0, 0, embedding="float")
+    e_plain = np.linalg.norm(run(_apply(proto, spec)[0], {"xn": x})[0] - ref[0])
+    e_awq = np.linalg.norm(run(_apply(smoothed, spec)[0], {"xn": x})[0] - ref[0])
+    assert e_awq < 0.8 * e_plain, (e_awq, e_plain)
+
+
+def test_smooth_auto_through_the_pipeline(tmp_path):
+    """``lrc.compress(..., quantize="int4", smooth="auto")`` on calibration inputs with outlier
+    channels: the report lists the searched α per smoothed input and the 4-bit model is closer
+    to the float one than the same compression without it."""
+    from lrc.pipeline import CompressConfig, compress_model
+
+    proto = _llama_like(d=64, f=128)
+    src = tmp_path / "m.onnx"
+    onnx.save(proto, src)
+    (tmp_path / "in").mkdir()
+    r = np.random.default_rng(5)
+    for i in range(3):
+        x = r.standard_normal((128, 64)).astype(np.float32)
+        x[:, [3, 17]] *= 40
+        np.savez(tmp_path / "in" / f"b{i}.npz", xn=x)
+    x = r.standard_normal((64, 64)).astype(np.float32)
+    x[:, [3, 17]] *= 40
+    ref = run(proto, {"xn": x})[0]
+    errs = {}
+    for key, kw in (("rtn", {}), ("awq", {"smooth": "auto"}),
+                    ("awq+gptq+r8", {"smooth": "auto", "base_quant": "gptq", "correct_rank": 8})):
+        model, report = compress_model(str(src), CompressConfig.of(
+            quantize="int4", block_size=16, calib_inputs=[tmp_path / "in"], **kw))
+        out = ir.serde.serialize_model(model)
+        errs[key] = np.linalg.norm(run(out, {"xn": x})[0] - ref)
+        if kw:
+            done = report["smooth"]["smoothed"]
+            assert done and all(d["alpha"] > 0 for d in done), report["smooth"]
+    assert errs["awq"] < 0.8 * errs["rtn"], errs
+    assert errs["awq+gptq+r8"] < errs["awq"], errs  # GPTQ and the correction on the scaled Gram
+
+
+def test_smoothing_folds_into_a_skip_norms_gamma_only():
+    """ORT's SkipSimplifiedLayerNormalization (the builder's graphs): the scales fold into
+    its gamma (input 2), not into its pre-norm bias (input 3) or the skip; the residual sum
+    it also outputs is untouched and the float model is unchanged."""
+    from onnx import helper
+
+    from graphs import _model, init, vin
+    from lrc.graph.passes.smooth import SmoothPass
+
+    d = 32
+    r = np.random.default_rng(3)
+    nodes = [helper.make_node("SkipSimplifiedLayerNormalization", ["x", "skip", "gamma", "bias"],
+                              ["h", "", "", "sum"], domain="com.microsoft", epsilon=1e-6,
+                              name="/model/layers.0/input_layernorm/SkipLayerNorm"),
+             helper.make_node("MatMul", ["h", "q"], ["y"],
+                              name="/model/layers.0/self_attn/q_proj/MatMul")]
+    proto = _model(nodes, [vin("x", ["n", d]), vin("skip", ["n", d])],
+                   [vin("y", ["n", d]), vin("sum", ["n", d])],
+                   [init("gamma", (1 + r.standard_normal(d) * 0.3).astype(np.float32)),
+                    init("bias", (r.standard_normal(d) * 0.1).astype(np.float32)),
+                    init("q", (r.standard_normal((d, d)) * 0.2).astype(np.float32))])
+    proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    feeds = {"x": r.standard_normal((8, d)).astype(np.float32),
+             "skip": r.standard_normal((8, d)).astype(np.float32)}
+    ref = run(proto, feeds)
+    acts = {"h": np.linspace(0.1, 5, d)}
+    m = ir.serde.deserialize_model(proto)
+    sp = SmoothPass(acts, 0.5)
+    run_passes([sp], m)
+    out = ir.serde.serialize_model(m)
+    assert [r["tensor"] for r in sp.record["smoothed"]] == ["h"], sp.record
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    np.testing.assert_array_equal(after["bias"], before["bias"])
+    assert not np.allclose(after["gamma"], before["gamma"])
+    for a, b in zip(run(out, feeds), ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_auto_ranks_spend_the_budget_where_the_error_is():
     """``--correct-rank auto``: whole blocks go where the whitened error spectrum gains most
     per byte, within the budget (default: a uniform rank 32's bytes); a projection with far

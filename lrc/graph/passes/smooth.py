@@ -16,6 +16,10 @@ The division is folded into whatever produces ``X``, so the graph keeps its node
   gated MLP's ``act(gate) * up`` feeding ``down``): the columns of ``W_up`` ``/= s``.
 
 Other producers (the attention output feeding ``o_proj``) are left as they are and said so.
+
+``alpha="auto"`` is AWQ (Lin et al., MLSys 2024) instead: ``s = a^α`` with ``α`` searched per
+tensor on the output error the readers' weight-only block codes leave, measured with the
+input's Gram (:func:`lrc.quantmath.awq_scales`); a tensor no scaling helps is left as it is.
 Readers other than the projections may only be ``Shape`` nodes. The pass changes weights only:
 ``self.applied`` maps each smoothed tensor to its ``s`` (the Gram matrix of the new ``X`` is
 ``diag(s)⁻¹ G diag(s)⁻¹``, which the quantisation pass's corrector needs).
@@ -30,6 +34,7 @@ import onnx_ir as ir
 
 from lrc.graph.locate import Target, locate
 from lrc.graph.plan import effective_weight
+from lrc.quantmath import awq_scales
 
 _NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
           "SkipSimplifiedLayerNormalization")
@@ -61,12 +66,16 @@ class SmoothPass(ir.passes.InPlacePass):
     ``select(target)``: the projections that will be quantised (only tensors whose every
     projection reader is selected are smoothed)."""
 
-    def __init__(self, act_scales: dict[str, np.ndarray], alpha: float = 0.5,
-                 select: Callable[[Target], bool] | None = None):
+    def __init__(self, act_scales: dict[str, np.ndarray], alpha: float | str = 0.5,
+                 select: Callable[[Target], bool] | None = None, *, grams=None,
+                 bits: int = 4, block_size: int = 32):
+        """``alpha="auto"`` (AWQ): ``grams`` maps each tensor to its ``XᵀX`` and ``bits`` /
+        ``block_size`` are the readers' codes the search measures."""
         super().__init__()
         self.act_scales = act_scales
         self.alpha = alpha
         self.select = select
+        self.grams, self.bits, self.block_size = grams, bits, block_size
         self.applied: dict[str, np.ndarray] = {}
         self.record: dict = {"alpha": alpha, "smoothed": [], "left": []}
 
@@ -99,8 +108,21 @@ class SmoothPass(ir.passes.InPlacePass):
             return "a graph input or output"
         if any(t.transposed or len(t.weight.uses()) > 1 for t in ts):
             return "a reader's weight is shared or transposed"
-        w_absmax = np.max([np.abs(effective_weight(t)).max(axis=1) for t in ts], axis=0)
-        s = smoothing_scales(act, w_absmax, self.alpha)
+        searched = None
+        if self.alpha == "auto":
+            gram = self.grams.get(x.name) if self.grams is not None else None
+            if gram is None:
+                return "no Gram matrix"
+            w = np.concatenate([effective_weight(t) for t in ts], axis=1)
+            if w.shape[0] % self.block_size:
+                return f"{w.shape[0]} channels: not whole blocks of {self.block_size}"
+            s, alpha, before, after = awq_scales(act, w, gram, self.bits, self.block_size)
+            if alpha == 0:
+                return "no scaling lowers its readers' output error"
+            searched = {"alpha": alpha, "error_ratio": round(after / before, 4)}
+        else:
+            w_absmax = np.max([np.abs(effective_weight(t)).max(axis=1) for t in ts], axis=0)
+            s = smoothing_scales(act, w_absmax, self.alpha)
         fold = self._folder(x, s)
         if isinstance(fold, str):
             return fold
@@ -111,7 +133,7 @@ class SmoothPass(ir.passes.InPlacePass):
         self.applied[x.name] = s
         self.record["smoothed"].append({
             "tensor": x.name, "readers": [t.name for t in ts],
-            "s_max_over_min": round(float(s.max() / s.min()), 2)})
+            "s_max_over_min": round(float(s.max() / s.min()), 2), **(searched or {})})
         return None
 
     def _folder(self, x: ir.Value, s: np.ndarray):
@@ -120,8 +142,14 @@ class SmoothPass(ir.passes.InPlacePass):
         if p is None:
             return "no producer"
         if p.op_type in _NORMS:
-            scale, bias = (p.inputs[1] if len(p.inputs) > 1 else None,
-                           p.inputs[2] if len(p.inputs) > 2 else None)
+            if x is not p.outputs[0]:
+                return f"{p.op_type}'s output {x.name!r} is not its normalised one"
+            # (X, scale[, B]); Skip*: (input, skip, gamma[, beta]); SkipSimplified's 4th input
+            # is a bias added before the norm, not after: gamma only
+            first = 2 if p.op_type.startswith("Skip") else 1
+            simple = "Simplified" in p.op_type
+            scale = p.inputs[first] if len(p.inputs) > first else None
+            bias = p.inputs[first + 1] if len(p.inputs) > first + 1 and not simple else None
             consts = [v for v in (scale, bias) if v is not None]
             if not consts or any(_const(v) is None or len(v.uses()) > 1 for v in consts):
                 return f"{p.op_type}'s scale / bias are not constants of its own"
