@@ -39,8 +39,9 @@ BUILDER=()  # the builder's int4 and lrc's compression of its fp32, when the bui
 if python benchmarks/builder.py smollm2 --precision fp32 int4 --out "$OUT/builder" \
         >"$OUT/builder.log" 2>&1; then
     # in 88 MB: bits, blocks and correction ranks chosen per group by measured sensitivity
-    lrc compress "$OUT/builder/smollm2-fp32" --quantize int4 --embedding int4 --base-quant gptq \
-        --correct-a-bits 4 --target-size 88 --calib-tokens 8192 -o "$OUT/builder-lrc" | tail -n 6
+    # (with --target-size, GPTQ's codes, a 4-bit A and the int4 embedding are the defaults)
+    lrc compress "$OUT/builder/smollm2-fp32" --quantize int4 --target-size 88 \
+        --calib-tokens 8192 -o "$OUT/builder-lrc" | tail -n 6
     lrc generate "$OUT/builder-lrc" "The capital of France is" --compare "$OUT/builder/smollm2-int4" \
         --genai --max-new-tokens 16
     BUILDER=("$OUT/builder/smollm2-int4" "$OUT/builder-lrc")

@@ -97,6 +97,26 @@ VARIANTS = {
                            [*QUANT, "--base-quant", "gptq", "--correct-rank",
                             "32,head=64,ffn.gate=0,ffn.up=0", "--correct-a-bits", "4",
                             "--embedding", "int4"]),
+    "lrc-awq": ("lrc int4, AWQ's scaling alone (`--smooth auto`: s = a^α folded into the norms / "
+                "up projections, α searched per input on the codes' output error), "
+                "round-to-nearest codes, no correction, int4 embedding shared (`--smooth auto "
+                "--embedding int4`)",
+                [*QUANT, "--smooth", "auto", "--embedding", "int4"]),
+    "lrc-awq-search": ("lrc int4, AWQ's scaling + searched scales, no correction (NNCF's AWQ + "
+                       "scale estimation, in lrc: `--smooth auto --base-quant search "
+                       "--embedding int4`)",
+                       [*QUANT, "--smooth", "auto", "--base-quant", "search", "--embedding",
+                        "int4"]),
+    "lrc-awq-gptq-compact": ("lrc int4, AWQ's scaling + GPTQ's codes + the compact correction "
+                             "(`--smooth auto --base-quant gptq --correct-rank 32,head=64 "
+                             "--correct-a-bits 4 --embedding int4`)",
+                             [*QUANT, "--smooth", "auto", "--base-quant", "gptq",
+                              "--correct-rank", "32,head=64", "--correct-a-bits", "4",
+                              "--embedding", "int4"]),
+    "lrc-awq-size-88": ("lrc int4 in 88 MB with AWQ's scaling first (`--smooth auto "
+                        "--target-size 88`; gptq, 4-bit A and the int4 embedding are "
+                        "target-size's defaults)",
+                        [*QUANT, "--smooth", "auto", "--target-size", "88"]),
     **{f"lrc-size-{mb}": (f"lrc int4 in {mb} MB of weights: bits, blocks and correction ranks "
                           f"allocated per group by measured sensitivity (`--base-quant gptq "
                           f"--correct-a-bits 4 --embedding int4 --target-size {mb}`)",
