@@ -61,7 +61,8 @@ BASELINES=("$OUT"/ort-baselines/*.onnx)  # the files just timed (a baseline that
 lrc eval "$OUT/smollm2" "$OUT/smollm2-lrc" "$OUT/smollm2-q4c" "${BUILDER[@]}" "${BASELINES[@]}" \
     --max-tokens 1024 --save "$OUT/eval.json"
 
-step "9. report: speed and size against quality (bench joined with eval), spectra and ranks"
-lrc report "$OUT/bench.json" "$OUT/eval.json" "$OUT/smollm2-lrc/lrc.json" -o "$OUT/report.html"
+step "9. report: speed and size against quality (bench joined with eval), spectra and ranks; NNCF's and llama.cpp's points on the same weights (benchmarks/peers.py's last run) beside them"
+lrc report "$OUT/bench.json" "$OUT/eval.json" "$OUT/smollm2-lrc/lrc.json" \
+    benchmarks/peers-smollm2.json -o "$OUT/report.html"
 du -sh "$OUT/smollm2" "$OUT/smollm2-lrc" "$OUT/smollm2-q4c" "$OUT/minilm" "$OUT/minilm-r64"
 echo "done: $OUT/report.html"

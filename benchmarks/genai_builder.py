@@ -113,10 +113,11 @@ VARIANTS = {
                              [*QUANT, "--smooth", "auto", "--base-quant", "gptq",
                               "--correct-rank", "32,head=64", "--correct-a-bits", "4",
                               "--embedding", "int4"]),
-    "lrc-awq-size-88": ("lrc int4 in 88 MB with AWQ's scaling first (`--smooth auto "
-                        "--target-size 88`; gptq, 4-bit A and the int4 embedding are "
-                        "target-size's defaults)",
-                        [*QUANT, "--smooth", "auto", "--target-size", "88"]),
+    **{f"lrc-awq-size-{mb}": (f"lrc int4 in {mb} MB with AWQ's scaling first (`--smooth auto "
+                              f"--target-size {mb}`; gptq, 4-bit A and the int4 embedding are "
+                              f"target-size's defaults)",
+                              [*QUANT, "--smooth", "auto", "--target-size", str(mb)])
+       for mb in (88, 105)},
     **{f"lrc-size-{mb}": (f"lrc int4 in {mb} MB of weights: bits, blocks and correction ranks "
                           f"allocated per group by measured sensitivity (`--base-quant gptq "
                           f"--correct-a-bits 4 --embedding int4 --target-size {mb}`)",
@@ -127,13 +128,13 @@ VARIANTS = {
 
 
 def variant(key: str) -> tuple[str, list[str]]:
-    """A variant by key; ``lrc-size-N`` for any N (MB) is the allocator at that size."""
-    if key not in VARIANTS and key.startswith("lrc-size-") and key[9:].isdigit():
-        mb = key[9:]
-        return (VARIANTS["lrc-size-88"][0].replace("88", mb),
-                [mb if a == "88" else a for a in VARIANTS["lrc-size-88"][1]])
+    """A variant by key; ``lrc-size-N`` / ``lrc-awq-size-N`` for any N (MB): the allocator there."""
+    for prefix in ("lrc-size-", "lrc-awq-size-"):
+        if key not in VARIANTS and key.startswith(prefix) and key[len(prefix):].isdigit():
+            mb, like = key[len(prefix):], VARIANTS[prefix + "88"]
+            return like[0].replace("88", mb), [mb if a == "88" else a for a in like[1]]
     if key not in VARIANTS:
-        raise SystemExit(f"unknown variant {key!r}: {', '.join(VARIANTS)} or lrc-size-N")
+        raise SystemExit(f"unknown variant {key!r}: {', '.join(VARIANTS)} or lrc-[awq-]size-N")
     return VARIANTS[key]
 
 

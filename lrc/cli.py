@@ -657,7 +657,9 @@ def report(results: List[Path] = typer.Argument(..., help="JSON files from bench
     models), the models of both are joined by path or name -- the ORT baselines of
     `lrc bench --keep-baselines DIR` included -- and plotted as speed (decode, prefill) and
     file size against quality (perplexity on each text; Pearson for encoders), with the
-    Pareto frontier. Compression summaries (lrc.json) add spectra and ranks."""
+    Pareto frontier. Compression summaries (lrc.json) add spectra and ranks; peers' points
+    (benchmarks/peers.py --json: NNCF, llama.cpp on the same weights and texts) are drawn
+    beside an LM's models as perplexity / dense against bytes."""
     from lrc.present.report import is_bench, is_eval, join_bench_eval, write_report
 
     res, summaries = [], []

@@ -283,3 +283,34 @@ def test_bench_keeps_baselines_beside_tokenizer_and_eval_joins_them(tmp_path):
     assert [m["name"] for m in j["models"]] == [m["name"] for m in res["models"]]
     assert j["models"][0]["label"] == "dense" and not j["unmatched_eval"]
     assert [it["title"].split(" (")[0] for it in j["items"]] == ["decode per token", "prefill", "model file"]
+
+
+def fake_peers() -> dict:
+    """``benchmarks/peers.py --json``'s shape: two points and a peer that could not run."""
+    return {"date": "2026-12-04", "machine": "Test CPU", "max_tokens": 2048,
+            "dense": {"news": 34.9, "docs": 19.2},
+            "rows": [{"name": "NNCF INT4_SYM g32", "bytes": 90_000_000, "x_news": 1.14,
+                      "x_docs": 1.10, "why": None},
+                     {"name": "llama.cpp Q4_K_M", "bytes": 105_000_000, "x_news": 1.08,
+                      "x_docs": 1.06, "why": None},
+                     {"name": "NNCF + lora_correction", "bytes": None, "x_news": None,
+                      "x_docs": None, "why": "did not finish in 28 min"}]}
+
+
+def test_report_puts_peers_beside_this_runs_models(tmp_path):
+    """Peers' points join the bench + eval as ratios to each run's own dense perplexity."""
+    models = R.join_bench_eval(fake_lm_bench(), [fake_eval_many()])["models"]
+    html = R._peers_section(fake_peers(), models, [fake_eval_many()])
+    assert len(_pngs(html)) == 1
+    rows = dict(re.findall(r'<td class="l">[^<]*</td><td class="l">([^<]+)</td>(.*?)</tr>', html))
+    # dense-q4c: 33 / 30 news, 22 / 20 docs at 190 MB; the dense model is not a point
+    assert re.findall(r">([\d.]+)<", rows["dense-q4c"]) == ["190.0", "1.100", "1.100"]
+    assert "dense" not in rows and re.findall(r">([\d.]+)<", rows["llama.cpp Q4_K_M"]) == [
+        "105.0", "1.080", "1.060"]
+    assert "did not finish in 28 min" in rows["NNCF + lora_correction"]
+    assert "2048 tokens per text" in html and "1020 scored tokens" in html
+    text = R.write_report([fake_lm_bench(), fake_eval_many(), fake_peers()],
+                          tmp_path / "r.html").read_text()
+    assert "Quality per byte: this report" in text and len(_pngs(text)) == 1 + 2 + 2 + 2 + 1
+    # peers without an LM bench + eval to stand beside: no section
+    assert "Quality per byte" not in R.render_report([fake_eval_many(), fake_peers()])

@@ -50,6 +50,18 @@ optional and one that has no data is left out (unknown keys are ignored):
    as the tool computed it). Rendered: singular-value spectra per role (sigma / sigma_max on a
    log scale, one line per layer, the chosen rank marked when known), ranks chosen per layer
    (absolute and as the fraction of the dense parameters kept), and a totals table.
+
+4. Peers' points (``benchmarks/peers.py --json``: other toolchains on the same dense weights
+   and texts)::
+
+       {"date": str, "machine": str, "max_tokens": int, "dense": {"news": ppl, "docs": ppl},
+        "rows": [{"name": str, "bytes": int, "x_news": ratio, "x_docs": ratio,   # or None
+                  "why": str|None}]}                        # why a peer has no point
+
+   With a bench + eval of LMs in the same report: perplexity as a ratio to each run's own
+   dense model (in-domain text = news, out-of-domain = docs) against the model files' bytes,
+   this report's models and the peers' on one plot per text, and a table of both. Ratios, not
+   perplexities, are compared: the peers' run may score another number of tokens.
 """
 
 from __future__ import annotations
@@ -548,6 +560,87 @@ def _quality_section(evals: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# peers' points: quality per byte against other toolchains
+# --------------------------------------------------------------------------------------------
+
+_PEER_COLOURS = {"NNCF": ("tab:green", "^"), "llama.cpp": ("tab:purple", "D"),
+                 "ORT": ("tab:red", "s")}
+
+
+def is_peers(item: Any) -> bool:
+    """``benchmarks/peers.py``'s JSON: rows of other toolchains' ratios to dense and bytes."""
+    return (isinstance(item, dict) and isinstance(item.get("rows"), list)
+            and isinstance(item.get("dense"), dict))
+
+
+def _peers_section(peers: dict, models: list[dict], evals: list[dict]) -> str:
+    """This report's LMs (bench joined with eval) and the peers' points: perplexity / dense
+    against bytes, one panel per text."""
+    first = next((pairs[0][1] for _, pairs in map(eval_pairs, evals) if pairs), None)
+    dense = next((m for m in models if m["dense"]), None)
+    if first is None or dense is None or first.get("kind") not in (None, "causal-lm"):
+        return ""
+    texts = [(part, key, (first.get(part) or {}).get("text"))
+             for part, key in (("in_domain", "x_news"), ("out_of_domain", "x_docs"))]
+    ours = []
+    for m in models:
+        if m["dense"] or m["size_mb"] is None:
+            continue
+        ratios = {}
+        for _, key, text in texts:
+            q, d = m["quality"].get(f"perplexity ({text})"), dense["quality"].get(
+                f"perplexity ({text})")
+            if q and d:
+                ratios[key] = q[0] / d[0]
+        if len(ratios) == len(texts):
+            ours.append({"name": m["label"], "mb": m["size_mb"], **ratios})
+    theirs = [{"name": r.get("name"), "mb": r["bytes"] / 1e6, "x_news": r["x_news"],
+               "x_docs": r["x_docs"]} for r in peers["rows"]
+              if isinstance(r, dict) and isinstance(r.get("x_news"), (int, float))
+              and isinstance(r.get("x_docs"), (int, float)) and r.get("bytes")]
+    if not ours or not theirs:
+        return ""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (part, key, text) in zip(axes, texts):
+        ax.scatter([p["mb"] for p in ours], [p[key] for p in ours], c="tab:blue", marker="o",
+                   label="this report's models", zorder=3)
+        for p in ours:
+            ax.annotate(p["name"], (p["mb"], p[key]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        for who, (colour, marker) in _PEER_COLOURS.items():
+            ps = [p for p in theirs if str(p["name"]).startswith(who)]
+            if ps:
+                ax.scatter([p["mb"] for p in ps], [p[key] for p in ps], c=colour, marker=marker,
+                           label=who, zorder=2)
+        rest = [p for p in theirs if not str(p["name"]).startswith(tuple(_PEER_COLOURS))]
+        if rest:
+            ax.scatter([p["mb"] for p in rest], [p[key] for p in rest], c="tab:gray",
+                       marker="x", label="other peers", zorder=2)
+        ax.set_xlabel("model files (MB)")
+        ax.set_ylabel("perplexity / dense (lower is better)")
+        ax.set_title(f"{text or part} ({'in' if part == 'in_domain' else 'out of'} domain)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    rows = [["this report", p["name"], _Raw(_num(p["mb"], ".1f")),
+             _Raw(_num(p["x_news"], ".3f")), _Raw(_num(p["x_docs"], ".3f"))] for p in ours]
+    rows += [["peers", p["name"], _Raw(_num(p["mb"], ".1f")), _Raw(_num(p["x_news"], ".3f")),
+              _Raw(_num(p["x_docs"], ".3f"))] for p in theirs]
+    rows += [["peers", r.get("name"), "-", r.get("why") or "no result", ""]
+             for r in peers["rows"] if isinstance(r, dict) and r.get("x_news") is None]
+    tokens = (first.get("in_domain") or {}).get("tokens")
+    note = (f'<p class="note">Peers measured by benchmarks/peers.py on {_esc(peers.get("date"))} '
+            f'({_esc(peers.get("machine"))}) on the same dense weights and texts, '
+            f'{_esc(peers.get("max_tokens"))} tokens per text; this report\'s models on '
+            f'{_esc(tokens)} scored tokens. Each point is a ratio to its own run\'s dense '
+            f'perplexity; bytes are the model files on disk.</p>')
+    return ("<h2>Quality per byte: this report's models and the peers'</h2>"
+            + _fig_to_img(fig, "perplexity / dense against model bytes, with peers") + note
+            + _table(["source", "model", "MB", "x dense (in domain)", "x dense (out of domain)"],
+                     rows, left=2))
+
+
+# --------------------------------------------------------------------------------------------
 # compression summaries: spectra and ranks
 # --------------------------------------------------------------------------------------------
 
@@ -682,6 +775,9 @@ def render_report(results: list[dict], summaries: list[dict] | None = None, titl
     for r in results:
         if "variants" in r:
             body.append(_variants_section(r))
+    for p in (r for r in results if is_peers(r)):
+        for b in benches[:1] if evals else []:
+            body.append(_peers_section(p, join_bench_eval(b, evals)["models"], evals))
     if evals:
         body.append(_quality_section(evals))
     for i, s in enumerate(summaries, 1):
