@@ -102,9 +102,9 @@ VARIANTS = {
                 "round-to-nearest codes, no correction, int4 embedding shared (`--smooth auto "
                 "--embedding int4`)",
                 [*QUANT, "--smooth", "auto", "--embedding", "int4"]),
-    "lrc-awq-search": ("lrc int4, AWQ's scaling + searched scales, no correction (NNCF's AWQ + "
-                       "scale estimation, in lrc: `--smooth auto --base-quant search "
-                       "--embedding int4`)",
+    "lrc-awq-search": ("lrc int4, AWQ's scaling + searched scales, no correction: NNCF's AWQ + "
+                       "scale estimation in lrc, with the head int4 (`--smooth auto "
+                       "--base-quant search --embedding int4`)",
                        [*QUANT, "--smooth", "auto", "--base-quant", "search", "--embedding",
                         "int4"]),
     "lrc-awq-gptq-compact": ("lrc int4, AWQ's scaling + GPTQ's codes + the compact correction "
@@ -300,8 +300,8 @@ def render(results: dict, names: list[str]) -> str:
         f"one interleaved `lrc bench` (medians of {s.get('runs')} runs, {s.get('threads')} "
         f"threads), relative to the builder's int4 ({ref_ms}); sizes of the folders (with "
         f"tokenizer and configs) and of the model files alone (.onnx + external data: what "
-        f"`--target-size` counts); compression time where this run compressed (a busy "
-        f"machine's seconds).",
+        f"`--target-size` counts); compression time in wall seconds on the machine "
+        f"below (`-`: a folder an earlier run made, kept with `--reuse`).",
         "",
         f"- Machine: {machine_line(results['machine'], results['isa'])}",
         "",
