@@ -933,6 +933,52 @@ def test_target_size_allocates_bits_blocks_and_ranks_by_measured_sensitivity():
     assert got["q_proj"]["q_proj"] > got["o_proj"]["q_proj"], got
 
 
+def test_target_size_counts_the_shared_embeddings_error_in_the_heads_choices():
+    """A tied head whose int4 codes the embedding shares: its sensitivity is measured with the
+    head alone changed, and the embedding's own output error at each block size (which no
+    correction reaches) is probed apart and added to every choice of the head at that block."""
+    from types import SimpleNamespace
+
+    from graphs import builder_tied
+
+    from lrc import methods
+    from lrc.graph.passes.embedding import EmbeddingPass
+
+    proto = builder_tied(vocab=8192, d=128, hidden=128)  # a table of 1M values
+    w0 = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    head_w = "lm_head.MatMul.weight"
+    alias = head_w + "::embedding"
+    w0[alias] = w0[head_w]
+    x = RNG.standard_normal((600, 128)) * np.linspace(3, 0.2, 128)
+    st = SimpleNamespace(xtx=x.T @ x)
+    corr = methods.make_corrector(["n", "a", "h"], stats={"n": st, "a": st, "h": st})[0]
+
+    class Probe:  # KL = weight x squared change; the embedding's side weighs 50x the head's
+        embedding_inputs = {head_w: alias}
+        calls = []
+
+        def __call__(self, values):
+            self.calls.append(sorted(values))
+            return sum((50.0 if k == alias else 1.0) * float(np.sum((v - w0[k]) ** 2))
+                       for k, v in values.items())
+
+    probe = Probe()
+    spec = QuantSpec("int4", 32, 0, 32, embedding="int4", target_mb=0.8)
+    m = ir.serde.deserialize_model(proto)
+    p = QuantizePass(spec, corr, probe=lambda: probe)
+    run_passes([p, EmbeddingPass(spec, p.record, p.tied_codes)], m)
+    head = next(a for a in p.record.allocation if a["members"] == ["/lm_head/MatMul"])
+    assert sorted(head["embedding_kl"]) == [32, 64, 128]
+    assert head["embedding_kl"][32] < head["embedding_kl"][128]
+    assert [alias] in probe.calls and [head_w] in probe.calls  # each side alone
+    assert not any(alias in c and head_w in c for c in probe.calls)
+    # the head's predicted loss (sensitivity x err) holds at least its embedding's error
+    block = int(head["choice"].split("/")[1].split("+")[0])
+    assert head["err"] * head["sensitivity"] >= head["embedding_kl"][block] * (1 - 1e-9)
+    q = ir.serde.serialize_model(m)
+    assert "GatherBlockQuantized" in [n.op_type for n in q.graph.node]
+
+
 def test_per_node_block_sizes():
     """--block-size 32,SEL=B: the selected projections are written with their own blocks."""
     from lrc.config import parse_spec

@@ -24,3 +24,27 @@ def test_probe_measures_the_output_kl_of_replaced_weights(tmp_path):
     assert abs(p({})) < 1e-7  # the replaced values did not stay in the session
     both = p({"W1": w["W1"] + 0.05 * noise, "W2": w["W2"] * 1.2})
     assert both > small
+
+
+def test_probe_changes_a_tied_heads_table_apart_from_its_embedding(tmp_path):
+    """A table read by a tied head and by the embedding (the model builder's
+    Gather(Transpose(head weight)), optimum's Gather(table) + MatMul(Transpose(table))) is two
+    probe inputs: the head's name, and ``embedding_inputs[name]`` for the Gather's side."""
+    import onnx
+    from graphs import builder_tied, tied_head
+
+    rng = np.random.default_rng(0)
+    for proto, name, vocab in ((builder_tied(vocab=256, d=32, hidden=32), "lm_head.MatMul.weight",
+                                256), (tied_head(vocab=50, d=16), "embed.weight", 50)):
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(proto, path)
+        w = onnx.numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == name))
+        ids = proto.graph.input[0].name
+        p = Probe(path, [name], [{ids: rng.integers(0, vocab, (1, 12))},
+                                 {ids: rng.integers(0, vocab, (1, 7))}])
+        alias = p.embedding_inputs[name]
+        assert alias != name and abs(p({alias: w})) < 1e-7
+        noisy = w + 0.3 * rng.standard_normal(w.shape).astype(np.float32)
+        head, emb, both = p({name: noisy}), p({alias: noisy}), p({name: noisy, alias: noisy})
+        assert head > 0 and emb > 0 and both > 0
+        assert len({round(head, 7), round(emb, 7), round(both, 7)}) == 3

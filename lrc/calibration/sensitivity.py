@@ -26,11 +26,47 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
 
 
+def _split_tied_tables(proto: onnx.ModelProto, names: list[str], inits: dict) -> dict[str, str]:
+    """A table read both by an embedding's ``Gather`` (directly or through a ``Transpose``
+    only Gathers read) and by other nodes (a tied head's MatMul) gets a copy, ``NAME::embedding``,
+    that the embedding's nodes read instead, so a probe can change the head and the embedding
+    apart. Returns ``{name: the copy's name}``."""
+    consumers: dict[str, list] = {}
+    for node in proto.graph.node:
+        for i, x in enumerate(node.input):
+            consumers.setdefault(x, []).append((node, i))
+
+    def gathers_only(node) -> bool:
+        uses = consumers.get(node.output[0], [])
+        return bool(uses) and all(c.op_type == "Gather" and j == 0 for c, j in uses)
+
+    out = {}
+    for n in names:
+        uses = consumers.get(n, [])
+        emb = [(node, i) for node, i in uses
+               if (node.op_type == "Gather" and i == 0)
+               or (node.op_type == "Transpose" and gathers_only(node))]
+        if not emb or len(emb) == len(uses):
+            continue
+        alias = f"{n}::embedding"
+        for node, i in emb:
+            node.input[i] = alias
+        t = onnx.TensorProto()
+        t.CopyFrom(inits[n])
+        t.name = alias
+        proto.graph.initializer.append(t)
+        inits[alias] = t
+        out[n] = alias
+    return out
+
+
 class Probe:
     """``probe(values) -> KL``: mean KL(dense || changed) of the next-token distribution over
     ``batches`` (token-id windows) with the weights in ``values`` replaced (stored layout and
     dtype of each initializer). ``source``: what calibration runs (a model reference's source:
-    a file or a model in memory); ``names``: the initializers a probe may replace."""
+    a file or a model in memory); ``names``: the initializers a probe may replace. A tied
+    table (a head's weight an embedding also reads) is two: ``name`` is what the head reads,
+    ``embedding_inputs[name]`` what the embedding reads."""
 
     def __init__(self, source, names: list[str], batches: list, *, path=None, ref=None,
                  threads: int | None = None):
@@ -46,6 +82,8 @@ class Probe:
         if missing:
             raise LrcError(f"sensitivity probe: {missing[0]!r} is not an initializer")
         have = {i.name for i in proto.graph.input}
+        self.embedding_inputs = _split_tied_tables(proto, names, inits)
+        names = [*names, *self.embedding_inputs.values()]
         for n in names:
             if n not in have:
                 t = inits[n]

@@ -552,7 +552,9 @@ class QuantizePass(ir.passes.InPlacePass):
         t0 = time.perf_counter()
         probe = self.probe() if self.probe is not None else None
         t_probe = time.perf_counter() - t0
-        t_codes = 0.0
+        t_codes, n_probes, emb_kls = 0.0, 0, []
+        # a tied table's embedding side, when the probe can change it apart from the head
+        emb_inputs = getattr(probe, "embedding_inputs", {}) if probe is not None else {}
         for gi, (spec, group) in enumerate(groups):
             t1 = time.perf_counter()
             k, ns = group[0].shape[0], [t.shape[1] for t in group]
@@ -563,6 +565,12 @@ class QuantizePass(ir.passes.InPlacePass):
             fixed_bits = spec.scheme != self.spec.scheme or spec.column
             bits_menu = [spec.bits] if fixed_bits or shares or not with_8 else [4, 8]
             menu, ref = [], None
+            # the embedding that shares this head's round-to-nearest codes: its own output
+            # error at each block size (no correction reaches it), measured apart from the head
+            emb = next(((i, emb_inputs[t.weight.name]) for i, t in enumerate(group)
+                        if shares and t.tied and t.weight.name in emb_inputs), None)
+            emb_kl: dict[int, float] = {}
+            t_emb = 0.0
 
             def err_of(ws, hats):
                 _, info = self.corrector(group, np.concatenate(ws, axis=1), np.concatenate(
@@ -580,6 +588,12 @@ class QuantizePass(ir.passes.InPlacePass):
                     s = replace(spec, scheme=scheme, block_size=block, correct_rank=0)
                     ws, hats, quants = self._quantized(group, replace(s, base="rtn"))
                     errs[block] = err_of(ws, hats)
+                    if emb is not None and bits == 4:
+                        t2 = time.perf_counter()
+                        emb_kl[block] = probe({emb[1]: _stored(group[emb[0]], hats[emb[0]])})
+                        t_emb += time.perf_counter() - t2
+                        t_probe += time.perf_counter() - t2
+                        n_probes += 1
                     if spec.base == "rtn" and not spec.column:
                         self._qcache[(names, bits, block)] = quants
                     nbytes = _choice_bytes(k, ns, bits, block, 0, s, item)
@@ -618,20 +632,23 @@ class QuantizePass(ir.passes.InPlacePass):
                             max(errs[32] - float(np.sum(sig2[:r])), 0.0)))
                     del ws, hats
                 del at32
-            values = {}
-            for t, h in zip(group, ref[2]):
-                dt = np.float16 if t.weight.const_value.dtype == ir.DataType.FLOAT16 \
-                    else np.float32
-                values[t.weight.name] = np.ascontiguousarray(h.T if t.transposed else h, dt)
+            values = {t.weight.name: _stored(t, h) for t, h in zip(group, ref[2])}
             t2 = time.perf_counter()
-            t_codes += t2 - t1
+            t_codes += t2 - t1 - t_emb
             kl = probe(values) if probe is not None else ref[1]
             t_probe += time.perf_counter() - t2
+            n_probes += probe is not None
             if self.progress:
                 self.progress(gi + 1, len(groups), f"measuring {group[0].name}")
-            menus.append(menu)
             sens.append(kl / ref[1] if ref[1] > 0 else 0.0)
+            if emb_kl and sens[-1] > 0:
+                # the embedding's error, in the head's units: every choice at that block
+                # size leaves it, whatever the head's correction removes
+                menu = [replace(c, err=c.err + emb_kl.get(c.block, 0.0) / sens[-1])
+                        for c in menu]
+            menus.append(menu)
             specs.append(spec)
+            emb_kls.append(emb_kl)
             del values, ref
         alloc = allocate(menus, sens, budget)
         if alloc.min_bytes > budget:
@@ -639,7 +656,7 @@ class QuantizePass(ir.passes.InPlacePass):
                            f"choice of every projection takes {(alloc.min_bytes + fixed) / 1e6:.1f}"
                            f" MB ({fixed / 1e6:.1f} MB of it not quantised here); give more")
         out, counts = [], {}
-        for (spec, group), menu, pick in zip(groups, menus, alloc.picks):
+        for (spec, group), menu, pick, emb_kl in zip(groups, menus, alloc.picks, emb_kls):
             c = menu[pick]
             counts[c.label()] = counts.get(c.label(), 0) + 1
             names = tuple(t.name for t in group)
@@ -650,7 +667,8 @@ class QuantizePass(ir.passes.InPlacePass):
                            correct_rank=c.rank, auto=False, target_mb=None)
             self.record.allocation.append({"members": list(names), "choice": c.label(),
                                            "bytes": c.nbytes, "err": c.err,
-                                           "sensitivity": sens[len(out)]})
+                                           "sensitivity": sens[len(out)],
+                                           **({"embedding_kl": emb_kl} if emb_kl else {})})
             out.append((spec, group))
         self.record.notes.append(
             render(f"{opt('target_size', f'{self.spec.target_mb:g}')}: ") +
@@ -659,7 +677,7 @@ class QuantizePass(ir.passes.InPlacePass):
             f"choices over {len(groups)} groups, by measured sensitivity: "
             + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
             + f"; {t_codes:.0f} s on the choices' codes and errors, {t_probe:.0f} s on "
-            f"{len(groups) + 1 if probe is not None else 0} sensitivity runs")
+            f"{n_probes + 1 if probe is not None else 0} sensitivity runs")
         # a corrected group is one; the uncorrected ones are written one member at a time
         return [x for spec, group in out
                 for x in ([(spec, group)] if spec.correct_rank else [(spec, [t]) for t in group])]
@@ -909,6 +927,12 @@ def _block_factors(f: Factors, block_size: int) -> tuple[np.ndarray, Factors]:
     b = np.zeros((r_pad, f.b.shape[1]), np.float32)
     b[:r] = f.b / norms[:, None]
     return a, Factors(a, b, f.rank, f.energy, f.rel_error, f.method, f.output_energy)
+
+
+def _stored(t, h: np.ndarray) -> np.ndarray:
+    """A float weight ``h`` ([K, N]) in target ``t``'s initializer's layout and dtype."""
+    dt = np.float16 if t.weight.const_value.dtype == ir.DataType.FLOAT16 else np.float32
+    return np.ascontiguousarray(h.T if t.transposed else h, dt)
 
 
 def _choice_bytes(k: int, ns: list[int], bits: int, block: int, rank: int, spec: QuantSpec,
