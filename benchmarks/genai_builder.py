@@ -51,6 +51,10 @@ def markers(model: str) -> tuple[str, str]:
 QUANT = ["--quantize", "int4"]
 # key -> (label, lrc compress flags on the builder's fp32 folder)
 VARIANTS = {
+    "lrc-default": ("lrc's default int4 command, `--quantize int4` alone (recipe best: "
+                    "`--target-size 1.2x` the model's int4 form, bits, blocks, correction ranks "
+                    "and the head's form allocated by measured sensitivity; gptq, 4-bit A, int4 "
+                    "embedding)", [*QUANT]),
     "lrc-q4c": ("lrc int4 + rank-32 correction, head 128 (float A, int8 embedding: the default "
                 "quantisation recipe of BENCHMARKS.md)",
                 [*QUANT, "--correct-rank", "32,head=128"]),

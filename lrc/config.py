@@ -67,13 +67,40 @@ def _positive(name: str, value, *, integer: bool = False, allow_zero: bool = Fal
                           f"{' (an integer)' if integer else ''}, got {value!r}", name)
 
 
+DEFAULT_SIZE = 1.2  # recipe best's size for a bare --quantize int4 on an LM: x the int4 form
+
+
+def relative_size(v) -> float | None:
+    """``N`` of a size written ``Nx`` (a positive multiple of the model's int4 form), else
+    None."""
+    if not isinstance(v, str) or not v.strip().lower().endswith("x"):
+        return None
+    try:
+        n = float(v.strip()[:-1])
+    except ValueError:
+        return None
+    return n if n > 0 else None
+
+
+def _size(v):
+    """target-size's value: MB as a number, or ``Nx`` kept as written."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v.strip().lower()
+    return v
+
+
 # ----------------------------------------------------------------------------------- recipes
 
 RECIPES = {
     "best": "the data-aware recipe measured best on both bundled models (BENCHMARKS.md, "
             "benchmarks/allocation.md): projections reading one tensor factored jointly "
             "(group_inputs), the first and last blocks dense (dense_edges, models of 6+ "
-            "blocks), the joint update (update, svd-llm); a tied head left dense",
+            "blocks), the joint update (update, svd-llm); a tied head left dense; a bare "
+            "quantize int4 (no correction, block size, base quantiser, A bits, embedding or smoothing given) "
+            f"on a language model with calibration text: target-size {DEFAULT_SIZE:g}x",
     "plain": "each option as given (no grouping, no dense blocks, no update); a tied head is "
              "factorised like any projection",
 }
@@ -115,9 +142,11 @@ class LowRankConfig:
         "it is; its factors would add bytes) or factor. Default: dense under recipe best, "
         "unless include names the head or a policy file is given.")
     recipe: str = option("best", choices=lambda: list(RECIPES), help="Defaults for "
-                         "group-inputs, dense-edges, update and tied-head: best (data-aware "
-                         "methods: grouped, edge blocks dense, the joint update; a tied head "
-                         "left dense) or plain (none of it). Options given explicitly win.")
+                         "group-inputs, dense-edges, update, tied-head and a bare quantize "
+                         "int4's size: best (data-aware methods: grouped, edge blocks dense, "
+                         "the joint update; a tied head left dense; quantize int4 alone on a "
+                         f"language model: target-size {DEFAULT_SIZE:g}x) or plain (none of "
+                         "it). Options given explicitly win.")
 
     def validate(self) -> None:
         _one_of("recipe", self.recipe, RECIPES)
@@ -156,8 +185,12 @@ class BudgetConfig:
     target_params: float | None = option(
         kind="float", help="Keep this fraction of all projection parameters, ranks spread "
         "uniformly over the selected ones.")
-    target_size: float | None = option(kind="float", metavar="MB",
-                                       help="Target weight size in MB.")
+    target_size: float | str | None = option(
+        kind="str", metavar="MB|Nx", also=(int, float), parse=lambda v: _size(v),
+        help="Target weight size in MB; with quantize also Nx: N times the model in int4 "
+             "blocks of 32 with an int4 table (the builder's int4 form), e.g. 1.2x. Default "
+             f"with quantize int4 and nothing else of its recipe given, on a language model "
+             f"with calibration text: {DEFAULT_SIZE:g}x (recipe best).")
     target_speedup: float | None = option(
         kind="float", help="Keep the projection parameters an ORT-profiled Amdahl model says "
         "give this speedup (an upper estimate).")
@@ -178,7 +211,11 @@ class BudgetConfig:
                 isinstance(self.target_params, (int, float)) and 0 < self.target_params <= 1):
             raise ConfigError(f"{opt('target_params')} must be in (0, 1], got "
                               f"{self.target_params!r}", "target_params")
-        if self.target_size is not None:
+        if isinstance(self.target_size, str):
+            if relative_size(self.target_size) is None:
+                raise ConfigError(f"{opt('target_size')} must be MB or a multiple of the int4 "
+                                  f"form such as 1.2x, got {self.target_size!r}", "target_size")
+        elif self.target_size is not None:
             _positive("target_size", self.target_size)
         if self.target_speedup is not None and not (
                 isinstance(self.target_speedup, (int, float)) and self.target_speedup > 1):
@@ -324,15 +361,17 @@ class QuantConfig:
         "block-wise), int8-weight (8-bit weight-only) or int8 (INT8 dynamic); per-node "
         "overrides after a comma: int4,head=int8-weight. Without rank/ratio/energy no low "
         "rank is applied.")
-    block_size: int | str = option(
-        32, metavar="B[,SEL=B]", also=(int,), parse=lambda v: int(v) if str(v).isdigit() else v,
-        help="Block size of block-wise codes (a power of two >= 16); per-node overrides after a "
-             "comma: 32,ffn.up=128 (roles, groups or name globs; a corrected group keeps one).")
+    block_size: int | str | None = option(
+        metavar="B[,SEL=B]", kind="str", also=(int,),
+        parse=lambda v: int(v) if str(v).isdigit() else v,
+        help="Block size of block-wise codes (a power of two >= 16; default 32); per-node "
+             "overrides after a comma: 32,ffn.up=128 (roles, groups or name globs; a corrected "
+             "group keeps one).")
     accuracy_level: int = option(4, kind="int", help="MatMulNBits accuracy_level: 4 = int8 "
                                  "compute (fast CPU path), 0 = float compute.")
-    correct_rank: int | str = option(
-        "0", metavar="R[,SEL=R]", also=(int,), help="Rank of the whitened low-rank correction of the "
-        "quantisation error (0: none); Q/K/V and gate/up share one. Per-node overrides after a "
+    correct_rank: int | str | None = option(
+        metavar="R[,SEL=R]", kind="str", also=(int,), help="Rank of the whitened low-rank correction of the "
+        "quantisation error (0, the default: none); Q/K/V and gate/up share one. Per-node overrides after a "
         "comma: 32,head=128,ffn.down=64 (roles, groups or name globs). 'auto': ranks in whole "
         "blocks where the whitened error spectrum gains most per byte, under correct-budget "
         "(so far worse than uniform: BENCHMARKS.md).")
@@ -466,7 +505,8 @@ def parse_spec(quantize: str, correct_rank="0", **kw):
         return b
 
     if "block_size" in kw:
-        block, b_over = split(kw["block_size"], opt("block_size"))
+        block, b_over = split(32 if kw["block_size"] is None else kw["block_size"],
+                              opt("block_size"))
         kw["block_size"] = block_of(block or "32", "")
         kw["blocks"] = tuple((sel, block_of(v, f"{sel}=")) for sel, v in b_over)
     scheme, s_over = split(quantize, opt("quantize"))
@@ -568,6 +608,10 @@ class CompressConfig:
             raise ConfigError(f"give either a budget ({opt('target_params')}/"
                               f"{opt('target_size')}/{opt('target_speedup')}) or {opt('rank')}/"
                               f"{opt('energy')}/{opt('ratio')}, not both", "target_params")
+        if relative_size(self.budget.target_size) is not None and not self.size_allocated:
+            raise ConfigError(f"{opt('target_size', self.budget.target_size)} is relative to "
+                              f"the model's int4 form: it goes with {opt('quantize')} and no "
+                              f"rank / ratio / energy (give MB otherwise)", "target_size")
         q, rest = self.quant.quantize, self.output.quantize_rest
         if rest and self.quant.target_runtime != "ort":
             raise ConfigError(f"{opt('quantize_rest')} writes ONNX Runtime's own ops: not for "
@@ -578,7 +622,7 @@ class CompressConfig:
                               f"included: drop {opt('quantize_rest') if rest else opt('int8')}",
                               "quantize_rest" if rest else "int8")
         if self.size_allocated:
-            given = [k for k, v in (("correct_rank", str(self.quant.correct_rank) != "0"),
+            given = [k for k, v in (("correct_rank", str(self.quant.correct_rank or 0) != "0"),
                                     ("correct_budget", self.quant.correct_budget is not None),
                                     ("update", bool(self.algorithm.update))) if v]
             if given:

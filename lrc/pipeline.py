@@ -33,7 +33,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from lrc import methods
-from lrc.config import RECIPES, CompressConfig, copy_config
+from lrc.config import DEFAULT_SIZE, RECIPES, CompressConfig, copy_config, relative_size
 from lrc.errors import LrcError, opt, render
 from lrc.graph import folder
 from lrc.graph import model as M
@@ -51,7 +51,8 @@ EDGE_MIN_BLOCKS = 6  # fewer blocks: keeping two dense would leave too little to
 # --------------------------------------------------------------------------------- the recipe
 
 
-def _apply_recipe(config: CompressConfig, model: ir.Model, method) -> tuple[CompressConfig, dict]:
+def _apply_recipe(config: CompressConfig, model: ir.Model, method,
+                  ref: ModelRef | None = None) -> tuple[CompressConfig, dict]:
     """``config`` with the options left unset (None) filled from its recipe, and what was
     filled. The "best" recipe applies to data-aware low rank (the method resolved for this
     model, before the update); a tied head is left dense under it for every method, unless
@@ -88,7 +89,35 @@ def _apply_recipe(config: CompressConfig, model: ir.Model, method) -> tuple[Comp
             done["tied_head"] = render(f"{tied[0].name} left dense: its weight is the "
                                        f"embedding's, factors would add bytes ("
                                        f"{opt('include', 'head')} to factorise it)")
+    q = c.quant
+    if (lr.recipe == "best" and q.quantize == "int4" and not c.lowrank.given
+            and not c.budget.given and c.factorizer is None and ref is not None and ref.is_lm
+            and method.data_aware and not c.calibration.calib_inputs and not q.smooth
+            and all(v is None for v in (q.correct_rank, q.block_size, q.base_quant,
+                                        q.correct_a_bits, q.embedding, q.correct_budget))
+            and not alg.update):
+        c.budget.target_size = f"{DEFAULT_SIZE:g}x"
+        done["target_size"] = render(
+            f"{DEFAULT_SIZE:g}x the model's int4 form: bits, blocks, correction ranks and the "
+            f"head's form chosen by measured effect ({opt('recipe', 'plain')} or "
+            f"{opt('correct_rank', '0')} for round-to-nearest codes alone)")
     return c, done
+
+
+def _resolve_size(run: Run, config: CompressConfig, recipe: dict) -> None:
+    """``target-size Nx`` in MB: N times the model in the builder's int4 form
+    (:func:`lrc.graph.passes.quant.int4_form_bytes`), set in ``config`` before any check."""
+    from lrc.graph.passes.quant import int4_form_bytes
+
+    n = relative_size(config.budget.target_size)
+    if n is None:
+        return
+    base = int4_form_bytes(run.model, config.quant.spec(sized=True), run.select)
+    config.budget.target_size = round(n * base / 1e6, 3)
+    if "target_size" in recipe:  # the recipe's (a size given as Nx shows in the pass's line)
+        recipe["target_size"] += (f": {n:g}x {base / 1e6:.1f} MB (every projection 4-bit in "
+                                  f"blocks of 32, an int4 table) = "
+                                  f"{config.budget.target_size:.1f} MB")
 
 
 # --------------------------------------------------------------------------------- plan
@@ -118,7 +147,7 @@ def plan(model_or_path, config: CompressConfig, *, progress: Progress | None = N
     ref = resolve_model(model_or_path, tokenizer=config.calibration.tokenizer)
     base, method_note = _resolve_method(ref, config)
     model = ref.load()
-    config, recipe = _apply_recipe(config, model, base)
+    config, recipe = _apply_recipe(config, model, base, ref)
     pol = config.lowrank.build()
     method = (methods.get(methods.with_update(base.name)) if config.algorithm.update else base)
     run = Run(ref, model, config, method, method_note, pol, progress=progress,
@@ -126,6 +155,7 @@ def plan(model_or_path, config: CompressConfig, *, progress: Progress | None = N
     if config.quant.quantize is not None:
         _check_quantisable(model, ref)
     if config.size_allocated:
+        _resolve_size(run, config, recipe)
         _check_size(run, config)
     if not config.lowrank_asked:
         spec = config.quant_spec()
@@ -278,6 +308,8 @@ def compress_model(model_or_path, config: CompressConfig, *, progress: Progress 
         report["recipe"] = {"name": config.lowrank.recipe, "applied": recipe}
     else:
         report["policy"] = {"include": pol.include, "exclude": pol.exclude}
+        if recipe:
+            report["recipe"] = {"name": config.lowrank.recipe, "applied": recipe}
     report["modifiers"] = [m.name for m in mods]
     report["config"] = config.to_dict()
     return run.model, report

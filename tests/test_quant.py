@@ -979,6 +979,43 @@ def test_target_size_counts_the_shared_embeddings_error_in_the_heads_choices():
     assert "GatherBlockQuantized" in [n.op_type for n in q.graph.node]
 
 
+def test_bare_int4_on_a_language_model_is_sized_by_the_recipe(tmp_path):
+    """recipe best: ``--quantize int4`` alone on a language model with calibration text is
+    ``--target-size 1.2x``: 1.2 times the model in int4 blocks of 32 with an int4 table, bits,
+    blocks, ranks and the head's form allocated by the probe; a correction, a block size or
+    recipe plain given keep round-to-nearest codes; ``Nx`` without quantize is one line."""
+    import json
+
+    from test_evaluate import tiny_tokenizer
+
+    import lrc
+    from graphs import builder_tied
+    from lrc.graph.passes.quant import int4_form_bytes
+
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    proto = builder_tied(vocab=8192, d=128, hidden=128)  # a table of 1M values
+    onnx.save(proto, lm / "model.onnx")
+    tiny_tokenizer().save(str(lm / "tokenizer.json"))
+    base = int4_form_bytes(ir.serde.deserialize_model(proto),
+                           QuantSpec("int4", 32, 0, 0, embedding="int8"))
+    codes = 8192 * 128 // 2 + 8192 * 4 * 4 + 2 * (128 * 128 // 2 + 128 * 4 * 4)
+    assert codes < base < codes + 60_000  # the codes, the norm, the graph's own bytes
+    out, _ = lrc.compress(str(lm), out=tmp_path / "q", quantize="int4", calib_tokens=512)
+    rec = json.loads((tmp_path / "q" / "lrc.json").read_text())
+    assert "1.2x" in rec["recipe"]["applied"]["target_size"]
+    assert rec["config"]["target_size"] == round(1.2 * base / 1e6, 3)
+    assert {a["members"][0] for a in rec["quantize"]["allocation"]} >= {"/lm_head/MatMul"}
+    size = sum(f.stat().st_size for f in (tmp_path / "q").glob("model.onnx*"))
+    assert size <= 1.2 * base * 1.02
+    for given in ({"recipe": "plain"}, {"correct_rank": 0}, {"block_size": 32},
+                  {"calib_tokens": 512, "base_quant": "gptq"}):
+        _, plan = lrc.compress(str(lm), quantize="int4", dry_run=True, **given)
+        assert plan["config"]["target_size"] is None, given
+    with pytest.raises(LrcError, match="relative to the model's int4 form"):
+        lrc.compress(str(lm), target_size="1.2x", dry_run=True)
+
+
 def test_per_node_block_sizes():
     """--block-size 32,SEL=B: the selected projections are written with their own blocks."""
     from lrc.config import parse_spec

@@ -968,6 +968,20 @@ def smallest_bytes(model: ir.Model, spec: QuantSpec, select=None) -> tuple[int, 
     return _fixed_bytes(model, targets, spec), least
 
 
+def int4_form_bytes(model: ir.Model, spec: QuantSpec, select=None) -> int:
+    """The bytes of the model in the builder's int4 form, what ``--target-size Nx`` multiplies:
+    every projection 4-bit in blocks of 32 with no correction, the large embedding tables int4
+    (a tied head's shared), the rest as it is."""
+    spec = replace(spec, embedding="int4", block_size=32)
+    targets, _ = quant_targets(model, select)
+    seen, codes = set(), 0
+    for t in targets:
+        if id(t.weight) not in seen:
+            seen.add(id(t.weight))
+            codes += _choice_bytes(t.shape[0], [t.shape[1]], 4, 32, 0, spec, _itemsize(t))
+    return _fixed_bytes(model, targets, spec) + codes
+
+
 def _fixed_bytes(model: ir.Model, targets: list, spec: QuantSpec) -> int:
     """The bytes of the output's initializers that are not the targets' codes: everything
     else, with the large embedding tables as the embedding pass will store them (none where
@@ -1004,6 +1018,10 @@ def _fixed_bytes(model: ir.Model, targets: list, spec: QuantSpec) -> int:
             total -= tab.tensor.nbytes
         if not shared:
             total += v * k * bits // 8 + v * (k // spec.block_size) * tab.tensor.dtype.itemsize
+    for t in targets:  # a tied table no embedding form replaces stays float beside the head
+        if t.tied and id(t.weight) not in done:
+            done.add(id(t.weight))
+            total += t.weight.const_value.nbytes
     return int(total)
 
 
@@ -1034,5 +1052,6 @@ def check_fp16(spec: QuantSpec, targets: list[Target]) -> None:
 
 
 __all__ = ["AUTO_RANK", "CORRECT_FORMS", "EMBEDDING", "Corrector", "QuantNode", "QuantRecord",
-           "QuantSpec", "QuantizePass", "SCHEMES", "Solved", "check_fp16", "quant_targets",
+           "QuantSpec", "QuantizePass", "SCHEMES", "Solved", "check_fp16", "int4_form_bytes",
+           "quant_targets",
            "smallest_bytes"]
