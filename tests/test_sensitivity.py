@@ -48,3 +48,20 @@ def test_probe_changes_a_tied_heads_table_apart_from_its_embedding(tmp_path):
         head, emb, both = p({name: noisy}), p({alias: noisy}), p({name: noisy, alias: noisy})
         assert head > 0 and emb > 0 and both > 0
         assert len({round(head, 7), round(emb, 7), round(both, 7)}) == 3
+        # one copy of the table: both names are inputs fed from one array, no initializer
+        assert {name, alias} <= {i.name for i in p.sess.get_inputs()}
+        assert name not in {i.name for i in p.sess.get_overridable_initializers()}
+        assert p._tables[name] is p._tables[alias]
+    # the table's values come from external data, and from a model in memory
+    import onnx_ir as ir
+
+    proto = builder_tied(vocab=256, d=32, hidden=32)
+    name = "lm_head.MatMul.weight"
+    w = onnx.numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == name))
+    onnx.save(proto, tmp_path / "ext.onnx", save_as_external_data=True, size_threshold=0,
+              location="ext.onnx.data")
+    batch = [{"input_ids": rng.integers(0, 256, (1, 9))}]
+    for src in (tmp_path / "ext.onnx", ir.load(tmp_path / "ext.onnx")):
+        p = Probe(src, [name], batch, path=tmp_path / "ext.onnx")
+        np.testing.assert_array_equal(p._tables[name], w)
+        assert abs(p({})) < 1e-7 and p({name: w * 1.5}) > 0

@@ -11,6 +11,8 @@ the output error each choice causes, measured, not guessed from the per-matrix e
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 
@@ -28,9 +30,9 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def _split_tied_tables(proto: onnx.ModelProto, names: list[str], inits: dict) -> dict[str, str]:
     """A table read both by an embedding's ``Gather`` (directly or through a ``Transpose``
-    only Gathers read) and by other nodes (a tied head's MatMul) gets a copy, ``NAME::embedding``,
-    that the embedding's nodes read instead, so a probe can change the head and the embedding
-    apart. Returns ``{name: the copy's name}``."""
+    only Gathers read) and by other nodes (a tied head's MatMul): the embedding's nodes read a
+    second name, ``NAME::embedding``, so a probe can change the head and the embedding apart.
+    Returns ``{name: the second name}``; the caller feeds both (no copy of the table)."""
     consumers: dict[str, list] = {}
     for node in proto.graph.node:
         for i, x in enumerate(node.input):
@@ -51,13 +53,21 @@ def _split_tied_tables(proto: onnx.ModelProto, names: list[str], inits: dict) ->
         alias = f"{n}::embedding"
         for node, i in emb:
             node.input[i] = alias
-        t = onnx.TensorProto()
-        t.CopyFrom(inits[n])
-        t.name = alias
-        proto.graph.initializer.append(t)
-        inits[alias] = t
+        inits[alias] = inits[n]
         out[n] = alias
     return out
+
+
+def _array(model, t: onnx.TensorProto, base) -> np.ndarray:
+    """An initializer's values: from the in-memory model when it holds them (a lazy tensor is
+    mapped, not read), else from the proto (its external data beside ``base``)."""
+    import onnx_ir as ir
+
+    if isinstance(model, ir.Model) and t.name in model.graph.initializers:
+        v = model.graph.initializers[t.name].const_value
+        if v is not None:
+            return v.numpy()
+    return onnx.numpy_helper.to_array(t, str(base) if base is not None else "")
 
 
 class Probe:
@@ -83,6 +93,12 @@ class Probe:
             raise LrcError(f"sensitivity probe: {missing[0]!r} is not an initializer")
         have = {i.name for i in proto.graph.input}
         self.embedding_inputs = _split_tied_tables(proto, names, inits)
+        # a split table: both names are inputs fed from one array, its initializer dropped
+        base = getattr(self._keep, "dir", None) or (Path(path).parent if path else None)
+        self._tables: dict[str, np.ndarray] = {}
+        for n, alias in self.embedding_inputs.items():
+            self._tables[n] = self._tables[alias] = _array(model, inits[n], base)
+            proto.graph.initializer.remove(inits[n])
         names = [*names, *self.embedding_inputs.values()]
         for n in names:
             if n not in have:
@@ -98,10 +114,17 @@ class Probe:
                                  ref=ref, what=" for the sensitivity probe")
         from lrc.runtime.feeds import text_feeds
 
-        self.feeds = [b if isinstance(b, dict) else text_feeds(self.sess, np.asarray(b))
+        self.feeds = [{**self._tables, **b} if isinstance(b, dict) else
+                      text_feeds(self.sess, np.asarray(b),
+                                 fill_other=self._table)
                       for b in batches]
         self.ref_lp = [log_softmax(self._logits(f)) for f in self.feeds]
         self.ref_p = [np.exp(lp) for lp in self.ref_lp]
+
+    def _table(self, spec) -> np.ndarray:
+        if spec.name not in self._tables:
+            raise LrcError(f"sensitivity probe: don't know how to fill input {spec.name!r}")
+        return self._tables[spec.name]
 
     def _logits(self, feeds: dict) -> np.ndarray:
         try:
