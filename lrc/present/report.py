@@ -767,8 +767,9 @@ def render_report(results: list[dict], summaries: list[dict] | None = None, titl
     for r in benches:
         nb += 1
         body.append(_bench_section(r, nb))
-    for i, b in enumerate(benches if evals else [], 1):
-        for item in join_bench_eval(b, evals)["items"]:
+    joins = [join_bench_eval(b, evals) for b in benches] if evals else []
+    for i, joined in enumerate(joins, 1):
+        for item in joined["items"]:
             if len(benches) > 1:
                 item["title"] = f"benchmark {i}, {item['title']}"
             body.append(_variants_section(item))
@@ -776,8 +777,8 @@ def render_report(results: list[dict], summaries: list[dict] | None = None, titl
         if "variants" in r:
             body.append(_variants_section(r))
     for p in (r for r in results if is_peers(r)):
-        for b in benches[:1] if evals else []:
-            body.append(_peers_section(p, join_bench_eval(b, evals)["models"], evals))
+        for joined in joins[:1]:
+            body.append(_peers_section(p, joined["models"], evals))
     if evals:
         body.append(_quality_section(evals))
     for i, s in enumerate(summaries, 1):
