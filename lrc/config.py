@@ -99,8 +99,9 @@ RECIPES = {
             "benchmarks/allocation.md): projections reading one tensor factored jointly "
             "(group_inputs), the first and last blocks dense (dense_edges, models of 6+ "
             "blocks), the joint update (update, svd-llm); a tied head left dense; a bare "
-            "quantize int4 (no correction, block size, base quantiser, A bits, embedding or smoothing given) "
-            f"on a language model with calibration text: target-size {DEFAULT_SIZE:g}x",
+            "quantize int4 (no correction, block size, base quantiser, A bits, embedding or "
+            f"smoothing given) on a language model with calibration text: target-size "
+            f"{DEFAULT_SIZE:g}x",
     "plain": "each option as given (no grouping, no dense blocks, no update); a tied head is "
              "factorised like any projection",
 }
@@ -370,10 +371,11 @@ class QuantConfig:
     accuracy_level: int = option(4, kind="int", help="MatMulNBits accuracy_level: 4 = int8 "
                                  "compute (fast CPU path), 0 = float compute.")
     correct_rank: int | str | None = option(
-        metavar="R[,SEL=R]", kind="str", also=(int,), help="Rank of the whitened low-rank correction of the "
-        "quantisation error (0, the default: none); Q/K/V and gate/up share one. Per-node overrides after a "
-        "comma: 32,head=128,ffn.down=64 (roles, groups or name globs). 'auto': ranks in whole "
-        "blocks where the whitened error spectrum gains most per byte, under correct-budget "
+        metavar="R[,SEL=R]", kind="str", also=(int,), help="Rank of the whitened low-rank "
+        "correction of the quantisation error (default 0: none; but a bare quantize int4 on a "
+        "language model is target-size 1.2x under recipe best); Q/K/V and gate/up share one. "
+        "Per-node overrides after a comma: 32,head=128,ffn.down=64 (roles, groups or name "
+        "globs). 'auto': ranks in whole blocks where the whitened error spectrum gains most per byte, under correct-budget "
         "(so far worse than uniform: BENCHMARKS.md).")
     base_quant: str | None = option(
         choices=lambda: list(_base_quantizers()),

@@ -57,7 +57,10 @@ def _apply_recipe(config: CompressConfig, model: ir.Model, method,
     filled. The "best" recipe applies to data-aware low rank (the method resolved for this
     model, before the update); a tied head is left dense under it for every method, unless
     include names the head (or a policy file) asks for it. ``rank`` full (a check of the
-    rewrite itself) and a ready factoriser take nothing from the recipe."""
+    rewrite itself) and a ready factoriser take nothing from the recipe. A bare ``quantize
+    int4`` (nothing else of the quantisation recipe given) on a language model with
+    calibration text gets ``target_size`` :data:`~lrc.config.DEFAULT_SIZE` ``x`` (resolved
+    to MB in :func:`plan`)."""
     from lrc.graph.locate import locate
 
     c = copy_config(config)
