@@ -178,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
     ap.add_argument("--render-only", action="store_true",
                     help="render the section from OUT/results.json (nothing run)")
+    ap.add_argument("--load", default="", help="what else the machine ran meanwhile, said in "
+                    "the section (with --render-only: added to OUT/results.json)")
     args = ap.parse_args(argv)
     if args.out is None:
         args.out = ROOT / "bench-out" / ("genai-builder" if args.model == "smollm2"
@@ -186,6 +188,9 @@ def main(argv=None) -> int:
     mark_begin, mark_end = markers(args.model)
     if args.render_only:
         results = json.loads((args.out / "results.json").read_text())
+        if args.load:
+            results["args"]["load"] = args.load
+            (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
         names = ["builder-fp32", "builder-int4",
                  *[k for k in results["args"]["variants"].split(",") if k]]
         section = render(results, names)
@@ -295,7 +300,8 @@ def render(results: dict, names: list[str]) -> str:
         f"`python benchmarks/genai_builder.py{flag}` ({results['date']}, "
         f"{results['seconds'] // 60} min). "
         f"{name} ({source}: every code here is symmetric, 4-bit in blocks of 32 (the "
-        f"`lrc-size` rows: 4- or 8-bit in blocks of 32, 64 or 128, chosen per group), none can "
+        f"`lrc-size` and `lrc-default` rows: 4- or 8-bit in blocks of 32, 64 or 128, chosen "
+        f"per group), none can "
         f"land on the source's grid); lrc compresses the builder's fp32 folder "
         f"({results['args']['calib_tokens']} calibration tokens) and keeps its fused graph "
         f"(GroupQueryAttention, skip-norms, packed QKV); perplexity on "
@@ -305,7 +311,9 @@ def render(results: dict, names: list[str]) -> str:
         f"threads), relative to the builder's int4 ({ref_ms}); sizes of the folders (with "
         f"tokenizer and configs) and of the model files alone (.onnx + external data: what "
         f"`--target-size` counts); compression time in wall seconds on the machine "
-        f"below (`-`: a folder an earlier run made, kept with `--reuse`).",
+        f"below (`-`: a folder an earlier run made, kept with `--reuse`)."
+        + (f" Not a quiet run: {results['args']['load']}." if results["args"].get("load")
+           else ""),
         "",
         f"- Machine: {machine_line(results['machine'], results['isa'])}",
         "",
