@@ -55,8 +55,8 @@ VARIANTS = {
                     "`--target-size 1.2x` the model's int4 form, bits, blocks, correction ranks "
                     "and the head's form allocated by measured sensitivity; gptq, 4-bit A, int4 "
                     "embedding)", [*QUANT]),
-    "lrc-q4c": ("lrc int4 + rank-32 correction, head 128 (float A, int8 embedding: the default "
-                "quantisation recipe of BENCHMARKS.md)",
+    "lrc-q4c": ("lrc int4 + rank-32 correction, head 128 (float A, int8 embedding: the "
+                "correction recipe of BENCHMARKS.md's quantisation section)",
                 [*QUANT, "--correct-rank", "32,head=128"]),
     "lrc-q4c-compact": ("lrc int4 + rank-32 correction, head 64, 4-bit A, int4 embedding shared "
                         "with the head (`--correct-rank 32,head=64 --correct-a-bits 4 "
