@@ -45,8 +45,8 @@ MODELS = {
 }
 
 
-def markers(model: str) -> tuple[str, str]:
-    tag = MODELS[model][3]
+def markers(model: str, source: str = "fp32") -> tuple[str, str]:
+    tag = MODELS[model][3] + ("" if source == "fp32" else f"-{source}")
     return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
 QUANT = ["--quantize", "int4"]
 # key -> (label, lrc compress flags on the builder's fp32 folder)
@@ -178,20 +178,25 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
     ap.add_argument("--render-only", action="store_true",
                     help="render the section from OUT/results.json (nothing run)")
+    ap.add_argument("--source", choices=["fp32", "fp16"], default="fp32",
+                    help="the builder's folder lrc compresses (fp16: float16 weights, scales "
+                         "and activations; its own section)")
     ap.add_argument("--load", default="", help="what else the machine ran meanwhile, said in "
                     "the section (with --render-only: added to OUT/results.json)")
     args = ap.parse_args(argv)
     if args.out is None:
-        args.out = ROOT / "bench-out" / ("genai-builder" if args.model == "smollm2"
-                                         else f"genai-builder-{args.model}")
+        args.out = ROOT / "bench-out" / (("genai-builder" if args.model == "smollm2"
+                                          else f"genai-builder-{args.model}")
+                                         + ("" if args.source == "fp32" else f"-{args.source}"))
     args.out.mkdir(parents=True, exist_ok=True)
-    mark_begin, mark_end = markers(args.model)
+    mark_begin, mark_end = markers(args.model, args.source)
+    src = args.source
     if args.render_only:
         results = json.loads((args.out / "results.json").read_text())
         if args.load:
             results["args"]["load"] = args.load
             (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-        names = ["builder-fp32", "builder-int4",
+        names = [f"builder-{results['args'].get('source', 'fp32')}", "builder-int4",
                  *[k for k in results["args"]["variants"].split(",") if k]]
         section = render(results, names)
         print(section)
@@ -202,9 +207,9 @@ def main(argv=None) -> int:
     import builder
 
     m = args.model
-    if builder.main([m, "--precision", "fp32", "int4", "--out", str(args.out)]):
+    if builder.main([m, "--precision", src, "int4", "--out", str(args.out)]):
         raise SystemExit("the model builder failed")
-    fp32, int4 = args.out / f"{m}-fp32", args.out / f"{m}-int4"
+    fp32, int4 = args.out / f"{m}-{src}", args.out / f"{m}-int4"
     dense = args.out / "dense"
     if not (dense / "model.onnx").is_file():
         source = MODELS[m][2] or str(builder.gguf_of(m))
@@ -221,7 +226,7 @@ def main(argv=None) -> int:
         lrc("compress", str(fp32), *variant(key)[1], "--calib-tokens", str(args.calib_tokens),
             "-o", str(out), "--force")
         compress_s[key] = round(time.perf_counter() - t, 1)
-    models = {"builder-fp32": fp32, "builder-int4": int4, **{k: args.out / k for k in keys}}
+    models = {f"builder-{src}": fp32, "builder-int4": int4, **{k: args.out / k for k in keys}}
     log("lrc eval (news, docs)")
     ev = json.loads(lrc("eval", str(dense), *map(str, models.values()), "--max-tokens",
                         str(args.max_tokens), "--threads", "2", "--json"))
@@ -251,10 +256,11 @@ def _speed(bench: dict, name: str) -> dict:
 
 def render(results: dict, names: list[str]) -> str:
     ev, bench = results["eval"], results["bench"]
-    labels = {"builder-fp32": "ORT GenAI builder fp32 (the same weights, fused)",
+    src = results["args"].get("source", "fp32")
+    labels = {f"builder-{src}": f"ORT GenAI builder {src} (the same weights, fused)",
               "builder-int4": "ORT GenAI builder int4 (RTN, block 32, accuracy_level 4, "
                               "embedding shared int4)",
-              **{k: variant(k)[0] for k in names if k not in ("builder-fp32", "builder-int4")}}
+              **{k: variant(k)[0] for k in names if k not in (f"builder-{src}", "builder-int4")}}
     bnames = [m["name"] for m in bench["models"]]
     ref = _speed(bench, bnames[2])  # the builder's int4 (after dense and its fp32)
     dense_q = ev["results"][0]
@@ -285,14 +291,17 @@ def render(results: dict, names: list[str]) -> str:
     s = results["bench"]["settings"]
     model = results.get("model", "smollm2")
     name, source = MODELS[model][:2]
-    mark_begin, mark_end = markers(model)
     a = results["args"]
+    mark_begin, mark_end = markers(model, src)
     flag = "" if model == "smollm2" else f" --model {model}"
+    if src != "fp32":
+        flag += f" --source {src}"
     if a.get("variants") and a["variants"] != ",".join(VARIANTS):
         flag += f" --variants {a['variants']}"
     if a.get("calib_tokens") != 16384:
         flag += f" --calib-tokens {a['calib_tokens']}"
-    title = ("" if model == "smollm2" else f", {name}")
+    title = ("" if model == "smollm2" else f", {name}") + (
+        "" if src == "fp32" else f", from the builder's {src} graph")
     return "\n".join([
         mark_begin, "",
         f"## ONNX Runtime GenAI's model builder: its graphs, compressed by lrc{title}",
@@ -302,7 +311,7 @@ def render(results: dict, names: list[str]) -> str:
         f"{name} ({source}: every code here is symmetric, 4-bit in blocks of 32 (the "
         f"`lrc-size` and `lrc-default` rows: 4- or 8-bit in blocks of 32, 64 or 128, chosen "
         f"per group), none can "
-        f"land on the source's grid); lrc compresses the builder's fp32 folder "
+        f"land on the source's grid); lrc compresses the builder's {src} folder "
         f"({results['args']['calib_tokens']} calibration tokens) and keeps its fused graph "
         f"(GroupQueryAttention, skip-norms, packed QKV); perplexity on "
         f"{results['args']['max_tokens']} tokens of news and of Python docs (a domain absent "
