@@ -6,7 +6,7 @@ script
 
 1. makes the builder's fp32 and int4 folders of the bundled LM (benchmarks/builder.py: an
    environment of its own, transformers >= 5) and lrc's own dense export (optimum's graph);
-2. compresses the builder's fp32 folder with lrc (each of ``VARIANTS``: quantised to int4 with
+2. compresses the builder's fp32 folder (``--source fp16``: its fp16 one) with lrc (each of ``VARIANTS``: quantised to int4 with
    the whitened low-rank correction, in the builder's fused graph);
 3. evaluates every model against the dense export on both texts (news, in the calibration's
    domain; Python docs, absent from it: lrc's protocol, windows of 256, ``--max-tokens``);
@@ -17,6 +17,8 @@ script
 
     python benchmarks/genai_builder.py --write        # ~30 min on 2 cores (builder env once)
     python benchmarks/genai_builder.py --model gemma3 --write   # Gemma-3-270M, its own section
+    python benchmarks/genai_builder.py --source fp16 --variants lrc-default,lrc-size-105 --write
+                                   # from the builder's fp16 folder (float16 scales), its own section
 
 The reference weights are dequantised GGUFs (SmolLM2 from Q4_1: asymmetric, block 32; Gemma-3
 from Q4_K_M: 6-bit scales and mins per 32 inside 256-blocks); every int4 here is symmetric
