@@ -256,6 +256,10 @@ def _speed(bench: dict, name: str) -> dict:
     return {r["phase"]: r["p50_ms"] for r in bench["runs"] if r["model"] == name}
 
 
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def render(results: dict, names: list[str]) -> str:
     ev, bench = results["eval"], results["bench"]
     src = results["args"].get("source", "fp32")
@@ -285,7 +289,7 @@ def render(results: dict, names: list[str]) -> str:
             model_mb = model_bytes(folder)
         secs = results.get("compress_s", {}).get(name)
         rows.append(f"| {labels.get(name, name)} | x{n:.3f} / x{d:.3f} | "
-                    f"{r['in_domain']['kl']:.3f} | {pre:.2f} | {dec:.2f} | "
+                    f"{r['in_domain']['kl']:.3f} | {_ratio(pre)} | {_ratio(dec)} | "
                     f"{size / 1e6:.1f} MB ({size / size_ref:.2f}x) | "
                     f"{f'{model_mb / 1e6:.1f} MB' if model_mb else '-'} | "
                     f"{f'{secs:.0f} s' if secs else '-'} |")
@@ -315,7 +319,10 @@ def render(results: dict, names: list[str]) -> str:
         f"per group), none can "
         f"land on the source's grid); lrc compresses the builder's {src} folder "
         f"({results['args']['calib_tokens']} calibration tokens) and keeps its fused graph "
-        f"(GroupQueryAttention, skip-norms, packed QKV); perplexity on "
+        + ("(GroupQueryAttention, skip-norms, packed QKV)" if src == "fp32" else
+           "(the builder's CPU fp16 build: MultiHeadAttention after repeat_kv, RotaryEmbedding, "
+           "skip-norms, Q/K/V apart; float16 weights, scales and activations)")
+        + f"; perplexity on "
         f"{results['args']['max_tokens']} tokens of news and of Python docs (a domain absent "
         f"from calibration) as a ratio to the dense export's; KL(dense‖new) on news; speed from "
         f"one interleaved `lrc bench` (medians of {s.get('runs')} runs, {s.get('threads')} "
