@@ -955,17 +955,14 @@ def smallest_bytes(model: ir.Model, spec: QuantSpec, select=None) -> tuple[int, 
     the least its choices can take (every projection at its largest block, no correction):
     what a budget is checked against before any work."""
     targets, _ = quant_targets(model, select)
-    seen, least = set(), 0
-    for t in targets:
-        if id(t.weight) in seen:
-            continue
-        seen.add(id(t.weight))
-        s = spec.for_target(t)
-        k = t.shape[0]
+
+    def least(t):
+        s, k = spec.for_target(t), t.shape[0]
         block = max([b for b in ALLOC_BLOCKS if not k % b] or [32])
-        least += _choice_bytes(k, [t.shape[1]], s.bits, 32 if s.column else block, 0, s,
-                               _itemsize(t))
-    return _fixed_bytes(model, targets, spec), least
+        return _choice_bytes(k, [t.shape[1]], s.bits, 32 if s.column else block, 0, s,
+                             _itemsize(t))
+
+    return _fixed_bytes(model, targets, spec), _per_weight(targets, least)
 
 
 def int4_form_bytes(model: ir.Model, spec: QuantSpec, select=None) -> int:
@@ -974,12 +971,18 @@ def int4_form_bytes(model: ir.Model, spec: QuantSpec, select=None) -> int:
     (a tied head's shared), the rest as it is."""
     spec = replace(spec, embedding="int4", block_size=32)
     targets, _ = quant_targets(model, select)
-    seen, codes = set(), 0
+    return _fixed_bytes(model, targets, spec) + _per_weight(targets, lambda t: _choice_bytes(
+        t.shape[0], [t.shape[1]], 4, 32, 0, spec, _itemsize(t)))
+
+
+def _per_weight(targets: list, size_of) -> int:
+    """``size_of(t)`` summed once per weight (a weight two targets read counts once)."""
+    seen, total = set(), 0
     for t in targets:
         if id(t.weight) not in seen:
             seen.add(id(t.weight))
-            codes += _choice_bytes(t.shape[0], [t.shape[1]], 4, 32, 0, spec, _itemsize(t))
-    return _fixed_bytes(model, targets, spec) + codes
+            total += size_of(t)
+    return total
 
 
 def _fixed_bytes(model: ir.Model, targets: list, spec: QuantSpec) -> int:
