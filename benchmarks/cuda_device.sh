@@ -122,7 +122,7 @@ w = numpy_helper.from_array(np.ones((8, 8), np.float32), "w")
 g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [w])
-m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)  # onnx 1.23 writes IR 14 by default; ORT 1.31 reads <= 13
 so = ort.SessionOptions(); so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
 try:
     s = ort.InferenceSession(m.SerializeToString(), so, providers=["CUDAExecutionProvider"])
