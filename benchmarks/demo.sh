@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: lrc end to end on the two bundled models, from export to report.
-# Everything lands in demo-out/. About 45 minutes on 2 cores once .venv exists (step 6 makes
-# the model builder's environment once, bench-out/builder-venv, from the package registry).
+# Everything lands in demo-out/. About 45 minutes on 2 cores once .venv exists.
 set -euo pipefail
 OUT=${DEMO_OUT:-demo-out}
 # step 5: lrc's quantisation with a whitened low-rank correction (see `lrc compress --help`)
@@ -34,21 +33,16 @@ step "5. quantise with a low-rank correction: lrc compress $QARGS"
 # shellcheck disable=SC2086  # QARGS is a list of options
 lrc compress "$OUT/smollm2" $QARGS -o "$OUT/smollm2-q4c" | tail -n 5
 
-step "6. ONNX Runtime GenAI's model builder (its own environment, made once by benchmarks/builder.py): its fused fp32 graph compressed by lrc into 88 MB (--target-size), run in ORT GenAI beside the builder's own int4"
-BUILDER=()  # the builder's int4 and lrc's compression of its fp32, when the builder could run
-if python benchmarks/builder.py smollm2 --precision fp32 int4 --out "$OUT/builder" \
-        >"$OUT/builder.log" 2>&1; then
-    # in 88 MB: bits, blocks and correction ranks chosen per group by measured sensitivity
-    # (with --target-size, GPTQ's codes, a 4-bit A and the int4 embedding are the defaults)
-    lrc compress "$OUT/builder/smollm2-fp32" --quantize int4 --target-size 88 \
-        --calib-tokens 8192 -o "$OUT/builder-lrc" | tail -n 6
-    lrc generate "$OUT/builder-lrc" "The capital of France is" --compare "$OUT/builder/smollm2-int4" \
-        --genai --max-new-tokens 16
-    BUILDER=("$OUT/builder/smollm2-int4" "$OUT/builder-lrc")
-else
-    echo "skipped: the builder's environment could not be made (last lines of $OUT/builder.log:)"
-    tail -n 3 "$OUT/builder.log"
-fi
+step "6. ONNX Runtime GenAI's model builder, in lrc's environment (lrc export --exporter builder): its fused fp32 graph compressed by lrc into 88 MB (--target-size), run in ORT GenAI beside the builder's own int4"
+lrc export smollm2-135m --exporter builder -o "$OUT/builder-fp32"
+lrc export smollm2-135m --exporter builder --dtype int4 -o "$OUT/builder-int4"  # the peer
+# in 88 MB: bits, blocks and correction ranks chosen per group by measured sensitivity
+# (with --target-size, GPTQ's codes, a 4-bit A and the int4 embedding are the defaults)
+lrc compress "$OUT/builder-fp32" --quantize int4 --target-size 88 \
+    --calib-tokens 8192 -o "$OUT/builder-lrc" | tail -n 6
+lrc generate "$OUT/builder-lrc" "The capital of France is" --compare "$OUT/builder-int4" \
+    --genai --max-new-tokens 16
+BUILDER=("$OUT/builder-fp32" "$OUT/builder-int4" "$OUT/builder-lrc")
 
 step "7. speed: interleaved A/B on the CPU EP, with ORT INT8 / 4-bit / optimized baselines (kept)"
 lrc bench "$OUT/smollm2" "$OUT/smollm2-lrc" "$OUT/smollm2-q4c" "${BUILDER[@]}" --seq 128 \

@@ -411,19 +411,28 @@ def export(source: str = typer.Argument(..., help="HF model folder, .gguf file, 
            opset: Optional[int] = typer.Option(None, "--opset"),
            dtype: str = typer.Option("float32", "--dtype", help="float32, or float16 (ONNX "
                                      "Runtime's converter after the export; inputs and outputs "
-                                     "stay float32)."),
+                                     "stay float32; with --exporter builder, the builder's fp16), "
+                                     "or int4 with --exporter builder: the builder's own "
+                                     "round-to-nearest int4, a baseline to compare lrc against."),
+           exporter: str = typer.Option("auto", "--exporter", help="auto (optimum, torch.onnx "
+                                        "dynamo if optimum fails), optimum, torch-dynamo, or "
+                                        "builder: ONNX Runtime GenAI's model builder (decoder LMs: "
+                                        "GroupQueryAttention, skip-norms, packed QKV; the graph "
+                                        "ORT GenAI deploys)."),
            force: bool = typer.Option(False, "--force", help="Overwrite a non-empty OUT.")):
     """Export a PyTorch / Hugging Face / GGUF model to an ONNX folder (needs lrc[export])."""
-    if dtype not in ("float32", "float16", "fp32", "fp16"):
-        raise LrcError(f"--dtype must be float32 or float16, got {dtype!r}")
+    if dtype not in ("float32", "float16", "fp32", "fp16", "int4"):
+        raise LrcError(f"--dtype must be float32, float16 or int4, got {dtype!r}")
     try:
         from lrc.exporters import export as run
     except ImportError as e:
         raise LrcError(f"exporting needs the export extra ({e.name} missing): pip install 'lrc[export]'")
-    res = run(source, out, task=task, opset=opset, force=force)
+    by_builder = exporter == "builder"
+    res = run(source, out, task=task, opset=opset, force=force, exporter=exporter,
+              dtype=dtype if by_builder or dtype == "int4" else "float32")
     from lrc.graph.model import file_size
 
-    if dtype in ("float16", "fp16"):
+    if dtype in ("float16", "fp16") and not by_builder:
         from lrc.quantize import to_float16
 
         t0 = time.perf_counter()
@@ -431,7 +440,10 @@ def export(source: str = typer.Argument(..., help="HF model folder, .gguf file, 
         console.print(f"converted to float16 (ONNX Runtime's converter, float32 inputs and "
                       f"outputs kept) in {time.perf_counter() - t0:.1f} s")
 
-    console.print(f"exported {source} ({res.task}) with {res.exporter} in {res.seconds:.1f} s -> "
+    by = res.exporter
+    if res.builder:
+        by = f"ONNX Runtime GenAI's model builder {res.builder['builder']} ({res.builder['precision']})"
+    console.print(f"exported {source} ({res.task}) with {by} in {res.seconds:.1f} s -> "
                   f"{res.out_dir} ({_mb(sum(file_size(f) for f in res.files))})")
     if getattr(res, "fallback_reason", None):
         console.print(f"[yellow]note:[/yellow] {res.fallback_reason}")

@@ -180,6 +180,11 @@ def test_bad_task_and_exporter(tmp_path):
         export(tmp_path / "hf", tmp_path / "o", task="image-classification")
     with pytest.raises(LrcError, match="unknown exporter"):
         export(tmp_path / "hf", tmp_path / "o", exporter="tf")
+    with pytest.raises(LrcError, match="the builder exports decoder LMs"):
+        export(tmp_path / "hf", tmp_path / "o", exporter="builder")
+    with pytest.raises(LrcError, match="--exporter builder"):
+        export(tmp_path / "hf", tmp_path / "o", dtype="int4")
+    assert not (tmp_path / "o").exists()
 
 
 def test_refuses_non_empty_out_dir_unless_force(tmp_path):

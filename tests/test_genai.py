@@ -202,7 +202,9 @@ def _compress(src, out, *args):
 
     r = CliRunner().invoke(app, ["compress", str(src), *args, "--no-check", "-o", str(out)])
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "lrc.json").read_text())["genai"]["model"] == "model.onnx"
+    record = json.loads((out / "lrc.json").read_text())["genai"]
+    assert record.get("model", "model.onnx") == "model.onnx", record
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "model.onnx"
     return out
 
 
@@ -285,3 +287,83 @@ def test_generate_genai_flag_runs_ort_genai_and_compares_tokens(tmp_path):
     (bare / "genai_config.json").unlink()
     err = one_line_error(lrc("generate", bare, "hi", "--genai", "--max-new-tokens", "2"))
     assert "no genai_config.json" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ("llama", "qwen2"))
+def test_builder_export_fused_graph_and_its_compression_run_in_genai(family, tmp_path):
+    """``lrc export --exporter builder`` in lrc's own environment (onnxruntime-genai 0.15.2's
+    builder runs with optimum-onnx's transformers): the builder's fused graph gives the greedy
+    tokens of optimum's export; compressed to int4 + correction it keeps its fusions and ORT
+    GenAI's tokens are lrc generate's; the builder's own int4 is refused by --quantize."""
+    og = pytest.importorskip("onnxruntime_genai")
+    if save_tiny is None:
+        pytest.skip(_no_export)
+    import torch
+
+    from clirun import lrc, one_line_error
+    from lrc.exporters import export
+    from lrc.generate import OnnxCausalLM
+
+    model = save_tiny(family, tmp_path / "hf", seed=1, tokenizer=True)
+    with torch.no_grad():  # as above: a random tiny model otherwise repeats one token
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "emb" not in name:
+                p.mul_(8.0)
+    model.save_pretrained(tmp_path / "hf")
+    ref = export(tmp_path / "hf", tmp_path / "optimum", validate=False)
+    res = export(tmp_path / "hf", tmp_path / "builder", exporter="builder")
+    assert res.exporter == "builder" and res.builder["precision"] == "fp32"
+    assert json.loads((res.out_dir / "lrc.json").read_text())["export"]["builder"]["builder"]
+
+    def ops(d):
+        return {n.op_type for n in onnx.load(d / "model.onnx", load_external_data=False).graph.node}
+
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops(res.out_dir)
+    ids = [1, 5, 9, 17, 33]
+
+    def greedy(d):
+        return OnnxCausalLM(d, threads=1).generate("", max_new_tokens=NEW, prompt_ids=ids).new_token_ids
+
+    want = greedy(ref.out_dir)
+    assert len(set(want)) > 3, want
+    assert greedy(res.out_dir) == want == _og_greedy(og.Model(str(res.out_dir)), ids)
+    q4 = _compress(res.out_dir, tmp_path / "q4", "--quantize", "int4", "--correct-rank", "8",
+                   "--method", "svd")
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "MatMulNBits"} <= ops(q4)
+    assert _og_greedy(og.Model(str(q4)), ids) == greedy(q4)
+    b4 = export(tmp_path / "hf", tmp_path / "b4", exporter="builder", dtype="int4").out_dir
+    assert "MatMulNBits" in ops(b4)
+    b16 = export(tmp_path / "hf", tmp_path / "b16", exporter="builder", dtype="float16").out_dir
+    g16 = onnx.load(b16 / "model.onnx").graph
+    assert {i.data_type for i in g16.initializer if len(i.dims) == 2} == {TensorProto.FLOAT16}
+    err = one_line_error(lrc("compress", b4, "--quantize", "int4", "-o", tmp_path / "x"))
+    assert "int4" in err or "quantised" in err, err
+
+
+def test_builder_export_refuses_a_gemma3_layer_pattern_it_would_build_wrong(tmp_path):
+    """The builder makes every 6th Gemma-3 layer full attention whatever layer_types says: a
+    config that differs (the tiny one: sliding, full) is refused before it runs, in one line."""
+    if save_tiny is None:
+        pytest.skip(_no_export)
+    from clirun import lrc, one_line_error
+
+    save_tiny("gemma3", tmp_path / "hf", seed=1, tokenizer=True)
+    err = one_line_error(lrc("export", tmp_path / "hf", "--exporter", "builder", "-o", tmp_path / "o"))
+    assert "every 6th Gemma-3 layer" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_builder_export_of_smollm2_decodes_as_optimums(smollm2_dir, tmp_path):
+    """The real model: ``lrc export smollm2-135m --exporter builder`` (the fused graph) gives the
+    greedy tokens of optimum's export, in lrc generate and in ORT GenAI."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from lrc.exporters import export
+    from lrc.generate import OnnxCausalLM
+
+    res = export("smollm2-135m", tmp_path / "b", exporter="builder")
+    ids = OnnxCausalLM(smollm2_dir, threads=2).encode(PROMPT)
+    want = OnnxCausalLM(smollm2_dir, threads=2).generate("", max_new_tokens=NEW, prompt_ids=ids)
+    got = OnnxCausalLM(res.out_dir, threads=2).generate("", max_new_tokens=NEW, prompt_ids=ids)
+    assert got.new_token_ids == want.new_token_ids == _og_greedy(og.Model(str(res.out_dir)), ids)
+    assert "checked on" in res.tokenizer  # the GGUF vocabulary check ran on the builder's folder

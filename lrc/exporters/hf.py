@@ -72,7 +72,7 @@ TASKS = (
     "text2text-generation",
 )
 
-EXPORTERS = ("auto", "optimum", "torch-dynamo")
+EXPORTERS = ("auto", "optimum", "torch-dynamo", "builder")
 
 # Files a tokenizer may consist of; copied from the source when the exporter did not write them.
 TOKENIZER_FILES = (
@@ -98,13 +98,14 @@ class ExportResult:
     out_dir: Path
     model_path: Path  # model.onnx, or the decoder file of an encoder-decoder export
     task: str
-    exporter: str  # "optimum" or "torch-dynamo"
+    exporter: str  # "optimum", "torch-dynamo" or "builder"
     seconds: float
     files: list[Path] = field(default_factory=list)  # every .onnx file written
     fallback_reason: str | None = None  # why optimum was not used, when it was not
     genai: dict = field(default_factory=dict)  # lrc.graph.genai.write_config's report
     tokenizer: str | None = None  # what was done to / checked of a GGUF source's tokenizer
     tied: dict = field(default_factory=dict)  # file -> ShareTiedEmbedding's record, where it acted
+    builder: dict = field(default_factory=dict)  # the builder's version, precision, options
 
 
 def find_onnx_files(directory: str | Path) -> list[Path]:
@@ -267,12 +268,17 @@ def export(
     exporter: str = "auto",
     validate: bool = True,
     quiet: bool = True,
+    dtype: str = "float32",
 ) -> ExportResult:
     """Export ``source`` (HF folder, .gguf file, or alias) to an ONNX folder ``out_dir``.
 
     ``task`` defaults to one inferred from config.json (see :func:`infer_task`).  ``exporter``
-    is ``"auto"`` (optimum, falling back to torch-dynamo if optimum fails), ``"optimum"`` or
-    ``"torch-dynamo"``.  ``validate`` runs optimum's own ONNX-vs-PyTorch output check.
+    is ``"auto"`` (optimum, falling back to torch-dynamo if optimum fails), ``"optimum"``,
+    ``"torch-dynamo"`` or ``"builder"`` (ONNX Runtime GenAI's model builder, decoder LMs only:
+    :mod:`lrc.exporters.builder`).  ``dtype`` is the builder's precision (float32, float16, or
+    int4: its own round-to-nearest codes, a baseline); the other exporters write float32 (the
+    CLI converts to float16 after them).  ``validate`` runs optimum's own ONNX-vs-PyTorch output
+    check.
     ``quiet`` hides the tracer / deprecation warnings torch and transformers print while
     exporting (optimum's own log messages, e.g. validation results, still show).
     """
@@ -280,12 +286,15 @@ def export(
         raise LrcError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
     if exporter not in EXPORTERS:
         raise LrcError(f"unknown exporter '{exporter}'; choose one of: {', '.join(EXPORTERS)}")
+    if dtype not in ("float32", "fp32") and exporter != "builder":
+        raise LrcError(f"--dtype {dtype} at export time is the builder's (--exporter builder); "
+                       "other exporters write float32")
     path, kind = resolve_source(source)
     out = Path(out_dir).expanduser().resolve()
     _check_out_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _quiet(quiet):
-        return _export(path, kind, out, task, opset, exporter, validate)
+        return _export(path, kind, out, task, opset, exporter, validate, dtype)
 
 
 @contextlib.contextmanager
@@ -318,7 +327,7 @@ def _quiet(enabled: bool):
 
 
 def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | None,
-            exporter: str, validate: bool) -> ExportResult:
+            exporter: str, validate: bool, dtype: str = "float32") -> ExportResult:
     t0 = time.perf_counter()
     tmp = staging_dir(out)  # .OUT.tmp-PID-*: a killed run's is removed by the next
     scratch: tempfile.TemporaryDirectory | None = None
@@ -333,7 +342,17 @@ def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | Non
         config = read_config(hf_dir)
         task = task or infer_task(config)
 
-        used, reason = exporter, None
+        used, reason, built = exporter, None, None
+        if exporter == "builder":
+            if not task.startswith("text-generation"):
+                raise LrcError(f"the builder exports decoder LMs; {path.name} is {task}: use "
+                               f"{opt('exporter')} optimum")
+            from lrc.exporters.builder import build, check
+
+            check(config)
+            with tempfile.TemporaryDirectory(prefix="lrc-builder-") as cache:
+                built = build(hf_dir, tmp, dtype, Path(cache))
+            task = "text-generation-with-past"
         if exporter in ("auto", "optimum"):
             try:
                 _export_optimum(hf_dir, tmp, task, opset, validate)
@@ -365,11 +384,16 @@ def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | Non
         files = find_onnx_files(tmp)
         if not files:
             raise LrcError(f"the exporter wrote no .onnx file for {path.name}")
-        tied = _share_tied_embeddings(files)
-        described = genai.write_config(tmp)
-        if described["file"] is None and task.startswith("text-generation"):
-            log.info("no %s: %s", genai.CONFIG, described["reason"])
-        _write_record(tmp, source=path, exporter=used, task=task, tokenizer=tokenizer_note, tied=tied)
+        if built is None:
+            tied = _share_tied_embeddings(files)
+            described = genai.write_config(tmp)
+            if described["file"] is None and task.startswith("text-generation"):
+                log.info("no %s: %s", genai.CONFIG, described["reason"])
+        else:  # the builder's own layout and genai_config.json, as ORT GenAI gets them
+            tied = {}
+            described = {"file": genai.CONFIG, "by": "builder"}
+        _write_record(tmp, source=path, exporter=used, task=task, tokenizer=tokenizer_note, tied=tied,
+                      **({"builder": built} if built else {}))
         replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -390,6 +414,7 @@ def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | Non
         genai=described,
         tokenizer=tokenizer_note,
         tied=tied,
+        builder=built or {},
     )
 
 
