@@ -551,6 +551,20 @@ def save(results: dict, out: Path) -> None:
     (out / "cuda-section.md").write_text(section(results))
 
 
+def prebuilt_model(folders: list[tuple[str, Path]]) -> dict:
+    """A model record of folders built elsewhere (carried): timed as they are, the first the
+    reference of the speed ratios."""
+    rec = {"kind": "decoder", "prebuilt": True, "variants": []}
+    for name, d in folders:
+        f = d / "model.onnx"
+        if not f.is_file():
+            rec["variants"].append({"name": name, "error": f"{f} not carried"})
+            continue
+        size = sum(p.stat().st_size for p in d.iterdir() if p.name.endswith((".onnx", ".data")))
+        rec["variants"].append({"name": name, "path": str(f), "size_bytes": size})
+    return rec
+
+
 def run(args) -> dict:
     from lrc.measure.bench import bench
 
@@ -574,7 +588,12 @@ def run(args) -> dict:
         log(f"tests/test_cuda.py: {results['tests']['summary']}")
     save(results, out)
     only = set(args.variants.split(",")) if args.variants else None
-    for spec in args.model:
+    prebuilt: dict[str, list[tuple[str, Path]]] = {}
+    for spec in args.prebuilt:  # LABEL=NAME:DIR, the first of a label its reference
+        label, _, rest = spec.partition("=")
+        name, _, d = rest.partition(":")
+        prebuilt.setdefault(label, []).append((name, Path(d)))
+    for spec in [*args.model, *(f"{k}=" for k in prebuilt)]:
         label, _, src = spec.partition("=")
         src = Path(src)
         left = args.budget_s - (time.perf_counter() - t_start)
@@ -582,7 +601,8 @@ def run(args) -> dict:
             results["notes"].append(f"{label}: skipped, {left:.0f} s of the time budget left")
             log(results["notes"][-1])
             continue
-        rec = prepare_model(label, src, work, args.jobs, args.threads, only)
+        rec = (prebuilt_model(prebuilt[label]) if label in prebuilt else
+               prepare_model(label, src, work, args.jobs, args.threads, only))
         if rec is None:
             results["notes"].append(f"{label}: {src} has no model (not carried?); skipped")
             log(results["notes"][-1])
@@ -605,11 +625,12 @@ def run(args) -> dict:
                 timed.append(v)
         loaded = [v for v in rec["variants"] if "error" not in v
                   and "error" not in v.get("placement", {})]
-        if not loaded or loaded[0]["name"] != "dense":
-            rec["error"] = "the dense model did not load on the EP: nothing timed"
+        ref = rec["variants"][0]["name"]  # dense, or a prebuilt label's first folder
+        if not loaded or loaded[0]["name"] != ref:
+            rec["error"] = f"the reference ({ref}) did not load on the EP: nothing timed"
             save(results, out)
             continue
-        if not timed or timed[0]["name"] != "dense":
+        if not timed or timed[0]["name"] != ref:
             # nothing would be timed at all: time every variant, each row marked with its placement
             rec["error"] = (f"the dense model itself ran compute off {ep} (see placement): every "
                             "variant timed, ratios are of mixed-placement graphs")
@@ -718,8 +739,17 @@ def section(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(results_path: Path, target: Path, force_check: bool = False) -> None:
-    results = json.loads(Path(results_path).read_text())
+def render(results_path, target: Path, force_check: bool = False) -> None:
+    """The CUDA section from one result, or several merged (their models side by side; the
+    first one's machine, tests and settings)."""
+    paths = results_path if isinstance(results_path, (list, tuple)) else [results_path]
+    results = json.loads(Path(paths[0]).read_text())
+    for more in paths[1:]:
+        extra = json.loads(Path(more).read_text())
+        if extra.get("mode") != results.get("mode"):
+            raise SystemExit(f"{more}: a {extra.get('mode')} result beside a {results.get('mode')} one")
+        results["models"].update(extra["models"])
+        results["notes"] += [f"{n} ({extra['machine']['date']})" for n in extra.get("notes", [])]
     if results.get("mode") != "cuda" and not force_check:
         raise SystemExit(f"refusing to put a {results.get('mode')} result (a --check or a non-CUDA "
                          "EP) into BENCHMARKS.md")
@@ -762,6 +792,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="start no further model after this many seconds")
     p.add_argument("--variants", default="", help="comma-separated subset of the variant names")
+    p.add_argument("--prebuilt", action="append", default=[],
+                   help="LABEL=NAME:DIR: a folder built elsewhere, timed as it is (repeatable; "
+                        "the first of a label is the reference of its speed ratios)")
     p.add_argument("--no-tests", action="store_true")
     p = sub.add_parser("build", help="only rebuild the dense models and build their variants")
     p.add_argument("--model", action="append", default=[])
@@ -770,7 +803,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--variants", default="")
     p = sub.add_parser("render", help="cuda-results.json -> BENCHMARKS.md section")
-    p.add_argument("--results", type=Path, required=True)
+    p.add_argument("--results", type=Path, required=True, action="append",
+                   help="cuda-results.json (repeatable: models of several runs side by side)")
     p.add_argument("--target", type=Path, default=ROOT / "BENCHMARKS.md")
     args = ap.parse_args(argv)
 
@@ -800,7 +834,7 @@ def main(argv=None) -> int:
         log(f"rebuilt {args.out}")
         return 0
     if args.cmd == "run":
-        if not args.model:
+        if not args.model and not args.prebuilt:
             ap.error("run: give at least one --model LABEL=DIR")
         run(args)
         return 0

@@ -88,8 +88,21 @@ part)
   fi
   exit 0 ;;
 prep) prep; exit $? ;;
+folders)  # time carried folders (fold-NN parts: a tar of DIRs) as they are, the first the reference
+  t0=$(date +%s); mkdir -p "$OUT"
+  while [ -f $P.started ] && [ ! -f $P.done ] && [ $(( $(date +%s) - t0 )) -lt 300 ]; do sleep 2; done
+  [ -d $SITE/onnxruntime ] || { echo "FATAL: onnxruntime-gpu not installed (prep: $(cat $P.done 2>/dev/null))"; tail -5 $P.log; exit 1; }
+  have_all fold || { echo "FATAL: fold parts missing or damaged"; exit 1; }
+  rm -rf /tmp/lrc-fold && mkdir -p /tmp/lrc-fold && cat $C/fold-?? | tar -x -C /tmp/lrc-fold || exit 1
+  setup_env
+  args=()
+  for spec in ${FOLDERS:?FOLDERS=LABEL=NAME:DIR,... relative to the tar}; do
+    args+=(--prebuilt "${spec%%:*}:/tmp/lrc-fold/${spec#*:}")
+  done
+  $PY benchmarks/cuda.py run --ep cuda --no-tests --out "$OUT" --work /tmp/lrc-work2 "${args[@]}" 2>&1 | tee "$OUT/run.log"
+  rc=${PIPESTATUS[0]}; echo "cuda.py exit $rc; this call $(( $(date +%s) - t0 )) s"; exit $rc ;;
 all) ;;
-*) echo "usage: $0 part NAME | prep | all"; exit 2 ;;
+*) echo "usage: $0 part NAME | prep | all | folders"; exit 2 ;;
 esac
 
 t0=$(date +%s)

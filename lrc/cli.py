@@ -447,6 +447,9 @@ def export(source: str = typer.Argument(..., help="HF model folder, .gguf file, 
                   f"{res.out_dir} ({_mb(sum(file_size(f) for f in res.files))})")
     if getattr(res, "fallback_reason", None):
         console.print(f"[yellow]note:[/yellow] {res.fallback_reason}")
+    if res.exporter == "optimum" and res.task == "text-generation-with-past":
+        console.print("note: optimum's unfused graph; the fused one ONNX Runtime GenAI deploys "
+                      "(GroupQueryAttention, skip-norms, packed QKV) is --exporter builder")
     if getattr(res, "tokenizer", None):
         console.print(f"tokenizer: {res.tokenizer}")
     for name, rec in (getattr(res, "tied", None) or {}).items():

@@ -212,3 +212,35 @@ def test_render_replaces_between_markers(tmp_path):
     assert text.count(cuda.BEGIN) == 1 and "NVIDIA H200" in text
     assert "fallback: DynamicQuantizeMatMul x3" in text and "1.500 (1.00)" in text
     assert "not timed" in text
+
+
+@pytest.mark.slow
+def test_run_check_times_carried_folders_as_they_are(tiny_models, tmp_path):
+    """``--prebuilt LABEL=NAME:DIR``: folders built elsewhere are placed and timed as they are,
+    the first the reference; ``render`` puts several results' models side by side."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_models / "llama", tmp_path / "copy")
+    rc = cuda.main(["run", "--check", "--no-tests", "--out", str(out), "--work", str(tmp_path / "w"),
+                    "--prebuilt", f"t=first:{tiny_models / 'llama'}",
+                    "--prebuilt", f"t=second:{tmp_path / 'copy'}",
+                    "--prebuilt", f"t=missing:{tmp_path / 'nowhere'}"])
+    assert rc == 0
+    rec = json.loads((out / "cuda-results.json").read_text())["models"]["t"]
+    assert rec["prebuilt"] and "error" not in rec, rec.get("error")
+    assert [v["name"] for v in rec["variants"]] == ["first", "second", "missing"]
+    assert "not carried" in rec["variants"][2]["error"]
+    assert {(r["variant"], r["phase"]) for r in rec["bench"]["runs"]} == {
+        (n, ph) for n in ("first", "second") for ph in ("prefill", "decode")}
+    first = next(r for r in rec["bench"]["runs"] if r["variant"] == "first")
+    assert first["speedup"] == pytest.approx(1.0)  # the reference
+    a = json.loads((out / "cuda-results.json").read_text())
+    b = dict(a, models={"u": rec}, notes=["n"])
+    for name, res in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(res))
+    target = tmp_path / "B.md"
+    target.write_text("# B\n")
+    cuda.render([tmp_path / "a.json", tmp_path / "b.json"], target, force_check=True)
+    text = target.read_text()
+    assert "### t (decoder)" in text and "### u (decoder)" in text and "- n (" in text

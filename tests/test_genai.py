@@ -367,3 +367,17 @@ def test_builder_export_of_smollm2_decodes_as_optimums(smollm2_dir, tmp_path):
     got = OnnxCausalLM(res.out_dir, threads=2).generate("", max_new_tokens=NEW, prompt_ids=ids)
     assert got.new_token_ids == want.new_token_ids == _og_greedy(og.Model(str(res.out_dir)), ids)
     assert "checked on" in res.tokenizer  # the GGUF vocabulary check ran on the builder's folder
+
+
+@pytest.mark.slow
+def test_builder_export_of_an_architecture_it_lacks_is_one_line(tmp_path):
+    """GPT-2 is not among the builder's architectures: its own reason, in one line, and no
+    folder."""
+    if save_tiny is None:
+        pytest.skip(_no_export)
+    from clirun import lrc, one_line_error
+
+    save_tiny("gpt2", tmp_path / "hf", seed=1, tokenizer=True)
+    err = one_line_error(lrc("export", tmp_path / "hf", "--exporter", "builder", "-o", tmp_path / "o"))
+    assert "model builder failed" in err and "not currently supported" in err, err
+    assert not (tmp_path / "o").exists()
