@@ -632,8 +632,8 @@ def run(args) -> dict:
             continue
         if not timed or timed[0]["name"] != ref:
             # nothing would be timed at all: time every variant, each row marked with its placement
-            rec["error"] = (f"the dense model itself ran compute off {ep} (see placement): every "
-                            "variant timed, ratios are of mixed-placement graphs")
+            rec["error"] = (f"the reference ({ref}) itself ran compute off {ep} (see placement): "
+                            "every variant timed, ratios are of mixed-placement graphs")
             timed = loaded
         log(f"{label}: bench of {[v['name'] for v in timed]} on {ep}")
         t0 = time.perf_counter()
@@ -701,6 +701,9 @@ def section(results: dict) -> str:
         lines += [f"CUDA tests (`tests/test_cuda.py`): {t['summary']}", ""]
     for label, rec in results["models"].items():
         lines += [f"### {label} ({rec['kind']})", ""]
+        if rec.get("prebuilt") and rec.get("variants"):
+            lines += [f"Folders built on another machine and carried, timed as they are; speed = "
+                      f"p50({rec['variants'][0]['name']}) / p50(variant).", ""]
         b = rec.get("bench") or {}
         rows = b.get("runs", [])
         phases = []
