@@ -130,6 +130,15 @@ def open_session(model, *, threads: int | None = None, provider: str = "cpu",
     label = str(path) if path is not None else "the model"
     try:
         sess = ort.InferenceSession(data if data is not None else str(path), so, providers=providers)
+        if prov == "CPUExecutionProvider" and _float16_inputs(sess):
+            # float16 inputs on the CPU EP (the model builder's fp16 graphs): ORT inserts Casts
+            # around ops without float16 kernels and its memory planner then re-uses one of
+            # their buffers across sequence lengths — the second decode step fails with "Shape
+            # mismatch attempting to re-use buffer {1,1,576} != {1,6,576}" (ORT 1.32, in ORT
+            # GenAI too, which cannot turn reuse off). Without buffer reuse they run.
+            so.enable_mem_reuse = False
+            sess = ort.InferenceSession(data if data is not None else str(path), so,
+                                        providers=providers)
     except Exception as e:  # ORT raises its own exception types
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         via = "" if prov == "CPUExecutionProvider" else f" with {prov}"
@@ -140,6 +149,10 @@ def open_session(model, *, threads: int | None = None, provider: str = "cpu",
     sess.lrc_path = str(path) if path is not None else None
     sess.lrc_ref = ref
     return sess
+
+
+def _float16_inputs(sess) -> bool:
+    return any(i.type == "tensor(float16)" for i in sess.get_inputs())
 
 
 _ONNX_DOMAIN_OPS: set[str] = set()
