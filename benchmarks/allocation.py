@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         dense = args.out / "dense"
         if not (dense / "model.onnx").is_file():
             log(f"exporting smollm2-135m -> {dense}")
-            r = lrc("export", "smollm2-135m", "-o", str(dense), "--force")
+            r = lrc("export", "smollm2-135m", "-o", str(dense), "--force", "--exporter", "optimum")
             if r.returncode != 0:
                 print(r.stderr[-2000:], file=sys.stderr)
                 return 1

@@ -6,7 +6,7 @@
 #   gpu-carry/SHA256SUMS, gpu-carry/CALLS.txt (the exact `run` calls to make)
 # Each part < 55 MiB (a `run` call carries 64 MiB at most, the working tree included).
 # Needs: network (pip download), the bundled models exported (make demo / make bench do it, or
-# `lrc export smollm2-135m DIR`), xz. Takes ~5-8 min on 2 cores (xz -9e of the CUDA library).
+# `lrc export smollm2-135m --exporter optimum -o DIR`), xz. Takes ~5-8 min on 2 cores (xz -9e of the CUDA library).
 #   bash benchmarks/cuda_prepare.sh [SMOLLM2_DENSE_DIR] [MINILM_DENSE_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."

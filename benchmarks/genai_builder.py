@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     if not (dense / "model.onnx").is_file():
         source = MODELS[m][2] or str(builder.gguf_of(m))
         log(f"lrc export {Path(source).name} (optimum's graph: the dense reference)")
-        lrc("export", source, "-o", str(dense), "--force")
+        lrc("export", source, "-o", str(dense), "--force", "--exporter", "optimum")
     keys = [k for k in args.variants.split(",") if k]
     compress_s = {}
     for key in keys:

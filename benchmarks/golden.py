@@ -206,7 +206,8 @@ def main(argv=None) -> int:
     models = {"smollm2": args.work / "smollm2", "minilm": args.work / "minilm"}
     for alias, path in (("smollm2-135m", models["smollm2"]), ("minilm-l6", models["minilm"])):
         if not (path / "model.onnx").is_file():
-            r = run(ROOT, ["-m", "lrc.cli", "export", alias, "-o", str(path), "--force"],
+            r = run(ROOT, ["-m", "lrc.cli", "export", alias, "-o", str(path), "--force",
+                              "--exporter", "optimum"],
                     args.work)
             if r.returncode:
                 raise SystemExit(r.stderr[-400:])

@@ -135,7 +135,7 @@ def main(argv=None) -> int:
             log(f"export by {exporter}")
             if exporter == "optimum":
                 _, secs, _ = run([sys.executable, "-m", "lrc.cli", "export", str(hf), "-o",
-                                  str(src), "--force"])
+                                  str(src), "--force", "--exporter", "optimum"])
             else:
                 import builder
 
@@ -194,7 +194,7 @@ def _section(results: dict, write: bool) -> int:
         f"`python benchmarks/large_decoder.py` ({results['date']}). A random-weight Qwen2 of the "
         f"shape lrc once failed on after an hour (hidden {sh['hidden_size']}, "
         f"{sh['num_hidden_layers']} layers, FFN {sh['intermediate_size']}, vocabulary "
-        f"{sh['vocab_size']}, untied head), exported by optimum (`lrc export`) and by ONNX "
+        f"{sh['vocab_size']}, untied head), exported by optimum (`lrc export --exporter optimum`) and by ONNX "
         "Runtime GenAI's model builder (fp32), each compressed with `lrc compress --quantize "
         "int4 --correct-rank 32` (a small calibration: the weights are random); the outputs "
         "loaded in ONNX Runtime (`lrc generate`) and in ORT GenAI, greedy from the same ids. "

@@ -253,7 +253,7 @@ def prepare(model: str, work: Path) -> tuple[Path, Path, dict]:
     if not (dense / "model.onnx").is_file():
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "lrc.cli", "export", MODELS[model], "-o", str(dense),
-                        "--force"], check=True, stdout=subprocess.DEVNULL,
+                        "--force", "--exporter", "optimum"], check=True, stdout=subprocess.DEVNULL,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
         times["export_s"] = round(time.perf_counter() - t, 1)
         log(f"lrc export {dense} ({times['export_s']} s)")

@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     if not (dense / "model.onnx").is_file():
         gguf = find_gguf(args.gguf)
         log(f"exporting {gguf.name}")
-        lrc("export", str(gguf), "-o", str(dense), "--force")
+        lrc("export", str(gguf), "-o", str(dense), "--force", "--exporter", "optimum")
     export_info = (json.loads((dense / "lrc.json").read_text()).get("export", {})
                    if (dense / "lrc.json").is_file() else {})
     rows = []

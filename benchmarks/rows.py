@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         label, flags = ROWS[key]
         dense = args.out / model
         if not (dense / "model.onnx").is_file():
-            lrc("export", ALIASES[model], "-o", str(dense), "--force")
+            lrc("export", ALIASES[model], "-o", str(dense), "--force", "--exporter", "optimum")
         new = args.out / key.replace(":", "-")
         t = time.perf_counter()
         lrc("compress", str(dense), "-o", str(new), "--force", "--recipe", "plain", *flags,

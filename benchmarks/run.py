@@ -173,7 +173,7 @@ def export_dense(name: str, out: Path, reuse: bool) -> tuple[Path, float | None]
     log(f"{name}: exporting {MODELS[name]['alias']} -> {d}")
     t = time.perf_counter()
     # the CLI in a subprocess: what users run, and torch never enters the benchmarking process
-    r = lrc_cli("export", MODELS[name]["alias"], "-o", str(d), "--force")
+    r = lrc_cli("export", MODELS[name]["alias"], "-o", str(d), "--force", "--exporter", "optimum")
     if r.returncode != 0 or not (d / "model.onnx").is_file():
         raise RuntimeError(f"lrc export {MODELS[name]['alias']} failed ({r.returncode}): "
                            f"{(r.stderr or r.stdout).strip()[-800:]}")

@@ -48,7 +48,7 @@ def dense_model(key: str, work: Path) -> Path:
     d = work / key / "dense"
     if not (d / "model.onnx").is_file():
         log(f"exporting {MODELS[key][0]} -> {d}")
-        r = lrc("export", MODELS[key][0], "-o", str(d), "--force")
+        r = lrc("export", MODELS[key][0], "-o", str(d), "--force", "--exporter", "optimum")
         if r.returncode != 0:
             raise SystemExit(f"export failed: {(r.stderr or r.stdout).strip()[-2000:]}")
     return d

@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lrc.errors import LrcError, set_option_style
+from lrc.errors import LrcError, render, set_option_style
 from lrc.sysmem import prefer_mmap
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -409,30 +409,31 @@ def export(source: str = typer.Argument(..., help="HF model folder, .gguf file, 
            task: Optional[str] = typer.Option(None, "--task", help="text-generation-with-past, "
                                               "text-generation, feature-extraction, ... (from config if not given)"),
            opset: Optional[int] = typer.Option(None, "--opset"),
-           dtype: str = typer.Option("float32", "--dtype", help="float32, or float16 (ONNX "
-                                     "Runtime's converter after the export; inputs and outputs "
-                                     "stay float32; with --exporter builder, the builder's fp16), "
-                                     "or int4 with --exporter builder: the builder's own "
+           dtype: str = typer.Option("float32", "--dtype", help="float32; float16 (the "
+                                     "builder's fp16 for a decoder LM, else ONNX Runtime's "
+                                     "converter after the export, inputs and outputs kept "
+                                     "float32); or int4 for a decoder LM: the builder's own "
                                      "round-to-nearest int4, a baseline to compare lrc against."),
-           exporter: str = typer.Option("auto", "--exporter", help="auto (optimum, torch.onnx "
-                                        "dynamo if optimum fails), optimum, torch-dynamo, or "
-                                        "builder: ONNX Runtime GenAI's model builder (decoder LMs: "
-                                        "GroupQueryAttention, skip-norms, packed QKV; the graph "
-                                        "ORT GenAI deploys)."),
+           exporter: str = typer.Option("auto", "--exporter", help="auto: ONNX Runtime GenAI's "
+                                        "model builder for a decoder LM with its KV cache (the "
+                                        "fused graph ORT GenAI deploys: GroupQueryAttention, "
+                                        "skip-norms, packed QKV; checked against PyTorch), "
+                                        "optimum for the rest (torch.onnx dynamo if optimum "
+                                        "fails); or optimum, torch-dynamo, builder."),
            force: bool = typer.Option(False, "--force", help="Overwrite a non-empty OUT.")):
     """Export a PyTorch / Hugging Face / GGUF model to an ONNX folder (needs lrc[export])."""
     if dtype not in ("float32", "float16", "fp32", "fp16", "int4"):
         raise LrcError(f"--dtype must be float32, float16 or int4, got {dtype!r}")
     try:
         from lrc.exporters import export as run
+        from lrc.measure.exported import agreement
     except ImportError as e:
         raise LrcError(f"exporting needs the export extra ({e.name} missing): pip install 'lrc[export]'")
-    by_builder = exporter == "builder"
-    res = run(source, out, task=task, opset=opset, force=force, exporter=exporter,
-              dtype=dtype if by_builder or dtype == "int4" else "float32")
+    res = run(source, out, task=task, opset=opset, force=force, exporter=exporter, dtype=dtype,
+              check=agreement)
     from lrc.graph.model import file_size
 
-    if dtype in ("float16", "fp16") and not by_builder:
+    if dtype in ("float16", "fp16") and not res.builder:
         from lrc.quantize import to_float16
 
         t0 = time.perf_counter()
@@ -445,9 +446,16 @@ def export(source: str = typer.Argument(..., help="HF model folder, .gguf file, 
         by = f"ONNX Runtime GenAI's model builder {res.builder['builder']} ({res.builder['precision']})"
     console.print(f"exported {source} ({res.task}) with {by} in {res.seconds:.1f} s -> "
                   f"{res.out_dir} ({_mb(sum(file_size(f) for f in res.files))})")
+    agree = (res.builder or {}).get("agreement")
+    if agree:
+        console.print(f"checked against PyTorch on {agree['tokens']} tokens: logits relative "
+                      f"error {agree['rel_error']:.2g}, top-1 agreement {agree['top1']:.0%}"
+                      + ("" if agree["tolerance"] else " (int4: measured, not judged)"))
     if getattr(res, "fallback_reason", None):
-        console.print(f"[yellow]note:[/yellow] {res.fallback_reason}")
-    if res.exporter == "optimum" and res.task == "text-generation-with-past":
+        from rich.markup import escape
+
+        console.print(f"[yellow]note:[/yellow] {escape(render(res.fallback_reason))}")
+    elif res.exporter == "optimum" and res.task == "text-generation-with-past":
         console.print("note: optimum's unfused graph; the fused one ONNX Runtime GenAI deploys "
                       "(GroupQueryAttention, skip-norms, packed QKV) is --exporter builder")
     if getattr(res, "tokenizer", None):

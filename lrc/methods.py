@@ -368,6 +368,9 @@ def make_calibration(ref: ModelRef, *, calib=None, n_tokens: int = 16384, seq_le
         texts, sources = [], [str(s) for s in (input_sources or [])]
     else:
         texts, sources = calibration_texts(calib, n_tokens=n_tokens, use_default=use_default)
+    context = ref.config.get("max_position_embeddings") if ref.is_lm else None
+    if context and int(context) < seq_len:  # a window the model cannot attend over (a model
+        seq_len = int(context)              # builder's rotary tables stop at its context)
     return Calibration(ref, texts, sources, n_tokens=n_tokens, seq_len=seq_len, alpha=alpha,
                        damp=damp, progress=progress, inputs=inputs)
 

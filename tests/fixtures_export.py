@@ -137,7 +137,7 @@ def smollm2_dir(tmp_path_factory):
     from lrc.exporters import export
 
     out = tmp_path_factory.mktemp("smollm2") / "onnx"
-    export("smollm2-135m", out, validate=False)
+    export("smollm2-135m", out, validate=False, exporter="optimum")  # the figures' graph
     return out
 
 
@@ -148,7 +148,7 @@ def tiny_llama(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_llama")
     model = save_tiny("llama", root / "hf", seed=3, tokenizer=True)
-    export(root / "hf", root / "onnx")
+    export(root / "hf", root / "onnx", exporter="optimum")
     return model, root / "onnx"
 
 

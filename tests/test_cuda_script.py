@@ -150,7 +150,7 @@ def tiny_models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     save_tiny("llama", root / "llama-hf", seed=3)
-    export(root / "llama-hf", root / "llama")
+    export(root / "llama-hf", root / "llama", exporter="optimum")
     save_tiny("bert", root / "bert-hf", seed=4)
     export(root / "bert-hf", root / "bert")
     return root

@@ -21,7 +21,7 @@ ort = pytest.importorskip("onnxruntime")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_export_matches_torch(family, tmp_path):
     model = save_tiny(family, tmp_path / "hf")
-    res = export(tmp_path / "hf", tmp_path / "onnx")
+    res = export(tmp_path / "hf", tmp_path / "onnx", exporter="optimum")
     assert res.exporter == "optimum"
     assert res.out_dir == (tmp_path / "onnx").resolve()
     assert (res.out_dir / "config.json").is_file()
@@ -66,7 +66,8 @@ def test_family_export_matches_torch(family, tmp_path):
 def test_decoder_kv_cache_step_matches_full_run(tmp_path):
     """Prefill + one cached step gives the same logits as running the whole sequence."""
     model = save_tiny("qwen2", tmp_path / "hf")
-    res = export(tmp_path / "hf", tmp_path / "onnx", task="text-generation-with-past")
+    res = export(tmp_path / "hf", tmp_path / "onnx", task="text-generation-with-past",
+                 exporter="optimum")
     sess = ort.InferenceSession(str(res.model_path))
     ids = np.array([[5, 9, 17, 33, 65, 129]], dtype=np.int64)
     names = [o.name for o in sess.get_outputs()]
@@ -182,9 +183,50 @@ def test_bad_task_and_exporter(tmp_path):
         export(tmp_path / "hf", tmp_path / "o", exporter="tf")
     with pytest.raises(LrcError, match="the builder exports decoder LMs"):
         export(tmp_path / "hf", tmp_path / "o", exporter="builder")
-    with pytest.raises(LrcError, match="--exporter builder"):
+    with pytest.raises(LrcError, match="builder's own"):
         export(tmp_path / "hf", tmp_path / "o", dtype="int4")
+    with pytest.raises(LrcError, match="--exporter builder"):
+        export(tmp_path / "hf", tmp_path / "o", dtype="int4", exporter="optimum")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
+def test_auto_exports_a_decoder_with_the_builder_checked_against_torch(tmp_path):
+    """``--exporter auto``: a decoder LM gets the builder's fused graph, its logits checked
+    against PyTorch before the folder appears; what the builder cannot build right, or a
+    failed check, is exported by optimum instead, with the reason; encoders are optimum's."""
+    pytest.importorskip("onnxruntime_genai")
+    from clirun import lrc, one_line_error
+    from lrc.measure.exported import agreement
+
+    save_tiny("llama", tmp_path / "hf", seed=1, tokenizer=True)
+    r = lrc("export", tmp_path / "hf", "-o", tmp_path / "auto")
+    assert r.returncode == 0, r.stderr
+    assert "model builder" in r.stdout and "checked against PyTorch" in r.stdout, r.stdout
+    rec = json.loads((tmp_path / "auto" / "lrc.json").read_text())["export"]
+    assert rec["exporter"] == "builder"
+    assert rec["builder"]["agreement"]["rel_error"] < 1e-3 and rec["builder"]["agreement"]["top1"] == 1
+    ops = {n.op_type for n in __import__("onnx").load(tmp_path / "auto" / "model.onnx").graph.node}
+    assert "GroupQueryAttention" in ops
+
+    def wrong(hf, folder, precision):  # a builder graph that computes something else
+        agreement(hf, folder, precision)
+        raise LrcError("the exported graph's logits differ from the model's")
+
+    res = export(tmp_path / "hf", tmp_path / "fell", check=wrong)
+    assert res.exporter == "optimum" and "logits differ" in res.fallback_reason
+    with pytest.raises(LrcError, match="logits differ"):
+        export(tmp_path / "hf", tmp_path / "strict", exporter="builder", check=wrong)
+    assert not (tmp_path / "strict").exists()
+
+    save_tiny("gemma3", tmp_path / "g3", seed=1, tokenizer=True)  # a layer pattern it would miss
+    res = export(tmp_path / "g3", tmp_path / "g3-onnx", validate=False)
+    assert res.exporter == "optimum" and "every 6th" in res.fallback_reason
+    save_tiny("bert", tmp_path / "bert")
+    res = export(tmp_path / "bert", tmp_path / "bert-onnx", validate=False)
+    assert res.exporter == "optimum" and res.fallback_reason is None
+    err = one_line_error(lrc("export", tmp_path / "bert", "-o", tmp_path / "b4", "--dtype", "int4"))
+    assert "builder" in err and not (tmp_path / "b4").exists(), err
 
 
 def test_refuses_non_empty_out_dir_unless_force(tmp_path):

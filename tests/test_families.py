@@ -37,7 +37,7 @@ def exported(tmp_path_factory):
         if family not in cache:
             root = tmp_path_factory.mktemp(family)
             save_tiny(family, root / "hf")
-            cache[family] = export(root / "hf", root / "onnx")
+            cache[family] = export(root / "hf", root / "onnx", exporter="optimum")
         return cache[family]
     return get
 

@@ -313,7 +313,7 @@ def test_export_dtype_float16(tiny_llama, tmp_path):
     _, f32 = tiny_llama
     hf = f32.parent / "hf"
     out = tmp_path / "e16"
-    r = lrc_cli("export", hf, "-o", out, "--dtype", "float16")
+    r = lrc_cli("export", hf, "-o", out, "--dtype", "float16", "--exporter", "optimum")
     assert r.returncode == 0, r.stderr
     assert "float16" in r.stdout
     m = onnx.load(out / "model.onnx")

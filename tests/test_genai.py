@@ -224,7 +224,7 @@ def test_genai_greedy_tokens_on_tiny_exports_of_each_family(family, tmp_path):
             if p.dim() == 2 and not any(e in name for e in ("emb", "wte", "wpe")):
                 p.mul_(8.0)
     model.save_pretrained(tmp_path / "hf")
-    res = export(tmp_path / "hf", tmp_path / "onnx", validate=False)
+    res = export(tmp_path / "hf", tmp_path / "onnx", validate=False, exporter="optimum")
     ids = [1, 5, 9, 17, 33]
     want = OnnxCausalLM(res.out_dir, threads=1).generate("", max_new_tokens=NEW, prompt_ids=ids)
     assert len(set(want.new_token_ids)) > 3, want.new_token_ids  # a sequence that can differ
@@ -272,7 +272,7 @@ def test_generate_genai_flag_runs_ort_genai_and_compares_tokens(tmp_path):
     from lrc.exporters import export
 
     save_tiny("llama", tmp_path / "hf", seed=1, tokenizer=True)
-    out = export(tmp_path / "hf", tmp_path / "onnx", validate=False).out_dir
+    out = export(tmp_path / "hf", tmp_path / "onnx", validate=False, exporter="optimum").out_dir
     run = CliRunner().invoke
     r = run(app, ["generate", str(out), "hello world", "--max-new-tokens", "5", "--genai"],
             env={"COLUMNS": "300"})
@@ -311,7 +311,7 @@ def test_builder_export_fused_graph_and_its_compression_run_in_genai(family, tmp
             if p.dim() == 2 and "emb" not in name:
                 p.mul_(8.0)
     model.save_pretrained(tmp_path / "hf")
-    ref = export(tmp_path / "hf", tmp_path / "optimum", validate=False)
+    ref = export(tmp_path / "hf", tmp_path / "optimum", validate=False, exporter="optimum")
     res = export(tmp_path / "hf", tmp_path / "builder", exporter="builder")
     assert res.exporter == "builder" and res.builder["precision"] == "fp32"
     assert json.loads((res.out_dir / "lrc.json").read_text())["export"]["builder"]["builder"]
@@ -342,6 +342,22 @@ def test_builder_export_fused_graph_and_its_compression_run_in_genai(family, tmp
     assert len(greedy(b16)) == NEW
     err = one_line_error(lrc("compress", b4, "--quantize", "int4", "-o", tmp_path / "x"))
     assert "int4" in err or "quantised" in err, err
+    # the other commands on the fused graph: the default recipe (its update runs segment by
+    # segment through GroupQueryAttention; the calibration windows shrink to the builder's
+    # rotary tables: this tiny model's context is 128, the default window 256), verify (random
+    # feeds with the cache layout of genai_config.json; the builder's graph fails strict shape
+    # inference on its own), eval (windows clamped likewise)
+    r = lrc("compress", res.out_dir, "--ratio", "0.8", "--calib-tokens", "512", "-o", tmp_path / "lr")
+    assert r.returncode == 0 and "fell back" not in r.stdout + r.stderr, r.stdout + r.stderr
+    rep = json.loads((tmp_path / "lr" / "lrc.json").read_text())
+    assert "GroupQueryAttention" in ops(tmp_path / "lr") and rep["calibration"]["seq_len"] == 128
+    r = lrc("compress", res.out_dir, "--rank", "full", "-o", tmp_path / "full")
+    r = lrc("verify", res.out_dir, tmp_path / "full", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["worst_rel"] < 1e-4
+    r = lrc("eval", res.out_dir, tmp_path / "lr", "--max-tokens", "300", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["in_domain"]["context"] == 128
 
 
 @pytest.mark.slow

@@ -288,7 +288,7 @@ def test_gemma3_gguf_export_end_to_end(spm_pieces, tmp_path, monkeypatch):
 
     src = tmp_path / "tiny-gemma3.gguf"
     model = write_gemma3_gguf(src, spm_pieces)
-    res = export(src, tmp_path / "onnx")
+    res = export(src, tmp_path / "onnx", exporter="optimum")
     assert res.tokenizer.startswith("converted by lrc from the GGUF SentencePiece vocabulary, checked on ")
     rec = json.loads((res.out_dir / "lrc.json").read_text())["export"]
     assert rec["tokenizer"] == res.tokenizer and rec["tied"] == res.tied
@@ -308,7 +308,7 @@ def test_gemma3_gguf_export_end_to_end(spm_pieces, tmp_path, monkeypatch):
         assert rel_err(got, model(input_ids=torch.from_numpy(ids)).logits.numpy()) < 1e-4
 
     monkeypatch.setattr(hf, "_share_tied_embeddings", lambda files: {})  # the export as it was
-    both = export(src, tmp_path / "both")
+    both = export(src, tmp_path / "both", exporter="optimum")
     assert both.model_path.stat().st_size - res.model_path.stat().st_size > 0.99 * v * 64 * 4
     sess2 = ort.InferenceSession(str(both.model_path))
     np.testing.assert_array_equal(sess2.run(["logits"], ort_feed(sess2, ids))[0], got)

@@ -169,7 +169,7 @@ def test_token_ids_file_calibrates_a_text_model(tmp_path):
     from lrc.exporters import export
 
     save_tiny("llama", tmp_path / "hf", seed=3, tokenizer=False)
-    export(tmp_path / "hf", tmp_path / "onnx")
+    export(tmp_path / "hf", tmp_path / "onnx", exporter="optimum")
     model = tmp_path / "onnx" / "model.onnx"
     specs = graph_input_specs(onnx.load(model, load_external_data=False))
     assert any(s.name == "input_ids" for s in specs) and len(specs) > 1

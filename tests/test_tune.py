@@ -139,7 +139,7 @@ def tiny_llama_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tune_llama")
     save_tiny("llama", root / "hf", seed=3, tokenizer=True)
-    export(root / "hf", root / "onnx")
+    export(root / "hf", root / "onnx", exporter="optimum")
     return root / "onnx"
 
 

@@ -1,6 +1,13 @@
 """Export Hugging Face / GGUF models to ONNX folders that ONNX Runtime (and optimum) can load.
 
-Why optimum: its exporter knows, per architecture, how to export decoders *with* a KV cache
+Who exports (``exporter="auto"``, :func:`auto_choice`): a decoder LM with its KV cache goes to
+ONNX Runtime GenAI's model builder (:mod:`lrc.exporters.builder`: the fused graph ORT GenAI
+deploys), checked against PyTorch by the ``check`` the caller passes (``lrc export`` passes
+:func:`lrc.measure.exported.agreement`; this layer runs no sessions); everything else, and any
+decoder the builder cannot build or builds wrong, goes to optimum, with the reason in
+``ExportResult.fallback_reason``.
+
+Why optimum for the rest: its exporter knows, per architecture, how to export decoders *with* a KV cache
 (``past_key_values.N.key/value`` in, ``present.N.key/value`` out, dynamic batch / sequence /
 past axes), validates the ONNX outputs against PyTorch, and writes the folder layout that
 ``optimum.onnxruntime.ORTModelFor*`` loads (model.onnx, config.json, generation_config.json,
@@ -40,6 +47,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -101,7 +109,7 @@ class ExportResult:
     exporter: str  # "optimum", "torch-dynamo" or "builder"
     seconds: float
     files: list[Path] = field(default_factory=list)  # every .onnx file written
-    fallback_reason: str | None = None  # why optimum was not used, when it was not
+    fallback_reason: str | None = None  # why auto's first choice was not used, when it was not
     genai: dict = field(default_factory=dict)  # lrc.graph.genai.write_config's report
     tokenizer: str | None = None  # what was done to / checked of a GGUF source's tokenizer
     tied: dict = field(default_factory=dict)  # file -> ShareTiedEmbedding's record, where it acted
@@ -269,16 +277,22 @@ def export(
     validate: bool = True,
     quiet: bool = True,
     dtype: str = "float32",
+    check=None,
 ) -> ExportResult:
     """Export ``source`` (HF folder, .gguf file, or alias) to an ONNX folder ``out_dir``.
 
     ``task`` defaults to one inferred from config.json (see :func:`infer_task`).  ``exporter``
-    is ``"auto"`` (optimum, falling back to torch-dynamo if optimum fails), ``"optimum"``,
+    is ``"auto"`` (see :func:`auto_choice`: the builder for a decoder LM with a KV cache, else
+    optimum; optimum when the builder cannot, torch-dynamo when optimum cannot), ``"optimum"``,
     ``"torch-dynamo"`` or ``"builder"`` (ONNX Runtime GenAI's model builder, decoder LMs only:
     :mod:`lrc.exporters.builder`).  ``dtype`` is the builder's precision (float32, float16, or
     int4: its own round-to-nearest codes, a baseline); the other exporters write float32 (the
-    CLI converts to float16 after them).  ``validate`` runs optimum's own ONNX-vs-PyTorch output
-    check.
+    CLI converts to float16 after them; int4 is the builder's only).  ``validate`` runs the
+    exporter's ONNX-vs-PyTorch output check: optimum's own, and for the builder's graph
+    ``check(hf_dir, staged_folder, precision) -> dict`` (lrc's is
+    :func:`lrc.measure.exported.agreement`, which ``lrc export`` passes: this layer runs no
+    sessions), on the staged folder before it appears; an LrcError from it with ``"auto"``
+    means optimum exports instead.
     ``quiet`` hides the tracer / deprecation warnings torch and transformers print while
     exporting (optimum's own log messages, e.g. validation results, still show).
     """
@@ -286,7 +300,7 @@ def export(
         raise LrcError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
     if exporter not in EXPORTERS:
         raise LrcError(f"unknown exporter '{exporter}'; choose one of: {', '.join(EXPORTERS)}")
-    if dtype not in ("float32", "fp32") and exporter != "builder":
+    if dtype not in ("float32", "fp32") and exporter not in ("builder", "auto"):
         raise LrcError(f"--dtype {dtype} at export time is the builder's (--exporter builder); "
                        "other exporters write float32")
     path, kind = resolve_source(source)
@@ -294,7 +308,32 @@ def export(
     _check_out_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _quiet(quiet):
-        return _export(path, kind, out, task, opset, exporter, validate, dtype)
+        return _export(path, kind, out, task, opset, exporter, validate, dtype,
+                       check if validate else None)
+
+
+def auto_choice(config: dict, task: str, opset: int | None) -> tuple[str, str]:
+    """``(exporter, why)`` of ``--exporter auto`` before anything runs: the builder for a decoder
+    LM exported with its KV cache (the fused graph ONNX Runtime GenAI deploys: one
+    GroupQueryAttention per layer, skip-norms, packed QKV), optimum for everything else — an
+    encoder, an encoder-decoder, a decoder without cache (``--task text-generation``), an
+    ``--opset`` (the builder picks its own), no onnxruntime-genai, or a config the builder
+    would build wrong (:func:`lrc.exporters.builder.check`). ``why`` is empty for the builder."""
+    import importlib.util
+
+    from lrc.exporters.builder import check
+
+    if task != "text-generation-with-past":
+        return "optimum", ""
+    if opset is not None:
+        return "optimum", f"{opt('opset')} {opset} asked (the builder chooses its own)"
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return "optimum", "onnxruntime-genai is not installed (pip install 'lrc[export]')"
+    try:
+        check(config)
+    except LrcError as e:
+        return "optimum", re.split(r"[;:] use ", str(e))[0]
+    return "builder", ""
 
 
 @contextlib.contextmanager
@@ -327,7 +366,7 @@ def _quiet(enabled: bool):
 
 
 def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | None,
-            exporter: str, validate: bool, dtype: str = "float32") -> ExportResult:
+            exporter: str, validate: bool, dtype: str = "float32", check=None) -> ExportResult:
     t0 = time.perf_counter()
     tmp = staging_dir(out)  # .OUT.tmp-PID-*: a killed run's is removed by the next
     scratch: tempfile.TemporaryDirectory | None = None
@@ -343,17 +382,33 @@ def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | Non
         task = task or infer_task(config)
 
         used, reason, built = exporter, None, None
-        if exporter == "builder":
+        if exporter == "auto":
+            used, reason = auto_choice(config, task, opset)
+        if used == "builder":
             if not task.startswith("text-generation"):
                 raise LrcError(f"the builder exports decoder LMs; {path.name} is {task}: use "
                                f"{opt('exporter')} optimum")
-            from lrc.exporters.builder import build, check
+            from lrc.exporters.builder import build
+            from lrc.exporters.builder import check as check_config
 
-            check(config)
-            with tempfile.TemporaryDirectory(prefix="lrc-builder-") as cache:
-                built = build(hf_dir, tmp, dtype, Path(cache))
-            task = "text-generation-with-past"
-        if exporter in ("auto", "optimum"):
+            try:
+                check_config(config)
+                with tempfile.TemporaryDirectory(prefix="lrc-builder-") as cache:
+                    built = build(hf_dir, tmp, dtype, Path(cache))
+                if check is not None:
+                    built["agreement"] = check(hf_dir, tmp, built["precision"])
+                task = "text-generation-with-past"
+            except LrcError as e:
+                if exporter == "builder":
+                    raise
+                reason, built, used = f"the builder: {e}", None, "optimum"
+                log.warning("%s; exporting with optimum", reason)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+        if used != "builder" and dtype not in ("float32", "fp32", "float16", "fp16"):
+            raise LrcError(f"--dtype {dtype} is the builder's own, and {path.name} is not exported "
+                           f"by it ({reason or task})")
+        if used in ("auto", "optimum"):
             try:
                 _export_optimum(hf_dir, tmp, task, opset, validate)
                 used = "optimum"
@@ -362,7 +417,7 @@ def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | Non
             except Exception as e:  # noqa: BLE001 - any exporter failure may be retried
                 if exporter == "optimum":
                     raise LrcError(f"optimum could not export {path.name}: {_one_line(e)}") from e
-                reason = _one_line(e)
+                reason = f"{reason}; optimum: {_one_line(e)}" if reason else _one_line(e)
                 log.warning("optimum export failed (%s); falling back to torch.onnx dynamo", reason)
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
@@ -375,7 +430,7 @@ def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | Non
             except Exception as e:  # noqa: BLE001
                 msg = f"torch-dynamo export of {path.name} failed: {_one_line(e)}"
                 if reason:
-                    msg += f" (optimum failed first: {reason})"
+                    msg += f" (before it: {reason})"
                 raise LrcError(msg) from e
 
         _copy_tokenizer_files(hf_dir, tmp)
@@ -410,7 +465,7 @@ def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | Non
         exporter=used,
         seconds=time.perf_counter() - t0,
         files=files,
-        fallback_reason=reason,
+        fallback_reason=reason or None,
         genai=described,
         tokenizer=tokenizer_note,
         tied=tied,

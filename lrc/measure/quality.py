@@ -207,6 +207,10 @@ def _make_windows(m: Model, text: str, context: int, stride: int, max_tokens: in
     if max_tokens:
         ids = ids[:max_tokens]
     bid, desc = bos_convention(m, bos)
+    limit = m.config.get("max_position_embeddings")
+    if limit and int(limit) < context:  # windows the model cannot attend over (a model
+        stride = min(stride, int(limit))  # builder's rotary tables stop at its context): the
+        context = int(limit)               # window description says what was used
     return lm_windows(ids, context, stride, bid, desc)
 
 

@@ -441,6 +441,8 @@ def random_feeds(sess, dims: dict[str, int] | None = None, seed: int = 0,
     rng = np.random.default_rng(seed)
     specs = input_specs(sess)
     env = resolve_dims(specs, dims)
+    if has_past(sess):
+        _decoder_dims(sess, specs, env, set(dims or ()))
     shapes = {s.name: _shape(s, env) for s in specs}
     past_len = next((shapes[s.name][2] for s in specs
                      if is_past(s.name) and len(s.shape) == 4), 0)
@@ -459,6 +461,25 @@ def random_feeds(sess, dims: dict[str, int] | None = None, seed: int = 0,
         else:
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
     return feeds
+
+
+def _decoder_dims(sess, specs: list[InputSpec], env: dict[str, int], given: set[str]) -> None:
+    """A decoder's symbolic dims that only agree with each other one way: the cache's heads and
+    head size (a model builder's ``kv_cache_dim``) from :func:`cache_dims`, and a total length
+    (``total_sequence_length``: the mask of a GroupQueryAttention graph) = past + sequence."""
+    heads, head_dim = cache_dims(sess)
+    for spec in specs:
+        if is_past(spec.name) and len(spec.shape) == 4:
+            for axis, value in ((1, heads), (3, head_dim)):
+                d = spec.shape[axis]
+                if isinstance(d, str) and d not in given:
+                    env[d] = value
+    past = next((v for k, v in env.items() if "past" in k.lower() and "total" not in k.lower()), 0)
+    seq = next((v for k, v in env.items() if "seq" in k.lower() and "past" not in k.lower()
+                and "total" not in k.lower()), 8)
+    for k in env:
+        if "total" in k.lower() and k not in given:
+            env[k] = past + seq
 
 
 def _random_int(spec: InputSpec, shape: list[int], rng, vocab: int | None,
