@@ -429,17 +429,15 @@ def export(source: str = typer.Argument(..., help="HF model folder, .gguf file, 
         from lrc.measure.exported import agreement
     except ImportError as e:
         raise LrcError(f"exporting needs the export extra ({e.name} missing): pip install 'lrc[export]'")
+    from lrc.quantize import to_float16
+
     res = run(source, out, task=task, opset=opset, force=force, exporter=exporter, dtype=dtype,
-              check=agreement)
+              check=agreement, convert=to_float16)
     from lrc.graph.model import file_size
 
-    if dtype in ("float16", "fp16") and not res.builder:
-        from lrc.quantize import to_float16
-
-        t0 = time.perf_counter()
-        to_float16([f for f in res.files if str(f).endswith(".onnx")])
+    if res.converted:
         console.print(f"converted to float16 (ONNX Runtime's converter, float32 inputs and "
-                      f"outputs kept) in {time.perf_counter() - t0:.1f} s")
+                      f"outputs kept) in {res.converted['seconds']:.1f} s")
 
     by = res.exporter
     if res.builder:

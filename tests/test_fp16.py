@@ -316,6 +316,8 @@ def test_export_dtype_float16(tiny_llama, tmp_path):
     r = lrc_cli("export", hf, "-o", out, "--dtype", "float16", "--exporter", "optimum")
     assert r.returncode == 0, r.stderr
     assert "float16" in r.stdout
+    # converted in the staged folder, before it appeared: recorded with the export
+    assert "float16" in json.loads((out / "lrc.json").read_text())["export"]["converted"]
     m = onnx.load(out / "model.onnx")
     big = [t for t in m.graph.initializer if np.prod(t.dims) >= 256]
     assert big and {t.data_type for t in big} == {TensorProto.FLOAT16}

@@ -114,6 +114,7 @@ class ExportResult:
     tokenizer: str | None = None  # what was done to / checked of a GGUF source's tokenizer
     tied: dict = field(default_factory=dict)  # file -> ShareTiedEmbedding's record, where it acted
     builder: dict = field(default_factory=dict)  # the builder's version, precision, options
+    converted: dict = field(default_factory=dict)  # float16 after optimum / dynamo: how, seconds
 
 
 def find_onnx_files(directory: str | Path) -> list[Path]:
@@ -278,6 +279,7 @@ def export(
     quiet: bool = True,
     dtype: str = "float32",
     check=None,
+    convert=None,
 ) -> ExportResult:
     """Export ``source`` (HF folder, .gguf file, or alias) to an ONNX folder ``out_dir``.
 
@@ -292,7 +294,9 @@ def export(
     ``check(hf_dir, staged_folder, precision) -> dict`` (lrc's is
     :func:`lrc.measure.exported.agreement`, which ``lrc export`` passes: this layer runs no
     sessions), on the staged folder before it appears; an LrcError from it with ``"auto"``
-    means optimum exports instead.
+    means optimum exports instead. ``convert(files)`` makes float16 what optimum or dynamo wrote
+    in float32 when ``dtype`` is float16 (``lrc export`` passes :func:`lrc.quantize.to_float16`,
+    which sits above this layer), on the staged files, before the folder appears.
     ``quiet`` hides the tracer / deprecation warnings torch and transformers print while
     exporting (optimum's own log messages, e.g. validation results, still show).
     """
@@ -300,7 +304,8 @@ def export(
         raise LrcError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
     if exporter not in EXPORTERS:
         raise LrcError(f"unknown exporter '{exporter}'; choose one of: {', '.join(EXPORTERS)}")
-    if dtype not in ("float32", "fp32") and exporter not in ("builder", "auto"):
+    if dtype not in ("float32", "fp32") and exporter not in ("builder", "auto") and not (
+            dtype in ("float16", "fp16") and convert is not None):
         raise LrcError(f"--dtype {dtype} at export time is the builder's (--exporter builder); "
                        "other exporters write float32")
     path, kind = resolve_source(source)
@@ -309,7 +314,7 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     with _quiet(quiet):
         return _export(path, kind, out, task, opset, exporter, validate, dtype,
-                       check if validate else None)
+                       check if validate else None, convert)
 
 
 def auto_choice(config: dict, task: str, opset: int | None) -> tuple[str, str]:
@@ -366,7 +371,8 @@ def _quiet(enabled: bool):
 
 
 def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | None,
-            exporter: str, validate: bool, dtype: str = "float32", check=None) -> ExportResult:
+            exporter: str, validate: bool, dtype: str = "float32", check=None,
+            convert=None) -> ExportResult:
     t0 = time.perf_counter()
     tmp = staging_dir(out)  # .OUT.tmp-PID-*: a killed run's is removed by the next
     scratch: tempfile.TemporaryDirectory | None = None
@@ -405,9 +411,13 @@ def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | Non
                 log.warning("%s; exporting with optimum", reason)
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
-        if used != "builder" and dtype not in ("float32", "fp32", "float16", "fp16"):
-            raise LrcError(f"--dtype {dtype} is the builder's own, and {path.name} is not exported "
-                           f"by it ({reason or task})")
+        if used != "builder" and dtype not in ("float32", "fp32"):
+            if dtype not in ("float16", "fp16"):
+                raise LrcError(f"--dtype {dtype} is the builder's own, and {path.name} is not "
+                               f"exported by it ({reason or task})")
+            if convert is None:
+                raise LrcError(f"--dtype {dtype} after {used}'s export needs a float16 converter "
+                               "(export(..., convert=lrc.quantize.to_float16); lrc export passes it)")
         if used in ("auto", "optimum"):
             try:
                 _export_optimum(hf_dir, tmp, task, opset, validate)
@@ -447,8 +457,15 @@ def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | Non
         else:  # the builder's own layout and genai_config.json, as ORT GenAI gets them
             tied = {}
             described = {"file": genai.CONFIG, "by": "builder"}
+        converted = None
+        if built is None and dtype in ("float16", "fp16"):
+            t1 = time.perf_counter()
+            convert([f for f in files if f.suffix == ".onnx"])
+            converted = {"float16": "ONNX Runtime's converter (inputs and outputs kept float32)",
+                         "seconds": round(time.perf_counter() - t1, 1)}
         _write_record(tmp, source=path, exporter=used, task=task, tokenizer=tokenizer_note, tied=tied,
-                      **({"builder": built} if built else {}))
+                      **({"builder": built} if built else {}),
+                      **({"converted": converted} if converted else {}))
         replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -470,6 +487,7 @@ def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | Non
         tokenizer=tokenizer_note,
         tied=tied,
         builder=built or {},
+        converted=converted or {},
     )
 
 
