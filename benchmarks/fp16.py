@@ -130,8 +130,8 @@ def render(res: dict) -> str:
     L = [MARK_BEGIN, "## A float16 export end to end (SmolLM2-135M)", "",
          f"`python benchmarks/fp16.py --write`, {res['date']}, {m['cpu']} ({m['cores']} cores), "
          f"ONNX Runtime {m['onnxruntime']}. The float16 model is `lrc export smollm2-135m "
-         "--exporter optimum --dtype float16` (ONNX Runtime's float16 converter; inputs, outputs and KV cache stay "
-         "float32 behind Casts). Both exports are compressed by the default command "
+         "--exporter optimum --dtype float16` (ONNX Runtime's float16 converter; inputs, "
+         "outputs and KV cache stay float32 behind Casts). Both exports are compressed by the default command "
          f"(`{' '.join(FLAGS)}`: auto, SVD-LLM + update, recipe best); the float16 one keeps "
          "float16 factors. Quality against the float32 export on "
          f"{res['max_tokens']} tokens of the news text (calibration domain) and of the Python "

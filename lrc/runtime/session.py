@@ -126,11 +126,19 @@ def open_session(model, *, threads: int | None = None, provider: str = "cpu",
                  profile_prefix=profile_prefix, external_folder=external,
                  log_severity=log_severity, prepack=prepack, arena=arena)
     prov = lookup(provider).name
+    fp16 = None  # float16 inputs, when the graph says so without a session (see below)
+    if prov == "CPUExecutionProvider":
+        graph = model.graph if hasattr(model, "SerializeToString") else (
+            ref.graph.graph if data is None else None)
+        if graph is not None:
+            fp16 = _float16_declared(graph)
+            if fp16:  # see below: decided from the graph, one session instead of two
+                so.enable_mem_reuse = False
     providers = [prov] if prov == "CPUExecutionProvider" else [prov, "CPUExecutionProvider"]
     label = str(path) if path is not None else "the model"
     try:
         sess = ort.InferenceSession(data if data is not None else str(path), so, providers=providers)
-        if prov == "CPUExecutionProvider" and _float16_inputs(sess):
+        if prov == "CPUExecutionProvider" and fp16 is None and _float16_inputs(sess):
             # float16 inputs on the CPU EP (the model builder's fp16 graphs): ORT inserts Casts
             # around ops without float16 kernels and its memory planner then re-uses one of
             # their buffers across sequence lengths — the second decode step fails with "Shape
@@ -153,6 +161,15 @@ def open_session(model, *, threads: int | None = None, provider: str = "cpu",
 
 def _float16_inputs(sess) -> bool:
     return any(i.type == "tensor(float16)" for i in sess.get_inputs())
+
+
+def _float16_declared(graph) -> bool:
+    """A graph input (not an initializer) of type float16, read from the graph itself."""
+    import onnx
+
+    inits = {t.name for t in graph.initializer}
+    return any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+               for i in graph.input if i.name not in inits)
 
 
 _ONNX_DOMAIN_OPS: set[str] = set()
