@@ -444,6 +444,10 @@ def export(source: str = typer.Argument(..., help="HF model folder, .gguf file, 
         by = f"ONNX Runtime GenAI's model builder {res.builder['builder']} ({res.builder['precision']})"
     console.print(f"exported {source} ({res.task}) with {by} in {res.seconds:.1f} s -> "
                   f"{res.out_dir} ({_mb(sum(file_size(f) for f in res.files))})")
+    if (res.builder or {}).get("precision") == "fp16":
+        console.print("note: the builder's float16 graph: lrc's commands run it on the CPU, ONNX "
+                      "Runtime GenAI's CPU EP fails it at the second decode step (an ORT "
+                      "buffer-reuse bug GenAI has no option against); float16 is for GPUs")
     agree = (res.builder or {}).get("agreement")
     if agree:
         console.print(f"checked against PyTorch on {agree['tokens']} tokens: logits relative "

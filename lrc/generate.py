@@ -28,6 +28,7 @@ writes runs where such models are deployed, with the same tokens.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,7 +329,11 @@ def genai_generate(model_dir: str | Path, prompt_ids: list[int], max_new_tokens:
     if not prompt_ids or max_new_tokens < 1:
         raise LrcError("ORT GenAI needs prompt ids and max_new_tokens of at least 1")
     try:
-        model = og.Model(str(folder))
+        config = og.Config(str(folder))
+        # ONNX Runtime's own log goes to stderr beside lrc's one line: errors are raised anyway
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "log_severity_level": 4}}}}))
+        model = og.Model(config)
     except Exception as e:  # its messages are one line: the config or the graph it refused
         raise LrcError(f"ONNX Runtime GenAI cannot load {folder}: {str(e).splitlines()[0]}") from None
     params = og.GeneratorParams(model)
@@ -337,13 +342,17 @@ def genai_generate(model_dir: str | Path, prompt_ids: list[int], max_new_tokens:
     params.set_search_options(max_length=length, do_sample=False)
     gen = og.Generator(model, params)
     t0 = time.perf_counter()
-    gen.append_tokens(list(prompt_ids))
-    gen.generate_next_token()
-    t_first = time.perf_counter()
-    for _ in range(max_new_tokens - 1):
-        if gen.is_done():
-            break
+    try:
+        gen.append_tokens(list(prompt_ids))
         gen.generate_next_token()
+        t_first = time.perf_counter()
+        for _ in range(max_new_tokens - 1):
+            if gen.is_done():
+                break
+            gen.generate_next_token()
+    except Exception as e:  # noqa: BLE001 - ORT's own failure inside GenAI, in one line
+        raise LrcError(f"ONNX Runtime GenAI failed to generate from {folder}: "
+                       f"{_genai_why(ref, str(e))}") from None
     t_end = time.perf_counter()
     new = [int(t) for t in gen.get_sequence(0)][len(prompt_ids):][:max_new_tokens]
     steps = len(new) - 1
@@ -353,6 +362,24 @@ def genai_generate(model_dir: str | Path, prompt_ids: list[int], max_new_tokens:
     return GenerationResult(text=text, new_token_ids=new, prompt_tokens=len(prompt_ids),
                             new_tokens=len(new), prefill_s=t_first - t0, decode_s=decode_s,
                             tokens_per_s=rate, prompt_ids=list(prompt_ids))
+
+
+def _genai_why(ref, message: str) -> str:
+    """ORT GenAI's error in one line, with what is known of it: the CPU EP fails float16
+    graphs (the model builder's fp16) at the second step, a buffer-reuse bug GenAI has no
+    option against (lrc's own sessions turn the reuse off: lrc generate without --genai)."""
+    import re
+
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    m = re.search(r"Status Message: (.*)", message)
+    why = (m.group(1) if m else (lines[0] if lines else "no message")).split(" Validate usage")[0]
+    why = re.sub(r"/\S*onnxruntime_src/\S+ virtual \S+ \S+::\S+\(.*?\) ", "", why)[:240]
+    if "re-use buffer" in message and any(
+            i.type.tensor_type.elem_type == 10 for i in ref.graph.graph.input):
+        why += (" (ONNX Runtime's CPU EP fails float16 graphs at the second step when it "
+                "re-uses buffers, and GenAI cannot turn that off; lrc generate without --genai "
+                "runs them)")
+    return why
 
 
 def without_eos(model_dir: str | Path, ids: list[int]) -> list[int]:

@@ -340,6 +340,10 @@ def test_builder_export_fused_graph_and_its_compression_run_in_genai(family, tmp
     # ORT's CPU EP fails the builder's float16 graphs at the second decode step unless its
     # buffer reuse is off (lrc.runtime.session does that for float16 inputs)
     assert len(greedy(b16)) == NEW
+    r = lrc("generate", b16, "w5 w9", "--genai", "--max-new-tokens", "4")
+    if r.returncode:  # ORT GenAI cannot turn the reuse off: one line that says so, not a trace
+        err = one_line_error(r)
+        assert "float16" in err and "without --genai" in err, err
     err = one_line_error(lrc("compress", b4, "--quantize", "int4", "-o", tmp_path / "x"))
     assert "int4" in err or "quantised" in err, err
     # the other commands on the fused graph: the default recipe (its update runs segment by
