@@ -190,6 +190,30 @@ def test_bad_task_and_exporter(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_auto_choice_rules(monkeypatch):
+    """What ``--exporter auto`` picks before anything runs, and the reason when not the builder."""
+    from lrc.exporters.hf import auto_choice
+
+    llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    gemma3 = {"model_type": "gemma3_text", "layer_types": ["sliding_attention", "full_attention"]}
+    assert auto_choice(llama, "feature-extraction", None) == ("optimum", "")
+    assert auto_choice(llama, "text-generation", None) == ("optimum", "")
+    used, why = auto_choice(llama, "text-generation-with-past", 17)
+    assert used == "optimum" and "17" in why
+    used, why = auto_choice(gemma3, "text-generation-with-past", None)
+    assert used == "optimum" and "every 6th" in why and why.endswith("would be wrong")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime_genai" else real(name, *a))
+    used, why = auto_choice(llama, "text-generation-with-past", None)
+    assert used == "optimum" and "onnxruntime-genai" in why
+    monkeypatch.undo()
+    if have("onnxruntime_genai"):
+        assert auto_choice(llama, "text-generation-with-past", None) == ("builder", "")
+
+
 @pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_auto_exports_a_decoder_with_the_builder_checked_against_torch(tmp_path):
     """``--exporter auto``: a decoder LM gets the builder's fused graph, its logits checked
