@@ -222,18 +222,25 @@ def measure_exports(out: Path, gemma: bool, trace: bool) -> list[dict]:
     return rows
 
 
-def exports_md(res: dict) -> str:
+def _opening(res: dict, mark: str, title: str, command: str) -> list[str]:
+    """A section's marker, title and first words: the command, date and machine."""
     m = res["machine"]
-    L = [EXPORT_BEGIN, "## Memory and time of `lrc export`", "",
-         f"`python benchmarks/memory.py --exports [--gemma] --write`, {res['date']}, {m['cpu']} "
-         f"({m['logical_cores']} cores), {m.get('ram_gb', '?')} GB RAM. Each export in a fresh "
-         "process; peak resident set size from the kernel (`wait4`'s `ru_maxrss`: the largest "
-         "single process of the export — lrc's, or the model builder's subprocess it waits "
-         "for — not their sum). The default exporter of a decoder LM is ONNX Runtime GenAI's "
-         "model builder with lrc's check of its logits against PyTorch; optimum is the other "
-         "row. Wall times on a machine that may be running other jobs.", "",
-         "| model | exporter | peak RSS | folder | time | check against PyTorch |",
-         "|---|---|---|---|---|---|"]
+    return [mark, f"## {title}", "",
+            f"`{command}`, {res['date']}, {m['cpu']} ({m['logical_cores']} cores), "
+            f"{m.get('ram_gb', '?')} GB RAM"]
+
+
+def exports_md(res: dict) -> str:
+    L = _opening(res, EXPORT_BEGIN, "Memory and time of `lrc export`",
+                 "python benchmarks/memory.py --exports [--gemma] --write")
+    L[-1] += (". Each export in a fresh process; peak resident set size from the kernel "
+              "(`wait4`'s `ru_maxrss`: the largest single process of the export — lrc's, or the "
+              "model builder's subprocess it waits for — not their sum). The default exporter of "
+              "a decoder LM is ONNX Runtime GenAI's model builder with lrc's check of its logits "
+              "against PyTorch; optimum is the other row. Wall times on a machine that may be "
+              "running other jobs.")
+    L += ["", "| model | exporter | peak RSS | folder | time | check against PyTorch |",
+          "|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if r["rc"]:
             L.append(f"| {r['model']} | {r['label']} | failed: {r.get('error', '')} | | "
@@ -338,17 +345,15 @@ def table_md(rows: list[dict]) -> str:
 
 def section_md(res: dict) -> str:
     m = res["machine"]
-    L = [MARK_BEGIN, "## Memory of `lrc compress`", "",
-         f"`python benchmarks/memory.py --write`, {res['date']}, {m['cpu']} "
-         f"({m['logical_cores']} cores), {m.get('ram_gb', '?')} GB RAM, ONNX Runtime "
-         f"{m['onnxruntime']}. Peak resident set size of the `lrc compress` process (the "
-         f"kernel's `ru_maxrss`: file-backed pages of memory-mapped weights count too), each "
-         f"configuration in a fresh process with an empty calibration cache (so data-aware runs "
-         f"include their calibration), against the model's size on disk (.onnx plus external "
-         f"data). A process that only imports lrc peaks at {res['baseline_rss'] / MB:,.0f} MB. "
-         f"Times are wall times on a machine that may be running other jobs (peak RSS does not "
-         f"depend on load).", "",
-         table_md(res["rows"]), ""]
+    L = _opening(res, MARK_BEGIN, "Memory of `lrc compress`", "python benchmarks/memory.py --write")
+    L[-1] += (f", ONNX Runtime {m['onnxruntime']}. Peak resident set size of the `lrc compress` "
+              f"process (the kernel's `ru_maxrss`: file-backed pages of memory-mapped weights "
+              f"count too), each configuration in a fresh process with an empty calibration "
+              f"cache (so data-aware runs include their calibration), against the model's size "
+              f"on disk (.onnx plus external data). A process that only imports lrc peaks at "
+              f"{res['baseline_rss'] / MB:,.0f} MB. Times are wall times on a machine that may "
+              f"be running other jobs (peak RSS does not depend on load).")
+    L += ["", table_md(res["rows"]), ""]
     if res.get("large"):
         g = res["large"]
         L += [f"The >2 GB model is synthetic (written by the script, deleted after): {g['layers']} "
