@@ -39,7 +39,7 @@ import numpy as np
 from lrc.errors import LrcError, opt
 from lrc.modelref import ModelRef, model_files, resolve
 from lrc.runtime.feeds import Past, empty_past, past_names, present_to_past, text_feeds
-from lrc.runtime.session import open_session
+from lrc.runtime.session import float16_inputs, open_session
 
 
 @dataclass
@@ -374,8 +374,7 @@ def _genai_why(ref, message: str) -> str:
     m = re.search(r"Status Message: (.*)", message)
     why = (m.group(1) if m else (lines[0] if lines else "no message")).split(" Validate usage")[0]
     why = re.sub(r"/\S*onnxruntime_src/\S+ virtual \S+ \S+::\S+\(.*?\) ", "", why)[:240]
-    if "re-use buffer" in message and any(
-            i.type.tensor_type.elem_type == 10 for i in ref.graph.graph.input):
+    if "re-use buffer" in message and float16_inputs(ref.graph.graph):
         why += (" (ONNX Runtime's CPU EP fails float16 graphs at the second step when it "
                 "re-uses buffers, and GenAI cannot turn that off; lrc generate without --genai "
                 "runs them)")

@@ -28,7 +28,7 @@ from lrc.fields import option
 from lrc.graph.passes.lowrank import plain_svd
 from lrc.graph.plan import Plan, make_plan
 from lrc.graph.policy import Policy
-from lrc.modelref import ModelRef
+from lrc.modelref import ModelRef, fit_window
 from lrc.modelref import resolve as resolve_model
 
 Factoriser = Callable  # (Target, W [in, out], rank) -> Factors
@@ -368,9 +368,8 @@ def make_calibration(ref: ModelRef, *, calib=None, n_tokens: int = 16384, seq_le
         texts, sources = [], [str(s) for s in (input_sources or [])]
     else:
         texts, sources = calibration_texts(calib, n_tokens=n_tokens, use_default=use_default)
-    context = ref.config.get("max_position_embeddings") if ref.is_lm else None
-    if context and int(context) < seq_len:  # a window the model cannot attend over (a model
-        seq_len = int(context)              # builder's rotary tables stop at its context)
+    if ref.is_lm:
+        seq_len = fit_window(ref.config, seq_len)
     return Calibration(ref, texts, sources, n_tokens=n_tokens, seq_len=seq_len, alpha=alpha,
                        damp=damp, progress=progress, inputs=inputs)
 

@@ -39,7 +39,8 @@ import onnx_ir as ir
 from lrc.errors import LrcError, opt
 from lrc.graph import model as M
 
-__all__ = ["FORMATS", "Format", "KVLayout", "ModelRef", "is_past", "kv_layout", "model_files",
+__all__ = ["FORMATS", "Format", "KVLayout", "ModelRef", "fit_window", "is_past", "kv_layout",
+           "model_files",
            "pick_file", "resolve", "tokenizer_file"]
 
 SOURCE_META = M.SOURCE_META  # the file lrc.model.load read an onnx_ir.Model from
@@ -141,6 +142,15 @@ def _io(values) -> dict[str, list]:
 
 
 # ------------------------------------------------------------------------------------- formats
+
+
+def fit_window(config: dict, length: int) -> int:
+    """``length`` tokens, or fewer when the model attends over fewer (``max_position_embeddings``,
+    or genai_config.json's ``context_length``): a model builder's rotary tables stop there and
+    its GroupQueryAttention refuses a longer sequence. The one rule for calibration and
+    evaluation windows."""
+    limit = config.get("max_position_embeddings")
+    return min(int(length), int(limit)) if limit else int(length)
 
 
 def _read_json(path: Path | None) -> dict:

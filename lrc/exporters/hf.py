@@ -398,7 +398,8 @@ def _export(path: Path, kind: str, out: Path, task: str | None, opset: int | Non
             from lrc.exporters.builder import check as check_config
 
             try:
-                check_config(config)
+                if exporter == "builder":  # auto_choice has checked it already
+                    check_config(config)
                 with tempfile.TemporaryDirectory(prefix="lrc-builder-") as cache:
                     built = build(hf_dir, tmp, dtype, Path(cache))
                 if check is not None:

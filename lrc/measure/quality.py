@@ -45,7 +45,7 @@ from lrc.calibration.sensitivity import log_softmax as _log_softmax
 from lrc.calibration.tokens import load_tokenizer
 from lrc.errors import LrcError
 from lrc.measure.metrics import LM_METRICS, cosine_rows
-from lrc.modelref import ModelRef, resolve
+from lrc.modelref import ModelRef, fit_window, resolve
 from lrc.runtime import feeds as _feeds
 from lrc.runtime.session import open_session
 
@@ -207,10 +207,8 @@ def _make_windows(m: Model, text: str, context: int, stride: int, max_tokens: in
     if max_tokens:
         ids = ids[:max_tokens]
     bid, desc = bos_convention(m, bos)
-    limit = m.config.get("max_position_embeddings")
-    if limit and int(limit) < context:  # windows the model cannot attend over (a model
-        stride = min(stride, int(limit))  # builder's rotary tables stop at its context): the
-        context = int(limit)               # window description says what was used
+    context = fit_window(m.config, context)  # the window description says what was used
+    stride = min(stride, context)
     return lm_windows(ids, context, stride, bid, desc)
 
 

@@ -131,7 +131,7 @@ def open_session(model, *, threads: int | None = None, provider: str = "cpu",
         graph = model.graph if hasattr(model, "SerializeToString") else (
             ref.graph.graph if data is None else None)
         if graph is not None:
-            fp16 = _float16_declared(graph)
+            fp16 = float16_inputs(graph)
             if fp16:  # see below: decided from the graph, one session instead of two
                 so.enable_mem_reuse = False
     providers = [prov] if prov == "CPUExecutionProvider" else [prov, "CPUExecutionProvider"]
@@ -163,8 +163,10 @@ def _float16_inputs(sess) -> bool:
     return any(i.type == "tensor(float16)" for i in sess.get_inputs())
 
 
-def _float16_declared(graph) -> bool:
-    """A graph input (not an initializer) of type float16, read from the graph itself."""
+def float16_inputs(graph) -> bool:
+    """A graph input (not an initializer) of type float16, read from the graph (an
+    ``onnx.GraphProto``) itself: the model builder's fp16 graphs, which ORT's CPU EP fails
+    with buffer reuse on (see :func:`open_session`)."""
     import onnx
 
     inits = {t.name for t in graph.initializer}
