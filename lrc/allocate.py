@@ -8,12 +8,17 @@ the whitened error the choice leaves. :func:`allocate` starts every group at its
 choice and spends the rest of the budget where a byte removes most predicted loss, walking
 each menu's lower convex hull (a multiple-choice knapsack, solved greedily; exact at the hull's
 corners).
+
+A second budget, on time: each choice may carry its predicted seconds per decoded token (its
+MatMuls' time, :mod:`lrc.runtime.decodecost`). With ``seconds_budget`` the allocator prices a
+second as ``lam`` units of loss (a Lagrange multiplier) and raises ``lam`` (bisection) until the
+choices fit both budgets: a correction's fixed cost then goes where it removes most loss.
 """
 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,7 @@ class Choice:
     rank: int
     nbytes: int
     err: float
+    seconds: float = 0.0  # predicted time of the group's MatMuls per decoded token
 
     def label(self) -> str:
         return f"int{self.bits}/{self.block}" + (f"+r{self.rank}" if self.rank else "")
@@ -39,21 +45,26 @@ class Allocation:
     loss: float  # predicted: sum of sensitivity x error
     min_bytes: int  # every group at its cheapest choice
     max_bytes: int  # every group at its best choice
+    seconds: float = 0.0  # predicted seconds per decoded token of the choices taken
+    lam: float = 0.0  # loss per second the time budget was priced at (0: it did not bind)
+    seconds_met: bool = True  # within seconds_budget (when one was given)
 
 
-def _hull(menu: list[Choice], sens: float) -> list[int]:
-    """Indices of the menu's lower convex hull in (bytes, loss), cheapest first: choices that
-    are worse and dearer than another, or above the hull, are never worth their bytes."""
-    order = sorted(range(len(menu)), key=lambda i: (menu[i].nbytes, menu[i].err))
+def _hull(menu: list[Choice], sens: float, lam: float = 0.0) -> list[int]:
+    """Indices of the menu's lower convex hull in (bytes, loss + lam x seconds), cheapest
+    first: choices that are worse and dearer than another, or above the hull, are never worth
+    their bytes."""
+    v = [sens * c.err + lam * c.seconds for c in menu]
+    order = sorted(range(len(menu)), key=lambda i: (menu[i].nbytes, v[i]))
     pts: list[int] = []
     for i in order:
-        if pts and sens * menu[i].err >= sens * menu[pts[-1]].err:
+        if pts and v[i] >= v[pts[-1]]:
             continue  # dearer and no better
         while len(pts) >= 2:
-            a, b = menu[pts[-2]], menu[pts[-1]]
-            c = menu[i]
+            a, b, c = pts[-2], pts[-1], i
             # b above the segment a-c: drop it
-            if (b.err - a.err) * (c.nbytes - a.nbytes) >= (c.err - a.err) * (b.nbytes - a.nbytes):
+            if ((v[b] - v[a]) * (menu[c].nbytes - menu[a].nbytes)
+                    >= (v[c] - v[a]) * (menu[b].nbytes - menu[a].nbytes)):
                 pts.pop()
             else:
                 break
@@ -61,10 +72,68 @@ def _hull(menu: list[Choice], sens: float) -> list[int]:
     return pts
 
 
-def allocate(menus: list[list[Choice]], sens: list[float], budget: float) -> Allocation:
+def allocate(menus: list[list[Choice]], sens: list[float], budget: float,
+             seconds_budget: float | None = None) -> Allocation:
     """The choice per group that minimises ``sum(sens[g] * err)`` within ``budget`` bytes
-    (greedy on each menu's hull: upgrades taken by loss removed per byte while they fit)."""
-    hulls = [_hull(m, max(s, 0.0)) for m, s in zip(menus, sens)]
+    (greedy on each menu's hull: upgrades taken by loss removed per byte while they fit) and,
+    given ``seconds_budget``, within that many predicted seconds per decoded token: the
+    smallest price ``lam`` per second that brings the choices under it (bisection); when none
+    does, the fastest allocation found, with ``seconds_met`` False."""
+    first = _allocate(menus, sens, budget, 0.0)
+    if seconds_budget is None or first.seconds <= seconds_budget:
+        return first
+    # a price per second: from one that is negligible against the loss, x4 until it binds
+    scale = max(first.loss, 1e-30) / max(first.seconds, 1e-30)
+    lo, hi, fastest = 0.0, scale * 1e-3, first
+    for _ in range(40):
+        a = _allocate(menus, sens, budget, hi)
+        if a.seconds <= seconds_budget:
+            break
+        if a.seconds < fastest.seconds:
+            fastest = a
+        lo, hi = hi, hi * 4
+    else:  # no price meets it: the fastest found
+        return replace(fastest, seconds_met=False)
+    best = a
+    for _ in range(30):  # the smallest price that meets it
+        mid = (lo + hi) / 2
+        a = _allocate(menus, sens, budget, mid)
+        if a.seconds <= seconds_budget:
+            hi, best = mid, a
+        else:
+            lo = mid
+    return _improve(menus, sens, budget, seconds_budget, best)
+
+
+def _improve(menus, sens, budget, seconds_budget, a: Allocation) -> Allocation:
+    """The priced allocation lies on the hull of (loss, seconds): a better one may fit between
+    its points. Change one group at a time to the choice that removes most loss and keeps both
+    budgets, while one does."""
+    picks = list(a.picks)
+    spent = sum(m[p].nbytes for m, p in zip(menus, picks))
+    secs = sum(m[p].seconds for m, p in zip(menus, picks))
+    while True:
+        best = None
+        for g, (m, s) in enumerate(zip(menus, sens)):
+            cur = m[picks[g]]
+            for i, c in enumerate(m):
+                gain = s * (cur.err - c.err)
+                if (gain > 0 and spent - cur.nbytes + c.nbytes <= budget
+                        and secs - cur.seconds + c.seconds <= seconds_budget * (1 + 1e-12)
+                        and (best is None or gain > best[0])):
+                    best = (gain, g, i)
+        if best is None:
+            break
+        _, g, i = best
+        spent += menus[g][i].nbytes - menus[g][picks[g]].nbytes
+        secs += menus[g][i].seconds - menus[g][picks[g]].seconds
+        picks[g] = i
+    loss = sum(s * m[p].err for m, s, p in zip(menus, sens, picks))
+    return replace(a, picks=picks, nbytes=int(spent), loss=float(loss), seconds=float(secs))
+
+
+def _allocate(menus, sens, budget, lam) -> Allocation:
+    hulls = [_hull(m, max(s, 0.0), lam) for m, s in zip(menus, sens)]
     at = [0] * len(menus)
     picks = [h[0] for h in hulls]
     spent = sum(m[p].nbytes for m, p in zip(menus, picks))
@@ -76,7 +145,8 @@ def allocate(menus: list[list[Choice]], sens: list[float], budget: float) -> All
         if i + 1 >= len(h):
             return None
         a, b = menus[g][h[i]], menus[g][h[i + 1]]
-        return (sens[g] * (a.err - b.err)) / max(b.nbytes - a.nbytes, 1), b.nbytes - a.nbytes
+        removed = sens[g] * (a.err - b.err) + lam * (a.seconds - b.seconds)
+        return removed / max(b.nbytes - a.nbytes, 1), b.nbytes - a.nbytes
 
     heap = []
     for g in range(len(menus)):
@@ -96,7 +166,9 @@ def allocate(menus: list[list[Choice]], sens: list[float], budget: float) -> All
         if x is not None:
             heapq.heappush(heap, (-x[0], g))
     loss = sum(s * m[p].err for m, s, p in zip(menus, sens, picks))
-    return Allocation(picks, int(spent), float(loss), int(min_bytes), int(max_bytes))
+    seconds = sum(m[p].seconds for m, p in zip(menus, picks))
+    return Allocation(picks, int(spent), float(loss), int(min_bytes), int(max_bytes),
+                      float(seconds), float(lam))
 
 
 __all__ = ["Allocation", "Choice", "allocate"]

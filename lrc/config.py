@@ -68,6 +68,8 @@ def _positive(name: str, value, *, integer: bool = False, allow_zero: bool = Fal
 
 
 DEFAULT_SIZE = 1.2  # recipe best's size for a bare --quantize int4 on an LM: x the int4 form
+#: target-size's decode budget: x the MatMul time of plain int4/32 (benchmarks/genai_builder.py)
+DEFAULT_DECODE = 1.1
 
 
 def relative_size(v) -> float | None:
@@ -80,6 +82,16 @@ def relative_size(v) -> float | None:
     except ValueError:
         return None
     return n if n > 0 else None
+
+
+def _budget_x(v):
+    """decode-budget's value: a number, or ``off``."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v.strip().lower()
+    return v
 
 
 def _size(v):
@@ -192,6 +204,13 @@ class BudgetConfig:
              "blocks of 32 with an int4 table (the builder's int4 form), e.g. 1.2x. Default "
              f"with quantize int4 and nothing else of its recipe given, on a language model "
              f"with calibration text: {DEFAULT_SIZE:g}x (recipe best).")
+    decode_budget: float | str | None = option(
+        kind="str", metavar="X|off", also=(int, float), parse=lambda v: _budget_x(v),
+        help="With target-size and quantize for ONNX Runtime: the weight MatMuls of one "
+             "decoded token may take at most X times what plain 4-bit codes in blocks of 32 "
+             "(the builder's int4) take, predicted from per-node times measured once on this "
+             "machine's CPU (a correction costs two nodes); off: bytes alone. Default "
+             f"{DEFAULT_DECODE:g}.")
     target_speedup: float | None = option(
         kind="float", help="Keep the projection parameters an ORT-profiled Amdahl model says "
         "give this speedup (an upper estimate).")
@@ -218,6 +237,10 @@ class BudgetConfig:
                                   f"form such as 1.2x, got {self.target_size!r}", "target_size")
         elif self.target_size is not None:
             _positive("target_size", self.target_size)
+        if self.decode_budget is not None and self.decode_budget != "off" and not (
+                isinstance(self.decode_budget, (int, float)) and self.decode_budget >= 1):
+            raise ConfigError(f"{opt('decode_budget')} must be a multiple >= 1 of plain int4's "
+                              f"time, or off, got {self.decode_budget!r}", "decode_budget")
         if self.target_speedup is not None and not (
                 isinstance(self.target_speedup, (int, float)) and self.target_speedup > 1):
             raise ConfigError(f"{opt('target_speedup')} must be > 1, got "
@@ -631,6 +654,10 @@ class CompressConfig:
                 raise ConfigError(f"{opt('target_size')} with {opt('quantize')} chooses the "
                                   f"bits, block sizes and correction ranks itself: drop "
                                   f"{opt(given[0])}", given[0])
+        if self.budget.decode_budget is not None and not self.size_allocated:
+            raise ConfigError(f"{opt('decode_budget')} goes with {opt('quantize')} and "
+                              f"{opt('target_size')} (the allocator's second budget)",
+                              "decode_budget")
         if self.factorizer is not None and self.calibration.calib_inputs:
             raise ConfigError(f"{opt('factorizer')} is ready: no {opt('calib_inputs')}",
                               "factorizer")
@@ -660,7 +687,12 @@ class CompressConfig:
 
         from lrc.graph.passes.quant import AUTO_RANK
 
-        return replace(spec, target_mb=float(self.budget.target_size), correct_rank=AUTO_RANK)
+        decode = self.budget.decode_budget
+        decode = DEFAULT_DECODE if decode is None else (None if decode == "off" else float(decode))
+        if spec.target != "ort":  # the times are ORT's CPU kernels'
+            decode = None
+        return replace(spec, target_mb=float(self.budget.target_size), correct_rank=AUTO_RANK,
+                       decode_budget=decode)
 
     def to_dict(self) -> dict:
         """The options by name (JSON-ready; a ready object shown by its type)."""

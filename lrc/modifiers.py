@@ -304,7 +304,8 @@ class Quantize(Modifier):
                 rescaled=smooth.applied if smooth is not None else None)
         self.pass_ = QuantizePass(spec, corrector, select=None if run.lowrank else run.select,
                                   progress=None if run.lowrank else run.progress,
-                                  probe=_probe(run) if spec.target_mb is not None else None)
+                                  probe=_probe(run) if spec.target_mb is not None else None,
+                                  decode_cost=_decode_cost if spec.decode_budget else None)
         return [self.pass_]
 
     def report(self, run, out):
@@ -335,6 +336,13 @@ def _probe(run: Run):
         return Probe(run.model, names, batches, path=run.ref.file, ref=run.ref)
 
     return make
+
+
+def _decode_cost():
+    """target-size's decode budget: this machine's MatMul times (measured once, then cached)."""
+    from lrc.runtime.decodecost import decode_cost
+
+    return decode_cost()
 
 
 class Embedding(Modifier):

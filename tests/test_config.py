@@ -55,6 +55,8 @@ CASES = {
     "target_params": ({"target_params": 0.8}, {"target_params": 1.5}),
     "target_size": ({"target_size": 0.003}, {"target_size": -1.0}),
     "target_speedup": ({"target_speedup": 1.01}, {"target_speedup": 0.9}),
+    "decode_budget": ({"quantize": "int4", "target_size": 0.003, "decode_budget": 1.2},
+                      {"quantize": "int4", "target_size": 0.003, "decode_budget": 0.5}),
     "ep": ({"ep": "cpu"}, {"ep": "nonsense-ep"}),
     "method": ({"method": "svd"}, {"method": "nope"}),
     "update": ({"method": "svd", "update": False}, {"method": "svd", "update": True}),

@@ -894,6 +894,31 @@ def test_allocator_spends_bytes_where_measured_loss_falls_most():
     assert tight.min_bytes > 150  # the caller refuses such a budget
 
 
+def test_allocator_holds_a_time_budget_by_pricing_seconds():
+    """lrc.allocate with seconds_budget: a correction's fixed time counts; the choices fit both
+    budgets, the cheapest way by loss; the time only binds when it must; an unreachable time
+    budget gives the fastest allocation, said."""
+    from lrc.allocate import Choice, allocate
+
+    def menu(scale):  # rank 32 is the best per byte but costs 3 units of time; int8 costs 2
+        return [Choice(4, 32, 0, 120, 0.6 * scale, 10.0), Choice(4, 32, 32, 140, 0.2 * scale, 13.0),
+                Choice(8, 32, 0, 220, 0.25 * scale, 12.0)]
+
+    menus = [menu(1), menu(1), menu(1)]
+    sens = [1.0, 5.0, 10.0]
+    free = allocate(menus, sens, 10_000)
+    assert free.picks == [1, 1, 1] and free.seconds == 39.0 and free.lam == 0
+    assert allocate(menus, sens, 10_000, 39.0).picks == [1, 1, 1]  # not binding: the same
+    two = allocate(menus, sens, 10_000, 36.0)  # room for two corrections: the sensitive ones
+    assert two.picks == [0, 1, 1] and two.seconds <= 36.0 and two.lam > 0 and two.seconds_met
+    one = allocate(menus, sens, 10_000, 33.0)
+    assert one.picks == [0, 0, 1] and one.loss > two.loss > free.loss
+    none = allocate(menus, sens, 10_000, 25.0)  # below every group's fastest choice
+    assert not none.seconds_met and none.seconds == 30.0
+    both = allocate(menus, sens, 400, 36.0)  # the byte budget still holds
+    assert both.nbytes <= 400 and both.seconds <= 36.0
+
+
 def _probe_weighting(weights, w0):
     """A stand-in for the ORT probe: KL = weight x squared change of each replaced weight."""
     def make():

@@ -96,6 +96,9 @@ class QuantSpec:
     # target-size: bits, block size and correction rank chosen per group so that all the
     # model's initializers fit in this many MB (lrc.allocate, from measured sensitivity)
     target_mb: float | None = None
+    # target-size: the weight MatMuls of one decoded token predicted to take at most this many
+    # times the time of plain 4-bit codes in blocks of 32 (None: bytes alone)
+    decode_budget: float | None = None
     target: str = "ort"  # the runtime the forms are for (its name, for messages)
     base: str = "rtn"  # how block-wise codes are chosen (lrc.quantmath.BASE_QUANTIZERS)
     correct_a_bits: int = 32  # the concat form's A: float (32), or block codes of 8 / 4 bits
@@ -213,6 +216,8 @@ class QuantSpec:
             return (f"{self.qform.help.split(',')[0]} in {self.target_mb:g} MB: bits (4/8), "
                     f"block (32/64/128) and whitened-correction rank chosen per group by "
                     f"measured sensitivity" + (
+                        f", decode within {self.decode_budget:g}x plain int4/32's MatMul time"
+                        if self.decode_budget else "") + (
                         f"; embedding tables {self.embedding} ({self.embedding_form.title})"
                         if self.embedding != "float" else ""))
         if self.auto:
@@ -257,6 +262,7 @@ class QuantRecord:
     notes: list[str] = field(default_factory=list)
     embeddings: list[dict] = field(default_factory=list)
     allocation: list[dict] = field(default_factory=list)  # target-size: the choice per group
+    decode: dict | None = None  # target-size's decode budget: predicted and allowed time
 
     def totals(self) -> dict:
         before = sum(n.weight_bytes_before for n in self.nodes)
@@ -277,7 +283,8 @@ class QuantRecord:
     def to_dict(self) -> dict:
         return {"spec": self.spec, "nodes": [asdict(n) for n in self.nodes],
                 "skipped": self.skipped, "notes": self.notes, "embeddings": self.embeddings,
-                "allocation": self.allocation, "totals": self.totals()}
+                "allocation": self.allocation, "totals": self.totals(),
+                **({"decode": self.decode} if self.decode else {})}
 
     def summary_line(self) -> str:
         t = self.totals()
@@ -321,7 +328,7 @@ class QuantizePass(ir.passes.InPlacePass):
 
     def __init__(self, spec: QuantSpec, corrector: Corrector | None = None,
                  select: Callable[[Target], bool] | None = None, progress=None,
-                 weights: dict[str, np.ndarray] | None = None, probe=None):
+                 weights: dict[str, np.ndarray] | None = None, probe=None, decode_cost=None):
         super().__init__()
         self.spec = spec
         self.corrector = corrector
@@ -343,6 +350,9 @@ class QuantizePass(ir.passes.InPlacePass):
         # whitened error alone), and the codes computed
         # while choosing, kept for the choices taken: {(names, bits, block): quants}
         self.probe = probe
+        # target-size with decode_budget: decode_cost() -> the machine's per-node MatMul times
+        # (lrc.runtime.decodecost.DecodeCost, measured when first asked)
+        self.decode_cost = decode_cost
         self._qcache: dict = {}
 
     def requires(self, model: ir.Model) -> None:
@@ -552,6 +562,9 @@ class QuantizePass(ir.passes.InPlacePass):
         t0 = time.perf_counter()
         probe = self.probe() if self.probe is not None else None
         t_probe = time.perf_counter() - t0
+        cost = (self.decode_cost() if self.decode_cost is not None and self.spec.decode_budget
+                else None)
+        a_bits = self.spec.correct_a_bits
         t_codes, n_probes, emb_kls = 0.0, 0, []
         # a tied table's embedding side, when the probe can change it apart from the head
         emb_inputs = getattr(probe, "embedding_inputs", {}) if probe is not None else {}
@@ -617,7 +630,7 @@ class QuantizePass(ir.passes.InPlacePass):
                 for block in blocks:
                     menu.append(Choice(bits, block, 0, _choice_bytes(
                         k, ns, bits, block, 0, replace(spec, block_size=block), item),
-                        errs[block]))
+                        errs[block], cost.group(k, ns, bits, block) if cost else 0.0))
                 if bits == 4 and corrected and not k % 32:
                     ws, hats = at32
                     sig2 = self.corrector.spectrum(group, np.concatenate(ws, axis=1),
@@ -629,7 +642,8 @@ class QuantizePass(ir.passes.InPlacePass):
                             continue
                         menu.append(Choice(4, 32, r, _choice_bytes(
                             k, ns, 4, 32, r, replace(spec, block_size=32), item),
-                            max(errs[32] - float(np.sum(sig2[:r])), 0.0)))
+                            max(errs[32] - float(np.sum(sig2[:r])), 0.0),
+                            cost.group(k, ns, 4, 32, r, a_bits) if cost else 0.0))
                     del ws, hats
                 del at32
             values = {t.weight.name: _stored(t, h) for t, h in zip(group, ref[2])}
@@ -650,7 +664,12 @@ class QuantizePass(ir.passes.InPlacePass):
             specs.append(spec)
             emb_kls.append(emb_kl)
             del values, ref
-        alloc = allocate(menus, sens, budget)
+        plain_s = seconds_budget = None
+        if cost is not None:  # the time of plain 4-bit codes in blocks of 32, every group
+            plain_s = sum(min((c.seconds for c in m if (c.bits, c.block, c.rank) == (4, 32, 0)),
+                              default=min(c.seconds for c in m)) for m in menus)
+            seconds_budget = self.spec.decode_budget * plain_s
+        alloc = allocate(menus, sens, budget, seconds_budget)
         if alloc.min_bytes > budget:
             raise LrcError(f"{opt('target_size', f'{self.spec.target_mb:g}')}: the smallest "
                            f"choice of every projection takes {(alloc.min_bytes + fixed) / 1e6:.1f}"
@@ -668,6 +687,8 @@ class QuantizePass(ir.passes.InPlacePass):
             self.record.allocation.append({"members": list(names), "choice": c.label(),
                                            "bytes": c.nbytes, "err": c.err,
                                            "sensitivity": sens[len(out)],
+                                           **({"decode_us": round(c.seconds * 1e6, 1)}
+                                              if cost else {}),
                                            **({"embedding_kl": emb_kl} if emb_kl else {})})
             out.append((spec, group))
         self.record.notes.append(
@@ -678,6 +699,17 @@ class QuantizePass(ir.passes.InPlacePass):
             + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
             + f"; {t_codes:.0f} s on the choices' codes and errors, {t_probe:.0f} s on "
             f"{n_probes + 1 if probe is not None else 0} sensitivity runs")
+        if cost is not None:
+            self.record.decode = {"budget": self.spec.decode_budget, "plain_ms": plain_s * 1e3,
+                                  "planned_ms": alloc.seconds * 1e3, "met": alloc.seconds_met,
+                                  "priced": alloc.lam > 0, "cost": cost.describe()}
+            self.record.notes.append(
+                render(f"{opt('decode_budget', f'{self.spec.decode_budget:g}')}: ")
+                + f"the weight MatMuls of a decoded token predicted at {alloc.seconds * 1e3:.2f} "
+                f"ms, {alloc.seconds / plain_s:.3f}x plain 4-bit codes in blocks of 32 "
+                f"({plain_s * 1e3:.2f} ms; {cost.where}, {cost.threads} threads)"
+                + ("" if alloc.seconds_met else ": no choice within the size is that fast, the "
+                   "fastest taken") + ("; time bound the choices" if alloc.lam > 0 else ""))
         # a corrected group is one; the uncorrected ones are written one member at a time
         return [x for spec, group in out
                 for x in ([(spec, group)] if spec.correct_rank else [(spec, [t]) for t in group])]
