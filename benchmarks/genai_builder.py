@@ -47,8 +47,9 @@ MODELS = {
 }
 
 
-def markers(model: str, source: str = "fp32") -> tuple[str, str]:
-    tag = MODELS[model][3] + ("" if source == "fp32" else f"-{source}")
+def markers(model: str, source: str = "fp32", tag: str = "") -> tuple[str, str]:
+    tag = MODELS[model][3] + ("" if source == "fp32" else f"-{source}") + (
+        f"-{tag}" if tag else "")
     return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
 QUANT = ["--quantize", "int4"]
 # key -> (label, lrc compress flags on the builder's fp32 folder)
@@ -131,10 +132,26 @@ VARIANTS = {
                            "--embedding", "int4", "--target-size", str(mb)])
        for mb in (88, 97, 105)},
 }
+DECODE_TEXT = (
+    " `--decode-budget X` (default 1.1 with `--target-size`): the allocator also holds the "
+    "weight MatMuls of one decoded token within X times the time of plain 4-bit codes in blocks "
+    "of 32, predicted from per-node MatMulNBits times measured once on the machine "
+    "(`lrc.runtime.decodecost`: a correction is its X·A node, its Concat and its rows, an 8-bit "
+    "group twice the bytes); `-off` rows are bytes alone, as every `--target-size` row of the "
+    "sections above was made.")
+# --tag decode: the decode budget's section (its own folder and markers)
+DECODE_VARIANTS = "lrc-size-88-off,lrc-size-88,lrc-size-88-d1.05,lrc-size-97,lrc-default"
 
 
 def variant(key: str) -> tuple[str, list[str]]:
-    """A variant by key; ``lrc-size-N`` / ``lrc-awq-size-N`` for any N (MB): the allocator there."""
+    """A variant by key; ``lrc-size-N`` / ``lrc-awq-size-N`` for any N (MB): the allocator there;
+    a suffix ``-off`` / ``-dX``: its decode budget off / X."""
+    for suffix, flag in (("-off", "off"), *((f"-d{x}", x) for x in ("1.05", "1.1", "1.2"))):
+        if key.endswith(suffix):
+            label, args = variant(key[:-len(suffix)])
+            why = "bytes alone" if flag == "off" else f"decode within {flag}x plain int4/32's"
+            return (f"{label}, {why} (`--decode-budget {flag}`)",
+                    [*args, "--decode-budget", flag])
     for prefix in ("lrc-size-", "lrc-awq-size-"):
         if key not in VARIANTS and key.startswith(prefix) and key[len(prefix):].isdigit():
             mb, like = key[len(prefix):], VARIANTS[prefix + "88"]
@@ -142,6 +159,20 @@ def variant(key: str) -> tuple[str, list[str]]:
     if key not in VARIANTS:
         raise SystemExit(f"unknown variant {key!r}: {', '.join(VARIANTS)} or lrc-[awq-]size-N")
     return VARIANTS[key]
+
+
+def decode_plans(models: dict) -> dict:
+    """Each lrc folder's planned decode time (lrc.json: target-size's decode budget)."""
+    out = {}
+    for key, folder in models.items():
+        f = Path(folder) / "lrc.json"
+        if f.is_file():
+            plan = json.loads(f.read_text()).get("quantize", {}).get("decode")
+            choices = [a["choice"] for a in json.loads(f.read_text()).get(
+                "quantize", {}).get("allocation", [])]
+            out[key] = {**(plan or {}), "corrections": sum("+r" in c for c in choices),
+                        "int8": sum(c.startswith("int8") for c in choices)}
+    return out
 
 
 def log(msg: str) -> None:
@@ -172,7 +203,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=list(MODELS), default="smollm2")
     ap.add_argument("--out", type=Path, default=None,
                     help="default bench-out/genai-builder (SmolLM2), bench-out/genai-builder-MODEL")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=None, help="default: every variant (with --tag "
+                    "decode: the decode budget's)")
+    ap.add_argument("--tag", choices=["decode"], default=None,
+                    help="decode: the decode budget's section, its own folder and markers")
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=20)
@@ -186,12 +220,15 @@ def main(argv=None) -> int:
     ap.add_argument("--load", default="", help="what else the machine ran meanwhile, said in "
                     "the section (with --render-only: added to OUT/results.json)")
     args = ap.parse_args(argv)
+    if args.variants is None:
+        args.variants = DECODE_VARIANTS if args.tag == "decode" else ",".join(VARIANTS)
     if args.out is None:
         args.out = ROOT / "bench-out" / (("genai-builder" if args.model == "smollm2"
                                           else f"genai-builder-{args.model}")
-                                         + ("" if args.source == "fp32" else f"-{args.source}"))
+                                         + ("" if args.source == "fp32" else f"-{args.source}")
+                                         + (f"-{args.tag}" if args.tag else ""))
     args.out.mkdir(parents=True, exist_ok=True)
-    mark_begin, mark_end = markers(args.model, args.source)
+    mark_begin, mark_end = markers(args.model, args.source, args.tag or "")
     src = args.source
     if args.render_only:
         results = json.loads((args.out / "results.json").read_text())
@@ -238,6 +275,7 @@ def main(argv=None) -> int:
                            "--threads", "2", "--json"))
     results = {"model": m, "date": time.strftime("%Y-%m-%d"), "machine": bench["machine"], "isa": isa_flags(),
                "eval": ev, "bench": bench, "compress_s": compress_s,
+               "decode_plan": decode_plans(models),
                "sizes": {k: folder_bytes(v) for k, v in {"dense": dense, **models}.items()},
                "model_bytes": {k: model_bytes(v) for k, v in {"dense": dense, **models}.items()},
                "args": vars(args) | {"out": str(args.out)},
@@ -298,16 +336,21 @@ def render(results: dict, names: list[str]) -> str:
     model = results.get("model", "smollm2")
     name, source = MODELS[model][:2]
     a = results["args"]
-    mark_begin, mark_end = markers(model, src)
+    tag = a.get("tag") or ""
+    mark_begin, mark_end = markers(model, src, tag)
     flag = "" if model == "smollm2" else f" --model {model}"
     if src != "fp32":
         flag += f" --source {src}"
-    if a.get("variants") and a["variants"] != ",".join(VARIANTS):
+    if tag:
+        flag += f" --tag {tag}"
+    if a.get("variants") and a["variants"] != (DECODE_VARIANTS if tag == "decode"
+                                               else ",".join(VARIANTS)):
         flag += f" --variants {a['variants']}"
     if a.get("calib_tokens") != 16384:
         flag += f" --calib-tokens {a['calib_tokens']}"
     title = ("" if model == "smollm2" else f", {name}") + (
-        "" if src == "fp32" else f", from the builder's {src} graph")
+        "" if src == "fp32" else f", from the builder's {src} graph") + (
+        ": target-size's decode budget" if tag == "decode" else "")
     return "\n".join([
         mark_begin, "",
         f"## ONNX Runtime GenAI's model builder: its graphs, compressed by lrc{title}",
@@ -331,7 +374,7 @@ def render(results: dict, names: list[str]) -> str:
         f"`--target-size` counts); compression time in wall seconds on the machine "
         f"below (`-`: a folder an earlier run made, kept with `--reuse`)."
         + (f" Not a quiet run: {results['args']['load']}." if results["args"].get("load")
-           else ""),
+           else "") + (DECODE_TEXT if tag == "decode" else ""),
         "",
         f"- Machine: {machine_line(results['machine'], results['isa'])}",
         "",
@@ -340,8 +383,23 @@ def render(results: dict, names: list[str]) -> str:
         "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
+        *_plan_lines(results, labels),
         mark_end,
     ])
+
+
+def _plan_lines(results: dict, labels: dict) -> list[str]:
+    """What each allocated variant planned: corrections, int8 groups, predicted MatMul time."""
+    lines = []
+    for key, p in results.get("decode_plan", {}).items():
+        if not p.get("corrections") and not p.get("int8") and not p.get("plain_ms"):
+            continue
+        t = (f"; the weight MatMuls predicted at {p['planned_ms'] / p['plain_ms']:.3f}x plain "
+             f"int4/32's ({p['planned_ms']:.2f} of {p['plain_ms']:.2f} ms; budget "
+             f"{p['budget']:g}x{', binding' if p.get('priced') else ''})"
+             if p.get("plain_ms") else "; no decode budget")
+        lines.append(f"- `{key}`: {p['corrections']} corrected groups, {p['int8']} in 8 bits{t}.")
+    return lines + ([""] if lines else [])
 
 
 if __name__ == "__main__":
