@@ -958,6 +958,42 @@ def test_target_size_allocates_bits_blocks_and_ranks_by_measured_sensitivity():
     assert got["q_proj"]["q_proj"] > got["o_proj"]["q_proj"], got
 
 
+def test_target_size_with_a_decode_budget_keeps_the_predicted_time():
+    """QuantizePass with decode_budget: each choice is charged its predicted seconds (a
+    DecodeCost); at 1.0x plain int4/32's time neither a correction (a node) nor 8 bits (twice
+    the bytes read) fits, the bytes still hold, the record says what was planned; without it
+    the slower, better choices are taken."""
+    from lrc.runtime.decodecost import DecodeCost
+
+    proto = shared_input(d=128, outs=(128, 64, 64))
+    w0 = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    x = RNG.standard_normal((600, 128)).astype(np.float32) * np.linspace(3, 0.2, 128).astype(
+        np.float32)
+    corr = _gram_corrector(x.T.astype(np.float64) @ x)
+    cost = DecodeCost(node={"4/32": (1e-5, 1e-11), "4/64": (1e-5, 1e-11), "4/128": (1e-5, 1e-11),
+                            "8/32": (1e-5, 2e-11)}, concat=1e-6, threads=1, where="test")
+    total = lambda p: sum(onnx.numpy_helper.to_array(t).nbytes for t in p.graph.initializer)
+    big = total(_apply(proto, QuantSpec("int4", 32, 0, 0, embedding="float"))[0]) + 40_000
+    picks = {}
+    for budget in (None, 1.0):
+        spec = QuantSpec("int4", 32, 0, 32, embedding="float", target_mb=big / 1e6,
+                         decode_budget=budget)
+        m = ir.serde.deserialize_model(proto)
+        p = QuantizePass(spec, corr, probe=_probe_weighting({}, w0), decode_cost=lambda: cost)
+        run_passes([p], m)
+        assert total(ir.serde.serialize_model(m)) <= big
+        picks[budget] = [a["choice"] for a in p.record.allocation]
+        if budget:
+            d = p.record.decode
+            assert d["planned_ms"] <= d["plain_ms"] * 1.0 + 1e-9 and d["met"]
+            assert any("decode_budget=1" in n for n in p.record.notes)
+            assert all("decode_us" in a for a in p.record.allocation)
+        else:
+            assert p.record.decode is None
+    assert any("+r" in c or c.startswith("int8") for c in picks[None]), picks  # slower, better
+    assert not any("+r" in c or c.startswith("int8") for c in picks[1.0]), picks
+
+
 def test_target_size_counts_the_shared_embeddings_error_in_the_heads_choices():
     """A tied head whose int4 codes the embedding shares: its sensitivity is measured with the
     head alone changed, and the embedding's own output error at each block size (which no
