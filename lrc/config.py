@@ -654,14 +654,31 @@ class CompressConfig:
                 raise ConfigError(f"{opt('target_size')} with {opt('quantize')} chooses the "
                                   f"bits, block sizes and correction ranks itself: drop "
                                   f"{opt(given[0])}", given[0])
-        if self.budget.decode_budget is not None and not self.size_allocated:
-            raise ConfigError(f"{opt('decode_budget')} goes with {opt('quantize')} and "
-                              f"{opt('target_size')} (the allocator's second budget)",
-                              "decode_budget")
+        if not self.bare_int4:  # a bare int4 may be sized by the recipe: checked once applied
+            self.check_decode_budget()
         if self.factorizer is not None and self.calibration.calib_inputs:
             raise ConfigError(f"{opt('factorizer')} is ready: no {opt('calib_inputs')}",
                               "factorizer")
         return self
+
+    @property
+    def bare_int4(self) -> bool:
+        """quantize int4 with nothing else of the quantisation recipe given (what recipe best
+        sizes on a language model with calibration text: lrc.pipeline)."""
+        q = self.quant
+        return (q.quantize == "int4" and not self.lowrank.given and not self.budget.given
+                and self.factorizer is None and not self.calibration.calib_inputs
+                and not q.smooth and not self.algorithm.update
+                and all(v is None for v in (q.correct_rank, q.block_size, q.base_quant,
+                                            q.correct_a_bits, q.embedding, q.correct_budget)))
+
+    def check_decode_budget(self) -> None:
+        """decode-budget is target-size's second budget: one line without it."""
+        if self.budget.decode_budget is not None and not self.size_allocated:
+            raise ConfigError(f"{opt('decode_budget')} goes with {opt('quantize')} and "
+                              f"{opt('target_size')} (the allocator's second budget; a bare "
+                              f"{opt('quantize', 'int4')} has one only on a language model "
+                              f"with calibration text)", "decode_budget")
 
     @property
     def lowrank_asked(self) -> bool:

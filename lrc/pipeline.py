@@ -92,13 +92,8 @@ def _apply_recipe(config: CompressConfig, model: ir.Model, method,
             done["tied_head"] = render(f"{tied[0].name} left dense: its weight is the "
                                        f"embedding's, factors would add bytes ("
                                        f"{opt('include', 'head')} to factorise it)")
-    q = c.quant
-    if (lr.recipe == "best" and q.quantize == "int4" and not c.lowrank.given
-            and not c.budget.given and c.factorizer is None and ref is not None and ref.is_lm
-            and method.data_aware and not c.calibration.calib_inputs and not q.smooth
-            and all(v is None for v in (q.correct_rank, q.block_size, q.base_quant,
-                                        q.correct_a_bits, q.embedding, q.correct_budget))
-            and not alg.update):
+    if (lr.recipe == "best" and c.bare_int4 and ref is not None and ref.is_lm
+            and method.data_aware):
         c.budget.target_size = f"{DEFAULT_SIZE:g}x"
         done["target_size"] = render(
             f"{DEFAULT_SIZE:g}x the model's int4 form: bits, blocks, correction ranks and the "
@@ -151,6 +146,7 @@ def plan(model_or_path, config: CompressConfig, *, progress: Progress | None = N
     base, method_note = _resolve_method(ref, config)
     model = ref.load()
     config, recipe = _apply_recipe(config, model, base, ref)
+    config.check_decode_budget()
     pol = config.lowrank.build()
     method = (methods.get(methods.with_update(base.name)) if config.algorithm.update else base)
     run = Run(ref, model, config, method, method_note, pol, progress=progress,

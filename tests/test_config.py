@@ -210,6 +210,7 @@ def test_decode_budget_goes_with_target_size_and_defaults_on():
                                ).quant_spec().decode_budget is None
     with pytest.raises(C.ConfigError, match="decode_budget goes with quantize and target_size"):
         C.CompressConfig.of(quantize="int4", correct_rank="32", decode_budget=1.2).validate()
+    C.CompressConfig.of(quantize="int4", decode_budget=1.2).validate()  # the recipe may size it
 
 
 def test_smooth_takes_an_alpha_or_auto():
