@@ -399,9 +399,10 @@ def make_corrector(input_names: list[str], c: Calibration | None = None, *, stat
     if stats is None:
         stats = statistics(c, list(input_names), widths=widths)
 
-    def setup(targets, w_cat):
+    def setup(targets, w_cat, norms=None):
         """``(stats, G, member slices, ‖X·W_i‖)`` of one group (G rescaled after smoothing;
-        the identity where the calibration text never reached the input)."""
+        the identity where the calibration text never reached the input); ``norms``: the
+        ``‖X·W_i‖`` an earlier call gave for the same weights (not computed again)."""
         name = targets[0].node.inputs[0].name
         st = stats.get(name)
         g = np.eye(w_cat.shape[0]) if st is None else st.xtx
@@ -410,14 +411,16 @@ def make_corrector(input_names: list[str], c: Calibration | None = None, *, stat
             g = g / np.outer(s, s)
         cuts = np.cumsum([0, *[t.shape[1] for t in targets]])
         parts = [slice(cuts[i], cuts[i + 1]) for i in range(len(targets))]
-        norms = [np.sqrt(max(whitened_norm2(w_cat[:, p], g), 1e-30)) for p in parts]
+        if norms is None:
+            norms = [np.sqrt(max(whitened_norm2(w_cat[:, p], g), 1e-30)) for p in parts]
         return st, g, parts, norms
 
-    def corrector(targets, w_cat, e_cat, rank):
-        st, g, parts, norms = setup(targets, w_cat)
+    def corrector(targets, w_cat, e_cat, rank, norms=None):
+        st, g, parts, norms = setup(targets, w_cat, norms)
         before = [np.sqrt(whitened_norm2(e_cat[:, p], g)) / n for p, n in zip(parts, norms)]
         if not rank:
-            return None, {"werr_before": before, "gram": None if st is None else g}
+            return None, {"werr_before": before, "gram": None if st is None else g,
+                          "norms": norms}
         scaled = e_cat  # scaled in place: the caller's error is not read again
         if scaled.dtype not in (np.float32, np.float64) or not scaled.flags.writeable:
             scaled = np.array(scaled, dtype=np.float32)
@@ -434,10 +437,10 @@ def make_corrector(input_names: list[str], c: Calibration | None = None, *, stat
         return f, {"werr_before": before, "werr_after": after,
                    "gram": None if st is None else g}
 
-    def spectrum(targets, w_cat, e_cat):
+    def spectrum(targets, w_cat, e_cat, norms=None):
         """The ``σ²`` (descending) of ``Sᵀ[E_1/‖XW_1‖ ...]``: what each rank of the joint
         correction removes from the members' summed relative squared output error."""
-        _, g, parts, norms = setup(targets, w_cat)
+        _, g, parts, norms = setup(targets, w_cat, norms)
         return whitened_spectrum(np.concatenate([e_cat[:, p] / n for p, n in zip(parts, norms)],
                                                 axis=1), g)
 

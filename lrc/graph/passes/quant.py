@@ -585,9 +585,14 @@ class QuantizePass(ir.passes.InPlacePass):
             emb_kl: dict[int, float] = {}
             t_emb = 0.0
 
+            norms: dict = {}  # the members' ‖X·W_i‖, computed once per group
+
             def err_of(ws, hats):
+                kw = {"norms": norms["n"]} if "n" in norms else {}
                 _, info = self.corrector(group, np.concatenate(ws, axis=1), np.concatenate(
-                    [w - h for w, h in zip(ws, hats)], axis=1), 0)
+                    [w - h for w, h in zip(ws, hats)], axis=1), 0, **kw)
+                if info.get("norms") is not None:
+                    norms["n"] = info["norms"]
                 return float(np.sum(np.square(info["werr_before"])))
 
             for bits in bits_menu:
@@ -635,7 +640,9 @@ class QuantizePass(ir.passes.InPlacePass):
                     ws, hats = at32
                     sig2 = self.corrector.spectrum(group, np.concatenate(ws, axis=1),
                                                    np.concatenate([w - h for w, h in
-                                                                   zip(ws, hats)], axis=1))
+                                                                   zip(ws, hats)], axis=1),
+                                                   **({"norms": norms["n"]} if "n" in norms
+                                                      else {}))
                     for r in ALLOC_RANKS:
                         if r >= min(k, sum(ns)) // 2 or (r > 128 and not any(
                                 t.role == "head" for t in group)):
