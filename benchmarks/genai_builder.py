@@ -133,14 +133,15 @@ VARIANTS = {
        for mb in (88, 97, 105)},
 }
 DECODE_TEXT = (
-    " `--decode-budget X` (default 1.1 with `--target-size`): the allocator also holds the "
+    " `--decode-budget X` (with `--target-size`; off unless given): the allocator also holds the "
     "weight MatMuls of one decoded token within X times the time of plain 4-bit codes in blocks "
     "of 32, predicted from per-node MatMulNBits times measured once on the machine "
     "(`lrc.runtime.decodecost`: a correction is its X·A node, its Concat and its rows, an 8-bit "
-    "group twice the bytes); `-off` rows are bytes alone, as every `--target-size` row of the "
-    "sections above was made.")
+    "group twice the bytes); rows without it are bytes alone, as every `--target-size` row of "
+    "the sections above.")
 # --tag decode: the decode budget's section (its own folder and markers)
-DECODE_VARIANTS = "lrc-size-88-off,lrc-size-88,lrc-size-88-d1.05,lrc-size-97,lrc-default"
+DECODE_VARIANTS = ("lrc-size-88,lrc-size-88-d1.1,lrc-size-88-d1.05,lrc-size-97-d1.1,"
+                   "lrc-default-d1.1")
 
 
 def variant(key: str) -> tuple[str, list[str]]:
@@ -374,7 +375,8 @@ def render(results: dict, names: list[str]) -> str:
         f"`--target-size` counts); compression time in wall seconds on the machine "
         f"below (`-`: a folder an earlier run made, kept with `--reuse`)."
         + (f" Not a quiet run: {results['args']['load']}." if results["args"].get("load")
-           else "") + (DECODE_TEXT if tag == "decode" else ""),
+           else "") + (DECODE_TEXT if tag == "decode" else "")
+        + (f" {results['args']['note']}" if results["args"].get("note") else ""),
         "",
         f"- Machine: {machine_line(results['machine'], results['isa'])}",
         "",

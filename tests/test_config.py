@@ -196,18 +196,18 @@ def test_target_size_fills_unset_quant_options_with_what_wins_small():
     assert (lowrank.base, lowrank.embedding) == ("rtn", "int8")
 
 
-def test_decode_budget_goes_with_target_size_and_defaults_on():
-    """target-size's second budget: 1.1 unless given; off is bytes alone; not for a target
-    runtime other than ONNX Runtime (the times are its CPU kernels'); without target-size it is
-    one line."""
-    assert C.CompressConfig.of(quantize="int4", target_size=88).quant_spec().decode_budget == 1.1
+def test_decode_budget_goes_with_target_size_and_is_off_unless_given():
+    """target-size's second budget: off (bytes alone) unless given; not for a target runtime
+    other than ONNX Runtime (the times are its CPU kernels'); without target-size it is one
+    line."""
+    assert C.CompressConfig.of(quantize="int4", target_size=88).quant_spec().decode_budget is None
     assert C.CompressConfig.of(quantize="int4", target_size=88,
                                decode_budget="1.3").quant_spec().decode_budget == 1.3
     assert C.CompressConfig.of(quantize="int4", target_size=88,
                                decode_budget="off").quant_spec().decode_budget is None
-    assert C.CompressConfig.of(quantize="int8-weight", target_size=88, target_runtime="any",
-                               embedding="int8"
-                               ).quant_spec().decode_budget is None
+    with pytest.raises(C.ConfigError, match="prices ONNX Runtime's CPU kernels"):
+        C.CompressConfig.of(quantize="int8-weight", target_size=88, target_runtime="any",
+                            embedding="int8", decode_budget=1.2).validate()
     with pytest.raises(C.ConfigError, match="decode_budget goes with quantize and target_size"):
         C.CompressConfig.of(quantize="int4", correct_rank="32", decode_budget=1.2).validate()
     C.CompressConfig.of(quantize="int4", decode_budget=1.2).validate()  # the recipe may size it

@@ -9,7 +9,7 @@ from lrc.runtime.decodecost import DecodeCost, decode_cost
 
 def test_measured_times_are_positive_and_a_correction_costs_time(tmp_path, monkeypatch):
     monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path))
-    c = decode_cost(threads=1, runs=3)
+    c = decode_cost(threads=1, runs=3, stream_bytes=16e6)  # a small stream: fast
     assert set(c.node) == {"4/32", "4/64", "4/128", "8/32", "f32"}
     assert all(c0 >= 0 and c1 > 0 for c0, c1 in c.node.values())
     plain = c.group(576, [960], 4, 32)

@@ -1069,10 +1069,12 @@ def test_bare_int4_on_a_language_model_is_sized_by_the_recipe(tmp_path):
     assert {a["members"][0] for a in rec["quantize"]["allocation"]} >= {"/lm_head/MatMul"}
     size = sum(f.stat().st_size for f in (tmp_path / "q").glob("model.onnx*"))
     assert size <= 1.2 * base * 1.02
-    # the decode budget is on by default (measured per machine), off on request
-    assert rec["quantize"]["decode"]["budget"] == 1.1 and rec["quantize"]["decode"]["met"]
-    _, plan = lrc.compress(str(lm), quantize="int4", decode_budget="off", dry_run=True)
-    assert plan["config"]["target_size"] is not None
+    # the decode budget is off unless given; given, the recipe's size takes it
+    assert "decode" not in rec["quantize"]
+    lrc.compress(str(lm), out=tmp_path / "qd", quantize="int4", calib_tokens=512,
+                 decode_budget=1.2)
+    rec = json.loads((tmp_path / "qd" / "lrc.json").read_text())
+    assert rec["quantize"]["decode"]["budget"] == 1.2 and rec["quantize"]["decode"]["met"]
     with pytest.raises(LrcError, match="decode_budget goes with"):  # plain: no allocator
         lrc.compress(str(lm), quantize="int4", recipe="plain", decode_budget=1.2, dry_run=True)
     for given in ({"recipe": "plain"}, {"correct_rank": 0}, {"block_size": 32},

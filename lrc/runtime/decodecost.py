@@ -22,11 +22,15 @@ from pathlib import Path
 import numpy as np
 
 #: bump when what is measured (or how) changes: older cache files then miss
-VERSION = 1
+VERSION = 2
 #: the (bits, block) kinds measured; "f32": a float MatMul (a float correction's A)
 KINDS = ((4, 32), (4, 64), (4, 128), (8, 32))  # what target-size chooses from
 _SMALL, _LARGE = 256, 1024  # the square shapes a node's fixed and per-weight time come from
-_CHAIN = 32  # nodes per chain (large: 18 MB of 4-bit codes, past the caches)
+_CHAIN = 32  # nodes in a chain of small nodes
+#: bytes of weights a chain of large nodes reads: several times a server's last-level cache, so
+#: its weights stream from memory as a decoder's do (a chain that fits in the cache measured
+#: 8-bit codes and corrections at a third of what they cost in SmolLM2's decode)
+STREAM_BYTES = 192e6
 _RANK = 64  # the correction measured
 
 
@@ -90,7 +94,8 @@ def _threads(threads: int | None) -> int:
     return int(threads) if threads else (os.cpu_count() or 1)
 
 
-def decode_cost(threads: int | None = None, *, cache: bool = True, runs: int = 15) -> DecodeCost:
+def decode_cost(threads: int | None = None, *, cache: bool = True, runs: int = 15,
+                stream_bytes: float = STREAM_BYTES) -> DecodeCost:
     """The machine's :class:`DecodeCost` (measured in a few seconds the first time; then read
     from the cache)."""
     n = _threads(threads)
@@ -100,7 +105,7 @@ def decode_cost(threads: int | None = None, *, cache: bool = True, runs: int = 1
             return DecodeCost(**json.loads(f.read_text()))
         except (ValueError, TypeError):
             pass  # a damaged cache file: measure again
-    cost = measure(n, runs=runs)
+    cost = measure(n, runs=runs, stream_bytes=stream_bytes)
     if cache:
         f.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.with_suffix(f".{os.getpid()}.tmp")
@@ -149,19 +154,24 @@ def _chain(k: int, bits, block: int, n: int, rank: int = 0, seed: int = 0) -> by
     return m.SerializeToString()
 
 
-def measure(threads: int, runs: int = 15) -> DecodeCost:
+def measure(threads: int, runs: int = 15, stream_bytes: float = STREAM_BYTES) -> DecodeCost:
     """Time the chains, interleaved (medians of ``runs``): per kind a chain of small and one of
-    large nodes give its fixed and per-weight seconds; a chain with a rank-64 correction on
-    every node, beside the plain 4/32 chain, gives the Concat's share."""
+    large nodes (``stream_bytes`` of weights in all) give its fixed and per-weight seconds; a
+    chain with a rank-64 correction on every node, beside the plain 4/32 chain, gives the
+    Concat's share."""
     from lrc.runtime.session import open_session
+
+    def large(bits):  # nodes of [_LARGE, _LARGE] whose weights add up to stream_bytes
+        per = _LARGE * _LARGE * bits / 8 * (1 + (32 / 32 if bits < 32 else 0) / bits)
+        return max(int(stream_bytes // per), 4)
 
     plans = {}
     for bits, block in KINDS:
         plans[(f"{bits}/{block}", _SMALL)] = (_SMALL, bits, block, _CHAIN, 0)
-        plans[(f"{bits}/{block}", _LARGE)] = (_LARGE, bits, block, _CHAIN, 0)
+        plans[(f"{bits}/{block}", _LARGE)] = (_LARGE, bits, block, large(bits), 0)
     plans[("f32", _SMALL)] = (_SMALL, 32, 0, _CHAIN, 0)
-    plans[("f32", _LARGE)] = (_LARGE, 32, 0, _CHAIN // 4, 0)
-    plans[("corr", _LARGE)] = (_LARGE, 4, 32, _CHAIN, _RANK)
+    plans[("f32", _LARGE)] = (_LARGE, 32, 0, large(32), 0)
+    plans[("corr", _SMALL)] = (_SMALL, 4, 32, _CHAIN, _RANK)
     sessions = {key: open_session(_chain(*p, seed=i), threads=threads)
                 for i, (key, p) in enumerate(plans.items())}
     feeds = {key: {"x": np.random.default_rng(1).standard_normal(
@@ -183,10 +193,11 @@ def measure(threads: int, runs: int = 15) -> DecodeCost:
         node[kind] = (max(ts - c1 * _SMALL ** 2, 0.0), c1)
     cost = DecodeCost(node=node, threads=threads, where=f"{_cpu_name()}, measured "
                       f"{time.strftime('%Y-%m-%d')}")
-    # the corrected chain's node, less what its two MatMuls predict: the Concat's share
-    corr = per_node[("corr", _LARGE)]
-    cost.concat = max(corr - cost.matmul(_LARGE + _RANK, _LARGE, 4, 32)
-                      - cost.matmul(_LARGE, _RANK, 4, 32), 0.0)
+    # the corrected chain's node, less what its two MatMuls predict: the Concat's share (from
+    # small nodes, where the fixed costs it is made of are not lost among the weights' bytes)
+    corr = per_node[("corr", _SMALL)]
+    cost.concat = max(corr - cost.matmul(_SMALL + _RANK, _SMALL, 4, 32)
+                      - cost.matmul(_SMALL, _RANK, 4, 32), 0.0)
     return cost
 
 
