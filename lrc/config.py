@@ -86,18 +86,9 @@ def relative_size(v) -> float | None:
     return n if n > 0 else None
 
 
-def _budget_x(v):
-    """decode-budget's value: a number, or ``off``."""
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return v.strip().lower()
-    return v
-
-
-def _size(v):
-    """target-size's value: MB as a number, or ``Nx`` kept as written."""
+def _number_or_word(v):
+    """A value that is a number or a word (target-size's ``Nx``, decode-budget's ``off``):
+    text that reads as a number becomes one, a word is kept, lowercased."""
     if isinstance(v, str):
         try:
             return float(v)
@@ -201,13 +192,13 @@ class BudgetConfig:
         kind="float", help="Keep this fraction of all projection parameters, ranks spread "
         "uniformly over the selected ones.")
     target_size: float | str | None = option(
-        kind="str", metavar="MB|Nx", also=(int, float), parse=lambda v: _size(v),
+        kind="str", metavar="MB|Nx", also=(int, float), parse=lambda v: _number_or_word(v),
         help="Target weight size in MB; with quantize also Nx: N times the model in int4 "
              "blocks of 32 with an int4 table (the builder's int4 form), e.g. 1.2x. Default "
              f"with quantize int4 and nothing else of its recipe given, on a language model "
              f"with calibration text: {DEFAULT_SIZE:g}x (recipe best).")
     decode_budget: float | str | None = option(
-        kind="str", metavar="X|off", also=(int, float), parse=lambda v: _budget_x(v),
+        kind="str", metavar="X|off", also=(int, float), parse=lambda v: _number_or_word(v),
         help="With target-size and quantize for ONNX Runtime: the weight MatMuls of one "
              "decoded token may take at most X times what plain 4-bit codes in blocks of 32 "
              "(the builder's int4) take, predicted from per-node times measured once on this "

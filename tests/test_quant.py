@@ -929,15 +929,25 @@ def _probe_weighting(weights, w0):
     return make
 
 
-def test_target_size_allocates_bits_blocks_and_ranks_by_measured_sensitivity():
-    """QuantizePass with target_mb: the written initializers fit the budget; the group the probe
-    finds most sensitive gets the richest choice; the record lists every group's choice."""
+def _sized_case():
+    """A Q/K/V-like group and an o projection, inputs with a decaying scale: the model, its
+    weights, the calibration inputs and their Gram corrector."""
     proto = shared_input(d=128, outs=(128, 64, 64))
     w0 = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
     x = RNG.standard_normal((600, 128)).astype(np.float32) * np.linspace(3, 0.2, 128).astype(
         np.float32)
-    corr = _gram_corrector(x.T.astype(np.float64) @ x)
-    total = lambda p: sum(onnx.numpy_helper.to_array(t).nbytes for t in p.graph.initializer)
+    return proto, w0, x, _gram_corrector(x.T.astype(np.float64) @ x)
+
+
+def _initializer_bytes(proto) -> int:
+    return sum(onnx.numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
+
+
+def test_target_size_allocates_bits_blocks_and_ranks_by_measured_sensitivity():
+    """QuantizePass with target_mb: the written initializers fit the budget; the group the probe
+    finds most sensitive gets the richest choice; the record lists every group's choice."""
+    proto, w0, x, corr = _sized_case()
+    total = _initializer_bytes
     small = total(_apply(proto, QuantSpec("int4", 128, 0, 0, embedding="float"))[0])
     budget = small + 14_000  # ~2 KB of it the graph's own bytes (names, nodes)
     got = {}
@@ -965,14 +975,10 @@ def test_target_size_with_a_decode_budget_keeps_the_predicted_time():
     the slower, better choices are taken."""
     from lrc.runtime.decodecost import DecodeCost
 
-    proto = shared_input(d=128, outs=(128, 64, 64))
-    w0 = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
-    x = RNG.standard_normal((600, 128)).astype(np.float32) * np.linspace(3, 0.2, 128).astype(
-        np.float32)
-    corr = _gram_corrector(x.T.astype(np.float64) @ x)
+    proto, w0, _, corr = _sized_case()
     cost = DecodeCost(node={"4/32": (1e-5, 1e-11), "4/64": (1e-5, 1e-11), "4/128": (1e-5, 1e-11),
                             "8/32": (1e-5, 2e-11)}, concat=1e-6, threads=1, where="test")
-    total = lambda p: sum(onnx.numpy_helper.to_array(t).nbytes for t in p.graph.initializer)
+    total = _initializer_bytes
     big = total(_apply(proto, QuantSpec("int4", 32, 0, 0, embedding="float"))[0]) + 40_000
     picks = {}
     for budget in (None, 1.0):
