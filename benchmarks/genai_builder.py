@@ -290,12 +290,27 @@ def main(argv=None) -> int:
     return 0
 
 
+def _paired(bench: dict, ref: str, name: str, phase: str, plain):
+    """``ref``'s time over ``name``'s from the rounds timed back to back, with its 95 %
+    interval (lrc.measure.bench.paired_speedup), when the bench kept its rounds; else the
+    ratio of medians ``plain``."""
+    from lrc.measure.bench import paired_speedup
+
+    rounds = {r["model"]: r.get("rounds_ms") for r in bench["runs"] if r["phase"] == phase}
+    if not rounds.get(ref) or not rounds.get(name) or ref == name:
+        return plain
+    p = paired_speedup(rounds[ref], rounds[name])
+    return plain if p is None else (p["paired_speedup"], *p["speedup_ci95"])
+
+
 def _speed(bench: dict, name: str) -> dict:
     """p50 ms per phase of one model of the bench result."""
     return {r["phase"]: r["p50_ms"] for r in bench["runs"] if r["model"] == name}
 
 
 def _ratio(x) -> str:
+    if isinstance(x, tuple):  # paired, with its 95 % interval
+        return f"{x[0]:.2f} [{x[1]:.2f}-{x[2]:.2f}]"
     return "-" if x is None else f"{x:.2f}"
 
 
@@ -321,6 +336,8 @@ def render(results: dict, names: list[str]) -> str:
         sp = _speed(bench, bnames[i + 1])
         pre = ref.get("prefill") / sp["prefill"] if sp.get("prefill") else None
         dec = ref.get("decode") / sp["decode"] if sp.get("decode") else None
+        pre, dec = (_paired(bench, bnames[2], bnames[i + 1], ph, x)
+                    for ph, x in (("prefill", pre), ("decode", dec)))
         size = results["sizes"][name]
         model_mb = results.get("model_bytes", {}).get(name)
         folder = Path(results["args"]["out"]) / name
@@ -370,7 +387,10 @@ def render(results: dict, names: list[str]) -> str:
         f"{results['args']['max_tokens']} tokens of news and of Python docs (a domain absent "
         f"from calibration) as a ratio to the dense export's; KL(dense‖new) on news; speed from "
         f"one interleaved `lrc bench` (medians of {s.get('runs')} runs, {s.get('threads')} "
-        f"threads), relative to the builder's int4 ({ref_ms}); sizes of the folders (with "
+        f"threads), relative to the builder's int4 ({ref_ms}"
+        + ("; with the rounds kept: the median of the round-by-round ratios and its 95 % "
+           "bootstrap interval" if any(r.get("rounds_ms") for r in bench["runs"]) else "")
+        + f"); sizes of the folders (with "
         f"tokenizer and configs) and of the model files alone (.onnx + external data: what "
         f"`--target-size` counts); compression time in wall seconds on the machine "
         f"below (`-`: a folder an earlier run made, kept with `--reuse`)."

@@ -170,6 +170,11 @@ def test_encoders_interleaved(models):
     # 384x384 x4 layers does ~290x the FLOPs of 32x32 x2 layers: it must be measured slower
     assert rows["big"]["p50_ms"] > rows["small"]["p50_ms"]
     assert rows["small"]["speedup"] > 1.0
+    # each round's times kept; the paired speedup and its interval against the first model
+    assert all(len(r["rounds_ms"]) == 25 for r in rows.values())
+    assert "paired_speedup" not in rows["big"]
+    lo, hi = rows["small"]["speedup_ci95"]
+    assert 1.0 < lo <= rows["small"]["paired_speedup"] <= hi
     # rho from the graph: rank 48 of 384 -> 2*48/384 = 0.25 of the weight-MatMul params
     lr = res["models"][1]
     assert lr["weight_matmul_params"] == 4 * 2 * 384 * 48
@@ -188,6 +193,22 @@ def test_encoders_interleaved(models):
         con.print(t)
     text = con.export_text()
     assert "lowrank" in text and "p50 ms" in text and "Amdahl" in text
+
+
+def test_paired_speedup_sees_through_drift():
+    """Rounds timed back to back: a 3 % difference under a drift of 2x between rounds is found,
+    with an interval that excludes 1; the same times are an interval around 1."""
+    def noisy(seed):
+        return 1 + 0.01 * np.random.default_rng(seed).standard_normal(40)
+
+    drift = np.linspace(1.0, 2.0, 40)
+    ref, new = list(drift * noisy(1)), list(drift / 1.03 * noisy(2))
+    p = B.paired_speedup(ref, new)
+    assert p["paired_speedup"] == pytest.approx(1.03, rel=0.01)
+    assert 1.0 < p["speedup_ci95"][0] < 1.03 < p["speedup_ci95"][1]
+    same = B.paired_speedup(ref, list(drift * noisy(3)))
+    assert same["speedup_ci95"][0] < 1.0 < same["speedup_ci95"][1]
+    assert B.paired_speedup(ref[:4], new[:4]) is None
 
 
 def test_decoder_prefill_and_decode(models):

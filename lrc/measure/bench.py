@@ -94,7 +94,9 @@ Result (JSON-serialisable dict, ``schema == "lrc.bench/1"``)::
                 shape, as it is), "decode_tokens": int|None, "n": int,
                 "p50_ms": float, "p90_ms": float, "p99_ms": float, "mean_ms": float,
                 "std_ms": float, "min_ms": float, "speedup": float|None,
-                "tokens_per_s": float|None}],
+                "tokens_per_s": float|None, "rounds_ms": [float] (round k of every model
+                of the table ran back to back), "paired_speedup": float, "speedup_ci95":
+                [lo, hi] (against the first model: paired_speedup(); absent for it)}],
       "amdahl": {"model": str, "ep": str, "batch": int, "seq": int,
                  "matmul_fraction": {"encoder"|"prefill"|"decode": float},
                  "note": str} | None,
@@ -185,6 +187,26 @@ def summary_flop_ratio(summary: dict | None) -> float | None:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0:
         return float(a) / float(b)
     return None
+
+
+def paired_speedup(ref_s: list[float], s: list[float], seed: int = 0,
+                   n_boot: int = 2000) -> dict[str, Any] | None:
+    """The speedup of ``s`` over ``ref_s`` from rounds timed back to back (round k of each, the
+    round-robin's pairs): the median of the per-round ratios and its 95 % bootstrap interval.
+    A pair shares the machine's state of its moment, so drift and neighbours cancel in it; the
+    interval says whether a few percent is a difference or noise. None under 5 pairs."""
+    n = min(len(ref_s), len(s))
+    if n < 5:
+        return None
+    r = np.asarray(ref_s[:n], dtype=np.float64) / np.asarray(s[:n], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    boots = np.median(r[rng.integers(0, n, (n_boot, n))], axis=1)
+    return {"paired_speedup": float(np.median(r)),
+            "speedup_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]}
+
+
+def _ms(samples_s: list[float]) -> list[float]:
+    return [round(x * 1000.0, 4) for x in samples_s]
 
 
 def _stats(samples_s: list[float]) -> dict[str, float]:
@@ -545,17 +567,24 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
                         where = {"model": r.name, "runtime": target["runtime"], "ep": ep_key}
                         where["input"] = getattr(r, "input_shape", "") or f"{batch}x{seq}"
                         rows.append({**where, "phase": ph, "batch": batch, "seq": seq,
-                                     "decode_tokens": None, **_stats(main[r.name]), "tokens_per_s": None})
+                                     "decode_tokens": None, **_stats(main[r.name]), "tokens_per_s": None,
+                                     "rounds_ms": _ms(main[r.name])})
                         if dec[r.name]:
                             s = _stats(dec[r.name])
                             rows.append({**where, "phase": "decode", "batch": batch,
                                          "seq": seq, "decode_tokens": decode_tokens, **s,
-                                         "tokens_per_s": batch * 1000.0 / s["p50_ms"]})
+                                         "tokens_per_s": batch * 1000.0 / s["p50_ms"],
+                                         "rounds_ms": _ms(dec[r.name])})
                     ref = ({row["phase"]: row["p50_ms"] for row in rows if row["model"] == entries[0]["name"]}
                            if runners and runners[0].name == entries[0]["name"] else {})
+                    first = entries[0]["name"]
                     for row in rows:
                         base = ref.get(row["phase"])
                         row["speedup"] = (base / row["p50_ms"]) if base and row["p50_ms"] > 0 else None
+                        samples = dec if row["phase"] == "decode" else main
+                        if base and row["model"] != first and first in samples:
+                            row.update(paired_speedup(samples[first], samples[row["model"]])
+                                       or {})
                     run_rows.extend(rows)
 
             if amdahl and amdahl_info is None and is_ort:

@@ -11,6 +11,13 @@ __all__ = ["format_tables"]
 _MB = 1e6
 
 
+def _paired(r: dict) -> str:
+    ci = r.get("speedup_ci95")
+    if r.get("paired_speedup") is None or not ci:
+        return "-"
+    return f"{r['paired_speedup']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def _fmt(x, spec=".2f", none="-") -> str:
     return none if x is None else format(x, spec)
 
@@ -55,8 +62,10 @@ def format_tables(result: dict) -> list:
     rows = result.get("runs", [])
     for ep in dict.fromkeys(r["ep"] for r in rows):
         title = _target_label(targets[ep]) if ep in targets else ep
-        t = Table(title=f"Latency ({title}); speedup: to the first model on the same runtime")
-        for col in ("model", "phase", "input", "p50 ms", "p90 ms", "p99 ms", "mean ms", "speedup", "tok/s"):
+        t = Table(title=f"Latency ({title}); speedup: to the first model on the same runtime "
+                        "(p50 / p50; paired: the median of round-by-round ratios, 95 % interval)")
+        for col in ("model", "phase", "input", "p50 ms", "p90 ms", "p99 ms", "mean ms", "speedup",
+                    "paired [95 %]", "tok/s"):
             t.add_column(col, justify="left" if col in ("model", "phase") else "right")
         for r in rows:
             if r["ep"] != ep:
@@ -66,7 +75,7 @@ def format_tables(result: dict) -> list:
                 shape = f"{r['batch']}x1 after {shape}"
             t.add_row(r["model"], r["phase"], shape, _fmt(r["p50_ms"], ".3f"),
                       _fmt(r["p90_ms"], ".3f"), _fmt(r["p99_ms"], ".3f"), _fmt(r["mean_ms"], ".3f"),
-                      _fmt(r.get("speedup"), ".2f"), _fmt(r.get("tokens_per_s"), ".1f"))
+                      _fmt(r.get("speedup"), ".2f"), _paired(r), _fmt(r.get("tokens_per_s"), ".1f"))
         tables.append(t)
     amd = result.get("amdahl")
     if amd:
