@@ -68,10 +68,6 @@ def _positive(name: str, value, *, integer: bool = False, allow_zero: bool = Fal
 
 
 DEFAULT_SIZE = 1.2  # recipe best's size for a bare --quantize int4 on an LM: x the int4 form
-#: target-size's decode budget when none is given: off (bytes alone). At 1.1 it cost SmolLM2's
-#: default (1.2x) x1.068 -> x1.107 on news for a few percent of decode (benchmarks/genai_builder.py
-#: --tag decode, BENCHMARKS.md): an option, not a default
-DEFAULT_DECODE = None
 
 
 def relative_size(v) -> float | None:
@@ -700,8 +696,10 @@ class CompressConfig:
 
         from lrc.graph.passes.quant import AUTO_RANK
 
+        # the decode budget is off unless given: at 1.1 it cost SmolLM2's default (1.2x)
+        # x1.068 -> x1.107 on news for 1-2 % of decode (BENCHMARKS.md, genai_builder --tag decode)
         decode = self.budget.decode_budget
-        decode = DEFAULT_DECODE if decode is None else (None if decode == "off" else float(decode))
+        decode = None if decode in (None, "off") else float(decode)
         return replace(spec, target_mb=float(self.budget.target_size), correct_rank=AUTO_RANK,
                        decode_budget=decode)
 

@@ -575,9 +575,9 @@ def bench(models: list[str | Path], eps: Sequence[str] = ("cpu",), threads: int 
                                          "seq": seq, "decode_tokens": decode_tokens, **s,
                                          "tokens_per_s": batch * 1000.0 / s["p50_ms"],
                                          "rounds_ms": _ms(dec[r.name])})
-                    ref = ({row["phase"]: row["p50_ms"] for row in rows if row["model"] == entries[0]["name"]}
-                           if runners and runners[0].name == entries[0]["name"] else {})
                     first = entries[0]["name"]
+                    ref = ({row["phase"]: row["p50_ms"] for row in rows if row["model"] == first}
+                           if runners and runners[0].name == first else {})
                     for row in rows:
                         base = ref.get(row["phase"])
                         row["speedup"] = (base / row["p50_ms"]) if base and row["p50_ms"] > 0 else None

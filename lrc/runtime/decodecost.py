@@ -162,8 +162,8 @@ def measure(threads: int, runs: int = 15, stream_bytes: float = STREAM_BYTES) ->
     from lrc.runtime.session import open_session
 
     def large(bits):  # nodes of [_LARGE, _LARGE] whose weights add up to stream_bytes
-        per = _LARGE * _LARGE * bits / 8 * (1 + (32 / 32 if bits < 32 else 0) / bits)
-        return max(int(stream_bytes // per), 4)
+        per_weight = bits / 8 + (4 / 32 if bits < 32 else 0)  # codes + a float scale per 32
+        return max(int(stream_bytes // (_LARGE * _LARGE * per_weight)), 4)
 
     plans = {}
     for bits, block in KINDS:

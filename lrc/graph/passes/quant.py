@@ -587,10 +587,12 @@ class QuantizePass(ir.passes.InPlacePass):
 
             norms: dict = {}  # the members' ‖X·W_i‖, computed once per group
 
+            def known():  # what the corrector gave for them, passed back (not recomputed)
+                return {"norms": norms["n"]} if "n" in norms else {}
+
             def err_of(ws, hats):
-                kw = {"norms": norms["n"]} if "n" in norms else {}
                 _, info = self.corrector(group, np.concatenate(ws, axis=1), np.concatenate(
-                    [w - h for w, h in zip(ws, hats)], axis=1), 0, **kw)
+                    [w - h for w, h in zip(ws, hats)], axis=1), 0, **known())
                 if info.get("norms") is not None:
                     norms["n"] = info["norms"]
                 return float(np.sum(np.square(info["werr_before"])))
@@ -641,8 +643,7 @@ class QuantizePass(ir.passes.InPlacePass):
                     sig2 = self.corrector.spectrum(group, np.concatenate(ws, axis=1),
                                                    np.concatenate([w - h for w, h in
                                                                    zip(ws, hats)], axis=1),
-                                                   **({"norms": norms["n"]} if "n" in norms
-                                                      else {}))
+                                                   **known())
                     for r in ALLOC_RANKS:
                         if r >= min(k, sum(ns)) // 2 or (r > 128 and not any(
                                 t.role == "head" for t in group)):
