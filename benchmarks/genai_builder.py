@@ -58,6 +58,10 @@ VARIANTS = {
                     "`--target-size 1.2x` the model's int4 form, bits, blocks, correction ranks "
                     "and the head's form allocated by measured sensitivity; gptq, 4-bit A, int4 "
                     "embedding)", [*QUANT]),
+    "lrc-plain": ("lrc's plain int4 form of the builder's graph, no correction (`--quantize int4 "
+                  "--embedding int4 --correct-rank 0`: round-to-nearest, block 32, the int4 "
+                  "embedding shared with the head: the builder int4's recipe in lrc's writer)",
+                  [*QUANT, "--embedding", "int4", "--correct-rank", "0"]),
     "lrc-q4c": ("lrc int4 + rank-32 correction, head 128 (float A, int8 embedding: the "
                 "correction recipe of BENCHMARKS.md's quantisation section)",
                 [*QUANT, "--correct-rank", "32,head=128"]),
@@ -140,7 +144,7 @@ DECODE_TEXT = (
     "group twice the bytes); rows without it are bytes alone, as every `--target-size` row of "
     "the sections above.")
 # --tag decode: the decode budget's section (its own folder and markers)
-DECODE_VARIANTS = ("lrc-size-88,lrc-size-88-d1.1,lrc-size-88-d1.05,lrc-size-97-d1.1,"
+DECODE_VARIANTS = ("lrc-plain,lrc-size-88,lrc-size-88-d1.1,lrc-size-88-d1.05,lrc-size-97-d1.1,"
                    "lrc-default-d1.1")
 
 
@@ -270,12 +274,17 @@ def main(argv=None) -> int:
     log("lrc eval (news, docs)")
     ev = json.loads(lrc("eval", str(dense), *map(str, models.values()), "--max-tokens",
                         str(args.max_tokens), "--threads", "2", "--json"))
-    log("lrc bench (interleaved)")
-    bench = json.loads(lrc("bench", str(dense), *map(str, models.values()), "--seq", "128",
-                           "--decode-tokens", "32", "--runs", str(args.runs), "--warmup", "3",
-                           "--threads", "2", "--json"))
+    # Two interleaved benches: the int4-class models (the builder's int4 first: the reference of
+    # every paired ratio) apart from the float ones, whose 4x slower steps in one round-robin
+    # moved the int4-class ratios by ~5 %; the builder's int4 runs in both, the link between them.
+    bench_args = ("--seq", "128", "--decode-tokens", "32", "--runs", str(args.runs), "--warmup",
+                  "3", "--threads", "2", "--json")
+    log("lrc bench: the int4-class models (interleaved)")
+    bench = json.loads(lrc("bench", str(int4), *[str(models[k]) for k in keys], *bench_args))
+    log("lrc bench: the float models and the builder's int4 (interleaved)")
+    bench_float = json.loads(lrc("bench", str(dense), str(fp32), str(int4), *bench_args))
     results = {"model": m, "date": time.strftime("%Y-%m-%d"), "machine": bench["machine"], "isa": isa_flags(),
-               "eval": ev, "bench": bench, "compress_s": compress_s,
+               "eval": ev, "bench": bench, "bench_float": bench_float, "compress_s": compress_s,
                "decode_plan": decode_plans(models),
                "sizes": {k: folder_bytes(v) for k, v in {"dense": dense, **models}.items()},
                "model_bytes": {k: model_bytes(v) for k, v in {"dense": dense, **models}.items()},
@@ -303,6 +312,20 @@ def _paired(bench: dict, ref: str, name: str, phase: str, plain):
     return plain if p is None else (p["paired_speedup"], *p["speedup_ci95"])
 
 
+def _placements(results: dict, names: list[str]) -> dict:
+    """Each row's timing: name -> (its bench, its name there, the builder int4's name there).
+    Since the split: the int4-class bench (builder int4 first, then lrc's) and the float one
+    (dense, the builder's float, the builder's int4); before it, one bench of all."""
+    if "bench_float" not in results:
+        b = results["bench"]
+        bn = [m["name"] for m in b["models"]]  # dense, builder float, builder int4, lrc's ...
+        return {n: (b, bn[i + 1], bn[2]) for i, n in enumerate(names)}
+    bi, bf = results["bench"], results["bench_float"]
+    ni, nf = ([m["name"] for m in b["models"]] for b in (bi, bf))
+    return {names[0]: (bf, nf[1], nf[2]),
+            **{n: (bi, ni[j], ni[0]) for j, n in enumerate(names[1:])}}
+
+
 def _speed(bench: dict, name: str) -> dict:
     """p50 ms per phase of one model of the bench result."""
     return {r["phase"]: r["p50_ms"] for r in bench["runs"] if r["model"] == name}
@@ -321,8 +344,8 @@ def render(results: dict, names: list[str]) -> str:
               "builder-int4": "ORT GenAI builder int4 (RTN, block 32, accuracy_level 4, "
                               "embedding shared int4)",
               **{k: variant(k)[0] for k in names if k not in (f"builder-{src}", "builder-int4")}}
-    bnames = [m["name"] for m in bench["models"]]
-    ref = _speed(bench, bnames[2])  # the builder's int4 (after dense and its fp32)
+    place = _placements(results, names)
+    ref = _speed(*place["builder-int4"][::2])  # the builder's int4
     dense_q = ev["results"][0]
     d_news = dense_q["in_domain"]["orig"]["perplexity"]
     d_docs = dense_q["out_of_domain"]["orig"]["perplexity"]
@@ -333,10 +356,11 @@ def render(results: dict, names: list[str]) -> str:
         r = ev["results"][i]
         n = r["in_domain"]["new"]["perplexity"] / d_news
         d = r["out_of_domain"]["new"]["perplexity"] / d_docs
-        sp = _speed(bench, bnames[i + 1])
-        pre = ref.get("prefill") / sp["prefill"] if sp.get("prefill") else None
-        dec = ref.get("decode") / sp["decode"] if sp.get("decode") else None
-        pre, dec = (_paired(bench, bnames[2], bnames[i + 1], ph, x)
+        b, bname, bref = place[name]
+        sp, rs = _speed(b, bname), _speed(b, bref)
+        pre = rs.get("prefill") / sp["prefill"] if sp.get("prefill") else None
+        dec = rs.get("decode") / sp["decode"] if sp.get("decode") else None
+        pre, dec = (_paired(b, bref, bname, ph, x)
                     for ph, x in (("prefill", pre), ("decode", dec)))
         size = results["sizes"][name]
         model_mb = results.get("model_bytes", {}).get(name)
@@ -386,7 +410,12 @@ def render(results: dict, names: list[str]) -> str:
         + f"; perplexity on "
         f"{results['args']['max_tokens']} tokens of news and of Python docs (a domain absent "
         f"from calibration) as a ratio to the dense export's; KL(dense‖new) on news; speed from "
-        f"one interleaved `lrc bench` (medians of {s.get('runs')} runs, {s.get('threads')} "
+        + ("two interleaved `lrc bench` runs, the int4-class models (the builder's int4 and "
+           "lrc's) in one and the float ones (dense, the builder's float, with the builder's "
+           "int4 again as the link) in the other, since the float models' slower steps in one "
+           "round-robin lowered the int4-class ratios (by 5-7 % in this section's first run) "
+           if "bench_float" in results else "one interleaved `lrc bench` ")
+        + f"(medians of {s.get('runs')} runs, {s.get('threads')} "
         f"threads), relative to the builder's int4 ({ref_ms}"
         + ("; with the rounds kept: the median of the round-by-round ratios and its 95 % "
            "bootstrap interval" if any(r.get("rounds_ms") for r in bench["runs"]) else "")
