@@ -166,17 +166,45 @@ def variant(key: str) -> tuple[str, list[str]]:
     return VARIANTS[key]
 
 
-def decode_plans(models: dict) -> dict:
-    """Each lrc folder's planned decode time (lrc.json: target-size's decode budget)."""
+def weight_shapes(source: Path) -> dict:
+    """(inputs, outputs) of each MatMul / Gemm node's constant weight in ``source``'s graph,
+    by node name (what lrc.json's allocation names its members by)."""
+    import onnx
+
+    g = onnx.load(str(Path(source) / "model.onnx"), load_external_data=False).graph
+    dims = {t.name: list(t.dims) for t in g.initializer}
+    out = {}
+    for node in g.node:
+        w = next((dims[i] for i in node.input[1:2] if i in dims and len(dims[i]) == 2), None)
+        if w is not None and node.op_type in ("MatMul", "Gemm"):
+            trans = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+            out[node.name] = (w[1], w[0]) if trans else (w[0], w[1])
+    return out
+
+
+def decode_plans(models: dict, source: Path | None = None) -> dict:
+    """Each lrc folder's plan (lrc.json): corrected and 8-bit groups, target-size's predicted
+    decode time, and with ``source`` (the compressed graph) the multiply-adds its corrections
+    add per token (r x (inputs + outputs) each) over the weight MatMuls' own: the share of
+    prefill's arithmetic they add."""
+    shapes = weight_shapes(source) if source is not None else {}
     out = {}
     for key, folder in models.items():
         f = Path(folder) / "lrc.json"
         if f.is_file():
-            plan = json.loads(f.read_text()).get("quantize", {}).get("decode")
-            choices = [a["choice"] for a in json.loads(f.read_text()).get(
-                "quantize", {}).get("allocation", [])]
-            out[key] = {**(plan or {}), "corrections": sum("+r" in c for c in choices),
+            q = json.loads(f.read_text()).get("quantize", {})
+            alloc = q.get("allocation", [])
+            choices = [a["choice"] for a in alloc]
+            out[key] = {**(q.get("decode") or {}), "corrections": sum("+r" in c for c in choices),
                         "int8": sum(c.startswith("int8") for c in choices)}
+            if shapes and alloc and all(m in shapes for a in alloc for m in a["members"]):
+                own = extra = 0
+                for a in alloc:
+                    k = shapes[a["members"][0]][0]
+                    n = sum(shapes[m][1] for m in a["members"])
+                    r = int(a["choice"].split("+r")[1]) if "+r" in a["choice"] else 0
+                    own, extra = own + k * n, extra + r * (k + n)
+                out[key]["macs_extra"] = extra / own
     return out
 
 
@@ -237,6 +265,11 @@ def main(argv=None) -> int:
     src = args.source
     if args.render_only:
         results = json.loads((args.out / "results.json").read_text())
+        src_dir = args.out / f"{args.model}-{src}"
+        if src_dir.is_dir():  # the plans again from the folders (what lrc.json says)
+            results["decode_plan"] = {**results.get("decode_plan", {}), **decode_plans(
+                {k: args.out / k for k in results["args"]["variants"].split(",") if k
+                 and (args.out / k).is_dir()}, src_dir)}
         if args.load:
             results["args"]["load"] = args.load
             (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -285,7 +318,7 @@ def main(argv=None) -> int:
     bench_float = json.loads(lrc("bench", str(dense), str(fp32), str(int4), *bench_args))
     results = {"model": m, "date": time.strftime("%Y-%m-%d"), "machine": bench["machine"], "isa": isa_flags(),
                "eval": ev, "bench": bench, "bench_float": bench_float, "compress_s": compress_s,
-               "decode_plan": decode_plans(models),
+               "decode_plan": decode_plans(models, fp32),
                "sizes": {k: folder_bytes(v) for k, v in {"dense": dense, **models}.items()},
                "model_bytes": {k: model_bytes(v) for k, v in {"dense": dense, **models}.items()},
                "args": vars(args) | {"out": str(args.out)},
@@ -449,7 +482,10 @@ def _plan_lines(results: dict, labels: dict) -> list[str]:
              f"int4/32's ({p['planned_ms']:.2f} of {p['plain_ms']:.2f} ms; budget "
              f"{p['budget']:g}x{', binding' if p.get('priced') else ''})"
              if p.get("plain_ms") else "; no decode budget")
-        lines.append(f"- `{key}`: {p['corrections']} corrected groups, {p['int8']} in 8 bits{t}.")
+        macs = (f"; its corrections add {p['macs_extra']:.1%} to the weight MatMuls' "
+                f"multiply-adds per token" if p.get("macs_extra") is not None else "")
+        lines.append(f"- `{key}`: {p['corrections']} corrected groups, {p['int8']} in 8 bits"
+                     f"{macs}{t}.")
     return lines + ([""] if lines else [])
 
 
