@@ -206,10 +206,18 @@ def _inverse_cholesky(gram: np.ndarray, damp: float = GPTQ_DAMP) -> tuple[np.nda
     eye = np.eye(h.shape[0])
     for _ in range(6):
         try:
-            hinv = np.linalg.inv(np.linalg.cholesky(h + lam * eye))
-            return np.linalg.cholesky(hinv.T @ hinv).T, dead
+            # H = R·Rᵀ with R upper triangular (the Cholesky factor of H with its rows and
+            # columns reversed), so H⁻¹ = R⁻ᵀ·R⁻¹ and U = R⁻¹: one factorisation and a
+            # triangular inverse (the same U as the Cholesky of H⁻¹, a fifth of the work)
+            r = np.linalg.cholesky((h + lam * eye)[::-1, ::-1])[::-1, ::-1]
         except np.linalg.LinAlgError:
             lam *= 10
+            continue
+        try:
+            from scipy.linalg import solve_triangular
+        except ImportError:
+            return np.triu(np.linalg.inv(r)), dead
+        return solve_triangular(r, eye, lower=False), dead
     raise np.linalg.LinAlgError("the Gram matrix is not positive definite, even damped")
 
 

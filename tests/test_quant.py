@@ -842,6 +842,28 @@ def test_gptq_with_uncorrelated_equal_inputs_is_round_to_nearest():
     assert np.array_equal(b.packed[:64], packed)
 
 
+@pytest.mark.parametrize("scipy", [True, False])
+def test_gptq_inverse_cholesky_factor(monkeypatch, scipy):
+    """GPTQ's ``U``: upper triangular with ``UᵀU = (G + λI)⁻¹`` (λ a tenth of the mean
+    diagonal), a dead input (zero diagonal) given 1 first, with or without scipy."""
+    import sys
+
+    from lrc.quantmath import GPTQ_DAMP, _inverse_cholesky
+
+    if not scipy:
+        monkeypatch.setitem(sys.modules, "scipy.linalg", None)
+    x = RNG.standard_normal((200, 48)) * RNG.uniform(0.2, 3, 48)
+    g = x.T @ x
+    g[5, :] = g[:, 5] = 0.0
+    u, dead = _inverse_cholesky(g)
+    assert list(np.flatnonzero(dead)) == [5]
+    h = g.copy()
+    h[5, 5] = 1.0
+    h += GPTQ_DAMP * np.mean(np.diag(h)) * np.eye(48)
+    assert np.allclose(u, np.triu(u)) and np.all(np.diag(u) > 0)
+    assert np.allclose(u.T @ u, np.linalg.inv(h), rtol=1e-8, atol=1e-12)
+
+
 def test_base_quant_option_through_the_pass_and_the_api():
     """``base_quant='gptq'`` on a calibrated compression: the correction corrects GPTQ's codes
     and the whitened error left is below RTN's with the same rank."""
