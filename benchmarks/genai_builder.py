@@ -446,7 +446,9 @@ def render(results: dict, names: list[str]) -> str:
         + ("two interleaved `lrc bench` runs, the int4-class models (the builder's int4 and "
            "lrc's) in one and the float ones (dense, the builder's float, with the builder's "
            "int4 again as the link) in the other, since the float models' slower steps in one "
-           "round-robin lowered the int4-class ratios (by 5-7 % in this section's first run) "
+           "round-robin lowered the int4-class ratios (the decode budget section's 88 MB model, "
+           "the same allocation both times: 0.92x in one bench of all, 0.94x alone with its "
+           "class) "
            if "bench_float" in results else "one interleaved `lrc bench` ")
         + f"(medians of {s.get('runs')} runs, {s.get('threads')} "
         f"threads), relative to the builder's int4 ({ref_ms}"
