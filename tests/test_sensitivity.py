@@ -26,6 +26,30 @@ def test_probe_measures_the_output_kl_of_replaced_weights(tmp_path):
     assert both > small
 
 
+def test_probe_kl_is_the_mean_token_kl_of_the_logits(tmp_path):
+    """The KL summed inside the session (dense logits and probabilities fed back, log-sum-exp
+    of the changed ones) is the mean over every window's tokens of Σ p (log p − log q), from an
+    independent numpy forward pass."""
+    from test_evaluate import np_logits
+
+    w = _weights()
+    folder = write_lm(tmp_path / "lm", w)
+    batches = [np.array([1, 5, 9, 3, 7, 2, 11, 4]), np.array([1, 6, 6, 8, 12, 30])]
+    changed = {**w, "W2": w["W2"] + 0.3 * np.random.default_rng(2).standard_normal(
+        w["W2"].shape).astype(np.float32)}
+
+    def lsm(x):
+        return x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - x.max(-1, keepdims=True)
+
+    kls = []
+    for ids in batches:
+        lp, lq = lsm(np_logits(w, ids)), lsm(np_logits(changed, ids))
+        kls.extend(np.sum(np.exp(lp) * (lp - lq), axis=-1))
+    got = Probe(folder / "model.onnx", ["W2"], batches)({"W2": changed["W2"]})
+    assert got > 0 and np.isclose(got, np.mean(kls), rtol=1e-3), (got, np.mean(kls))
+
+
 def test_probe_changes_a_tied_heads_table_apart_from_its_embedding(tmp_path):
     """A table read by a tied head and by the embedding (the model builder's
     Gather(Transpose(head weight)), optimum's Gather(table) + MatMul(Transpose(table))) is two

@@ -70,6 +70,43 @@ def _array(model, t: onnx.TensorProto, base) -> np.ndarray:
     return onnx.numpy_helper.to_array(t, str(base) if base is not None else "")
 
 
+# the KL terms' tensors in the probe's graph (:func:`_kl_terms`)
+KL_REF, KL_P, KL_DOT, KL_LSE = ("lrc_probe_ref_logits", "lrc_probe_ref_p", "lrc_probe_dot",
+                                "lrc_probe_lse")
+
+
+def _kl_terms(proto: onnx.ModelProto, logits: str) -> None:
+    """Nodes after ``logits [batch, seq, vocab]`` giving per token ``Σ_v p_v (z_v − logits_v)``
+    (``KL_DOT``; ``z``, ``p``: the dense logits and probabilities, inputs with a zero default so
+    a run that does not ask for it needs neither) and ``log Σ_v exp(logits_v)`` (``KL_LSE``)."""
+    from onnx import TensorProto, helper
+
+    g = proto.graph
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if opset < 13:
+        raise LrcError(f"sensitivity probe: the model's opset {opset} is below 13")
+    for name in (KL_REF, KL_P):
+        g.initializer.append(helper.make_tensor(name, TensorProto.FLOAT, [1, 1, 1], [0.0]))
+        g.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    axes = "lrc_probe_axes"
+    g.initializer.append(helper.make_tensor(axes, TensorProto.INT64, [1], [-1]))
+    kind = next(o.type.tensor_type.elem_type for o in g.output if o.name == logits)
+    if kind != TensorProto.FLOAT:  # float16 logits: the terms in float32
+        g.node.append(helper.make_node("Cast", [logits], ["lrc_probe_logits32"],
+                                       to=TensorProto.FLOAT))
+        logits = "lrc_probe_logits32"
+    lse = (helper.make_node("ReduceLogSumExp", [logits, axes], [KL_LSE], keepdims=0)
+           if opset >= 18 else
+           helper.make_node("ReduceLogSumExp", [logits], [KL_LSE], axes=[-1], keepdims=0))
+    g.node.extend([
+        helper.make_node("Sub", [KL_REF, logits], ["lrc_probe_diff"]),
+        helper.make_node("Mul", [KL_P, "lrc_probe_diff"], ["lrc_probe_pdiff"]),
+        helper.make_node("ReduceSum", ["lrc_probe_pdiff", axes], [KL_DOT], keepdims=0),
+        lse])
+    for name in (KL_DOT, KL_LSE):
+        g.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+
+
 class Probe:
     """``probe(values) -> KL``: mean KL(dense || changed) of the next-token distribution over
     ``batches`` (token-id windows) with the weights in ``values`` replaced (stored layout and
@@ -108,6 +145,7 @@ class Probe:
         if proto.ir_version < 4:
             proto.ir_version = 4
         self.output = proto.graph.output[0].name
+        _kl_terms(proto, self.output)
         data = proto.SerializeToString()
         del proto
         self.sess = open_session(data, threads=threads, path=path, optimization="all",
@@ -118,31 +156,44 @@ class Probe:
                       text_feeds(self.sess, np.asarray(b),
                                  fill_other=self._table)
                       for b in batches]
-        self.ref_lp = [log_softmax(self._logits(f)) for f in self.feeds]
-        self.ref_p = [np.exp(lp) for lp in self.ref_lp]
+        # per window the dense logits and probabilities (fed back to each probe's KL terms),
+        # then both terms of the dense model itself from a run that asks what a probe asks (on
+        # float16 logits ORT computes the terms apart from the logits it returns): subtracted,
+        # unchanged weights give exactly 0
+        self.refs = []
+        for f in self.feeds:
+            logits = self._run([self.output], f)[0]
+            if logits.ndim != 3:
+                raise LrcError(f"sensitivity probe: output {self.output!r} has shape "
+                               f"{logits.shape}, not [batch, sequence, vocabulary] logits")
+            ref = {KL_REF: logits.astype(np.float32, copy=False),
+                   KL_P: np.exp(log_softmax(logits))}
+            dot, lse = self._run([KL_DOT, KL_LSE], {**f, **ref})
+            self.refs.append({**ref, "dot": float(np.sum(dot, dtype=np.float64)),
+                              "lse": lse.astype(np.float64)})
 
     def _table(self, spec) -> np.ndarray:
         if spec.name not in self._tables:
             raise LrcError(f"sensitivity probe: don't know how to fill input {spec.name!r}")
         return self._tables[spec.name]
 
-    def _logits(self, feeds: dict) -> np.ndarray:
+    def _run(self, outputs: list[str], feeds: dict) -> list[np.ndarray]:
         try:
-            out = self.sess.run([self.output], feeds)[0]
+            return self.sess.run(outputs, feeds)
         except Exception as e:  # ORT raises its own types
             raise LrcError(f"sensitivity probe failed in onnxruntime: "
                            f"{str(e).splitlines()[0][:300]}") from e
-        if out.ndim != 3:
-            raise LrcError(f"sensitivity probe: output {self.output!r} has shape {out.shape}, "
-                           f"not [batch, sequence, vocabulary] logits")
-        return out
 
     def __call__(self, values: dict[str, np.ndarray]) -> float:
+        """Mean over the windows' tokens of ``KL(p‖q) = Σ_v p_v (z_v − z'_v) + lse(z') −
+        lse(z)`` (``z`` the dense logits, ``p`` their softmax, ``z'`` the changed ones): the
+        sum over the vocabulary in the session (:func:`_kl_terms`), not a copy of the logits."""
         kl, n = 0.0, 0
-        for feeds, lp, p in zip(self.feeds, self.ref_lp, self.ref_p):
-            q = log_softmax(self._logits({**feeds, **values}))
-            kl += float(np.sum(p * (lp - q)))
-            n += lp.shape[0] * lp.shape[1]
+        for feeds, ref in zip(self.feeds, self.refs):
+            dot, lse = self._run([KL_DOT, KL_LSE], {**feeds, **values, KL_REF: ref[KL_REF],
+                                                    KL_P: ref[KL_P]})
+            kl += float(np.sum(dot, dtype=np.float64) - ref["dot"] + np.sum(lse - ref["lse"]))
+            n += lse.size
         return kl / max(n, 1)
 
 
