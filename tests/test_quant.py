@@ -1124,3 +1124,19 @@ def test_per_node_block_sizes():
     assert blocks["attn.o"] == 128 and blocks["attn.q"] == 32, blocks
     with pytest.raises(LrcError, match="power of two"):
         parse_spec("int4", "0", block_size="32,attn.o=48")
+
+
+def test_target_size_measures_with_numpy_blas_on_one_thread():
+    """While target-size measures (ONNX Runtime's probe between numpy's BLAS calls) numpy's
+    BLAS runs on one thread, and gets its threads back after."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from lrc.graph.passes.quant import one_blas_thread
+
+    np.ones((64, 64)) @ np.ones((64, 64))  # BLAS loaded
+    before = [i["num_threads"] for i in threadpoolctl.threadpool_info()
+              if i["user_api"] == "blas"]
+    with one_blas_thread():
+        inside = [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                  if i["user_api"] == "blas"]
+    after = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    assert inside and set(inside) == {1} and after == before
