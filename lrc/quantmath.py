@@ -392,15 +392,16 @@ def _blocks(n: int):
 def whitened_norm2(m: np.ndarray, xtx: np.ndarray, minus=None) -> float:
     """``‖X·M‖_F² = tr(Mᵀ G M)`` from the Gram matrix ``G = XᵀX`` (never below 0: a Gram
     summed in float32 may be a hair indefinite). ``minus=(A, B)``: of ``M - A·B``. Computed
-    ``COLUMNS`` columns at a time, so no float64 copy of a wide matrix is made. The product
-    ``G·M`` in float32 (the Gram was summed in float32; half the time of float64, the same
-    value to ~1e-9), ``M - A·B`` and the sums in float64."""
-    g = np.asarray(xtx, dtype=np.float32)
+    ``COLUMNS`` columns at a time, so no float64 copy of a wide matrix is made. Without
+    ``minus`` (what target-size asks of every choice) the product ``G·M`` is float32 (the Gram
+    was summed in float32; half the time of float64, the same value to ~1e-9) and the sums
+    float64; a residual ``M - A·B`` (small next to ``M``) is all float64."""
+    g = np.asarray(xtx, dtype=np.float32 if minus is None else np.float64)
     total = 0.0
     for sl in _blocks(m.shape[1]):
         if minus is not None:
-            mm = (np.asarray(m[:, sl], np.float64) - np.asarray(minus[0], np.float64)
-                  @ np.asarray(minus[1][:, sl], np.float64)).astype(np.float32)
+            mm = np.asarray(m[:, sl], np.float64) - np.asarray(minus[0], np.float64) @ \
+                np.asarray(minus[1][:, sl], np.float64)
         else:
             mm = np.asarray(m[:, sl], dtype=np.float32)
         total += float(np.sum((g @ mm) * mm, dtype=np.float64))
