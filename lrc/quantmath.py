@@ -214,11 +214,7 @@ def _inverse_cholesky(gram: np.ndarray, damp: float = GPTQ_DAMP) -> tuple[np.nda
         except np.linalg.LinAlgError:
             lam *= 10
             continue
-        try:
-            from scipy.linalg import solve_triangular
-        except ImportError:
-            return np.triu(np.linalg.inv(r)), dead
-        return solve_triangular(r, eye, lower=False), dead
+        return np.triu(solve_lower_t(r.T, eye)), dead  # Rᵀ is lower: R·U = I
     raise np.linalg.LinAlgError("the Gram matrix is not positive definite, even damped")
 
 
