@@ -73,8 +73,10 @@ def test_probe_changes_a_tied_heads_table_apart_from_its_embedding(tmp_path):
         assert head > 0 and emb > 0 and both > 0
         assert len({round(head, 7), round(emb, 7), round(both, 7)}) == 3
         # one copy of the table: both names are inputs fed from one array, no initializer
-        assert {name, alias} <= {i.name for i in p.sess.get_inputs()}
-        assert name not in {i.name for i in p.sess.get_overridable_initializers()}
+        sessions = [t.sess for t in p.tails]
+        assert {name, alias} <= {i.name for s in sessions for i in s.get_inputs()}
+        assert not any(name == i.name for s in sessions
+                       for i in s.get_overridable_initializers())
         assert p._tables[name] is p._tables[alias]
     # the table's values come from external data, and from a model in memory
     import onnx_ir as ir
@@ -89,3 +91,65 @@ def test_probe_changes_a_tied_heads_table_apart_from_its_embedding(tmp_path):
         p = Probe(src, [name], batch, path=tmp_path / "ext.onnx")
         np.testing.assert_array_equal(p._tables[name], w)
         assert abs(p({})) < 1e-7 and p({name: w * 1.5}) > 0
+
+
+def _residual_lm(layers=6, vocab=40, d=16, seed=3):
+    """ids -> E -> ``layers`` residual blocks ``h += tanh(h·W_l) * mask`` (the mask a data
+    tensor every block reads, as an attention mask is) -> ``h·Wh`` logits; W_l's Transpose sits
+    at the top of the graph, before the data reaches it (as exporters place them)."""
+    from graphs import _model, init, vin
+    from onnx import TensorProto, helper
+
+    r = np.random.default_rng(seed)
+    w = {"E": r.standard_normal((vocab, d)).astype(np.float32),
+         "Wh": (r.standard_normal((d, vocab)) / np.sqrt(d)).astype(np.float32),
+         **{f"W{i}": (r.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32)
+            for i in range(layers)}}
+    nodes = [helper.make_node("Transpose", [f"W{i}"], [f"W{i}t"]) for i in range(layers)]
+    nodes += [helper.make_node("Gather", ["E", "input_ids"], ["h0"]),
+              helper.make_node("Cast", ["attention_mask"], ["m0"], to=TensorProto.FLOAT),
+              helper.make_node("Unsqueeze", ["m0", "ax"], ["mask"])]
+    for i in range(layers):
+        nodes += [helper.make_node("MatMul", [f"h{i}", f"W{i}t"], [f"u{i}"]),
+                  helper.make_node("Tanh", [f"u{i}"], [f"t{i}"]),
+                  helper.make_node("Mul", [f"t{i}", "mask"], [f"v{i}"]),
+                  helper.make_node("Add", [f"h{i}", f"v{i}"], [f"h{i + 1}"])]
+    nodes.append(helper.make_node("MatMul", [f"h{layers}", "Wh"], ["logits"]))
+    proto = _model(nodes, [vin("input_ids", ["b", "s"], TensorProto.INT64),
+                           vin("attention_mask", ["b", "s"], TensorProto.INT64)],
+                   [vin("logits", ["b", "s", vocab])],
+                   [*(init(k, v) for k, v in w.items()), init("ax", np.array([-1]))])
+    return proto, w
+
+
+def test_probe_starts_each_run_in_the_shortest_tail_with_the_whole_graphs_kl(tmp_path):
+    """A change of a late weight runs only the graph after its first use (fed the dense
+    residual stream and mask cached there), the head's change only the head; each gives the
+    whole graph's KL, and unchanged weights still 0."""
+    import onnx
+
+    proto, w = _residual_lm()
+    path = tmp_path / "lm.onnx"
+    onnx.save(proto, path)
+    r = np.random.default_rng(4)
+    batches = [{"input_ids": r.integers(0, 40, (1, 11)), "attention_mask": np.ones((1, 11),
+                                                                                     np.int64)},
+               {"input_ids": r.integers(0, 40, (1, 7)), "attention_mask": np.ones((1, 7),
+                                                                                    np.int64)}]
+    names = [f"W{i}" for i in range(6)] + ["Wh"]
+    cut, whole = Probe(path, names, batches, cuts=3), Probe(path, names, batches, cuts=0)
+    assert len(whole.tails) == 1 and len(cut.tails) >= 3
+    starts = {}
+    for n in names:
+        changed = {n: w[n] + 0.2 * r.standard_normal(w[n].shape).astype(np.float32)}
+        got, want = cut(changed), whole(changed)
+        assert want > 0 and np.isclose(got, want, rtol=1e-5, atol=1e-9), (n, got, want)
+        assert abs(cut({n: w[n]})) < 1e-7
+        starts[n] = cut.tails[cut._tail(changed)].start
+    # later weights start later; W0 needs the whole graph; the head runs alone
+    assert starts["W0"] == 0 and starts["Wh"] == max(starts.values())
+    assert [starts[f"W{i}"] for i in range(6)] == sorted(starts[f"W{i}"] for i in range(6))
+    assert starts["W5"] > 0
+    head = cut.tails[0]
+    assert head.hands is None and {i.name for i in head.sess.get_inputs()} >= {"Wh"}
+    assert not any(f"W{i}" in head.inputs for i in range(6))
