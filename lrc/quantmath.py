@@ -24,6 +24,7 @@ dropped ``σ²`` (:func:`whitened_error`).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -197,9 +198,35 @@ def _concat_columns(parts: list[BlockQuant]) -> BlockQuant:
 GPTQ_DAMP = 0.1
 
 
+#: the factors of the last few Grams: a group's Gram (one array, never changed in place) is
+#: factored once, not once per choice target-size measures (``[(weak ref, kind, factor)]``)
+_FACTORED: list = []
+
+
+def factored(kind: str, gram: np.ndarray, make: Callable):
+    """``make(gram)``, remembered for the same ``gram`` object (held weakly: an array that
+    died never matches; a new array is a new entry) among the last four."""
+    for ref, k, out in _FACTORED:
+        if k == kind and ref() is gram:
+            return out
+    out = make(gram)
+    try:
+        ref = weakref.ref(gram)
+    except TypeError:  # not an ndarray
+        return out
+    _FACTORED.insert(0, (ref, kind, out))
+    del _FACTORED[4:]
+    return out
+
+
 def _inverse_cholesky(gram: np.ndarray, damp: float = GPTQ_DAMP) -> tuple[np.ndarray, np.ndarray]:
     """``U`` upper triangular with ``(G + λI)⁻¹ = UᵀU`` (``λ``: ``damp`` of the mean diagonal,
-    raised tenfold until the factorisation holds), and the rows with no input (zero diagonal)."""
+    raised tenfold until the factorisation holds), and the rows with no input (zero diagonal);
+    factored once per Gram (:func:`factored`)."""
+    return factored(f"gptq-{damp}", gram, lambda g: _inverse_cholesky_of(g, damp))
+
+
+def _inverse_cholesky_of(gram: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
     h = np.array(gram, dtype=np.float64)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
@@ -428,7 +455,7 @@ def correction_factors(e: np.ndarray, xtx: np.ndarray, rank: int) -> Factors:
     of the smaller of ``MMᵀ`` / ``MᵀM`` (one BLAS-3 product and a small symmetric
     eigenproblem) instead of a full SVD: an lm_head's error is 576 x 49152 and only the top
     ``r`` directions are kept, whose accuracy squaring the matrix does not hurt."""
-    s = cholesky_damped(xtx)
+    s = factored("chol", xtx, cholesky_damped)
     k, n = e.shape
     r = max(1, min(rank, k, n))
     if k <= n:  # wide (a head): M's columns a block at a time, never all of it in float64
@@ -482,7 +509,7 @@ def correction_factors(e: np.ndarray, xtx: np.ndarray, rank: int) -> Factors:
 def whitened_spectrum(e: np.ndarray, xtx: np.ndarray) -> np.ndarray:
     """All ``σ²`` of ``SᵀE`` (``G = SSᵀ``), descending: what each rank of the correction
     removes from ``‖X·E‖²`` (their sum is ``‖X·E‖²``)."""
-    s = cholesky_damped(xtx)
+    s = factored("chol", xtx, cholesky_damped)
     m = s.T @ np.asarray(e, dtype=np.float64)
     small = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
     return np.maximum(np.linalg.eigvalsh(small)[::-1], 0.0)

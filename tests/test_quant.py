@@ -1140,3 +1140,36 @@ def test_target_size_measures_with_numpy_blas_on_one_thread():
                   if i["user_api"] == "blas"]
     after = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
     assert inside and set(inside) == {1} and after == before
+
+
+def test_a_grams_factors_are_made_once_per_gram_object():
+    """target-size asks GPTQ's ``U`` and the whitening factor of one group's Gram for every
+    choice: made once per Gram object (the same values), made again for another object (even
+    with equal values: nothing is keyed on contents), and an entry whose Gram died matches no
+    new array."""
+    import gc
+
+    from lrc.quantmath import _inverse_cholesky, correction_factors, factored
+
+    x = RNG.standard_normal((300, 40))
+    g = x.T @ x
+    calls = []
+
+    def make(a):
+        calls.append(1)
+        return np.linalg.cholesky(a)
+
+    first = factored("test", g, make)
+    assert factored("test", g, make) is first and len(calls) == 1
+    other = g.copy()
+    assert factored("test", other, make) is not first and len(calls) == 2
+    assert np.array_equal(factored("test", other, make), first) and len(calls) == 2
+    del other
+    gc.collect()
+    assert factored("test", g.copy(), make) is not first and len(calls) == 3
+    # GPTQ's factor and the correction's whitening: the same values as made afresh
+    u1, _ = _inverse_cholesky(g)
+    assert _inverse_cholesky(g)[0] is u1
+    e = RNG.standard_normal((40, 24))
+    f1, f2 = correction_factors(e, g, 4), correction_factors(e, g.copy(), 4)
+    assert np.array_equal(f1.a, f2.a) and np.array_equal(f1.b, f2.b)
