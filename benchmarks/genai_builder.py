@@ -304,6 +304,7 @@ def main(argv=None) -> int:
             "-o", str(out), "--force")
         compress_s[key] = round(time.perf_counter() - t, 1)
     models = {f"builder-{src}": fp32, "builder-int4": int4, **{k: args.out / k for k in keys}}
+    earlier = earlier_run(args.out / "results.json", args)
     log("lrc eval (news, docs)")
     ev = json.loads(lrc("eval", str(dense), *map(str, models.values()), "--max-tokens",
                         str(args.max_tokens), "--threads", "2", "--json"))
@@ -322,7 +323,7 @@ def main(argv=None) -> int:
                "sizes": {k: folder_bytes(v) for k, v in {"dense": dense, **models}.items()},
                "model_bytes": {k: model_bytes(v) for k, v in {"dense": dense, **models}.items()},
                "args": vars(args) | {"out": str(args.out)},
-               "seconds": round(time.perf_counter() - t0)}
+               "seconds": round(time.perf_counter() - t0), "earlier": earlier}
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     section = render(results, list(models))
     print(section)
@@ -364,48 +365,93 @@ def _speed(bench: dict, name: str) -> dict:
     return {r["phase"]: r["p50_ms"] for r in bench["runs"] if r["model"] == name}
 
 
+def row_values(results: dict, names: list[str]) -> dict:
+    """Per row: perplexity on news and docs over dense's, KL on news, prefill and decode speed
+    over the builder int4's (paired, with the interval, where the bench kept its rounds) and
+    the compression time."""
+    ev = results["eval"]
+    d_news = ev["results"][0]["in_domain"]["orig"]["perplexity"]
+    d_docs = ev["results"][0]["out_of_domain"]["orig"]["perplexity"]
+    place = _placements(results, names)
+    out = {}
+    for i, name in enumerate(names):
+        r = ev["results"][i]
+        b, bname, bref = place[name]
+        sp, rs = _speed(b, bname), _speed(b, bref)
+        pre = rs.get("prefill") / sp["prefill"] if sp.get("prefill") else None
+        dec = rs.get("decode") / sp["decode"] if sp.get("decode") else None
+        out[name] = {"news": r["in_domain"]["new"]["perplexity"] / d_news,
+                     "docs": r["out_of_domain"]["new"]["perplexity"] / d_docs,
+                     "kl": r["in_domain"]["kl"],
+                     "prefill": _paired(b, bref, bname, "prefill", pre),
+                     "decode": _paired(b, bref, bname, "decode", dec),
+                     "compress_s": results.get("compress_s", {}).get(name)}
+    return out
+
+
+def earlier_run(path: Path, args) -> dict | None:
+    """The rows of the results.json a run replaces (the same model, source and tag): kept in
+    the new one and shown beside it, the same script's run-to-run differences."""
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+        a = old["args"]
+        if (old.get("model"), a.get("source", "fp32"), a.get("tag")) != (
+                args.model, args.source, args.tag):
+            return None
+        src = a.get("source", "fp32")
+        names = [f"builder-{src}", "builder-int4", *[k for k in a["variants"].split(",") if k]]
+        return {"date": old.get("date"), "rows": row_values(old, names)}
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def _earlier_cell(e: dict | None) -> str:
+    if not e:
+        return " - |"
+    secs = f"{e['compress_s']:.0f} s" if e.get("compress_s") else "-"
+    return (f" x{e['news']:.3f} / x{e['docs']:.3f}, {_ratio(e['prefill'])}, "
+            f"{_ratio(e['decode'])}, {secs} |")
+
+
 def _ratio(x) -> str:
-    if isinstance(x, tuple):  # paired, with its 95 % interval
+    if isinstance(x, (tuple, list)):  # paired, with its 95 % interval (a list from JSON)
         return f"{x[0]:.2f} [{x[1]:.2f}-{x[2]:.2f}]"
     return "-" if x is None else f"{x:.2f}"
 
 
 def render(results: dict, names: list[str]) -> str:
-    ev, bench = results["eval"], results["bench"]
+    bench = results["bench"]
     src = results["args"].get("source", "fp32")
     labels = {f"builder-{src}": f"ORT GenAI builder {src} (the same weights, fused)",
               "builder-int4": "ORT GenAI builder int4 (RTN, block 32, accuracy_level 4, "
                               "embedding shared int4)",
               **{k: variant(k)[0] for k in names if k not in (f"builder-{src}", "builder-int4")}}
-    place = _placements(results, names)
-    ref = _speed(*place["builder-int4"][::2])  # the builder's int4
-    dense_q = ev["results"][0]
+    ref = _speed(*_placements(results, names)["builder-int4"][::2])  # the builder's int4
+    dense_q = results["eval"]["results"][0]
     d_news = dense_q["in_domain"]["orig"]["perplexity"]
     d_docs = dense_q["out_of_domain"]["orig"]["perplexity"]
     size_ref = results["sizes"]["builder-int4"]
+    earlier = results.get("earlier") or {}
     rows = [f"| dense (lrc export, optimum's graph) | {d_news:.2f} / {d_docs:.2f} | - | - | - | "
             f"{results['sizes']['dense'] / 1e6:.0f} MB |"]
-    for i, name in enumerate(names):
-        r = ev["results"][i]
-        n = r["in_domain"]["new"]["perplexity"] / d_news
-        d = r["out_of_domain"]["new"]["perplexity"] / d_docs
-        b, bname, bref = place[name]
-        sp, rs = _speed(b, bname), _speed(b, bref)
-        pre = rs.get("prefill") / sp["prefill"] if sp.get("prefill") else None
-        dec = rs.get("decode") / sp["decode"] if sp.get("decode") else None
-        pre, dec = (_paired(b, bref, bname, ph, x)
-                    for ph, x in (("prefill", pre), ("decode", dec)))
+    values = row_values(results, names)
+    for name in names:
+        v = values[name]
         size = results["sizes"][name]
         model_mb = results.get("model_bytes", {}).get(name)
         folder = Path(results["args"]["out"]) / name
         if model_mb is None and folder.is_dir():  # results written before the column existed
             model_mb = model_bytes(folder)
-        secs = results.get("compress_s", {}).get(name)
-        rows.append(f"| {labels.get(name, name)} | x{n:.3f} / x{d:.3f} | "
-                    f"{r['in_domain']['kl']:.3f} | {_ratio(pre)} | {_ratio(dec)} | "
+        secs = v["compress_s"]
+        e = earlier.get("rows", {}).get(name)
+        rows.append(f"| {labels.get(name, name)} | x{v['news']:.3f} / x{v['docs']:.3f} | "
+                    f"{v['kl']:.3f} | {_ratio(v['prefill'])} | {_ratio(v['decode'])} | "
                     f"{size / 1e6:.1f} MB ({size / size_ref:.2f}x) | "
                     f"{f'{model_mb / 1e6:.1f} MB' if model_mb else '-'} | "
-                    f"{f'{secs:.0f} s' if secs else '-'} |")
+                    f"{f'{secs:.0f} s' if secs else '-'} |"
+                    + (_earlier_cell(e) if earlier else ""))
     ref_ms = f"{ref.get('prefill', 0):.0f} ms prefill, {ref.get('decode', 0):.1f} ms per decoded token"
     s = results["bench"]["settings"]
     model = results.get("model", "smollm2")
@@ -465,8 +511,10 @@ def render(results: dict, names: list[str]) -> str:
         f"- Machine: {machine_line(results['machine'], results['isa'])}",
         "",
         "| model | ppl news / docs (x dense) | KL news | prefill s128 (x builder int4) | "
-        "decode (x builder int4) | folder | model files | compress (this run) |",
-        "|---|---|---|---|---|---|---|---|",
+        "decode (x builder int4) | folder | model files | compress (this run) |"
+        + (f" the run before ({earlier.get('date')}): ppl, prefill, decode, compress |"
+           if earlier else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if earlier else ""),
         *rows,
         "",
         *_plan_lines(results, labels),
