@@ -1132,14 +1132,37 @@ def test_target_size_measures_with_numpy_blas_on_one_thread():
     threadpoolctl = pytest.importorskip("threadpoolctl")
     from lrc.graph.passes.quant import one_blas_thread
 
+    def blas():
+        return {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas"}
+
     np.ones((64, 64)) @ np.ones((64, 64))  # BLAS loaded
-    before = [i["num_threads"] for i in threadpoolctl.threadpool_info()
-              if i["user_api"] == "blas"]
+    before = blas()
     with one_blas_thread():
-        inside = [i["num_threads"] for i in threadpoolctl.threadpool_info()
-                  if i["user_api"] == "blas"]
-    after = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
-    assert inside and set(inside) == {1} and after == before
+        inside = blas()
+    after = blas()
+    assert inside and set(inside.values()) == {1}
+    assert {f: after[f] for f in before} == before  # the threads back (scipy's may be new)
+
+
+def test_one_blas_thread_reaches_scipys_blas_loaded_after_it():
+    """scipy's OpenBLAS is a library of its own: in a fresh interpreter where only numpy's is
+    loaded, the limit still holds for scipy's (what GPTQ's triangular solves use) inside."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("threadpoolctl")
+    pytest.importorskip("scipy.linalg")
+    code = ("import numpy, threadpoolctl\n"
+            "from lrc.graph.passes.quant import one_blas_thread\n"
+            "with one_blas_thread():\n"
+            "    import scipy.linalg\n"
+            "    print(sorted({(i['filepath'], i['num_threads']) for i in "
+            "threadpoolctl.threadpool_info() if i['user_api'] == 'blas'}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    libs = eval(out)
+    assert len(libs) >= 2 and {n for _, n in libs} == {1}, libs
 
 
 def test_a_grams_factors_are_made_once_per_gram_object():

@@ -323,16 +323,22 @@ def quant_targets(model: ir.Model, select: Callable[[Target], bool] | None = Non
 
 
 def one_blas_thread():
-    """numpy's BLAS on one thread (a context; a no-op without threadpoolctl) while target-size
-    measures: its sensitivity probe runs ONNX Runtime between the BLAS calls of the codes and
-    errors, and OpenBLAS's idle threads spin on the cores ORT needs (SmolLM2 in 88 MB, 2
-    cores: probes 179 -> 155 s, the codes' 85 s unchanged)."""
+    """numpy's and scipy's BLAS on one thread (a context; a no-op without threadpoolctl) while
+    target-size measures: its sensitivity probe runs ONNX Runtime between the BLAS calls of the
+    codes and errors, and OpenBLAS's idle threads spin on the cores ORT needs (SmolLM2 in 88
+    MB, 2 cores: probes 179 -> 155 s, the codes' 85 s unchanged). scipy's OpenBLAS is its own
+    library, limited only if loaded when the limit is set: imported first (loaded later, its
+    spinning worker took half a core from the codes in some runs: 195 s instead of 86)."""
     from contextlib import nullcontext
 
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
         return nullcontext()
+    try:
+        import scipy.linalg  # noqa: F401  (its BLAS loaded, so the limit reaches it)
+    except ImportError:
+        pass
     return threadpool_limits(1, user_api="blas")
 
 
