@@ -252,6 +252,9 @@ def main(argv=None) -> int:
                          "and activations; its own section)")
     ap.add_argument("--load", default="", help="what else the machine ran meanwhile, said in "
                     "the section (with --render-only: added to OUT/results.json)")
+    ap.add_argument("--note", default="", help="a sentence said after the section's text, e.g. "
+                    "what changed since the run before (with --render-only: added to "
+                    "OUT/results.json)")
     args = ap.parse_args(argv)
     if args.variants is None:
         args.variants = DECODE_VARIANTS if args.tag == "decode" else ",".join(VARIANTS)
@@ -270,8 +273,10 @@ def main(argv=None) -> int:
             results["decode_plan"] = {**results.get("decode_plan", {}), **decode_plans(
                 {k: args.out / k for k in results["args"]["variants"].split(",") if k
                  and (args.out / k).is_dir()}, src_dir)}
-        if args.load:
-            results["args"]["load"] = args.load
+        if args.load or args.note:
+            for k in ("load", "note"):
+                if getattr(args, k):
+                    results["args"][k] = getattr(args, k)
             (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
         names = [f"builder-{results['args'].get('source', 'fp32')}", "builder-int4",
                  *[k for k in results["args"]["variants"].split(",") if k]]
