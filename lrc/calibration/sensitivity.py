@@ -9,7 +9,7 @@ their place), runs the dense model once on a few calibration windows, and then a
 the output error each choice causes, measured, not guessed from the per-matrix error.
 
 A run changes the weights of one group, so it need not start at the input: the probe opens
-sessions of the graph's tails (:func:`_suffix`: the nodes after a cut, fed what the dense model
+sessions of the graph's tails (:func:`lrc.graph.expose.tail_nodes`: the nodes after a cut, fed what the dense model
 computed before it — the residual stream, the attention's masks) and starts each run in the
 shortest one that holds every node its weights reach. One tail, from the head's input, ends in
 the KL terms; the others end where it starts and hand it their result, so only that session
@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from lrc.errors import LrcError
+from lrc.graph.expose import data_flow, has_subgraphs, tail_nodes, tail_proto
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -121,85 +122,6 @@ def _kl_terms(proto: onnx.ModelProto, logits: str) -> None:
 PROBE_CUTS = 8
 
 
-def _data_flow(proto: onnx.ModelProto, data_inputs: set[str], weights: set[str]):
-    """``(data, producer, first_use)``: the tensors that depend on the data inputs (tokens,
-    masks, cache), each produced tensor's node index, and per weight the first node that reads
-    it through data (a weight only Transposed or cast first is read where its result meets the
-    data)."""
-    data, producer, derived = set(data_inputs), {}, {}
-    first_use: dict[str, int] = {}
-    for i, node in enumerate(proto.graph.node):
-        reads = set()
-        for x in node.input:
-            reads |= {x} if x in weights else derived.get(x, set())
-        is_data = any(x in data for x in node.input)
-        for y in node.output:
-            producer[y] = i
-            if is_data:
-                data.add(y)
-            elif reads:
-                derived[y] = reads
-        if is_data:
-            for w in reads:
-                first_use.setdefault(w, i)
-    return data, producer, first_use
-
-
-def _suffix(proto: onnx.ModelProto, cut: int, data: set[str], producer: dict,
-            outputs: list[str]) -> tuple[list[int], list[str]]:
-    """``(node indices, boundary)``: the nodes ``outputs`` need when the data tensors made
-    before node ``cut`` are given (``boundary``, the ones they read); nodes before the cut that
-    no data reaches (a weight's Transpose, a constant) are kept and recomputed."""
-    nodes = proto.graph.node
-    keep, boundary, seen = set(), [], set()
-    stack = list(outputs)
-    while stack:
-        t = stack.pop()
-        if t in seen or not t:
-            continue
-        seen.add(t)
-        i = producer.get(t)
-        if i is None:
-            continue  # a graph input or an initializer
-        if i < cut and t in data:
-            boundary.append(t)
-            continue
-        if i not in keep:
-            keep.add(i)
-            stack.extend(nodes[i].input)
-    return sorted(keep), sorted(boundary)
-
-
-def _has_subgraphs(proto: onnx.ModelProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-               for n in proto.graph.node for a in n.attribute)
-
-
-def _tail_proto(proto: onnx.ModelProto, keep: list[int], boundary: dict[str, np.ndarray],
-                outputs: list[str]) -> onnx.ModelProto:
-    """The model of nodes ``keep`` with the ``boundary`` tensors as inputs (typed from the
-    dense run's arrays) beside the graph inputs they read."""
-    from onnx import helper
-
-    g = proto.graph
-    nodes = [g.node[i] for i in keep]
-    read = {x for n in nodes for x in n.input}
-    inits = [t for t in g.initializer if t.name in read]
-    inputs = [i for i in g.input if i.name in read]
-    inputs += [helper.make_tensor_value_info(
-        n, helper.np_dtype_to_tensor_dtype(a.dtype), None) for n, a in boundary.items()]
-    typed = {o.name: o for o in g.output}
-    outs = [typed.get(n) or onnx.ValueInfoProto(name=n) for n in outputs]  # ORT types them
-    made = {y for n in nodes for y in n.output}
-    graph = helper.make_graph(nodes, f"{g.name}_tail", inputs, outs, initializer=inits,
-                              value_info=[v for v in g.value_info if v.name in made])
-    sub = onnx.ModelProto(ir_version=proto.ir_version, producer_name=proto.producer_name)
-    sub.opset_import.extend(proto.opset_import)
-    sub.functions.extend(proto.functions)
-    sub.graph.CopyFrom(graph)
-    return sub
-
-
 class Probe:
     """``probe(values) -> KL``: mean KL(dense || changed) of the next-token distribution over
     ``batches`` (token-id windows) with the weights in ``values`` replaced (stored layout and
@@ -247,7 +169,7 @@ class Probe:
                      what=" for the sensitivity probe")
         self.first_use: dict[str, int] = {}
         plans = (self._plan_tails(proto, set(names), cuts)
-                 if cuts > 0 and not _has_subgraphs(proto) else [])
+                 if cuts > 0 and not has_subgraphs(proto) else [])
         wanted = sorted({t for _, _, b, _ in plans for t in b})
         # one dense run per window: the logits and the tails' boundary tensors (a session of
         # the whole graph asking for them too, closed before the tails' sessions open)
@@ -259,8 +181,6 @@ class Probe:
             del proto.graph.output[len(proto.graph.output) - len(wanted):]
         else:  # the whole graph, ending in the KL terms: the probe's one session
             dense = self.sess = open_session(proto.SerializeToString(), **open_)
-            self.tails = [_Tail(0, self.sess, {i.name for i in self.sess.get_inputs()},
-                                None, None)]
         from lrc.runtime.feeds import text_feeds
 
         self.feeds = [{**self._tables, **b} if isinstance(b, dict) else
@@ -279,7 +199,7 @@ class Probe:
         del dense, logits, cut
         # the sessions a run may start in, latest first (the whole graph last)
         for c, keep, boundary, outs in plans:
-            tail = _tail_proto(proto, keep, {t: given[0][t] for t in boundary},
+            tail = tail_proto(proto, keep, {t: given[0][t] for t in boundary},
                                outs or [KL_DOT, KL_LSE])
             # an arena for the head's tail (logits-sized buffers, every run), none for the
             # others: a layer's activations (arenas in each held ~40 MB apiece), and in the
@@ -294,26 +214,15 @@ class Probe:
         if plans:
             self.sess = self.tails[-1].sess
         else:
-            self.tails[0] = self.tails[0]._replace(feeds=self.feeds)
+            self.tails = [_Tail(0, self.sess, {i.name for i in self.sess.get_inputs()},
+                                self.feeds, None)]
         del proto
         # per tail and window both KL terms of the dense model itself, from the run a probe
         # makes (on float16 logits ORT computes them apart from the logits it returns):
         # subtracted, unchanged weights give exactly 0
         self.terms: list[list] = []
         for t in self.tails:  # the head's tail first
-            self.terms.append([self._dense_terms(t, w) for w in range(len(self.feeds))])
-
-    def _dense_terms(self, tail: "_Tail", w: int) -> tuple[float, np.ndarray]:
-        """The KL terms of window ``w`` on the dense weights, starting in ``tail``: a tail that
-        hands the head's tail exactly the values cached for it has the head's own terms (one
-        run of the head's tail fewer per tail: the vocabulary's product, most of a run)."""
-        if tail.hands is None or tail is self.tails[0]:
-            return self._kl_terms(tail, w, {})
-        head = self.tails[0]
-        mid = self._run(tail.sess, tail.hands, tail.feeds[w])
-        if all(np.array_equal(m, head.feeds[w][k]) for k, m in zip(tail.hands, mid)):
-            return self.terms[0][w]
-        return self._kl_terms(head, w, dict(zip(tail.hands, mid)))
+            self.terms.append([self._kl_terms(t, w, {}) for w in range(len(self.feeds))])
 
     def _plan_tails(self, proto: onnx.ModelProto, weights: set[str], cuts: int) -> list:
         """``[(cut, nodes, boundary, hands)]``: the graph's tails, at the first uses of about
@@ -322,18 +231,18 @@ class Probe:
         end where it starts and hand it their results (their activations are a layer's, not
         the vocabulary's: one session holds logits-sized buffers, not each)."""
         data_inputs = {i.name for i in proto.graph.input} - weights - {KL_REF, KL_P}
-        data, producer, self.first_use = _data_flow(proto, data_inputs, weights)
+        data, producer, self.first_use = data_flow(proto, data_inputs, weights)
         starts = sorted(set(self.first_use.values()))
         if len(starts) < 2:
             return []
         step = len(starts) / cuts
         at = sorted({starts[min(int(round(j * step)), len(starts) - 1)]
                      for j in range(1, cuts)} | {starts[-1]})
-        keep, head_in = _suffix(proto, at[-1], data, producer, [KL_DOT, KL_LSE])
+        keep, head_in = tail_nodes(proto, at[-1], data, producer, [KL_DOT, KL_LSE])
         plans = [(at[-1], keep, head_in, None)]
         for c in sorted({0, *at[:-1]}):  # the whole graph too hands the head's tail its input
             outs = [t for t in head_in if producer[t] >= c]
-            plans.append((c, *_suffix(proto, c, data, producer, outs), outs))
+            plans.append((c, *tail_nodes(proto, c, data, producer, outs), outs))
         return plans
 
     def _kl_terms(self, tail: "_Tail", w: int, values: dict) -> tuple[float, np.ndarray]:
@@ -344,6 +253,11 @@ class Probe:
             return float(np.sum(dot, dtype=np.float64)), lse.astype(np.float64)
         head = self.tails[0]
         mid = dict(zip(tail.hands, self._run(tail.sess, tail.hands, feeds)))
+        if not values and self.terms and all(np.array_equal(m, head.feeds[w][k])
+                                             for k, m in mid.items()):
+            # a dense run handing the head exactly its cached input: the head's own terms
+            # (one run of the head's tail fewer per tail when the probe opens)
+            return self.terms[0][w]
         return self._kl_terms(head, w, {**values, **mid})
 
     def _table(self, spec) -> np.ndarray:

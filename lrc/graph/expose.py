@@ -3,7 +3,9 @@
 The one home of this surgery (no ONNX Runtime here): calibration exposes each projection's
 input, ``lrc eval --layers`` exposes the rewritten nodes' outputs (``expose``, on protobufs), the
 sequential update cuts the graph into segments between projections (``layout`` and
-``cut_segment``, on onnx-ir models).
+``cut_segment``, on onnx-ir models), the sensitivity probe into tails that start where a
+weight is first read by data (``data_flow``, ``tail_nodes``, ``tail_proto``, on protobufs
+whose replaceable weights are graph inputs).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from onnx import helper
 from lrc.errors import LrcError
 from lrc.graph.model import is_stored
 
-__all__ = ["Layout", "Segment", "cut_segment", "expose", "layout", "node_reads", "value_reads"]
+__all__ = ["Layout", "Segment", "cut_segment", "data_flow", "expose", "has_subgraphs", "layout",
+           "node_reads", "tail_nodes", "tail_proto", "value_reads"]
 
 
 def node_reads(node: onnx.NodeProto) -> list[str]:
@@ -317,3 +320,82 @@ def cut_segment(model: ir.Model, lay: Layout, start: int, stop: int, wanted: Seq
     for fn in model.functions.values():
         proto.functions.append(ir.serde.serialize_function(fn))
     return Segment(proto, inputs, outputs, len(keep))
+
+
+# ---------------------------------------------------------------- the sensitivity probe's tails
+
+def data_flow(proto: onnx.ModelProto, data_inputs: set[str], weights: set[str]):
+    """``(data, producer, first_use)``: the tensors that depend on the data inputs (tokens,
+    masks, cache), each produced tensor's node index, and per weight the first node that reads
+    it through data (a weight only Transposed or cast first is read where its result meets the
+    data)."""
+    data, producer, derived = set(data_inputs), {}, {}
+    first_use: dict[str, int] = {}
+    for i, node in enumerate(proto.graph.node):
+        reads = set()
+        for x in node.input:
+            reads |= {x} if x in weights else derived.get(x, set())
+        is_data = any(x in data for x in node.input)
+        for y in node.output:
+            producer[y] = i
+            if is_data:
+                data.add(y)
+            elif reads:
+                derived[y] = reads
+        if is_data:
+            for w in reads:
+                first_use.setdefault(w, i)
+    return data, producer, first_use
+
+
+def tail_nodes(proto: onnx.ModelProto, cut: int, data: set[str], producer: dict,
+            outputs: list[str]) -> tuple[list[int], list[str]]:
+    """``(node indices, boundary)``: the nodes ``outputs`` need when the data tensors made
+    before node ``cut`` are given (``boundary``, the ones they read); nodes before the cut that
+    no data reaches (a weight's Transpose, a constant) are kept and recomputed."""
+    nodes = proto.graph.node
+    keep, boundary, seen = set(), [], set()
+    stack = list(outputs)
+    while stack:
+        t = stack.pop()
+        if t in seen or not t:
+            continue
+        seen.add(t)
+        i = producer.get(t)
+        if i is None:
+            continue  # a graph input or an initializer
+        if i < cut and t in data:
+            boundary.append(t)
+            continue
+        if i not in keep:
+            keep.add(i)
+            stack.extend(nodes[i].input)
+    return sorted(keep), sorted(boundary)
+
+
+def has_subgraphs(proto: onnx.ModelProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for n in proto.graph.node for a in n.attribute)
+
+
+def tail_proto(proto: onnx.ModelProto, keep: list[int], boundary: dict[str, np.ndarray],
+                outputs: list[str]) -> onnx.ModelProto:
+    """The model of nodes ``keep`` with the ``boundary`` tensors as inputs (typed from the
+    dense run's arrays) beside the graph inputs they read."""
+    g = proto.graph
+    nodes = [g.node[i] for i in keep]
+    read = {x for n in nodes for x in n.input}
+    inits = [t for t in g.initializer if t.name in read]
+    inputs = [i for i in g.input if i.name in read]
+    inputs += [helper.make_tensor_value_info(
+        n, helper.np_dtype_to_tensor_dtype(a.dtype), None) for n, a in boundary.items()]
+    typed = {o.name: o for o in g.output}
+    outs = [typed.get(n) or onnx.ValueInfoProto(name=n) for n in outputs]  # ORT types them
+    made = {y for n in nodes for y in n.output}
+    graph = helper.make_graph(nodes, f"{g.name}_tail", inputs, outs, initializer=inits,
+                              value_info=[v for v in g.value_info if v.name in made])
+    sub = onnx.ModelProto(ir_version=proto.ir_version, producer_name=proto.producer_name)
+    sub.opset_import.extend(proto.opset_import)
+    sub.functions.extend(proto.functions)
+    sub.graph.CopyFrom(graph)
+    return sub
