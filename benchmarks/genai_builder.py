@@ -146,11 +146,28 @@ DECODE_TEXT = (
 # --tag decode: the decode budget's section (its own folder and markers)
 DECODE_VARIANTS = ("lrc-plain,lrc-size-88,lrc-size-88-d1.1,lrc-size-88-d1.05,lrc-size-97-d1.1,"
                    "lrc-default-d1.1")
+SEQ_TEXT = (
+    " `--update` with `--target-size` (the `-seq` rows): the allocator chooses on the original "
+    "model, as without it (the same choices), then each choice is quantised and corrected stage "
+    "by stage on the inputs the already quantised model produces, its target fitted to the "
+    "original model's outputs (the sequential correction); the other rows correct each group "
+    "once, on the original model's inputs.")
+# --tag seq: target-size with the sequential correction (its own folder and markers)
+SEQ_VARIANTS = ("lrc-plain,lrc-size-88,lrc-size-88-seq,lrc-size-88-d1.1,lrc-size-88-d1.1-seq,"
+                "lrc-size-105-seq")
+TAGS = {"decode": (DECODE_VARIANTS, ": target-size's decode budget", DECODE_TEXT),
+        "seq": (SEQ_VARIANTS, ": target-size with the sequential correction",
+                SEQ_TEXT + DECODE_TEXT)}
 
 
 def variant(key: str) -> tuple[str, list[str]]:
     """A variant by key; ``lrc-size-N`` / ``lrc-awq-size-N`` for any N (MB): the allocator there;
-    a suffix ``-off`` / ``-dX``: its decode budget off / X."""
+    a suffix ``-off`` / ``-dX``: its decode budget off / X; ``-seq``: the choices solved stage
+    by stage (``--update``)."""
+    if key.endswith("-seq"):
+        label, args = variant(key[:-len("-seq")])
+        return (f"{label}, each choice solved stage by stage on the quantised model's own "
+                f"inputs (`--update`)", [*args, "--update"])
     for suffix, flag in (("-off", "off"), *((f"-d{x}", x) for x in ("1.05", "1.1", "1.2"))):
         if key.endswith(suffix):
             label, args = variant(key[:-len(suffix)])
@@ -236,10 +253,11 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=list(MODELS), default="smollm2")
     ap.add_argument("--out", type=Path, default=None,
                     help="default bench-out/genai-builder (SmolLM2), bench-out/genai-builder-MODEL")
-    ap.add_argument("--variants", default=None, help="default: every variant (with --tag "
-                    "decode: the decode budget's)")
-    ap.add_argument("--tag", choices=["decode"], default=None,
-                    help="decode: the decode budget's section, its own folder and markers")
+    ap.add_argument("--variants", default=None, help="default: every variant (with --tag: "
+                    "the tag's)")
+    ap.add_argument("--tag", choices=list(TAGS), default=None,
+                    help="a section of its own (folder and markers): decode, the decode "
+                    "budget's; seq, target-size with the sequential correction")
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=20)
@@ -257,7 +275,7 @@ def main(argv=None) -> int:
                     "OUT/results.json)")
     args = ap.parse_args(argv)
     if args.variants is None:
-        args.variants = DECODE_VARIANTS if args.tag == "decode" else ",".join(VARIANTS)
+        args.variants = TAGS[args.tag][0] if args.tag else ",".join(VARIANTS)
     if args.out is None:
         args.out = ROOT / "bench-out" / (("genai-builder" if args.model == "smollm2"
                                           else f"genai-builder-{args.model}")
@@ -469,14 +487,13 @@ def render(results: dict, names: list[str]) -> str:
         flag += f" --source {src}"
     if tag:
         flag += f" --tag {tag}"
-    if a.get("variants") and a["variants"] != (DECODE_VARIANTS if tag == "decode"
-                                               else ",".join(VARIANTS)):
+    if a.get("variants") and a["variants"] != (TAGS[tag][0] if tag else ",".join(VARIANTS)):
         flag += f" --variants {a['variants']}"
     if a.get("calib_tokens") != 16384:
         flag += f" --calib-tokens {a['calib_tokens']}"
     title = ("" if model == "smollm2" else f", {name}") + (
         "" if src == "fp32" else f", from the builder's {src} graph") + (
-        ": target-size's decode budget" if tag == "decode" else "")
+        TAGS[tag][1] if tag else "")
     return "\n".join([
         mark_begin, "",
         f"## ONNX Runtime GenAI's model builder: its graphs, compressed by lrc{title}",
@@ -510,7 +527,7 @@ def render(results: dict, names: list[str]) -> str:
         f"`--target-size` counts); compression time in wall seconds on the machine "
         f"below (`-`: a folder an earlier run made, kept with `--reuse`)."
         + (f" Not a quiet run: {results['args']['load']}." if results["args"].get("load")
-           else "") + (DECODE_TEXT if tag == "decode" else "")
+           else "") + (TAGS[tag][2] if tag else "")
         + (f" {results['args']['note']}" if results["args"].get("note") else ""),
         "",
         f"- Machine: {machine_line(results['machine'], results['isa'])}",

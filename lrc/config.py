@@ -248,7 +248,8 @@ class MethodConfig:
         kind="bool", negatable=True, help="svd-llm only (default on with recipe best): fit "
         "each projection to the inputs the already-compressed model produces (two forward "
         "passes over the calibration text; see BENCHMARKS.md for what it buys). With quantize "
-        "(no rank): the sequential correction, quantised and corrected stage by stage.")
+        "(no rank): the sequential correction, quantised and corrected stage by stage (with "
+        "target-size: the choices it makes on the original model).")
     settings: dict = field(default_factory=lambda: {
         name: cls() for name, cls in methods.settings_classes().items()})
 
@@ -637,7 +638,7 @@ class CompressConfig:
         if self.size_allocated:
             given = [k for k, v in (("correct_rank", str(self.quant.correct_rank or 0) != "0"),
                                     ("correct_budget", self.quant.correct_budget is not None),
-                                    ("update", bool(self.algorithm.update))) if v]
+                                    ) if v]
             if given:
                 raise ConfigError(f"{opt('target_size')} with {opt('quantize')} chooses the "
                                   f"bits, block sizes and correction ranks itself: drop "
@@ -700,8 +701,11 @@ class CompressConfig:
         # x1.068 -> x1.107 on news for 1-2 % of decode (BENCHMARKS.md, genai_builder --tag decode)
         decode = self.budget.decode_budget
         decode = None if decode in (None, "off") else float(decode)
-        return replace(spec, target_mb=float(self.budget.target_size), correct_rank=AUTO_RANK,
-                       decode_budget=decode)
+        size = self.budget.target_size
+        # ``Nx`` is MB once the model is known (lrc.pipeline._resolve_size, on the run's copy of
+        # the config); the user's config keeps ``Nx`` (what the modifiers read after the write)
+        return replace(spec, target_mb=None if relative_size(size) is not None else float(size),
+                       correct_rank=AUTO_RANK, decode_budget=decode)
 
     def to_dict(self) -> dict:
         """The options by name (JSON-ready; a ready object shown by its type)."""

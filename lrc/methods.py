@@ -464,18 +464,22 @@ def make_corrector(input_names: list[str], c: Calibration | None = None, *, stat
 
 
 def sequential_correction(model: ir.Model, spec, c: Calibration, select=None, *,
-                          progress=None):
+                          progress=None, chooser=None):
     """``(QuantizePass, info)`` with the sequential correction computed
     (:func:`lrc.calibration.sequential.sequential_quant`: each group quantised and corrected
     on the inputs the already quantised model produces, its target fitted to the original
     outputs); running the pass on ``model`` writes it. ``model``: as it will be quantised
-    (smoothed first, if at all); ``c.damp`` damps the fitted targets towards the weights."""
+    (smoothed first, if at all); ``c.damp`` damps the fitted targets towards the weights.
+    ``chooser``: a QuantizePass whose :meth:`~lrc.graph.passes.quant.QuantizePass.plan`
+    made target-size's choices (on the one-shot statistics and probe): those are solved."""
     from lrc.calibration.sequential import sequential_quant
     from lrc.graph.passes.quant import QuantizePass
 
     grams: dict = {}
     corrector, info = make_corrector([], stats=grams)
     qpass = QuantizePass(spec, corrector, select=select, weights={})
+    if chooser is not None:
+        qpass.planned, qpass.record = chooser.planned, chooser.record
     st = sequential_quant(model, qpass, grams, c.batches(), model_path=c.ref, damp=c.damp,
                           progress=progress)
     info = {"method": "sequential whitened correction (quantised and corrected stage by stage "

@@ -293,10 +293,22 @@ class Quantize(Modifier):
             names, widths = _quant_inputs(run)
             c = run.calibration("correction")
             if _sequential_quant(run):
+                chooser = None
+                if spec.target_mb is not None:
+                    # target-size chooses on the original model (its statistics and probe,
+                    # the same choices as without update); the stages then solve them
+                    corrector, _ = methods.make_corrector(
+                        names, c, stats=run.statistics(names, widths),
+                        rescaled=smooth.applied if smooth is not None else None)
+                    chooser = QuantizePass(spec, corrector, select=run.select,
+                                           progress=run.progress, probe=_probe(run),
+                                           decode_cost=_decode_cost if spec.decode_budget
+                                           else None)
+                    chooser.plan(run.model)
                 c.progress = None  # the statistics are gathered; the stages report below
                 self.pass_, self.info = methods.sequential_correction(
                     run.model, spec, c, None if run.lowrank else run.select,
-                    progress=run.calib_progress)
+                    progress=run.calib_progress, chooser=chooser)
                 self.pass_.progress = run.progress
                 return [self.pass_]
             corrector, self.info = methods.make_corrector(

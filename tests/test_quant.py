@@ -1113,6 +1113,39 @@ def test_bare_int4_on_a_language_model_is_sized_by_the_recipe(tmp_path):
         lrc.compress(str(lm), target_size="1.2x", dry_run=True)
 
 
+def test_target_size_with_update_solves_the_same_choices_stage_by_stage(tmp_path):
+    """``--target-size`` with ``--update``: the allocator chooses on the original model (the
+    choices it makes without update), then the sequential correction solves each choice on
+    the inputs the quantised model produces; the file fits the size, and its numbers differ
+    from the one-shot correction's (fitted targets, not the weights)."""
+    import json
+
+    from test_evaluate import tiny_tokenizer
+
+    import lrc
+    from graphs import builder_tied
+
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    onnx.save(builder_tied(vocab=8192, d=128, hidden=128), lm / "model.onnx")
+    tiny_tokenizer().save(str(lm / "tokenizer.json"))
+    kw = dict(quantize="int4", target_size="1.3x", calib_tokens=512, base_quant="gptq",
+              correct_a_bits=4, embedding="int4")
+    lrc.compress(str(lm), out=tmp_path / "one", **kw)
+    lrc.compress(str(lm), out=tmp_path / "seq", update=True, **kw)
+    one, seq = (json.loads((tmp_path / d / "lrc.json").read_text()) for d in ("one", "seq"))
+    picks = [[(a["members"], a["choice"]) for a in r["quantize"]["allocation"]]
+             for r in (one, seq)]
+    assert picks[0] == picks[1] and len(picks[0]) == 3
+    assert any("+r" in c for _, c in picks[0])  # something corrected, so solved by stages
+    assert "stage by stage" in json.dumps(seq["calibration"]), seq["calibration"]
+    sizes = [sum(f.stat().st_size for f in (tmp_path / d).glob("model.onnx*"))
+             for d in ("one", "seq")]
+    assert sizes[1] == sizes[0] <= seq["config"]["target_size"] * 1e6
+    down = [[n for n in r["quantize"]["nodes"] if "down" in n["name"]][0] for r in (one, seq)]
+    assert down[0]["werr_after"] != down[1]["werr_after"]
+
+
 def test_per_node_block_sizes():
     """--block-size 32,SEL=B: the selected projections are written with their own blocks."""
     from lrc.config import parse_spec

@@ -691,12 +691,13 @@ def sequential_quant(model: ir.Model, qpass, grams: dict, batches: Iterable, *,
     from lrc.graph.passes.quant import quant_targets
     from lrc.graph.plan import effective_weight
 
-    if qpass.spec.auto:
+    if qpass.spec.auto and qpass.planned is None:
         raise LrcError(f"{opt('correct_rank', 'auto')} with {opt('update')} is not supported: "
                        "give the ranks")
     targets, _ = quant_targets(model, qpass.select)
     jobs = []
-    for spec, group in qpass.groups(targets):
+    # target-size's choices (made on the original model: QuantizePass.plan), else the spec's
+    for spec, group in (qpass.planned if qpass.planned is not None else qpass.groups(targets)):
         def solve(c, m, e, shift, spec=spec, group=group):
             ws = [effective_weight(t) for t in group]
             w_star, _ = joint_target(np.concatenate(ws, axis=1), c, m, damp, e)

@@ -374,6 +374,9 @@ class QuantizePass(ir.passes.InPlacePass):
         # (lrc.runtime.decodecost.DecodeCost, measured when first asked)
         self.decode_cost = decode_cost
         self._qcache: dict = {}
+        # target-size's choices made before the pass runs (:meth:`plan`: the sequential
+        # correction solves them stage by stage first); None: the pass chooses when it runs
+        self.planned: list | None = None
 
     def requires(self, model: ir.Model) -> None:
         if self.spec.any_rank and self.corrector is None:
@@ -412,7 +415,9 @@ class QuantizePass(ir.passes.InPlacePass):
             self.record.notes.append(f"opset {model.opset_imports.get('', 1)} -> "
                                      f"{need.opset} for {need.help.split(' (')[0]}")
             model.opset_imports[""] = need.opset
-        if self.spec.target_mb is not None:
+        if self.planned is not None:
+            groups = self.planned
+        elif self.spec.target_mb is not None:
             with one_blas_thread():
                 groups = self._allocate_bytes(model, targets, groups)
         elif self.spec.auto:
@@ -428,6 +433,17 @@ class QuantizePass(ir.passes.InPlacePass):
             if not w.uses() and not w.is_graph_output() and graph.initializers.get(w.name) is w:
                 del graph.initializers[w.name]
         return ir.passes.PassResult(model, modified=True)
+
+    def plan(self, model: ir.Model) -> list[tuple[QuantSpec, list[Target]]]:
+        """target-size's choices for ``model`` (``(spec, members)`` per group, what the pass
+        would write), made now without changing the graph; :attr:`planned` and the record's
+        allocation and notes hold them. No codes are kept: a pass that quantises other
+        weights (the sequential correction's fitted targets) makes its own."""
+        targets, self.record.skipped = quant_targets(model, self.select)
+        with one_blas_thread():
+            self.planned = self._allocate_bytes(model, targets, self.groups(targets))
+        self._qcache.clear()
+        return self.planned
 
     def groups(self, targets: list[Target]) -> list[tuple[QuantSpec, list[Target]]]:
         """``(spec, members)``: targets that read one tensor with one scheme and rank are
