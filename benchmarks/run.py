@@ -770,10 +770,17 @@ def write_markdown(path: Path, results: dict, all_rows: dict) -> None:
               f"{t['bench_s']:.0f} s, quality {t['quality_s']:.0f} s.", ""]
     text = "\n".join(L) + "\n"
     old = path.read_text() if path.is_file() else ""
-    # the sections other scripts write (quant.py, runtimes.py, ...) are kept as they are
-    for sec in re.finditer(r"<!-- (\w+):begin -->.*?<!-- \1:end -->", old, re.S):
-        text = text.rstrip("\n") + "\n\n" + sec.group(0) + "\n"
+    for sec in kept_sections(old):
+        text = text.rstrip("\n") + "\n\n" + sec + "\n"
     path.write_text(text)
+
+
+def kept_sections(old: str) -> list[str]:
+    """The sections other scripts write into BENCHMARKS.md (quant.py, runtimes.py,
+    genai_builder.py ...: ``<!-- name:begin -->`` .. ``<!-- name:end -->``, names with hyphens
+    too), markers included, in order: kept as they are when this script rewrites the file."""
+    return [m.group(0) for m in re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->",
+                                            old, re.S)]
 
 
 # --------------------------------------------------------------------------------------------
