@@ -305,6 +305,9 @@ class Quantize(Modifier):
                                            decode_cost=_decode_cost if spec.decode_budget
                                            else None)
                     chooser.plan(run.model)
+                    # its statistics and probe are done with: not held through the stages
+                    chooser.corrector = chooser.probe = corrector = None
+                    run._stats.pop(tuple(names), None)
                 c.progress = None  # the statistics are gathered; the stages report below
                 self.pass_, self.info = methods.sequential_correction(
                     run.model, spec, c, None if run.lowrank else run.select,
