@@ -37,7 +37,8 @@ step "6. lrc export's default for a decoder LM: ONNX Runtime GenAI's model build
 lrc export smollm2-135m -o "$OUT/builder-fp32"
 lrc export smollm2-135m --dtype int4 -o "$OUT/builder-int4"  # the peer: the builder's own int4
 # in 88 MB: bits, blocks and correction ranks chosen per group by measured sensitivity
-# (with --target-size, GPTQ's codes, a 4-bit A and the int4 embedding are the defaults)
+# (with --target-size, GPTQ's codes, a 4-bit A, the int4 embedding and the sequential
+# correction, --update, are the defaults)
 lrc compress "$OUT/builder-fp32" --quantize int4 --target-size 88 \
     --calib-tokens 8192 -o "$OUT/builder-lrc" | tail -n 6
 lrc generate "$OUT/builder-lrc" "The capital of France is" --compare "$OUT/builder-int4" \

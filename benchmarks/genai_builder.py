@@ -124,16 +124,20 @@ VARIANTS = {
                              [*QUANT, "--smooth", "auto", "--base-quant", "gptq",
                               "--correct-rank", "32,head=64", "--correct-a-bits", "4",
                               "--embedding", "int4"]),
+    # the one-shot correction (--no-update: the sequential one is the default with a size
+    # given since 2026-12-05; the rows before ran one-shot by default): -seq for the other
     **{f"lrc-awq-size-{mb}": (f"lrc int4 in {mb} MB with AWQ's scaling first (`--smooth auto "
-                              f"--target-size {mb}`; gptq, 4-bit A and the int4 embedding are "
-                              f"target-size's defaults)",
-                              [*QUANT, "--smooth", "auto", "--target-size", str(mb)])
+                              f"--target-size {mb} --no-update`; gptq, 4-bit A and the int4 "
+                              f"embedding are target-size's defaults)",
+                              [*QUANT, "--smooth", "auto", "--target-size", str(mb),
+                               "--no-update"])
        for mb in (88, 105)},
     **{f"lrc-size-{mb}": (f"lrc int4 in {mb} MB of weights: bits, blocks and correction ranks "
                           f"allocated per group by measured sensitivity (`--base-quant gptq "
-                          f"--correct-a-bits 4 --embedding int4 --target-size {mb}`)",
+                          f"--correct-a-bits 4 --embedding int4 --target-size {mb} "
+                          f"--no-update`)",
                           [*QUANT, "--base-quant", "gptq", "--correct-a-bits", "4",
-                           "--embedding", "int4", "--target-size", str(mb)])
+                           "--embedding", "int4", "--target-size", str(mb), "--no-update"])
        for mb in (88, 97, 105)},
 }
 DECODE_TEXT = (
@@ -147,7 +151,8 @@ DECODE_TEXT = (
 DECODE_VARIANTS = ("lrc-plain,lrc-size-88,lrc-size-88-d1.1,lrc-size-88-d1.05,lrc-size-97-d1.1,"
                    "lrc-default-d1.1")
 SEQ_TEXT = (
-    " `--update` with `--target-size` (the `-seq` rows): the allocator chooses on the original "
+    " `--update` with `--target-size` (the `-seq` rows; the default with a size given since "
+    "2026-12-05, `--no-update` the one-shot rows): the allocator chooses on the original "
     "model, as without it (the same choices), then each choice is quantised and corrected stage "
     "by stage on the inputs the already quantised model produces, its target fitted to the "
     "original model's outputs (the sequential correction); the other rows correct each group "
@@ -166,8 +171,9 @@ def variant(key: str) -> tuple[str, list[str]]:
     by stage (``--update``)."""
     if key.endswith("-seq"):
         label, args = variant(key[:-len("-seq")])
-        return (f"{label}, each choice solved stage by stage on the quantised model's own "
-                f"inputs (`--update`)", [*args, "--update"])
+        return (f"{label.replace(' --no-update', '')}, each choice solved stage by stage on the "
+                f"quantised model's own inputs (`--update`, the default with a size given)",
+                [*[a for a in args if a != "--no-update"], "--update"])
     for suffix, flag in (("-off", "off"), *((f"-d{x}", x) for x in ("1.05", "1.1", "1.2"))):
         if key.endswith(suffix):
             label, args = variant(key[:-len(suffix)])

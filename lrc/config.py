@@ -99,7 +99,8 @@ RECIPES = {
     "best": "the data-aware recipe measured best on both bundled models (BENCHMARKS.md, "
             "benchmarks/allocation.md): projections reading one tensor factored jointly "
             "(group_inputs), the first and last blocks dense (dense_edges, models of 6+ "
-            "blocks), the joint update (update, svd-llm); a tied head left dense; a bare "
+            "blocks), the joint update (update, svd-llm); a tied head left dense; quantize "
+            "with a target-size given: the sequential correction (update); a bare "
             "quantize int4 (no correction, block size, base quantiser, A bits, embedding or "
             f"smoothing given) on a language model with calibration text: target-size "
             f"{DEFAULT_SIZE:g}x",
@@ -245,7 +246,8 @@ class MethodConfig:
 
     method: str = option("auto", choices=methods.choices, help=methods.method_help())
     update: bool | None = option(
-        kind="bool", negatable=True, help="svd-llm only (default on with recipe best): fit "
+        kind="bool", negatable=True, help="svd-llm only (default on with recipe best, and "
+        "for quantize with a target-size given): fit "
         "each projection to the inputs the already-compressed model produces (two forward "
         "passes over the calibration text; see BENCHMARKS.md for what it buys). With quantize "
         "(no rank): the sequential correction, quantised and corrected stage by stage (with "

@@ -80,8 +80,17 @@ def _apply_recipe(config: CompressConfig, model: ir.Model, method,
         lr.dense_edges = data_aware and not explicit and blocks >= EDGE_MIN_BLOCKS
         if lr.dense_edges:
             done["dense_edges"] = f"blocks 0 and {blocks - 1} of {blocks} left dense"
+    updatable = method.name in (m.update_of for m in methods.METHODS.values())
+    if (alg.update is None and lr.recipe == "best" and c.size_allocated and method.data_aware
+            and updatable):
+        # a size asked of quantize (not the bare int4 recipe's, below): its choices solved stage
+        # by stage, measured better on both texts at 88 and 105 MB (BENCHMARKS.md, --tag seq)
+        alg.update = True
+        done["update"] = render(f"{opt('target_size')}'s choices quantised and corrected stage "
+                                f"by stage (the sequential correction; turning {opt('update')} "
+                                f"off gives the one-shot correction, about 1.7x faster)")
     if alg.update is None:
-        alg.update = data_aware and method.name in (m.update_of for m in methods.METHODS.values())
+        alg.update = data_aware and updatable
         if alg.update:
             done["update"] = True
     if lr.tied_head is None:

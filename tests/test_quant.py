@@ -1114,10 +1114,12 @@ def test_bare_int4_on_a_language_model_is_sized_by_the_recipe(tmp_path):
 
 
 def test_target_size_with_update_solves_the_same_choices_stage_by_stage(tmp_path):
-    """``--target-size`` with ``--update``: the allocator chooses on the original model (the
-    choices it makes without update), then the sequential correction solves each choice on
-    the inputs the quantised model produces; the file fits the size, and its numbers differ
-    from the one-shot correction's (fitted targets, not the weights)."""
+    """``--target-size`` with ``--update`` (recipe best's default when a size is given; not for
+    the bare int4's own 1.2x): the allocator chooses on the original model (the choices it
+    makes without update), then the sequential correction solves each choice on the inputs
+    the quantised model produces; the file fits the size, and its numbers differ from the
+    one-shot correction's (fitted targets, not the weights). A size given as ``Nx`` with
+    quantisation options is resolved, not read as MB after the write."""
     import json
 
     from test_evaluate import tiny_tokenizer
@@ -1131,9 +1133,14 @@ def test_target_size_with_update_solves_the_same_choices_stage_by_stage(tmp_path
     tiny_tokenizer().save(str(lm / "tokenizer.json"))
     kw = dict(quantize="int4", target_size="1.3x", calib_tokens=512, base_quant="gptq",
               correct_a_bits=4, embedding="int4")
-    lrc.compress(str(lm), out=tmp_path / "one", **kw)
-    lrc.compress(str(lm), out=tmp_path / "seq", update=True, **kw)
+    lrc.compress(str(lm), out=tmp_path / "one", update=False, **kw)
+    lrc.compress(str(lm), out=tmp_path / "seq", **kw)
     one, seq = (json.loads((tmp_path / d / "lrc.json").read_text()) for d in ("one", "seq"))
+    assert "stage by stage" in seq["recipe"]["applied"]["update"]
+    assert "update" not in one.get("recipe", {}).get("applied", {})
+    _, bare = lrc.compress(str(lm), quantize="int4", calib_tokens=512, dry_run=True)
+    assert not bare["config"]["update"]
+    assert "update" not in bare.get("recipe", {}).get("applied", {})
     picks = [[(a["members"], a["choice"]) for a in r["quantize"]["allocation"]]
              for r in (one, seq)]
     assert picks[0] == picks[1] and len(picks[0]) == 3
