@@ -639,8 +639,8 @@ class CompressConfig:
                               "quantize_rest" if rest else "int8")
         if self.size_allocated:
             given = [k for k, v in (("correct_rank", str(self.quant.correct_rank or 0) != "0"),
-                                    ("correct_budget", self.quant.correct_budget is not None),
-                                    ) if v]
+                                    ("correct_budget", self.quant.correct_budget is not None))
+                     if v]
             if given:
                 raise ConfigError(f"{opt('target_size')} with {opt('quantize')} chooses the "
                                   f"bits, block sizes and correction ranks itself: drop "

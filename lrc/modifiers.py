@@ -271,8 +271,6 @@ class Quantize(Modifier):
                 or BASE_QUANTIZERS[spec.base].needs_gram else "none")
 
     def passes(self, run):
-        from lrc.graph.passes.quant import QuantizePass
-
         spec = run.config.quant_spec()
         self.spec, self.info = spec, None
         smooth = run.shared.get("smooth")
@@ -292,21 +290,21 @@ class Quantize(Modifier):
               or BASE_QUANTIZERS[spec.base].needs_gram):
             names, widths = _quant_inputs(run)
             c = run.calibration("correction")
+
+            def one_shot_corrector():  # each group's error whitened by the original's Gram
+                return methods.make_corrector(
+                    names, c, stats=run.statistics(names, widths),
+                    rescaled=smooth.applied if smooth is not None else None)
+
             if _sequential_quant(run):
                 chooser = None
                 if spec.target_mb is not None:
                     # target-size chooses on the original model (its statistics and probe,
                     # the same choices as without update); the stages then solve them
-                    corrector, _ = methods.make_corrector(
-                        names, c, stats=run.statistics(names, widths),
-                        rescaled=smooth.applied if smooth is not None else None)
-                    chooser = QuantizePass(spec, corrector, select=run.select,
-                                           progress=run.progress, probe=_probe(run),
-                                           decode_cost=_decode_cost if spec.decode_budget
-                                           else None)
+                    chooser = self._one_shot(run, spec, one_shot_corrector()[0])
                     chooser.plan(run.model)
                     # its statistics and probe are done with: not held through the stages
-                    chooser.corrector = chooser.probe = corrector = None
+                    chooser.corrector = chooser.probe = None
                     run._stats.pop(tuple(names), None)
                 c.progress = None  # the statistics are gathered; the stages report below
                 self.pass_, self.info = methods.sequential_correction(
@@ -314,14 +312,19 @@ class Quantize(Modifier):
                     progress=run.calib_progress, chooser=chooser)
                 self.pass_.progress = run.progress
                 return [self.pass_]
-            corrector, self.info = methods.make_corrector(
-                names, c, stats=run.statistics(names, widths),
-                rescaled=smooth.applied if smooth is not None else None)
-        self.pass_ = QuantizePass(spec, corrector, select=None if run.lowrank else run.select,
-                                  progress=None if run.lowrank else run.progress,
-                                  probe=_probe(run) if spec.target_mb is not None else None,
-                                  decode_cost=_decode_cost if spec.decode_budget else None)
+            corrector, self.info = one_shot_corrector()
+        self.pass_ = self._one_shot(run, spec, corrector)
         return [self.pass_]
+
+    @staticmethod
+    def _one_shot(run, spec, corrector):
+        """The pass that corrects each group once (and makes target-size's choices)."""
+        from lrc.graph.passes.quant import QuantizePass
+
+        return QuantizePass(spec, corrector, select=None if run.lowrank else run.select,
+                            progress=None if run.lowrank else run.progress,
+                            probe=_probe(run) if spec.target_mb is not None else None,
+                            decode_cost=_decode_cost if spec.decode_budget else None)
 
     def report(self, run, out):
         record = self.pass_.record
