@@ -160,7 +160,18 @@ SEQ_TEXT = (
 # --tag seq: target-size with the sequential correction (its own folder and markers)
 SEQ_VARIANTS = ("lrc-plain,lrc-size-88,lrc-size-88-seq,lrc-size-88-d1.1,lrc-size-88-d1.1-seq,"
                 "lrc-size-105-seq")
+PREFILL_TEXT = (
+    " `--prefill-budget X` (the `-pX` rows; off unless given): the same over a 128-token "
+    "prompt, priced from the same machine's MatMulNBits times at 128 rows, where the kernels are "
+    "bound by arithmetic: a correction's X·A node and Concat cost 10-20 % of its group's time, "
+    "8-bit codes ~1.4x 4-bit ones, blocks of 64 / 128 3-13 % less than 32 (where the rows "
+    "divide).")
+# --tag prefill: target-size's prefill budget (its own folder and markers)
+PREFILL_VARIANTS = ("lrc-plain,lrc-size-88-d1.1-seq,lrc-size-88-d1.1-p1-seq,"
+                    "lrc-size-88-d1.1-p0.97-seq")
 TAGS = {"decode": (DECODE_VARIANTS, ": target-size's decode budget", DECODE_TEXT),
+        "prefill": (PREFILL_VARIANTS, ": target-size's prefill budget",
+                    SEQ_TEXT + DECODE_TEXT + PREFILL_TEXT),
         "seq": (SEQ_VARIANTS, ": target-size with the sequential correction",
                 SEQ_TEXT + DECODE_TEXT)}
 
@@ -174,6 +185,11 @@ def variant(key: str) -> tuple[str, list[str]]:
         return (f"{label.replace(' --no-update', '')}, each choice solved stage by stage on the "
                 f"quantised model's own inputs (`--update`, the default with a size given)",
                 [*[a for a in args if a != "--no-update"], "--update"])
+    for suffix, flag in (("-p1", "1"), ("-p0.97", "0.97")):
+        if key.endswith(suffix):
+            label, args = variant(key[:-len(suffix)])
+            return (f"{label}, prefill within {flag}x plain int4/32's (`--prefill-budget "
+                    f"{flag}`)", [*args, "--prefill-budget", flag])
     for suffix, flag in (("-off", "off"), *((f"-d{x}", x) for x in ("1.05", "1.1", "1.2"))):
         if key.endswith(suffix):
             label, args = variant(key[:-len(suffix)])
@@ -219,7 +235,9 @@ def decode_plans(models: dict, source: Path | None = None) -> dict:
             alloc = q.get("allocation", [])
             choices = [a["choice"] for a in alloc]
             out[key] = {**(q.get("decode") or {}), "corrections": sum("+r" in c for c in choices),
-                        "int8": sum(c.startswith("int8") for c in choices)}
+                        "int8": sum(c.startswith("int8") for c in choices),
+                        "wide_blocks": sum(c.split("+")[0] in ("int4/64", "int4/128")
+                                           for c in choices)}
             if shapes and alloc and all(m in shapes for a in alloc for m in a["members"]):
                 own = extra = 0
                 for a in alloc:
@@ -556,14 +574,22 @@ def _plan_lines(results: dict, labels: dict) -> list[str]:
     for key, p in results.get("decode_plan", {}).items():
         if not p.get("corrections") and not p.get("int8") and not p.get("plain_ms"):
             continue
-        t = (f"; the weight MatMuls predicted at {p['planned_ms'] / p['plain_ms']:.3f}x plain "
-             f"int4/32's ({p['planned_ms']:.2f} of {p['plain_ms']:.2f} ms; budget "
-             f"{p['budget']:g}x{', binding' if p.get('priced') else ''})"
-             if p.get("plain_ms") else "; no decode budget")
+        t = (f"; a decoded token's weight MatMuls predicted at "
+             f"{p['planned_ms'] / p['plain_ms']:.3f}x plain int4/32's ({p['planned_ms']:.2f} of "
+             f"{p['plain_ms']:.2f} ms; budget {p['budget']:g}x"
+             f"{', binding' if p.get('priced') else ''})"
+             if p.get("plain_ms") and p.get("budget") else "; no decode budget")
+        pre = p.get("prefill") or {}
+        if pre.get("budget"):
+            t += (f"; a {pre['tokens']}-token prompt's at "
+                  f"{pre['planned_ms'] / pre['plain_ms']:.3f}x ({pre['planned_ms']:.1f} of "
+                  f"{pre['plain_ms']:.1f} ms; budget {pre['budget']:g}x"
+                  f"{', binding' if pre.get('priced') else ''})")
+        wide = (f", {p['wide_blocks']} in blocks of 64 / 128" if p.get("wide_blocks") else "")
         macs = (f"; its corrections add {p['macs_extra']:.1%} to the weight MatMuls' "
                 f"multiply-adds per token" if p.get("macs_extra") is not None else "")
         lines.append(f"- `{key}`: {p['corrections']} corrected groups, {p['int8']} in 8 bits"
-                     f"{macs}{t}.")
+                     f"{wide}{macs}{t}.")
     return lines + ([""] if lines else [])
 
 

@@ -200,6 +200,13 @@ class BudgetConfig:
              "decoded token may take at most X times what plain 4-bit codes in blocks of 32 "
              "(the builder's int4) take, predicted from per-node times measured once on this "
              "machine's CPU (a correction costs two nodes); off (the default): bytes alone.")
+    prefill_budget: float | str | None = option(
+        kind="str", metavar="X|off", also=(int, float), parse=lambda v: _number_or_word(v),
+        help="As decode-budget, over a 128-token prompt, where ONNX Runtime's kernels are "
+             "bound by arithmetic: a correction's two extra nodes cost 10-20 % of its "
+             "group's time there and 8-bit codes ~1.4x 4-bit ones, blocks of 128 less than "
+             "32; 1 asks for prefill no slower than the builder's int4, below 1 faster "
+             "(blocks of 64 / 128 where the rows divide). Off by default.")
     target_speedup: float | None = option(
         kind="float", help="Keep the projection parameters an ORT-profiled Amdahl model says "
         "give this speedup (an upper estimate).")
@@ -226,10 +233,11 @@ class BudgetConfig:
                                   f"form such as 1.2x, got {self.target_size!r}", "target_size")
         elif self.target_size is not None:
             _positive("target_size", self.target_size)
-        if self.decode_budget is not None and self.decode_budget != "off" and not (
-                isinstance(self.decode_budget, (int, float)) and self.decode_budget >= 1):
-            raise ConfigError(f"{opt('decode_budget')} must be a multiple >= 1 of plain int4's "
-                              f"time, or off, got {self.decode_budget!r}", "decode_budget")
+        for name in ("decode_budget", "prefill_budget"):
+            v = getattr(self, name)
+            if v is not None and v != "off" and not (isinstance(v, (int, float)) and v > 0):
+                raise ConfigError(f"{opt(name)} must be a positive multiple of plain int4's "
+                                  f"time, or off, got {v!r}", name)
         if self.target_speedup is not None and not (
                 isinstance(self.target_speedup, (int, float)) and self.target_speedup > 1):
             raise ConfigError(f"{opt('target_speedup')} must be > 1, got "
@@ -664,16 +672,19 @@ class CompressConfig:
                                             q.correct_a_bits, q.embedding, q.correct_budget)))
 
     def check_decode_budget(self) -> None:
-        """decode-budget is target-size's second budget: one line without it."""
-        if self.budget.decode_budget is not None and not self.size_allocated:
-            raise ConfigError(f"{opt('decode_budget')} goes with {opt('quantize')} and "
-                              f"{opt('target_size')} (the allocator's second budget; a bare "
-                              f"{opt('quantize', 'int4')} has one only on a language model "
-                              f"with calibration text)", "decode_budget")
-        if self.budget.decode_budget not in (None, "off") and self.quant.target_runtime != "ort":
-            raise ConfigError(f"{opt('decode_budget')} prices ONNX Runtime's CPU kernels: not "
-                              f"for {opt('target_runtime', self.quant.target_runtime)}",
-                              "decode_budget")
+        """decode-budget and prefill-budget are target-size's time budgets: one line without
+        it."""
+        for name in ("decode_budget", "prefill_budget"):
+            v = getattr(self.budget, name)
+            if v is not None and not self.size_allocated:
+                raise ConfigError(f"{opt(name)} goes with {opt('quantize')} and "
+                                  f"{opt('target_size')} (a budget of the allocator's; a bare "
+                                  f"{opt('quantize', 'int4')} has one only on a language model "
+                                  f"with calibration text)", name)
+            if v not in (None, "off") and self.quant.target_runtime != "ort":
+                raise ConfigError(f"{opt(name)} prices ONNX Runtime's CPU kernels: not "
+                                  f"for {opt('target_runtime', self.quant.target_runtime)}",
+                                  name)
 
     @property
     def lowrank_asked(self) -> bool:
@@ -701,13 +712,13 @@ class CompressConfig:
 
         # the decode budget is off unless given: at 1.1 it cost SmolLM2's default (1.2x)
         # x1.068 -> x1.107 on news for 1-2 % of decode (BENCHMARKS.md, genai_builder --tag decode)
-        decode = self.budget.decode_budget
-        decode = None if decode in (None, "off") else float(decode)
+        decode, prefill = (None if v in (None, "off") else float(v)
+                           for v in (self.budget.decode_budget, self.budget.prefill_budget))
         size = self.budget.target_size
         # ``Nx`` is MB once the model is known (lrc.pipeline._resolve_size, on the run's copy of
         # the config); the user's config keeps ``Nx`` (what the modifiers read after the write)
         return replace(spec, target_mb=None if relative_size(size) is not None else float(size),
-                       correct_rank=AUTO_RANK, decode_budget=decode)
+                       correct_rank=AUTO_RANK, decode_budget=decode, prefill_budget=prefill)
 
     def to_dict(self) -> dict:
         """The options by name (JSON-ready; a ready object shown by its type)."""

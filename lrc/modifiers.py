@@ -324,7 +324,8 @@ class Quantize(Modifier):
         return QuantizePass(spec, corrector, select=None if run.lowrank else run.select,
                             progress=None if run.lowrank else run.progress,
                             probe=_probe(run) if spec.target_mb is not None else None,
-                            decode_cost=_decode_cost if spec.decode_budget else None)
+                            decode_cost=_decode_cost if spec.decode_budget or spec.prefill_budget
+                            else None)
 
     def report(self, run, out):
         record = self.pass_.record
@@ -357,7 +358,8 @@ def _probe(run: Run):
 
 
 def _decode_cost():
-    """target-size's decode budget: this machine's MatMul times (measured once, then cached)."""
+    """target-size's decode and prefill budgets: this machine's MatMul times (measured once,
+    then cached)."""
     from lrc.runtime.decodecost import decode_cost
 
     return decode_cost()

@@ -56,7 +56,9 @@ CASES = {
     "target_size": ({"target_size": 0.003}, {"target_size": -1.0}),
     "target_speedup": ({"target_speedup": 1.01}, {"target_speedup": 0.9}),
     "decode_budget": ({"quantize": "int4", "target_size": 0.003, "decode_budget": 1.2},
-                      {"quantize": "int4", "target_size": 0.003, "decode_budget": 0.5}),
+                      {"quantize": "int4", "target_size": 0.003, "decode_budget": "slow"}),
+    "prefill_budget": ({"quantize": "int4", "target_size": 0.003, "prefill_budget": 1},
+                       {"quantize": "int4", "target_size": 0.003, "prefill_budget": "fast"}),
     "ep": ({"ep": "cpu"}, {"ep": "nonsense-ep"}),
     "method": ({"method": "svd"}, {"method": "nope"}),
     "update": ({"method": "svd", "update": False}, {"method": "svd", "update": True}),
@@ -211,6 +213,12 @@ def test_decode_budget_goes_with_target_size_and_is_off_unless_given():
     with pytest.raises(C.ConfigError, match="decode_budget goes with quantize and target_size"):
         C.CompressConfig.of(quantize="int4", correct_rank="32", decode_budget=1.2).validate()
     C.CompressConfig.of(quantize="int4", decode_budget=1.2).validate()  # the recipe may size it
+    # the prefill budget: the same rules, its own option
+    spec = C.CompressConfig.of(quantize="int4", target_size=88, prefill_budget="1").quant_spec()
+    assert (spec.prefill_budget, spec.decode_budget) == (1.0, None)
+    assert "prefill within 1x" in spec.describe()
+    with pytest.raises(C.ConfigError, match="prefill_budget goes with quantize and target_size"):
+        C.CompressConfig.of(quantize="int4", correct_rank="32", prefill_budget=1).validate()
 
 
 def test_smooth_takes_an_alpha_or_auto():

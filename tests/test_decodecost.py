@@ -16,6 +16,10 @@ def test_measured_times_are_positive_and_a_correction_costs_time(tmp_path, monke
     assert plain > 0
     assert c.group(576, [960], 4, 32, rank=32, a_bits=4) > plain  # X·A, the Concat, K + 32
     assert c.group(576, [1536, 1536], 4, 32) > c.group(576, [1536], 4, 32)
+    # over a prompt: the same kinds, every one slower than at one token, a correction dearer
+    assert set(c.prefill) == set(c.node) and c.tokens == 128
+    pre = c.group(576, [960], 4, 32, prefill=True)
+    assert pre > plain and c.group(576, [960], 4, 32, rank=32, a_bits=4, prefill=True) > pre
     # the second call reads the machine's cache file instead of measuring
     files = list((tmp_path / "decode").glob("*.json"))
     assert len(files) == 1

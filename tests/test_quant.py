@@ -941,6 +941,32 @@ def test_allocator_holds_a_time_budget_by_pricing_seconds():
     assert both.nbytes <= 400 and both.seconds <= 36.0
 
 
+def test_allocator_holds_decode_and_prefill_budgets_together():
+    """lrc.allocate with a prefill budget beside the decode one: each is priced (``lam``,
+    ``mu``); a choice slow only at prefill (a correction) and one slow only at decode (8 bits
+    here) are each given up where the loss they remove is least; both budgets hold."""
+    from lrc.allocate import Choice, allocate
+
+    def menu(scale):  # rank 32: 1 unit of decode, 3 of prefill; int8: 3 of decode, 1 of prefill
+        return [Choice(4, 32, 0, 120, 0.6 * scale, 10.0, 10.0),
+                Choice(4, 32, 32, 140, 0.2 * scale, 11.0, 13.0),
+                Choice(8, 32, 0, 150, 0.3 * scale, 13.0, 11.0)]
+
+    menus = [menu(1), menu(1), menu(1)]
+    sens = [1.0, 5.0, 10.0]
+    free = allocate(menus, sens, 10_000)
+    assert free.picks == [1, 1, 1] and free.prefill == 39.0
+    pre = allocate(menus, sens, 10_000, prefill_budget=35.0)  # two corrections -> int8
+    assert pre.prefill <= 35.0 and pre.mu > 0 and pre.lam == 0 and pre.prefill_met
+    assert pre.picks == [2, 2, 1] and pre.loss > free.loss  # the least sensitive two
+    both = allocate(menus, sens, 10_000, 33.0, 35.0)  # int8 is slow to decode: plain codes
+    assert both.picks == [0, 0, 1] and both.seconds_met and both.prefill_met
+    assert both.loss > pre.loss
+    # a point that both budgets rule out: the fastest found, said
+    never = allocate(menus, sens, 10_000, 29.0, 29.0)
+    assert not never.seconds_met and not never.prefill_met
+
+
 def _probe_weighting(weights, w0):
     """A stand-in for the ORT probe: KL = weight x squared change of each replaced weight."""
     def make():
@@ -1020,6 +1046,21 @@ def test_target_size_with_a_decode_budget_keeps_the_predicted_time():
             assert p.record.decode is None
     assert any("+r" in c or c.startswith("int8") for c in picks[None]), picks  # slower, better
     assert not any("+r" in c or c.startswith("int8") for c in picks[1.0]), picks
+    # the prefill budget: priced from the cost's prompt times; at 1.0x a correction (two more
+    # nodes) does not fit there either, the record and the note say so
+    cost.prefill, cost.prefill_concat, cost.tokens = {k: (5e-5, 1.4e-9) for k in cost.node}, \
+        5e-5, 128
+    cost.prefill["8/32"] = (5e-5, 2.1e-9)
+    spec = QuantSpec("int4", 32, 0, 32, embedding="float", target_mb=big / 1e6,
+                     prefill_budget=1.0)
+    m = ir.serde.deserialize_model(proto)
+    p = QuantizePass(spec, corr, probe=_probe_weighting({}, w0), decode_cost=lambda: cost)
+    run_passes([p], m)
+    d = p.record.decode["prefill"]
+    assert d["met"] and d["planned_ms"] <= d["plain_ms"] + 1e-9 and d["tokens"] == 128
+    assert any("prefill_budget=1" in n and "128-token prompt" in n for n in p.record.notes)
+    assert not any("+r" in a["choice"] or a["choice"].startswith("int8")
+                   for a in p.record.allocation), p.record.allocation
 
 
 def test_target_size_counts_the_shared_embeddings_error_in_the_heads_choices():

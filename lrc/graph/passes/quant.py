@@ -99,6 +99,8 @@ class QuantSpec:
     # target-size: the weight MatMuls of one decoded token predicted to take at most this many
     # times the time of plain 4-bit codes in blocks of 32 (None: bytes alone)
     decode_budget: float | None = None
+    # target-size: the same over a prompt of 128 tokens (lrc.runtime.decodecost.PREFILL_TOKENS)
+    prefill_budget: float | None = None
     target: str = "ort"  # the runtime the forms are for (its name, for messages)
     base: str = "rtn"  # how block-wise codes are chosen (lrc.quantmath.BASE_QUANTIZERS)
     correct_a_bits: int = 32  # the concat form's A: float (32), or block codes of 8 / 4 bits
@@ -218,6 +220,8 @@ class QuantSpec:
                     f"measured sensitivity" + (
                         f", decode within {self.decode_budget:g}x plain int4/32's MatMul time"
                         if self.decode_budget else "") + (
+                        f", prefill within {self.prefill_budget:g}x plain int4/32's MatMul time"
+                        if self.prefill_budget else "") + (
                         f"; embedding tables {self.embedding} ({self.embedding_form.title})"
                         if self.embedding != "float" else ""))
         if self.auto:
@@ -599,8 +603,16 @@ class QuantizePass(ir.passes.InPlacePass):
         t0 = time.perf_counter()
         probe = self.probe() if self.probe is not None else None
         t_probe = time.perf_counter() - t0
-        cost = (self.decode_cost() if self.decode_cost is not None and self.spec.decode_budget
-                else None)
+        timed = self.spec.decode_budget or self.spec.prefill_budget
+        cost = self.decode_cost() if self.decode_cost is not None and timed else None
+
+        def priced(k, ns, bits, block, rank=0, a_bits=32):  # (decode, prefill) seconds
+            if cost is None:
+                return {}
+            return {"seconds": cost.group(k, ns, bits, block, rank, a_bits),
+                    "prefill": cost.group(k, ns, bits, block, rank, a_bits, prefill=True)
+                    if cost.prefill else 0.0}
+
         a_bits = self.spec.correct_a_bits
         t_codes, n_probes, emb_kls = 0.0, 0, []
         # a tied table's embedding side, when the probe can change it apart from the head
@@ -674,7 +686,7 @@ class QuantizePass(ir.passes.InPlacePass):
                 for block in blocks:
                     menu.append(Choice(bits, block, 0, _choice_bytes(
                         k, ns, bits, block, 0, replace(spec, block_size=block), item),
-                        errs[block], cost.group(k, ns, bits, block) if cost else 0.0))
+                        errs[block], **priced(k, ns, bits, block)))
                 if bits == 4 and corrected and not k % 32:
                     ws, hats = at32
                     sig2 = self.corrector.spectrum(group, np.concatenate(ws, axis=1),
@@ -688,7 +700,7 @@ class QuantizePass(ir.passes.InPlacePass):
                         menu.append(Choice(4, 32, r, _choice_bytes(
                             k, ns, 4, 32, r, replace(spec, block_size=32), item),
                             max(errs[32] - float(np.sum(sig2[:r])), 0.0),
-                            cost.group(k, ns, 4, 32, r, a_bits) if cost else 0.0))
+                            **priced(k, ns, 4, 32, r, a_bits)))
                     del ws, hats
                 del at32
             values = {t.weight.name: _stored(t, h) for t, h in zip(group, ref[2])}
@@ -709,12 +721,20 @@ class QuantizePass(ir.passes.InPlacePass):
             specs.append(spec)
             emb_kls.append(emb_kl)
             del values, ref
-        plain_s = seconds_budget = None
+        plain_s = plain_p = seconds_budget = prefill_budget = None
         if cost is not None:  # the time of plain 4-bit codes in blocks of 32, every group
-            plain_s = sum(min((c.seconds for c in m if (c.bits, c.block, c.rank) == (4, 32, 0)),
-                              default=min(c.seconds for c in m)) for m in menus)
-            seconds_budget = self.spec.decode_budget * plain_s
-        alloc = allocate(menus, sens, budget, seconds_budget)
+
+            def plain(key):
+                return sum(min((getattr(c, key) for c in m if (c.bits, c.block, c.rank)
+                                == (4, 32, 0)), default=min(getattr(c, key) for c in m))
+                           for m in menus)
+
+            plain_s, plain_p = plain("seconds"), plain("prefill")
+            if self.spec.decode_budget:
+                seconds_budget = self.spec.decode_budget * plain_s
+            if self.spec.prefill_budget:
+                prefill_budget = self.spec.prefill_budget * plain_p
+        alloc = allocate(menus, sens, budget, seconds_budget, prefill_budget)
         if alloc.min_bytes > budget:
             raise LrcError(f"{opt('target_size', f'{self.spec.target_mb:g}')}: the smallest "
                            f"choice of every projection takes {(alloc.min_bytes + fixed) / 1e6:.1f}"
@@ -732,7 +752,8 @@ class QuantizePass(ir.passes.InPlacePass):
             self.record.allocation.append({"members": list(names), "choice": c.label(),
                                            "bytes": c.nbytes, "err": c.err,
                                            "sensitivity": sens[len(out)],
-                                           **({"decode_us": round(c.seconds * 1e6, 1)}
+                                           **({"decode_us": round(c.seconds * 1e6, 1),
+                                               "prefill_us": round(c.prefill * 1e6, 1)}
                                               if cost else {}),
                                            **({"embedding_kl": emb_kl} if emb_kl else {})})
             out.append((spec, group))
@@ -747,14 +768,27 @@ class QuantizePass(ir.passes.InPlacePass):
         if cost is not None:
             self.record.decode = {"budget": self.spec.decode_budget, "plain_ms": plain_s * 1e3,
                                   "planned_ms": alloc.seconds * 1e3, "met": alloc.seconds_met,
-                                  "priced": alloc.lam > 0, "cost": cost.describe()}
-            self.record.notes.append(
-                render(f"{opt('decode_budget', f'{self.spec.decode_budget:g}')}: ")
-                + f"the weight MatMuls of a decoded token predicted at {alloc.seconds * 1e3:.2f} "
-                f"ms, {alloc.seconds / plain_s:.3f}x plain 4-bit codes in blocks of 32 "
-                f"({plain_s * 1e3:.2f} ms; {cost.where}, {cost.threads} threads)"
-                + ("" if alloc.seconds_met else ": no choice within the size is that fast, the "
-                   "fastest taken") + ("; time bound the choices" if alloc.lam > 0 else ""))
+                                  "priced": alloc.lam > 0, "cost": cost.describe(),
+                                  "prefill": {"budget": self.spec.prefill_budget,
+                                              "tokens": cost.tokens,
+                                              "plain_ms": plain_p * 1e3,
+                                              "planned_ms": alloc.prefill * 1e3,
+                                              "met": alloc.prefill_met, "priced": alloc.mu > 0,
+                                              "cost": cost.describe(prefill=True)}}
+            for name, budget_x, took, plain_t, met, bound, what in (
+                    ("decode_budget", self.spec.decode_budget, alloc.seconds, plain_s,
+                     alloc.seconds_met, alloc.lam > 0, "a decoded token"),
+                    ("prefill_budget", self.spec.prefill_budget, alloc.prefill, plain_p,
+                     alloc.prefill_met, alloc.mu > 0, f"a {cost.tokens}-token prompt")):
+                if not budget_x:
+                    continue
+                self.record.notes.append(
+                    render(f"{opt(name, f'{budget_x:g}')}: ")
+                    + f"the weight MatMuls of {what} predicted at {took * 1e3:.2f} ms, "
+                    f"{took / plain_t:.3f}x plain 4-bit codes in blocks of 32 "
+                    f"({plain_t * 1e3:.2f} ms; {cost.where}, {cost.threads} threads)"
+                    + ("" if met else ": no choice within the size is that fast, the "
+                       "fastest taken") + ("; time bound the choices" if bound else ""))
         # a corrected group is one; the uncorrected ones are written one member at a time
         return [x for spec, group in out
                 for x in ([(spec, group)] if spec.correct_rank else [(spec, [t]) for t in group])]
