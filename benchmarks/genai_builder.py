@@ -58,6 +58,12 @@ VARIANTS = {
                     "`--target-size 1.2x` the model's int4 form, bits, blocks, correction ranks "
                     "and the head's form allocated by measured sensitivity; gptq, 4-bit A, int4 "
                     "embedding)", [*QUANT]),
+    # the bare command's size given (a size given turns --update on): sequential, the same
+    # choices; the bare command stays one-shot until this is measured on Gemma
+    "lrc-default-seq": ("lrc's default int4 recipe with its size given, `--quantize int4 "
+                        "--target-size 1.2x` (the same choices, each solved stage by stage on the "
+                        "quantised model's own inputs: `--update`, the default with a size "
+                        "given)", [*QUANT, "--target-size", "1.2x"]),
     "lrc-plain": ("lrc's plain int4 form of the builder's graph, no correction (`--quantize int4 "
                   "--embedding int4 --correct-rank 0`: round-to-nearest, block 32, the int4 "
                   "embedding shared with the head: the builder int4's recipe in lrc's writer)",
@@ -180,6 +186,8 @@ def variant(key: str) -> tuple[str, list[str]]:
     """A variant by key; ``lrc-size-N`` / ``lrc-awq-size-N`` for any N (MB): the allocator there;
     a suffix ``-off`` / ``-dX``: its decode budget off / X; ``-seq``: the choices solved stage
     by stage (``--update``)."""
+    if key in VARIANTS:
+        return VARIANTS[key]
     if key.endswith("-seq"):
         label, args = variant(key[:-len("-seq")])
         return (f"{label.replace(' --no-update', '')}, each choice solved stage by stage on the "
