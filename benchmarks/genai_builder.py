@@ -59,7 +59,7 @@ VARIANTS = {
                     "and the head's form allocated by measured sensitivity; gptq, 4-bit A, int4 "
                     "embedding)", [*QUANT]),
     # the bare command's size given (a size given turns --update on): sequential, the same
-    # choices; the bare command stays one-shot until this is measured on Gemma
+    # choices; on Gemma (--model gemma3 --tag seq) not a win, so the bare command stays one-shot
     "lrc-default-seq": ("lrc's default int4 recipe with its size given, `--quantize int4 "
                         "--target-size 1.2x` (the same choices, each solved stage by stage on the "
                         "quantised model's own inputs: `--update`, the default with a size "

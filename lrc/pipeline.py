@@ -84,7 +84,9 @@ def _apply_recipe(config: CompressConfig, model: ir.Model, method,
     if (alg.update is None and lr.recipe == "best" and c.size_allocated and method.data_aware
             and updatable):
         # a size asked of quantize (not the bare int4 recipe's, below): its choices solved stage
-        # by stage, measured better on both texts at 88 and 105 MB (BENCHMARKS.md, --tag seq)
+        # by stage, measured better on both texts at 88 and 105 MB (BENCHMARKS.md, --tag seq);
+        # the bare recipe's 1.2x stays one-shot (on Gemma-3-270M x1.054 -> x1.074 on docs,
+        # 1.2x the time: BENCHMARKS.md, --model gemma3 --tag seq)
         alg.update = True
         done["update"] = render(f"{opt('target_size')}'s choices quantised and corrected stage "
                                 f"by stage (the sequential correction; turning {opt('update')} "
