@@ -169,7 +169,7 @@ SEQ_VARIANTS = ("lrc-plain,lrc-size-88,lrc-size-88-seq,lrc-size-88-d1.1,lrc-size
 PREFILL_TEXT = (
     " `--prefill-budget X` (the `-pX` rows; off unless given): the same over a 128-token "
     "prompt, priced from the same machine's MatMulNBits times at 128 rows, where the kernels are "
-    "bound by arithmetic: a correction's X·A node and Concat cost 10-20 % of its group's time, "
+    "bound by arithmetic: a correction's X·A node and Concat cost 9-23 % of its group's time, "
     "8-bit codes ~1.4x 4-bit ones, blocks of 64 / 128 3-13 % less than 32 (where the rows "
     "divide).")
 # --tag prefill: target-size's prefill budget (its own folder and markers)

@@ -93,6 +93,12 @@ def _number_or_word(v):
     return v
 
 
+def _time_budget(help: str):
+    """target-size's time budgets (decode, prefill): a multiple of plain int4's time, or off."""
+    return option(kind="str", metavar="X|off", also=(int, float),
+                  parse=lambda v: _number_or_word(v), help=help)
+
+
 # ----------------------------------------------------------------------------------- recipes
 
 RECIPES = {
@@ -194,19 +200,17 @@ class BudgetConfig:
              "blocks of 32 with an int4 table (the builder's int4 form), e.g. 1.2x. Default "
              f"with quantize int4 and nothing else of its recipe given, on a language model "
              f"with calibration text: {DEFAULT_SIZE:g}x (recipe best).")
-    decode_budget: float | str | None = option(
-        kind="str", metavar="X|off", also=(int, float), parse=lambda v: _number_or_word(v),
-        help="With target-size and quantize for ONNX Runtime: the weight MatMuls of one "
-             "decoded token may take at most X times what plain 4-bit codes in blocks of 32 "
-             "(the builder's int4) take, predicted from per-node times measured once on this "
-             "machine's CPU (a correction costs two nodes); off (the default): bytes alone.")
-    prefill_budget: float | str | None = option(
-        kind="str", metavar="X|off", also=(int, float), parse=lambda v: _number_or_word(v),
-        help="As decode-budget, over a 128-token prompt, where ONNX Runtime's kernels are "
-             "bound by arithmetic: a correction's two extra nodes cost 10-20 % of its "
-             "group's time there and 8-bit codes ~1.4x 4-bit ones, blocks of 128 less than "
-             "32; 1 asks for prefill no slower than the builder's int4, below 1 faster "
-             "(blocks of 64 / 128 where the rows divide). Off by default.")
+    decode_budget: float | str | None = _time_budget(
+        "With target-size and quantize for ONNX Runtime: the weight MatMuls of one "
+        "decoded token may take at most X times what plain 4-bit codes in blocks of 32 "
+        "(the builder's int4) take, predicted from per-node times measured once on this "
+        "machine's CPU (a correction costs two nodes); off (the default): bytes alone.")
+    prefill_budget: float | str | None = _time_budget(
+        "As decode-budget, over a 128-token prompt, where ONNX Runtime's kernels are "
+        "bound by arithmetic: a correction's two extra nodes cost 9-23 % of its "
+        "group's time there and 8-bit codes ~1.4x 4-bit ones, blocks of 128 less than "
+        "32; 1 asks for prefill no slower than the builder's int4, below 1 faster "
+        "(blocks of 64 / 128 where the rows divide). Off by default.")
     target_speedup: float | None = option(
         kind="float", help="Keep the projection parameters an ORT-profiled Amdahl model says "
         "give this speedup (an upper estimate).")

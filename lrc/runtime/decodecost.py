@@ -6,7 +6,7 @@ synthetic chains of nodes whose weights do not fit in the caches (as a decoder's
 kept in ``$LRC_CACHE_DIR/decode`` (``~/.cache/lrc/decode``). The same at a prompt of
 :data:`PREFILL_TOKENS` tokens (the prefill budget's prices): there the kernels are bound by
 arithmetic, not by the bytes read, 8-bit codes cost ~1.4x 4-bit ones and a correction's two
-extra nodes 10-20 % of its group (measured on a 2-core AMD EPYC).
+extra nodes 9-23 % of its group (measured on a 2-core AMD EPYC).
 
 The allocator (:mod:`lrc.allocate`) charges each choice its predicted time beside its bytes:
 on ORT's CPU kernels a block of 64 is no faster than 32 (measured), and a correction costs two
