@@ -430,6 +430,12 @@ class QuantConfig:
         "the norms / up projections (no node added). Helps int8 (per-tensor activations); 0 = "
         "off. auto: AWQ, the exponent searched per input on the output error of the weight "
         "codes (int4 / int8-weight).")
+    scales: str = option(
+        "float16", choices=lambda: ["float16", "float32"], help="How a float32 model's "
+        "MatMulNBits / GatherBlockQuantized block scales are stored: float16 (half their bytes "
+        "on disk, 0.5 bit per 4-bit weight in blocks of 32; a Cast back to float32 that ONNX "
+        "Runtime folds when it loads the model, so its kernels run as before) or float32 (as "
+        "ONNX Runtime's quantisers and the GenAI builder write them).")
     target_runtime: str = option(
         "ort", choices=_targets, help="The runtime OUT is for, or any (what every runtime lrc "
         "knows runs): each runtime declares the quantised forms it runs "
@@ -439,6 +445,7 @@ class QuantConfig:
     def validate(self) -> None:
         _one_of("target_runtime", self.target_runtime, _targets())
         _one_of("correct_form", self.correct_form, ["concat", "add"])
+        _one_of("scales", self.scales, ["float16", "float32"])
         for name, value, choices in (
                 ("base_quant", self.base_quant, list(_base_quantizers())),
                 ("embedding", self.embedding, ["int8", "int4", "float"]),
@@ -489,7 +496,8 @@ class QuantConfig:
                           accuracy_level=self.accuracy_level, correct_form=self.correct_form,
                           embedding=r["embedding"], budget_mb=self.correct_budget,
                           target=self.target_runtime, forms=target_forms(self.target_runtime),
-                          base=r["base_quant"], correct_a_bits=r["correct_a_bits"])
+                          base=r["base_quant"], correct_a_bits=r["correct_a_bits"],
+                          scales=self.scales)
 
 
 def parse_spec(quantize: str, correct_rank="0", **kw):

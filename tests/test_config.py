@@ -85,6 +85,8 @@ CASES = {
                        {"quantize": "int4", "correct_rank": "8", "correct_budget": 1.0}),
     "embedding": ({"quantize": "int4", "embedding": "float"}, {"embedding": "int2"}),
     "smooth": ({"quantize": "int8", "smooth": 0.5}, {"quantize": "int8", "smooth": 1.5}),
+    "scales": ({"quantize": "int4", "scales": "float32"},
+               {"quantize": "int4", "scales": "bfloat16"}),
     "target_runtime": ({"quantize": "int8-weight", "target_runtime": "tract"},
                        {"quantize": "int4", "target_runtime": "tract"}),
     "out": ({"out": "{D}/out/small.onnx"}, {"out": "{D}/missing/small.onnx"}),

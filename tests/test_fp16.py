@@ -137,7 +137,14 @@ def test_quantize_int4_on_fp16(layout, correct):
                                     and "lrc_corr" not in n.name]
     inits = {i.name: i for i in p16.graph.initializer}
     want = TensorProto.FLOAT16 if layout == "fp16" else TensorProto.FLOAT
-    assert {inits[n.input[2]].data_type for n in nbits} == {want}  # scales: the node's dtype
+    # scales: float16 on disk either way; a float32 node reads them cast back to its dtype
+    casts = {n.output[0]: n for n in p16.graph.node if n.op_type == "Cast"}
+    assert {inits[n.input[2]].data_type for n in nbits if n.input[2] in inits} == (
+        {want} if layout == "fp16" else set())
+    read = [casts[n.input[2]] for n in nbits if n.input[2] in casts]
+    assert len(read) == (0 if layout == "fp16" else 3)
+    assert {inits[c.input[0]].data_type for c in read} <= {TensorProto.FLOAT16}
+    assert {next(a.i for a in c.attribute if a.name == "to") for c in read} <= {want}
     if correct:
         corr = [i for n, i in inits.items() if ".lrc_corr" in n]
         assert corr and {i.data_type for i in corr} == {want}

@@ -79,6 +79,13 @@ def test_correction_error_is_the_dropped_whitened_spectrum():
     assert whitened_error(w, w_hat, g) < 1e-5
 
 
+def _deq16(bq):
+    """``dequantize(bq)`` with the scales as stored on disk by default: float16."""
+    from dataclasses import replace
+
+    return dequantize(replace(bq, scales=bq.scales.astype(np.float16).astype(np.float32)))
+
+
 def _apply(model_proto, spec, corrector=None):
     m = ir.serde.deserialize_model(model_proto)
     p = QuantizePass(spec, corrector)
@@ -127,7 +134,11 @@ def test_int4_graph_matches_numpy_reference(form):
     attrs = {a.name: a.i for a in node.attribute}
     from lrc.quantmath import BlockQuant
 
-    bq = BlockQuant(inits[node.input[1]], inits[node.input[2]].reshape(attrs["N"], -1),
+    # the scales: float16 on disk, cast back to float32 in the graph (the default)
+    casts = {n.output[0]: n.input[0] for n in q.graph.node if n.op_type == "Cast"}
+    assert inits[casts[node.input[2]]].dtype == np.float16
+    scales = inits[casts[node.input[2]]].astype(np.float32)
+    bq = BlockQuant(inits[node.input[1]], scales.reshape(attrs["N"], -1),
                     attrs["bits"], attrs["block_size"], attrs["K"], attrs["N"])
     w_eff = dequantize(bq)
     if form == "concat":
@@ -136,6 +147,50 @@ def test_int4_graph_matches_numpy_reference(form):
     else:
         want = x @ w_eff + got[0] - x @ w_eff  # add form: checked against the float model above
     np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("embedding", ["int8", "int4"])
+def test_float16_scales_on_disk_are_folded_back_by_onnxruntime(tmp_path, embedding):
+    """A float32 model's block scales (MatMulNBits, GatherBlockQuantized: its own table, or the
+    tied head's shared) are stored in float16 and cast back in the graph: ONNX Runtime folds
+    the Cast when it loads the model (none left to run), the output is float32 scales' to
+    float16's precision, the record counts the bytes on disk (the bytes a decoded token reads
+    are float32's); scales=float32 writes them as ONNX Runtime's quantisers do."""
+    import onnxruntime as ort
+
+    import lrc
+
+    src = tmp_path / "m.onnx"
+    onnx.save(tied_head(vocab=4096, d=256), src)
+    ids = np.array([[0, 7, 4095, 12]], np.int64)
+    from lrc.graph.locate import bytes_read_per_token
+
+    outs, stored, counted, read, n_scales = {}, {}, {}, {}, 0
+    for sc in ("float16", "float32"):
+        path = tmp_path / f"{sc}.onnx"
+        _, rep = lrc.compress(src, out=path, quantize="int4", embedding=embedding, method="svd",
+                              correct_rank="0", scales=sc)
+        q = onnx.load(str(path))
+        scales = [t for t in q.graph.initializer if "scales" in t.name]
+        assert len(scales) == (2 if embedding == "int8" else 1)
+        want = onnx.TensorProto.FLOAT16 if sc == "float16" else onnx.TensorProto.FLOAT
+        assert {t.data_type for t in scales} == {want}
+        if sc == "float32":
+            n_scales = sum(int(np.prod(t.dims)) for t in scales)
+        stored[sc] = sum(onnx.numpy_helper.to_array(t).nbytes for t in q.graph.initializer)
+        tot = rep["quantize"]["totals"]
+        counted[sc] = tot["weight_bytes_after"] + tot["embedding_bytes_after"]
+        outs[sc] = run(q, {"ids": ids})[0]
+        read[sc] = bytes_read_per_token(q)
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"{sc}-ort.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        assert "Cast" not in {n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node}
+    assert stored["float32"] - stored["float16"] == 2 * n_scales
+    assert counted["float32"] - counted["float16"] == 2 * n_scales
+    assert read["float16"] == read["float32"]  # what the kernels read: float32 scales
+    np.testing.assert_allclose(outs["float16"], outs["float32"], rtol=0, atol=2e-3 * np.abs(
+        outs["float32"]).max())
 
 
 def test_int8_dynamic_matches_numpy():
@@ -168,8 +223,8 @@ def test_embedding_table_becomes_gather_block_quantized():
     assert "embed.weight" not in {t.name for t in q.graph.initializer}
     assert rec.embeddings[0]["bytes_after"] < rec.embeddings[0]["bytes_before"] / 3
     e = onnx.numpy_helper.to_array(proto.graph.initializer[0])
-    table = dequantize(quantize_blockwise(e.T.copy(), 8, 32)).T
-    head = dequantize(quantize_blockwise(e.T.copy(), 4, 32))
+    table = _deq16(quantize_blockwise(e.T.copy(), 8, 32)).T
+    head = _deq16(quantize_blockwise(e.T.copy(), 4, 32))
     np.testing.assert_allclose(run(q, {"ids": ids})[0], table[ids] @ head, rtol=1e-4,
                                atol=1e-4)
 
@@ -205,6 +260,7 @@ def test_factor_matmuls_are_quantised_not_corrected():
     (["--quantize", "int4", "--target-size", "0.001"], "smallest this model can be"),
     (["--quantize", "int4", "--target-size", "1", "--correct-rank", "32"], "chooses the bits"),
     (["--quantize", "int4", "--block-size", "32,attn.o=48"], "power of two"),
+    (["--quantize", "int4", "--scales", "bfloat16"], "float16"),
 ])
 def test_cli_bad_quantize_options(tmp_path, args, msg):
     from test_cli import _one_line_error, lrc as cli
@@ -571,7 +627,8 @@ def test_openvino_target_is_standard_block_dequantize(tmp_path):
     x = RNG.standard_normal((50, 32)).astype(np.float32) * np.linspace(2, 0.2, 32).astype(np.float32)
     feeds = {"x2d": x, "z": RNG.standard_normal((50, 32)).astype(np.float32)}
     corr = _gram_corrector(x.T.astype(np.float64) @ x)
-    ort_q, _ = _apply(proto, QuantSpec("int4", 16, 0, 16, embedding="float"), corr)
+    ort_q, _ = _apply(proto, QuantSpec("int4", 16, 0, 16, embedding="float", scales="float32"),
+                      corr)
     std, rec = _apply(proto, QuantSpec("int4", 16, 0, 16, embedding="float", target="openvino", forms=target_forms("openvino")),
                       corr)
     ops = [n.op_type for n in std.graph.node]
@@ -746,7 +803,7 @@ def test_int4_embedding_shares_the_tied_heads_codes(tmp_path, layout, rank, form
                                              if "weight" in t.name and t.dims[0] in (32, 32768))))
     rows = table.T if layout == "builder" else table  # [V, d]
     ids = np.array([[3, 500, 32767, 7]], np.int64)
-    want = dequantize(quantize_blockwise(np.ascontiguousarray(rows[ids[0]].T), 4, 16)).T
+    want = _deq16(quantize_blockwise(np.ascontiguousarray(rows[ids[0]].T), 4, 16)).T
     gbq = next(n for n in q.graph.node if n.op_type == "GatherBlockQuantized")
     fetch = expose(q, [gbq.output[0]], prune=True)
     got = run(q, {"input_ids" if layout == "builder" else "ids": ids})
@@ -996,11 +1053,14 @@ def test_target_size_allocates_bits_blocks_and_ranks_by_measured_sensitivity():
     finds most sensitive gets the richest choice; the record lists every group's choice."""
     proto, w0, x, corr = _sized_case()
     total = _initializer_bytes
-    small = total(_apply(proto, QuantSpec("int4", 128, 0, 0, embedding="float"))[0])
+    # (float32 scales, as ONNX Runtime's quantisers write them: the budget below is theirs)
+    small = total(_apply(proto, QuantSpec("int4", 128, 0, 0, embedding="float",
+                                          scales="float32"))[0])
     budget = small + 14_000  # ~2 KB of it the graph's own bytes (names, nodes)
     got = {}
     for hot in ("o_proj", "q_proj"):
-        spec = QuantSpec("int4", 32, 0, 32, embedding="float", target_mb=budget / 1e6)
+        spec = QuantSpec("int4", 32, 0, 32, embedding="float", target_mb=budget / 1e6,
+                         scales="float32")
         m = ir.serde.deserialize_model(proto)
         p = QuantizePass(spec, corr, probe=_probe_weighting(
             {f"model.layers.0.self_attn.{hot}.weight": 1e4}, w0))

@@ -487,21 +487,30 @@ def bytes_read_per_token(proto) -> int:
     tables only ``Gather``-like nodes read (an embedding lookup reads one row). Decode at batch
     1 is bound by these bytes, so ``dense bytes / these`` bounds a quantised model's decode
     speedup the way Amdahl's law bounds a low-rank one. External data is not read (sizes come
-    from dims and types)."""
+    from dims and types). An initializer only ``Cast`` s read (lrc's float16 scales on disk)
+    counts as what its Casts make, read by their readers: ONNX Runtime folds them."""
     import numpy as np
     from onnx import helper
 
     users: dict[str, set[str]] = {}
+    casts: dict[str, list] = {}
     for node in proto.graph.node:
         for name in node.input:
             users.setdefault(name, set()).add(node.op_type)
+        if node.op_type == "Cast" and node.input:
+            casts.setdefault(node.input[0], []).append(node)
     total = 0
     for t in proto.graph.initializer:
         ops = users.get(t.name, set())
+        dtype = t.data_type
+        if ops == {"Cast"}:
+            made = casts[t.name]
+            ops = set().union(*(users.get(n.output[0], set()) for n in made))
+            dtype = next(a.i for a in made[0].attribute if a.name == "to")
         if not ops or ops <= _GATHERS:
             continue
         size = int(np.prod(t.dims)) if len(t.dims) else 1
-        total += size * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        total += size * np.dtype(helper.tensor_dtype_to_np_dtype(dtype)).itemsize
     return total
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lrc.graph.passes.lowrank import add_initializer, unique_name
-from lrc.graph.passes.qforms import MS, replace_node, table as _table
+from lrc.graph.passes.qforms import MS, replace_node, scales_value, table as _table
 from lrc.graph.passes.quant import EMBED_MIN, EMBEDDING, QuantRecord, QuantSpec
 from lrc.quantmath import quantize_blockwise, quantize_columns, valid_block_size
 
@@ -108,11 +108,12 @@ class EmbeddingPass(ir.passes.InPlacePass):
                          for i in range(0, v, 4096)]
                 del rows
                 packed = np.concatenate([p.packed.reshape(p.n, -1) for p in parts])
-                scales = np.concatenate([p.scales for p in parts]).astype(fdt)
+                scales = np.concatenate([p.scales for p in parts])
                 del parts
+                sv, s_bytes = scales_value(graph, f"{table.name}_gbq_scales", scales, fdt,
+                                           self.spec.scales)
                 done[id(table)] = (add_initializer(graph, f"{table.name}_gbq{bits}", packed),
-                                   add_initializer(graph, f"{table.name}_gbq_scales", scales),
-                                   packed.nbytes + scales.nbytes)
+                                   sv, packed.nbytes + s_bytes)
             dv, sv, nbytes = done[id(table)]
             _to_gbq(node, dv, sv, bits, bs)
             self.record.embeddings.append({
@@ -130,7 +131,7 @@ class EmbeddingPass(ir.passes.InPlacePass):
                 if a.name in ("bits", "block_size", "K")}
         return (attr.get("bits") == bits and attr.get("block_size") == bs and k_w == k
                 and attr.get("K", 0) >= k and not k % bs
-                and node.inputs[2].const_value.dtype == tv.dtype)
+                and node.inputs[2].dtype == tv.dtype)  # (float16 on disk: cast back)
 
     def _shared_table(self, graph: ir.Graph, table: ir.Value, head, v: int, k: int, bits: int,
                       bs: int) -> tuple[ir.Value, ir.Value]:
@@ -162,7 +163,11 @@ class EmbeddingPass(ir.passes.InPlacePass):
         sc = op("Reshape", [scales, const("sshape", [v, nb])], "scales_rows")
         if nb != kb:
             sc = op("Slice", [sc, const("t0", [0, 0]), const("t1", [v, kb])], "scales")
-        graph.insert_before(graph[0], nodes)
+        cast = scales.producer()  # float16 scales on disk: after their Cast
+        if cast is not None:
+            graph.insert_after(cast, nodes)
+        else:
+            graph.insert_before(graph[0], nodes)
         return data, sc
 
 

@@ -65,18 +65,45 @@ class QForm:
     opset: int = 0
 
 
+def scales_value(graph: ir.Graph, name: str, scales: np.ndarray, compute,
+                 store: str) -> tuple[ir.Value, int]:
+    """Block scales for an ONNX Runtime contrib op that multiplies in ``compute`` (a numpy
+    float dtype), as an initializer: ``(value, bytes on disk)``. With ``store`` "float16" and
+    a float32 op they are kept on disk in float16 and cast back in the graph (``Cast`` of an
+    initializer: ONNX Runtime folds it when the session loads, so its kernels read float32
+    scales as before; a float32 scale is 1 bit per weight at 4 bits in blocks of 32, a float16
+    one half of that); otherwise in ``compute``. The Cast goes first in ``graph`` (it reads
+    an initializer only)."""
+    if store != "float16" or np.dtype(compute) != np.float32:
+        v = add_initializer(graph, name, scales.astype(compute))
+        return v, v.const_value.nbytes
+    half = add_initializer(graph, f"{name}_f16", scales.astype(np.float16))
+    out = ir.Value(name=unique_name(graph, name), type=ir.TensorType(ir.DataType.FLOAT),
+                   shape=ir.Shape(scales.shape))
+    cast = ir.Node("", "Cast", [half], outputs=[out], attributes=[
+        ir.AttrInt64("to", ir.DataType.FLOAT.value)], name=f"{out.name}/lrc_cast")
+    graph.insert_before(graph[0], cast)
+    return out, half.const_value.nbytes
+
+
+def scale_itemsize(compute, store: str) -> int:
+    """Bytes of one block scale on disk (:func:`scales_value`)."""
+    return 2 if store == "float16" else np.dtype(compute).itemsize
+
+
 def _nbits(graph, t, bq: BlockQuant, x, ctx) -> tuple[ir.Node, int]:
-    """``MatMulNBits(x, bq)``; accuracy_level is the pass's (one for every node)."""
+    """``MatMulNBits(x, bq)``; accuracy_level is the pass's (one for every node); the scales
+    stored as ``ctx["scales"]`` says (:func:`scales_value`)."""
     pv = add_initializer(graph, f"{t.weight.name}_Q{bq.bits}", bq.packed)
-    sv = add_initializer(graph, f"{t.weight.name}_scales",
-                         bq.scales.reshape(-1).astype(ctx["float"]))
+    sv, s_bytes = scales_value(graph, f"{t.weight.name}_scales", bq.scales.reshape(-1),
+                               ctx["float"], ctx.get("scales", "float32"))
     attrs = [ir.AttrInt64("K", bq.k), ir.AttrInt64("N", bq.n), ir.AttrInt64("bits", bq.bits),
              ir.AttrInt64("block_size", bq.block_size)]
     if ctx["accuracy_level"]:
         attrs.append(ir.AttrInt64("accuracy_level", ctx["accuracy_level"]))
     node = ir.Node(MS, "MatMulNBits", [x, pv, sv], attributes=attrs, num_outputs=1,
                    name=t.name)
-    return node, bq.packed.nbytes + bq.scales.size * np.dtype(ctx["float"]).itemsize
+    return node, bq.packed.nbytes + s_bytes
 
 
 def _dq_block(graph, t, bq: BlockQuant, x, ctx) -> tuple[ir.Node, int]:

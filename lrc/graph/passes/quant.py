@@ -28,10 +28,16 @@ gate/up) share one ``A``: their errors are corrected jointly, ``X·A`` runs once
   4-bit decode gain, and so do we: BENCHMARKS.md). ``int8`` always uses it: a per-tensor
   activation scale shared by ``X`` and ``T`` would crush ``T``.
 
+Scales: ``MatMulNBits`` / ``GatherBlockQuantized`` block scales are stored in float16
+(``QuantSpec.scales``, the default): a float32 node reads them through a ``Cast`` that ONNX
+Runtime folds when it loads the model (:func:`lrc.graph.passes.qforms.scales_value`), so its
+kernels run as before on half the scale bytes on disk (0.5 bit per 4-bit weight in blocks of
+32). Codes are made with float32 scales, then the scales rounded to float16 (a relative 2^-11,
+far below the 4-bit step) before any error, correction or stage uses them.
+
 Float16 models: a node that multiplies in float16 gets ``MatMulNBits`` with float16 scales
 (ORT's CPU and CUDA kernels take float16 ``A``) and float16 correction factors; codes and
-corrections are computed in float32 as for float32 weights, the scales rounded to float16 once
-(a relative 2^-11, far below the 4-bit step). ``int8`` (``DynamicQuantizeMatMul`` takes float32
+corrections are computed in float32 as for float32 weights. ``int8`` (``DynamicQuantizeMatMul`` takes float32
 activations only) and the standard forms of the other target runtimes are refused on such
 nodes in one line. Embedding tables of float16 become ``GatherBlockQuantized`` with float16
 scales (ORT); for other runtimes they stay float16.
@@ -52,7 +58,7 @@ from lrc.factorize import Factors
 from lrc.graph.locate import FACTOR_META, Target, locate
 from lrc.graph.passes.lowrank import add_initializer, unique_name
 from lrc.graph.passes.qforms import (EMBEDDING_FORMS, MS, EmbeddingForm, QForm, default_forms,
-                                     replace_node, table)
+                                     replace_node, scale_itemsize, table)
 from lrc.graph.passes.qforms import FORMS as QFORMS
 from lrc.graph.policy import check_selector, selector_matches
 from lrc.graph.plan import effective_weight
@@ -63,6 +69,7 @@ from lrc.quantmath import (BASE_QUANTIZERS, COLUMNS, BlockQuant, columns, dequan
 SCHEMES = {"int4": 4, "int8-weight": 8, "int8": 8}
 CORRECT_FORMS = ("concat", "add")
 EMBEDDING = {"int8": 8, "int4": 4, "float": 0}
+SCALE_DTYPES = ("float16", "float32")  # QuantSpec.scales
 EMBED_MIN = 1 << 20  # tables with fewer elements stay float (positions, token types)
 INT8_QMAX = 63  # u8·s8 safe on CPUs without VNNI (see lrc.graph.passes.int8._U8S8_SAFE)
 AUTO_RANK = 32  # correct_rank auto spends by default what this uniform rank costs
@@ -104,6 +111,9 @@ class QuantSpec:
     target: str = "ort"  # the runtime the forms are for (its name, for messages)
     base: str = "rtn"  # how block-wise codes are chosen (lrc.quantmath.BASE_QUANTIZERS)
     correct_a_bits: int = 32  # the concat form's A: float (32), or block codes of 8 / 4 bits
+    # block scales of a float32 model's MatMulNBits / GatherBlockQuantized on disk: float16
+    # (cast back in the graph, folded by ONNX Runtime at load) or float32
+    scales: str = "float16"
     # scheme (and "embedding") -> the form written for it (lrc.graph.passes.qforms), as the
     # target runtime declares them (lrc.runtime.runtimes); None: ONNX Runtime's own ops
     forms: dict | None = None
@@ -158,6 +168,9 @@ class QuantSpec:
         if self.base not in BASE_QUANTIZERS:
             raise LrcError(f"{opt('base_quant')} must be one of {', '.join(BASE_QUANTIZERS)}, "
                            f"got {self.base!r}")
+        if self.scales not in SCALE_DTYPES:
+            raise LrcError(f"{opt('scales')} must be {' or '.join(SCALE_DTYPES)}, got "
+                           f"{self.scales!r}")
         if self.correct_form not in CORRECT_FORMS:
             raise LrcError(f"{opt('correct_form')} must be {' or '.join(CORRECT_FORMS)}, "
                            f"got {self.correct_form!r}")
@@ -501,7 +514,8 @@ class QuantizePass(ir.passes.InPlacePass):
                 quants.append((q, s))
                 hats.append(q.astype(np.float32) * s)
             else:
-                bq = base.quantize(w, spec.bits, spec.block_size, gram)
+                bq = _as_stored(base.quantize(w, spec.bits, spec.block_size, gram), group[0],
+                                spec)
                 quants.append(bq)
                 hats.append(dequantize(bq))
         return ws, hats, quants
@@ -536,12 +550,13 @@ class QuantizePass(ir.passes.InPlacePass):
             k, n = ws[0].shape[0], sum(w.shape[1] for w in ws)
             bs = spec.block_size if not spec.column else AUTO_RANK
             concat = not spec.column and spec.correct_form == "concat" and not k % bs
-            # bytes of one block of rank: A's columns (fp32, or block codes and one scale per
+            # bytes of one block of rank: A's columns (floats, or block codes and one scale per
             # block of K) and B's rows (the scheme's bits and one scale per column in the concat
-            # form; fp32 in the add form)
-            a_cost = (k * bs * spec.correct_a_bits // 8 + (k // spec.block_size) * bs * 4
-                      if concat and spec.correct_a_bits < 32 else k * bs * 4)
-            cost = a_cost + (n * bs * spec.bits // 8 + n * 4 if concat else n * bs * 4)
+            # form; floats in the add form)
+            item, sitem = _itemsize(group[0]), _scale_bytes(group[0], spec)
+            a_cost = (k * bs * spec.correct_a_bits // 8 + (k // spec.block_size) * bs * sitem
+                      if concat and spec.correct_a_bits < 32 else k * bs * item)
+            cost = a_cost + (n * bs * spec.bits // 8 + n * sitem if concat else n * bs * item)
             gains = [float(np.sum(sig2[b * bs:(b + 1) * bs]))
                      for b in range(min(AUTO_MAX_BLOCKS, -(-len(sig2) // bs)))]
             cands.append((gi, bs, cost, gains))
@@ -620,7 +635,7 @@ class QuantizePass(ir.passes.InPlacePass):
         for gi, (spec, group) in enumerate(groups):
             t1 = time.perf_counter()
             k, ns = group[0].shape[0], [t.shape[1] for t in group]
-            item = _itemsize(group[0])
+            item, sitem = _itemsize(group[0]), _scale_bytes(group[0], spec)
             names = tuple(t.name for t in group)
             corrected = spec.correct_rank > 0 and not spec.column
             shares = any(t.tied for t in group) and self._shares_codes(spec)
@@ -665,7 +680,7 @@ class QuantizePass(ir.passes.InPlacePass):
                         n_probes += 1
                     if spec.base == "rtn" and not spec.column:
                         self._qcache[(names, bits, block)] = quants
-                    nbytes = _choice_bytes(k, ns, bits, block, 0, s, item)
+                    nbytes = _choice_bytes(k, ns, bits, block, 0, s, item, sitem)
                     if ref is None or nbytes < ref[0]:
                         ref = (nbytes, errs[block], hats)
                     if block == 32:
@@ -685,7 +700,7 @@ class QuantizePass(ir.passes.InPlacePass):
                     del quants
                 for block in blocks:
                     menu.append(Choice(bits, block, 0, _choice_bytes(
-                        k, ns, bits, block, 0, replace(spec, block_size=block), item),
+                        k, ns, bits, block, 0, replace(spec, block_size=block), item, sitem),
                         errs[block], **priced(k, ns, bits, block)))
                 if bits == 4 and corrected and not k % 32:
                     ws, hats = at32
@@ -698,7 +713,7 @@ class QuantizePass(ir.passes.InPlacePass):
                                 t.role == "head" for t in group)):
                             continue
                         menu.append(Choice(4, 32, r, _choice_bytes(
-                            k, ns, 4, 32, r, replace(spec, block_size=32), item),
+                            k, ns, 4, 32, r, replace(spec, block_size=32), item, sitem),
                             max(errs[32] - float(np.sum(sig2[:r])), 0.0),
                             **priced(k, ns, 4, 32, r, a_bits)))
                     del ws, hats
@@ -830,14 +845,15 @@ class QuantizePass(ir.passes.InPlacePass):
         if form == "concat":
             a_pad, f = _block_factors(f, spec.block_size)
             if spec.correct_a_bits < 32:  # A in the scheme's block codes, B refitted to it
-                a_codes = quantize_blockwise(a_pad, spec.correct_a_bits, spec.block_size)
+                a_codes = _as_stored(quantize_blockwise(a_pad, spec.correct_a_bits,
+                                                        spec.block_size), group[0], spec)
                 a_pad = dequantize(a_codes)
                 f = _refit(f, a_pad, ws, quants, self._gram(group))
             bs = [f.b[:, offsets[i]:offsets[i + 1]] for i in range(len(ws))]
             # [W; B] quantised: K is whole blocks, so its blocks are W's (already quantised)
             # followed by B's — W's codes are reused, not quantised twice
-            quants = [_stack(wq, quantize_blockwise(b, spec.bits, spec.block_size))
-                      for wq, b in zip(quants, bs)]
+            quants = [_stack(wq, _as_stored(quantize_blockwise(b, spec.bits, spec.block_size),
+                                            group[0], spec)) for wq, b in zip(quants, bs)]
         return Solved(ws, hats, quants, f, info, form, a_pad, bs, a_codes)
 
     def _gram(self, group: list[Target]):
@@ -872,7 +888,8 @@ class QuantizePass(ir.passes.InPlacePass):
                 node = t.node if t.node.op_type == "MatMulNBits" else t.node.inputs[0].producer()
                 self.tied_codes[id(t.weight)] = (node, w.shape[0])
             if f is not None and i == len(group) - 1:
-                after += (sv.a_codes.nbytes if sv.a_codes is not None else
+                after += (sv.a_codes.packed.nbytes + sv.a_codes.scales.size
+                          * _scale_bytes(t, spec) if sv.a_codes is not None else
                           (f.a.size if form == "add" else a_pad.size) * _itemsize(t))
             werr_b = info.get("werr_before", [None] * len(group))[i]
             werr_a = info.get("werr_after", [None] * len(group))[i]
@@ -935,7 +952,7 @@ class QuantizePass(ir.passes.InPlacePass):
                                      weight=SimpleNamespace(name=f"{t.weight.name}.lrc_corrA"))
             node, _ = spec.qform.emit(graph, a_node, a_codes, t.node.inputs[0], {
                 "accuracy_level": self.spec.accuracy_level, "float": _float(t),
-                "shared": self._shared})
+                "shared": self._shared, "scales": self.spec.scales})
             node.name = f"{t.name}/lrc_corrA"
             t.node.graph.insert_before(t.node, node)
             t_val = node.outputs[0]
@@ -951,7 +968,7 @@ class QuantizePass(ir.passes.InPlacePass):
         with the weight ``[W; B]``) in the spec's form (:data:`lrc.graph.passes.qforms.FORMS`)."""
         node, nbytes = spec.qform.emit(graph, t, codes, x, {
             "accuracy_level": self.spec.accuracy_level, "float": _float(t),
-            "shared": self._shared})
+            "shared": self._shared, "scales": self.spec.scales})
         if node is not None:
             replace_node(t.node, node)
             t.node = node
@@ -1047,18 +1064,37 @@ def _stored(t, h: np.ndarray) -> np.ndarray:
 
 
 def _choice_bytes(k: int, ns: list[int], bits: int, block: int, rank: int, spec: QuantSpec,
-                  item: int) -> int:
+                  item: int, scale: int | None = None) -> int:
     """Bytes of a group's weights ``[k, n_i]`` as ``bits``-bit codes in blocks of ``block``
-    (one float scale per block and column), with a concat correction of ``rank``: ``A``
-    (``spec.correct_a_bits`` codes or floats) and ``B``'s rows stacked under each weight."""
+    (one scale of ``scale`` bytes per block and column; default ``item``, the float's), with
+    a concat correction of ``rank``: ``A`` (``spec.correct_a_bits`` codes or floats of
+    ``item`` bytes) and ``B``'s rows stacked under each weight."""
+    scale = item if scale is None else scale
     blocks = -(-k // block)
     n = sum(ns)
-    size = n * blocks * (block * bits // 8 + item)
+    size = n * blocks * (block * bits // 8 + scale)
     if rank:
-        a = (k * rank * spec.correct_a_bits // 8 + blocks * rank * item
+        a = (k * rank * spec.correct_a_bits // 8 + blocks * rank * scale
              if spec.correct_a_bits < 32 else k * rank * item)
-        size += a + n * (rank * bits // 8 + (rank // block) * item)
+        size += a + n * (rank * bits // 8 + (rank // block) * scale)
     return size
+
+
+def _as_stored(bq: BlockQuant, t: Target, spec: QuantSpec) -> BlockQuant:
+    """``bq`` with its scales as the file will hold them (float16 where :func:`_scale_bytes`
+    says 2): what every error, correction and stage then computes with is what ONNX Runtime
+    runs."""
+    if _scale_bytes(t, spec) != 2:
+        return bq
+    return replace(bq, scales=bq.scales.astype(np.float16).astype(np.float32))
+
+
+def _scale_bytes(t: Target, spec: QuantSpec) -> int:
+    """Bytes of one block scale of ``t``'s codes on disk, in the spec's form: float16 in
+    ``MatMulNBits`` when the spec stores them so (:func:`lrc.graph.passes.qforms.scales_value`),
+    else the float the node multiplies in."""
+    return (scale_itemsize(_float(t), spec.scales) if spec.qform.name == "nbits"
+            else _itemsize(t))
 
 
 def smallest_bytes(model: ir.Model, spec: QuantSpec, select=None) -> tuple[int, int]:
@@ -1071,7 +1107,7 @@ def smallest_bytes(model: ir.Model, spec: QuantSpec, select=None) -> tuple[int, 
         s, k = spec.for_target(t), t.shape[0]
         block = max([b for b in ALLOC_BLOCKS if not k % b] or [32])
         return _choice_bytes(k, [t.shape[1]], s.bits, 32 if s.column else block, 0, s,
-                             _itemsize(t))
+                             _itemsize(t), _scale_bytes(t, s))
 
     return _fixed_bytes(model, targets, spec), _per_weight(targets, least)
 
@@ -1079,8 +1115,9 @@ def smallest_bytes(model: ir.Model, spec: QuantSpec, select=None) -> tuple[int, 
 def int4_form_bytes(model: ir.Model, spec: QuantSpec, select=None) -> int:
     """The bytes of the model in the builder's int4 form, what ``--target-size Nx`` multiplies:
     every projection 4-bit in blocks of 32 with no correction, the large embedding tables int4
-    (a tied head's shared), the rest as it is."""
-    spec = replace(spec, embedding="int4", block_size=32)
+    (a tied head's shared), the scales in the model's float (as the builder and ONNX Runtime's
+    quantisers write them), the rest as it is."""
+    spec = replace(spec, embedding="int4", block_size=32, scales="float32")
     targets, _ = quant_targets(model, select)
     return _fixed_bytes(model, targets, spec) + _per_weight(targets, lambda t: _choice_bytes(
         t.shape[0], [t.shape[1]], 4, 32, 0, spec, _itemsize(t)))
@@ -1131,7 +1168,10 @@ def _fixed_bytes(model: ir.Model, targets: list, spec: QuantSpec) -> int:
         if id(tab.value) not in seen:
             total -= tab.tensor.nbytes
         if not shared:
-            total += v * k * bits // 8 + v * (k // spec.block_size) * tab.tensor.dtype.itemsize
+            item = tab.tensor.dtype.itemsize
+            if spec.embedding_form is not None and spec.embedding_form.name == "gbq":
+                item = scale_itemsize(np.float16 if item == 2 else np.float32, spec.scales)
+            total += v * k * bits // 8 + v * (k // spec.block_size) * item
     for t in targets:  # a tied table no embedding form replaces stays float beside the head
         if t.tied and id(t.weight) not in done:
             done.add(id(t.weight))
