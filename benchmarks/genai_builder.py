@@ -184,7 +184,15 @@ SCALES_TEXT = (
 # --tag scales: float16 scales on disk (its own folder and markers)
 SCALES_VARIANTS = ("lrc-plain,lrc-plain-s32,lrc-size-88-d1.1-seq,lrc-size-88-d1.1-p1-seq,"
                    "lrc-size-105-seq")
+CALIB_TEXT = (
+    " Run with `--calib-tokens 32768` (twice the default): the statistics, the probe's windows "
+    "and the sequential stages' targets from twice the text; set against the 105 MB row of the "
+    "float16 scales section (16384 tokens).")
+# --tag calib: twice the calibration text (--calib-tokens 32768 given to the script)
+CALIB_VARIANTS = "lrc-plain,lrc-size-105-seq"
 TAGS = {"decode": (DECODE_VARIANTS, ": target-size's decode budget", DECODE_TEXT),
+        "calib": (CALIB_VARIANTS, ": twice the calibration text",
+                  CALIB_TEXT + SCALES_TEXT + SEQ_TEXT),
         "scales": (SCALES_VARIANTS, ": block scales in float16 on disk",
                    SCALES_TEXT + SEQ_TEXT + DECODE_TEXT + PREFILL_TEXT),
         "prefill": (PREFILL_VARIANTS, ": target-size's prefill budget",
