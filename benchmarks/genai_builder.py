@@ -185,9 +185,9 @@ SCALES_TEXT = (
 SCALES_VARIANTS = ("lrc-plain,lrc-plain-s32,lrc-size-88-d1.1-seq,lrc-size-88-d1.1-p1-seq,"
                    "lrc-size-105-seq")
 CALIB_TEXT = (
-    " Run with `--calib-tokens 32768` (twice the default): the statistics, the probe's windows "
-    "and the sequential stages' targets from twice the text; set against the 105 MB row of the "
-    "float16 scales section (16384 tokens).")
+    " Run with `--calib-tokens 32768` (twice the default): the Grams and the sequential stages' "
+    "targets from twice the text (the sensitivity probe's two windows are the same); set against "
+    "the 105 MB row of the float16 scales section (16384 tokens).")
 # --tag calib: twice the calibration text (--calib-tokens 32768 given to the script)
 CALIB_VARIANTS = "lrc-plain,lrc-size-105-seq"
 TAGS = {"decode": (DECODE_VARIANTS, ": target-size's decode budget", DECODE_TEXT),
