@@ -37,9 +37,9 @@ far below the 4-bit step) before any error, correction or stage uses them.
 
 Float16 models: a node that multiplies in float16 gets ``MatMulNBits`` with float16 scales
 (ORT's CPU and CUDA kernels take float16 ``A``) and float16 correction factors; codes and
-corrections are computed in float32 as for float32 weights. ``int8`` (``DynamicQuantizeMatMul`` takes float32
-activations only) and the standard forms of the other target runtimes are refused on such
-nodes in one line. Embedding tables of float16 become ``GatherBlockQuantized`` with float16
+corrections are computed in float32 as for float32 weights. ``int8``
+(``DynamicQuantizeMatMul`` takes float32 activations only) and the standard forms of the other
+target runtimes are refused on such nodes in one line. Embedding tables of float16 become ``GatherBlockQuantized`` with float16
 scales (ORT); for other runtimes they stay float16.
 
 The pass never touches files; ``self.record`` lists every node with what was done to it.
