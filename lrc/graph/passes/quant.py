@@ -1168,9 +1168,9 @@ def _fixed_bytes(model: ir.Model, targets: list, spec: QuantSpec) -> int:
         if id(tab.value) not in seen:
             total -= tab.tensor.nbytes
         if not shared:
-            item = tab.tensor.dtype.itemsize
-            if spec.embedding_form is not None and spec.embedding_form.name == "gbq":
-                item = scale_itemsize(np.float16 if item == 2 else np.float32, spec.scales)
+            gbq = spec.embedding_form is not None and spec.embedding_form.name == "gbq"
+            item = (scale_itemsize(tab.tensor.dtype.numpy(), spec.scales) if gbq
+                    else tab.tensor.dtype.itemsize)
             total += v * k * bits // 8 + v * (k // spec.block_size) * item
     for t in targets:  # a tied table no embedding form replaces stays float beside the head
         if t.tied and id(t.weight) not in done:
