@@ -1076,6 +1076,39 @@ def test_target_size_allocates_bits_blocks_and_ranks_by_measured_sensitivity():
     assert got["q_proj"]["q_proj"] > got["o_proj"]["q_proj"], got
 
 
+def test_target_size_probes_in_a_worker_beside_the_codes():
+    """target-size's probe runs in a worker thread while the main thread makes the next group's
+    codes; each group's KL is still its own (the same choices as probing in line: a probe whose
+    value depends on the group), and the record says where the time went."""
+    import threading
+
+    proto, w0, x, corr = _sized_case()
+    seen = []
+    weights = {"model.layers.0.self_attn.o_proj.weight": 1e4}
+
+    def make():
+        inner = _probe_weighting(weights, w0)()
+
+        def probe(values):
+            seen.append((threading.current_thread().name, sorted(values)))
+            return inner(values)
+        return probe
+
+    spec = QuantSpec("int4", 32, 0, 32, embedding="float", target_mb=0.13, scales="float32")
+    p = QuantizePass(spec, corr, probe=make)
+    p.plan(ir.serde.deserialize_model(proto))
+    assert seen and all(name.startswith("lrc-probe") for name, _ in seen)
+    # one probe per group, in the groups' order, each read back as that group's sensitivity
+    assert len(seen) == len(p.record.allocation)
+    for (_, names), a in zip(seen, p.record.allocation):
+        assert any("o_proj" in n for n in names) == ("o_proj" in a["members"][0])
+    o = next(a for a in p.record.allocation if "o_proj" in a["members"][0])
+    q = next(a for a in p.record.allocation if "q_proj" in a["members"][0])
+    assert o["sensitivity"] > 100 * q["sensitivity"]  # the weighted group's own KL
+    t = p.record.plan_seconds
+    assert t["probe_runs"] == len(seen) + 1 and t["total"] >= t["codes"] >= 0
+
+
 def test_target_size_with_a_decode_budget_keeps_the_predicted_time():
     """QuantizePass with decode_budget: each choice is charged its predicted seconds (a
     DecodeCost); at 1.0x plain int4/32's time neither a correction (a node) nor 8 bits (twice

@@ -280,6 +280,7 @@ class QuantRecord:
     embeddings: list[dict] = field(default_factory=list)
     allocation: list[dict] = field(default_factory=list)  # target-size: the choice per group
     decode: dict | None = None  # target-size's decode budget: predicted and allowed time
+    plan_seconds: dict | None = None  # target-size's choosing: wall, codes, probes (beside)
 
     def totals(self) -> dict:
         before = sum(n.weight_bytes_before for n in self.nodes)
@@ -301,7 +302,8 @@ class QuantRecord:
         return {"spec": self.spec, "nodes": [asdict(n) for n in self.nodes],
                 "skipped": self.skipped, "notes": self.notes, "embeddings": self.embeddings,
                 "allocation": self.allocation, "totals": self.totals(),
-                **({"decode": self.decode} if self.decode else {})}
+                **({"decode": self.decode} if self.decode else {}),
+                **({"plan_seconds": self.plan_seconds} if self.plan_seconds else {})}
 
     def summary_line(self) -> str:
         t = self.totals()
@@ -614,10 +616,22 @@ class QuantizePass(ir.passes.InPlacePass):
         menus, sens, specs = [], [], []
         with_8 = self.spec.all_forms.get("int8-weight") is not None
         import time
+        from concurrent.futures import Future, ThreadPoolExecutor
 
         t0 = time.perf_counter()
         probe = self.probe() if self.probe is not None else None
-        t_probe = time.perf_counter() - t0
+        t_probe = [time.perf_counter() - t0]
+        # The probes run in a worker thread (ONNX Runtime) while the main thread makes the
+        # next group's codes (mostly one core's numpy): group g's probe beside group g+1's codes
+        worker = (ThreadPoolExecutor(1, thread_name_prefix="lrc-probe") if probe is not None
+                  else None)
+
+        def measure(values) -> float:
+            t = time.perf_counter()
+            kl = probe(values)
+            t_probe[0] += time.perf_counter() - t
+            return kl
+
         timed = self.spec.decode_budget or self.spec.prefill_budget
         cost = self.decode_cost() if self.decode_cost is not None and timed else None
 
@@ -629,7 +643,7 @@ class QuantizePass(ir.passes.InPlacePass):
                     if cost.prefill else 0.0}
 
         a_bits = self.spec.correct_a_bits
-        t_codes, n_probes, emb_kls = 0.0, 0, []
+        t_codes, n_probes, emb_kls, kls, refs = 0.0, 0, [], [], []
         # a tied table's embedding side, when the probe can change it apart from the head
         emb_inputs = getattr(probe, "embedding_inputs", {}) if probe is not None else {}
         for gi, (spec, group) in enumerate(groups):
@@ -674,9 +688,9 @@ class QuantizePass(ir.passes.InPlacePass):
                     errs[block] = err_of(ws, hats)
                     if emb is not None and bits == 4:
                         t2 = time.perf_counter()
-                        emb_kl[block] = probe({emb[1]: _stored(group[emb[0]], hats[emb[0]])})
+                        emb_kl[block] = worker.submit(measure, {emb[1]: _stored(
+                            group[emb[0]], hats[emb[0]])}).result()
                         t_emb += time.perf_counter() - t2
-                        t_probe += time.perf_counter() - t2
                         n_probes += 1
                     if spec.base == "rtn" and not spec.column:
                         self._qcache[(names, bits, block)] = quants
@@ -719,23 +733,35 @@ class QuantizePass(ir.passes.InPlacePass):
                     del ws, hats
                 del at32
             values = {t.weight.name: _stored(t, h) for t, h in zip(group, ref[2])}
-            t2 = time.perf_counter()
-            t_codes += t2 - t1 - t_emb
-            kl = probe(values) if probe is not None else ref[1]
-            t_probe += time.perf_counter() - t2
-            n_probes += probe is not None
+            t_codes += time.perf_counter() - t1 - t_emb
+            if probe is not None:
+                if kls:  # (the last group's probe done first: two groups' weights at most)
+                    kls[-1].result()
+                kls.append(worker.submit(measure, values))
+                n_probes += 1
+            else:
+                kls.append(ref[1])
             if self.progress:
                 self.progress(gi + 1, len(groups), f"measuring {group[0].name}")
-            sens.append(kl / ref[1] if ref[1] > 0 else 0.0)
-            if emb_kl and sens[-1] > 0:
-                # the embedding's error, in the head's units: every choice at that block
-                # size leaves it, whatever the head's correction removes
-                menu = [replace(c, err=c.err + emb_kl.get(c.block, 0.0) / sens[-1])
-                        for c in menu]
+            refs.append(ref[1])
             menus.append(menu)
             specs.append(spec)
             emb_kls.append(emb_kl)
             del values, ref
+        if worker is not None:
+            worker.shutdown(wait=True)
+        t_plan = time.perf_counter() - t0
+        self.record.plan_seconds = {"total": round(t_plan, 1), "codes": round(t_codes, 1),
+                                    "probes": round(t_probe[0], 1),
+                                    "probe_runs": n_probes + (probe is not None)}
+        for gi, (kl, err, emb_kl) in enumerate(zip(kls, refs, emb_kls)):
+            kl = kl.result() if isinstance(kl, Future) else kl
+            sens.append(kl / err if err > 0 else 0.0)
+            if emb_kl and sens[-1] > 0:
+                # the embedding's error, in the head's units: every choice at that block
+                # size leaves it, whatever the head's correction removes
+                menus[gi] = [replace(c, err=c.err + emb_kl.get(c.block, 0.0) / sens[-1])
+                             for c in menus[gi]]
         plain_s = plain_p = seconds_budget = prefill_budget = None
         if cost is not None:  # the time of plain 4-bit codes in blocks of 32, every group
 
@@ -778,8 +804,9 @@ class QuantizePass(ir.passes.InPlacePass):
             f"quantised here, smallest choice {(alloc.min_bytes + fixed) / 1e6:.1f} MB); "
             f"choices over {len(groups)} groups, by measured sensitivity: "
             + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
-            + f"; {t_codes:.0f} s on the choices' codes and errors, {t_probe:.0f} s on "
-            f"{n_probes + 1 if probe is not None else 0} sensitivity runs")
+            + f"; {t_plan:.0f} s: {t_codes:.0f} s on the choices' codes and errors, beside "
+            f"them {t_probe[0]:.0f} s on {n_probes + 1 if probe is not None else 0} "
+            "sensitivity runs")
         if cost is not None:
             self.record.decode = {"budget": self.spec.decode_budget, "plain_ms": plain_s * 1e3,
                                   "planned_ms": alloc.seconds * 1e3, "met": alloc.seconds_met,
