@@ -262,13 +262,15 @@ def decode_plans(models: dict, source: Path | None = None) -> dict:
     for key, folder in models.items():
         f = Path(folder) / "lrc.json"
         if f.is_file():
-            q = json.loads(f.read_text()).get("quantize", {})
+            rec = json.loads(f.read_text())
+            q = rec.get("quantize", {})
             alloc = q.get("allocation", [])
             choices = [a["choice"] for a in alloc]
             out[key] = {**(q.get("decode") or {}), "corrections": sum("+r" in c for c in choices),
                         "int8": sum(c.startswith("int8") for c in choices),
                         "wide_blocks": sum(c.split("+")[0] in ("int4/64", "int4/128")
-                                           for c in choices)}
+                                           for c in choices),
+                        "time": _time_split(rec)}
             if shapes and alloc and all(m in shapes for a in alloc for m in a["members"]):
                 own = extra = 0
                 for a in alloc:
@@ -278,6 +280,16 @@ def decode_plans(models: dict, source: Path | None = None) -> dict:
                     own, extra = own + k * n, extra + r * (k + n)
                 out[key]["macs_extra"] = extra / own
     return out
+
+
+def _time_split(rec: dict) -> dict:
+    """Where a compression's wall time went (lrc.json): in all, target-size's choosing (the
+    choices' codes and errors, the sensitivity probes beside them) and the sequential
+    correction's stages (segments run, sums, solves)."""
+    cal = rec.get("calibration") or {}
+    seq = {k[len("seconds_"):]: v for k, v in cal.items() if k.startswith("seconds_")}
+    return {"total": (rec.get("seconds") or {}).get("total"),
+            "plan": (rec.get("quantize") or {}).get("plan_seconds"), "sequential": seq}
 
 
 def log(msg: str) -> None:
@@ -599,6 +611,21 @@ def render(results: dict, names: list[str]) -> str:
     ])
 
 
+def _time_line(t: dict) -> str:
+    """``; compress N s: ...`` from :func:`_time_split` (empty without the split)."""
+    plan, seq = t.get("plan"), t.get("sequential") or {}
+    if not t.get("total") or not plan:
+        return ""
+    out = (f"; compress {t['total']:.0f} s: choosing {plan['total']:.0f} s ({plan['codes']:.0f} s"
+           f" of codes and errors, beside them {plan['probes']:.0f} s of {plan['probe_runs']} "
+           f"sensitivity runs)")
+    if seq.get("total"):
+        out += (f", the sequential correction {seq['total']:.0f} s ({seq.get('forward', 0):.0f}"
+                f" s running segments, {seq.get('gram', 0):.0f} s of sums, "
+                f"{seq.get('factor', 0):.0f} s solving)")
+    return out
+
+
 def _plan_lines(results: dict, labels: dict) -> list[str]:
     """What each allocated variant planned: corrections, int8 groups, predicted MatMul time."""
     lines = []
@@ -620,7 +647,7 @@ def _plan_lines(results: dict, labels: dict) -> list[str]:
         macs = (f"; its corrections add {p['macs_extra']:.1%} to the weight MatMuls' "
                 f"multiply-adds per token" if p.get("macs_extra") is not None else "")
         lines.append(f"- `{key}`: {p['corrections']} corrected groups, {p['int8']} in 8 bits"
-                     f"{wide}{macs}{t}.")
+                     f"{wide}{macs}{t}{_time_line(p.get('time') or {})}.")
     return lines + ([""] if lines else [])
 
 
