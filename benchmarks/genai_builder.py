@@ -190,7 +190,20 @@ CALIB_TEXT = (
     "the 105 MB row of the float16 scales section (16384 tokens).")
 # --tag calib: twice the calibration text (--calib-tokens 32768 given to the script)
 CALIB_VARIANTS = "lrc-plain,lrc-size-105-seq"
+TIME_TEXT = (
+    " Where the compression time goes (t4 of issue 24: NNCF's AWQ + scale estimation took 132 s "
+    "for SmolLM2 on this machine, the peers section): under each allocated row its split, from "
+    "`lrc.json` — choosing (each group's codes and errors at every block size and 8 bits, and "
+    "beside them, in a worker thread, the sensitivity probe's runs of the model's tail with that "
+    "group at its cheapest choice) and the sequential correction (the stages' segments run on "
+    "the original and the quantised model, the sums of their Grams, each choice's solve: its "
+    "fitted target, GPTQ's codes, the whitened correction). The one-shot row corrects each group "
+    "once on the original model's statistics instead of the stages.")
+# --tag time: the compression time and where it goes (one-shot against sequential)
+TIME_VARIANTS = "lrc-plain,lrc-size-88-d1.1,lrc-size-88-d1.1-seq,lrc-size-105-seq"
 TAGS = {"decode": (DECODE_VARIANTS, ": target-size's decode budget", DECODE_TEXT),
+        "time": (TIME_VARIANTS, ": where the compression time goes",
+                 TIME_TEXT + SCALES_TEXT + SEQ_TEXT + DECODE_TEXT),
         "calib": (CALIB_VARIANTS, ": twice the calibration text",
                   CALIB_TEXT + SCALES_TEXT + SEQ_TEXT),
         "scales": (SCALES_VARIANTS, ": block scales in float16 on disk",
