@@ -805,7 +805,7 @@ class QuantizePass(ir.passes.InPlacePass):
             f"choices over {len(groups)} groups, by measured sensitivity: "
             + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
             + f"; {t_plan:.0f} s: {t_codes:.0f} s on the choices' codes and errors, beside "
-            f"them {t_probe[0]:.0f} s on {n_probes + 1 if probe is not None else 0} "
+            f"them {t_probe[0]:.0f} s on {self.record.plan_seconds['probe_runs']} "
             "sensitivity runs")
         if cost is not None:
             self.record.decode = {"budget": self.spec.decode_budget, "plain_ms": plain_s * 1e3,
