@@ -14,7 +14,8 @@ the embedding tied, saved) and runs the builder for each precision asked, on the
     python benchmarks/builder.py gemma3 --precision fp32 --out DIR
 
 Each output is the builder's folder as a user gets it (``genai_config.json``, ``model.onnx``,
-tokenizer files; int4 with ``int4_block_size=32 int4_accuracy_level=4``). No network at run
+tokenizer files; int4 with ``block_size=32 accuracy_level=4``, and ``algo_config=ALGO``
+with ``--algo``: folder ``MODEL-int4-ALGO``). No network at run
 time but the package registry the first time the environment is made.
 """
 
@@ -34,6 +35,9 @@ VENV = ROOT / "bench-out" / "builder-venv"
 PACKAGES = ["torch==2.13.0", "transformers>=5", "accelerate", "onnxruntime-genai>=0.18", "onnx",
             "onnx-ir", "gguf", "sentencepiece"]  # the builder imports onnx_ir, not declared
 MODELS = ("smollm2", "gemma3")
+# the builder's int4 algo_config: default (RTN), k_quant (INC's k-quant: asymmetric, a searched
+# scale and zero point per block), k_quant_mixed (+ the head and llama.cpp's "mixed" layers int8)
+ALGOS = ("default", "k_quant", "k_quant_mixed")
 
 
 def venv_python() -> Path:
@@ -124,14 +128,20 @@ def inner(args) -> int:
         _hf_folder(gguf, hf)
         print(f"float HF folder {hf} ({time.perf_counter() - t:.0f} s)", flush=True)
     for precision in args.precision:
-        dest = out / f"{args.model}-{precision}"
+        algo = args.algo if precision == "int4" else "default"
+        dest = out / (f"{args.model}-{precision}" + ("" if algo == "default" else f"-{algo}"))
         if (dest / "genai_config.json").is_file() and not args.force:
             print(f"{dest}: there", flush=True)
             continue
         cmd = [sys.executable, __file__, "--run-builder", "-i", str(hf),
                "-o", str(dest), "-p", precision, "-e", "cpu", "-c", str(out / "cache")]
         if precision == "int4":
-            cmd += ["--extra_options", "int4_block_size=32", "int4_accuracy_level=4"]
+            # unprefixed: onnxruntime-genai 0.18's help calls the int4_* names deprecated
+            # aliases, but it ignores them silently (block 32 and accuracy_level 4 are its CPU
+            # defaults anyway; algo_config is not)
+            cmd += ["--extra_options", "block_size=32", "accuracy_level=4"]
+            if algo != "default":
+                cmd.append(f"algo_config={algo}")
         t = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
@@ -150,6 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("model", choices=MODELS)
     ap.add_argument("--precision", nargs="+", default=["fp32", "int4"],
                     choices=["fp32", "fp16", "int4"])
+    ap.add_argument("--algo", default="default", choices=ALGOS,
+                    help="the builder's int4 algo_config (folder MODEL-int4-ALGO unless default)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "builder")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
@@ -160,13 +172,15 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     py = venv_python()
     cmd = [str(py), __file__, args.model, "--inner", "--gguf", str(gguf_of(args.model)),
-           "--out", str(args.out.resolve()), "--precision", *args.precision]
+           "--out", str(args.out.resolve()), "--algo", args.algo, "--precision", *args.precision]
     if args.force:
         cmd.append("--force")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     r = subprocess.run(cmd, env=env)
     if r.returncode == 0:
-        print(json.dumps({p: str(args.out / f"{args.model}-{p}") for p in args.precision}))
+        sfx = "" if args.algo == "default" else f"-{args.algo}"
+        print(json.dumps({p: str(args.out / f"{args.model}-{p}{sfx if p == 'int4' else ''}")
+                          for p in args.precision}))
     return r.returncode
 
 
