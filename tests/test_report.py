@@ -186,8 +186,8 @@ def fake_lm_bench(base: str = "/tmp/keep") -> dict:
                          "p50_ms": 10 / sp, "p90_ms": 11 / sp, "p99_ms": 12 / sp, "mean_ms": 10 / sp,
                          "std_ms": 0.1, "min_ms": 9 / sp, "speedup": sp, "tokens_per_s": None})
     return {"schema": "lrc.bench/1", "settings": {"eps": ["cpu"]}, "runs": runs,
-            "models": [{"name": n, "path": p, "baseline": b, "kind": "decoder", "size_bytes": int(sz)}
-                       for n, p, b, sz, _, _ in models]}
+            "models": [{"name": n, "path": p, "baseline": b, "kind": "decoder", "size_bytes": int(sz),
+                        "bytes_read": int(sz * 0.9)} for n, p, b, sz, _, _ in models]}
 
 
 def fake_eval_many(base: str = "/tmp/keep") -> dict:
@@ -293,6 +293,8 @@ def fake_peers() -> dict:
                       "x_docs": 1.10, "why": None},
                      {"name": "llama.cpp Q4_K_M", "bytes": 105_000_000, "x_news": 1.08,
                       "x_docs": 1.06, "why": None},
+                     {"name": "ORT MatMulNBitsQuantizer HQQ", "bytes": 121_000_000,
+                      "bytes_read": 104_000_000, "x_news": 1.09, "x_docs": 1.12, "why": None},
                      {"name": "NNCF + lora_correction", "bytes": None, "x_news": None,
                       "x_docs": None, "why": "did not finish in 28 min"}]}
 
@@ -303,10 +305,14 @@ def test_report_puts_peers_beside_this_runs_models(tmp_path):
     html = R._peers_section(fake_peers(), models, [fake_eval_many()])
     assert len(_pngs(html)) == 1
     rows = dict(re.findall(r'<td class="l">[^<]*</td><td class="l">([^<]+)</td>(.*?)</tr>', html))
-    # dense-q4c: 33 / 30 news, 22 / 20 docs at 190 MB; the dense model is not a point
-    assert re.findall(r">([\d.]+)<", rows["dense-q4c"]) == ["190.0", "1.100", "1.100"]
-    assert "dense" not in rows and re.findall(r">([\d.]+)<", rows["llama.cpp Q4_K_M"]) == [
-        "105.0", "1.080", "1.060"]
+    # dense-q4c: 33 / 30 news, 22 / 20 docs at 190 MB (171 read per token); the dense model is
+    # not a point; a peer without bytes_read stands at its file size (≈), one with it at that
+    assert re.findall(r">([\d.]+)<", rows["dense-q4c"]) == ["190.0", "171.0", "1.100", "1.100"]
+    assert "dense" not in rows and re.findall(r">(?:≈ )?([\d.]+)<", rows["llama.cpp Q4_K_M"]) == [
+        "105.0", "105.0", "1.080", "1.060"] and "≈ 105.0" in rows["llama.cpp Q4_K_M"]
+    assert re.findall(r">([\d.]+)<", rows["ORT MatMulNBitsQuantizer HQQ"]) == [
+        "121.0", "104.0", "1.090", "1.120"]
+    assert "MB read per token" in html
     assert "did not finish in 28 min" in rows["NNCF + lora_correction"]
     assert "2048 tokens per text" in html and "1020 scored tokens" in html
     text = R.write_report([fake_lm_bench(), fake_eval_many(), fake_peers()],

@@ -476,10 +476,11 @@ def join_bench_eval(bench: dict, evals: list[dict]) -> dict:
         label = ("dense" if r["dense"] else
                  _BASELINE_LABELS.get(e.get("baseline"), f"ORT {e.get('baseline')}") if e.get("baseline")
                  else str(e.get("name")))
-        size = e.get("size_bytes")
+        size, read = e.get("size_bytes"), e.get("bytes_read")
         joined.append({"name": e.get("name"), "label": label, "path": e.get("path"),
                        "dense": r["dense"], "quality": r["metrics"],
-                       "size_mb": size / 1e6 if isinstance(size, (int, float)) else None})
+                       "size_mb": size / 1e6 if isinstance(size, (int, float)) else None,
+                       "read_mb": read / 1e6 if isinstance(read, (int, float)) else None})
     items: list[dict] = []
     groups: dict[tuple, dict[str, float]] = {}
     for run in bench.get("runs") or []:
@@ -575,7 +576,9 @@ def is_peers(item: Any) -> bool:
 
 def _peers_section(peers: dict, models: list[dict], evals: list[dict]) -> str:
     """This report's LMs (bench joined with eval) and the peers' points: perplexity / dense
-    against bytes, one panel per text."""
+    against bytes on disk and, where the bench read them, against the constants a decoded token
+    reads; one panel per text. A peer row without ``bytes_read`` (NNCF's IR, llama.cpp's GGUF:
+    their embedding table is also the head, so every weight is read) stands at its file size."""
     first = next((pairs[0][1] for _, pairs in map(eval_pairs, evals) if pairs), None)
     dense = next((m for m in models if m["dense"]), None)
     if first is None or dense is None or first.get("kind") not in (None, "causal-lm"):
@@ -593,51 +596,64 @@ def _peers_section(peers: dict, models: list[dict], evals: list[dict]) -> str:
             if q and d:
                 ratios[key] = q[0] / d[0]
         if len(ratios) == len(texts):
-            ours.append({"name": m["label"], "mb": m["size_mb"], **ratios})
+            ours.append({"name": m["label"], "mb": m["size_mb"], "read": m.get("read_mb"),
+                         **ratios})
     theirs = [{"name": r.get("name"), "mb": r["bytes"] / 1e6, "x_news": r["x_news"],
-               "x_docs": r["x_docs"]} for r in peers["rows"]
+               "x_docs": r["x_docs"], "read": (r.get("bytes_read") or r["bytes"]) / 1e6,
+               "rule": not r.get("bytes_read")} for r in peers["rows"]
               if isinstance(r, dict) and isinstance(r.get("x_news"), (int, float))
               and isinstance(r.get("x_docs"), (int, float)) and r.get("bytes")]
     if not ours or not theirs:
         return ""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, (part, key, text) in zip(axes, texts):
-        ax.scatter([p["mb"] for p in ours], [p[key] for p in ours], c="tab:blue", marker="o",
-                   label="this report's models", zorder=3)
-        for p in ours:
-            ax.annotate(p["name"], (p["mb"], p[key]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        for who, (colour, marker) in _PEER_COLOURS.items():
-            ps = [p for p in theirs if str(p["name"]).startswith(who)]
-            if ps:
-                ax.scatter([p["mb"] for p in ps], [p[key] for p in ps], c=colour, marker=marker,
-                           label=who, zorder=2)
-        rest = [p for p in theirs if not str(p["name"]).startswith(tuple(_PEER_COLOURS))]
-        if rest:
-            ax.scatter([p["mb"] for p in rest], [p[key] for p in rest], c="tab:gray",
-                       marker="x", label="other peers", zorder=2)
-        ax.set_xlabel("model files (MB)")
-        ax.set_ylabel("perplexity / dense (lower is better)")
-        ax.set_title(f"{text or part} ({'in' if part == 'in_domain' else 'out of'} domain)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    rows = [["this report", p["name"], _Raw(_num(p["mb"], ".1f")),
+    sizes = [("mb", "model files (MB)")]
+    if any(p["read"] for p in ours):
+        sizes.append(("read", "constants read per decoded token (MB)"))
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(11, 4.2 * len(sizes)), squeeze=False)
+    for row_axes, (size, xlabel) in zip(axes, sizes):
+        for ax, (part, key, text) in zip(row_axes, texts):
+            mine = [p for p in ours if p[size]]
+            ax.scatter([p[size] for p in mine], [p[key] for p in mine], c="tab:blue", marker="o",
+                       label="this report's models", zorder=3)
+            for p in mine:
+                ax.annotate(p["name"], (p[size], p[key]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+            for who, (colour, marker) in _PEER_COLOURS.items():
+                ps = [p for p in theirs if str(p["name"]).startswith(who)]
+                if ps:
+                    ax.scatter([p[size] for p in ps], [p[key] for p in ps], c=colour,
+                               marker=marker, label=who, zorder=2)
+            rest = [p for p in theirs if not str(p["name"]).startswith(tuple(_PEER_COLOURS))]
+            if rest:
+                ax.scatter([p[size] for p in rest], [p[key] for p in rest], c="tab:gray",
+                           marker="x", label="other peers", zorder=2)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("perplexity / dense (lower is better)")
+            ax.set_title(f"{text or part} ({'in' if part == 'in_domain' else 'out of'} domain)")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+
+    def read(p):
+        return "-" if not p["read"] else ("≈ " if p.get("rule") else "") + _num(p["read"], ".1f")
+
+    rows = [["this report", p["name"], _Raw(_num(p["mb"], ".1f")), _Raw(read(p)),
              _Raw(_num(p["x_news"], ".3f")), _Raw(_num(p["x_docs"], ".3f"))] for p in ours]
-    rows += [["peers", p["name"], _Raw(_num(p["mb"], ".1f")), _Raw(_num(p["x_news"], ".3f")),
-              _Raw(_num(p["x_docs"], ".3f"))] for p in theirs]
-    rows += [["peers", r.get("name"), "-", r.get("why") or "no result", ""]
+    rows += [["peers", p["name"], _Raw(_num(p["mb"], ".1f")), _Raw(read(p)),
+              _Raw(_num(p["x_news"], ".3f")), _Raw(_num(p["x_docs"], ".3f"))] for p in theirs]
+    rows += [["peers", r.get("name"), "-", "-", r.get("why") or "no result", ""]
              for r in peers["rows"] if isinstance(r, dict) and r.get("x_news") is None]
     tokens = (first.get("in_domain") or {}).get("tokens")
     note = (f'<p class="note">Peers measured by benchmarks/peers.py on {_esc(peers.get("date"))} '
             f'({_esc(peers.get("machine"))}) on the same dense weights and texts, '
             f'{_esc(peers.get("max_tokens"))} tokens per text; this report\'s models on '
             f'{_esc(tokens)} scored tokens. Each point is a ratio to its own run\'s dense '
-            f'perplexity; bytes are the model files on disk.</p>')
+            f'perplexity; MB: the model files on disk; read: the constants a decoded token '
+            f'reads (every weight but a table only a Gather reads; ≈: a peer whose embedding '
+            f'table is also the head, at its file size).</p>')
     return ("<h2>Quality per byte: this report's models and the peers'</h2>"
             + _fig_to_img(fig, "perplexity / dense against model bytes, with peers") + note
-            + _table(["source", "model", "MB", "x dense (in domain)", "x dense (out of domain)"],
-                     rows, left=2))
+            + _table(["source", "model", "MB", "MB read per token", "x dense (in domain)",
+                      "x dense (out of domain)"], rows, left=2))
 
 
 # --------------------------------------------------------------------------------------------
