@@ -33,8 +33,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py
 
-# peers on the same weights and texts (NNCF on OpenVINO, llama.cpp; their environment made once
-# under bench-out/peers), then lrc's and theirs on one perplexity-against-bytes plot
+# peers on the same weights and texts (NNCF on OpenVINO, llama.cpp, the GenAI builder's int4
+# variants, ORT's HQQ / GPTQ; their environments made once under bench-out/), then lrc's and
+# theirs on one perplexity-against-bytes plot
 bench-peers: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/peers.py --json benchmarks/peers-smollm2.json
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/pareto.py --write

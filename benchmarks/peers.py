@@ -13,9 +13,25 @@ Rows (``--peers``, comma-separated):
   stateless torch wrapper (input_ids -> logits): data-free, then ``awq=True,
   scale_estimation=True`` calibrated on 128 windows of 256 tokens of lrc's default calibration
   texts (``lrc.methods.calibration_texts`` + ``token_batches``: what ``lrc compress`` sees).
-  Perplexity with ``INFERENCE_PRECISION_HINT f32``. Bytes: the IR (.xml + .bin).
+  Perplexity with ``INFERENCE_PRECISION_HINT f32`` and ``DYNAMIC_QUANTIZATION_GROUP_SIZE 0``
+  (OpenVINO's CPU plugin otherwise quantises activations to int8 in groups of 32 where the CPU
+  has VNNI / AMX: x1.243 / x1.280 instead of x1.235 / x1.268 for the data-free row on an
+  AVX-512 VNNI machine). Bytes: the IR (.xml + .bin).
 * ``nncf-lora``: the same + ``lora_correction=True`` (slow: > 28 min on a busy 2-core machine;
   opt-in; without it a row says it was not run).
+* ``builder-int4``, ``builder-kquant``, ``builder-kquant-mixed``: ONNX Runtime GenAI's model
+  builder (benchmarks/builder.py, its own environment) int4 with ``algo_config`` default (RTN),
+  ``k_quant`` and ``k_quant_mixed`` (the head and llama.cpp's "mixed" layers in int8), block
+  32, accuracy_level 4; scored by lrc's eval on the builder's folder, after the builder's fp32
+  graph reproduced lrc's dense perplexity. Bytes: model.onnx + its data.
+* ``ort-hqq``, ``ort-gptq``: ONNX Runtime's ``MatMulNBitsQuantizer`` with its HQQ (data-free) /
+  GPTQ (Intel Neural Compressor's, ``--gptq-windows`` x 256 tokens of lrc's calibration
+  windows; it runs the graph once per window for each distinct MatMul input) algorithm on every
+  MatMul of the builder's fp32 graph (the head too), block 32, then the embedding Gather by
+  ORT's default RTN int4 (block 32; not shared with the head: these quantisers cannot share).
+  ORT's GPTQ is not GPTQ in effect: ``ort_gptq_check`` (run with the row, kept in it) shows on
+  one layer that its vendored gptq() leaves every weight at round-to-nearest and the packing
+  quantises the result again on another grid; the row is measured as ORT ships it.
 * ``llamacpp``: llama.cpp built from the ``llama-cpp-python`` sdist (cmake, AVX2, no AMX /
   AVX-512, no native tuning), ``convert_hf_to_gguf.py --outtype f32`` of the float HF folder,
   ``llama_model_quantize`` to Q4_0 / Q4_K_M / Q8_0 (no importance matrix), logits of every token
@@ -29,10 +45,14 @@ only), made once, like benchmarks/builder.py; the llama-cpp-python sources (``sr
 ``lrc.exporters.hf._gguf_to_hf_folder``: what ``lrc export`` converts), lrc's dense ONNX export,
 and each peer's artifacts. No network after the environment is made (package registry only).
 
-    python benchmarks/peers.py                                 # smollm2, nncf + llamacpp
+    python benchmarks/peers.py                                 # smollm2, every peer but the
+                                                               # slow nncf-lora (~1 h)
     python benchmarks/peers.py --peers nncf --json OUT.json
     python benchmarks/peers.py --peers nncf-lora --json OUT.json --update   # the slow LoRA
                                                                # row alone, into OUT.json
+    python benchmarks/peers.py --peers builder-int4,builder-kquant,builder-kquant-mixed,ort-hqq,ort-gptq \
+        --json benchmarks/peers-smollm2.json --update          # ONNX Runtime's own, ~35 min
+                                                               # (29 of them GPTQ's)
 
 Caveat printed under the table: SmolLM2's reference weights are a dequantised Q4_1 (asymmetric,
 block 32); llama.cpp's K-quants (asymmetric 32-wide sub-blocks) can land close to that grid, so
@@ -67,14 +87,30 @@ CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGG
 BUILD_TIMEOUT_S = 25 * 60
 DENSE_TOL = 0.002  # relative perplexity difference a harness's float model may show
 TEXTS = ("news", "docs")
-MODELS = {"smollm2": "smollm2-135m"}  # --model -> lrc's source alias
-PEERS = ("nncf", "nncf-lora", "llamacpp")
+# --model -> lrc's source alias (None: the GGUF benchmarks/builder.py finds for it)
+MODELS = {"smollm2": "smollm2-135m", "gemma3": None}
+PEERS = ("nncf", "nncf-lora", "llamacpp", "ort-hqq", "ort-gptq", "builder-int4", "builder-kquant",
+         "builder-kquant-mixed")
 ARGS_MODEL = ["smollm2"]  # the model being measured (set by inner)
 LLAMACPP_TYPES = (("Q4_0", 2), ("Q4_K_M", 15), ("Q8_0", 7))  # llama_ftype values
-CAVEAT = ("SmolLM2's reference weights are a dequantised Q4_1 (asymmetric, block 32): "
-          "llama.cpp's K-quants (asymmetric 32-wide sub-blocks with 6-bit scales and mins) can "
-          "land near that grid, so Q4_K_M's figure flatters it here; every NNCF row is "
-          "symmetric and cannot.")
+_SOURCE_GRID = {
+    "smollm2": ("SmolLM2's reference weights are a dequantised Q4_1 (asymmetric, block 32): "
+                "llama.cpp's K-quants (asymmetric 32-wide sub-blocks with 6-bit scales and mins) "
+                "can land near that grid, so Q4_K_M's figure flatters it here"),
+    "gemma3": ("Gemma-3's reference weights are a dequantised Q4_K_M (Q4_K's asymmetric 32-wide "
+               "sub-blocks with 6-bit scales and mins, some tensors Q6_K): llama.cpp's K-quants "
+               "can land on or near that grid"),
+}
+
+
+def caveat(model: str) -> str:
+    """Which rows' grids can land on the reference's own (it is a dequantised GGUF)."""
+    return (_SOURCE_GRID[model] + "; so can the asymmetric block-32 codes of the builder's "
+            "k_quant rows and ORT's HQQ (a scale and zero point per 32 weights, searched); every "
+            "NNCF row, ORT's GPTQ and the builder's RTN int4 are symmetric and cannot.")
+
+
+CAVEAT = caveat("smollm2")
 
 
 def log(msg: str) -> None:
@@ -187,6 +223,8 @@ class Protocol:
         from lrc.measure.quality import bos_convention, lm_windows, load_model, perplexity
 
         self.model = load_model(dense, threads=2)
+        self.max_tokens = max_tokens
+        self.tokenizer = Path(dense) / "tokenizer.json"  # every ONNX peer is read with it
         bid, desc = bos_convention(self.model, "auto")
         self.bos = desc
         self.windows, self.dense = {}, {}
@@ -235,14 +273,25 @@ def row(name, ppl=None, proto=None, nbytes=None, seconds=None, why=None, **extra
     return r
 
 
-def prepare(model: str, work: Path) -> tuple[Path, Path, dict]:
-    """lrc's float HF folder of the model's GGUF and lrc's dense ONNX export (once)."""
+def source_of(model: str) -> str:
+    """What ``lrc export`` and the GGUF readers take for the model: an alias or a .gguf path."""
+    if MODELS[model]:
+        return MODELS[model]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from builder import gguf_of
+
+    return str(gguf_of(model))
+
+
+def prepare(model: str, work: Path, need_hf: bool = True) -> tuple[Path, Path, dict]:
+    """lrc's float HF folder of the model's GGUF (for NNCF and llama.cpp) and lrc's dense ONNX
+    export (once)."""
     from lrc.exporters.hf import _gguf_to_hf_folder
     from lrc.exporters.sources import resolve_source
 
-    gguf, _ = resolve_source(MODELS[model])
+    gguf, _ = resolve_source(source_of(model))
     hf, dense, times = work / "hf", work / "dense", {}
-    if not (hf / "config.json").is_file():
+    if need_hf and not (hf / "config.json").is_file():
         t = time.perf_counter()
         tmp = work / "hf.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -252,12 +301,230 @@ def prepare(model: str, work: Path) -> tuple[Path, Path, dict]:
         log(f"float HF folder {hf} ({times['hf_s']} s)")
     if not (dense / "model.onnx").is_file():
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "lrc.cli", "export", MODELS[model], "-o", str(dense),
+        subprocess.run([sys.executable, "-m", "lrc.cli", "export", source_of(model), "-o", str(dense),
                         "--force", "--exporter", "optimum"], check=True, stdout=subprocess.DEVNULL,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
         times["export_s"] = round(time.perf_counter() - t, 1)
         log(f"lrc export {dense} ({times['export_s']} s)")
     return hf, dense, times
+
+
+# ------------------------------------------------------------------ ONNX Runtime's quantisers
+
+# (row name, MatMulNBitsQuantizer algorithm, what the row says)
+ORT_ALGOS = (
+    ("ort-hqq", "HQQ", "ORT MatMulNBitsQuantizer HQQ (data-free, block 32, 4-bit, zero points)"),
+    ("ort-gptq", "GPTQ", "ORT MatMulNBitsQuantizer GPTQ (Intel Neural Compressor's, block 32, "
+                         "symmetric, damping 0.01; {n} x 256-token lrc calibration windows)"),
+)
+BUILDER_ALGOS = (
+    ("builder-int4", "default", "ORT GenAI builder int4 (RTN, block 32, embedding shared int4)"),
+    ("builder-kquant", "k_quant", "ORT GenAI builder int4 k_quant (asymmetric, block 32)"),
+    ("builder-kquant-mixed", "k_quant_mixed",
+     "ORT GenAI builder int4 k_quant_mixed (k_quant; the head and llama.cpp's mixed layers int8)"),
+)
+
+
+def _untied(fp32: Path):
+    """The builder's fp32 graph with the embedding table as an initializer of its own (the
+    builder feeds its Gather from a Transpose of the head's weight, which no MatMul quantiser
+    can share): ORT's quantisers then take the head's MatMul and the Gather each."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(fp32 / "model.onnx"))
+    inits = {i.name: i for i in m.graph.initializer}
+    for node in list(m.graph.node):
+        if node.op_type == "Transpose" and node.input[0] in inits:
+            table = numpy_helper.to_array(inits[node.input[0]]).T.copy()
+            m.graph.initializer.append(numpy_helper.from_array(table, "model.embed_tokens.weight"))
+            for user in m.graph.node:
+                for k, name in enumerate(user.input):
+                    if name == node.output[0]:
+                        user.input[k] = "model.embed_tokens.weight"
+            m.graph.node.remove(node)
+            return m
+    raise SystemExit(f"{fp32}: no Transpose of a weight feeding the embedding's Gather")
+
+
+class _Windows:
+    """A CalibrationDataReader over lrc's calibration windows (ORT's GPTQ deep-copies and
+    iterates it): feeds from lrc's one feed builder for the builder's graph."""
+
+    def __init__(self, feeds: list):
+        self.feeds = feeds
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.feeds):
+            return None
+        self.i += 1
+        return self.feeds[self.i - 1]
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+
+def run_ort(proto: Protocol, fp32: Path, dense: Path, work: Path, names: list,
+            gptq_windows: int) -> list:
+    """ONNX Runtime's own weight-only quantisers on the builder's fp32 graph (lrc's protocol
+    reads it, and it is the graph the builder's int4 comes from): each algorithm on every MatMul
+    (the head too), then the embedding Gather by ORT's default RTN, block 32, symmetric, as the
+    same second pass in every row (not shared with the head: ORT's quantisers cannot share)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig, GPTQWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer)
+
+    from lrc.runtime.feeds import text_feeds
+    from lrc.runtime.session import open_session
+
+    rows = []
+    for name, algo, label in ORT_ALGOS:
+        if name not in names:
+            continue
+        out = work / name
+        t, secs = time.perf_counter(), None  # None: made by an earlier run, not timed here
+        if not (out / "model.onnx").is_file():
+            m = _untied(fp32)
+            if algo == "HQQ":
+                cfg = HQQWeightOnlyQuantConfig(block_size=32, bits=4, op_types_to_quantize=("MatMul",))
+            else:
+                sess = open_session(str(fp32), threads=2)
+                feeds = [text_feeds(sess, w) for w in calibration_windows(dense, n=gptq_windows)]
+                del sess
+                cfg = GPTQWeightOnlyQuantConfig(calibration_data_reader=_Windows(feeds),
+                                                percdamp=0.01, op_types_to_quantize=("MatMul",))
+            q = MatMulNBitsQuantizer(m, bits=4, block_size=32, is_symmetric=True, accuracy_level=4,
+                                     op_types_to_quantize=("MatMul",), algo_config=cfg)
+            q.process()
+            emb = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4,
+                                               op_types_to_quantize=("Gather",),
+                                               quant_axes=(("Gather", 1),))
+            g = MatMulNBitsQuantizer(q.model.model, bits=4, block_size=32, is_symmetric=True,
+                                     accuracy_level=4, op_types_to_quantize=("Gather",),
+                                     quant_axes=(("Gather", 1),), algo_config=emb)
+            g.process()
+            tmp = work / f"{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for f in fp32.iterdir():
+                if not f.name.startswith("model.onnx"):
+                    shutil.copy(f, tmp / f.name)
+            onnx.save_model(g.model.model, str(tmp / "model.onnx"), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location="model.onnx.data")
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+            secs = time.perf_counter() - t
+        nbytes = sum(f.stat().st_size for f in out.glob("model.onnx*"))
+        extra = {"ort_gptq_check": ort_gptq_check()} if algo == "GPTQ" else {}
+        rows.append(row(label.format(n=gptq_windows), _ppl(proto, out), proto, nbytes, secs,
+                        peer=name, bytes_read=_read_per_token(out), **extra))
+    return rows
+
+
+def gptq_note(rows: list) -> str:
+    """One sentence on ORT's GPTQ row from its ``ort_gptq_check`` ('' without that row)."""
+    c = next((r["ort_gptq_check"] for r in rows if r.get("ort_gptq_check")), None)
+    if c is None:
+        return ""
+    e = c["error"]
+    return (f"ORT's GPTQ row is not GPTQ in effect (`peers.ort_gptq_check`, one layer, blocks of "
+            f"32): its gptq() leaves {1 - c['gptq_off_rtn']:.0%} of the weights at "
+            f"round-to-nearest (its error feedback reads a column of the upper-triangular "
+            f"inverse Cholesky factor, zero below the diagonal, so nothing is pushed onto the "
+            f"rows not rounded yet), and MatMulNBits' packing quantises that output again on a "
+            f"grid from its own range, moving {c['moved_by_packing']:.0%} of them: output error "
+            f"{e['ort_gptq_stored']:.3f} against round-to-nearest's {e['rtn']:.3f} (lrc's GPTQ "
+            f"{e['lrc_gptq_rtn_scales']:.3f}).")
+
+
+def ort_gptq_check(seed: int = 0) -> dict:
+    """What ORT's GPTQ path does to one layer (K 256, N 64, blocks of 32, symmetric), next to
+    round-to-nearest and lrc's GPTQ: ``gptq()`` of its vendored Intel Neural Compressor code
+    (``onnxruntime.quantization.neural_compressor.weight_only``), then ``quant_tensor``, which
+    MatMulNBits' packing applies to gptq()'s dequantised output. Inputs: 1024 correlated rows
+    with uneven channel scales, the Gram ``2/T XᵀX`` as ORT accumulates it. Reported: the share
+    of gptq()'s weights off round-to-nearest (0: its error feedback moved nothing), the share
+    the packing moves again, and each one's relative output error ``‖X(Ŵ-W)‖/‖XW‖``."""
+    import numpy as np
+    from onnxruntime.quantization.neural_compressor.weight_only import gptq, quant_tensor
+
+    from lrc.quantmath import BASE_QUANTIZERS, dequantize
+
+    rng = np.random.default_rng(seed)
+    k, n, t = 256, 64, 1024
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    x = (rng.standard_normal((t, k)) @ rng.standard_normal((k, k))
+         * rng.gamma(0.5, 2, k)).astype(np.float32)
+    gram = 2 / t * (x.T.astype(np.float64) @ x)
+
+    def packed(m):  # what MatMulNBits stores of m: quant_tensor's codes, dequantised
+        q, s, zp = quant_tensor(m.T.copy(), 4, 32, "sym", "uint")
+        return ((q - zp) * s).reshape(m.T.shape).T
+
+    def err(m):
+        return round(float(np.linalg.norm(x @ (m - w)) / np.linalg.norm(x @ w)), 4)
+
+    g = gptq(w.copy(), gram.copy(), num_bits=4, group_size=32, scheme="sym", blocksize=128,
+             percdamp=0.01, actorder=False, mse=False, perchannel=True)
+    rtn, stored = packed(w), packed(g)
+    ours = dequantize(BASE_QUANTIZERS["gptq-rtn"].quantize(w, 4, 32, gram)).reshape(k, n)
+    return {"gptq_off_rtn": round(float(np.mean(np.abs(g - rtn) > 1e-6)), 3),
+            "moved_by_packing": round(float(np.mean(np.abs(stored - g) > 1e-6)), 3),
+            "error": {"rtn": err(rtn), "ort_gptq": err(g), "ort_gptq_stored": err(stored),
+                      "lrc_gptq_rtn_scales": err(ours)}}
+
+
+def builder_folder(out: Path, precision: str, algo: str = "default"):
+    """(folder, seconds the builder took or None if it was there, why it failed or None): the
+    builder's folder made by benchmarks/builder.py in its own environment."""
+    import re
+
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "builder.py"), ARGS_MODEL[0],
+                        "--precision", precision, "--algo", algo, "--out", str(out)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        return None, None, ("benchmarks/builder.py failed: "
+                            + ((r.stderr or r.stdout).strip().splitlines() or ["?"])[-1][:200])
+    took = re.search(r"builder \w+: .* \((\d+) s\)", r.stdout)
+    folder = Path(json.loads(r.stdout.strip().splitlines()[-1])[precision])
+    return folder, (float(took.group(1)) if took else None), None
+
+
+def _read_per_token(folder: Path) -> int:
+    """Bytes of constants a decode step reads (lrc.graph.locate.bytes_read_per_token: every
+    initializer but tables only Gathers read)."""
+    import onnx
+
+    from lrc.graph.locate import bytes_read_per_token
+
+    return bytes_read_per_token(onnx.load(str(folder / "model.onnx"), load_external_data=False))
+
+
+def _ppl(proto: Protocol, folder: Path) -> dict:
+    from lrc.measure.quality import load_model, perplexity
+
+    lm = load_model(folder, tokenizer=proto.tokenizer, threads=2)
+    return {text: perplexity(lm, text, context=256, stride=256,
+                             max_tokens=proto.max_tokens)["perplexity"] for text in TEXTS}
+
+
+def run_builder(proto: Protocol, out: Path, names: list) -> list:
+    """The builder's int4 folders, RTN and its k_quant algo configs, scored by lrc's protocol
+    (lrc reads the builder's graphs)."""
+    rows = []
+    for name, algo, label in BUILDER_ALGOS:
+        if name not in names:
+            continue
+        folder, secs, why = builder_folder(out, "int4", algo)
+        if why:
+            rows.append(row(label, why=why))
+            continue
+        nbytes = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
+        rows.append(row(label, _ppl(proto, folder), proto, nbytes, secs, peer=name,
+                        bytes_read=_read_per_token(folder)))
+    return rows
 
 
 # ------------------------------------------------------------------ NNCF
@@ -331,7 +598,10 @@ def run_nncf(proto: Protocol, hf: Path, dense: Path, work: Path, lora: bool, onl
         log(f"OpenVINO IR of the float model {fp32} ({time.perf_counter() - t:.0f} s)")
 
     def perplexities(model) -> dict:
+        # no dynamic quantisation of activations (on by default, group 32, where the CPU has
+        # VNNI or AMX): the weights' own quality, the same on every machine
         c = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                              "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
                                               "INFERENCE_NUM_THREADS": 2})
         req = c.create_infer_request()
         return proto.score(lambda r: req.infer({"input_ids": r[None, :]})[0][0])
@@ -391,7 +661,7 @@ def source_pre() -> str:
 
     from lrc.exporters.sources import resolve_source
 
-    path, _ = resolve_source(MODELS[ARGS_MODEL[0]])
+    path, _ = resolve_source(source_of(ARGS_MODEL[0]))
     field = gguf.GGUFReader(str(path)).fields["tokenizer.ggml.pre"]
     return str(field.contents())
 
@@ -505,6 +775,16 @@ def mb(n) -> str:
     return "" if n is None else f"{n / 1e6:.1f} MB"
 
 
+def machines(res: dict) -> str:
+    """The machine the rows ran on, or each one with its rows' dates (a JSON of merged runs)."""
+    seen = {}
+    for r in res["rows"]:
+        seen.setdefault(r.get("machine") or res["machine"], set()).add(r.get("date") or res["date"])
+    if len(seen) <= 1:
+        return res["machine"]
+    return "; ".join(f"{m} (rows of {', '.join(sorted(d))})" for m, d in seen.items())
+
+
 def render(res: dict) -> str:
     d = res["dense"]
     lines = [f"peers on {res['model']} ({res['max_tokens']} tokens per text, windows of 256, "
@@ -520,11 +800,14 @@ def render(res: dict) -> str:
             continue
         lines.append(f"| {r['name']} | {r['ppl_news']:.2f} | {r['ppl_docs']:.2f} | "
                      f"x{r['x_news']:.3f} / x{r['x_docs']:.3f} | {mb(r['bytes'])} | "
-                     f"{r['compress_s']:.0f} |")
-    lines += ["", f"Caveat: {CAVEAT}",
+                     + ("" if r["compress_s"] is None else f"{r['compress_s']:.0f}") + " |")
+    lines += ["", f"Caveat: {res.get('caveat', CAVEAT)}",
+              *filter(None, [gptq_note(res["rows"])]),
               "compress s: nncf.compress_weights + saving the IR / llama_model_quantize from the "
-              "f32 GGUF; one-off steps (IR conversion, convert_hf_to_gguf) excluded. "
-              f"Machine: {res['machine']}; 2 threads, nice 10, shared with other runs."]
+              "f32 GGUF / the builder's run from its float HF folder / ORT's two quantiser "
+              "passes (GPTQ's calibration runs included) + saving; one-off steps (IR "
+              "conversion, convert_hf_to_gguf, the builder's fp32 graph) excluded. "
+              f"Machine: {machines(res)}; 2 threads, nice 10, shared with other runs."]
     return "\n".join(lines)
 
 
@@ -536,6 +819,14 @@ def merged(old: dict, new: dict) -> dict:
     if (old.get("model"), old.get("max_tokens")) != (new["model"], new["max_tokens"]):
         raise SystemExit("--update: the JSON is of another model or --max-tokens")
     fresh = {r["name"]: r for r in new["rows"]}
+    for r in old["rows"]:  # an artifact reused from an earlier run keeps the time it took then
+        f = fresh.get(r["name"])
+        if f and f.get("compress_s") is None and f.get("bytes") == r.get("bytes"):
+            f["compress_s"] = r.get("compress_s")
+    for rows_, of in ((old["rows"], old), (new["rows"], new)):  # each row says where it ran
+        for r in rows_:
+            r.setdefault("machine", of.get("machine"))
+            r.setdefault("date", of.get("date"))
     rows = [fresh.pop(r["name"], r) for r in old["rows"]] + list(fresh.values())
     checks = list(dict.fromkeys(old.get("checks", []) + new["checks"]))
     steps = {**old.get("steps_s", {}), **new["steps_s"]}
@@ -555,11 +846,12 @@ def inner(args) -> int:
     ARGS_MODEL[0] = args.model
     work = CACHE / args.model
     work.mkdir(parents=True, exist_ok=True)
-    hf, dense, times = prepare(args.model, work)
+    peers = [p for p in args.peers.split(",") if p]
+    hf, dense, times = prepare(args.model, work,
+                               need_hf=any(p in peers for p in ("nncf", "nncf-lora", "llamacpp")))
     proto = Protocol(dense, args.max_tokens)
     log(f"lrc dense perplexity (lrc.measure.quality.perplexity on {dense.name}): "
         f"news {proto.dense['news']:.3f} / docs {proto.dense['docs']:.3f}")
-    peers = [p for p in args.peers.split(",") if p]
     checks, rows, steps = [], [], dict(times)
     if "nncf" in peers or "nncf-lora" in peers:
         t = time.perf_counter()
@@ -571,8 +863,23 @@ def inner(args) -> int:
         t = time.perf_counter()
         rows += run_llamacpp(proto, hf, work / "llamacpp", checks, args.llamacpp_why)
         steps["llamacpp_s"] = round(time.perf_counter() - t)
+    onnx_peers = [p for p in peers if p.startswith(("ort-", "builder-"))]
+    if onnx_peers:
+        t = time.perf_counter()
+        bdir = work / "builder"
+        fp32, _, why = builder_folder(bdir, "fp32")
+        if fp32 is not None:
+            ok, line = proto.check("ORT GenAI builder fp32 graph (lrc's eval)", _ppl(proto, fp32))
+            checks.append(line)
+            why = None if ok else "the builder's fp32 graph did not reproduce lrc's dense perplexity"
+        if why:
+            rows += [row(n, why=why) for n in onnx_peers]
+        else:
+            rows += run_builder(proto, bdir, onnx_peers)
+            rows += run_ort(proto, fp32, dense, work / "ort", onnx_peers, args.gptq_windows)
+        steps["onnx_peers_s"] = round(time.perf_counter() - t)
     versions = {}
-    for mod in ("nncf", "openvino", "llama_cpp", "torch", "transformers"):
+    for mod in ("nncf", "openvino", "llama_cpp", "torch", "transformers", "onnxruntime"):
         try:
             versions[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 - absent or not built
@@ -582,7 +889,7 @@ def inner(args) -> int:
            "dense": proto.dense, "dense_bytes": (dense / "model.onnx").stat().st_size,
            "dense_check_tolerance": DENSE_TOL, "checks": checks, "rows": rows,
            "versions": versions, "steps_s": steps, "seconds": round(time.perf_counter() - t0),
-           "caveat": CAVEAT, "llamacpp_cmake_args": CMAKE_ARGS}
+           "caveat": caveat(args.model), "llamacpp_cmake_args": CMAKE_ARGS}
     if args.json and args.update and Path(args.json).is_file():
         res = merged(json.loads(Path(args.json).read_text()), res)
     if args.json:
@@ -599,8 +906,8 @@ def main(argv=None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=list(MODELS), default="smollm2")
-    ap.add_argument("--peers", default="nncf,llamacpp",
-                    help=f"comma-separated, of {', '.join(PEERS)}")
+    ap.add_argument("--peers", default=",".join(p for p in PEERS if p != "nncf-lora"),
+                    help=f"comma-separated, of {', '.join(PEERS)} (default: all but nncf-lora)")
     ap.add_argument("--json", help="write the rows (and the dense check) here")
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--lora-limit", type=float, default=40,
@@ -608,6 +915,9 @@ def main(argv=None) -> int:
     ap.add_argument("--update", action="store_true",
                     help="with --json FILE already there: replace its rows of the same name, "
                          "keep the others (fill in a slow row run on its own)")
+    ap.add_argument("--gptq-windows", type=int, default=32,
+                    help="256-token calibration windows for ORT's GPTQ (it runs the graph once "
+                         "per window for every MatMul input: ~121 partial forwards per window)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--llamacpp-why", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -620,7 +930,8 @@ def main(argv=None) -> int:
     py = make_venv()
     peers = args.peers.split(",")
     cmd = [str(py), __file__, "--inner", "--model", args.model, "--peers", args.peers,
-           "--max-tokens", str(args.max_tokens), "--lora-limit", str(args.lora_limit)]
+           "--max-tokens", str(args.max_tokens), "--lora-limit", str(args.lora_limit),
+           "--gptq-windows", str(args.gptq_windows)]
     if "nncf" in peers or "nncf-lora" in peers:
         why = ensure_nncf(py)
         if why:

@@ -294,7 +294,8 @@ def fake_peers() -> dict:
                      {"name": "llama.cpp Q4_K_M", "bytes": 105_000_000, "x_news": 1.08,
                       "x_docs": 1.06, "why": None},
                      {"name": "ORT MatMulNBitsQuantizer HQQ", "bytes": 121_000_000,
-                      "bytes_read": 104_000_000, "x_news": 1.09, "x_docs": 1.12, "why": None},
+                      "bytes_read": 104_000_000, "x_news": 1.09, "x_docs": 1.12, "why": None,
+                      "date": "2026-12-05", "machine": "Other CPU"},
                      {"name": "NNCF + lora_correction", "bytes": None, "x_news": None,
                       "x_docs": None, "why": "did not finish in 28 min"}]}
 
@@ -315,6 +316,8 @@ def test_report_puts_peers_beside_this_runs_models(tmp_path):
     assert "MB read per token" in html
     assert "did not finish in 28 min" in rows["NNCF + lora_correction"]
     assert "2048 tokens per text" in html and "1020 scored tokens" in html
+    # a JSON of merged runs says when and where each ran
+    assert "2026-12-04 (Test CPU); 2026-12-05 (Other CPU)" in html
     text = R.write_report([fake_lm_bench(), fake_eval_many(), fake_peers()],
                           tmp_path / "r.html").read_text()
     assert "Quality per byte: this report" in text and len(_pngs(text)) == 1 + 2 + 2 + 2 + 1

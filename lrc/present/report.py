@@ -643,8 +643,14 @@ def _peers_section(peers: dict, models: list[dict], evals: list[dict]) -> str:
     rows += [["peers", r.get("name"), "-", "-", r.get("why") or "no result", ""]
              for r in peers["rows"] if isinstance(r, dict) and r.get("x_news") is None]
     tokens = (first.get("in_domain") or {}).get("tokens")
-    note = (f'<p class="note">Peers measured by benchmarks/peers.py on {_esc(peers.get("date"))} '
-            f'({_esc(peers.get("machine"))}) on the same dense weights and texts, '
+    runs: dict = {}  # a JSON of merged runs: each row says when and where it ran
+    for r in peers["rows"]:
+        if isinstance(r, dict):
+            runs.setdefault(r.get("date") or peers.get("date"),
+                            r.get("machine") or peers.get("machine"))
+    when = "; ".join(f"{_esc(d)} ({_esc(m)})" for d, m in sorted(runs.items(), key=str))
+    note = (f'<p class="note">Peers measured by benchmarks/peers.py on {when} '
+            f'on the same dense weights and texts, '
             f'{_esc(peers.get("max_tokens"))} tokens per text; this report\'s models on '
             f'{_esc(tokens)} scored tokens. Each point is a ratio to its own run\'s dense '
             f'perplexity; MB: the model files on disk; read: the constants a decoded token '
