@@ -191,8 +191,8 @@ CALIB_TEXT = (
 # --tag calib: twice the calibration text (--calib-tokens 32768 given to the script)
 CALIB_VARIANTS = "lrc-plain,lrc-size-105-seq"
 TIME_TEXT = (
-    " Where the compression time goes (t4 of issue 24: NNCF's AWQ + scale estimation took 132 s "
-    "for SmolLM2 on this machine, the peers section): under each allocated row its split, from "
+    " Where the compression time goes (t4 of issue 24: against NNCF's AWQ + scale estimation, "
+    "the last line, from the peers section's run): under each allocated row its split, from "
     "`lrc.json` — choosing (each group's codes and errors at every block size and 8 bits, and "
     "beside them, in a worker thread, the sensitivity probe's runs of the model's tail with that "
     "group at its cheapest choice) and the sequential correction (the stages' segments run on "
@@ -620,8 +620,32 @@ def render(results: dict, names: list[str]) -> str:
         *rows,
         "",
         *_plan_lines(results, labels),
+        *(_peer_time_lines(results, values) if tag == "time" else []),
         mark_end,
     ])
+
+
+def _peer_time_lines(results: dict, values: dict) -> list[str]:
+    """NNCF's AWQ + scale estimation from benchmarks/peers-MODEL.json (its last run: where and
+    when) against each allocated row: time, and excess perplexity (x - 1) on both texts."""
+    path = ROOT / "benchmarks" / f"peers-{results.get('model', 'smollm2')}.json"
+    peers = json.loads(path.read_text()) if path.is_file() else {}
+    awq = next((r for r in peers.get("rows", []) if "awq" in r["name"] and "lora" not in r["name"]
+                and r.get("x_news") and r.get("compress_s")), None)
+    if awq is None:
+        return []
+    line = (f"- NNCF's AWQ + scale estimation (`benchmarks/peers.py`, {awq.get('date') or peers['date']}"
+            f", {awq.get('machine') or peers['machine']}): x{awq['x_news']:.3f} / "
+            f"x{awq['x_docs']:.3f} in {awq['bytes'] / 1e6:.1f} MB, {awq['compress_s']:.0f} s. "
+            "Against it")
+    parts = []
+    for name, v in values.items():
+        if not name.startswith("lrc-size") or not v.get("compress_s"):
+            continue
+        parts.append(f"`{name}` {v['compress_s'] / awq['compress_s']:.1f}x its time, "
+                     f"{(v['news'] - 1) / (awq['x_news'] - 1):.2f}x / "
+                     f"{(v['docs'] - 1) / (awq['x_docs'] - 1):.2f}x its excess perplexity")
+    return [line + (": " + "; ".join(parts) if parts else "") + ".", ""]
 
 
 def _time_line(t: dict) -> str:
