@@ -185,8 +185,8 @@ def minilm_section(args) -> list[str]:
     if not (dense / "model.onnx").is_file():
         dense = args.out / "minilm-dense"
         if not (dense / "model.onnx").is_file():
-            log(f"exporting all-minilm-l6-v2 -> {dense}")
-            r = lrc("export", "all-minilm-l6-v2", "-o", str(dense), "--force")
+            log(f"exporting minilm-l6 (all-MiniLM-L6-v2) -> {dense}")
+            r = lrc("export", "minilm-l6", "-o", str(dense), "--force")
             if r.returncode != 0:
                 raise SystemExit(r.stderr[-2000:])
     work = args.out / "minilm"
