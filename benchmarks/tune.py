@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = {"minilm": ("all-minilm-l6-v2", "all-MiniLM-L6-v2"),
+MODELS = {"minilm": ("minilm-l6", "all-MiniLM-L6-v2"),
           "smollm2": ("smollm2-135m", "SmolLM2-135M-Instruct")}
 T0 = time.perf_counter()
 
