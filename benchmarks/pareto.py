@@ -178,6 +178,15 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _against(points: list[dict]) -> str:
+    """The peers measured, in words: 'NNCF, llama.cpp, ... and the model builder'."""
+    words = {"NNCF (OpenVINO)": "NNCF", "llama.cpp": "llama.cpp",
+             "ONNX Runtime quantizer": "ONNX Runtime's quantizers",
+             "ORT GenAI builder": "the model builder"}
+    have = [w for who, w in words.items() if any(p["who"] == who for p in points)]
+    return ", ".join(have[:-1]) + (" and " if len(have) > 1 else "") + have[-1]
+
+
 def render(points: list[dict], missing: list[dict], peers: dict, runs: list[dict],
            png: Path, paths: list[Path], model: str = "smollm2") -> str:
     name, _, tag = MODELS[model]
@@ -193,8 +202,7 @@ def render(points: list[dict], missing: list[dict], peers: dict, runs: list[dict
         rows.append(f"| {r['name'].split()[0]} | {r['name']} | - | - | {r['why']} | - |")
     return "\n".join([
         begin, "",
-        "## Quality per byte: lrc against NNCF, llama.cpp, ONNX Runtime's quantizers and the "
-        f"model builder ({name})",
+        f"## Quality per byte: lrc against {_against(points)} ({name})",
         "",
         f"`python benchmarks/pareto.py {''.join(_builder_flag(paths, model))}--write` from "
         f"`benchmarks/genai_builder.py` ("
