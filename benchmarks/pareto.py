@@ -219,7 +219,7 @@ def render(points: list[dict], missing: list[dict], peers: dict, runs: list[dict
         f"reads; float16 scales count as the float32 ONNX Runtime folds them to); ≈: NNCF's IR "
         f"and llama.cpp's GGUF, whose embedding table is also the head, read every weight, so "
         f"their file size stands for it. {peers.get('caveat', '')} lrc's codes are symmetric."
-        + (f" {gptq_note(peers['rows'])}" if gptq_note(peers["rows"]) else ""),
+        + "".join(f" {n}" for n in [gptq_note(peers["rows"])] if n),
         "",
         f"![perplexity against bytes]({png.name})",
         "",

@@ -432,7 +432,7 @@ def run_ort(proto: Protocol, fp32: Path, dense: Path, work: Path, names: list,
             shutil.rmtree(out, ignore_errors=True)
             tmp.rename(out)
             secs = time.perf_counter() - t
-        nbytes = sum(f.stat().st_size for f in out.glob("model.onnx*"))
+        nbytes = _model_bytes(out)
         extra = {"ort_gptq_check": ort_gptq_check()} if algo == "GPTQ" else {}
         rows.append(row(label.format(n=gptq_windows), _ppl(proto, out), proto, nbytes, secs,
                         peer=name, bytes_read=_read_per_token(out), **extra))
@@ -508,6 +508,14 @@ def builder_folder(out: Path, precision: str, algo: str = "default"):
     return folder, (float(took.group(1)) if took else None), None
 
 
+def _model_bytes(folder: Path) -> int:
+    """The model's own files, as genai_builder.py and pareto.py count them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from genai_builder import model_bytes
+
+    return model_bytes(folder)
+
+
 def _read_per_token(folder: Path) -> int:
     """Bytes of constants a decode step reads (lrc.graph.locate.bytes_read_per_token: every
     initializer but tables only Gathers read)."""
@@ -537,7 +545,7 @@ def run_builder(proto: Protocol, out: Path, names: list) -> list:
         if why:
             rows.append(row(label, why=why))
             continue
-        nbytes = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
+        nbytes = _model_bytes(folder)
         rows.append(row(label, _ppl(proto, folder), proto, nbytes, secs, peer=name,
                         bytes_read=_read_per_token(folder)))
     return rows
