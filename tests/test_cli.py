@@ -158,6 +158,18 @@ def test_external_data_outside_folder_refused(tmp_path):
     assert not list(d.glob("*-lrc*"))
 
 
+def test_hard_linked_external_data_refused_up_front(model_file, tmp_path):
+    """onnx-ir refuses a data file with several hard links at its first read, deep in a pass
+    ("internal error"): lrc says so when it loads the model, in one line."""
+    ext = tmp_path / "ext.onnx"
+    onnx.save(onnx.load(model_file), ext, save_as_external_data=True, size_threshold=0,
+              location="ext.onnx.data")
+    os.link(tmp_path / "ext.onnx.data", tmp_path / "twin.data")
+    e = _one_line_error(lrc("compress", ext, "--rank", "4", "-o", tmp_path / "o.onnx"))
+    assert "hard links" in e and "ext.onnx.data" in e
+    assert not (tmp_path / "o.onnx").exists()
+
+
 @pytest.mark.slow  # more than 5 s (make test-fast leaves it out)
 def test_external_data_roundtrip(model_file, tmp_path):
     out = tmp_path / "ext.onnx"

@@ -3,7 +3,8 @@
 * ``load`` accepts a ``.onnx`` file or an exported folder (``DIR/model.onnx``), refuses
   anything that is not a readable ONNX protobuf with one clear line, and refuses external-data
   locations that are absolute, contain ``..`` or resolve (through symlinks) outside the model's
-  folder — a known attack on ONNX loaders that would read arbitrary files. Weights in external
+  folder — a known attack on ONNX loaders that would read arbitrary files — and, as onnx-ir
+  does at the first read, data files with several hard links. Weights in external
   data stay on disk until used, and are read afresh at each use instead of staying mapped
   (:class:`DiskTensor`): memory holds the weights a pass is working on, not all it has read.
 * A single-file model above ``SPILL_THRESHOLD`` is never parsed whole (protobuf would hold the
@@ -81,7 +82,12 @@ def _check_external_locations(proto: onnx.ModelProto, base: Path) -> None:
                            "it points outside the model's folder")
         if not target.is_file():
             raise LrcError(f"external data file {loc!r} of tensor {tensor.name!r} is missing")
-        size = target.stat().st_size
+        st = target.stat()
+        if st.st_nlink > 1:  # onnx-ir refuses it at the first read (a hard-link attack guard)
+            raise LrcError(f"refusing external data file {loc!r}: it has {st.st_nlink} hard "
+                           "links (the guard against hard-linked files ONNX IR keeps); give "
+                           "the model a copy of its own (cp without -l)")
+        size = st.st_size
         try:
             off, length = int(info.get("offset") or 0), info.get("length")
             length = int(length) if length not in (None, "") else None
