@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lrc-installed
 
-.PHONY: test test-fast golden demo bench bench-peers bench-quant bench-runtimes bench-allocation bench-tune cuda-check cuda-prepare clean
+.PHONY: test test-fast golden demo bench bench-peers bench-peers-gemma3 bench-quant bench-runtimes bench-allocation bench-tune cuda-check cuda-prepare clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ bench: $(STAMP)
 bench-peers: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/peers.py --json benchmarks/peers-smollm2.json
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/pareto.py --write
+
+# the same on Gemma-3-270M (its GGUF packages installed into the peers' layer once); the plot
+# takes lrc's points from a genai_builder.py --model gemma3 run
+bench-peers-gemma3: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/peers.py --model gemma3 --json benchmarks/peers-gemma3.json
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/pareto.py --model gemma3 --write
 
 bench-quant: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/quant.py

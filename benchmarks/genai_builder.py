@@ -626,26 +626,30 @@ def render(results: dict, names: list[str]) -> str:
 
 
 def _peer_time_lines(results: dict, values: dict) -> list[str]:
-    """NNCF's AWQ + scale estimation from benchmarks/peers-MODEL.json (its last run: where and
-    when) against each allocated row: time, and excess perplexity (x - 1) on both texts."""
+    """NNCF's data-aware rows (AWQ + scale estimation, and with its LoRA correction) from
+    benchmarks/peers-MODEL.json (each row's last run: where and when) against each allocated
+    row: time, and excess perplexity (x - 1) on both texts."""
     path = ROOT / "benchmarks" / f"peers-{results.get('model', 'smollm2')}.json"
     peers = json.loads(path.read_text()) if path.is_file() else {}
-    awq = next((r for r in peers.get("rows", []) if "awq" in r["name"] and "lora" not in r["name"]
-                and r.get("x_news") and r.get("compress_s")), None)
-    if awq is None:
-        return []
-    line = (f"- NNCF's AWQ + scale estimation (`benchmarks/peers.py`, {awq.get('date') or peers['date']}"
-            f", {awq.get('machine') or peers['machine']}): x{awq['x_news']:.3f} / "
-            f"x{awq['x_docs']:.3f} in {awq['bytes'] / 1e6:.1f} MB, {awq['compress_s']:.0f} s. "
-            "Against it")
-    parts = []
-    for name, v in values.items():
-        if not name.startswith("lrc-size") or not v.get("compress_s"):
+    lines = []
+    for r in peers.get("rows", []):
+        if not (r["name"].startswith("NNCF") and "awq" in r["name"] and "subset_size" not in
+                r["name"] and r.get("x_news") and r.get("compress_s")):
             continue
-        parts.append(f"`{name}` {v['compress_s'] / awq['compress_s']:.1f}x its time, "
-                     f"{(v['news'] - 1) / (awq['x_news'] - 1):.2f}x / "
-                     f"{(v['docs'] - 1) / (awq['x_docs'] - 1):.2f}x its excess perplexity")
-    return [line + (": " + "; ".join(parts) if parts else "") + ".", ""]
+        what = "AWQ + scale estimation" + (" + LoRA correction" if "lora" in r["name"] else "")
+        line = (f"- NNCF's {what} (`benchmarks/peers.py`, {r.get('date') or peers['date']}, "
+                f"{r.get('machine') or peers['machine']}): x{r['x_news']:.3f} / "
+                f"x{r['x_docs']:.3f} in {r['bytes'] / 1e6:.1f} MB, {r['compress_s']:.0f} s. "
+                "Against it")
+        parts = []
+        for name, v in values.items():
+            if not name.startswith("lrc-size") or not v.get("compress_s"):
+                continue
+            parts.append(f"`{name}` {v['compress_s'] / r['compress_s']:.1f}x its time, "
+                         f"{(v['news'] - 1) / (r['x_news'] - 1):.2f}x / "
+                         f"{(v['docs'] - 1) / (r['x_docs'] - 1):.2f}x its excess perplexity")
+        lines.append(line + (": " + "; ".join(parts) if parts else "") + ".")
+    return lines + [""] if lines else []
 
 
 def _time_line(t: dict) -> str:

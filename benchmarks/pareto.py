@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from genai_builder import model_bytes, variant  # noqa: E402
-from peers import gptq_note  # noqa: E402
+from peers import grid_note, gptq_note  # noqa: E402
 from quant import write_section  # noqa: E402
 
 BEGIN, END = "<!-- pareto:begin -->", "<!-- pareto:end -->"
@@ -105,7 +105,8 @@ def peer_points(peers: dict) -> tuple[list[dict], list[dict]]:
                     "peer": peer, "bytes_read": r["bytes"] if rule else r["bytes_read"],
                     "read_rule": rule,
                     "x_news": r["x_news"], "x_docs": r["x_docs"],
-                    "seconds": r.get("compress_s")})
+                    "seconds": r.get("compress_s"),
+                    "on_grid": bool((r.get("on_source_grid") or {}).get("on_grid"))})
     return pts, missing
 
 
@@ -151,21 +152,25 @@ def plot(points: list[dict], path: Path, title: str) -> None:
             ps = sorted((p for p in have if p["who"] == who), key=lambda p: p[size])
             color, marker = STYLE.get(who, ("tab:gray", "x"))
             # a point above the axis's top (YCAP) sits on it, its value written beside it
-            ax.scatter([p[size] / 1e6 for p in ps], [min(p[key], YCAP) for p in ps], c=color,
-                       marker=marker, label=who, s=36, zorder=3)
+            # hollow: a point on the reference GGUF's own grid (its loss is not the quantiser's)
+            ax.scatter([p[size] / 1e6 for p in ps], [min(p[key], YCAP) for p in ps],
+                       facecolors=["none" if p.get("on_grid") else color for p in ps],
+                       edgecolors=color, marker=marker, label=who, s=36, zorder=3)
             for p in ps:
                 if p[key] > YCAP:
                     ax.annotate(f"x{p[key]:.2f} (off the axis)", (p[size] / 1e6, YCAP),
                                 xytext=(6, -4), textcoords="offset points", fontsize=7,
                                 color=color, va="top")
-        # the lower envelope: the best perplexity at each size or less
+        # the lower envelope: the best perplexity at each size or less (not from a point
+        # that is the reference's own grid again)
         best, env = float("inf"), []
-        for p in sorted(have, key=lambda p: p[size]):
+        for p in sorted((p for p in have if not p.get("on_grid")), key=lambda p: p[size]):
             if p[key] < best:
                 best = p[key]
                 env.append((p[size] / 1e6, best))
         ax.step([e[0] for e in env], [e[1] for e in env], where="post", color="0.6", lw=1,
-                zorder=1, label="best at this size or less")
+                zorder=1, label="best at this size or less"
+                + (" (hollow left out)" if any(p.get("on_grid") for p in have) else ""))
         ax.set_xlabel(xl)
         ax.set_ylabel("perplexity / dense")
         ax.set_title(text)
@@ -196,7 +201,8 @@ def render(points: list[dict], missing: list[dict], peers: dict, runs: list[dict
         secs = f"{p['seconds']:.0f} s" if p.get("seconds") else "-"
         read = ("-" if not p.get("bytes_read") else
                 f"{'≈ ' if p['read_rule'] else ''}{p['bytes_read'] / 1e6:.1f} MB")
-        rows.append(f"| {p['who']} | {p['label']} | {p['bytes'] / 1e6:.1f} MB | {read} | "
+        label = p["label"] + (" — on the reference's own grid" if p.get("on_grid") else "")
+        rows.append(f"| {p['who']} | {label} | {p['bytes'] / 1e6:.1f} MB | {read} | "
                     f"x{p['x_news']:.3f} / x{p['x_docs']:.3f} | {secs} |")
     for r in missing:
         rows.append(f"| {r['name'].split()[0]} | {r['name']} | - | - | {r['why']} | - |")
@@ -219,7 +225,7 @@ def render(points: list[dict], missing: list[dict], peers: dict, runs: list[dict
         f"reads; float16 scales count as the float32 ONNX Runtime folds them to); ≈: NNCF's IR "
         f"and llama.cpp's GGUF, whose embedding table is also the head, read every weight, so "
         f"their file size stands for it. {peers.get('caveat', '')} lrc's codes are symmetric."
-        + "".join(f" {n}" for n in [gptq_note(peers["rows"])] if n),
+        + "".join(f" {n}" for n in [gptq_note(peers["rows"]), grid_note(peers["rows"])] if n),
         "",
         f"![perplexity against bytes]({png.name})",
         "",

@@ -17,8 +17,10 @@ Rows (``--peers``, comma-separated):
   (OpenVINO's CPU plugin otherwise quantises activations to int8 in groups of 32 where the CPU
   has VNNI / AMX: x1.243 / x1.280 instead of x1.235 / x1.268 for the data-free row on an
   AVX-512 VNNI machine). Bytes: the IR (.xml + .bin).
-* ``nncf-lora``: the same + ``lora_correction=True`` (slow: > 28 min on a busy 2-core machine;
-  opt-in; without it a row says it was not run).
+* ``nncf-lora``: the same + ``lora_correction=True`` (NNCF's defaults: rank 8, int8 adapters,
+  subset_size 128; ``--lora-subset N`` another, a row of its own). 166 s on SmolLM2 on an
+  AVX-512 VNNI machine; on an AVX2-only one it did not finish in 40 min, so it runs under
+  ``--lora-limit`` minutes (then its row says so).
 * ``builder-int4``, ``builder-kquant``, ``builder-kquant-mixed``: ONNX Runtime GenAI's model
   builder (benchmarks/builder.py, its own environment) int4 with ``algo_config`` default (RTN),
   ``k_quant`` and ``k_quant_mixed`` (the head and llama.cpp's "mixed" layers in int8), block
@@ -45,11 +47,13 @@ only), made once, like benchmarks/builder.py; the llama-cpp-python sources (``sr
 ``lrc.exporters.hf._gguf_to_hf_folder``: what ``lrc export`` converts), lrc's dense ONNX export,
 and each peer's artifacts. No network after the environment is made (package registry only).
 
-    python benchmarks/peers.py                                 # smollm2, every peer but the
-                                                               # slow nncf-lora (~1 h)
+    python benchmarks/peers.py                                 # smollm2, every peer (~45 min,
+                                                               # 29 of them ORT's GPTQ)
     python benchmarks/peers.py --peers nncf --json OUT.json
-    python benchmarks/peers.py --peers nncf-lora --json OUT.json --update   # the slow LoRA
-                                                               # row alone, into OUT.json
+    python benchmarks/peers.py --peers nncf-lora --json OUT.json --update   # the LoRA row
+                                                               # alone, into OUT.json
+    python benchmarks/peers.py --model gemma3                  # Gemma-3-270M: all but ORT's
+                                                               # GPTQ (a row says why)
     python benchmarks/peers.py --peers builder-int4,builder-kquant,builder-kquant-mixed,ort-hqq,ort-gptq \
         --json benchmarks/peers-smollm2.json --update          # ONNX Runtime's own, ~35 min
                                                                # (29 of them GPTQ's)
@@ -92,6 +96,11 @@ MODELS = {"smollm2": "smollm2-135m", "gemma3": None}
 PEERS = ("nncf", "nncf-lora", "llamacpp", "ort-hqq", "ort-gptq", "builder-int4", "builder-kquant",
          "builder-kquant-mixed")
 ARGS_MODEL = ["smollm2"]  # the model being measured (set by inner)
+# peers a model's default run leaves out (opt in with --peers), each a row saying why
+DEFAULT_OFF = {"smollm2": (), "gemma3": ("ort-gptq",)}
+WHY_OFF = {"ort-gptq": "not run on this model by default (opt in with --peers ort-gptq): ORT "
+                       "1.32's GPTQ gave worse than its own round-to-nearest on SmolLM2 in 29 min "
+                       "(see ort_gptq_check there); ~1 h here for Gemma's 262k-row head"}
 LLAMACPP_TYPES = (("Q4_0", 2), ("Q4_K_M", 15), ("Q8_0", 7))  # llama_ftype values
 _SOURCE_GRID = {
     "smollm2": ("SmolLM2's reference weights are a dequantised Q4_1 (asymmetric, block 32): "
@@ -455,6 +464,29 @@ def gptq_note(rows: list) -> str:
             f"{e['lrc_gptq_rtn_scales']:.3f}).")
 
 
+#: a row whose quantised weights are at least this share the reference GGUF's own values
+ON_GRID = 0.99
+
+
+def grid_note(rows: list) -> str:
+    """One sentence on the rows measured against the reference GGUF's own grid
+    (``on_source_grid``): '' when none was."""
+    have = [r for r in rows if r.get("on_source_grid")]
+    if not have:
+        return ""
+    src = have[0]["on_source_grid"]["source"]
+    parts = [f"{r['name'].split(' (')[0]} {r['on_source_grid']['weights_identical']:.3%} "
+             f"({r['on_source_grid']['tensors_in_source_type']} tensors in its type)"
+             for r in have]
+    on = [r["name"].split(" (")[0] for r in have if r["on_source_grid"].get("on_grid")]
+    return (f"Quantised weights equal to the reference's own ({src}, dequantised the same way, "
+            f"`peers.on_source_grid`): " + ", ".join(parts) + "." +
+            (f" {' and '.join(on)} {'is' if len(on) == 1 else 'are'} the source file's format "
+             "again: the perplexity lost there is the runtime's, not the quantiser's, and says "
+             "nothing of its quality on weights that were not quantised that way (marked "
+             "hollow in the plot)." if on else ""))
+
+
 def ort_gptq_check(seed: int = 0) -> dict:
     """What ORT's GPTQ path does to one layer (K 256, N 64, blocks of 32, symmetric), next to
     round-to-nearest and lrc's GPTQ: ``gptq()`` of its vendored Intel Neural Compressor code
@@ -583,7 +615,7 @@ def _with_limit(seconds: int, fn):
 
 
 def run_nncf(proto: Protocol, hf: Path, dense: Path, work: Path, lora: bool, only_lora: bool,
-             checks: list, lora_limit_min: float = 40) -> list:
+             checks: list, lora_limit_min: float = 40, lora_subset: int = 128) -> list:
     import nncf
     import openvino as ov
     import torch
@@ -637,7 +669,10 @@ def run_nncf(proto: Protocol, hf: Path, dense: Path, work: Path, lora: bool, onl
     variants = [("NNCF INT4_SYM g32, data-free (embedding/head int8 by default)", "int4-df", {}),
                 ("NNCF INT4_SYM g32 + awq + scale_estimation (128 x 256-token lrc calibration "
                  "windows)", "int4-awq-se", {"awq": True, "scale_estimation": True}),
-                ("NNCF INT4_SYM g32 + awq + scale_estimation + lora_correction", "int4-awq-se-lora",
+                ("NNCF INT4_SYM g32 + awq + scale_estimation + lora_correction"
+                 + ("" if lora_subset == 128 else f" (its subset_size {lora_subset} windows, not "
+                                                  "128)"),
+                 "int4-awq-se-lora" + ("" if lora_subset == 128 else f"-s{lora_subset}"),
                  {"awq": True, "scale_estimation": True, "lora_correction": True})]
     if only_lora:
         variants = variants[2:]
@@ -648,8 +683,7 @@ def run_nncf(proto: Protocol, hf: Path, dense: Path, work: Path, lora: bool, onl
                                       "perplexity: " + line))
             continue
         if kw.get("lora_correction") and not lora:
-            rows.append(row(name, why="not run (opt in with --peers nncf-lora: did not finish "
-                                      "in 28 min on a busy 2-core machine before)"))
+            rows.append(row(name, why="not run (--peers without nncf-lora)"))
             continue
         if kw and data is None:
             wins = calibration_windows(dense)
@@ -658,9 +692,16 @@ def run_nncf(proto: Protocol, hf: Path, dense: Path, work: Path, lora: bool, onl
         log(f"{name}: compressing")
         t = time.perf_counter()
         limit = int(lora_limit_min * 60) if kw.get("lora_correction") else 0
+        extra = {}
+        if kw.get("lora_correction") and lora_subset != 128:
+            from nncf.quantization.advanced_parameters import (
+                AdvancedCompressionParameters, AdvancedLoraCorrectionParameters)
+
+            extra["advanced_parameters"] = AdvancedCompressionParameters(
+                lora_correction_params=AdvancedLoraCorrectionParameters(subset_size=lora_subset))
         try:
             m = _with_limit(limit, lambda: nncf.compress_weights(
-                core.read_model(fp32), **base, **kw, **({"dataset": data} if kw else {})))
+                core.read_model(fp32), **base, **kw, **extra, **({"dataset": data} if kw else {})))
         except TimeoutError:
             rows.append(row(name, seconds=time.perf_counter() - t,
                             why=f"did not finish in {lora_limit_min:g} min (--lora-limit) on "
@@ -672,7 +713,8 @@ def run_nncf(proto: Protocol, hf: Path, dense: Path, work: Path, lora: bool, onl
         nbytes = out.stat().st_size + out.with_suffix(".bin").stat().st_size
         rows.append(row(name, perplexities(m), proto, nbytes, secs,
                         settings={"mode": "INT4_SYM", "group_size": 32, "ratio": 1.0,
-                                  **{k: v for k, v in kw.items()}}))
+                                  **{k: v for k, v in kw.items()},
+                                  **({"lora_subset_size": lora_subset} if extra else {})}))
         del m
     return rows
 
@@ -712,9 +754,11 @@ def run_convert(argv: list[str]) -> None:
 
 
 def run_llamacpp(proto: Protocol, hf: Path, work: Path, checks: list, why: str | None) -> list:
+    hidden = json.loads((hf / "config.json").read_text())["hidden_size"]
     notes = {"Q4_0": " (no importance matrix)",
-             "Q4_K_M": " (no importance matrix; 576-wide rows are not a multiple of 256, so "
-                       "most tensors fall back to q5_0 / q8_0: see bits_per_weight)"}
+             "Q4_K_M": " (no importance matrix" + (
+                 f"; {hidden}-wide rows are not a multiple of 256, so most tensors fall back "
+                 "to q5_0 / q8_0: see bits_per_weight)" if hidden % 256 else ")")}
     names = [f"llama.cpp {q}{notes.get(q, '')}" for q, _ in LLAMACPP_TYPES]
     if why:
         return [row(n, why=why) for n in names]
@@ -772,8 +816,39 @@ def run_llamacpp(proto: Protocol, hf: Path, work: Path, checks: list, why: str |
             continue
         nbytes = out.stat().st_size
         rows.append(row(name, perplexities(out), proto, nbytes, secs, ftype=q,
-                        bits_per_weight=round(8 * nbytes / n_params, 2)))
+                        bits_per_weight=round(8 * nbytes / n_params, 2),
+                        on_source_grid=on_source_grid(out)))
     return rows
+
+
+def on_source_grid(path: Path, source: Path | None = None) -> dict:
+    """How much of a quantised GGUF is the reference's own GGUF again: the share of the
+    quantised weights whose dequantised value equals the source's (tensors of the same name
+    and shape), and the share of those tensors stored in the source's own type. The reference
+    weights are a dequantised GGUF: a quantiser that lands on its grid looks lossless."""
+    import gguf
+    import numpy as np
+    from gguf import quants
+
+    from lrc.exporters.sources import resolve_source
+
+    src = Path(source) if source else resolve_source(source_of(ARGS_MODEL[0]))[0]
+    theirs = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
+    same = total = same_type = n = 0
+    for t in gguf.GGUFReader(str(path)).tensors:
+        s = theirs.get(t.name)
+        if t.tensor_type.name in ("F32", "F16") or s is None:
+            continue
+        x, y = quants.dequantize(t.data, t.tensor_type), quants.dequantize(s.data, s.tensor_type)
+        if x.shape != y.shape:
+            continue
+        same += int(np.count_nonzero(x == y))
+        total += x.size
+        same_type += t.tensor_type == s.tensor_type
+        n += 1
+    share = same / max(total, 1)
+    return {"weights_identical": round(share, 6), "tensors_in_source_type": f"{same_type}/{n}",
+            "source": src.name, "on_grid": share >= ON_GRID}
 
 
 # ------------------------------------------------------------------ table
@@ -826,7 +901,7 @@ def render(res: dict) -> str:
                      f"x{r['x_news']:.3f} / x{r['x_docs']:.3f} | {mb(r['bytes'])} | "
                      + ("" if r["compress_s"] is None else f"{r['compress_s']:.0f}") + " |")
     lines += ["", f"Caveat: {res.get('caveat', CAVEAT)}",
-              *filter(None, [gptq_note(res["rows"])]),
+              *filter(None, [gptq_note(res["rows"]), grid_note(res["rows"])]),
               "compress s: nncf.compress_weights + saving the IR / llama_model_quantize from the "
               "f32 GGUF / the builder's run from its float HF folder / ORT's two quantiser "
               "passes (GPTQ's calibration runs included) + saving; one-off steps (IR "
@@ -839,10 +914,15 @@ def render(res: dict) -> str:
 
 def merged(old: dict, new: dict) -> dict:
     """``old`` (a previous --json) with ``new``'s rows in place of those of the same name (a
-    separate slow run, e.g. ``--peers nncf-lora``, fills its row in); the rest kept."""
+    separate slow run, e.g. ``--peers nncf-lora``, fills its row in); the rest kept, and so is
+    an old row measured or tried where the new run only says it did not run it."""
     if (old.get("model"), old.get("max_tokens")) != (new["model"], new["max_tokens"]):
         raise SystemExit("--update: the JSON is of another model or --max-tokens")
     fresh = {r["name"]: r for r in new["rows"]}
+    for r in old["rows"]:  # a row a run skipped ("not run ...") keeps what was measured before
+        f = fresh.get(r["name"])
+        if f and (f.get("why") or "").startswith("not run") and not (r.get("why") or "").startswith("not run"):
+            del fresh[r["name"]]
     for r in old["rows"]:  # an artifact reused from an earlier run keeps the time it took then
         f = fresh.get(r["name"])
         if f and f.get("compress_s") is None and f.get("bytes") == r.get("bytes"):
@@ -881,7 +961,7 @@ def inner(args) -> int:
         t = time.perf_counter()
         rows += run_nncf(proto, hf, dense, work / "nncf", lora="nncf-lora" in peers,
                          only_lora="nncf" not in peers, checks=checks,
-                         lora_limit_min=args.lora_limit)
+                         lora_limit_min=args.lora_limit, lora_subset=args.lora_subset)
         steps["nncf_s" if "nncf" in peers else "nncf_lora_s"] = round(time.perf_counter() - t)
     if "llamacpp" in peers:
         t = time.perf_counter()
@@ -901,6 +981,9 @@ def inner(args) -> int:
         else:
             rows += run_builder(proto, bdir, onnx_peers)
             rows += run_ort(proto, fp32, dense, work / "ort", onnx_peers, args.gptq_windows)
+        rows += [row(label.format(n=args.gptq_windows), why=WHY_OFF[name], peer=name)
+                 for name, _, label in ORT_ALGOS
+                 if name in DEFAULT_OFF[args.model] and name in WHY_OFF and name not in peers]
         steps["onnx_peers_s"] = round(time.perf_counter() - t)
     versions = {}
     for mod in ("nncf", "openvino", "llama_cpp", "torch", "transformers", "onnxruntime"):
@@ -930,12 +1013,16 @@ def main(argv=None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=list(MODELS), default="smollm2")
-    ap.add_argument("--peers", default=",".join(p for p in PEERS if p != "nncf-lora"),
-                    help=f"comma-separated, of {', '.join(PEERS)} (default: all but nncf-lora)")
+    ap.add_argument("--peers", default=None,
+                    help=f"comma-separated, of {', '.join(PEERS)} (default: all; on gemma3 "
+                         "all but ort-gptq)")
     ap.add_argument("--json", help="write the rows (and the dense check) here")
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--lora-limit", type=float, default=40,
                     help="minutes the lora_correction compression may take (then a row says so)")
+    ap.add_argument("--lora-subset", type=int, default=128,
+                    help="calibration windows lora_correction fits its adapters on (NNCF's "
+                         "default 128; fewer: a row of its own, named so)")
     ap.add_argument("--update", action="store_true",
                     help="with --json FILE already there: replace its rows of the same name, "
                          "keep the others (fill in a slow row run on its own)")
@@ -945,6 +1032,8 @@ def main(argv=None) -> int:
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--llamacpp-why", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.peers is None:
+        args.peers = ",".join(p for p in PEERS if p not in DEFAULT_OFF[args.model])
     bad = {p for p in args.peers.split(",") if p} - set(PEERS)
     if bad:
         ap.error(f"unknown peers {sorted(bad)}: choose from {', '.join(PEERS)}")
@@ -955,6 +1044,7 @@ def main(argv=None) -> int:
     peers = args.peers.split(",")
     cmd = [str(py), __file__, "--inner", "--model", args.model, "--peers", args.peers,
            "--max-tokens", str(args.max_tokens), "--lora-limit", str(args.lora_limit),
+           "--lora-subset", str(args.lora_subset),
            "--gptq-windows", str(args.gptq_windows)]
     if args.model == "gemma3":
         why = ensure_gemma(py)

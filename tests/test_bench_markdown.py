@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmods import ROOT, load
 
 
 def _run_script():
-    spec = importlib.util.spec_from_file_location("lrc_bench_run", ROOT / "benchmarks" / "run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("run")
 
 
 def test_every_scripts_section_survives_a_rewrite(tmp_path):

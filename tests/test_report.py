@@ -323,3 +323,16 @@ def test_report_puts_peers_beside_this_runs_models(tmp_path):
     assert "Quality per byte: this report" in text and len(_pngs(text)) == 1 + 2 + 2 + 2 + 1
     # peers without an LM bench + eval to stand beside: no section
     assert "Quality per byte" not in R.render_report([fake_eval_many(), fake_peers()])
+
+
+def test_a_peer_on_the_references_own_grid_is_said_so():
+    """A peer whose weights are the reference GGUF's own again (peers.py's on_source_grid) is
+    named so in the table; the others are not."""
+    peers = fake_peers()
+    peers["rows"][1]["on_source_grid"] = {"weights_identical": 0.99997, "on_grid": True}
+    peers["rows"][0]["on_source_grid"] = {"weights_identical": 0.2, "on_grid": False}
+    models = R.join_bench_eval(fake_lm_bench(), [fake_eval_many()])["models"]
+    html = R._peers_section(peers, models, [fake_eval_many()])
+    rows = dict(re.findall(r'<td class="l">[^<]*</td><td class="l">([^<]+)</td>(.*?)</tr>', html))
+    assert "llama.cpp Q4_K_M (the reference&#x27;s own grid again)" in rows
+    assert "NNCF INT4_SYM g32" in rows and len(_pngs(html)) == 1

@@ -600,7 +600,8 @@ def _peers_section(peers: dict, models: list[dict], evals: list[dict]) -> str:
                          **ratios})
     theirs = [{"name": r.get("name"), "mb": r["bytes"] / 1e6, "x_news": r["x_news"],
                "x_docs": r["x_docs"], "read": (r.get("bytes_read") or r["bytes"]) / 1e6,
-               "rule": not r.get("bytes_read")} for r in peers["rows"]
+               "rule": not r.get("bytes_read"),
+               "grid": bool((r.get("on_source_grid") or {}).get("on_grid"))} for r in peers["rows"]
               if isinstance(r, dict) and isinstance(r.get("x_news"), (int, float))
               and isinstance(r.get("x_docs"), (int, float)) and r.get("bytes")]
     if not ours or not theirs:
@@ -620,9 +621,10 @@ def _peers_section(peers: dict, models: list[dict], evals: list[dict]) -> str:
                             textcoords="offset points")
             for who, (colour, marker) in _PEER_COLOURS.items():
                 ps = [p for p in theirs if str(p["name"]).startswith(who)]
-                if ps:
-                    ax.scatter([p[size] for p in ps], [p[key] for p in ps], c=colour,
-                               marker=marker, label=who, zorder=2)
+                if ps:  # hollow: a peer whose weights are the reference GGUF's own again
+                    ax.scatter([p[size] for p in ps], [p[key] for p in ps],
+                               facecolors=["none" if p["grid"] else colour for p in ps],
+                               edgecolors=colour, marker=marker, label=who, zorder=2)
             rest = [p for p in theirs if not str(p["name"]).startswith(tuple(_PEER_COLOURS))]
             if rest:
                 ax.scatter([p[size] for p in rest], [p[key] for p in rest], c="tab:gray",
@@ -638,7 +640,8 @@ def _peers_section(peers: dict, models: list[dict], evals: list[dict]) -> str:
 
     rows = [["this report", p["name"], _Raw(_num(p["mb"], ".1f")), _Raw(read(p)),
              _Raw(_num(p["x_news"], ".3f")), _Raw(_num(p["x_docs"], ".3f"))] for p in ours]
-    rows += [["peers", p["name"], _Raw(_num(p["mb"], ".1f")), _Raw(read(p)),
+    rows += [["peers", p["name"] + (" (the reference's own grid again)" if p["grid"] else ""),
+              _Raw(_num(p["mb"], ".1f")), _Raw(read(p)),
               _Raw(_num(p["x_news"], ".3f")), _Raw(_num(p["x_docs"], ".3f"))] for p in theirs]
     rows += [["peers", r.get("name"), "-", "-", r.get("why") or "no result", ""]
              for r in peers["rows"] if isinstance(r, dict) and r.get("x_news") is None]
@@ -655,7 +658,9 @@ def _peers_section(peers: dict, models: list[dict], evals: list[dict]) -> str:
             f'{_esc(tokens)} scored tokens. Each point is a ratio to its own run\'s dense '
             f'perplexity; MB: the model files on disk; read: the constants a decoded token '
             f'reads (every weight but a table only a Gather reads; ≈: a peer whose embedding '
-            f'table is also the head, at its file size).</p>')
+            f'table is also the head, at its file size); hollow: a peer whose quantised '
+            f'weights are the reference GGUF\'s own values again (on_source_grid), a measure of '
+            f'the source, not of the quantiser.</p>')
     return ("<h2>Quality per byte: this report's models and the peers'</h2>"
             + _fig_to_img(fig, "perplexity / dense against model bytes, with peers") + note
             + _table(["source", "model", "MB", "MB read per token", "x dense (in domain)",
