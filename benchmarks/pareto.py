@@ -43,7 +43,9 @@ BEGIN, END = "<!-- pareto:begin -->", "<!-- pareto:end -->"
 # --model -> (name, where genai_builder.py writes by default, BENCHMARKS.md markers' tag)
 MODELS = {"smollm2": ("SmolLM2-135M", "genai-builder", "pareto"),
           "gemma3": ("Gemma-3-270M", "genai-builder-gemma3", "pareto-gemma3")}
-YCAP = 1.5  # the plots' top: a broken point (ORT's GPTQ, x2.1) would flatten every other one
+# a point above this is broken (ORT's GPTQ on SmolLM2, x2.1): it sits at the axis's top, its
+# value written beside it, instead of flattening every other point
+BROKEN = 2.0
 # the builder run's models that are points of their own (not the dense / fp32 references)
 SKIP = {"builder-fp32"}
 
@@ -148,17 +150,18 @@ def plot(points: list[dict], path: Path, title: str) -> None:
                                                           "calibration)")))]
     for ax, size, key, text, xl in panels:
         have = [p for p in points if p.get(size)]
+        ycap = max((p[key] for p in have if p[key] <= BROKEN), default=BROKEN) * 1.02
         for who in dict.fromkeys(p["who"] for p in have):
             ps = sorted((p for p in have if p["who"] == who), key=lambda p: p[size])
             color, marker = STYLE.get(who, ("tab:gray", "x"))
-            # a point above the axis's top (YCAP) sits on it, its value written beside it
+            # a point above the axis's top (ycap) sits on it, its value written beside it
             # hollow: a point on the reference GGUF's own grid (its loss is not the quantiser's)
-            ax.scatter([p[size] / 1e6 for p in ps], [min(p[key], YCAP) for p in ps],
+            ax.scatter([p[size] / 1e6 for p in ps], [min(p[key], ycap) for p in ps],
                        facecolors=["none" if p.get("on_grid") else color for p in ps],
                        edgecolors=color, marker=marker, label=who, s=36, zorder=3)
             for p in ps:
-                if p[key] > YCAP:
-                    ax.annotate(f"x{p[key]:.2f} (off the axis)", (p[size] / 1e6, YCAP),
+                if p[key] > ycap:
+                    ax.annotate(f"x{p[key]:.2f} (off the axis)", (p[size] / 1e6, ycap),
                                 xytext=(6, -4), textcoords="offset points", fontsize=7,
                                 color=color, va="top")
         # the lower envelope: the best perplexity at each size or less (not from a point
@@ -175,7 +178,7 @@ def plot(points: list[dict], path: Path, title: str) -> None:
         ax.set_ylabel("perplexity / dense")
         ax.set_title(text)
         ax.grid(alpha=0.3)
-        ax.set_ylim(0.99, min(max(p[key] for p in have), YCAP) * 1.02)
+        ax.set_ylim(0.99, ycap * 1.02)
     axes[0, 1].legend(fontsize=8, loc="upper right")  # where no point sits
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
