@@ -633,10 +633,13 @@ def _peer_time_lines(results: dict, values: dict) -> list[str]:
     peers = json.loads(path.read_text()) if path.is_file() else {}
     lines = []
     for r in peers.get("rows", []):
-        if not (r["name"].startswith("NNCF") and "awq" in r["name"] and "subset_size" not in
-                r["name"] and r.get("x_news") and r.get("compress_s")):
+        settings = r.get("settings") or {}
+        if not (r["name"].startswith("NNCF") and settings.get("awq") and r.get("x_news")
+                and r.get("compress_s")):
             continue
-        what = "AWQ + scale estimation" + (" + LoRA correction" if "lora" in r["name"] else "")
+        subset = settings.get("lora_subset_size")
+        what = "AWQ + scale estimation" + (" + LoRA correction" if settings.get(
+            "lora_correction") else "") + (f" (LoRA on {subset} windows)" if subset else "")
         line = (f"- NNCF's {what} (`benchmarks/peers.py`, {r.get('date') or peers['date']}, "
                 f"{r.get('machine') or peers['machine']}): x{r['x_news']:.3f} / "
                 f"x{r['x_docs']:.3f} in {r['bytes'] / 1e6:.1f} MB, {r['compress_s']:.0f} s. "

@@ -798,7 +798,7 @@ def run_llamacpp(proto: Protocol, hf: Path, work: Path, checks: list, why: str |
     import gguf
 
     n_params = sum(int(t.n_elements) for t in gguf.GGUFReader(str(f32)).tensors)
-    rows = []
+    rows, made = [], []  # made: (row, its GGUF) of each quantised file
     for (q, ftype), name in zip(LLAMACPP_TYPES, names):
         if not ok:
             rows.append(row(name, why="the f32 GGUF did not reproduce lrc's dense perplexity: "
@@ -816,16 +816,19 @@ def run_llamacpp(proto: Protocol, hf: Path, work: Path, checks: list, why: str |
             continue
         nbytes = out.stat().st_size
         rows.append(row(name, perplexities(out), proto, nbytes, secs, ftype=q,
-                        bits_per_weight=round(8 * nbytes / n_params, 2),
-                        on_source_grid=on_source_grid(out)))
+                        bits_per_weight=round(8 * nbytes / n_params, 2)))
+        made.append((rows[-1], out))
+    for r, grid in zip([r for r, _ in made], on_source_grid([out for _, out in made])):
+        r["on_source_grid"] = grid
     return rows
 
 
-def on_source_grid(path: Path, source: Path | None = None) -> dict:
-    """How much of a quantised GGUF is the reference's own GGUF again: the share of the
+def on_source_grid(paths: list[Path], source: Path | None = None) -> list[dict]:
+    """How much of each quantised GGUF is the reference's own GGUF again: the share of the
     quantised weights whose dequantised value equals the source's (tensors of the same name
     and shape), and the share of those tensors stored in the source's own type. The reference
-    weights are a dequantised GGUF: a quantiser that lands on its grid looks lossless."""
+    weights are a dequantised GGUF: a quantiser that lands on its grid looks lossless. One pass
+    over the source: each of its tensors dequantised once, against every path's."""
     import gguf
     import numpy as np
     from gguf import quants
@@ -833,22 +836,26 @@ def on_source_grid(path: Path, source: Path | None = None) -> dict:
     from lrc.exporters.sources import resolve_source
 
     src = Path(source) if source else resolve_source(source_of(ARGS_MODEL[0]))[0]
-    theirs = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
-    same = total = same_type = n = 0
-    for t in gguf.GGUFReader(str(path)).tensors:
-        s = theirs.get(t.name)
-        if t.tensor_type.name in ("F32", "F16") or s is None:
-            continue
-        x, y = quants.dequantize(t.data, t.tensor_type), quants.dequantize(s.data, s.tensor_type)
-        if x.shape != y.shape:
-            continue
-        same += int(np.count_nonzero(x == y))
-        total += x.size
-        same_type += t.tensor_type == s.tensor_type
-        n += 1
-    share = same / max(total, 1)
-    return {"weights_identical": round(share, 6), "tensors_in_source_type": f"{same_type}/{n}",
-            "source": src.name, "on_grid": share >= ON_GRID}
+    outs = [{t.name: t for t in gguf.GGUFReader(str(p)).tensors} for p in paths]
+    counts = [[0, 0, 0, 0] for _ in paths]  # same weights, weights, same-type tensors, tensors
+    for s in gguf.GGUFReader(str(src)).tensors:
+        y = None
+        for tensors, c in zip(outs, counts):
+            t = tensors.get(s.name)
+            if t is None or t.tensor_type.name in ("F32", "F16"):
+                continue
+            y = quants.dequantize(s.data, s.tensor_type) if y is None else y
+            x = quants.dequantize(t.data, t.tensor_type)
+            if x.shape != y.shape:
+                continue
+            c[0] += int(np.count_nonzero(x == y))
+            c[1] += x.size
+            c[2] += t.tensor_type == s.tensor_type
+            c[3] += 1
+    return [{"weights_identical": round(same / max(total, 1), 6),
+             "tensors_in_source_type": f"{same_type}/{n}", "source": src.name,
+             "on_grid": same / max(total, 1) >= ON_GRID}
+            for same, total, same_type, n in counts]
 
 
 # ------------------------------------------------------------------ table

@@ -12,6 +12,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")
 
+from ggufs import finish  # noqa: E402
 from lrc import data  # noqa: E402
 from lrc.errors import LrcError  # noqa: E402
 from lrc.exporters import gguf_tokenizer as gt  # noqa: E402
@@ -57,10 +58,7 @@ def write_spm_gguf(path: Path, pieces, space_prefix: bool) -> Path:
     w.add_pad_token_id(0)
     w.add_add_space_prefix(space_prefix)
     w.add_add_bos_token(True)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return path
 
 
@@ -181,10 +179,7 @@ def bpe_gguf(tmp_path_factory):
     w.add_token_merges(merges)
     w.add_bos_token_id(0)
     w.add_eos_token_id(0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return path, tok
 
 
@@ -263,10 +258,7 @@ def write_gemma3_gguf(path: Path, pieces, seed: int = 0):
         if name.endswith("norm.weight"):
             a = a + 1  # llama.cpp stores Gemma's norm weights +1
         w.add_tensor(names.get_name(name, try_suffixes=(".weight",)), a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return model
 
 
